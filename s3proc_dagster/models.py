@@ -1,0 +1,261 @@
+"""The seeds' enums and records, named as the seeds name them.
+
+Python attributes are snake_case; `by_alias` dumps give the seeds' camelCase, which is
+what MongoDB stores and what `s3proc status --json` prints. Seed 001 spells statuses in
+lower case (SQLite `file_progress`), seed 000 in upper case (MongoDB): the enum keeps
+seed 001's values and `storage_name` gives seed 000's.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import re
+from datetime import UTC, datetime
+from pathlib import PurePosixPath
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, computed_field
+from pydantic.alias_generators import to_camel
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class FileType(str, enum.Enum):
+    ARCHIVE = "archive"  # .zip, .tar, .gz, .tar.gz, .tgz
+    DATABASE = "database"  # .csv, .tsv, .json, .xml, .jsonl
+    REGULAR = "regular"  # all other files
+
+
+class ProcessingStatus(str, enum.Enum):
+    PENDING = "pending"
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+    @property
+    def storage_name(self) -> str:
+        """Seed 000's spelling (`IN_PROGRESS`), used by the MongoDB documents."""
+        return self.name
+
+    @classmethod
+    def parse(cls, value: str) -> ProcessingStatus:
+        return cls(value.lower())
+
+
+class ProcessingStep(str, enum.Enum):
+    CHECKSUM_CALCULATION = "checksum_calculation"
+    TYPE_DETECTION = "type_detection"
+    ARCHIVE_EXTRACTION = "archive_extraction"
+    PARQUET_CONVERSION = "parquet_conversion"
+    S3_UPLOAD = "streaming"
+    INTEGRITY_VERIFICATION = "integrity_verification"
+    PROGRESS_UPDATE = "progress_update"
+
+
+class UploadStatus(str, enum.Enum):
+    PENDING = "pending"
+    UPLOADING = "uploading"
+    VERIFYING = "verifying"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+class RequestStatus(str, enum.Enum):
+    """Seed 002's request lifecycle: pending -> processing -> completed | failed."""
+
+    PENDING = "pending"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+class SeedModel(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, use_enum_values=False)
+
+    def to_seed(self) -> dict[str, Any]:
+        """The record as the seed spells it (camelCase, ISO datetimes, enum values)."""
+        return self.model_dump(by_alias=True, mode="json")
+
+
+class FileMetadata(SeedModel):
+    """A file seen at its source (a watched directory or an S3 incoming prefix)."""
+
+    path: str
+    relative_path: str
+    size: int = Field(ge=0)
+    type: FileType
+    extension: str
+    checksum: str | None = None
+    modified_at: datetime
+    detected_at: datetime = Field(default_factory=utcnow)
+
+
+class ProgressRecord(SeedModel):
+    """Seed 001's `file_progress` row. Timestamps are Unix seconds, as the seed says."""
+
+    id: int | None = None
+    file_path: str
+    status: ProcessingStatus
+    size_bytes: int | None = None
+    processed_bytes: int | None = None
+    checksum: str | None = None
+    s3_key: str | None = None
+    error_message: str | None = None
+    created_at: int
+    updated_at: int
+
+
+class ChunkProcessingStats(SeedModel):
+    successful_records: int = 0
+    failed_records: int = 0
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def success_rate(self) -> float:
+        total = self.successful_records + self.failed_records
+        return round(self.successful_records / total * 100, 2) if total else 100.0
+
+
+class FileProcessingStats(SeedModel):
+    """Seed 000's file-level stats; the counters always equal the chunk records."""
+
+    completed_chunks: int = 0
+    failed_chunks: int = 0
+    in_progress_chunks: int = 0
+    pending_chunks: int = 0
+    successful_records: int = 0
+    failed_records: int = 0
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def success_rate(self) -> float:
+        total = self.successful_records + self.failed_records
+        return round(self.successful_records / total * 100, 2) if total else 100.0
+
+
+def empty_error_summary() -> dict[str, dict[str, int]]:
+    return {"validation": {}, "processing": {}}
+
+
+class FileStatus(SeedModel):
+    """One file version's lifecycle: seed 001's ProgressRecord joined with seed 000's FileStatus.
+
+    `s3_bucket`/`s3_key` are seed 000's source object (set when the file arrived in S3);
+    `output_key` is seed 001's `s3_key`, where the result was written, required for
+    COMPLETED.
+    """
+
+    file_id: str
+    file_path: str
+    file_name: str
+    status: ProcessingStatus = ProcessingStatus.PENDING
+    file_type: FileType | None = None
+    content_type: str | None = None
+    file_size: int | None = None
+    processed_bytes: int | None = None
+    checksum: str | None = None
+    s3_bucket: str | None = None
+    s3_key: str | None = None
+    output_key: str | None = None
+    estimated_record_count: int | None = None
+    chunk_size: int | None = None
+    chunking_strategy: str = "FIXED_COUNT"
+    total_chunks: int = 0
+    created_at: datetime = Field(default_factory=utcnow)
+    processing_started_at: datetime | None = None
+    completed_at: datetime | None = None
+    last_updated_at: datetime = Field(default_factory=utcnow)
+    error_details: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    processing_stats: FileProcessingStats = Field(default_factory=FileProcessingStats)
+    error_summary: dict[str, dict[str, int]] = Field(default_factory=empty_error_summary)
+
+
+class ChunkStatus(SeedModel):
+    """Seed 000's ChunkStatus: records [start_offset, end_offset] of one file, one Parquet object."""
+
+    chunk_id: str
+    file_id: str
+    chunk_index: int = Field(ge=0)
+    start_offset: int = Field(ge=0)
+    end_offset: int
+    record_count: int = Field(ge=0)
+    status: ProcessingStatus = ProcessingStatus.PENDING
+    processing_thread: str | None = None
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    duration: float | None = None
+    retry_count: int = 0
+    error_details: str | None = None
+    processing_stats: ChunkProcessingStats = Field(default_factory=ChunkProcessingStats)
+    error_summary: dict[str, dict[str, int]] = Field(default_factory=empty_error_summary)
+    s3_key: str | None = None
+    size_bytes: int | None = None
+    sha256: str | None = None
+
+
+class S3UploadTask(SeedModel):
+    """One object upload; `upload_id` is kept so a crashed multipart upload can be resumed or aborted."""
+
+    id: str
+    source_file_path: str
+    s3_key: str
+    bucket: str
+    content_type: str = "application/octet-stream"
+    size: int | None = None
+    uploaded_bytes: int = 0
+    upload_id: str | None = None
+    etag: str | None = None
+    checksum: str | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+    status: UploadStatus = UploadStatus.PENDING
+    error: str | None = None
+
+
+class Request(SeedModel):
+    """Seed 002's Requests document, plus what a user needs to act on it."""
+
+    request_id: str
+    status: RequestStatus = RequestStatus.PENDING
+    file_name: str | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+    errors: list[str] = Field(default_factory=list)
+    output_csv_url: str | None = None
+
+
+class RequestData(SeedModel):
+    """Seed 002's RequestData document: one CSV row and its images, in input order."""
+
+    request_id: str
+    serial_number: int
+    product_name: str
+    input_image_urls: list[str]
+    output_image_urls: list[str | None] = Field(default_factory=list)
+    errors: list[str | None] = Field(default_factory=list)
+    created_at: datetime = Field(default_factory=utcnow)
+    completed_at: datetime | None = None
+
+
+def chunk_id(file_id: str, chunk_index: int) -> str:
+    return f"{file_id}-chunk-{chunk_index}"
+
+
+_SLUG = re.compile(r"[^a-z0-9]+")
+
+
+def make_file_id(relative_path: str) -> str:
+    """`<name>-<hash>`: readable like seed 000's example, unique and stable per source path.
+
+    It depends only on the path below the watched directory (or below the S3 incoming
+    prefix), so a file gets the same id whether it came by disk or by S3; the short
+    hash keeps `a/b.csv` and `a_b.csv` apart after slugging.
+    """
+    rel = str(PurePosixPath(relative_path))
+    stem = rel.rsplit(".", 1)[0] if "." in PurePosixPath(rel).name else rel
+    slug = _SLUG.sub("-", stem.lower()).strip("-")[:80] or "file"
+    digest = hashlib.sha256(rel.encode()).hexdigest()[:8]
+    return f"{slug}-{digest}"

@@ -1,0 +1,204 @@
+"""The seed's Configuration (S3Config, MonitoringConfig, ProcessingConfig, LoggingConfig).
+
+Every value comes from the environment or `.env`, named in upper snake case. All
+groups are validated together at load, so a user with three typos sees three lines
+in one error instead of fixing them one start-up at a time. Secrets are `SecretStr`
+and are printed as `***` everywhere, including in the validation message.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from s3proc_dagster.errors import SettingsError
+
+SECRET_FIELDS = {"S3_SECRET_ACCESS_KEY", "S3_ACCESS_KEY_ID", "MONGODB_URI"}
+
+
+def _config(prefix: str = "") -> SettingsConfigDict:
+    return SettingsConfigDict(
+        env_prefix=prefix,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        case_sensitive=False,
+    )
+
+
+class S3Config(BaseSettings):
+    """Where chunks and files go. `endpoint` empty means AWS itself."""
+
+    model_config = _config("S3_")
+
+    endpoint: str = ""
+    region: str = "us-east-1"
+    bucket: str = "s3proc"
+    access_key_id: SecretStr = SecretStr("")
+    secret_access_key: SecretStr = SecretStr("")
+    force_path_style: bool = True
+    prefix: str = ""
+    public_base_url: str = ""
+    incoming_prefix: str = ""
+    incoming_bucket: str = ""
+
+    @field_validator("access_key_id", "secret_access_key")
+    @classmethod
+    def _non_empty_secret(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value().strip():
+            raise ValueError("must be non-empty")
+        return value
+
+    @field_validator("bucket", "region")
+    @classmethod
+    def _non_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must be non-empty")
+        return value.strip()
+
+    @field_validator("endpoint")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("prefix", "incoming_prefix")
+    @classmethod
+    def _clean_prefix(cls, value: str) -> str:
+        cleaned = value.strip().strip("/")
+        if ".." in cleaned.split("/"):
+            raise ValueError("must not contain '..'")
+        return cleaned
+
+    @property
+    def incoming_bucket_name(self) -> str:
+        return self.incoming_bucket or self.bucket
+
+    def key(self, *parts: str) -> str:
+        """Join a key under the configured prefix; the only place keys get their prefix."""
+        return "/".join(p.strip("/") for p in (self.prefix, *parts) if p and p.strip("/"))
+
+
+class MonitoringConfig(BaseSettings):
+    model_config = _config()
+
+    watch_path: Path = Path("./data/incoming")
+    stability_threshold_ms: int = Field(2000, ge=0)
+    poll_interval_ms: int = Field(100, ge=0)
+    ignore_initial: bool = False
+
+    @field_validator("watch_path")
+    @classmethod
+    def _readable_dir(cls, value: Path) -> Path:
+        path = value.expanduser().resolve()
+        if not path.is_dir():
+            raise ValueError("must be an existing directory")
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise ValueError("must be readable")
+        return path
+
+
+class ProcessingConfig(BaseSettings):
+    model_config = _config()
+
+    max_concurrency: int = Field(4, gt=0)
+    max_retries: int = Field(3, ge=0)
+    retry_delay_ms: int = Field(1000, ge=0)
+    error_directory: Path = Path("./data/errors")
+    staging_directory: Path = Path("./data/staging")
+    progress_db_path: Path = Path("./progress.db")
+    parquet_compression: Literal["ZSTD", "SNAPPY"] = "ZSTD"
+    chunk_size: int = Field(50000, gt=0)
+    mongodb_uri: SecretStr = SecretStr("")
+    mongodb_database: str = "s3proc"
+    reports_db_path: Path = Path("./data/reports.duckdb")
+
+    @field_validator("parquet_compression", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("error_directory", "staging_directory")
+    @classmethod
+    def _writable_dir(cls, value: Path) -> Path:
+        path = value.expanduser().resolve()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(f"cannot be created ({exc.strerror})") from None
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ValueError("must be writable")
+        return path
+
+    @field_validator("progress_db_path", "reports_db_path")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @property
+    def uses_mongodb(self) -> bool:
+        return bool(self.mongodb_uri.get_secret_value())
+
+
+class LoggingConfig(BaseSettings):
+    model_config = _config("LOG_")
+
+    level: Literal["debug", "info", "warn", "error"] = "info"
+    pretty: bool = Field(default_factory=lambda: os.environ.get("NODE_ENV") != "production")
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+
+class Configuration:
+    """All four groups, loaded and validated together."""
+
+    def __init__(
+        self,
+        s3: S3Config,
+        monitoring: MonitoringConfig,
+        processing: ProcessingConfig,
+        logging: LoggingConfig,
+    ) -> None:
+        self.s3 = s3
+        self.monitoring = monitoring
+        self.processing = processing
+        self.logging = logging
+
+
+_GROUPS: dict[str, tuple[type[BaseSettings], str]] = {
+    "s3": (S3Config, "S3_"),
+    "monitoring": (MonitoringConfig, ""),
+    "processing": (ProcessingConfig, ""),
+    "logging": (LoggingConfig, "LOG_"),
+}
+
+
+def _describe(prefix: str, error: dict) -> str:
+    field = ".".join(str(p) for p in error["loc"])
+    variable = f"{prefix}{field}".upper()
+    value = error.get("input")
+    shown = "***" if variable in SECRET_FIELDS else repr(value)
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{variable}={shown}: {message}"
+
+
+def load_configuration(env_file: str | os.PathLike | None = ".env") -> Configuration:
+    """Load every group; raise one SettingsError that lists every bad variable."""
+    loaded: dict[str, BaseSettings] = {}
+    problems: list[str] = []
+    for name, (cls, prefix) in _GROUPS.items():
+        try:
+            loaded[name] = cls(_env_file=env_file)  # type: ignore[call-arg]
+        except ValidationError as exc:
+            problems.extend(_describe(prefix, e) for e in exc.errors())
+    if problems:
+        raise SettingsError("Invalid settings:\n  " + "\n  ".join(problems))
+    return Configuration(**loaded)  # type: ignore[arg-type]

@@ -1,0 +1,355 @@
+"""The progress-store contract, with the state machine and stats arithmetic in one place.
+
+Backends (SQLite, MongoDB) implement a handful of primitives: load, insert, and a
+compare-and-set that applies a change only if the record is still in the status we
+read. Everything with a rule in it (which transitions are legal, what COMPLETED
+requires, how a chunk's move changes the file's counters) lives here, so the two
+backends cannot drift apart. Compare-and-set rather than locks keeps the MongoDB
+backend free of transactions (which need a replica set) and lets many Dagster run
+processes write at once.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Any, Iterable
+
+from s3proc_dagster.errors import IllegalTransition, RecordNotFound
+from s3proc_dagster.models import (
+    ChunkStatus,
+    FileStatus,
+    ProcessingStatus,
+    Request,
+    RequestData,
+    RequestStatus,
+    chunk_id,
+    utcnow,
+)
+from s3proc_dagster.stores.lifecycle import (
+    check_chunk_transition,
+    check_file_transition,
+    stat_delta,
+)
+
+S = ProcessingStatus
+_CAS_ATTEMPTS = 50
+
+REQUEST_TRANSITIONS: dict[RequestStatus, frozenset[RequestStatus]] = {
+    RequestStatus.PENDING: frozenset({RequestStatus.PROCESSING, RequestStatus.FAILED}),
+    RequestStatus.PROCESSING: frozenset({RequestStatus.COMPLETED, RequestStatus.FAILED}),
+    RequestStatus.COMPLETED: frozenset(),
+    RequestStatus.FAILED: frozenset({RequestStatus.PENDING}),
+}
+
+
+def chunk_contribution(chunk: ChunkStatus) -> dict[str, int]:
+    """What one chunk adds to its file's record counters and validation summary.
+
+    Only a COMPLETED chunk's records count: a chunk being redone contributes nothing
+    until it lands again, so the file's figures never count a record twice.
+    """
+    if chunk.status is not S.COMPLETED:
+        return {}
+    out = {
+        "successful_records": chunk.processing_stats.successful_records,
+        "failed_records": chunk.processing_stats.failed_records,
+    }
+    for rule, count in chunk.error_summary.get("validation", {}).items():
+        out[f"validation.{rule}"] = count
+    return out
+
+
+def diff_counts(old: dict[str, int], new: dict[str, int]) -> dict[str, int]:
+    keys = set(old) | set(new)
+    return {k: new.get(k, 0) - old.get(k, 0) for k in keys if new.get(k, 0) != old.get(k, 0)}
+
+
+def plan_offsets(record_count: int, chunk_size: int) -> list[tuple[int, int, int]]:
+    """FIXED_COUNT: chunk i holds records [i*size, min((i+1)*size, n) - 1]."""
+    n_chunks = math.ceil(record_count / chunk_size) if record_count else 0
+    return [
+        (i, i * chunk_size, min((i + 1) * chunk_size, record_count) - 1) for i in range(n_chunks)
+    ]
+
+
+class ProgressStore(ABC):
+    """Where every file, chunk and image request is tracked. Safe from many processes."""
+
+    # ---- primitives a backend provides -------------------------------------------------
+
+    @abstractmethod
+    def _insert_file(self, status: FileStatus) -> None:
+        """Insert a new file record; raise IllegalTransition if the path or id exists."""
+
+    @abstractmethod
+    def _load_file(self, *, file_id: str | None = None, path: str | None = None) -> FileStatus | None: ...
+
+    @abstractmethod
+    def _cas_file(self, file_id: str, expected: S, fields: dict[str, Any]) -> bool:
+        """Apply `fields` (snake_case FileStatus fields) if status is still `expected`."""
+
+    @abstractmethod
+    def _list_files(self, status: S | None) -> list[FileStatus]: ...
+
+    @abstractmethod
+    def _replace_chunks(self, file_id: str, chunks: list[ChunkStatus], file_fields: dict[str, Any]) -> None:
+        """Drop the file's chunk plan, store `chunks`, reset its counters to match."""
+
+    @abstractmethod
+    def _load_chunks(self, file_id: str) -> list[ChunkStatus]: ...
+
+    @abstractmethod
+    def _load_chunk(self, chunk_id: str) -> ChunkStatus | None: ...
+
+    @abstractmethod
+    def _cas_chunk(
+        self,
+        chunk: ChunkStatus,
+        expected: S,
+        expected_retry: int,
+        fields: dict[str, Any],
+        file_delta: dict[str, int],
+    ) -> bool:
+        """Update the chunk if its status and retry count are unchanged, and add
+        `file_delta` to its file's counters (`completed_chunks`, `validation.<rule>`...)."""
+
+    @abstractmethod
+    def _insert_request(self, request: Request, rows: list[RequestData]) -> None: ...
+
+    @abstractmethod
+    def _cas_request(self, request_id: str, expected: RequestStatus, fields: dict[str, Any]) -> bool: ...
+
+    @abstractmethod
+    def get_request(self, request_id: str) -> Request | None: ...
+
+    @abstractmethod
+    def list_request_rows(self, request_id: str) -> list[RequestData]: ...
+
+    @abstractmethod
+    def _update_row(self, request_id: str, serial_number: int, fields: dict[str, Any]) -> bool: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    # ---- files ---------------------------------------------------------------------------
+
+    def get(self, file_id: str) -> FileStatus | None:
+        return self._load_file(file_id=file_id)
+
+    def get_by_path(self, path: str) -> FileStatus | None:
+        return self._load_file(path=path)
+
+    def require(self, file_id: str) -> FileStatus:
+        found = self.get(file_id)
+        if found is None:
+            raise RecordNotFound(f"no file with fileId {file_id!r}")
+        return found
+
+    def list_files(self, status: S | None = None) -> list[FileStatus]:
+        return self._list_files(status)
+
+    def record_detected(self, status: FileStatus) -> tuple[FileStatus, bool]:
+        """Record a file version; return it and whether it still needs processing.
+
+        Same path, COMPLETED, same checksum: nothing to do (False). A changed COMPLETED
+        file, or a FAILED one asked for again, goes back to PENDING (the seed's
+        reprocess and manual-retry edges) with its new checksum and size.
+        """
+        for _ in range(_CAS_ATTEMPTS):
+            existing = self.get_by_path(status.file_path) or self.get(status.file_id)
+            if existing is None:
+                try:
+                    self._insert_file(status)
+                except IllegalTransition:
+                    continue  # another process inserted it first; read theirs
+                return self.require(status.file_id), True
+            if existing.status is S.COMPLETED and existing.checksum == status.checksum:
+                return existing, False
+            version = {
+                "checksum": status.checksum,
+                "file_size": status.file_size,
+                "metadata": status.metadata or existing.metadata,
+                "s3_bucket": status.s3_bucket,
+                "s3_key": status.s3_key,
+            }
+            if existing.status is S.PENDING:
+                if self._cas_file(existing.file_id, S.PENDING, version):
+                    return self.require(existing.file_id), True
+                continue
+            if existing.status is S.IN_PROGRESS:
+                return existing, True  # start() decides; crash recovery resets stale ones
+            if self._cas_file(
+                existing.file_id,
+                existing.status,
+                {**version, "status": S.PENDING, "error_details": None, "completed_at": None},
+            ):
+                return self.require(existing.file_id), True
+        raise IllegalTransition(f"{status.file_path}: too many concurrent changes")
+
+    def _transition(self, file_id: str, new: S, fields: dict[str, Any] | None = None) -> FileStatus:
+        for _ in range(_CAS_ATTEMPTS):
+            current = self.require(file_id)
+            check_file_transition(f"file {file_id}", current.status, new)
+            if self._cas_file(file_id, current.status, {**(fields or {}), "status": new}):
+                return self.require(file_id)
+        raise IllegalTransition(f"file {file_id}: too many concurrent changes")
+
+    def start(self, file_id: str) -> FileStatus:
+        return self._transition(file_id, S.IN_PROGRESS, {"processing_started_at": utcnow(), "error_details": None})
+
+    def complete(self, file_id: str, output_key: str, processed_bytes: int | None = None) -> FileStatus:
+        if not output_key:
+            raise IllegalTransition(f"file {file_id}: COMPLETED requires an s3Key")
+        fields: dict[str, Any] = {"output_key": output_key, "completed_at": utcnow(), "error_details": None}
+        if processed_bytes is not None:
+            fields["processed_bytes"] = processed_bytes
+        return self._transition(file_id, S.COMPLETED, fields)
+
+    def fail(self, file_id: str, error: str) -> FileStatus:
+        return self._transition(file_id, S.FAILED, {"error_details": error, "completed_at": utcnow()})
+
+    def reset_to_pending(self, file_id: str, reason: str | None = None) -> FileStatus:
+        return self._transition(file_id, S.PENDING, {"error_details": reason, "completed_at": None})
+
+    def update_file(self, file_id: str, **fields: Any) -> FileStatus:
+        """Change descriptive fields (type, counts, bytes) without a status change."""
+        for _ in range(_CAS_ATTEMPTS):
+            current = self.require(file_id)
+            if self._cas_file(file_id, current.status, fields):
+                return self.require(file_id)
+        raise IllegalTransition(f"file {file_id}: too many concurrent changes")
+
+    # ---- chunks --------------------------------------------------------------------------
+
+    def plan_chunks(self, file_id: str, record_count: int, chunk_size: int) -> list[ChunkStatus]:
+        """FIXED_COUNT plan. An identical existing plan is kept, so re-running a file's
+        steps never forgets which chunks already landed."""
+        existing = self._load_chunks(file_id)
+        offsets = plan_offsets(record_count, chunk_size)
+        if [(c.chunk_index, c.start_offset, c.end_offset) for c in existing] == offsets:
+            return existing
+        chunks = [
+            ChunkStatus(
+                chunk_id=chunk_id(file_id, i),
+                file_id=file_id,
+                chunk_index=i,
+                start_offset=start,
+                end_offset=end,
+                record_count=end - start + 1,
+            )
+            for i, start, end in offsets
+        ]
+        self._replace_chunks(
+            file_id,
+            chunks,
+            {"estimated_record_count": record_count, "chunk_size": chunk_size, "total_chunks": len(chunks)},
+        )
+        return self._load_chunks(file_id)
+
+    def list_chunks(self, file_id: str) -> list[ChunkStatus]:
+        return self._load_chunks(file_id)
+
+    def get_chunk(self, chunk_id_: str) -> ChunkStatus:
+        chunk = self._load_chunk(chunk_id_)
+        if chunk is None:
+            raise RecordNotFound(f"no chunk with chunkId {chunk_id_!r}")
+        return chunk
+
+    def _chunk_transition(self, chunk_id_: str, new: S, fields: dict[str, Any], processing_error: str | None = None) -> ChunkStatus:
+        for _ in range(_CAS_ATTEMPTS):
+            current = self.get_chunk(chunk_id_)
+            check_chunk_transition(f"chunk {chunk_id_}", current.status, new)
+            updates = dict(fields)
+            if current.status is S.FAILED and new is S.IN_PROGRESS:
+                updates["retry_count"] = current.retry_count + 1
+            if processing_error:
+                summary = {k: dict(v) for k, v in current.error_summary.items()}
+                bucket = summary.setdefault("processing", {})
+                bucket[processing_error] = bucket.get(processing_error, 0) + 1
+                updates["error_summary"] = summary
+            after = current.model_copy(update={**updates, "status": new})
+            delta = stat_delta(current.status, new) if current.status is not new else {}
+            delta.update(diff_counts(chunk_contribution(current), chunk_contribution(after)))
+            if processing_error:
+                delta[f"processing.{processing_error}"] = 1
+            if self._cas_chunk(current, current.status, current.retry_count, {**updates, "status": new}, delta):
+                return self.get_chunk(chunk_id_)
+        raise IllegalTransition(f"chunk {chunk_id_}: too many concurrent changes")
+
+    def chunk_started(self, chunk_id_: str, processing_thread: str) -> ChunkStatus:
+        return self._chunk_transition(
+            chunk_id_,
+            S.IN_PROGRESS,
+            {"processing_thread": processing_thread, "started_at": utcnow(), "completed_at": None, "error_details": None},
+        )
+
+    def chunk_completed(
+        self,
+        chunk_id_: str,
+        *,
+        s3_key: str,
+        size_bytes: int,
+        sha256: str,
+        duration: float,
+        successful_records: int | None = None,
+        failed_records: int = 0,
+        validation_errors: dict[str, int] | None = None,
+    ) -> ChunkStatus:
+        current = self.get_chunk(chunk_id_)
+        ok = current.record_count - failed_records if successful_records is None else successful_records
+        summary = {"validation": dict(validation_errors or {}), "processing": dict(current.error_summary.get("processing", {}))}
+        return self._chunk_transition(
+            chunk_id_,
+            S.COMPLETED,
+            {
+                "s3_key": s3_key,
+                "size_bytes": size_bytes,
+                "sha256": sha256,
+                "duration": duration,
+                "completed_at": utcnow(),
+                "error_details": None,
+                "processing_stats": {"successful_records": ok, "failed_records": failed_records},
+                "error_summary": summary,
+            },
+        )
+
+    def chunk_failed(self, chunk_id_: str, error: str, error_kind: str = "processingError") -> ChunkStatus:
+        return self._chunk_transition(
+            chunk_id_, S.FAILED, {"error_details": error, "completed_at": utcnow()}, processing_error=error_kind
+        )
+
+    # ---- image requests (seed 002) ----------------------------------------------------------
+
+    def create_request(self, request: Request, rows: Iterable[RequestData]) -> Request:
+        self._insert_request(request, list(rows))
+        return self.require_request(request.request_id)
+
+    def require_request(self, request_id: str) -> Request:
+        found = self.get_request(request_id)
+        if found is None:
+            raise RecordNotFound(f"no image request with requestId {request_id!r}")
+        return found
+
+    def set_request_status(self, request_id: str, new: RequestStatus, **fields: Any) -> Request:
+        for _ in range(_CAS_ATTEMPTS):
+            current = self.require_request(request_id)
+            if new is not current.status and new not in REQUEST_TRANSITIONS[current.status]:
+                raise IllegalTransition(f"request {request_id}: cannot go from {current.status.value} to {new.value}")
+            if self._cas_request(request_id, current.status, {**fields, "status": new, "updated_at": utcnow()}):
+                return self.require_request(request_id)
+        raise IllegalTransition(f"request {request_id}: too many concurrent changes")
+
+    def set_row_outputs(
+        self,
+        request_id: str,
+        serial_number: int,
+        output_image_urls: list[str | None],
+        errors: list[str | None],
+        completed: bool,
+    ) -> None:
+        fields: dict[str, Any] = {"output_image_urls": output_image_urls, "errors": errors}
+        if completed:
+            fields["completed_at"] = utcnow()
+        if not self._update_row(request_id, serial_number, fields):
+            raise RecordNotFound(f"no row {serial_number} in request {request_id!r}")

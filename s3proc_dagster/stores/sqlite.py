@@ -1,0 +1,428 @@
+"""SQLite backend: seed 001's `file_progress` table as written, plus seed 000/002 tables.
+
+WAL mode lets readers (the sensor, `s3proc status`) run while a run writes; every write
+is one `BEGIN IMMEDIATE` transaction with a busy timeout, so Dagster runs in parallel
+processes queue for the write lock instead of failing with "database is locked".
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterator
+
+from s3proc_dagster.errors import IllegalTransition
+from s3proc_dagster.models import (
+    ChunkStatus,
+    FileStatus,
+    ProcessingStatus,
+    Request,
+    RequestData,
+    RequestStatus,
+    utcnow,
+)
+from s3proc_dagster.stores.base import ProgressStore
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS file_progress (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  file_path TEXT UNIQUE NOT NULL,
+  status TEXT NOT NULL CHECK(status IN ('pending', 'in_progress', 'completed', 'failed')),
+  size_bytes INTEGER,
+  processed_bytes INTEGER,
+  checksum TEXT,
+  s3_key TEXT,
+  error_message TEXT,
+  created_at INTEGER NOT NULL,
+  updated_at INTEGER NOT NULL
+);
+
+CREATE INDEX IF NOT EXISTS idx_file_path ON file_progress(file_path);
+CREATE INDEX IF NOT EXISTS idx_status ON file_progress(status);
+CREATE INDEX IF NOT EXISTS idx_updated_at ON file_progress(updated_at);
+
+CREATE TABLE IF NOT EXISTS file_status (
+  file_id TEXT PRIMARY KEY,
+  progress_id INTEGER UNIQUE NOT NULL REFERENCES file_progress(id) ON DELETE CASCADE,
+  file_name TEXT NOT NULL,
+  file_type TEXT,
+  content_type TEXT,
+  s3_bucket TEXT,
+  s3_key TEXT,
+  estimated_record_count INTEGER,
+  chunk_size INTEGER,
+  chunking_strategy TEXT NOT NULL DEFAULT 'FIXED_COUNT',
+  total_chunks INTEGER NOT NULL DEFAULT 0,
+  created_at TEXT NOT NULL,
+  processing_started_at TEXT,
+  completed_at TEXT,
+  last_updated_at TEXT NOT NULL,
+  error_details TEXT,
+  metadata TEXT NOT NULL DEFAULT '{}',
+  completed_chunks INTEGER NOT NULL DEFAULT 0,
+  failed_chunks INTEGER NOT NULL DEFAULT 0,
+  in_progress_chunks INTEGER NOT NULL DEFAULT 0,
+  pending_chunks INTEGER NOT NULL DEFAULT 0,
+  successful_records INTEGER NOT NULL DEFAULT 0,
+  failed_records INTEGER NOT NULL DEFAULT 0,
+  error_summary TEXT NOT NULL DEFAULT '{"validation": {}, "processing": {}}'
+);
+
+CREATE TABLE IF NOT EXISTS chunk_status (
+  chunk_id TEXT PRIMARY KEY,
+  file_id TEXT NOT NULL REFERENCES file_status(file_id) ON DELETE CASCADE,
+  chunk_index INTEGER NOT NULL CHECK(chunk_index >= 0),
+  start_offset INTEGER NOT NULL,
+  end_offset INTEGER NOT NULL,
+  record_count INTEGER NOT NULL,
+  status TEXT NOT NULL CHECK(status IN ('pending', 'in_progress', 'completed', 'failed')),
+  processing_thread TEXT,
+  started_at TEXT,
+  completed_at TEXT,
+  duration REAL,
+  retry_count INTEGER NOT NULL DEFAULT 0,
+  error_details TEXT,
+  successful_records INTEGER NOT NULL DEFAULT 0,
+  failed_records INTEGER NOT NULL DEFAULT 0,
+  error_summary TEXT NOT NULL DEFAULT '{"validation": {}, "processing": {}}',
+  s3_key TEXT,
+  size_bytes INTEGER,
+  sha256 TEXT,
+  UNIQUE(file_id, chunk_index)
+);
+CREATE INDEX IF NOT EXISTS idx_chunk_file ON chunk_status(file_id, status);
+
+CREATE TABLE IF NOT EXISTS requests (
+  request_id TEXT PRIMARY KEY,
+  status TEXT NOT NULL CHECK(status IN ('pending', 'processing', 'completed', 'failed')),
+  file_name TEXT,
+  created_at TEXT NOT NULL,
+  updated_at TEXT NOT NULL,
+  errors TEXT NOT NULL DEFAULT '[]',
+  output_csv_url TEXT
+);
+
+CREATE TABLE IF NOT EXISTS request_data (
+  request_id TEXT NOT NULL REFERENCES requests(request_id) ON DELETE CASCADE,
+  serial_number INTEGER NOT NULL,
+  product_name TEXT NOT NULL,
+  input_image_urls TEXT NOT NULL,
+  output_image_urls TEXT NOT NULL DEFAULT '[]',
+  errors TEXT NOT NULL DEFAULT '[]',
+  created_at TEXT NOT NULL,
+  completed_at TEXT,
+  PRIMARY KEY (request_id, serial_number)
+);
+"""
+
+# FileStatus fields kept in seed 001's table, under seed 001's column names.
+_PROGRESS_COLUMNS = {
+    "file_path": "file_path",
+    "status": "status",
+    "file_size": "size_bytes",
+    "processed_bytes": "processed_bytes",
+    "checksum": "checksum",
+    "output_key": "s3_key",
+}
+_JSON_FIELDS = {"metadata", "error_summary", "errors", "input_image_urls", "output_image_urls"}
+
+
+def _encode(field: str, value: Any) -> Any:
+    if field in _JSON_FIELDS:
+        return json.dumps(value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, enum.Enum):
+        return value.value
+    return value
+
+
+def _decode(row: sqlite3.Row) -> dict[str, Any]:
+    out = {}
+    for key in row.keys():
+        value = row[key]
+        out[key] = json.loads(value) if key in _JSON_FIELDS and value is not None else value
+    return out
+
+
+class SQLiteProgressStore(ProgressStore):
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._conn = sqlite3.connect(str(self.path), timeout=60, isolation_level=None, check_same_thread=False)
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA busy_timeout = 60000")
+        self._conn.execute("PRAGMA journal_mode = WAL")
+        self._conn.execute("PRAGMA synchronous = NORMAL")
+        self._conn.execute("PRAGMA foreign_keys = ON")
+        with self._write() as conn:
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    self._conn.execute("BEGIN IMMEDIATE")
+                    break
+                except sqlite3.OperationalError as exc:  # busy beyond busy_timeout
+                    if "locked" not in str(exc) or time.monotonic() > deadline:
+                        raise
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            else:
+                self._conn.execute("COMMIT")
+
+    def _query(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._conn.execute(sql, params).fetchall()
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    # ---- files ---------------------------------------------------------------------------
+
+    _FILE_SELECT = """
+        SELECT fs.*, fp.file_path, fp.status, fp.size_bytes AS file_size, fp.processed_bytes,
+               fp.checksum, fp.s3_key AS output_key, fp.id AS progress_id
+        FROM file_status fs JOIN file_progress fp ON fp.id = fs.progress_id
+    """
+
+    @staticmethod
+    def _to_file(row: sqlite3.Row) -> FileStatus:
+        data = _decode(row)
+        data["processing_stats"] = {
+            k: data.pop(k)
+            for k in (
+                "completed_chunks",
+                "failed_chunks",
+                "in_progress_chunks",
+                "pending_chunks",
+                "successful_records",
+                "failed_records",
+            )
+        }
+        data.pop("progress_id", None)
+        return FileStatus.model_validate(data)
+
+    def _insert_file(self, status: FileStatus) -> None:
+        now = int(time.time())
+        try:
+            with self._write() as conn:
+                cur = conn.execute(
+                    "INSERT INTO file_progress (file_path, status, size_bytes, processed_bytes, checksum, s3_key,"
+                    " error_message, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                    (
+                        status.file_path,
+                        status.status.value,
+                        status.file_size,
+                        status.processed_bytes,
+                        status.checksum,
+                        status.output_key,
+                        status.error_details,
+                        now,
+                        now,
+                    ),
+                )
+                doc = status.model_dump(exclude={"processing_stats", *_PROGRESS_COLUMNS})
+                doc["progress_id"] = cur.lastrowid
+                cols = list(doc)
+                conn.execute(
+                    f"INSERT INTO file_status ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                    tuple(_encode(c, doc[c]) for c in cols),
+                )
+        except sqlite3.IntegrityError as exc:
+            raise IllegalTransition(f"{status.file_path}: already recorded ({exc})") from None
+
+    def _load_file(self, *, file_id: str | None = None, path: str | None = None) -> FileStatus | None:
+        if file_id is not None:
+            rows = self._query(self._FILE_SELECT + " WHERE fs.file_id = ?", (file_id,))
+        else:
+            rows = self._query(self._FILE_SELECT + " WHERE fp.file_path = ?", (path,))
+        return self._to_file(rows[0]) if rows else None
+
+    def _list_files(self, status: ProcessingStatus | None) -> list[FileStatus]:
+        if status is None:
+            rows = self._query(self._FILE_SELECT + " ORDER BY fp.id")
+        else:
+            rows = self._query(self._FILE_SELECT + " WHERE fp.status = ? ORDER BY fp.id", (status.value,))
+        return [self._to_file(r) for r in rows]
+
+    def _set_file(self, conn: sqlite3.Connection, file_id: str, fields: dict[str, Any]) -> None:
+        """Write FileStatus fields to whichever table holds them; both `updated_at`s move."""
+        progress = {_PROGRESS_COLUMNS[k]: v for k, v in fields.items() if k in _PROGRESS_COLUMNS}
+        if "error_details" in fields:
+            progress["error_message"] = fields["error_details"]
+        status_cols = {k: v for k, v in fields.items() if k not in _PROGRESS_COLUMNS}
+        status_cols["last_updated_at"] = utcnow()
+        progress["updated_at"] = int(time.time())
+        conn.execute(
+            f"UPDATE file_progress SET {', '.join(f'{c} = ?' for c in progress)}"
+            " WHERE id = (SELECT progress_id FROM file_status WHERE file_id = ?)",
+            (*(_encode(c, v) for c, v in progress.items()), file_id),
+        )
+        conn.execute(
+            f"UPDATE file_status SET {', '.join(f'{c} = ?' for c in status_cols)} WHERE file_id = ?",
+            (*(_encode(c, v) for c, v in status_cols.items()), file_id),
+        )
+
+    def _cas_file(self, file_id: str, expected: ProcessingStatus, fields: dict[str, Any]) -> bool:
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT fp.status FROM file_status fs JOIN file_progress fp ON fp.id = fs.progress_id"
+                " WHERE fs.file_id = ?",
+                (file_id,),
+            ).fetchone()
+            if row is None or row["status"] != expected.value:
+                return False
+            self._set_file(conn, file_id, fields)
+            return True
+
+    # ---- chunks --------------------------------------------------------------------------
+
+    @staticmethod
+    def _to_chunk(row: sqlite3.Row) -> ChunkStatus:
+        data = _decode(row)
+        data["processing_stats"] = {
+            "successful_records": data.pop("successful_records"),
+            "failed_records": data.pop("failed_records"),
+        }
+        return ChunkStatus.model_validate(data)
+
+    def _replace_chunks(self, file_id: str, chunks: list[ChunkStatus], file_fields: dict[str, Any]) -> None:
+        with self._write() as conn:
+            conn.execute("DELETE FROM chunk_status WHERE file_id = ?", (file_id,))
+            for chunk in chunks:
+                doc = chunk.model_dump(exclude={"processing_stats"})
+                cols = list(doc)
+                conn.execute(
+                    f"INSERT INTO chunk_status ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                    tuple(_encode(c, doc[c]) for c in cols),
+                )
+            self._set_file(
+                conn,
+                file_id,
+                {
+                    **file_fields,
+                    "completed_chunks": 0,
+                    "failed_chunks": 0,
+                    "in_progress_chunks": 0,
+                    "pending_chunks": len(chunks),
+                    "successful_records": 0,
+                    "failed_records": 0,
+                    "error_summary": {"validation": {}, "processing": {}},
+                },
+            )
+
+    def _load_chunks(self, file_id: str) -> list[ChunkStatus]:
+        rows = self._query("SELECT * FROM chunk_status WHERE file_id = ? ORDER BY chunk_index", (file_id,))
+        return [self._to_chunk(r) for r in rows]
+
+    def _load_chunk(self, chunk_id: str) -> ChunkStatus | None:
+        rows = self._query("SELECT * FROM chunk_status WHERE chunk_id = ?", (chunk_id,))
+        return self._to_chunk(rows[0]) if rows else None
+
+    def _cas_chunk(
+        self,
+        chunk: ChunkStatus,
+        expected: ProcessingStatus,
+        expected_retry: int,
+        fields: dict[str, Any],
+        file_delta: dict[str, int],
+    ) -> bool:
+        values = dict(fields)
+        stats = values.pop("processing_stats", None)
+        if stats:
+            values.update(stats)
+        with self._write() as conn:
+            cur = conn.execute(
+                f"UPDATE chunk_status SET {', '.join(f'{c} = ?' for c in values)}"
+                " WHERE chunk_id = ? AND status = ? AND retry_count = ?",
+                (*(_encode(c, v) for c, v in values.items()), chunk.chunk_id, expected.value, expected_retry),
+            )
+            if cur.rowcount != 1:
+                return False
+            counters = {k: v for k, v in file_delta.items() if "." not in k}
+            summary_delta = {k: v for k, v in file_delta.items() if "." in k}
+            sets = [f"{c} = {c} + ?" for c in counters] + ["last_updated_at = ?"]
+            params: list[Any] = [*counters.values(), utcnow().isoformat()]
+            if summary_delta:
+                (raw,) = conn.execute(
+                    "SELECT error_summary FROM file_status WHERE file_id = ?", (chunk.file_id,)
+                ).fetchone()
+                summary = json.loads(raw)
+                for key, inc in summary_delta.items():
+                    kind, name = key.split(".", 1)
+                    bucket = summary.setdefault(kind, {})
+                    bucket[name] = bucket.get(name, 0) + inc
+                    if not bucket[name]:
+                        del bucket[name]
+                sets.append("error_summary = ?")
+                params.append(json.dumps(summary))
+            conn.execute(f"UPDATE file_status SET {', '.join(sets)} WHERE file_id = ?", (*params, chunk.file_id))
+            conn.execute(
+                "UPDATE file_progress SET updated_at = ? WHERE id = (SELECT progress_id FROM file_status WHERE file_id = ?)",
+                (int(time.time()), chunk.file_id),
+            )
+            return True
+
+    # ---- image requests ----------------------------------------------------------------------
+
+    def _insert_request(self, request: Request, rows: list[RequestData]) -> None:
+        try:
+            with self._write() as conn:
+                doc = request.model_dump()
+                conn.execute(
+                    f"INSERT INTO requests ({', '.join(doc)}) VALUES ({', '.join('?' * len(doc))})",
+                    tuple(_encode(c, v) for c, v in doc.items()),
+                )
+                for row in rows:
+                    rdoc = row.model_dump()
+                    conn.execute(
+                        f"INSERT INTO request_data ({', '.join(rdoc)}) VALUES ({', '.join('?' * len(rdoc))})",
+                        tuple(_encode(c, v) for c, v in rdoc.items()),
+                    )
+        except sqlite3.IntegrityError as exc:
+            raise IllegalTransition(f"request {request.request_id}: already recorded ({exc})") from None
+
+    def get_request(self, request_id: str) -> Request | None:
+        rows = self._query("SELECT * FROM requests WHERE request_id = ?", (request_id,))
+        return Request.model_validate(_decode(rows[0])) if rows else None
+
+    def list_requests(self) -> list[Request]:
+        return [Request.model_validate(_decode(r)) for r in self._query("SELECT * FROM requests ORDER BY created_at")]
+
+    def list_request_rows(self, request_id: str) -> list[RequestData]:
+        rows = self._query("SELECT * FROM request_data WHERE request_id = ? ORDER BY serial_number", (request_id,))
+        return [RequestData.model_validate(_decode(r)) for r in rows]
+
+    def _cas_request(self, request_id: str, expected: RequestStatus, fields: dict[str, Any]) -> bool:
+        with self._write() as conn:
+            cur = conn.execute(
+                f"UPDATE requests SET {', '.join(f'{c} = ?' for c in fields)} WHERE request_id = ? AND status = ?",
+                (*(_encode(c, v) for c, v in fields.items()), request_id, expected.value),
+            )
+            return cur.rowcount == 1
+
+    def _update_row(self, request_id: str, serial_number: int, fields: dict[str, Any]) -> bool:
+        with self._write() as conn:
+            cur = conn.execute(
+                f"UPDATE request_data SET {', '.join(f'{c} = ?' for c in fields)}"
+                " WHERE request_id = ? AND serial_number = ?",
+                (*(_encode(c, v) for c, v in fields.items()), request_id, serial_number),
+            )
+            return cur.rowcount == 1

@@ -1,0 +1,109 @@
+"""Real servers on loopback, started once per test session.
+
+SeaweedFS (S3) and nx-27017 (MongoDB wire protocol) start in about a second each. A
+server that fails to start fails the fixture with its log; nothing is skipped silently.
+Set MONGODB_URI to run the MongoDB contract tests against a real server instead.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import boto3
+import pytest
+from botocore.config import Config
+
+from s3proc_dagster.embedded import Server, start_nx27017, start_seaweedfs
+
+ACCESS_KEY = "s3proc-test-key"
+SECRET_KEY = "s3proc-test-secret-do-not-log"
+BUCKET = "s3proc-test"
+
+
+@dataclass
+class S3Endpoint:
+    url: str
+    access_key: str
+    secret_key: str
+    bucket: str
+    server: Server | None = None
+
+    def client(self):
+        return boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name="us-east-1",
+            config=Config(s3={"addressing_style": "path"}),
+        )
+
+    def env(self) -> dict[str, str]:
+        """The settings a pipeline process needs to talk to this endpoint."""
+        return {
+            "S3_ENDPOINT": self.url,
+            "S3_ACCESS_KEY_ID": self.access_key,
+            "S3_SECRET_ACCESS_KEY": self.secret_key,
+            "S3_BUCKET": self.bucket,
+            "S3_REGION": "us-east-1",
+            "S3_FORCE_PATH_STYLE": "true",
+        }
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Endpoint]:
+    """SeaweedFS for the whole session; tests keep apart by `s3_prefix`."""
+    server = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"), ACCESS_KEY, SECRET_KEY, BUCKET)
+    yield S3Endpoint(server.url, ACCESS_KEY, SECRET_KEY, BUCKET, server)
+    server.stop()
+
+
+@pytest.fixture
+def s3_prefix() -> str:
+    """A fresh key prefix per test, so tests never see each other's objects."""
+    return f"t-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(scope="session")
+def mongodb_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """MONGODB_URI when set (a real MongoDB), otherwise nx-27017 on a free port."""
+    if os.environ.get("MONGODB_URI"):
+        yield os.environ["MONGODB_URI"]
+        return
+    server = start_nx27017(tmp_path_factory.mktemp("nx27017") / "mongo.db")
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def mongodb_database() -> str:
+    return f"s3proc_test_{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def pipeline_env(tmp_path: Path, s3: S3Endpoint, s3_prefix: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """A complete, valid environment for the product in `tmp_path`, applied to os.environ."""
+    watch = tmp_path / "incoming"
+    watch.mkdir()
+    env = {
+        **s3.env(),
+        "S3_PREFIX": s3_prefix,
+        "WATCH_PATH": str(watch),
+        "ERROR_DIRECTORY": str(tmp_path / "errors"),
+        "STAGING_DIRECTORY": str(tmp_path / "staging"),
+        "PROGRESS_DB_PATH": str(tmp_path / "progress.db"),
+        "REPORTS_DB_PATH": str(tmp_path / "reports.duckdb"),
+        "STABILITY_THRESHOLD_MS": "0",
+        "MAX_RETRIES": "1",
+        "RETRY_DELAY_MS": "10",
+        "LOG_PRETTY": "false",
+        "MONGODB_URI": "",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tmp_path)
+    return env
