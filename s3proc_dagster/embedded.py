@@ -154,10 +154,15 @@ def start_seaweedfs(
     return _wait(server, ready, "SeaweedFS", timeout)
 
 
-def start_nx27017(db_path: Path | str = "memory", timeout: float = 30) -> Server:
-    """nx-27017, a MongoDB wire-protocol server, for the MongoDB store's tests."""
+def start_nx27017(data_dir: Path, timeout: float = 30) -> Server:
+    """nx-27017, a MongoDB wire-protocol server, for the MongoDB store's tests.
+
+    `--data-dir` gives each logical database its own file; with a single `--db` file
+    every database shares one namespace and tests would see each other's documents.
+    """
     port = free_port()
-    log_dir = Path(db_path).parent if db_path != "memory" else Path(os.environ.get("TMPDIR", "/tmp"))
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = data_dir
     log_path = log_dir / f"nx-27017-{port}.log"
     cmd = [
         _binary("nx-27017"),
@@ -165,8 +170,8 @@ def start_nx27017(db_path: Path | str = "memory", timeout: float = 30) -> Server
         "127.0.0.1",
         "-p",
         str(port),
-        "--db",
-        str(db_path),
+        "--data-dir",
+        str(data_dir),
         "--log-file",
         str(log_path),
         "--pid-file",

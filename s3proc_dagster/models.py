@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import PurePosixPath
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field
+from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator
 from pydantic.alias_generators import to_camel
 
 
@@ -74,6 +74,14 @@ class RequestStatus(str, enum.Enum):
 
 class SeedModel(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, use_enum_values=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _aware(cls, value: Any) -> Any:
+        """Stores hand back naive datetimes (BSON, some servers): they are all UTC."""
+        if isinstance(value, datetime) and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
 
     def to_seed(self) -> dict[str, Any]:
         """The record as the seed spells it (camelCase, ISO datetimes, enum values)."""

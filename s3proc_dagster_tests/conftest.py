@@ -74,7 +74,7 @@ def mongodb_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if os.environ.get("MONGODB_URI"):
         yield os.environ["MONGODB_URI"]
         return
-    server = start_nx27017(tmp_path_factory.mktemp("nx27017") / "mongo.db")
+    server = start_nx27017(tmp_path_factory.mktemp("nx27017"))
     yield server.url
     server.stop()
 

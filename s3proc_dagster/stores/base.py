@@ -268,7 +268,7 @@ class ProgressStore(ABC):
                 bucket = summary.setdefault("processing", {})
                 bucket[processing_error] = bucket.get(processing_error, 0) + 1
                 updates["error_summary"] = summary
-            after = current.model_copy(update={**updates, "status": new})
+            after = ChunkStatus.model_validate({**current.model_dump(), **updates, "status": new})
             delta = stat_delta(current.status, new) if current.status is not new else {}
             delta.update(diff_counts(chunk_contribution(current), chunk_contribution(after)))
             if processing_error:
