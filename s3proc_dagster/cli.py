@@ -1,0 +1,81 @@
+"""The `s3proc` command: status, and the embedded-defaults launcher behind the README's run command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from s3proc_dagster.errors import S3ProcError
+from s3proc_dagster.settings import load_configuration
+from s3proc_dagster.stores import open_store
+
+
+def _status(args: argparse.Namespace) -> int:
+    cfg = load_configuration()
+    store = open_store(cfg.processing)
+    try:
+        files = store.list_files()
+        if args.path:
+            wanted = str(Path(args.path).resolve()) if "://" not in args.path else args.path
+            files = [f for f in files if f.file_path in (wanted, args.path) or f.file_id == args.path]
+        if args.json:
+            out = []
+            for f in files:
+                doc = f.to_seed()
+                if args.chunks:
+                    doc["chunks"] = [c.to_seed() for c in store.list_chunks(f.file_id)]
+                out.append(doc)
+            json.dump(out, sys.stdout, indent=2)
+            sys.stdout.write("\n")
+            return 0
+        if not files:
+            print("no files recorded yet")
+        for f in files:
+            stats = f.processing_stats
+            print(
+                f"{f.status.name:<11} {stats.completed_chunks:>4}/{f.total_chunks:<4} chunks  "
+                f"{f.file_path}  ->  {f.output_key or '-'}"
+                + (f"  error: {f.error_details}" if f.error_details else "")
+            )
+        return 0
+    finally:
+        store.close()
+
+
+def _dev(args: argparse.Namespace) -> int:
+    from s3proc_dagster.launcher import run_dev
+
+    return run_dev(host=args.host, port=args.port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="s3proc", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    status = sub.add_parser("status", help="every tracked file with its status, chunks and S3 key")
+    status.add_argument("path", nargs="?", help="only this file (path, s3:// URI or fileId)")
+    status.add_argument("--json", action="store_true", help="print a JSON list in the seed's field names")
+    status.add_argument("--chunks", action="store_true", help="with --json, include each file's chunks")
+    status.set_defaults(func=_status)
+
+    dev = sub.add_parser("dev", help="start SeaweedFS (unless S3_ENDPOINT is set) and `dagster dev`")
+    dev.add_argument("--host", default=os.environ.get("S3PROC_UI_HOST", "127.0.0.1"))
+    dev.add_argument("--port", type=int, default=int(os.environ.get("S3PROC_UI_PORT", "3000")))
+    dev.set_defaults(func=_dev)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except S3ProcError as exc:
+        print(f"s3proc: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The Dagster layer: thin wiring of the domain modules into resources, ops, jobs and sensors."""

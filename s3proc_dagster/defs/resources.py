@@ -1,0 +1,133 @@
+"""Resources: the progress store, S3 (dagster-aws) and the pipeline's non-secret settings.
+
+Secrets reach resources only through `dg.EnvVar`, so the Dagster UI shows the variable's
+name, never its value, and no op reads a credential itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from botocore.config import Config
+from dagster_aws.s3 import S3Resource
+from pydantic import PrivateAttr
+
+from s3proc_dagster.settings import Configuration
+from s3proc_dagster.stores.base import ProgressStore
+
+
+class ProgressStoreResource(dg.ConfigurableResource):
+    """SQLite at `progress_db_path`, or MongoDB when `mongodb_uri` is set.
+
+    The store is opened once per run process and closed at teardown; state lives in the
+    store, never in the resource, so any number of run processes can share it.
+    """
+
+    progress_db_path: str
+    mongodb_uri: str = ""
+    mongodb_database: str = "s3proc"
+
+    _store: ProgressStore | None = PrivateAttr(default=None)
+
+    def open(self) -> ProgressStore:
+        if self._store is None:
+            if self.mongodb_uri:
+                from s3proc_dagster.stores.mongo import MongoProgressStore
+
+                self._store = MongoProgressStore(self.mongodb_uri, self.mongodb_database)
+            else:
+                from s3proc_dagster.stores.sqlite import SQLiteProgressStore
+
+                self._store = SQLiteProgressStore(self.progress_db_path)
+        return self._store
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+
+class S3Storage(S3Resource):
+    """dagster-aws's S3 resource, plus the bucket, the key prefix and path-style addressing
+    that S3-compatible servers (SeaweedFS, MinIO) need."""
+
+    bucket: str
+    prefix: str = ""
+    force_path_style: bool = True
+    public_base_url: str = ""
+
+    def get_client(self) -> Any:
+        import boto3
+
+        session = boto3.session.Session(profile_name=self.profile_name)
+        return session.client(
+            "s3",
+            region_name=self.region_name,
+            endpoint_url=self.endpoint_url,
+            use_ssl=self.use_ssl,
+            verify=self.verify,
+            aws_access_key_id=self.aws_access_key_id,
+            aws_secret_access_key=self.aws_secret_access_key,
+            aws_session_token=self.aws_session_token,
+            config=Config(
+                s3={"addressing_style": "path" if self.force_path_style else "auto"},
+                retries={"mode": "standard", "max_attempts": self.max_attempts},
+                connect_timeout=10,
+                read_timeout=60,
+            ),
+        )
+
+    def key(self, *parts: str) -> str:
+        """Join a key under the prefix; every object the product writes goes through here."""
+        return "/".join(p.strip("/") for p in (self.prefix, *parts) if p and p.strip("/"))
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+
+class PipelineSettings(dg.ConfigurableResource):
+    """The non-secret processing settings ops need, visible in the UI's resource page."""
+
+    watch_path: str
+    staging_directory: str
+    error_directory: str
+    chunk_size: int = 50000
+    parquet_compression: str = "ZSTD"
+    max_retries: int = 3
+    retry_delay_ms: int = 1000
+
+    @property
+    def staging(self) -> Path:
+        return Path(self.staging_directory)
+
+
+def build_resources(cfg: Configuration) -> dict[str, Any]:
+    """Resources for `Definitions`, from the validated settings."""
+    return {
+        "progress_store": ProgressStoreResource(
+            progress_db_path=str(cfg.processing.progress_db_path),
+            mongodb_uri=dg.EnvVar("MONGODB_URI") if cfg.processing.uses_mongodb else "",
+            mongodb_database=cfg.processing.mongodb_database,
+        ),
+        "s3": S3Storage(
+            bucket=cfg.s3.bucket,
+            prefix=cfg.s3.prefix,
+            region_name=cfg.s3.region,
+            endpoint_url=cfg.s3.endpoint or None,
+            force_path_style=cfg.s3.force_path_style,
+            aws_access_key_id=dg.EnvVar("S3_ACCESS_KEY_ID"),
+            aws_secret_access_key=dg.EnvVar("S3_SECRET_ACCESS_KEY"),
+            public_base_url=cfg.s3.public_base_url,
+        ),
+        "settings": PipelineSettings(
+            watch_path=str(cfg.monitoring.watch_path),
+            staging_directory=str(cfg.processing.staging_directory),
+            error_directory=str(cfg.processing.error_directory),
+            chunk_size=cfg.processing.chunk_size,
+            parquet_compression=cfg.processing.parquet_compression,
+            max_retries=cfg.processing.max_retries,
+            retry_delay_ms=cfg.processing.retry_delay_ms,
+        ),
+    }

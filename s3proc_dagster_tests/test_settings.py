@@ -1,0 +1,97 @@
+"""Every validation rule of the seed's Configuration, each failing with the variable's name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from s3proc_dagster.errors import SettingsError
+from s3proc_dagster.settings import load_configuration
+
+SECRET = "super-secret-value-123"
+
+
+@pytest.fixture
+def valid_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    (tmp_path / "watch").mkdir()
+    for key, value in {
+        "S3_ACCESS_KEY_ID": "key-id",
+        "S3_SECRET_ACCESS_KEY": SECRET,
+        "WATCH_PATH": str(tmp_path / "watch"),
+        "ERROR_DIRECTORY": str(tmp_path / "errors"),
+        "STAGING_DIRECTORY": str(tmp_path / "staging"),
+        "PROGRESS_DB_PATH": str(tmp_path / "progress.db"),
+    }.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_defaults_are_the_seeds(valid_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PROGRESS_DB_PATH")
+    cfg = load_configuration(env_file=None)
+    assert cfg.monitoring.stability_threshold_ms == 2000
+    assert cfg.monitoring.poll_interval_ms == 100
+    assert cfg.monitoring.ignore_initial is False
+    assert (cfg.processing.max_concurrency, cfg.processing.max_retries, cfg.processing.retry_delay_ms) == (4, 3, 1000)
+    assert cfg.processing.parquet_compression == "ZSTD"
+    assert cfg.processing.chunk_size == 50000
+    assert cfg.processing.progress_db_path == valid_env / "progress.db"
+    assert cfg.logging.level == "info"
+    assert cfg.s3.prefix == "" and cfg.s3.force_path_style is True
+    assert (valid_env / "errors").is_dir()
+
+
+def test_env_file_is_read_and_environment_wins(valid_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (valid_env / ".env").write_text("CHUNK_SIZE=123\nMAX_RETRIES=7\n")
+    monkeypatch.setenv("MAX_RETRIES", "5")
+    cfg = load_configuration()
+    assert cfg.processing.chunk_size == 123 and cfg.processing.max_retries == 5
+
+
+@pytest.mark.parametrize(
+    "variable, value, message",
+    [
+        ("S3_ACCESS_KEY_ID", "", "must be non-empty"),
+        ("S3_SECRET_ACCESS_KEY", " ", "must be non-empty"),
+        ("S3_BUCKET", "", "must be non-empty"),
+        ("S3_ENDPOINT", "localhost:9000", "must start with http"),
+        ("WATCH_PATH", "/definitely/not/here", "must be an existing directory"),
+        ("ERROR_DIRECTORY", "/proc/forbidden/errors", "cannot be created"),
+        ("MAX_CONCURRENCY", "0", "greater than 0"),
+        ("MAX_RETRIES", "-1", "greater than or equal to 0"),
+        ("PARQUET_COMPRESSION", "LZMA", "'ZSTD' or 'SNAPPY'"),
+        ("CHUNK_SIZE", "0", "greater than 0"),
+        ("STABILITY_THRESHOLD_MS", "soon", "valid integer"),
+        ("IGNORE_INITIAL", "maybe", "valid boolean"),
+        ("LOG_LEVEL", "verbose", "'debug', 'info', 'warn' or 'error'"),
+        ("S3_PREFIX", "a/../b", "must not contain '..'"),
+    ],
+)
+def test_each_invalid_setting_names_its_variable(
+    valid_env: Path, monkeypatch: pytest.MonkeyPatch, variable: str, value: str, message: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError) as info:
+        load_configuration(env_file=None)
+    text = str(info.value)
+    assert f"{variable}=" in text and message in text
+
+
+def test_all_problems_reported_at_once_and_secrets_masked(valid_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("S3_SECRET_ACCESS_KEY", "")
+    monkeypatch.setenv("MAX_CONCURRENCY", "-2")
+    monkeypatch.setenv("MONGODB_URI", f"mongodb://user:{SECRET}@host/db")
+    monkeypatch.setenv("CHUNK_SIZE", "x")
+    with pytest.raises(SettingsError) as info:
+        load_configuration(env_file=None)
+    text = str(info.value)
+    assert "S3_SECRET_ACCESS_KEY=***" in text and "MAX_CONCURRENCY=" in text and "CHUNK_SIZE=" in text
+    assert SECRET not in text
+
+
+def test_secret_values_never_appear_in_repr(valid_env: Path) -> None:
+    cfg = load_configuration(env_file=None)
+    assert SECRET not in repr(cfg.s3) and SECRET not in str(cfg.s3.model_dump())
+    assert cfg.s3.secret_access_key.get_secret_value() == SECRET
