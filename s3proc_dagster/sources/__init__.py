@@ -1,0 +1,1 @@
+"""Where files come from: the watched directory (and, later, an S3 incoming prefix)."""
