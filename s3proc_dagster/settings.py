@@ -1,4 +1,4 @@
-"""The seed's Configuration (S3Config, MonitoringConfig, ProcessingConfig, LoggingConfig).
+"""The seed's Configuration (S3Config, MonitoringConfig, ProcessingConfig, LoggingConfig), plus ImageConfig.
 
 Every value comes from the environment or `.env`, named in upper snake case. All
 groups are validated together at load, so a user with three typos sees three lines
@@ -157,6 +157,30 @@ class LoggingConfig(BaseSettings):
         return value.lower() if isinstance(value, str) else value
 
 
+class ImageConfig(BaseSettings):
+    """Seed 002's image requests. Quality 50 is the usual reading of "compress by 50%"."""
+
+    model_config = _config("IMAGE_")
+
+    quality: int = Field(50, ge=1, le=95)
+    output_format: Literal["", "JPEG", "PNG", "WEBP"] = ""
+    fetch_timeout_ms: int = Field(15000, gt=0)
+    max_bytes: int = Field(25 * 1024 * 1024, gt=0)
+    webhook_url: str = ""
+
+    @field_validator("output_format", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _http(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value
+
+
 class Configuration:
     """All four groups, loaded and validated together."""
 
@@ -166,11 +190,13 @@ class Configuration:
         monitoring: MonitoringConfig,
         processing: ProcessingConfig,
         logging: LoggingConfig,
+        images: ImageConfig,
     ) -> None:
         self.s3 = s3
         self.monitoring = monitoring
         self.processing = processing
         self.logging = logging
+        self.images = images
 
 
 _GROUPS: dict[str, tuple[type[BaseSettings], str]] = {
@@ -178,6 +204,7 @@ _GROUPS: dict[str, tuple[type[BaseSettings], str]] = {
     "monitoring": (MonitoringConfig, ""),
     "processing": (ProcessingConfig, ""),
     "logging": (LoggingConfig, "LOG_"),
+    "images": (ImageConfig, "IMAGE_"),
 }
 
 

@@ -10,10 +10,15 @@ from s3proc_dagster.errors import SettingsError
 from s3proc_dagster.settings import load_configuration
 
 SECRET = "super-secret-value-123"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def valid_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    for line in (ROOT / ".env.example").read_text().splitlines():  # start from a clean slate
+        if "=" in line and not line.startswith("#"):
+            monkeypatch.delenv(line.split("=", 1)[0], raising=False)
+    monkeypatch.delenv("NODE_ENV", raising=False)
     (tmp_path / "watch").mkdir()
     for key, value in {
         "S3_ACCESS_KEY_ID": "key-id",

@@ -1,0 +1,142 @@
+"""One image request from CSV to compressed images and an output CSV, tracked row by row.
+
+A row's image that cannot be fetched or decoded keeps its error on its RequestData record
+and the other images go on; the request ends `failed` only when no image at all
+succeeded. Uploads go through the same streaming uploader and verification as the file
+pipeline.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from s3proc_dagster.errors import ImageRequestError
+from s3proc_dagster.images.compress import compress
+from s3proc_dagster.images.fetch import FetchError, fetch_image
+from s3proc_dagster.images.request_csv import InvalidRequestCsv, ProductRow, output_csv, parse_request_csv
+from s3proc_dagster.models import Request, RequestData, RequestStatus
+from s3proc_dagster.stores.base import ProgressStore
+from s3proc_dagster.transfer.upload import upload_file
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    bucket: str
+    prefix: str
+    quality: int = 50
+    output_format: str | None = None
+    public_base_url: str = ""
+    fetch_timeout_s: float = 15.0
+    max_bytes: int = 25 * 1024 * 1024
+    retries: int = 2
+    retry_delay_s: float = 0.5
+
+
+def new_request_id() -> str:
+    return f"req-{uuid.uuid4().hex[:16]}"
+
+
+def submit(store: ProgressStore, data: bytes, name: str, request_id: str | None = None) -> Request:
+    """Validate and record a request. An invalid CSV is recorded FAILED, with every problem
+    listed by row, and InvalidRequestCsv is raised: nothing will be fetched for it."""
+    request_id = request_id or new_request_id()
+    try:
+        rows = parse_request_csv(data, name)
+    except InvalidRequestCsv as exc:
+        store.create_request(Request(request_id=request_id, file_name=name), [])
+        store.set_request_status(request_id, RequestStatus.FAILED, errors=exc.problems)
+        raise
+    return store.create_request(
+        Request(request_id=request_id, file_name=name),
+        [
+            RequestData(
+                request_id=request_id,
+                serial_number=r.serial_number,
+                product_name=r.product_name,
+                input_image_urls=r.input_image_urls,
+                output_image_urls=[None] * len(r.input_image_urls),
+                errors=[None] * len(r.input_image_urls),
+            )
+            for r in rows
+        ],
+    )
+
+
+def image_key(options: ImageOptions, request_id: str, serial_number: int, n: int, ext: str) -> str:
+    return "/".join(p for p in (options.prefix, "images", request_id, str(serial_number), f"{n}.{ext}") if p)
+
+
+def output_url(options: ImageOptions, key: str) -> str:
+    if options.public_base_url:
+        return f"{options.public_base_url.rstrip('/')}/{key}"
+    return f"s3://{options.bucket}/{key}"
+
+
+def _with_retries(fn: Callable[[], Any], options: ImageOptions) -> Any:
+    """Transient fetch errors (timeouts, 5xx) are retried with doubling delays."""
+    delay = options.retry_delay_s
+    for attempt in range(options.retries + 1):
+        try:
+            return fn()
+        except FetchError as exc:
+            if not exc.transient or attempt == options.retries:
+                raise
+            time.sleep(delay)  # backoff between attempts, not a wait for a condition
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+def process_row(
+    store: ProgressStore, row: RequestData, client: Any, options: ImageOptions, staging: Path
+) -> RequestData:
+    """Fetch, compress, upload and verify each image of a row, recording each as it lands."""
+    outputs: list[str | None] = list(row.output_image_urls) or [None] * len(row.input_image_urls)
+    errors: list[str | None] = [None] * len(row.input_image_urls)
+    for i, url in enumerate(row.input_image_urls):
+        if outputs[i]:
+            continue  # landed in an earlier attempt
+        try:
+            fetched = _with_retries(
+                lambda: fetch_image(url, client, options.max_bytes, (options.fetch_timeout_s, options.fetch_timeout_s)),
+                options,
+            )
+            image = compress(fetched.data, options.quality, options.output_format)
+            key = image_key(options, row.request_id, row.serial_number, i + 1, image.extension)
+            staging.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=staging, suffix=f".{image.extension}") as tmp:
+                tmp.write(image.data)
+                tmp.flush()
+                upload_file(
+                    client, options.bucket, key, Path(tmp.name),
+                    content_type=image.content_type,
+                    metadata={"x-completed": "true", "x-request-id": row.request_id, "x-source-url": url[:1024]},
+                )
+            outputs[i] = output_url(options, key)
+        except ImageRequestError as exc:
+            errors[i] = str(exc)
+        store.set_row_outputs(row.request_id, row.serial_number, outputs, errors, completed=i == len(outputs) - 1)
+    return next(r for r in store.list_request_rows(row.request_id) if r.serial_number == row.serial_number)
+
+
+def finalize(store: ProgressStore, request_id: str, client: Any, options: ImageOptions, staging: Path) -> Request:
+    """Write the output CSV beside the images and settle the request's status."""
+    rows = store.list_request_rows(request_id)
+    products = [ProductRow(r.serial_number, r.product_name, r.input_image_urls) for r in rows]
+    body = output_csv(products, {r.serial_number: r.output_image_urls for r in rows})
+    key = "/".join(p for p in (options.prefix, "images", request_id, "output.csv") if p)
+    staging.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=staging, suffix=".csv") as tmp:
+        tmp.write(body)
+        tmp.flush()
+        upload_file(client, options.bucket, key, Path(tmp.name), content_type="text/csv", metadata={"x-completed": "true"})
+    problems = [
+        f"row {r.serial_number} image {i + 1}: {e}" for r in rows for i, e in enumerate(r.errors) if e
+    ]
+    succeeded = any(u for r in rows for u in r.output_image_urls)
+    status = RequestStatus.COMPLETED if succeeded else RequestStatus.FAILED
+    return store.set_request_status(request_id, status, errors=problems, output_csv_url=output_url(options, key))

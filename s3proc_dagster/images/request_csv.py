@@ -1,0 +1,128 @@
+"""Seed 002's product CSV: `S. No.,Product Name,Input Image Urls`, validated before any work.
+
+Validation collects every problem, by row, before a single image is fetched: a user fixes
+a 500-row file once, not once per error.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from s3proc_dagster.errors import ImageRequestError
+
+EXPECTED = ("s. no.", "product name", "input image urls")
+OUTPUT_COLUMN = "Output Image Urls"
+_SPACES = re.compile(r"\s+")
+MAX_SNIFF_BYTES = 4096
+
+
+@dataclass(frozen=True)
+class ProductRow:
+    serial_number: int
+    product_name: str
+    input_image_urls: list[str]
+
+
+class InvalidRequestCsv(ImageRequestError):
+    def __init__(self, name: str, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__(f"{name}: {len(problems)} problem(s): " + "; ".join(problems))
+
+
+def _norm(header: str) -> str:
+    return _SPACES.sub(" ", header.strip().lower())
+
+
+def looks_like_request_csv(path: Path) -> bool:
+    """Routing by header, not by name: the first line names the three seed columns."""
+    try:
+        with path.open("r", encoding="utf-8-sig", errors="strict") as f:
+            first = f.readline(MAX_SNIFF_BYTES)
+    except (OSError, UnicodeDecodeError):
+        return False
+    try:
+        header = next(csv.reader([first]))
+    except (csv.Error, StopIteration):
+        return False
+    return tuple(_norm(h) for h in header) == EXPECTED
+
+
+def _valid_url(url: str) -> bool:
+    parsed = urlparse(url)
+    if parsed.scheme in ("http", "https"):
+        return bool(parsed.netloc)
+    return parsed.scheme == "s3" and bool(parsed.netloc) and bool(parsed.path.strip("/"))
+
+
+def parse_request_csv(data: bytes, name: str = "request.csv") -> list[ProductRow]:
+    """Rows in file order, or InvalidRequestCsv listing every problem by row."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise InvalidRequestCsv(name, ["file is not UTF-8 text"]) from None
+    if not text.strip():
+        raise InvalidRequestCsv(name, ["file is empty"])
+    reader = csv.reader(io.StringIO(text))
+    header = next(reader)
+    problems: list[str] = []
+    normalized = [_norm(h) for h in header]
+    missing = [e for e in EXPECTED if e not in normalized]
+    extra = [h for h, n in zip(header, normalized) if n not in EXPECTED]
+    if missing:
+        problems.append(f"header: missing column(s) {', '.join(repr(m) for m in missing)}")
+    if extra:
+        problems.append(f"header: unexpected column(s) {', '.join(repr(x) for x in extra)}")
+    if problems:
+        raise InvalidRequestCsv(name, problems)
+    idx = [normalized.index(e) for e in EXPECTED]
+    rows: list[ProductRow] = []
+    seen: dict[int, int] = {}
+    for line_no, record in enumerate(reader, start=2):
+        if not any(cell.strip() for cell in record):
+            continue
+        if len(record) != len(header):
+            problems.append(f"row {line_no}: expected {len(header)} fields, found {len(record)}")
+            continue
+        serial_raw, product, urls_raw = (record[i].strip() for i in idx)
+        try:
+            serial = int(serial_raw)
+        except ValueError:
+            problems.append(f"row {line_no}: S. No. {serial_raw!r} is not a whole number")
+            serial = None
+        if serial is not None:
+            if serial in seen:
+                problems.append(f"row {line_no}: duplicate S. No. {serial} (first on row {seen[serial]})")
+            seen.setdefault(serial, line_no)
+        if not product:
+            problems.append(f"row {line_no}: empty Product Name")
+        urls = [u.strip() for u in urls_raw.split(",") if u.strip()]
+        if not urls:
+            problems.append(f"row {line_no}: no Input Image Urls")
+        for url in urls:
+            if not _valid_url(url):
+                problems.append(f"row {line_no}: {url!r} is not an http(s) or s3 URL")
+        if serial is not None:
+            rows.append(ProductRow(serial, product, urls))
+    if not rows and not problems:
+        problems.append("file has a header but no rows")
+    if problems:
+        raise InvalidRequestCsv(name, problems)
+    return rows
+
+
+def output_csv(rows: list[ProductRow], outputs: dict[int, list[str | None]]) -> bytes:
+    """The input columns plus `Output Image Urls`, rows and URLs in input order."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["S. No.", "Product Name", "Input Image Urls", OUTPUT_COLUMN])
+    for row in rows:
+        got = outputs.get(row.serial_number, [])
+        writer.writerow(
+            [row.serial_number, row.product_name, ",".join(row.input_image_urls), ",".join(u or "" for u in got)]
+        )
+    return out.getvalue().encode()

@@ -1,0 +1,110 @@
+"""Snapshot: one read of the source gives both the staged copy and its SHA-256."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from pathlib import Path
+
+import pytest
+
+from s3proc_dagster.files import checksum
+from s3proc_dagster.files.checksum import Snapshot, sha256_file, snapshot, snapshot_stream
+
+
+class CountingReader(io.BytesIO):
+    """Records every read, to prove the source is read once, start to end."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.bytes_read = 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        block = super().read(size)
+        self.bytes_read += len(block)
+        return block
+
+
+def test_snapshot_copies_into_a_folder_named_by_checksum_and_matches_hashlib(tmp_path: Path) -> None:
+    data = os.urandom(3 * checksum.BLOCK_SIZE + 123)  # several blocks and a ragged tail
+    source = tmp_path / "in" / "data.csv"
+    source.parent.mkdir()
+    source.write_bytes(data)
+
+    snap = snapshot(source, tmp_path / "staging")
+
+    expected = hashlib.sha256(data).hexdigest()
+    assert snap == Snapshot(tmp_path / "staging" / expected / "data.csv", expected, len(data))
+    assert snap.path.read_bytes() == data
+    assert sha256_file(snap.path) == expected
+
+
+def test_snapshot_reads_the_stream_exactly_once(tmp_path: Path) -> None:
+    data = os.urandom(2 * checksum.BLOCK_SIZE + 7)
+    reader = CountingReader(data)
+
+    snap = snapshot_stream(reader, "blob.bin", tmp_path)
+
+    assert reader.bytes_read == len(data)
+    assert snap.sha256 == hashlib.sha256(data).hexdigest()
+    assert snap.size == len(data)
+
+
+def test_snapshot_never_modifies_the_source(tmp_path: Path) -> None:
+    source = tmp_path / "report.json"
+    source.write_bytes(b'{"a": 1}')
+    os.utime(source, ns=(1_000_000_000, 2_000_000_000))
+    before = source.stat()
+
+    snapshot(source, tmp_path / "staging")
+
+    after = source.stat()
+    assert source.read_bytes() == b'{"a": 1}'
+    assert (after.st_mtime_ns, after.st_size, after.st_ino) == (before.st_mtime_ns, before.st_size, before.st_ino)
+
+
+def test_snapshotting_the_same_version_twice_reuses_the_copy_and_leaves_no_temp_files(tmp_path: Path) -> None:
+    source = tmp_path / "a.csv"
+    source.write_bytes(b"x,y\n1,2\n")
+    staging = tmp_path / "staging"
+
+    first = snapshot(source, staging)
+    inode = first.path.stat().st_ino
+    second = snapshot(source, staging)
+
+    assert second == first
+    assert first.path.stat().st_ino == inode  # kept, not rewritten
+    assert sorted(p.name for p in staging.iterdir()) == [first.sha256]
+
+
+def test_a_damaged_staged_copy_is_replaced_by_a_good_one(tmp_path: Path) -> None:
+    source = tmp_path / "a.csv"
+    source.write_bytes(b"x,y\n1,2\n")
+    staging = tmp_path / "staging"
+    snap = snapshot(source, staging)
+    snap.path.write_bytes(b"half")
+
+    again = snapshot(source, staging)
+
+    assert again.path.read_bytes() == b"x,y\n1,2\n"
+
+
+def test_empty_file_snapshots_to_the_empty_sha256(tmp_path: Path) -> None:
+    source = tmp_path / "empty.txt"
+    source.write_bytes(b"")
+
+    snap = snapshot(source, tmp_path / "staging")
+
+    assert snap.sha256 == hashlib.sha256(b"").hexdigest()
+    assert snap.size == 0 and snap.path.read_bytes() == b""
+
+
+@pytest.mark.parametrize("name", ["../escape.csv", "a/b.csv", "..", ""])
+def test_a_stream_name_that_is_not_a_plain_file_name_is_refused_before_writing(tmp_path: Path, name: str) -> None:
+    staging = tmp_path / "staging"
+
+    with pytest.raises(ValueError, match="plain file name"):
+        snapshot_stream(io.BytesIO(b"data"), name, staging)
+
+    assert not staging.exists()
