@@ -45,6 +45,54 @@ def _status(args: argparse.Namespace) -> int:
         store.close()
 
 
+def _process(args: argparse.Namespace) -> int:
+    from s3proc_dagster.defs.runs import get_instance, relative_to_watch, run_file
+
+    cfg = load_configuration()
+    instance = get_instance()
+    store = open_store(cfg.processing)
+    failed = 0
+    try:
+        for raw in args.paths:
+            path = Path(raw).resolve()
+            outcome = run_file(str(path), relative_to_watch(path, cfg.monitoring.watch_path), instance)
+            status = store.get_by_path(str(path))
+            state = status.status.name if status else ("FAILED" if not outcome.success else "SKIPPED")
+            detail = (status.output_key or "") if status and outcome.success else (status.error_details if status else "")
+            failed += not outcome.success
+            print(f"{state:<10} {raw}  {detail or ''}  (run {outcome.run_id[:8]})")
+    finally:
+        store.close()
+    return 1 if failed else 0
+
+
+def _retry(args: argparse.Namespace) -> int:
+    """The seed's manual retry: the original comes back from the error directory, the
+    record goes FAILED -> PENDING, and the watch sensor runs it again under a new key."""
+    cfg = load_configuration()
+    store = open_store(cfg.processing)
+    try:
+        for raw in args.paths:
+            path = Path(raw).resolve()
+            error_dir = cfg.processing.error_directory
+            if path.is_relative_to(error_dir):
+                rel = path.relative_to(error_dir)
+                path = cfg.monitoring.watch_path / rel
+            status = store.get_by_path(str(path))
+            if status is None:
+                raise S3ProcError(f"{raw}: no such file in the progress store")
+            parked = error_dir / path.relative_to(cfg.monitoring.watch_path)
+            if parked.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                parked.rename(path)
+                parked.with_name(parked.name + ".error.json").unlink(missing_ok=True)
+            store.reset_to_pending(status.file_id, None)
+            print(f"PENDING    {path}")
+    finally:
+        store.close()
+    return 0
+
+
 def _dev(args: argparse.Namespace) -> int:
     from s3proc_dagster.launcher import run_dev
 
@@ -60,6 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print a JSON list in the seed's field names")
     status.add_argument("--chunks", action="store_true", help="with --json, include each file's chunks")
     status.set_defaults(func=_status)
+
+    process = sub.add_parser("process", help="run process_file_job for these files now, through the instance")
+    process.add_argument("paths", nargs="+")
+    process.set_defaults(func=_process)
+
+    retry = sub.add_parser("retry", help="move a FAILED file back from the error directory and set it PENDING")
+    retry.add_argument("paths", nargs="+")
+    retry.set_defaults(func=_retry)
 
     dev = sub.add_parser("dev", help="start SeaweedFS (unless S3_ENDPOINT is set) and `dagster dev`")
     dev.add_argument("--host", default=os.environ.get("S3PROC_UI_HOST", "127.0.0.1"))

@@ -107,3 +107,77 @@ def pipeline_env(tmp_path: Path, s3: S3Endpoint, s3_prefix: str, monkeypatch: py
         monkeypatch.setenv(key, value)
     monkeypatch.chdir(tmp_path)
     return env
+
+
+@dataclass
+class Deployment:
+    """One running deployment for the session: settings, directories, store and instance.
+
+    The code location reads its settings once, at import, as in production; so the
+    pipeline tests share one deployment and keep apart by sub-directory of the watch path.
+    """
+
+    root: Path
+    env: dict[str, str]
+    s3: S3Endpoint
+    proxy: "FaultyS3Proxy"
+
+    @property
+    def watch(self) -> Path:
+        return Path(self.env["WATCH_PATH"])
+
+    @property
+    def errors(self) -> Path:
+        return Path(self.env["ERROR_DIRECTORY"])
+
+    @property
+    def prefix(self) -> str:
+        return self.env["S3_PREFIX"]
+
+    def store(self):
+        from s3proc_dagster.stores.sqlite import SQLiteProgressStore
+
+        return SQLiteProgressStore(self.env["PROGRESS_DB_PATH"])
+
+    def instance(self):
+        import dagster as dg
+
+        return dg.DagsterInstance.get()
+
+
+@pytest.fixture(scope="session")
+def deployment(tmp_path_factory: pytest.TempPathFactory, s3: S3Endpoint) -> Iterator[Deployment]:
+    from s3proc_dagster.launcher import write_instance
+
+    from s3proc_dagster_tests.s3_proxy import FaultyS3Proxy
+
+    root = tmp_path_factory.mktemp("deployment")
+    (root / "incoming").mkdir()
+    proxy = FaultyS3Proxy(s3.url)  # the pipeline reaches SeaweedFS through it
+    env = {
+        **s3.env(),
+        "S3_ENDPOINT": proxy.url,
+        "S3_PREFIX": "deploy",
+        "WATCH_PATH": str(root / "incoming"),
+        "ERROR_DIRECTORY": str(root / "errors"),
+        "STAGING_DIRECTORY": str(root / "staging"),
+        "PROGRESS_DB_PATH": str(root / "progress.db"),
+        "REPORTS_DB_PATH": str(root / "reports.duckdb"),
+        "STABILITY_THRESHOLD_MS": "0",
+        "MAX_RETRIES": "1",
+        "RETRY_DELAY_MS": "10",
+        "CHUNK_SIZE": "50000",
+        "LOG_PRETTY": "false",
+        "MONGODB_URI": "",
+        "DAGSTER_HOME": str(root / "dagster_home"),
+    }
+    write_instance(Path(env["DAGSTER_HOME"]), max_concurrency=2)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield Deployment(root, env, s3, proxy)
+    proxy.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

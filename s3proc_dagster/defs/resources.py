@@ -97,10 +97,24 @@ class PipelineSettings(dg.ConfigurableResource):
     parquet_compression: str = "ZSTD"
     max_retries: int = 3
     retry_delay_ms: int = 1000
+    stability_threshold_ms: int = 2000
+    ignore_initial: bool = False
 
     @property
     def staging(self) -> Path:
         return Path(self.staging_directory)
+
+
+class ImageSettings(dg.ConfigurableResource):
+    """Seed 002's image options (IMAGE_*), visible in the UI's resource page."""
+
+    quality: int = 50
+    output_format: str = ""
+    fetch_timeout_ms: int = 15000
+    max_bytes: int = 25 * 1024 * 1024
+    webhook_url: str = ""
+    max_retries: int = 3
+    retry_delay_ms: int = 1000
 
 
 def build_resources(cfg: Configuration) -> dict[str, Any]:
@@ -129,5 +143,17 @@ def build_resources(cfg: Configuration) -> dict[str, Any]:
             parquet_compression=cfg.processing.parquet_compression,
             max_retries=cfg.processing.max_retries,
             retry_delay_ms=cfg.processing.retry_delay_ms,
+            stability_threshold_ms=cfg.monitoring.stability_threshold_ms,
+            ignore_initial=cfg.monitoring.ignore_initial,
         ),
+        "images": ImageSettings(
+            quality=cfg.images.quality,
+            output_format=cfg.images.output_format,
+            fetch_timeout_ms=cfg.images.fetch_timeout_ms,
+            max_bytes=cfg.images.max_bytes,
+            webhook_url=cfg.images.webhook_url,
+            max_retries=cfg.processing.max_retries,
+            retry_delay_ms=cfg.processing.retry_delay_ms,
+        ),
+        "io_manager": dg.FilesystemIOManager(),
     }

@@ -1,0 +1,1 @@
+"""The file pipeline in Dagster: `process_file_job`, its ops, the watch sensor, recovery."""

@@ -1,0 +1,105 @@
+"""`watch_directory_sensor`: one run per new, changed and stable file under WATCH_PATH."""
+
+
+import math
+import time
+from pathlib import Path
+
+import dagster as dg
+
+from s3proc_dagster.defs.files.ops import TAG, run_is_alive
+from s3proc_dagster.defs.resources import PipelineSettings, ProgressStoreResource, S3Storage
+from s3proc_dagster.recovery import recover
+from s3proc_dagster.images.request_csv import looks_like_request_csv
+from s3proc_dagster.models import FileStatus, ProcessingStatus, make_file_id
+from s3proc_dagster.sources.watch import SeenFile, WatchCursor, evaluate, scan
+
+
+def run_request_for(path: Path, relative_path: str, run_key: str, file_id: str | None = None) -> dg.RunRequest:
+    """A product CSV (by its header, not its name) goes to image_request_job; any other
+    file to process_file_job."""
+    if path.suffix.lower() == ".csv" and looks_like_request_csv(path):
+        return dg.RunRequest(
+            run_key=run_key,
+            job_name="image_request_job",
+            run_config={"ops": {"validate_request": {"config": {"path": str(path)}}}},
+            tags={f"{TAG}/path": relative_path, f"{TAG}/kind": "image_request"},
+        )
+    file_id = file_id or make_file_id(relative_path)
+    return dg.RunRequest(
+        job_name="process_file_job",
+        run_key=run_key,
+        run_config={"ops": {"checksum_calculation": {"config": {"path": str(path), "relative_path": relative_path}}}},
+        tags={
+            f"{TAG}/path": relative_path,
+            f"{TAG}/file_id": file_id,
+            f"{TAG}/extension": Path(relative_path).suffix.lower().lstrip(".") or "none",
+        },
+    )
+
+
+def requeued(store_files: list[FileStatus], root: Path) -> list[dg.RunRequest]:
+    """Files set back to PENDING after having started (manual retry, crash recovery).
+
+    Run keys are permanent in Dagster, so such a file gets a new key carrying the time
+    it was reset; new files never match (they have not started yet).
+    """
+    out = []
+    for status in store_files:
+        path = Path(status.file_path)
+        if status.processing_started_at is None or "://" in status.file_path or not path.is_file():
+            continue
+        try:
+            rel = path.relative_to(root).as_posix()
+        except ValueError:
+            continue
+        st = path.stat()
+        stamp = int(status.last_updated_at.timestamp() * 1000)
+        key = f"{rel}:{st.st_size}:{st.st_mtime_ns}:retry-{stamp}"
+        out.append(run_request_for(path, rel, key, status.file_id))
+    return out
+
+
+def build_watch_sensor(jobs: list[dg.JobDefinition], poll_interval_ms: int) -> dg.SensorDefinition:
+    # Dagster ticks at most once a second; shorter POLL_INTERVAL_MS values round up.
+    interval = max(1, math.ceil(poll_interval_ms / 1000))
+    recovered_in_this_process: list[bool] = []
+
+    @dg.sensor(
+        name="watch_directory_sensor",
+        jobs=jobs,
+        minimum_interval_seconds=interval,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="One run of process_file_job per new or changed file under WATCH_PATH, once stable.",
+    )
+    def watch_directory_sensor(
+        context: dg.SensorEvaluationContext,
+        settings: PipelineSettings,
+        progress_store: ProgressStoreResource,
+        s3: S3Storage,
+    ) -> dg.SensorResult:
+        root = Path(settings.watch_path)
+        store = progress_store.open()
+        if not recovered_in_this_process:
+            # After a start-up, settle what a crash left IN_PROGRESS before requesting anything.
+            for item in recover(store, s3.get_client(), s3.bucket, run_is_alive(context.instance)):
+                context.log.info(f"crash recovery: {item.file_path} -> {item.outcome}")
+            recovered_in_this_process.append(True)
+        files = scan(root, skip_dirs=(Path(settings.error_directory), Path(settings.staging_directory)))
+        ready, cursor = evaluate(
+            files,
+            WatchCursor.loads(context.cursor),
+            now_ms=int(time.time() * 1000),
+            stability_threshold_ms=settings.stability_threshold_ms,
+            ignore_initial=settings.ignore_initial,
+        )
+        requests = [run_request_for(f.path, f.relative_path, f.run_key) for f in ready]
+        requests += requeued(store.list_files(ProcessingStatus.PENDING), root)
+        if cursor.waiting:
+            context.log.info(f"{len(cursor.waiting)} file(s) still being written")
+        return dg.SensorResult(run_requests=requests, cursor=cursor.dumps())
+
+    return watch_directory_sensor
+
+
+__all__ = ["build_watch_sensor", "SeenFile"]

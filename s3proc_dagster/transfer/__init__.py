@@ -1,0 +1,1 @@
+"""S3 transfer: streaming upload with resumable multipart, verification, manifests, recovery."""

@@ -1,0 +1,131 @@
+"""Driving the deployment as its users do: drop files, tick the sensor, run what it asks for."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import random
+import string
+import tarfile
+import zipfile
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+
+from s3proc_dagster_tests.conftest import Deployment
+
+
+def definitions() -> dg.Definitions:
+    from s3proc_dagster.definitions import defs
+
+    return defs
+
+
+_CURSOR: dict[str, str | None] = {}
+
+
+def sensor_tick(deployment: Deployment) -> list[dg.RunRequest]:
+    """One evaluation of the real watch sensor, on the real instance, cursor carried over."""
+    defs = definitions()
+    sensor = defs.resolve_sensor_def("watch_directory_sensor")
+    with dg.build_sensor_context(
+        instance=deployment.instance(),
+        cursor=_CURSOR.get(str(deployment.root)),
+        resources=defs.resources,
+    ) as context:
+        result = sensor.evaluate_tick(context)
+    _CURSOR[str(deployment.root)] = result.cursor
+    return list(result.run_requests or [])
+
+
+def run_requests_under(requests: list[dg.RunRequest], folder: str) -> list[dg.RunRequest]:
+    return [r for r in requests if r.tags["s3proc/path"].startswith(folder + "/")]
+
+
+def execute(request: dg.RunRequest, deployment: Deployment) -> dg.ExecuteJobResult:
+    from s3proc_dagster.defs.runs import process_file_job_with_resources
+
+    return dg.execute_job(
+        dg.reconstructable(process_file_job_with_resources),
+        instance=deployment.instance(),
+        run_config=request.run_config,
+        tags={**request.tags, "dagster/run_key": request.run_key or ""},
+    )
+
+
+def promo_rows(n: int, seed: int = 7) -> list[list[str]]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        user = "".join(rng.choices(string.ascii_lowercase + string.digits, k=10))
+        code = "".join(rng.choices(string.ascii_uppercase + string.digits, k=8))
+        rows.append([f"u-{user}", code, f"2027-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}", f"{rng.uniform(1, 500):.2f}", str(i)])
+    return rows
+
+
+HEADER = ["userId", "promoCode", "offerExpiry", "amount", "seq"]
+
+
+def write_csv(path: Path, rows: list[list[str]], delimiter: str = ",") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as out:
+        writer = csv.writer(out, delimiter=delimiter)
+        writer.writerow(HEADER)
+        writer.writerows(rows)
+    return path
+
+
+def csv_bytes(rows: list[list[str]]) -> bytes:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(HEADER)
+    writer.writerows(rows)
+    return out.getvalue().encode()
+
+
+def write_zip(path: Path, members: dict[str, bytes]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return path
+
+
+def write_tar_gz(path: Path, members: dict[str, bytes]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:gz") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def write_gz(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(data))
+    return path
+
+
+def read_dataset(deployment: Deployment, dataset_key: str, tmp: Path) -> list[tuple]:
+    """Download every part of a dataset and read it back, in chunk order, with DuckDB."""
+    client = deployment.s3.client()
+    keys = sorted(
+        o["Key"]
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=deployment.s3.bucket, Prefix=dataset_key + "/")
+        for o in page.get("Contents", [])
+        if o["Key"].endswith(".parquet") and "/_rejected/" not in o["Key"]
+    )
+    assert keys, f"no parquet under {dataset_key}"
+    local = []
+    for i, key in enumerate(keys):
+        target = tmp / f"{abs(hash(dataset_key))}-{i:05d}.parquet"
+        client.download_file(deployment.s3.bucket, key, str(target))
+        local.append(str(target))
+    return duckdb.sql(f"SELECT * FROM read_parquet({local!r})").fetchall()
+
+
+def source_rows(path: Path, reader: str) -> list[tuple]:
+    return duckdb.execute(f"SELECT * FROM {reader}($1)", [str(path)]).fetchall()

@@ -1,0 +1,75 @@
+"""A pass-through HTTP proxy in front of SeaweedFS that can be told to fail, for real faults.
+
+The pipeline talks to S3 through it exactly as to S3 (same signatures: the Host header is
+forwarded untouched). A test arms a rule ("PUTs to keys containing part-00001 answer
+503") to make one chunk's upload fail for real, then disarms it to let a re-execution
+succeed. Nothing is mocked: every other request reaches the real server.
+"""
+
+from __future__ import annotations
+
+import http.client
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlparse
+
+
+class FaultyS3Proxy:
+    def __init__(self, upstream: str) -> None:
+        parsed = urlparse(upstream)
+        self.upstream = (parsed.hostname, parsed.port)
+        self.fail_puts_containing: str | None = None
+        self.failed_requests = 0
+        self.put_keys: list[str] = []
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:  # keep pytest output clean
+                pass
+
+            def _forward(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                path = urlparse(self.path).path
+                if self.command == "PUT":
+                    proxy.put_keys.append(path)
+                rule = proxy.fail_puts_containing
+                if rule and self.command == "PUT" and rule in path:
+                    proxy.failed_requests += 1
+                    payload = b"<Error><Code>ServiceUnavailable</Code><Message>injected by test</Message></Error>"
+                    self.send_response(503)
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                conn = http.client.HTTPConnection(*proxy.upstream, timeout=60)
+                conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+                for key, value in self.headers.items():
+                    conn.putheader(key, value)
+                conn.endheaders(body if body else None)
+                response = conn.getresponse()
+                data = response.read()
+                self.send_response(response.status)
+                for key, value in response.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(key, value)
+                length = response.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", length or str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -1,0 +1,118 @@
+"""Bad input: each file converts correctly or ends FAILED with a reason; originals kept."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from s3proc_dagster.models import ProcessingStatus as S
+from s3proc_dagster_tests.conftest import Deployment
+from s3proc_dagster_tests.pipeline_helpers import execute, read_dataset, run_requests_under, sensor_tick
+
+
+def tar_with(path: Path, info: tarfile.TarInfo, data: bytes = b"") -> None:
+    with tarfile.open(path, "w:gz") as tf:
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data) if data else None)
+
+
+def zip_slip(path: Path) -> None:
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("ok.csv", "a\n1\n")
+        zf.writestr("../../evil.csv", "a\n1\n")
+
+
+def zip_bomb(path: Path) -> None:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
+        with zf.open("zeros.csv", "w") as member:
+            block = b"0" * (1 << 20)
+            for _ in range(300):  # 300 MB of one byte: a ratio far beyond any real file
+                member.write(block)
+
+
+def abs_tar(path: Path) -> None:
+    tar_with(path, tarfile.TarInfo("/tmp/s3proc-abs-evil.csv"), b"a\n1\n")
+
+
+def symlink_tar(path: Path) -> None:
+    info = tarfile.TarInfo("link.csv")
+    info.type = tarfile.SYMTYPE
+    info.linkname = "/etc/passwd"
+    tar_with(path, info)
+
+
+XXE = """<?xml version="1.0"?>
+<!DOCTYPE rows [<!ENTITY xxe SYSTEM "file:///etc/passwd">]>
+<rows><row><id>&xxe;</id></row></rows>
+"""
+
+BAD = {
+    "slip.zip": (zip_slip, "evil"),
+    "abs.tar.gz": (abs_tar, "s3proc-abs-evil"),
+    "symlink.tgz": (symlink_tar, "link"),
+    "bomb.zip": (zip_bomb, "ratio"),
+    "xxe.xml": (lambda p: p.write_text(XXE), "entit"),
+    "text.zip": (lambda p: p.write_text("hello, I am not a zip"), "not a zip"),
+    "empty.csv": (lambda p: p.write_bytes(b""), "empty"),
+    "binary.csv": (lambda p: p.write_bytes(bytes(range(256)) * 8), "binary"),
+    "ragged.csv": (lambda p: p.write_text("a,b\n1,2\n3,4,5,6\n7\n"), "ragged.csv"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_bad_file_fails_with_reason_and_original_moved_unchanged(deployment: Deployment, name: str) -> None:
+    make, reason = BAD[name]
+    folder = f"bad-{name.replace('.', '-')}"
+    path = deployment.watch / folder / name
+    path.parent.mkdir(parents=True)
+    make(path)
+    original = path.read_bytes()
+    (request,) = run_requests_under(sensor_tick(deployment), folder)
+    result = execute(request, deployment)
+    assert not result.success
+    record = deployment.store().get_by_path(str(path))
+    assert record.status is S.FAILED
+    assert reason in record.error_details.lower() or reason in record.error_details
+    moved = deployment.errors / folder / name
+    assert not path.exists() and moved.read_bytes() == original
+    error_json = json.loads(moved.with_name(name + ".error.json").read_text())
+    assert error_json["fileId"] == record.file_id and error_json["error"]
+    assert not (deployment.root / "evil.csv").exists() and not Path("/tmp/s3proc-abs-evil.csv").exists()
+
+
+def test_header_only_csv_completes_as_an_empty_dataset(deployment: Deployment) -> None:
+    path = deployment.watch / "header-only" / "h.csv"
+    path.parent.mkdir()
+    path.write_text("userId,promoCode\n")
+    (request,) = run_requests_under(sensor_tick(deployment), "header-only")
+    assert execute(request, deployment).success
+    record = deployment.store().get_by_path(str(path))
+    assert record.status is S.COMPLETED and record.total_chunks == 0
+    client = deployment.s3.client()
+    manifest = client.get_object(Bucket=deployment.s3.bucket, Key=f"{deployment.prefix}/header-only/h.csv/_manifest.json")
+    assert json.loads(manifest["Body"].read())["totalRows"] == 0
+
+
+def test_sql_looking_file_name_converts_correctly(deployment: Deployment, tmp_path: Path) -> None:
+    path = deployment.watch / "names" / "a'b; DROP TABLE x.csv"
+    path.parent.mkdir()
+    path.write_text("id,v\n1,a\n2,b\n")
+    (request,) = run_requests_under(sensor_tick(deployment), "names")
+    assert execute(request, deployment).success
+    assert read_dataset(deployment, f"{deployment.prefix}/names/a'b; DROP TABLE x.csv", tmp_path) == [(1, "a"), (2, "b")]
+
+
+def test_nothing_is_written_outside_the_bucket_prefix(deployment: Deployment, s3_prefix: str) -> None:
+    client = deployment.s3.client()
+    keys = [
+        o["Key"]
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=deployment.s3.bucket)
+        for o in page.get("Contents", [])
+    ]
+    # deployment prefix, or a transfer test's own t-<hex> prefix
+    assert all(k.startswith(f"{deployment.prefix}/") or k.startswith("t-") for k in keys), keys[:20]
