@@ -1,0 +1,137 @@
+"""Operating it as users do: re-execute from failure, `dagster job launch`, run tags."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dagster as dg
+
+from s3proc_dagster.models import ProcessingStatus as S
+from s3proc_dagster_tests.conftest import Deployment
+from s3proc_dagster_tests.pipeline_helpers import (
+    execute,
+    promo_rows,
+    read_dataset,
+    run_requests_under,
+    sensor_tick,
+    source_rows,
+    write_csv,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def list_keys(deployment: Deployment, prefix: str) -> list[str]:
+    client = deployment.s3.client()
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=deployment.s3.bucket, Prefix=prefix)
+    return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+
+def test_reexecute_from_failure_uploads_only_what_is_missing(deployment: Deployment, tmp_path: Path) -> None:
+    src = write_csv(deployment.watch / "reexec" / "promo.csv", promo_rows(120_001, seed=11))
+    (request,) = run_requests_under(sensor_tick(deployment), "reexec")
+    dataset = f"{deployment.prefix}/reexec/promo.csv"
+
+    deployment.proxy.fail_puts_containing = f"/{dataset}/part-00001"
+    try:
+        failed = execute(request, deployment)
+    finally:
+        deployment.proxy.fail_puts_containing = None
+    assert not failed.success and deployment.proxy.failed_requests > 0
+    store = deployment.store()
+    record = store.get_by_path(str(src))
+    assert record.status is S.FAILED and "streaming" in record.error_details
+    chunks = store.list_chunks(record.file_id)
+    assert [c.status for c in chunks] == [S.COMPLETED, S.FAILED, S.PENDING]
+    assert chunks[1].error_summary["processing"] == {"s3UploadFailure": 2}  # first try and its retry
+
+    puts_before = len(deployment.proxy.put_keys)
+    from s3proc_dagster.defs.runs import process_file_job_with_resources
+
+    instance = deployment.instance()
+    again = dg.execute_job(
+        dg.reconstructable(process_file_job_with_resources),
+        instance=instance,
+        reexecution_options=dg.ReexecutionOptions.from_failure(failed.run_id, instance),
+    )
+    assert again.success
+    ran = {e.step_key for e in again.get_step_success_events()}
+    assert ran == {"streaming", "integrity_verification", "progress_update"}
+    new_puts = [k for k in deployment.proxy.put_keys[puts_before:] if "part-" in k]
+    assert not any("part-00000" in k for k in new_puts)  # the landed chunk was not sent again
+
+    keys = list_keys(deployment, dataset + "/")
+    assert keys == [f"{dataset}/_manifest.json"] + [f"{dataset}/part-{i:05d}.parquet" for i in range(3)]
+    record = store.get_by_path(str(src))
+    assert record.status is S.COMPLETED
+    stats = record.processing_stats
+    assert (stats.completed_chunks, stats.failed_chunks, stats.successful_records) == (3, 0, 120_001)
+    moved = deployment.errors / "reexec" / "promo.csv"
+    assert read_dataset(deployment, dataset, tmp_path) == source_rows(moved, "read_csv")
+
+
+def test_reexecuting_a_successful_run_is_harmless(deployment: Deployment) -> None:
+    write_csv(deployment.watch / "idem" / "p.csv", promo_rows(100))
+    (request,) = run_requests_under(sensor_tick(deployment), "idem")
+    first = execute(request, deployment)
+    assert first.success
+    dataset = f"{deployment.prefix}/idem/p.csv"
+    client = deployment.s3.client()
+    before = client.get_object(Bucket=deployment.s3.bucket, Key=f"{dataset}/_manifest.json")["Body"].read()
+    from s3proc_dagster.defs.runs import process_file_job_with_resources
+
+    instance = deployment.instance()
+    again = dg.execute_job(
+        dg.reconstructable(process_file_job_with_resources),
+        instance=instance,
+        reexecution_options=dg.ReexecutionOptions(parent_run_id=first.run_id),
+    )
+    assert again.success
+    after = client.get_object(Bucket=deployment.s3.bucket, Key=f"{dataset}/_manifest.json")["Body"].read()
+    assert after == before
+    assert list_keys(deployment, dataset + "/") == [f"{dataset}/_manifest.json", f"{dataset}/part-00000.parquet"]
+
+
+def test_runs_carry_tags_a_user_filters_by(deployment: Deployment) -> None:
+    src = write_csv(deployment.watch / "tags" / "t.csv", promo_rows(3))
+    (request,) = run_requests_under(sensor_tick(deployment), "tags")
+    result = execute(request, deployment)
+    run = deployment.instance().get_run_by_id(result.run_id)
+    record = deployment.store().get_by_path(str(src))
+    assert run.tags["s3proc/path"] == "tags/t.csv"
+    assert run.tags["s3proc/file_id"] == record.file_id
+    assert run.tags["s3proc/file_type"] == "csv"
+    assert run.tags["s3proc/sha256"] == record.checksum[:12]
+
+
+def test_dagster_job_launch_processes_a_named_file(deployment: Deployment) -> None:
+    src = write_csv(deployment.watch / "launch" / "l.csv", promo_rows(20))
+    config = f'{{"ops": {{"checksum_calculation": {{"config": {{"path": "{src}", "relative_path": "launch/l.csv"}}}}}}}}'
+    # The daemon also ticks the watch sensor (RUNNING by default); IGNORE_INITIAL keeps it
+    # from requesting the other tests' files, which the test harness runs itself.
+    daemon = subprocess.Popen(
+        [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", str(ROOT / "workspace.yaml")],
+        cwd=ROOT, env={**os.environ, "IGNORE_INITIAL": "true"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        launched = subprocess.run(
+            [sys.executable, "-m", "dagster", "job", "launch", "-w", str(ROOT / "workspace.yaml"),
+             "-j", "process_file_job", "--config-json", config],
+            cwd=ROOT, env=os.environ.copy(), capture_output=True, text=True, timeout=120,
+        )
+        assert launched.returncode == 0, launched.stdout + launched.stderr
+        store = deployment.store()
+        deadline = time.monotonic() + 120
+        while (rec := store.get_by_path(str(src))) is None or rec.status is not S.COMPLETED:
+            assert time.monotonic() < deadline, f"not completed: {rec}"
+            assert daemon.poll() is None, "dagster daemon exited"
+            time.sleep(0.5)  # polling interval while waiting on the daemon-run job, bounded by the deadline
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=30)
+    runs = deployment.instance().get_run_records(dg.RunsFilter(job_name="process_file_job", tags={"s3proc/file_id": rec.file_id}))
+    assert runs and runs[0].dagster_run.status == dg.DagsterRunStatus.SUCCESS
