@@ -8,9 +8,11 @@ from s3proc_dagster.defs.files.jobs import build_process_file_job, reconcile_job
 from s3proc_dagster.defs.files.sensors import build_watch_sensor
 from s3proc_dagster.defs.images.ops import image_request_job
 from s3proc_dagster.defs.resources import build_resources
+from s3proc_dagster.logs import configure_logging
 from s3proc_dagster.settings import load_configuration
 
 config = load_configuration()
+configure_logging(config.logging)
 
 process_file_job = build_process_file_job(
     retry_policy(config.processing.max_retries, config.processing.retry_delay_ms)

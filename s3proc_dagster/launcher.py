@@ -37,6 +37,9 @@ def instance_config(max_concurrency: int, storage_dir: Path, upload_pool_limit: 
             "pools": {"default_limit": upload_pool_limit or max(2, max_concurrency)},
         },
         "run_retries": {"enabled": True, "max_retries": 1, "retry_on_asset_or_op_failure": False},
+        "run_monitoring": {"enabled": True, "start_timeout_seconds": 180, "poll_interval_seconds": 30},
+        # the product's own `s3proc` log lines show in each run's logs in the UI
+        "python_logs": {"managed_python_loggers": ["s3proc"], "python_log_level": "INFO"},
         "telemetry": {"enabled": False},
         "nux": {"enabled": False},
     }

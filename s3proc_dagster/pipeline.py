@@ -25,6 +25,7 @@ from s3proc_dagster.files.archives import extract
 from s3proc_dagster.files.checksum import snapshot
 from s3proc_dagster.files.detect import Detection, detect
 from s3proc_dagster.files.tabular import convert_to_parquet_chunks
+from s3proc_dagster.logs import get_logger
 from s3proc_dagster.models import ChunkStatus, FileStatus, FileType, ProcessingStatus, make_file_id
 from s3proc_dagster.stores.base import ProgressStore
 from s3proc_dagster.transfer.manifest import Manifest, write_manifest
@@ -32,6 +33,7 @@ from s3proc_dagster.transfer.upload import upload_file
 from s3proc_dagster.transfer.verify import verify_object
 
 S = ProcessingStatus
+log = get_logger("pipeline")
 TABULAR_KINDS = {"csv", "tsv", "json", "jsonl", "xml"}
 
 
@@ -160,6 +162,10 @@ def take_snapshot(source: Source, local_path: Path, staging: Path, store: Progre
     )
     if needed:
         ensure_in_progress(store, status.file_id)
+    log.info(
+        "%s: %s", source.relative_path, "snapshot taken" if needed else "unchanged, skipped",
+        extra={"fields": {"fileId": status.file_id, "sha256": snap.sha256, "bytes": snap.size}},
+    )
     return FileVersion(status.file_id, source, str(snap.path), snap.sha256, snap.size, needed)
 
 
@@ -293,6 +299,11 @@ def convert_items(
                 ],
             }
             done.write_text(json.dumps(result))
+            log.info(
+                "%s: %d records in %d chunks (%.2fs)", item.relative_path, conversion.record_count,
+                len(conversion.chunks), conversion.duration_s,
+                extra={"fields": {"fileId": item.file_id, "compression": compression}},
+            )
         planned = store.plan_chunks(item.file_id, result["record_count"], chunk_size)
         by_index = {c.chunk_index: c for c in planned}
         chunks = tuple(
@@ -366,6 +377,10 @@ def upload_items(
                 store.chunk_failed(chunk.chunk_id, f"{type(exc).__name__}: {exc}", error_kind="s3UploadFailure")
                 raise
             duration = time.monotonic() - started
+            log.info(
+                "%s: chunk %d uploaded (%d bytes, %.2fs)", item.item.relative_path, chunk.chunk_index, result.size, duration,
+                extra={"fields": {"chunkId": chunk.chunk_id, "s3Key": chunk.key, "sha256": result.sha256}},
+            )
             store.chunk_completed(
                 chunk.chunk_id, s3_key=chunk.key, size_bytes=result.size, sha256=result.sha256, duration=duration
             )
@@ -444,4 +459,6 @@ def finish(prepared: list[PreparedItem], version: FileVersion, prefix: str, stor
             store.complete(item.item.file_id, item.key, processed_bytes=Path(item.item.local_path).stat().st_size)
     own = [p.key for p in prepared if p.item.file_id == version.file_id]
     output_key = own[0] if own else join_key(prefix, version.source.relative_path)
-    return store.complete(version.file_id, output_key, processed_bytes=version.size)
+    done = store.complete(version.file_id, output_key, processed_bytes=version.size)
+    log.info("%s: COMPLETED", version.source.relative_path, extra={"fields": {"fileId": version.file_id, "s3Key": output_key}})
+    return done

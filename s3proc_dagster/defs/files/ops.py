@@ -2,8 +2,10 @@
 
 
 import json
+import os
 import re
 import shutil
+import socket
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -84,7 +86,14 @@ def checksum_calculation(
         return
     context.log.info(f"{source.relative_path}: {version.size} bytes, sha256 {version.sha256}")
     context.instance.add_run_tags(
-        context.run_id, {f"{TAG}/file_id": version.file_id, f"{TAG}/sha256": version.sha256[:12]}
+        context.run_id,
+        {
+            f"{TAG}/file_id": version.file_id,
+            f"{TAG}/sha256": version.sha256[:12],
+            # who holds the file, so crash recovery can tell a live run from a killed one
+            f"{TAG}/host": socket.gethostname(),
+            f"{TAG}/pid": str(os.getpid()),
+        },
     )
     yield dg.Output(version, metadata={"sha256": version.sha256, "bytes": version.size, "fileId": version.file_id})
 
@@ -281,8 +290,27 @@ IN_FLIGHT = [
 ]
 
 
+def _process_gone(run: dg.DagsterRun) -> bool:
+    """True when the run's worker process was on this host and no longer exists."""
+    pid = run.tags.get(f"{TAG}/pid")
+    if not pid or run.tags.get(f"{TAG}/host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def run_is_alive(instance: dg.DagsterInstance, exclude_run_id: str | None = None):
-    """A predicate: does a live run of the instance hold this fileId?"""
+    """A predicate: does a live run of the instance hold this fileId?
+
+    A run still marked STARTED whose process was killed (SIGKILL, OOM, a reboot) is not
+    alive: it is reported failed, so the UI stops showing it as running, and its file is
+    recovered.
+    """
 
     def alive(file_id: str) -> bool:
         if not file_id:
@@ -290,7 +318,16 @@ def run_is_alive(instance: dg.DagsterInstance, exclude_run_id: str | None = None
         records = instance.get_run_records(
             dg.RunsFilter(tags={f"{TAG}/file_id": file_id}, statuses=IN_FLIGHT), limit=5
         )
-        return any(r.dagster_run.run_id != exclude_run_id for r in records)
+        live = False
+        for record in records:
+            run = record.dagster_run
+            if run.run_id == exclude_run_id:
+                continue
+            if _process_gone(run):
+                instance.report_run_failed(run, "the run's process is gone (killed or crashed); its file was recovered")
+                continue
+            live = True
+        return live
 
     return alive
 

@@ -93,8 +93,10 @@ def build_watch_sensor(jobs: list[dg.JobDefinition], poll_interval_ms: int) -> d
             stability_threshold_ms=settings.stability_threshold_ms,
             ignore_initial=settings.ignore_initial,
         )
-        requests = [run_request_for(f.path, f.relative_path, f.run_key) for f in ready]
-        requests += requeued(store.list_files(ProcessingStatus.PENDING), root)
+        retries = requeued(store.list_files(ProcessingStatus.PENDING), root)
+        retried_paths = {r.tags[f"{TAG}/path"] for r in retries}
+        requests = [run_request_for(f.path, f.relative_path, f.run_key) for f in ready if f.relative_path not in retried_paths]
+        requests += retries
         if cursor.waiting:
             context.log.info(f"{len(cursor.waiting)} file(s) still being written")
         return dg.SensorResult(run_requests=requests, cursor=cursor.dumps())
