@@ -1,0 +1,100 @@
+"""What the Dagster UI shows, in a real headless Chromium against `dagster dev`."""
+
+from __future__ import annotations
+
+import html
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from s3proc_dagster.embedded import free_port
+from s3proc_dagster_tests.conftest import Deployment
+from s3proc_dagster_tests.pipeline_helpers import execute, promo_rows, run_requests_under, sensor_tick, write_csv
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (scripts/test installs it as root)"),
+]
+
+
+def visible_text(dom: str) -> str:
+    text = re.sub(r"<(script|style)\b.*?</\1>", " ", dom, flags=re.S)
+    return html.unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", text)))
+
+
+def chromium(url: str, *args: str) -> str:
+    profile = Path(os.environ.get("TMPDIR", "/tmp")) / f"chromium-{os.getpid()}-{time.monotonic_ns()}"
+    cmd = [
+        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={profile}", "--window-size=1500,1000", "--virtual-time-budget=20000", *args, url,
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    shutil.rmtree(profile, ignore_errors=True)
+    return result.stdout
+
+
+@pytest.fixture
+def dagster_dev(deployment: Deployment, tmp_path: Path):
+    port = free_port()
+    log = (tmp_path / "dagster-dev.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dagster", "dev", "-w", str(ROOT / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)],
+        cwd=ROOT, env={**os.environ, "IGNORE_INITIAL": "true"}, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/server_info", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        assert proc.poll() is None, (tmp_path / "dagster-dev.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "dagster dev did not answer"
+        time.sleep(0.2)  # polling interval, bounded by the deadline
+    yield url
+    os.killpg(proc.pid, 15)
+    proc.wait(timeout=30)
+
+
+def test_ui_shows_runs_and_chunk_materializations(deployment: Deployment, dagster_dev: str, tmp_path: Path) -> None:
+    write_csv(deployment.watch / "ui" / "promo_ui.csv", promo_rows(120_001, seed=5))
+    write_csv(deployment.watch / "ui" / "second.csv", promo_rows(10, seed=6))
+    run_ids = []
+    for request in run_requests_under(sensor_tick(deployment), "ui"):
+        result = execute(request, deployment)
+        assert result.success
+        run_ids.append(result.run_id)
+
+    runs_dom = chromium(f"{dagster_dev}/runs", "--dump-dom")
+    chromium(f"{dagster_dev}/runs", f"--screenshot={tmp_path / 'runs.png'}")
+    assert "process_file_job" in runs_dom
+    assert all(run_id[:8] in runs_dom for run_id in run_ids)
+
+    asset_url = f"{dagster_dev}/assets/{deployment.prefix}/ui/promo_ui_csv?view=events"
+    asset_dom = chromium(asset_url, "--dump-dom")
+    chromium(asset_url, f"--screenshot={tmp_path / 'asset.png'}")
+    text = visible_text(asset_dom)
+    # the events list: one row per materialization (3 chunks, then the file), newest selected
+    events = re.findall(r"\b[A-Z][a-z]{2} \d{1,2}, \d{1,2}:\d{2} [AP]M\b", text)
+    assert len(events) >= 4, text[:2000]
+    assert f"Materialized in run {run_ids[0][:8]}" in text or f"Materialized in run {run_ids[1][:8]}" in text
+    assert "rows 120001" in text and "chunks 3" in text and "s3://" in text
+    for shot in ("runs.png", "asset.png"):
+        assert (tmp_path / shot).stat().st_size > 10_000
+    keep = os.environ.get("S3PROC_SCREENSHOTS")
+    if keep:
+        for shot in ("runs.png", "asset.png"):
+            shutil.copy(tmp_path / shot, Path(keep) / shot)
