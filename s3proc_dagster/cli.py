@@ -93,6 +93,56 @@ def _retry(args: argparse.Namespace) -> int:
     return 0
 
 
+def select_backfill(cfg, store, since: str | None, status: str | None, pattern: str | None) -> list[Path]:
+    """Files under WATCH_PATH matching every given filter (glob, mtime since, store status)."""
+    from datetime import datetime
+
+    from s3proc_dagster.models import ProcessingStatus
+    from s3proc_dagster.files.globs import path_matches
+    from s3proc_dagster.sources.watch import scan
+
+    root = cfg.monitoring.watch_path
+    files = scan(root, skip_dirs=(cfg.processing.error_directory, cfg.processing.staging_directory))
+    if status:
+        wanted = {f.file_path for f in store.list_files(ProcessingStatus.parse(status))}
+        files = [f for f in files if str(f.path) in wanted]
+    if pattern:
+        files = [f for f in files if path_matches(f.relative_path, pattern)]
+    if since:
+        cutoff = datetime.fromisoformat(since).timestamp() * 1e9
+        files = [f for f in files if f.mtime_ns >= cutoff]
+    return [f.path for f in sorted(files, key=lambda f: f.relative_path)]
+
+
+def _backfill(args: argparse.Namespace) -> int:
+    """One queued run per matching file, through a running Dagster webserver's run queue."""
+    from urllib.parse import urlparse
+
+    from dagster_graphql import DagsterGraphQLClient
+
+    from s3proc_dagster.defs.files.sensors import run_request_for
+    from s3proc_dagster.defs.runs import relative_to_watch
+
+    cfg = load_configuration()
+    store = open_store(cfg.processing)
+    try:
+        paths = select_backfill(cfg, store, args.since, args.status, args.glob)
+    finally:
+        store.close()
+    url = urlparse(args.url)
+    client = DagsterGraphQLClient(url.hostname or "127.0.0.1", port_number=url.port, use_https=url.scheme == "https")
+    for path in paths:
+        request = run_request_for(path, relative_to_watch(path, cfg.monitoring.watch_path), run_key="")
+        tags = {**request.tags, "s3proc/backfill": "true"}
+        if args.dry_run:
+            print(f"would queue  {path}")
+            continue
+        run_id = client.submit_job_execution(request.job_name, run_config=request.run_config, tags=tags)
+        print(f"queued {run_id[:8]}  {path}")
+    print(f"{len(paths)} file(s) {'selected' if args.dry_run else 'queued'}")
+    return 0
+
+
 def _dev(args: argparse.Namespace) -> int:
     from s3proc_dagster.launcher import run_dev
 
@@ -112,6 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     process = sub.add_parser("process", help="run process_file_job for these files now, through the instance")
     process.add_argument("paths", nargs="+")
     process.set_defaults(func=_process)
+
+    backfill = sub.add_parser("backfill", help="queue one run per matching file through the run queue")
+    backfill.add_argument("--glob", help="relative path pattern, e.g. 'march2024/**/*.csv'")
+    backfill.add_argument("--since", help="files modified at or after this ISO date/time")
+    backfill.add_argument("--status", choices=["pending", "in_progress", "completed", "failed"])
+    backfill.add_argument("--url", default="http://127.0.0.1:3000", help="the Dagster webserver (dagster dev)")
+    backfill.add_argument("--dry-run", action="store_true")
+    backfill.set_defaults(func=_backfill)
 
     retry = sub.add_parser("retry", help="move a FAILED file back from the error directory and set it PENDING")
     retry.add_argument("paths", nargs="+")

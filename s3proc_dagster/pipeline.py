@@ -16,6 +16,7 @@ import os
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
@@ -34,6 +35,7 @@ from s3proc_dagster.transfer.verify import verify_object
 
 S = ProcessingStatus
 log = get_logger("pipeline")
+UPLOAD_THREADS = 4
 TABULAR_KINDS = {"csv", "tsv", "json", "jsonl", "xml"}
 
 
@@ -343,12 +345,14 @@ def upload_items(
     client: Any,
     bucket: str,
     store: ProgressStore,
+    threads: int = UPLOAD_THREADS,
 ) -> Iterator[UploadedObject]:
-    """Upload every chunk and plain object, yielding each as it lands.
+    """Upload every chunk and plain object, yielding each as it lands (in chunk order).
 
-    Finished chunks are skipped, so a retried or re-executed step never uploads a chunk
-    twice; a chunk that fails is recorded FAILED with the reason before the error
-    propagates to Dagster's retry policy.
+    Chunks go up on a few threads: one chunk is a few MB, so a single stream spends most
+    of its time on per-request latency. Finished chunks are skipped, so a retried or
+    re-executed step never uploads a chunk twice; a chunk that fails is recorded FAILED
+    with the reason before the error reaches Dagster's retry policy.
     """
     ensure_in_progress(store, version.file_id)
     for item in prepared:
@@ -356,38 +360,43 @@ def upload_items(
             yield _upload_plain(item, client, bucket, store)
             continue
         status_by_index = {c.chunk_index: c for c in store.list_chunks(item.item.file_id)}
-        for chunk in item.chunks:
-            current = status_by_index[chunk.chunk_index]
-            if _already_uploaded(current, client, bucket):
-                yield UploadedObject(
-                    item.item.file_id, item.item.relative_path, chunk.key, current.size_bytes or 0,
-                    current.sha256 or "", current.duration or 0.0, True, chunk.chunk_index,
-                    chunk.start_offset, chunk.end_offset, chunk.record_count, item.compression,
-                )
-                continue
-            store.chunk_started(chunk.chunk_id, worker_name())
-            started = time.monotonic()
-            try:
-                result = upload_file(
-                    client, bucket, chunk.key, Path(chunk.local_path),
-                    content_type="application/vnd.apache.parquet",
-                    metadata={"x-completed": "true", "x-file-id": item.item.file_id},
-                )
-            except Exception as exc:
-                store.chunk_failed(chunk.chunk_id, f"{type(exc).__name__}: {exc}", error_kind="s3UploadFailure")
-                raise
-            duration = time.monotonic() - started
-            log.info(
-                "%s: chunk %d uploaded (%d bytes, %.2fs)", item.item.relative_path, chunk.chunk_index, result.size, duration,
-                extra={"fields": {"chunkId": chunk.chunk_id, "s3Key": chunk.key, "sha256": result.sha256}},
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="upload") as pool:
+            yield from pool.map(
+                lambda chunk: _upload_chunk(item, chunk, status_by_index[chunk.chunk_index], client, bucket, store),
+                item.chunks,
             )
-            store.chunk_completed(
-                chunk.chunk_id, s3_key=chunk.key, size_bytes=result.size, sha256=result.sha256, duration=duration
-            )
-            yield UploadedObject(
-                item.item.file_id, item.item.relative_path, chunk.key, result.size, result.sha256, duration,
-                False, chunk.chunk_index, chunk.start_offset, chunk.end_offset, chunk.record_count, item.compression,
-            )
+
+
+def _upload_chunk(
+    item: PreparedItem, chunk: PreparedChunk, current: ChunkStatus, client: Any, bucket: str, store: ProgressStore
+) -> UploadedObject:
+    if _already_uploaded(current, client, bucket):
+        return UploadedObject(
+            item.item.file_id, item.item.relative_path, chunk.key, current.size_bytes or 0,
+            current.sha256 or "", current.duration or 0.0, True, chunk.chunk_index,
+            chunk.start_offset, chunk.end_offset, chunk.record_count, item.compression,
+        )
+    store.chunk_started(chunk.chunk_id, worker_name())
+    started = time.monotonic()
+    try:
+        result = upload_file(
+            client, bucket, chunk.key, Path(chunk.local_path),
+            content_type="application/vnd.apache.parquet",
+            metadata={"x-completed": "true", "x-file-id": item.item.file_id},
+        )
+    except Exception as exc:
+        store.chunk_failed(chunk.chunk_id, f"{type(exc).__name__}: {exc}", error_kind="s3UploadFailure")
+        raise
+    duration = time.monotonic() - started
+    log.info(
+        "%s: chunk %d uploaded (%d bytes, %.2fs)", item.item.relative_path, chunk.chunk_index, result.size, duration,
+        extra={"fields": {"chunkId": chunk.chunk_id, "s3Key": chunk.key, "sha256": result.sha256}},
+    )
+    store.chunk_completed(chunk.chunk_id, s3_key=chunk.key, size_bytes=result.size, sha256=result.sha256, duration=duration)
+    return UploadedObject(
+        item.item.file_id, item.item.relative_path, chunk.key, result.size, result.sha256, duration,
+        False, chunk.chunk_index, chunk.start_offset, chunk.end_offset, chunk.record_count, item.compression,
+    )
 
 
 def _upload_plain(item: PreparedItem, client: Any, bucket: str, store: ProgressStore) -> UploadedObject:

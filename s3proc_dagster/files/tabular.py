@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from s3proc_dagster.errors import ConversionError
 
-BATCH_ROWS = 65_536
+BATCH_ROWS = 122_880  # a multiple of DuckDB's 2,048-row vector
 RULES_COLUMN = "_rules"
 
 
@@ -215,7 +215,7 @@ def convert_to_parquet_chunks(
     out_dir: Path,
     chunk_size: int,
     compression: str = "ZSTD",
-    memory_limit: str = "256MB",
+    memory_limit: str = "160MB",
     threads: int | None = None,
     rules: list[Rule] | None = None,
 ) -> ConversionResult:
