@@ -18,6 +18,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
@@ -26,6 +27,7 @@ from s3proc_dagster.files.archives import extract
 from s3proc_dagster.files.checksum import snapshot
 from s3proc_dagster.files.detect import Detection, detect
 from s3proc_dagster.files.tabular import convert_to_parquet_chunks
+from s3proc_dagster.files.validation import as_of_date, rule_set_for
 from s3proc_dagster.logs import get_logger
 from s3proc_dagster.models import ChunkStatus, FileStatus, FileType, ProcessingStatus, make_file_id
 from s3proc_dagster.stores.base import ProgressStore
@@ -91,6 +93,10 @@ class PreparedChunk:
     start_offset: int
     end_offset: int
     record_count: int
+    failed_records: int = 0
+    rule_counts: dict[str, int] = field(default_factory=dict)
+    rejected_path: str | None = None
+    rejected_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -272,8 +278,11 @@ def convert_items(
     chunk_size: int,
     compression: str,
     store: ProgressStore,
+    rules_dir: Path | None = None,
+    as_of: date | None = None,
 ) -> list[PreparedItem]:
-    """Tabular items become Parquet chunks (one pass each); other items pass through.
+    """Tabular items become Parquet chunks (one pass each, validated in the same pass
+    when a rule set selects them); other items pass through.
 
     A finished conversion is kept next to its `_done.json`, so a re-executed step reuses
     it instead of converting again.
@@ -292,11 +301,18 @@ def convert_items(
         if done.exists():
             result = json.loads(done.read_text())
         else:
-            conversion = convert_to_parquet_chunks(Path(item.local_path), item.kind, out_dir, chunk_size, compression)
+            rule_set = rule_set_for(item.relative_path, rules_dir) if rules_dir else None
+            conversion = convert_to_parquet_chunks(
+                Path(item.local_path), item.kind, out_dir, chunk_size, compression,
+                rules=rule_set.render(as_of or as_of_date(None)) if rule_set else None,
+                required_columns=rule_set.columns if rule_set else (),
+            )
             result = {
                 "record_count": conversion.record_count,
+                "rule_set": rule_set.name if rule_set else None,
                 "chunks": [
-                    [c.chunk_index, str(c.path), c.start_offset, c.end_offset, c.record_count]
+                    [c.chunk_index, str(c.path), c.start_offset, c.end_offset, c.record_count,
+                     c.failed_records, c.rule_counts, str(c.rejected_path) if c.rejected_path else None]
                     for c in conversion.chunks
                 ],
             }
@@ -317,8 +333,12 @@ def convert_items(
                 start,
                 end,
                 count,
+                failed,
+                rule_counts,
+                rejected,
+                join_key(key, "_rejected", f"part-{index:05d}.parquet") if rejected else None,
             )
-            for index, path, start, end, count in result["chunks"]
+            for index, path, start, end, count, failed, rule_counts, rejected in result["chunks"]
         )
         store.update_file(item.file_id, content_type=item.content_type, file_type=item.file_type)
         prepared.append(PreparedItem(item, key, result["record_count"], compression, chunks))
@@ -384,6 +404,13 @@ def _upload_chunk(
             content_type="application/vnd.apache.parquet",
             metadata={"x-completed": "true", "x-file-id": item.item.file_id},
         )
+        if chunk.rejected_path and chunk.rejected_key:
+            rejected = upload_file(
+                client, bucket, chunk.rejected_key, Path(chunk.rejected_path),
+                content_type="application/vnd.apache.parquet",
+                metadata={"x-completed": "true", "x-file-id": item.item.file_id, "x-rejected": "true"},
+            )
+            verify_object(client, bucket, rejected.key, rejected.size, rejected.sha256)
     except Exception as exc:
         store.chunk_failed(chunk.chunk_id, f"{type(exc).__name__}: {exc}", error_kind="s3UploadFailure")
         raise
@@ -392,7 +419,11 @@ def _upload_chunk(
         "%s: chunk %d uploaded (%d bytes, %.2fs)", item.item.relative_path, chunk.chunk_index, result.size, duration,
         extra={"fields": {"chunkId": chunk.chunk_id, "s3Key": chunk.key, "sha256": result.sha256}},
     )
-    store.chunk_completed(chunk.chunk_id, s3_key=chunk.key, size_bytes=result.size, sha256=result.sha256, duration=duration)
+    store.chunk_completed(
+        chunk.chunk_id, s3_key=chunk.key, size_bytes=result.size, sha256=result.sha256, duration=duration,
+        successful_records=chunk.record_count - chunk.failed_records, failed_records=chunk.failed_records,
+        validation_errors=chunk.rule_counts,
+    )
     return UploadedObject(
         item.item.file_id, item.item.relative_path, chunk.key, result.size, result.sha256, duration,
         False, chunk.chunk_index, chunk.start_offset, chunk.end_offset, chunk.record_count, item.compression,
@@ -449,6 +480,11 @@ def verify_items(
                     "endOffset": c.end_offset,
                 }
                 for c in chunks
+            ],
+            rejected=[
+                {"chunkIndex": c.chunk_index, "key": c.rejected_key, "rows": c.failed_records, "rules": c.rule_counts}
+                for c in item.chunks
+                if c.rejected_key
             ],
         )
         write_manifest(client, bucket, item.key, manifest)

@@ -9,6 +9,7 @@ and are printed as `***` everywhere, including in the validation message.
 from __future__ import annotations
 
 import os
+from datetime import date
 from pathlib import Path
 from typing import Literal
 
@@ -17,6 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from s3proc_dagster.errors import SettingsError
 
+DEFAULT_RULES_DIR = Path(__file__).resolve().parents[1] / "dbt_like_sql" / "validations"
 SECRET_FIELDS = {"S3_SECRET_ACCESS_KEY", "S3_ACCESS_KEY_ID", "MONGODB_URI"}
 
 
@@ -117,6 +119,8 @@ class ProcessingConfig(BaseSettings):
     mongodb_uri: SecretStr = SecretStr("")
     mongodb_database: str = "s3proc"
     reports_db_path: Path = Path("./data/reports.duckdb")
+    validation_rules_dir: Path = DEFAULT_RULES_DIR
+    validation_as_of: date | None = None
 
     @field_validator("parquet_compression", mode="before")
     @classmethod
@@ -135,7 +139,17 @@ class ProcessingConfig(BaseSettings):
             raise ValueError("must be writable")
         return path
 
-    @field_validator("progress_db_path", "reports_db_path")
+    @field_validator("validation_as_of", mode="before")
+    @classmethod
+    def _empty_is_today(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("validation_rules_dir", mode="before")
+    @classmethod
+    def _empty_is_default(cls, value: object) -> object:
+        return DEFAULT_RULES_DIR if value in ("", None) else value
+
+    @field_validator("progress_db_path", "reports_db_path", "validation_rules_dir")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().resolve()

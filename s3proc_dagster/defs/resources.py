@@ -99,6 +99,8 @@ class PipelineSettings(dg.ConfigurableResource):
     retry_delay_ms: int = 1000
     stability_threshold_ms: int = 2000
     ignore_initial: bool = False
+    validation_rules_dir: str = ""
+    validation_as_of: str = ""
 
     @property
     def staging(self) -> Path:
@@ -145,6 +147,8 @@ def build_resources(cfg: Configuration) -> dict[str, Any]:
             retry_delay_ms=cfg.processing.retry_delay_ms,
             stability_threshold_ms=cfg.monitoring.stability_threshold_ms,
             ignore_initial=cfg.monitoring.ignore_initial,
+            validation_rules_dir=str(cfg.processing.validation_rules_dir),
+            validation_as_of=cfg.processing.validation_as_of.isoformat() if cfg.processing.validation_as_of else "",
         ),
         "images": ImageSettings(
             quality=cfg.images.quality,

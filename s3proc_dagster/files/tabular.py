@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -33,10 +35,11 @@ RULES_COLUMN = "_rules"
 
 @dataclass(frozen=True)
 class Rule:
-    """A named SQL boolean that is true for a bad record."""
+    """A named SQL boolean that is true for a bad record; `source` names where it came from."""
 
     name: str
     sql: str
+    source: str = ""
 
 
 @dataclass(frozen=True)
@@ -113,11 +116,36 @@ def _rules_sql(rules: list[Rule]) -> str:
     if not rules:
         return ""
     cases = ", ".join(f"CASE WHEN ({r.sql}) THEN '{r.name}' END" for r in rules)
-    return f", list_filter([{cases}], x -> x IS NOT NULL) AS __rules"
+    return f", list_filter([{cases}], lambda x: x IS NOT NULL) AS __rules"
+
+
+def _check_rules(
+    conn: duckdb.DuckDBPyConnection, source: Path, kind: str, path: Path, rules: list[Rule], required: tuple[str, ...]
+) -> None:
+    """Fail before the pass, naming the rule file and rule, if the file cannot be validated.
+
+    Both checks only bind the query (LIMIT 0): DuckDB samples the file, it does not scan it.
+    """
+    columns = {row[0] for row in conn.execute(f"DESCRIBE SELECT * FROM {_reader_sql(kind)}", [str(path)]).fetchall()}
+    origin = rules[0].source.split(": rule")[0] if rules else "rule set"
+    missing = [c for c in required if c not in columns]
+    if missing:
+        raise ConversionError(f"{source.name}: {origin} needs column(s) {', '.join(missing)}, which the file lacks")
+    for rule in rules:
+        try:
+            conn.execute(f"SELECT ({rule.sql}) FROM {_reader_sql(kind)} LIMIT 0", [str(path)])
+        except duckdb.Error as exc:
+            raise ConversionError(f"{source.name}: {rule.source or rule.name}: {_clean(exc)}") from None
 
 
 def _batches(
-    source: Path, kind: str, work: Path, rules: list[Rule], memory_limit: str, threads: int | None
+    source: Path,
+    kind: str,
+    work: Path,
+    rules: list[Rule],
+    required_columns: tuple[str, ...],
+    memory_limit: str,
+    threads: int | None,
 ) -> tuple[duckdb.DuckDBPyConnection, pa.RecordBatchReader]:
     conn = duckdb.connect(config={"memory_limit": memory_limit, "temp_directory": str(work / ".duckdb_tmp")})
     conn.execute(f"SET threads = {threads or min(4, os.cpu_count() or 1)}")
@@ -128,11 +156,16 @@ def _batches(
         if xml_to_jsonl(source, path) == 0:
             path.write_text("")
     try:
+        if rules or required_columns:
+            _check_rules(conn, source, kind, path, rules, required_columns)
         relation = conn.execute(f"SELECT *{_rules_sql(rules)} FROM {_reader_sql(kind)}", [str(path)])
         return conn, relation.to_arrow_reader(BATCH_ROWS)
     except duckdb.Error as exc:
         conn.close()
         raise ConversionError(f"{source.name}: {_clean(exc)}") from None
+    except ConversionError:
+        conn.close()
+        raise
 
 
 def _clean(exc: BaseException) -> str:
@@ -218,25 +251,34 @@ def convert_to_parquet_chunks(
     memory_limit: str = "160MB",
     threads: int | None = None,
     rules: list[Rule] | None = None,
+    required_columns: tuple[str, ...] = (),
 ) -> ConversionResult:
     """Convert in one pass; chunk i holds source records [i*size, min((i+1)*size, n) - 1]."""
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     rules = rules or []
-    conn, reader = _batches(source, kind, out_dir, rules, memory_limit, threads)
+    conn, reader = _batches(source, kind, out_dir, rules, required_columns, memory_limit, threads)
     chunks: list[ChunkFile] = []
     current: _ChunkWriter | None = None
     total = 0
+    # DuckDB produces the next batch while one writer thread encodes the previous one;
+    # a single writer keeps chunk order, and at most a few batches are in flight.
+    pending: deque[Future] = deque()
     try:
-        for index, piece in _slices(reader, chunk_size):
-            if current is None or current.index != index:
-                if current is not None:
-                    chunks.append(current.close(chunk_size))
-                current = _ChunkWriter(out_dir, index, reader.schema, compression, bool(rules))
-            current.write(piece)
-            total += piece.num_rows
-        if current is not None:
-            chunks.append(current.close(chunk_size))
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet-writer") as writer:
+            for index, piece in _slices(reader, chunk_size):
+                if current is None or current.index != index:
+                    if current is not None:
+                        pending.append(writer.submit(lambda w=current: chunks.append(w.close(chunk_size))))
+                    current = _ChunkWriter(out_dir, index, reader.schema, compression, bool(rules))
+                pending.append(writer.submit(current.write, piece))
+                total += piece.num_rows
+                while len(pending) > 2:
+                    pending.popleft().result()
+            if current is not None:
+                pending.append(writer.submit(lambda w=current: chunks.append(w.close(chunk_size))))
+            while pending:
+                pending.popleft().result()
         columns = [(f.name, str(f.type)) for f in reader.schema if f.name != "__rules"]
     except duckdb.Error as exc:
         raise ConversionError(f"{source.name}: {_clean(exc)}") from None

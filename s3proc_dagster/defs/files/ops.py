@@ -7,7 +7,7 @@ import re
 import shutil
 import socket
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Iterator
 
@@ -135,10 +135,16 @@ def parquet_conversion(
         prepared = pipeline.convert_items(
             items, version, settings.staging, s3.prefix, settings.chunk_size, settings.parquet_compression,
             progress_store.open(),
+            rules_dir=Path(settings.validation_rules_dir) if settings.validation_rules_dir else None,
+            as_of=date.fromisoformat(settings.validation_as_of) if settings.validation_as_of else None,
         )
     for item in prepared:
         if item.is_dataset:
-            context.log.info(f"{item.item.relative_path}: {item.record_count} records in {len(item.chunks)} chunks")
+            failed = sum(c.failed_records for c in item.chunks)
+            context.log.info(
+                f"{item.item.relative_path}: {item.record_count} records in {len(item.chunks)} chunks"
+                + (f", {failed} rejected by validation" if failed else "")
+            )
     return prepared
 
 

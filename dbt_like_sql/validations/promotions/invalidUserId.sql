@@ -1,0 +1,2 @@
+-- userId null or blank
+"userId" IS NULL OR trim(CAST("userId" AS VARCHAR)) = ''
