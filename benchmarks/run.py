@@ -86,6 +86,7 @@ RAW_DUCKDB = """
 import duckdb, sys, time
 src, dst, comp = sys.argv[1:4]
 t = time.perf_counter()
+duckdb.execute("SET enable_progress_bar = false")
 duckdb.execute(f"COPY (SELECT * FROM read_csv('{src}')) TO '{dst}' (FORMAT parquet, COMPRESSION {comp})")
 print(time.perf_counter() - t)
 """

@@ -54,9 +54,15 @@ def _process(args: argparse.Namespace) -> int:
     failed = 0
     try:
         for raw in args.paths:
-            path = Path(raw).resolve()
-            outcome = run_file(str(path), relative_to_watch(path, cfg.monitoring.watch_path), instance)
-            status = store.get_by_path(str(path))
+            if raw.startswith("s3://"):
+                key = raw.removeprefix("s3://").partition("/")[2]
+                incoming = cfg.s3.incoming_prefix + "/" if cfg.s3.incoming_prefix else ""
+                target, rel = raw, key.removeprefix(incoming)
+            else:
+                path = Path(raw).resolve()
+                target, rel = str(path), relative_to_watch(path, cfg.monitoring.watch_path)
+            outcome = run_file(target, rel, instance)
+            status = store.get_by_path(target)
             state = status.status.name if status else ("FAILED" if not outcome.success else "SKIPPED")
             detail = (status.output_key or "") if status and outcome.success else (status.error_details if status else "")
             failed += not outcome.success
@@ -132,7 +138,7 @@ def _backfill(args: argparse.Namespace) -> int:
     url = urlparse(args.url)
     client = DagsterGraphQLClient(url.hostname or "127.0.0.1", port_number=url.port, use_https=url.scheme == "https")
     for path in paths:
-        request = run_request_for(path, relative_to_watch(path, cfg.monitoring.watch_path), run_key="")
+        request = run_request_for(str(path), relative_to_watch(path, cfg.monitoring.watch_path), run_key="")
         tags = {**request.tags, "s3proc/backfill": "true"}
         if args.dry_run:
             print(f"would queue  {path}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dagster as dg
 
 from s3proc_dagster.defs.files.jobs import build_process_file_job, reconcile_job, retry_policy
-from s3proc_dagster.defs.files.sensors import build_watch_sensor
+from s3proc_dagster.defs.files.sensors import build_s3_incoming_sensor, build_watch_sensor
 from s3proc_dagster.defs.images.ops import image_request_job
 from s3proc_dagster.defs.resources import build_resources
 from s3proc_dagster.logs import configure_logging
@@ -18,9 +18,12 @@ process_file_job = build_process_file_job(
     retry_policy(config.processing.max_retries, config.processing.retry_delay_ms)
 )
 watch_directory_sensor = build_watch_sensor([process_file_job, image_request_job], config.monitoring.poll_interval_ms)
+s3_incoming_sensor = build_s3_incoming_sensor(
+    process_file_job, bool(config.s3.incoming_prefix), config.monitoring.poll_interval_ms
+)
 
 defs = dg.Definitions(
     jobs=[process_file_job, image_request_job, reconcile_job],
-    sensors=[watch_directory_sensor],
+    sensors=[watch_directory_sensor, s3_incoming_sensor],
     resources=build_resources(config),
 )

@@ -22,9 +22,9 @@ from datetime import date
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
-from s3proc_dagster.errors import UnsupportedFileError
+from s3proc_dagster.errors import ChecksumMismatch, UnsupportedFileError
 from s3proc_dagster.files.archives import extract
-from s3proc_dagster.files.checksum import snapshot
+from s3proc_dagster.files.checksum import Snapshot, snapshot, snapshot_stream
 from s3proc_dagster.files.detect import Detection, detect
 from s3proc_dagster.files.tabular import convert_to_parquet_chunks
 from s3proc_dagster.files.validation import as_of_date, rule_set_for
@@ -150,12 +150,30 @@ def work_dir(staging: Path, sha256: str) -> Path:
 # ---- step 1: checksum_calculation ------------------------------------------------------------
 
 
+def snapshot_s3_object(client: Any, bucket: str, key: str, staging: Path) -> Snapshot:
+    """Stream an incoming object into staging, hashing as it goes; the object itself is
+    only read, never modified or deleted. Its size, and its `x-sha256` when it has one,
+    must match what arrived."""
+    obj = client.get_object(Bucket=bucket, Key=key)
+    snap = snapshot_stream(obj["Body"], PurePosixPath(key).name, staging)
+    if snap.size != obj["ContentLength"]:
+        raise ChecksumMismatch(f"s3://{bucket}/{key}: read {snap.size} bytes, object has {obj['ContentLength']}")
+    expected = obj.get("Metadata", {}).get("x-sha256")
+    if expected and expected != snap.sha256:
+        raise ChecksumMismatch(f"s3://{bucket}/{key}: sha256 {snap.sha256}, object says {expected}")
+    return snap
+
+
 def take_snapshot(source: Source, local_path: Path, staging: Path, store: ProgressStore) -> FileVersion:
-    """Copy the file into staging and hash it in one read, then record this version.
+    """Copy a local file into staging and hash it in one read, then record this version."""
+    return record_version(source, snapshot(local_path, staging), store)
+
+
+def record_version(source: Source, snap: Snapshot, store: ProgressStore) -> FileVersion:
+    """Record a snapshot as this file's current version.
 
     An unchanged COMPLETED file comes back with `needed=False`: nothing is uploaded again.
     """
-    snap = snapshot(local_path, staging)
     status, needed = store.record_detected(
         FileStatus(
             file_id=source.file_id,

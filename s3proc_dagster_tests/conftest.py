@@ -168,6 +168,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, s3: S3Endpoint) -> Iter
         "RETRY_DELAY_MS": "10",
         "CHUNK_SIZE": "50000",
         "VALIDATION_AS_OF": "2026-01-01",
+        "S3_INCOMING_PREFIX": "incoming",
         "LOG_PRETTY": "false",
         "MONGODB_URI": "",
         "DAGSTER_HOME": str(root / "dagster_home"),

@@ -57,6 +57,8 @@ class S3Storage(S3Resource):
     prefix: str = ""
     force_path_style: bool = True
     public_base_url: str = ""
+    incoming_bucket: str = ""
+    incoming_prefix: str = ""
 
     def get_client(self) -> Any:
         import boto3
@@ -101,6 +103,8 @@ class PipelineSettings(dg.ConfigurableResource):
     ignore_initial: bool = False
     validation_rules_dir: str = ""
     validation_as_of: str = ""
+    s3_list_page_size: int = 1000
+    s3_list_pages_per_tick: int = 5
 
     @property
     def staging(self) -> Path:
@@ -136,6 +140,8 @@ def build_resources(cfg: Configuration) -> dict[str, Any]:
             aws_access_key_id=dg.EnvVar("S3_ACCESS_KEY_ID"),
             aws_secret_access_key=dg.EnvVar("S3_SECRET_ACCESS_KEY"),
             public_base_url=cfg.s3.public_base_url,
+            incoming_bucket=cfg.s3.incoming_bucket_name,
+            incoming_prefix=cfg.s3.incoming_prefix,
         ),
         "settings": PipelineSettings(
             watch_path=str(cfg.monitoring.watch_path),

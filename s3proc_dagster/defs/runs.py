@@ -42,7 +42,7 @@ class RunOutcome:
 def run_file(path: str, relative_path: str, instance: dg.DagsterInstance, tags: dict[str, str] | None = None) -> RunOutcome:
     from s3proc_dagster.defs.files.sensors import run_request_for
 
-    request = run_request_for(Path(path), relative_path, run_key="")
+    request = run_request_for(path, relative_path, run_key="")
     result = dg.execute_job(
         dg.reconstructable(process_file_job_with_resources),
         instance=instance,

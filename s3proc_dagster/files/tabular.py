@@ -148,6 +148,7 @@ def _batches(
     threads: int | None,
 ) -> tuple[duckdb.DuckDBPyConnection, pa.RecordBatchReader]:
     conn = duckdb.connect(config={"memory_limit": memory_limit, "temp_directory": str(work / ".duckdb_tmp")})
+    conn.execute("SET enable_progress_bar = false")
     conn.execute(f"SET threads = {threads or min(4, os.cpu_count() or 1)}")
     conn.execute("SET preserve_insertion_order = true")
     path = source

@@ -18,8 +18,10 @@ from s3proc_dagster import pipeline
 from s3proc_dagster.defs.resources import PipelineSettings, ProgressStoreResource, S3Storage
 from s3proc_dagster.errors import ChecksumMismatch, S3ProcError
 from s3proc_dagster.files.detect import Detection
-from s3proc_dagster.models import ProcessingStatus
+from s3proc_dagster.models import FileStatus, ProcessingStatus
 from s3proc_dagster.pipeline import FileVersion, PreparedItem, Source, UploadedObject, WorkItem
+from s3proc_dagster.sources.metadata import read_sidecar
+from s3proc_dagster.sources.s3_incoming import seed_metadata
 
 UPLOAD_POOL = "s3_uploads"
 TAG = "s3proc"  # run tags: s3proc/path, s3proc/file_id, s3proc/file_type, s3proc/sha256
@@ -57,7 +59,7 @@ def asset_key_for(prefix: str, relative_path: str) -> dg.AssetKey:
     return dg.AssetKey([_KEY_PART.sub("_", p) for p in parts])
 
 
-def _source(config: SourceConfig, watch_path: str) -> tuple[Source, Path]:
+def _local_source(config: SourceConfig, watch_path: str) -> tuple[Source, Path]:
     path = Path(config.path).resolve()
     rel = config.relative_path
     if not rel:
@@ -65,7 +67,18 @@ def _source(config: SourceConfig, watch_path: str) -> tuple[Source, Path]:
             rel = path.relative_to(Path(watch_path).resolve()).as_posix()
         except ValueError:
             rel = path.name
-    return Source(uri=str(path), relative_path=rel), path
+    if not path.is_file():
+        raise S3ProcError(f"{config.path}: no such file")
+    return Source(uri=str(path), relative_path=rel, metadata=read_sidecar(path)), path
+
+
+def _s3_source(config: SourceConfig, s3: S3Storage) -> Source:
+    bucket, _, key = config.path.removeprefix("s3://").partition("/")
+    rel = config.relative_path or key.removeprefix(s3.incoming_prefix.strip("/") + "/")
+    head = s3.get_client().head_object(Bucket=bucket, Key=key)
+    return Source(
+        uri=config.path, relative_path=rel, s3_bucket=bucket, s3_key=key, metadata=seed_metadata(head.get("Metadata", {}))
+    )
 
 
 @dg.op(out=dg.Out(FileVersion, is_required=False), tags={"step": "checksum_calculation"})
@@ -74,13 +87,18 @@ def checksum_calculation(
     config: SourceConfig,
     progress_store: ProgressStoreResource,
     settings: PipelineSettings,
+    s3: S3Storage,
 ) -> Iterator[dg.Output]:
     """Snapshot into staging + SHA-256 in one read; an unchanged completed file stops here."""
-    source, local = _source(config, settings.watch_path)
+    store = progress_store.open()
     with deterministic_failures():
-        if not local.is_file():
-            raise S3ProcError(f"{config.path}: no such file")
-        version = pipeline.take_snapshot(source, local, settings.staging, progress_store.open())
+        if config.path.startswith("s3://"):
+            source = _s3_source(config, s3)
+            snap = pipeline.snapshot_s3_object(s3.get_client(), source.s3_bucket, source.s3_key, settings.staging)
+            version = pipeline.record_version(source, snap, store)
+        else:
+            source, local = _local_source(config, settings.watch_path)
+            version = pipeline.take_snapshot(source, local, settings.staging, store)
     if not version.needed:
         context.log.info(f"{source.relative_path}: unchanged (sha256 {version.sha256[:12]}), skipped")
         return
@@ -95,7 +113,10 @@ def checksum_calculation(
             f"{TAG}/pid": str(os.getpid()),
         },
     )
-    yield dg.Output(version, metadata={"sha256": version.sha256, "bytes": version.size, "fileId": version.file_id})
+    yield dg.Output(
+        version,
+        metadata={"sha256": version.sha256, "bytes": version.size, "fileId": version.file_id, **source.metadata},
+    )
 
 
 @dg.op(tags={"step": "type_detection"})
@@ -237,6 +258,7 @@ def progress_update(
                     "success_rate": stats.success_rate,
                     "compression": item.compression or "",
                     "file_type": item.item.file_type.value,
+                    **({"file_metadata": version.source.metadata} if version.source.metadata else {}),
                 },
                 tags={"s3proc/kind": "file"},
             )
@@ -255,6 +277,13 @@ def mark_failed(context: dg.HookContext) -> None:
     file_id = tags.get(f"{TAG}/file_id")
     store = context.resources.progress_store.open()
     status = store.get(file_id) if file_id else None
+    if status is None and file_id and tags.get(f"{TAG}/source"):
+        # failed before the file could be recorded (unreadable, bad sidecar): record it now
+        source = tags[f"{TAG}/source"]
+        status, _ = store.record_detected(
+            FileStatus(file_id=file_id, file_path=source, file_name=source.rsplit("/", 1)[-1])
+        )
+        store.start(file_id)
     if status is None:
         return
     reason = f"{context.op.name}: {message}"

@@ -3,37 +3,52 @@
 
 import math
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
 
 from s3proc_dagster.defs.files.ops import TAG, run_is_alive
+
+RUN_KEY_TAG = "dagster/run_key"
 from s3proc_dagster.defs.resources import PipelineSettings, ProgressStoreResource, S3Storage
 from s3proc_dagster.recovery import recover
+from s3proc_dagster.errors import S3ProcError
 from s3proc_dagster.images.request_csv import looks_like_request_csv
+from s3proc_dagster.sources.metadata import read_sidecar, run_tags
 from s3proc_dagster.models import FileStatus, ProcessingStatus, make_file_id
+from s3proc_dagster.sources.s3_incoming import IncomingCursor, list_incoming, seed_metadata
 from s3proc_dagster.sources.watch import SeenFile, WatchCursor, evaluate, scan
 
 
-def run_request_for(path: Path, relative_path: str, run_key: str, file_id: str | None = None) -> dg.RunRequest:
+def run_request_for(
+    path: str, relative_path: str, run_key: str, file_id: str | None = None, metadata: dict | None = None
+) -> dg.RunRequest:
     """A product CSV (by its header, not its name) goes to image_request_job; any other
-    file to process_file_job."""
-    if path.suffix.lower() == ".csv" and looks_like_request_csv(path):
+    file to process_file_job. File metadata becomes tags, `priority` the run's priority."""
+    if path.lower().endswith(".csv") and "://" not in path and looks_like_request_csv(Path(path)):
         return dg.RunRequest(
             run_key=run_key,
             job_name="image_request_job",
-            run_config={"ops": {"validate_request": {"config": {"path": str(path)}}}},
-            tags={f"{TAG}/path": relative_path, f"{TAG}/kind": "image_request"},
+            run_config={"ops": {"validate_request": {"config": {"path": path}}}},
+            tags={f"{TAG}/path": relative_path, f"{TAG}/kind": "image_request", **run_tags(metadata or {})},
         )
+    if metadata is None and "://" not in path:
+        try:
+            metadata = read_sidecar(Path(path))
+        except S3ProcError:
+            metadata = {}  # the run fails on it with a message naming the sidecar
     file_id = file_id or make_file_id(relative_path)
     return dg.RunRequest(
         job_name="process_file_job",
         run_key=run_key,
-        run_config={"ops": {"checksum_calculation": {"config": {"path": str(path), "relative_path": relative_path}}}},
+        run_config={"ops": {"checksum_calculation": {"config": {"path": path, "relative_path": relative_path}}}},
         tags={
             f"{TAG}/path": relative_path,
+            f"{TAG}/source": path,
             f"{TAG}/file_id": file_id,
             f"{TAG}/extension": Path(relative_path).suffix.lower().lstrip(".") or "none",
+            **run_tags(metadata or {}),
         },
     )
 
@@ -56,7 +71,7 @@ def requeued(store_files: list[FileStatus], root: Path) -> list[dg.RunRequest]:
         st = path.stat()
         stamp = int(status.last_updated_at.timestamp() * 1000)
         key = f"{rel}:{st.st_size}:{st.st_mtime_ns}:retry-{stamp}"
-        out.append(run_request_for(path, rel, key, status.file_id))
+        out.append(run_request_for(str(path), rel, key, status.file_id))
     return out
 
 
@@ -95,7 +110,9 @@ def build_watch_sensor(jobs: list[dg.JobDefinition], poll_interval_ms: int) -> d
         )
         retries = requeued(store.list_files(ProcessingStatus.PENDING), root)
         retried_paths = {r.tags[f"{TAG}/path"] for r in retries}
-        requests = [run_request_for(f.path, f.relative_path, f.run_key) for f in ready if f.relative_path not in retried_paths]
+        requests = [
+            run_request_for(str(f.path), f.relative_path, f.run_key) for f in ready if f.relative_path not in retried_paths
+        ]
         requests += retries
         if cursor.waiting:
             context.log.info(f"{len(cursor.waiting)} file(s) still being written")
@@ -105,3 +122,43 @@ def build_watch_sensor(jobs: list[dg.JobDefinition], poll_interval_ms: int) -> d
 
 
 __all__ = ["build_watch_sensor", "SeenFile"]
+
+
+def build_s3_incoming_sensor(job: dg.JobDefinition, enabled: bool, poll_interval_ms: int) -> dg.SensorDefinition:
+    """`s3_incoming_sensor`: one run per new or changed object under S3_INCOMING_PREFIX."""
+
+    @dg.sensor(
+        name="s3_incoming_sensor",
+        job=job,
+        minimum_interval_seconds=max(1, math.ceil(poll_interval_ms / 1000)),
+        default_status=dg.DefaultSensorStatus.RUNNING if enabled else dg.DefaultSensorStatus.STOPPED,
+        description="One run of process_file_job per new or changed object under S3_INCOMING_PREFIX.",
+    )
+    def s3_incoming_sensor(
+        context: dg.SensorEvaluationContext, settings: PipelineSettings, s3: S3Storage
+    ) -> dg.SensorResult | dg.SkipReason:
+        if not s3.incoming_prefix:
+            return dg.SkipReason("S3_INCOMING_PREFIX is not set")
+        client = s3.get_client()
+        found, cursor = list_incoming(
+            client,
+            s3.incoming_bucket or s3.bucket,
+            s3.incoming_prefix,
+            IncomingCursor.loads(context.cursor),
+            now=datetime.now(UTC),
+            ignore_initial=settings.ignore_initial,
+            exclude_prefixes=(s3.key("") + "/",) if (s3.incoming_bucket or s3.bucket) == s3.bucket else (),
+            page_size=settings.s3_list_page_size,
+            max_pages=settings.s3_list_pages_per_tick,
+        )
+        requests = []
+        for obj in found:
+            if context.instance.get_run_records(dg.RunsFilter(tags={RUN_KEY_TAG: obj.run_key}), limit=1):
+                continue  # listed again at a pass boundary, already run
+            head = client.head_object(Bucket=obj.bucket, Key=obj.key)
+            requests.append(
+                run_request_for(obj.uri, obj.relative_path, obj.run_key, metadata=seed_metadata(head.get("Metadata", {})))
+            )
+        return dg.SensorResult(run_requests=requests, cursor=cursor.dumps())
+
+    return s3_incoming_sensor
