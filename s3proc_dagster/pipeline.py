@@ -37,7 +37,7 @@ from s3proc_dagster.transfer.verify import verify_object
 
 S = ProcessingStatus
 log = get_logger("pipeline")
-UPLOAD_THREADS = 4
+UPLOAD_THREADS = 8
 TABULAR_KINDS = {"csv", "tsv", "json", "jsonl", "xml"}
 
 
@@ -433,7 +433,7 @@ def _upload_chunk(
         store.chunk_failed(chunk.chunk_id, f"{type(exc).__name__}: {exc}", error_kind="s3UploadFailure")
         raise
     duration = time.monotonic() - started
-    log.info(
+    log.debug(  # debug: each chunk already has its asset materialization in the run
         "%s: chunk %d uploaded (%d bytes, %.2fs)", item.item.relative_path, chunk.chunk_index, result.size, duration,
         extra={"fields": {"chunkId": chunk.chunk_id, "s3Key": chunk.key, "sha256": result.sha256}},
     )

@@ -159,7 +159,8 @@ def _batches(
     try:
         if rules or required_columns:
             _check_rules(conn, source, kind, path, rules, required_columns)
-        relation = conn.execute(f"SELECT *{_rules_sql(rules)} FROM {_reader_sql(kind)}", [str(path)])
+        # The relation API streams; an execute() result would be copied whole into Arrow.
+        relation = conn.sql(f"SELECT *{_rules_sql(rules)} FROM {_reader_sql(kind)}", params=[str(path)])
         return conn, relation.to_arrow_reader(BATCH_ROWS)
     except duckdb.Error as exc:
         conn.close()
