@@ -64,12 +64,13 @@ class ConversionResult:
 
 
 def _reader_sql(kind: str) -> str:
-    # The delimiter comes from the file's kind, not the sniffer: a sniffer that finds no
-    # consistent delimiter in a ragged file falls back to one column, silently wrong.
+    # The delimiter comes from the file's kind, and the header is the first line: left to
+    # itself the sniffer reads a ragged file as one column, or skips leading lines that do
+    # not fit, both silently wrong.
     if kind == "csv":
-        return "read_csv($1, header = true, delim = ',', strict_mode = true)"
+        return "read_csv($1, header = true, delim = ',', skip = 0, strict_mode = true)"
     if kind == "tsv":
-        return "read_csv($1, header = true, delim = '\t', strict_mode = true)"
+        return "read_csv($1, header = true, delim = '\t', skip = 0, strict_mode = true)"
     if kind == "json":
         return "read_json($1, format = 'auto')"
     if kind in ("jsonl", "xml"):
