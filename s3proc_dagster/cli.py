@@ -181,6 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("paths", nargs="+")
     retry.set_defaults(func=_retry)
 
+    from s3proc_dagster.cli_images import register as register_images
+
+    register_images(sub)
+
     dev = sub.add_parser("dev", help="start SeaweedFS (unless S3_ENDPOINT is set) and `dagster dev`")
     dev.add_argument("--host", default=os.environ.get("S3PROC_UI_HOST", "127.0.0.1"))
     dev.add_argument("--port", type=int, default=int(os.environ.get("S3PROC_UI_PORT", "3000")))

@@ -15,13 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from s3proc_dagster.errors import ImageRequestError
+from s3proc_dagster.errors import ChecksumMismatch, ImageRequestError
 from s3proc_dagster.images.compress import compress
 from s3proc_dagster.images.fetch import FetchError, fetch_image
 from s3proc_dagster.images.request_csv import InvalidRequestCsv, ProductRow, output_csv, parse_request_csv
 from s3proc_dagster.models import Request, RequestData, RequestStatus
 from s3proc_dagster.stores.base import ProgressStore
 from s3proc_dagster.transfer.upload import upload_file
+from s3proc_dagster.transfer.verify import verify_object
 
 
 @dataclass(frozen=True)
@@ -111,13 +112,14 @@ def process_row(
             with tempfile.NamedTemporaryFile(dir=staging, suffix=f".{image.extension}") as tmp:
                 tmp.write(image.data)
                 tmp.flush()
-                upload_file(
+                uploaded = upload_file(
                     client, options.bucket, key, Path(tmp.name),
                     content_type=image.content_type,
-                    metadata={"x-completed": "true", "x-request-id": row.request_id, "x-source-url": url[:1024]},
+                    metadata={"x-completed": "true", "x-request-id": row.request_id},
                 )
+            verify_object(client, options.bucket, key, uploaded.size, uploaded.sha256)
             outputs[i] = output_url(options, key)
-        except ImageRequestError as exc:
+        except (ImageRequestError, ChecksumMismatch) as exc:
             errors[i] = str(exc)
         store.set_row_outputs(row.request_id, row.serial_number, outputs, errors, completed=i == len(outputs) - 1)
     return next(r for r in store.list_request_rows(row.request_id) if r.serial_number == row.serial_number)
