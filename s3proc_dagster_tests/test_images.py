@@ -252,3 +252,27 @@ def test_image_request_job_runs_from_the_watch_directory(deployment: Deployment,
     doc = json.loads(status.stdout)
     assert doc["status"] == "completed" and [r["serialNumber"] for r in doc["rows"]] == [1, 2, 3]
     assert all(all(u.startswith("s3://") for u in r["outputImageUrls"]) for r in doc["rows"])
+
+
+def test_webhook_is_retried_until_the_receiver_accepts() -> None:
+    from s3proc_dagster.images.webhook import post_result
+
+    received: list[bytes] = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            received.append(self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(503 if len(received) == 1 else 200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        status = post_result(f"http://127.0.0.1:{server.server_address[1]}/hook", b'{"requestId": "r1"}', attempts=3, delay_s=0.01)
+    finally:
+        server.shutdown()
+    assert status == 200 and received == [b'{"requestId": "r1"}'] * 2
