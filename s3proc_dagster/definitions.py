@@ -7,6 +7,7 @@ import dagster as dg
 from s3proc_dagster.defs.files.jobs import build_process_file_job, reconcile_job, retry_policy
 from s3proc_dagster.defs.files.sensors import build_s3_incoming_sensor, build_watch_sensor
 from s3proc_dagster.defs.images.ops import image_request_job
+from s3proc_dagster.defs.reports import build_report_defs, build_reports_sensor, reports_job
 from s3proc_dagster.defs.resources import build_resources
 from s3proc_dagster.logs import configure_logging
 from s3proc_dagster.settings import load_configuration
@@ -22,8 +23,12 @@ s3_incoming_sensor = build_s3_incoming_sensor(
     process_file_job, bool(config.s3.incoming_prefix), config.monitoring.poll_interval_ms
 )
 
+report_assets, report_checks = build_report_defs()
+
 defs = dg.Definitions(
-    jobs=[process_file_job, image_request_job, reconcile_job],
-    sensors=[watch_directory_sensor, s3_incoming_sensor],
+    assets=report_assets,
+    asset_checks=report_checks,
+    jobs=[process_file_job, image_request_job, reconcile_job, reports_job],
+    sensors=[watch_directory_sensor, s3_incoming_sensor, build_reports_sensor(config.processing.reports_auto_refresh)],
     resources=build_resources(config),
 )

@@ -119,6 +119,7 @@ class ProcessingConfig(BaseSettings):
     mongodb_uri: SecretStr = SecretStr("")
     mongodb_database: str = "s3proc"
     reports_db_path: Path = Path("./data/reports.duckdb")
+    reports_auto_refresh: bool = True
     validation_rules_dir: Path = DEFAULT_RULES_DIR
     validation_as_of: date | None = None
 

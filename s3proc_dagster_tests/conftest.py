@@ -169,6 +169,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, s3: S3Endpoint) -> Iter
         "CHUNK_SIZE": "50000",
         "VALIDATION_AS_OF": "2026-01-01",
         "S3_INCOMING_PREFIX": "incoming",
+        "REPORTS_AUTO_REFRESH": "false",
         "LOG_PRETTY": "false",
         "MONGODB_URI": "",
         "DAGSTER_HOME": str(root / "dagster_home"),

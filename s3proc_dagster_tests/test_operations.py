@@ -116,7 +116,7 @@ def test_dagster_job_launch_processes_a_named_file(deployment: Deployment) -> No
     # from requesting the other tests' files, which the test harness runs itself.
     daemon = subprocess.Popen(
         [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", str(ROOT / "workspace.yaml")],
-        cwd=ROOT, env={**os.environ, "IGNORE_INITIAL": "true"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=ROOT, env={**os.environ, "IGNORE_INITIAL": "true", "S3_INCOMING_PREFIX": ""}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
         launched = subprocess.run(

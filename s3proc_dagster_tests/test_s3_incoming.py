@@ -130,7 +130,7 @@ def test_sidecar_metadata_lands_in_the_record_and_a_bad_one_fails_the_file(deplo
 def test_high_priority_run_starts_first_in_the_queue(deployment: Deployment, tmp_path: Path) -> None:
     home = tmp_path / "queue_home"
     write_instance(home, max_concurrency=1)
-    env = {**os.environ, "DAGSTER_HOME": str(home), "IGNORE_INITIAL": "true"}
+    env = {**os.environ, "DAGSTER_HOME": str(home), "IGNORE_INITIAL": "true", "S3_INCOMING_PREFIX": ""}
     order = []
     for name, priority in (("low1", "low"), ("low2", "low"), ("urgent", "high")):
         path = deployment.watch / "queue" / f"{name}.csv"

@@ -49,7 +49,7 @@ def dagster_dev(deployment: Deployment, tmp_path: Path):
     log = (tmp_path / "dagster-dev.log").open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "dagster", "dev", "-w", str(ROOT / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)],
-        cwd=ROOT, env={**os.environ, "IGNORE_INITIAL": "true"}, stdout=log, stderr=subprocess.STDOUT,
+        cwd=ROOT, env={**os.environ, "IGNORE_INITIAL": "true", "S3_INCOMING_PREFIX": ""}, stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"

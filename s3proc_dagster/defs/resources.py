@@ -12,6 +12,7 @@ from typing import Any
 import dagster as dg
 from botocore.config import Config
 from dagster_aws.s3 import S3Resource
+from dagster_duckdb import DuckDBResource
 from pydantic import PrivateAttr
 
 from s3proc_dagster.settings import Configuration
@@ -165,5 +166,6 @@ def build_resources(cfg: Configuration) -> dict[str, Any]:
             max_retries=cfg.processing.max_retries,
             retry_delay_ms=cfg.processing.retry_delay_ms,
         ),
+        "duckdb": DuckDBResource(database=str(cfg.processing.reports_db_path)),
         "io_manager": dg.FilesystemIOManager(),
     }

@@ -103,6 +103,10 @@ class ProgressStore(ABC):
     def _load_chunk(self, chunk_id: str) -> ChunkStatus | None: ...
 
     @abstractmethod
+    def list_all_chunks(self) -> list[ChunkStatus]:
+        """Every chunk record, whatever its file: for reports and consistency checks."""
+
+    @abstractmethod
     def _cas_chunk(
         self,
         chunk: ChunkStatus,
@@ -125,6 +129,9 @@ class ProgressStore(ABC):
 
     @abstractmethod
     def list_request_rows(self, request_id: str) -> list[RequestData]: ...
+
+    @abstractmethod
+    def list_requests(self) -> list[Request]: ...
 
     @abstractmethod
     def _update_row(self, request_id: str, serial_number: int, fields: dict[str, Any]) -> bool: ...

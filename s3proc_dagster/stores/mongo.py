@@ -127,6 +127,10 @@ class MongoProgressStore(ProgressStore):
     def _load_chunks(self, file_id: str) -> list[ChunkStatus]:
         return [_load(ChunkStatus, d) for d in self.chunks.find({"fileId": file_id}).sort("chunkIndex", ASCENDING)]
 
+    def list_all_chunks(self) -> list[ChunkStatus]:
+        cursor = self.chunks.find({}).sort([("fileId", ASCENDING), ("chunkIndex", ASCENDING)])
+        return [_load(ChunkStatus, d) for d in cursor]
+
     def _load_chunk(self, chunk_id: str) -> ChunkStatus | None:
         return _load(ChunkStatus, self.chunks.find_one({"chunkId": chunk_id}))
 

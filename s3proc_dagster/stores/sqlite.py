@@ -332,6 +332,9 @@ class SQLiteProgressStore(ProgressStore):
         rows = self._query("SELECT * FROM chunk_status WHERE file_id = ? ORDER BY chunk_index", (file_id,))
         return [self._to_chunk(r) for r in rows]
 
+    def list_all_chunks(self) -> list[ChunkStatus]:
+        return [self._to_chunk(r) for r in self._query("SELECT * FROM chunk_status ORDER BY file_id, chunk_index")]
+
     def _load_chunk(self, chunk_id: str) -> ChunkStatus | None:
         rows = self._query("SELECT * FROM chunk_status WHERE chunk_id = ?", (chunk_id,))
         return self._to_chunk(rows[0]) if rows else None

@@ -1,0 +1,102 @@
+"""The SQL reports as Dagster assets: the model DAG is the asset graph, tests are checks.
+
+`progress_sources` exports the store and the S3 manifests into the DuckDB file
+(REPORTS_DB_PATH) as `progress__<table>`; each model in `dbt_like_sql/models` is an
+asset depending on it and on the models it `ref`s; each column test in `schema.yml` is
+an asset check on its model.
+"""
+
+from pathlib import Path
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+
+from s3proc_dagster.defs.resources import ProgressStoreResource, S3Storage
+from s3proc_dagster.models import ProcessingStatus
+from s3proc_dagster.reports.project import ColumnTest, Project, load_project, source_table
+from s3proc_dagster.reports.runner import preview_markdown, run_model, run_test
+from s3proc_dagster.reports.sources import dataset_table, progress_tables
+
+GROUP = "reports"
+SOURCES_KEY = dg.AssetKey(["reports", "progress_sources"])
+DEFAULT_PROJECT = Path(__file__).resolve().parents[2] / "dbt_like_sql"
+
+
+def model_key(name: str) -> dg.AssetKey:
+    return dg.AssetKey(["reports", name])
+
+
+@dg.asset(key=SOURCES_KEY, group_name=GROUP, description="The progress store and S3 manifests, as tables.")
+def progress_sources(
+    context: dg.AssetExecutionContext, duckdb: DuckDBResource, progress_store: ProgressStoreResource, s3: S3Storage
+) -> dg.MaterializeResult:
+    tables = progress_tables(progress_store.open())
+    tables["datasets"] = dataset_table(s3.get_client(), s3.bucket, s3.prefix)
+    with duckdb.get_connection() as conn:
+        for name, table in tables.items():
+            conn.register("_incoming", table)
+            conn.execute(f'CREATE OR REPLACE TABLE "{source_table("progress", name)}" AS SELECT * FROM _incoming')
+            conn.unregister("_incoming")
+    return dg.MaterializeResult(metadata={f"{name}_rows": t.num_rows for name, t in tables.items()})
+
+
+def _model_asset(project: Project, name: str) -> dg.AssetsDefinition:
+    model = project.models[name]
+
+    @dg.asset(
+        key=model_key(name),
+        group_name=GROUP,
+        description=model.description or f"dbt_like_sql/models/{model.path.name}",
+        deps=[SOURCES_KEY, *(model_key(r) for r in sorted(model.refs))],
+        metadata={"sql_file": f"dbt_like_sql/models/{model.path.name}"},
+    )
+    def _asset(context: dg.AssetExecutionContext, duckdb: DuckDBResource) -> dg.MaterializeResult:
+        with duckdb.get_connection() as conn:
+            count, rows, columns = run_model(conn, project, name)
+        return dg.MaterializeResult(
+            metadata={"row_count": count, "preview": dg.MetadataValue.md(preview_markdown(columns, rows))}
+        )
+
+    return _asset
+
+
+def _check(test: ColumnTest) -> dg.AssetChecksDefinition:
+    @dg.asset_check(asset=model_key(test.model), name=test.name, description=f"{test.kind} on {test.column}")
+    def _run(duckdb: DuckDBResource) -> dg.AssetCheckResult:
+        with duckdb.get_connection() as conn:
+            failing = run_test(conn, test)
+        return dg.AssetCheckResult(
+            passed=failing == 0, severity=dg.AssetCheckSeverity.ERROR, metadata={"failing_rows": failing}
+        )
+
+    return _run
+
+
+def build_report_defs(project_dir: Path = DEFAULT_PROJECT) -> tuple[list, list]:
+    project = load_project(project_dir)
+    assets = [progress_sources, *(_model_asset(project, n) for n in project.order())]
+    checks = [_check(t) for m in project.models.values() for t in m.tests]
+    return assets, checks
+
+
+reports_job = dg.define_asset_job("reports_job", selection=dg.AssetSelection.groups(GROUP))
+
+
+def build_reports_sensor(enabled: bool) -> dg.SensorDefinition:
+    @dg.sensor(
+        name="reports_refresh_sensor",
+        job=reports_job,
+        minimum_interval_seconds=60,
+        default_status=dg.DefaultSensorStatus.RUNNING if enabled else dg.DefaultSensorStatus.STOPPED,
+    )
+    def reports_refresh_sensor(context: dg.SensorEvaluationContext, progress_store: ProgressStoreResource):
+        """Refresh the reports after files complete or fail (at most once a minute)."""
+        files = progress_store.open().list_files()
+        settled = [f.last_updated_at for f in files if f.status in (ProcessingStatus.COMPLETED, ProcessingStatus.FAILED)]
+        latest = max(settled).isoformat() if settled else ""
+        if not latest or latest == context.cursor:
+            return dg.SkipReason("no file settled since the last refresh")
+        context.update_cursor(latest)
+        return dg.RunRequest(run_key=f"reports-{latest}")
+
+    return reports_refresh_sensor

@@ -1,0 +1,90 @@
+"""The dbt-shaped SQL reports: Jinja-resolved DAG, DuckDB models, column tests as asset checks."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+import pytest
+
+from s3proc_dagster.reports.project import ReportProjectError, load_project
+from s3proc_dagster.reports.runner import ReportModelError, run_model
+from s3proc_dagster_tests.conftest import Deployment
+from s3proc_dagster_tests.pipeline_helpers import execute, run_requests_under, sensor_tick
+
+PROJECT = Path(__file__).resolve().parents[1] / "dbt_like_sql"
+
+
+def test_refs_and_sources_resolve_into_a_dag() -> None:
+    project = load_project(PROJECT)
+    assert project.models["chunk_throughput"].refs == {"file_status"}
+    assert ("progress", "chunk_status") in project.models["chunk_throughput"].sources
+    order = project.order()
+    assert order.index("file_status") < order.index("chunk_throughput")
+    assert order.index("file_status") < order.index("failures_by_reason")
+    assert "from progress__file_status" in project.render("file_status")
+    kinds = {(t.model, t.column, t.kind) for m in project.models.values() for t in m.tests}
+    assert ("chunk_throughput", "file_id", "relationships") in kinds
+    assert ("file_status", "status", "accepted_values") in kinds
+
+
+def test_broken_model_fails_with_its_file_name_and_duckdbs_message(tmp_path: Path) -> None:
+    project_dir = tmp_path / "proj"
+    shutil.copytree(PROJECT, project_dir)
+    (project_dir / "models" / "broken.sql").write_text("select no_such_column from {{ ref('file_status') }}")
+    project = load_project(project_dir)
+    conn = duckdb.connect()
+    conn.execute("CREATE TABLE file_status AS SELECT 1 AS file_id")
+    with pytest.raises(ReportModelError, match=r"broken\.sql: Binder Error: .*no_such_column"):
+        run_model(conn, project, "broken")
+    (project_dir / "models" / "broken.sql").write_text("select * from {{ ref('nope') }}")
+    with pytest.raises(ReportProjectError, match=r"broken\.sql: ref\('nope'\) names no model"):
+        load_project(project_dir)
+
+
+def test_reports_materialize_on_the_instance_and_a_broken_relationship_fails_its_check(deployment: Deployment) -> None:
+    folder = deployment.watch / "reports"
+    folder.mkdir()
+    (folder / "promo_r.csv").write_text(
+        "userId,promoCode,offerExpiry,amount\n,ABCD1234,2027-01-01,1\n ,ABCD1234,2027-01-01,1\nu1,bad,2027-01-01,1\nu2,ABCD1234,2027-01-01,1\n"
+    )
+    (folder / "not.zip").write_text("hello, I am text")
+    for request in run_requests_under(sensor_tick(deployment), "reports"):
+        execute(request, deployment)
+
+    from s3proc_dagster.definitions import defs, report_assets, report_checks
+
+    def materialize() -> dg.ExecuteInProcessResult:
+        return dg.materialize(
+            [*report_assets, *report_checks], resources=defs.resources, instance=deployment.instance(), raise_on_error=False
+        )
+
+    result = materialize()
+    assert result.success
+    store = deployment.store()
+    files = store.list_files()
+    conn = duckdb.connect(deployment.env["REPORTS_DB_PATH"], read_only=True)
+    assert conn.execute("select count(*) from file_status").fetchall()[0][0] == len(files)
+    reasons = conn.execute("select step, files from failures_by_reason").fetchall()
+    assert any(step == "type_detection" for step, _ in reasons)
+    expected: dict[str, int] = {}
+    for f in files:
+        for rule, n in f.error_summary.get("validation", {}).items():
+            expected[rule] = expected.get(rule, 0) + n
+    by_rule = dict(conn.execute("select rule, records from validation_errors_by_rule").fetchall())
+    assert by_rule == expected and by_rule["invalidUserId"] >= 2 and by_rule["invalidPromoCode"] >= 1
+    conn.close()
+    assert all(e.passed for e in result.get_asset_check_evaluations())
+
+    # a file record deleted behind the store's back: its chunks now point at nothing
+    victim = store.get_by_path(str(folder / "promo_r.csv")).file_id
+    raw = sqlite3.connect(deployment.env["PROGRESS_DB_PATH"])
+    raw.execute("DELETE FROM file_status WHERE file_id = ?", (victim,))
+    raw.commit()
+    raw.close()
+    again = materialize()
+    failed = {e.check_name for e in again.get_asset_check_evaluations() if not e.passed}
+    assert failed == {"file_id_relationships_file_status"}
