@@ -116,3 +116,53 @@ def test_nothing_is_written_outside_the_bucket_prefix(deployment: Deployment, s3
     ]
     # deployment prefix, or a transfer test's own t-<hex> prefix
     assert all(k.startswith(f"{deployment.prefix}/") or k.startswith("t-") for k in keys), keys[:20]
+
+
+def test_manual_retry_brings_a_fixed_file_back_and_it_completes(deployment: Deployment) -> None:
+    import os
+    import subprocess
+    import sys
+
+    path = deployment.watch / "retry" / "fixme.csv"
+    path.parent.mkdir()
+    path.write_text("a,b\n1,2\n3,4,5\n")
+    (request,) = run_requests_under(sensor_tick(deployment), "retry")
+    assert not execute(request, deployment).success
+    parked = deployment.errors / "retry" / "fixme.csv"
+    parked.write_text("a,b\n1,2\n3,4\n")  # the user fixes it where it was parked
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "s3proc_dagster.cli", "retry", str(parked)],
+        cwd=root, env=os.environ.copy(), capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert path.exists() and not parked.exists() and not parked.with_name("fixme.csv.error.json").exists()
+    assert deployment.store().get_by_path(str(path)).status is S.PENDING
+    (again,) = run_requests_under(sensor_tick(deployment), "retry")
+    assert "retry-" in again.run_key  # a new key: run keys are permanent in Dagster
+    assert execute(again, deployment).success
+    assert deployment.store().get_by_path(str(path)).status is S.COMPLETED
+
+
+def test_backfill_selects_files_by_glob_and_status(deployment: Deployment) -> None:
+    import os
+    import subprocess
+    import sys
+
+    for name in ("a.csv", "b.csv", "deep/c.csv", "d.tsv"):
+        target = deployment.watch / "bf" / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text("x\n1\n")
+    root = Path(__file__).resolve().parents[1]
+
+    def backfill(*args: str) -> list[str]:
+        out = subprocess.run(
+            [sys.executable, "-m", "s3proc_dagster.cli", "backfill", "--dry-run", *args],
+            cwd=root, env=os.environ.copy(), capture_output=True, text=True, timeout=120,
+        )
+        assert out.returncode == 0, out.stderr
+        return sorted(line.split("/bf/", 1)[1] for line in out.stdout.splitlines() if "/bf/" in line)
+
+    assert backfill("--glob", "bf/*.csv") == ["a.csv", "b.csv"]
+    assert backfill("--glob", "bf/**/*.csv") == ["a.csv", "b.csv", "deep/c.csv"]
+    assert backfill("--glob", "bf/**", "--status", "failed") == []
