@@ -116,6 +116,12 @@ class ProgressRecord(SeedModel):
     updated_at: int
 
 
+def success_rate(successful: int, failed: int) -> float:
+    """Seed 000's successRate: percent of processed records that passed (100 when none yet)."""
+    total = successful + failed
+    return round(successful / total * 100, 2) if total else 100.0
+
+
 class ChunkProcessingStats(SeedModel):
     successful_records: int = 0
     failed_records: int = 0
@@ -123,8 +129,7 @@ class ChunkProcessingStats(SeedModel):
     @computed_field  # type: ignore[prop-decorator]
     @property
     def success_rate(self) -> float:
-        total = self.successful_records + self.failed_records
-        return round(self.successful_records / total * 100, 2) if total else 100.0
+        return success_rate(self.successful_records, self.failed_records)
 
 
 class FileProcessingStats(SeedModel):
@@ -140,8 +145,7 @@ class FileProcessingStats(SeedModel):
     @computed_field  # type: ignore[prop-decorator]
     @property
     def success_rate(self) -> float:
-        total = self.successful_records + self.failed_records
-        return round(self.successful_records / total * 100, 2) if total else 100.0
+        return success_rate(self.successful_records, self.failed_records)
 
 
 def empty_error_summary() -> dict[str, dict[str, int]]:

@@ -31,6 +31,7 @@ from s3proc_dagster.files.validation import as_of_date, rule_set_for
 from s3proc_dagster.logs import get_logger
 from s3proc_dagster.models import ChunkStatus, FileStatus, FileType, ProcessingStatus, make_file_id
 from s3proc_dagster.stores.base import ProgressStore
+from s3proc_dagster.transfer.keys import join_key
 from s3proc_dagster.transfer.manifest import Manifest, write_manifest
 from s3proc_dagster.transfer.upload import upload_file
 from s3proc_dagster.transfer.verify import verify_object
@@ -135,10 +136,6 @@ class UploadedObject:
 def worker_name() -> str:
     """seed 000's processingThread: which host, process and thread did the work."""
     return f"{socket.gethostname()}-pid{os.getpid()}-{threading.current_thread().name}"
-
-
-def join_key(*parts: str) -> str:
-    return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
 
 
 def work_dir(staging: Path, sha256: str) -> Path:

@@ -81,10 +81,6 @@ class S3Config(BaseSettings):
     def incoming_bucket_name(self) -> str:
         return self.incoming_bucket or self.bucket
 
-    def key(self, *parts: str) -> str:
-        """Join a key under the configured prefix; the only place keys get their prefix."""
-        return "/".join(p.strip("/") for p in (self.prefix, *parts) if p and p.strip("/"))
-
 
 class MonitoringConfig(BaseSettings):
     model_config = _config()

@@ -16,6 +16,7 @@ from dagster_duckdb import DuckDBResource
 from pydantic import PrivateAttr
 
 from s3proc_dagster.settings import Configuration
+from s3proc_dagster.transfer.keys import join_key
 from s3proc_dagster.stores.base import ProgressStore
 
 
@@ -83,8 +84,8 @@ class S3Storage(S3Resource):
         )
 
     def key(self, *parts: str) -> str:
-        """Join a key under the prefix; every object the product writes goes through here."""
-        return "/".join(p.strip("/") for p in (self.prefix, *parts) if p and p.strip("/"))
+        """A key under the configured prefix."""
+        return join_key(self.prefix, *parts)
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"

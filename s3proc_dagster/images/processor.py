@@ -21,6 +21,7 @@ from s3proc_dagster.images.fetch import FetchError, fetch_image
 from s3proc_dagster.images.request_csv import InvalidRequestCsv, ProductRow, output_csv, parse_request_csv
 from s3proc_dagster.models import Request, RequestData, RequestStatus
 from s3proc_dagster.stores.base import ProgressStore
+from s3proc_dagster.transfer.keys import join_key
 from s3proc_dagster.transfer.upload import upload_file
 from s3proc_dagster.transfer.verify import verify_object
 
@@ -69,7 +70,7 @@ def submit(store: ProgressStore, data: bytes, name: str, request_id: str | None 
 
 
 def image_key(options: ImageOptions, request_id: str, serial_number: int, n: int, ext: str) -> str:
-    return "/".join(p for p in (options.prefix, "images", request_id, str(serial_number), f"{n}.{ext}") if p)
+    return join_key(options.prefix, "images", request_id, str(serial_number), f"{n}.{ext}")
 
 
 def output_url(options: ImageOptions, key: str) -> str:
@@ -130,7 +131,7 @@ def finalize(store: ProgressStore, request_id: str, client: Any, options: ImageO
     rows = store.list_request_rows(request_id)
     products = [ProductRow(r.serial_number, r.product_name, r.input_image_urls) for r in rows]
     body = output_csv(products, {r.serial_number: r.output_image_urls for r in rows})
-    key = "/".join(p for p in (options.prefix, "images", request_id, "output.csv") if p)
+    key = join_key(options.prefix, "images", request_id, "output.csv")
     staging.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=staging, suffix=".csv") as tmp:
         tmp.write(body)

@@ -26,6 +26,7 @@ from s3proc_dagster.models import (
     RequestData,
     RequestStatus,
     empty_error_summary,
+    success_rate,
     utcnow,
 )
 from s3proc_dagster.stores.base import ProgressStore
@@ -145,8 +146,7 @@ class MongoProgressStore(ProgressStore):
         updates = _set(fields)
         if "processingStats" in updates:
             stats = updates["processingStats"]
-            total = stats["successfulRecords"] + stats["failedRecords"]
-            stats["successRate"] = round(stats["successfulRecords"] / total * 100, 2) if total else 100.0
+            stats["successRate"] = success_rate(stats["successfulRecords"], stats["failedRecords"])
         result = self.chunks.update_one(
             {"chunkId": chunk.chunk_id, "status": expected.storage_name, "retryCount": expected_retry},
             {"$set": updates},
@@ -166,8 +166,7 @@ class MongoProgressStore(ProgressStore):
         )
         if after is not None:
             stats = after.get("processingStats", {})
-            total = stats.get("successfulRecords", 0) + stats.get("failedRecords", 0)
-            rate = round(stats.get("successfulRecords", 0) / total * 100, 2) if total else 100.0
+            rate = success_rate(stats.get("successfulRecords", 0), stats.get("failedRecords", 0))
             self.files.update_one({"fileId": chunk.file_id}, {"$set": {"processingStats.successRate": rate}})
         return True
 
