@@ -132,6 +132,13 @@ def _check_rules(
     missing = [c for c in required if c not in columns]
     if missing:
         raise ConversionError(f"{source.name}: {origin} needs column(s) {', '.join(missing)}, which the file lacks")
+    if not rules:
+        return
+    try:  # all rules bound at once; only a failure pays for finding which rule it was
+        conn.execute(f"SELECT {', '.join(f'({r.sql})' for r in rules)} FROM {_reader_sql(kind)} LIMIT 0", [str(path)])
+        return
+    except duckdb.Error:
+        pass
     for rule in rules:
         try:
             conn.execute(f"SELECT ({rule.sql}) FROM {_reader_sql(kind)} LIMIT 0", [str(path)])
