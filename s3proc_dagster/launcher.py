@@ -18,7 +18,6 @@ import yaml
 
 DEV_ACCESS_KEY = "s3proc-dev"
 DEV_SECRET_KEY = "s3proc-dev-secret"
-UPLOAD_POOL = "s3_uploads"
 
 
 def instance_config(max_concurrency: int, storage_dir: Path, upload_pool_limit: int | None = None) -> dict:

@@ -7,7 +7,6 @@ filesystem I/O manager, so "Re-execute from failure" reloads them instead of red
 earlier steps.
 """
 
-
 import dagster as dg
 
 from s3proc_dagster.defs.files.ops import (

@@ -1,6 +1,5 @@
 """One op per ProcessingStep. Each body: read resources, call `pipeline`, log, emit events."""
 
-
 import json
 import os
 import re

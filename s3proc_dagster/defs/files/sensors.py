@@ -1,6 +1,5 @@
 """`watch_directory_sensor`: one run per new, changed and stable file under WATCH_PATH."""
 
-
 import math
 import time
 from datetime import UTC, datetime

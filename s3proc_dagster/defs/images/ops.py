@@ -1,6 +1,5 @@
 """`image_request_job`: validate the product CSV, fan out per row, finalize the request."""
 
-
 import json
 from pathlib import Path
 
