@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from s3proc_dagster.errors import ConversionError
 
+WRITER_LANES = 2
 BATCH_ROWS = 122_880  # a multiple of DuckDB's 2,048-row vector
 RULES_COLUMN = "_rules"
 
@@ -271,29 +272,38 @@ def convert_to_parquet_chunks(
     chunks: list[ChunkFile] = []
     current: _ChunkWriter | None = None
     total = 0
-    # DuckDB produces the next batch while one writer thread encodes the previous one;
-    # a single writer keeps chunk order, and at most a few batches are in flight.
+    # DuckDB produces the next batch while writer threads encode the previous ones. Each
+    # chunk stays on one writer ("lane"), so its records keep their order; neighbouring
+    # chunks are encoded in parallel, and at most a few batches are in flight.
     pending: deque[Future] = deque()
+    lanes = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"parquet-writer-{i}") for i in range(WRITER_LANES)]
+
+    def close(writer: _ChunkWriter) -> None:
+        chunks.append(writer.close(chunk_size))
+
     try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet-writer") as writer:
-            for index, piece in _slices(reader, chunk_size):
-                if current is None or current.index != index:
-                    if current is not None:
-                        pending.append(writer.submit(lambda w=current: chunks.append(w.close(chunk_size))))
-                    current = _ChunkWriter(out_dir, index, reader.schema, compression, bool(rules))
-                pending.append(writer.submit(current.write, piece))
-                total += piece.num_rows
-                while len(pending) > 2:
-                    pending.popleft().result()
-            if current is not None:
-                pending.append(writer.submit(lambda w=current: chunks.append(w.close(chunk_size))))
-            while pending:
+        for index, piece in _slices(reader, chunk_size):
+            lane = lanes[index % WRITER_LANES]
+            if current is None or current.index != index:
+                if current is not None:
+                    pending.append(lanes[current.index % WRITER_LANES].submit(close, current))
+                current = _ChunkWriter(out_dir, index, reader.schema, compression, bool(rules))
+            pending.append(lane.submit(current.write, piece))
+            total += piece.num_rows
+            while len(pending) > 2 * WRITER_LANES:
                 pending.popleft().result()
+        if current is not None:
+            pending.append(lanes[current.index % WRITER_LANES].submit(close, current))
+        while pending:
+            pending.popleft().result()
+        chunks.sort(key=lambda c: c.chunk_index)
         columns = [(f.name, str(f.type)) for f in reader.schema if f.name != "__rules"]
     except duckdb.Error as exc:
         raise ConversionError(f"{source.name}: {_clean(exc)}") from None
     except pa.ArrowInvalid as exc:
         raise ConversionError(f"{source.name}: {_clean(exc)}") from None
     finally:
+        for lane in lanes:
+            lane.shutdown(wait=True)
         conn.close()
     return ConversionResult(total, chunks, columns, time.perf_counter() - started)
