@@ -219,13 +219,16 @@ def detect_type(version: FileVersion, store: ProgressStore) -> Detection:
 # ---- step 3: archive_extraction ---------------------------------------------------------------
 
 
-def _entry_record(store: ProgressStore, version: FileVersion, rel: str, local: Path, detection: Detection) -> str:
-    """Each archive entry gets its own record (own fileId, chunks, status), linked to the archive."""
+def _entry_record(
+    store: ProgressStore, version: FileVersion, rel: str, entry_path: str, local: Path, detection: Detection
+) -> str:
+    """Each archive entry gets its own record (own fileId, chunks, status), linked to the
+    archive; its path reads `<archive>!/<entry path>`, as Java and zipfile URLs do."""
     file_id = make_file_id(rel)
     status, _ = store.record_detected(
         FileStatus(
             file_id=file_id,
-            file_path=f"{version.source.uri}!/{rel.split('/', 1)[-1]}",
+            file_path=f"{version.source.uri}!/{entry_path}",
             file_name=PurePosixPath(rel).name,
             checksum=f"{version.sha256}:{rel}",
             file_size=local.stat().st_size,
@@ -268,7 +271,7 @@ def plan_work(version: FileVersion, detection: Detection, staging: Path, store: 
             raise UnsupportedFileError(f"{version.source.name}: entry {entry.relative_path}: {exc}") from None
         if entry_detection.file_type is FileType.ARCHIVE:
             entry_detection = Detection(FileType.REGULAR, "regular", entry_detection.extension, entry_detection.content_type)
-        file_id = _entry_record(store, version, rel, entry.path, entry_detection)
+        file_id = _entry_record(store, version, rel, entry.relative_path, entry.path, entry_detection)
         items.append(
             WorkItem(
                 file_id,

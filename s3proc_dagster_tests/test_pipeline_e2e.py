@@ -78,6 +78,9 @@ def test_every_file_type_lands_in_s3_equal_to_its_source(deployment: Deployment,
     assert record.processing_stats.completed_chunks == 3
     for path in (tsv, w / "bundle.zip", w / "image.bin"):
         assert store.get_by_path(str(path)).status is S.COMPLETED
+    entry = store.get_by_path(f"{w / 'bundle.zip'}!/nested/deeper/inner.csv")  # each entry is tracked too
+    assert entry.status is S.COMPLETED and entry.output_key == f"{p}/bundle.zip/nested/deeper/inner.csv"
+    assert entry.metadata["archiveFileId"] == store.get_by_path(str(w / "bundle.zip")).file_id
 
 
 def test_unchanged_file_is_skipped_and_changed_file_reprocessed(deployment: Deployment, tmp_path: Path) -> None:
