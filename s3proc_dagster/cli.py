@@ -1,4 +1,4 @@
-"""The `s3proc` command: status, and the embedded-defaults launcher behind the README's run command."""
+"""The `s3proc` command: status, process, retry, backfill, images, and `dev` (the README's run command)."""
 
 from __future__ import annotations
 

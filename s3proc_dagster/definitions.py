@@ -26,6 +26,9 @@ s3_incoming_sensor = build_s3_incoming_sensor(
 report_assets, report_checks = build_report_defs()
 
 defs = dg.Definitions(
+    # One process per run: steps of a file are sequential, and the reports share one
+    # DuckDB file, which allows a single writing process at a time.
+    executor=dg.in_process_executor,
     assets=report_assets,
     asset_checks=report_checks,
     jobs=[process_file_job, image_request_job, reconcile_job, reports_job],

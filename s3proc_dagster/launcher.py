@@ -64,6 +64,24 @@ def _load_dotenv(path: Path) -> None:
         os.environ.setdefault(key.strip(), value.strip().strip('"').strip("'"))
 
 
+DEV_ENV_KEYS = (
+    "S3_ENDPOINT", "S3_ACCESS_KEY_ID", "S3_SECRET_ACCESS_KEY", "S3_BUCKET", "WATCH_PATH",
+    "ERROR_DIRECTORY", "STAGING_DIRECTORY", "PROGRESS_DB_PATH", "REPORTS_DB_PATH",
+)
+
+
+def _write_dev_env(path: Path) -> None:
+    """On first use, write the embedded settings to `.env`, so that `s3proc status`,
+    `s3proc process` and `dagster job launch` in another terminal reach the same
+    SeaweedFS and store. An existing `.env` is the user's and is never touched."""
+    if path.exists():
+        return
+    lines = ["# Written by scripts/dev for the embedded SeaweedFS; see .env.example for every setting.",
+             "S3_EMBEDDED=true"]
+    lines += [f"{key}={os.environ[key]}" for key in DEV_ENV_KEYS if os.environ.get(key)]
+    path.write_text("\n".join(lines) + "\n")
+
+
 def run_dev(host: str = "127.0.0.1", port: int = 3000, root: Path | None = None) -> int:
     from s3proc_dagster.embedded import start_seaweedfs
     from s3proc_dagster.settings import load_configuration
@@ -79,7 +97,10 @@ def run_dev(host: str = "127.0.0.1", port: int = 3000, root: Path | None = None)
     Path(os.environ["WATCH_PATH"]).mkdir(parents=True, exist_ok=True)
 
     seaweed = None
-    if not os.environ.get("S3_ENDPOINT"):
+    if not os.environ.get("S3_ENDPOINT") or os.environ.get("S3_EMBEDDED") == "true":
+        port = int(os.environ.get("S3PROC_SEAWEEDFS_PORT", "8333"))
+        if os.environ.get("S3_ENDPOINT"):
+            port = int(os.environ["S3_ENDPOINT"].rsplit(":", 1)[1].strip("/"))
         os.environ.setdefault("S3_ACCESS_KEY_ID", DEV_ACCESS_KEY)
         os.environ.setdefault("S3_SECRET_ACCESS_KEY", DEV_SECRET_KEY)
         os.environ.setdefault("S3_BUCKET", "s3proc")
@@ -88,9 +109,10 @@ def run_dev(host: str = "127.0.0.1", port: int = 3000, root: Path | None = None)
             os.environ["S3_ACCESS_KEY_ID"],
             os.environ["S3_SECRET_ACCESS_KEY"],
             bucket=os.environ["S3_BUCKET"],
-            s3_port=int(os.environ.get("S3PROC_SEAWEEDFS_PORT", "8333")),
+            s3_port=port,
         )
         os.environ["S3_ENDPOINT"] = seaweed.url
+        _write_dev_env(root / ".env")
         print(f"SeaweedFS S3 endpoint: {seaweed.url} (data in {data / 'seaweedfs'})", flush=True)
 
     cfg = load_configuration()  # fail here, with every bad variable named, not inside dagster
