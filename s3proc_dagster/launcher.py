@@ -98,9 +98,9 @@ def run_dev(host: str = "127.0.0.1", port: int = 3000, root: Path | None = None)
 
     seaweed = None
     if not os.environ.get("S3_ENDPOINT") or os.environ.get("S3_EMBEDDED") == "true":
-        port = int(os.environ.get("S3PROC_SEAWEEDFS_PORT", "8333"))
+        s3_port = int(os.environ.get("S3PROC_SEAWEEDFS_PORT", "8333"))
         if os.environ.get("S3_ENDPOINT"):
-            port = int(os.environ["S3_ENDPOINT"].rsplit(":", 1)[1].strip("/"))
+            s3_port = int(os.environ["S3_ENDPOINT"].rsplit(":", 1)[1].strip("/"))
         os.environ.setdefault("S3_ACCESS_KEY_ID", DEV_ACCESS_KEY)
         os.environ.setdefault("S3_SECRET_ACCESS_KEY", DEV_SECRET_KEY)
         os.environ.setdefault("S3_BUCKET", "s3proc")
@@ -109,7 +109,7 @@ def run_dev(host: str = "127.0.0.1", port: int = 3000, root: Path | None = None)
             os.environ["S3_ACCESS_KEY_ID"],
             os.environ["S3_SECRET_ACCESS_KEY"],
             bucket=os.environ["S3_BUCKET"],
-            s3_port=port,
+            s3_port=s3_port,
         )
         os.environ["S3_ENDPOINT"] = seaweed.url
         _write_dev_env(root / ".env")
