@@ -88,3 +88,21 @@ def test_reports_materialize_on_the_instance_and_a_broken_relationship_fails_its
     again = materialize()
     failed = {e.check_name for e in again.get_asset_check_evaluations() if not e.passed}
     assert failed == {"file_id_relationships_file_status"}
+
+
+def test_reports_materialize_from_the_command_line(deployment: Deployment) -> None:
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "dagster", "asset", "materialize", "-m", "s3proc_dagster.definitions",
+         "--select", "group:reports"],
+        cwd=root, env=os.environ.copy(), capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    conn = duckdb.connect(deployment.env["REPORTS_DB_PATH"], read_only=True)
+    tables = {r[0] for r in conn.execute("select table_name from information_schema.tables").fetchall()}
+    conn.close()
+    assert {"file_status", "chunk_throughput", "failures_by_reason", "validation_errors_by_rule", "s3_datasets"} <= tables
