@@ -33,6 +33,9 @@ def main() -> int:
                 instance.report_runless_asset_event(
                     dg.AssetMaterialization(asset_key=key, metadata={"chunk_index": c, "rows": 50000})
                 )
+            if (i + 1) % 1000 == 0:
+                rate = (i + 1) * (args.chunks + 1) / (time.perf_counter() - started)
+                print(f"  {i + 1:,} files: {rate:,.0f} events/s so far", flush=True)
         write_s = time.perf_counter() - started
         started = time.perf_counter()
         keys = instance.get_asset_keys()
