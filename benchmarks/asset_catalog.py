@@ -42,6 +42,7 @@ def main() -> int:
         list_s = time.perf_counter() - started
         started = time.perf_counter()
         latest = instance.get_latest_materialization_events(keys[:1000])
+        assert len(latest) == min(1000, len(keys))
         latest_s = time.perf_counter() - started
         events = args.files * (args.chunks + 1)
         print(f"{args.files:,} file assets, {events:,} materializations: "

@@ -395,7 +395,7 @@ def upload_items(
     ensure_in_progress(store, version.file_id)
     for item in prepared:
         if not item.is_dataset:
-            yield _upload_plain(item, client, bucket, store)
+            yield _upload_plain(item, client, bucket)
             continue
         status_by_index = {c.chunk_index: c for c in store.list_chunks(item.item.file_id)}
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="upload") as pool:
@@ -448,7 +448,7 @@ def _upload_chunk(
     )
 
 
-def _upload_plain(item: PreparedItem, client: Any, bucket: str, store: ProgressStore) -> UploadedObject:
+def _upload_plain(item: PreparedItem, client: Any, bucket: str) -> UploadedObject:
     started = time.monotonic()
     result = upload_file(
         client, bucket, item.key, Path(item.item.local_path),

@@ -11,13 +11,16 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import boto3
 import pytest
 from botocore.config import Config
 
 from s3proc_dagster.embedded import Server, start_nx27017, start_seaweedfs
+
+if TYPE_CHECKING:
+    from s3proc_dagster_tests.s3_proxy import FaultyS3Proxy
 
 ACCESS_KEY = "s3proc-test-key"
 SECRET_KEY = "s3proc-test-secret-do-not-log"

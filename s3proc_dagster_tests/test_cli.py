@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from s3proc_dagster.models import FileStatus
 from s3proc_dagster.stores.sqlite import SQLiteProgressStore

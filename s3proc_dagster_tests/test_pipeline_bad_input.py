@@ -107,7 +107,7 @@ def test_sql_looking_file_name_converts_correctly(deployment: Deployment, tmp_pa
     assert read_dataset(deployment, f"{deployment.prefix}/names/a'b; DROP TABLE x.csv", tmp_path) == [(1, "a"), (2, "b")]
 
 
-def test_nothing_is_written_outside_the_bucket_prefix(deployment: Deployment, s3_prefix: str) -> None:
+def test_nothing_is_written_outside_the_bucket_prefix(deployment: Deployment) -> None:
     client = deployment.s3.client()
     keys = [
         o["Key"]

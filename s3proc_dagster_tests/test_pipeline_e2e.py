@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 
 from s3proc_dagster.models import ProcessingStatus as S
 from s3proc_dagster_tests.conftest import Deployment

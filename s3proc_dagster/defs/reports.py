@@ -27,9 +27,7 @@ def model_key(name: str) -> dg.AssetKey:
 
 
 @dg.asset(key=SOURCES_KEY, group_name=GROUP, description="The progress store and S3 manifests, as tables.")
-def progress_sources(
-    context: dg.AssetExecutionContext, duckdb: DuckDBResource, progress_store: ProgressStoreResource, s3: S3Storage
-) -> dg.MaterializeResult:
+def progress_sources(duckdb: DuckDBResource, progress_store: ProgressStoreResource, s3: S3Storage) -> dg.MaterializeResult:
     tables = progress_tables(progress_store.open())
     tables["datasets"] = dataset_table(s3.get_client(), s3.bucket, s3.prefix)
     with duckdb.get_connection() as conn:
@@ -50,7 +48,7 @@ def _model_asset(project: Project, name: str) -> dg.AssetsDefinition:
         deps=[SOURCES_KEY, *(model_key(r) for r in sorted(model.refs))],
         metadata={"sql_file": f"dbt_like_sql/models/{model.path.name}"},
     )
-    def _asset(context: dg.AssetExecutionContext, duckdb: DuckDBResource) -> dg.MaterializeResult:
+    def _asset(duckdb: DuckDBResource) -> dg.MaterializeResult:
         with duckdb.get_connection() as conn:
             count, rows, columns = run_model(conn, project, name)
         return dg.MaterializeResult(

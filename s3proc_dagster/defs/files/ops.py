@@ -168,7 +168,7 @@ def parquet_conversion(
     return prepared
 
 
-def _chunk_event(version: FileVersion, obj: UploadedObject, s3: S3Storage) -> dg.AssetMaterialization:
+def _chunk_event(obj: UploadedObject, s3: S3Storage) -> dg.AssetMaterialization:
     metadata: dict = {
         "s3_uri": dg.MetadataValue.url(s3.uri(obj.key)),
         "bytes": obj.size,
@@ -207,7 +207,7 @@ def streaming(
     with deterministic_failures():
         for obj in pipeline.upload_items(prepared, version, s3.get_client(), s3.bucket, progress_store.open()):
             uploaded.append(obj)
-            context.log_event(_chunk_event(version, obj, s3))
+            context.log_event(_chunk_event(obj, s3))
     reused = sum(o.skipped for o in uploaded)
     context.log.info(f"{len(uploaded) - reused} objects uploaded, {reused} already in S3")
     return uploaded
