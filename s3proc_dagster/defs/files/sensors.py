@@ -17,7 +17,7 @@ from s3proc_dagster.images.request_csv import looks_like_request_csv
 from s3proc_dagster.sources.metadata import read_sidecar, run_tags
 from s3proc_dagster.models import FileStatus, ProcessingStatus, make_file_id
 from s3proc_dagster.sources.s3_incoming import IncomingCursor, list_incoming, seed_metadata
-from s3proc_dagster.sources.watch import SeenFile, WatchCursor, evaluate, scan
+from s3proc_dagster.sources.watch import WatchCursor, evaluate, scan
 
 
 def run_request_for(
@@ -119,8 +119,6 @@ def build_watch_sensor(jobs: list[dg.JobDefinition], poll_interval_ms: int) -> d
 
     return watch_directory_sensor
 
-
-__all__ = ["build_watch_sensor", "SeenFile"]
 
 
 def build_s3_incoming_sensor(job: dg.JobDefinition, enabled: bool, poll_interval_ms: int) -> dg.SensorDefinition:
