@@ -87,25 +87,29 @@ def mongodb_database() -> str:
     return f"s3proc_test_{uuid.uuid4().hex[:10]}"
 
 
-@pytest.fixture
-def pipeline_env(tmp_path: Path, s3: S3Endpoint, s3_prefix: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """A complete, valid environment for the product in `tmp_path`, applied to os.environ."""
-    watch = tmp_path / "incoming"
-    watch.mkdir()
-    env = {
+def product_env(root: Path, s3: S3Endpoint, prefix: str) -> dict[str, str]:
+    """A complete, valid environment for the product with its directories under `root`."""
+    (root / "incoming").mkdir(parents=True, exist_ok=True)
+    return {
         **s3.env(),
-        "S3_PREFIX": s3_prefix,
-        "WATCH_PATH": str(watch),
-        "ERROR_DIRECTORY": str(tmp_path / "errors"),
-        "STAGING_DIRECTORY": str(tmp_path / "staging"),
-        "PROGRESS_DB_PATH": str(tmp_path / "progress.db"),
-        "REPORTS_DB_PATH": str(tmp_path / "reports.duckdb"),
+        "S3_PREFIX": prefix,
+        "WATCH_PATH": str(root / "incoming"),
+        "ERROR_DIRECTORY": str(root / "errors"),
+        "STAGING_DIRECTORY": str(root / "staging"),
+        "PROGRESS_DB_PATH": str(root / "progress.db"),
+        "REPORTS_DB_PATH": str(root / "reports.duckdb"),
         "STABILITY_THRESHOLD_MS": "0",
         "MAX_RETRIES": "1",
         "RETRY_DELAY_MS": "10",
         "LOG_PRETTY": "false",
         "MONGODB_URI": "",
     }
+
+
+@pytest.fixture
+def pipeline_env(tmp_path: Path, s3: S3Endpoint, s3_prefix: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """`product_env` in `tmp_path`, applied to os.environ for one test."""
+    env = product_env(tmp_path, s3, s3_prefix)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.chdir(tmp_path)
@@ -155,26 +159,14 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, s3: S3Endpoint) -> Iter
     from s3proc_dagster_tests.s3_proxy import FaultyS3Proxy
 
     root = tmp_path_factory.mktemp("deployment")
-    (root / "incoming").mkdir()
     proxy = FaultyS3Proxy(s3.url)  # the pipeline reaches SeaweedFS through it
     env = {
-        **s3.env(),
+        **product_env(root, s3, "deploy"),
         "S3_ENDPOINT": proxy.url,
-        "S3_PREFIX": "deploy",
-        "WATCH_PATH": str(root / "incoming"),
-        "ERROR_DIRECTORY": str(root / "errors"),
-        "STAGING_DIRECTORY": str(root / "staging"),
-        "PROGRESS_DB_PATH": str(root / "progress.db"),
-        "REPORTS_DB_PATH": str(root / "reports.duckdb"),
-        "STABILITY_THRESHOLD_MS": "0",
-        "MAX_RETRIES": "1",
-        "RETRY_DELAY_MS": "10",
         "CHUNK_SIZE": "50000",
         "VALIDATION_AS_OF": "2026-01-01",
         "S3_INCOMING_PREFIX": "incoming",
         "REPORTS_AUTO_REFRESH": "false",
-        "LOG_PRETTY": "false",
-        "MONGODB_URI": "",
         "DAGSTER_HOME": str(root / "dagster_home"),
     }
     write_instance(Path(env["DAGSTER_HOME"]), max_concurrency=2)
