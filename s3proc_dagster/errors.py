@@ -1,8 +1,21 @@
-"""Errors a user can act on. Each names what went wrong and, where it helps, what to do."""
+"""Errors a user can act on, and the one place that decides which of them a retry can cure.
+
+Each error names what went wrong and, where it helps, what to do. `is_transient` is the
+whole retry policy in one function: an error is retried with backoff only when waiting
+can change the outcome (a network fault, S3 briefly unavailable, another run holding
+the file); bad input and refused access fail at once, because the same bytes and the
+same permissions give the same answer on every attempt.
+"""
+
+from __future__ import annotations
+
+import errno
 
 
 class S3ProcError(Exception):
-    """Base of every error the product raises on purpose."""
+    """Base of every error the product raises on purpose. Permanent unless it says otherwise."""
+
+    transient = False
 
 
 class SettingsError(S3ProcError):
@@ -10,11 +23,37 @@ class SettingsError(S3ProcError):
 
 
 class IllegalTransition(S3ProcError):
-    """A status change the seed's state machine does not allow."""
+    """A status change the state machine does not allow (a bug or a misuse, never contention)."""
+
+
+class DuplicateRecord(IllegalTransition):
+    """Creating a record that exists (a request id used twice)."""
+
+
+class ConcurrencyConflict(S3ProcError):
+    """Another writer changed the record between our read and our write, too many times in a row."""
+
+    transient = True
+
+
+class FileBusy(ConcurrencyConflict):
+    """Another live run holds the file; `holder` is its run id."""
+
+    def __init__(self, message: str, holder: str) -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
+class VersionSuperseded(S3ProcError):
+    """The store now records a newer version of the file than the one this run is processing."""
 
 
 class RecordNotFound(S3ProcError):
     """No progress record for that path, fileId, chunkId or requestId."""
+
+
+class SourceChanged(S3ProcError):
+    """The source no longer has the bytes the store recorded for this version."""
 
 
 class UnsupportedFileError(S3ProcError):
@@ -30,8 +69,54 @@ class ConversionError(S3ProcError):
 
 
 class ChecksumMismatch(S3ProcError):
-    """An object in S3 does not have the bytes we uploaded."""
+    """An object in S3 does not have the bytes we uploaded.
+
+    Transient: the usual cause is an upload cut short, which a retry sends again.
+    """
+
+    transient = True
+
+
+class ObjectMissing(S3ProcError):
+    """An object we expected in S3 is not there (an upload cut short, or deleted meanwhile)."""
+
+    transient = True
+
+
+class ObjectUnreadable(S3ProcError):
+    """An object could not be read back from S3 (a network error, a 5xx, a missing key)."""
+
+    transient = True
 
 
 class ImageRequestError(S3ProcError):
     """A product CSV or one of its images cannot be processed."""
+
+
+# OSErrors that no retry can cure: the file is not there, not readable, or not a file.
+_PERMANENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.EROFS, errno.ELOOP}
+
+
+#: S3 answers that no retry can cure: wrong credentials, no such bucket, no permission.
+PERMANENT_S3_CODES = frozenset(
+    {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket", "InvalidBucketName", "AllAccessDisabled"}
+)
+
+
+def s3_error_code(exc: BaseException) -> str | None:
+    """botocore's error code (`NoSuchKey`, `AccessDenied`...), without importing botocore."""
+    response = getattr(exc, "response", None)
+    return response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether retrying after a delay can make this error go away."""
+    if isinstance(exc, S3ProcError):
+        return exc.transient
+    if s3_error_code(exc) in PERMANENT_S3_CODES:
+        return False
+    if isinstance(exc, OSError) and exc.errno in _PERMANENT_ERRNOS:
+        return False
+    if isinstance(exc, (ValueError, TypeError, KeyError, AttributeError, AssertionError)):
+        return False  # a bug or bad data: the same call fails the same way
+    return True  # network, S3, a full disk someone may clear, anything unknown

@@ -184,6 +184,18 @@ class FileStatus(SeedModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
     processing_stats: FileProcessingStats = Field(default_factory=FileProcessingStats)
     error_summary: dict[str, dict[str, int]] = Field(default_factory=empty_error_summary)
+    # The Dagster run that holds the file while IN_PROGRESS (and the last one that did):
+    # a claim is only as good as that run's liveness, so a killed run never blocks a file.
+    run_id: str | None = None
+
+
+class RejectedPart(SeedModel):
+    """Where a chunk's records that failed validation went: its own Parquet object."""
+
+    s3_key: str
+    size_bytes: int
+    sha256: str
+    records: int
 
 
 class ChunkStatus(SeedModel):
@@ -207,10 +219,17 @@ class ChunkStatus(SeedModel):
     s3_key: str | None = None
     size_bytes: int | None = None
     sha256: str | None = None
+    # The file version (its SHA-256) this chunk belongs to: a new version never inherits
+    # an old version's chunk state, even when the offsets are the same.
+    version: str | None = None
+    rejected: RejectedPart | None = None
 
 
 class S3UploadTask(SeedModel):
-    """One object upload; `upload_id` is kept so a crashed multipart upload can be resumed or aborted."""
+    """One multipart upload in flight: `upload_id` is kept so that a retried, re-executed
+    or restarted upload resumes from the parts S3 already has, and so that one given up
+    can be aborted. A task belongs to one content (`checksum`): other bytes for the same
+    key never resume it."""
 
     id: str
     source_file_path: str
@@ -225,6 +244,9 @@ class S3UploadTask(SeedModel):
     metadata: dict[str, str] = Field(default_factory=dict)
     status: UploadStatus = UploadStatus.PENDING
     error: str | None = None
+    file_id: str | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
 
 
 class Request(SeedModel):

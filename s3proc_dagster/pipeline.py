@@ -7,12 +7,17 @@ can call them directly. Every step reads the snapshot in the staging area, never
 original, so the original can change or move to the error directory without breaking a
 retry, and every step is safe to run again: a finished chunk is skipped, an existing
 conversion reused, an object overwritten under the same key.
+
+Every step first makes sure its run still holds the file version (`Claimant`): one run
+at a time works on a file, a re-execution takes over from its failed parent, and a run
+whose version was superseded by a newer one stops instead of overwriting it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import threading
 import time
@@ -20,21 +25,21 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-from s3proc_dagster.errors import ChecksumMismatch, UnsupportedFileError
+from s3proc_dagster.errors import ChecksumMismatch, FileBusy, UnsupportedFileError
 from s3proc_dagster.files.archives import extract
-from s3proc_dagster.files.checksum import Snapshot, snapshot, snapshot_stream
+from s3proc_dagster.files.checksum import Snapshot, sha256_file, snapshot, snapshot_stream
 from s3proc_dagster.files.detect import Detection, detect
 from s3proc_dagster.files.tabular import convert_to_parquet_chunks
 from s3proc_dagster.files.validation import as_of_date, rule_set_for
 from s3proc_dagster.logs import get_logger
-from s3proc_dagster.models import ChunkStatus, FileStatus, FileType, ProcessingStatus, make_file_id
-from s3proc_dagster.stores.base import ProgressStore
+from s3proc_dagster.models import ChunkStatus, FileStatus, FileType, ProcessingStatus, RejectedPart, make_file_id
+from s3proc_dagster.stores.base import ClaimOutcome, ProgressStore
+from s3proc_dagster.transfer import manifest as manifests
 from s3proc_dagster.transfer.keys import join_key
-from s3proc_dagster.transfer.manifest import Manifest, write_manifest
 from s3proc_dagster.transfer.upload import upload_file
-from s3proc_dagster.transfer.verify import verify_object
+from s3proc_dagster.transfer.verify import object_matches, verify_object
 
 S = ProcessingStatus
 log = get_logger("pipeline")
@@ -62,15 +67,35 @@ class Source:
 
 
 @dataclass(frozen=True)
+class Claimant:
+    """The run doing the work, and how to tell whether another run is still alive."""
+
+    run_id: str
+    is_alive: Callable[[str], bool]
+
+    def hold(self, store: ProgressStore, file_id: str, version: str | None) -> FileStatus:
+        return store.hold(file_id, self.run_id, self.is_alive, version)
+
+
+@dataclass(frozen=True)
 class FileVersion:
-    """Step 1's result: the snapshot in staging, its checksum, and whether work is needed."""
+    """Step 1's result: the snapshot in staging, its checksum, and what to do with it.
+
+    `outcome` is CLAIMED (this run processes it), UNCHANGED (this version is already
+    COMPLETED) or BUSY (another live run, `holder`, is processing this same version).
+    """
 
     file_id: str
     source: Source
     snapshot_path: str
     sha256: str
     size: int
-    needed: bool
+    outcome: ClaimOutcome = ClaimOutcome.CLAIMED
+    holder: str | None = None
+
+    @property
+    def needed(self) -> bool:
+        return self.outcome is ClaimOutcome.CLAIMED
 
 
 @dataclass(frozen=True)
@@ -83,6 +108,7 @@ class WorkItem:
     kind: str
     file_type: FileType
     content_type: str
+    version: str = ""  # the record's checksum: the file's SHA-256, or `<archive sha>:<entry path>`
 
 
 @dataclass(frozen=True)
@@ -161,17 +187,19 @@ def snapshot_s3_object(client: Any, bucket: str, key: str, staging: Path) -> Sna
     return snap
 
 
-def take_snapshot(source: Source, local_path: Path, staging: Path, store: ProgressStore) -> FileVersion:
-    """Copy a local file into staging and hash it in one read, then record this version."""
-    return record_version(source, snapshot(local_path, staging), store)
+def take_snapshot(source: Source, local_path: Path, staging: Path, store: ProgressStore, claimant: Claimant) -> FileVersion:
+    """Copy a local file into staging and hash it in one read, then claim this version."""
+    return record_version(source, snapshot(local_path, staging), store, claimant)
 
 
-def record_version(source: Source, snap: Snapshot, store: ProgressStore) -> FileVersion:
-    """Record a snapshot as this file's current version.
+def record_version(source: Source, snap: Snapshot, store: ProgressStore, claimant: Claimant) -> FileVersion:
+    """Claim a snapshot as the file version this run processes.
 
-    An unchanged COMPLETED file comes back with `needed=False`: nothing is uploaded again.
+    An unchanged COMPLETED version comes back UNCHANGED, and the same version held by
+    another live run BUSY: either way nothing is done twice. Another version held by a
+    live run raises FileBusy, a transient error: this run retries once that one is done.
     """
-    status, needed = store.record_detected(
+    claim = store.claim(
         FileStatus(
             file_id=source.file_id,
             file_path=source.uri,
@@ -181,36 +209,34 @@ def record_version(source: Source, snap: Snapshot, store: ProgressStore) -> File
             s3_bucket=source.s3_bucket,
             s3_key=source.s3_key,
             metadata=source.metadata,
+        ),
+        claimant.run_id,
+        claimant.is_alive,
+    )
+    if claim.outcome is ClaimOutcome.BUSY and claim.record.checksum != snap.sha256:
+        raise FileBusy(
+            f"{source.relative_path}: run {claim.holder} is processing an earlier version; this version waits for it",
+            claim.holder or "",
         )
-    )
-    if needed:
-        ensure_in_progress(store, status.file_id)
+    messages = {
+        ClaimOutcome.CLAIMED: "snapshot taken",
+        ClaimOutcome.UNCHANGED: "unchanged, skipped",
+        ClaimOutcome.BUSY: f"already being processed by run {claim.holder}, skipped",
+    }
     log.info(
-        "%s: %s", source.relative_path, "snapshot taken" if needed else "unchanged, skipped",
-        extra={"fields": {"fileId": status.file_id, "sha256": snap.sha256, "bytes": snap.size}},
+        "%s: %s", source.relative_path, messages[claim.outcome],
+        extra={"fields": {"fileId": claim.record.file_id, "sha256": snap.sha256, "bytes": snap.size}},
     )
-    return FileVersion(status.file_id, source, str(snap.path), snap.sha256, snap.size, needed)
-
-
-def ensure_in_progress(store: ProgressStore, file_id: str) -> FileStatus:
-    """Bring a record to IN_PROGRESS from wherever a (re-)execution finds it.
-
-    A re-execution from failure in the UI is the seed's manual retry: FAILED goes back
-    to PENDING, then starts again.
-    """
-    status = store.require(file_id)
-    if status.status is S.IN_PROGRESS:
-        return status
-    if status.status in (S.FAILED, S.COMPLETED):
-        store.reset_to_pending(file_id, None)
-    return store.start(file_id)
+    return FileVersion(
+        claim.record.file_id, source, str(snap.path), snap.sha256, snap.size, claim.outcome, claim.holder
+    )
 
 
 # ---- step 2: type_detection -------------------------------------------------------------------
 
 
-def detect_type(version: FileVersion, store: ProgressStore) -> Detection:
-    ensure_in_progress(store, version.file_id)
+def detect_type(version: FileVersion, store: ProgressStore, claimant: Claimant) -> Detection:
+    claimant.hold(store, version.file_id, version.sha256)
     detection = detect(Path(version.snapshot_path), version.source.name)
     store.update_file(version.file_id, file_type=detection.file_type, content_type=detection.content_type)
     return detection
@@ -219,36 +245,49 @@ def detect_type(version: FileVersion, store: ProgressStore) -> Detection:
 # ---- step 3: archive_extraction ---------------------------------------------------------------
 
 
-def _entry_record(
-    store: ProgressStore, version: FileVersion, rel: str, entry_path: str, local: Path, detection: Detection
-) -> str:
+def _claim_entry(
+    store: ProgressStore,
+    claimant: Claimant,
+    version: FileVersion,
+    rel: str,
+    entry_path: str,
+    local: Path,
+    detection: Detection,
+) -> tuple[str, str]:
     """Each archive entry gets its own record (own fileId, chunks, status), linked to the
-    archive; its path reads `<archive>!/<entry path>`, as Java and zipfile URLs do."""
-    file_id = make_file_id(rel)
-    status, _ = store.record_detected(
+    archive and held by the archive's run; its path reads `<archive>!/<entry path>`, as
+    Java and zipfile URLs do. Returns the entry's fileId and version."""
+    entry_version = f"{version.sha256}:{rel}"
+    claim = store.claim(
         FileStatus(
-            file_id=file_id,
+            file_id=make_file_id(rel),
             file_path=f"{version.source.uri}!/{entry_path}",
             file_name=PurePosixPath(rel).name,
-            checksum=f"{version.sha256}:{rel}",
+            checksum=entry_version,
             file_size=local.stat().st_size,
             file_type=detection.file_type,
             content_type=detection.content_type,
             metadata={**version.source.metadata, "archiveFileId": version.file_id},
-        )
+        ),
+        claimant.run_id,
+        claimant.is_alive,
+        reprocess_completed=True,
     )
-    ensure_in_progress(store, status.file_id)
-    return status.file_id
+    if claim.outcome is ClaimOutcome.BUSY:
+        raise FileBusy(f"{rel}: run {claim.holder} is processing this entry", claim.holder or "")
+    return claim.record.file_id, entry_version
 
 
-def plan_work(version: FileVersion, detection: Detection, staging: Path, store: ProgressStore) -> list[WorkItem]:
+def plan_work(
+    version: FileVersion, detection: Detection, staging: Path, store: ProgressStore, claimant: Claimant
+) -> list[WorkItem]:
     """The file itself, or every entry of an archive, each with its own detected type.
 
     An entry keeps the archive's inner structure below a folder named after the archive.
     Archives inside archives are uploaded as they are, not unpacked again (a bound on
     work and on nesting attacks).
     """
-    ensure_in_progress(store, version.file_id)
+    claimant.hold(store, version.file_id, version.sha256)
     if detection.file_type is not FileType.ARCHIVE:
         return [
             WorkItem(
@@ -258,6 +297,7 @@ def plan_work(version: FileVersion, detection: Detection, staging: Path, store: 
                 detection.kind,
                 detection.file_type,
                 detection.content_type,
+                version.sha256,
             )
         ]
     dest = work_dir(staging, version.sha256) / "extracted"
@@ -271,7 +311,7 @@ def plan_work(version: FileVersion, detection: Detection, staging: Path, store: 
             raise UnsupportedFileError(f"{version.source.name}: entry {entry.relative_path}: {exc}") from None
         if entry_detection.file_type is FileType.ARCHIVE:
             entry_detection = Detection(FileType.REGULAR, "regular", entry_detection.extension, entry_detection.content_type)
-        file_id = _entry_record(store, version, rel, entry.relative_path, entry.path, entry_detection)
+        file_id, entry_version = _claim_entry(store, claimant, version, rel, entry.relative_path, entry.path, entry_detection)
         items.append(
             WorkItem(
                 file_id,
@@ -280,6 +320,7 @@ def plan_work(version: FileVersion, detection: Detection, staging: Path, store: 
                 entry_detection.kind,
                 entry_detection.file_type,
                 entry_detection.content_type,
+                entry_version,
             )
         )
     return items
@@ -296,6 +337,7 @@ def convert_items(
     chunk_size: int,
     compression: str,
     store: ProgressStore,
+    claimant: Claimant,
     rules_dir: Path | None = None,
     as_of: date | None = None,
 ) -> list[PreparedItem]:
@@ -303,9 +345,10 @@ def convert_items(
     when a rule set selects them); other items pass through.
 
     A finished conversion is kept next to its `_done.json`, so a re-executed step reuses
-    it instead of converting again.
+    it instead of converting again. The chunk plan belongs to this version: chunks that
+    landed for an earlier version of the file are never taken for this one's.
     """
-    ensure_in_progress(store, version.file_id)
+    claimant.hold(store, version.file_id, version.sha256)
     prepared: list[PreparedItem] = []
     for item in items:
         key = join_key(prefix, item.relative_path)
@@ -320,11 +363,15 @@ def convert_items(
             result = json.loads(done.read_text())
         else:
             rule_set = rule_set_for(item.relative_path, rules_dir) if rules_dir else None
-            conversion = convert_to_parquet_chunks(
-                Path(item.local_path), item.kind, out_dir, chunk_size, compression,
-                rules=rule_set.render(as_of or as_of_date(None)) if rule_set else None,
-                required_columns=rule_set.columns if rule_set else (),
-            )
+            try:
+                conversion = convert_to_parquet_chunks(
+                    Path(item.local_path), item.kind, out_dir, chunk_size, compression,
+                    rules=rule_set.render(as_of or as_of_date(None)) if rule_set else None,
+                    required_columns=rule_set.columns if rule_set else (),
+                )
+            except BaseException:
+                shutil.rmtree(out_dir, ignore_errors=True)  # a failed pass leaves no partial parts
+                raise
             result = {
                 "record_count": conversion.record_count,
                 "rule_set": rule_set.name if rule_set else None,
@@ -340,21 +387,21 @@ def convert_items(
                 len(conversion.chunks), conversion.duration_s,
                 extra={"fields": {"fileId": item.file_id, "compression": compression}},
             )
-        planned = store.plan_chunks(item.file_id, result["record_count"], chunk_size)
+        planned = store.plan_chunks(item.file_id, result["record_count"], chunk_size, version=item.version)
         by_index = {c.chunk_index: c for c in planned}
         chunks = tuple(
             PreparedChunk(
                 by_index[index].chunk_id,
                 index,
                 path,
-                join_key(key, f"part-{index:05d}.parquet"),
+                manifests.part_key(key, item.version, index),
                 start,
                 end,
                 count,
                 failed,
                 rule_counts,
                 rejected,
-                join_key(key, "_rejected", f"part-{index:05d}.parquet") if rejected else None,
+                manifests.part_key(key, item.version, index, rejected=True) if rejected else None,
             )
             for index, path, start, end, count, failed, rule_counts, rejected in result["chunks"]
         )
@@ -366,14 +413,18 @@ def convert_items(
 # ---- step 5: streaming (S3 upload) ------------------------------------------------------------------
 
 
-def _already_uploaded(chunk: ChunkStatus, client: Any, bucket: str) -> bool:
-    """A COMPLETED chunk whose object is still there with our checksum needs no upload."""
-    if chunk.status is not S.COMPLETED or not chunk.s3_key or not chunk.sha256:
+def _already_uploaded(chunk: PreparedChunk, record: ChunkStatus, version: str, client: Any, bucket: str) -> bool:
+    """A chunk of this very version, COMPLETED, whose objects are still in S3 with the
+    recorded checksums, needs no upload."""
+    if record.status is not S.COMPLETED or record.version != version or record.s3_key != chunk.key or not record.sha256:
         return False
-    try:
-        verify_object(client, bucket, chunk.s3_key, chunk.size_bytes or 0, chunk.sha256)
-    except Exception:  # noqa: BLE001 - missing or different: upload again
+    if not object_matches(client, bucket, chunk.key, record.size_bytes or 0, record.sha256):
         return False
+    if chunk.rejected_key:
+        rejected = record.rejected
+        if rejected is None or rejected.s3_key != chunk.rejected_key:
+            return False
+        return object_matches(client, bucket, rejected.s3_key, rejected.size_bytes, rejected.sha256)
     return True
 
 
@@ -383,6 +434,7 @@ def upload_items(
     client: Any,
     bucket: str,
     store: ProgressStore,
+    claimant: Claimant,
     threads: int = UPLOAD_THREADS,
 ) -> Iterator[UploadedObject]:
     """Upload every chunk and plain object, yielding each as it lands (in chunk order).
@@ -390,17 +442,18 @@ def upload_items(
     Chunks go up on a few threads: one chunk is a few MB, so a single stream spends most
     of its time on per-request latency. Finished chunks are skipped, so a retried or
     re-executed step never uploads a chunk twice; a chunk that fails is recorded FAILED
-    with the reason before the error reaches Dagster's retry policy.
+    with the reason before the error reaches Dagster's retry policy. A large plain file
+    goes up as a multipart upload recorded in the store, so a retry resumes it.
     """
-    ensure_in_progress(store, version.file_id)
+    claimant.hold(store, version.file_id, version.sha256)
     for item in prepared:
         if not item.is_dataset:
-            yield _upload_plain(item, client, bucket)
+            yield _upload_plain(item, version, client, bucket, store)
             continue
-        status_by_index = {c.chunk_index: c for c in store.list_chunks(item.item.file_id)}
+        records = {c.chunk_index: c for c in store.list_chunks(item.item.file_id)}
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="upload") as pool:
             yield from pool.map(
-                lambda chunk: _upload_chunk(item, chunk, status_by_index[chunk.chunk_index], client, bucket, store),
+                lambda chunk: _upload_chunk(item, chunk, records[chunk.chunk_index], client, bucket, store),
                 item.chunks,
             )
 
@@ -408,7 +461,7 @@ def upload_items(
 def _upload_chunk(
     item: PreparedItem, chunk: PreparedChunk, current: ChunkStatus, client: Any, bucket: str, store: ProgressStore
 ) -> UploadedObject:
-    if _already_uploaded(current, client, bucket):
+    if _already_uploaded(chunk, current, item.item.version, client, bucket):
         return UploadedObject(
             item.item.file_id, item.item.relative_path, chunk.key, current.size_bytes or 0,
             current.sha256 or "", current.duration or 0.0, True, chunk.chunk_index,
@@ -416,19 +469,23 @@ def _upload_chunk(
         )
     store.chunk_started(chunk.chunk_id, worker_name())
     started = time.monotonic()
+    rejected = None
     try:
         result = upload_file(
             client, bucket, chunk.key, Path(chunk.local_path),
             content_type="application/vnd.apache.parquet",
             metadata={"x-completed": "true", "x-file-id": item.item.file_id},
+            journal=store, file_id=item.item.file_id,
         )
         if chunk.rejected_path and chunk.rejected_key:
-            rejected = upload_file(
+            sent = upload_file(
                 client, bucket, chunk.rejected_key, Path(chunk.rejected_path),
                 content_type="application/vnd.apache.parquet",
                 metadata={"x-completed": "true", "x-file-id": item.item.file_id, "x-rejected": "true"},
+                journal=store, file_id=item.item.file_id,
             )
-            verify_object(client, bucket, rejected.key, rejected.size, rejected.sha256)
+            verify_object(client, bucket, sent.key, sent.size, sent.sha256)
+            rejected = RejectedPart(s3_key=sent.key, size_bytes=sent.size, sha256=sent.sha256, records=chunk.failed_records)
     except Exception as exc:
         store.chunk_failed(chunk.chunk_id, f"{type(exc).__name__}: {exc}", error_kind="s3UploadFailure")
         raise
@@ -440,7 +497,7 @@ def _upload_chunk(
     store.chunk_completed(
         chunk.chunk_id, s3_key=chunk.key, size_bytes=result.size, sha256=result.sha256, duration=duration,
         successful_records=chunk.record_count - chunk.failed_records, failed_records=chunk.failed_records,
-        validation_errors=chunk.rule_counts,
+        validation_errors=chunk.rule_counts, rejected=rejected,
     )
     return UploadedObject(
         item.item.file_id, item.item.relative_path, chunk.key, result.size, result.sha256, duration,
@@ -448,13 +505,22 @@ def _upload_chunk(
     )
 
 
-def _upload_plain(item: PreparedItem, client: Any, bucket: str) -> UploadedObject:
+def _upload_plain(item: PreparedItem, version: FileVersion, client: Any, bucket: str, store: ProgressStore) -> UploadedObject:
     started = time.monotonic()
+    local = Path(item.item.local_path)
+    known = version.sha256 if item.item.file_id == version.file_id else None
     result = upload_file(
-        client, bucket, item.key, Path(item.item.local_path),
+        client, bucket, item.key, local,
         content_type=item.item.content_type,
         metadata={"x-completed": "true", "x-file-id": item.item.file_id},
+        journal=store, file_id=item.item.file_id, sha256=known,
     )
+    if result.parts_sent < result.parts:
+        log.info(
+            "%s: resumed a multipart upload, %d of %d parts were already in S3",
+            item.item.relative_path, result.parts - result.parts_sent, result.parts,
+            extra={"fields": {"fileId": item.item.file_id, "s3Key": item.key}},
+        )
     return UploadedObject(
         item.item.file_id, item.item.relative_path, item.key, result.size, result.sha256,
         time.monotonic() - started, False,
@@ -465,63 +531,79 @@ def _upload_plain(item: PreparedItem, client: Any, bucket: str) -> UploadedObjec
 
 
 def verify_items(
-    prepared: list[PreparedItem], version: FileVersion, client: Any, bucket: str, store: ProgressStore
-) -> list[Manifest]:
-    """Check every object against the store (size, SHA-256), then write each dataset's
-    manifest last: readers that wait for `_manifest.json` never see a partial dataset."""
-    ensure_in_progress(store, version.file_id)
-    manifests = []
+    prepared: list[PreparedItem],
+    version: FileVersion,
+    client: Any,
+    bucket: str,
+    store: ProgressStore,
+    claimant: Claimant,
+) -> list[manifests.Manifest]:
+    """Check every object against the store (size, SHA-256), then commit each dataset:
+    the manifest is swapped in last and the previous version's objects go after it, so a
+    reader never sees a partial dataset or two versions at once."""
+    claimant.hold(store, version.file_id, version.sha256)
+    committed = []
     for item in prepared:
         if not item.is_dataset:
-            from s3proc_dagster.files.checksum import sha256_file
-
             local = Path(item.item.local_path)
-            verify_object(client, bucket, item.key, local.stat().st_size, sha256_file(local))
+            known = version.sha256 if item.item.file_id == version.file_id else sha256_file(local)
+            verify_object(client, bucket, item.key, local.stat().st_size, known)
             continue
-        chunks = store.list_chunks(item.item.file_id)
+        chunks = [c for c in store.list_chunks(item.item.file_id) if c.version == item.item.version]
         for chunk in chunks:
             verify_object(client, bucket, chunk.s3_key or "", chunk.size_bytes or 0, chunk.sha256 or "")
-        manifest = Manifest(
+            if chunk.rejected:
+                verify_object(client, bucket, chunk.rejected.s3_key, chunk.rejected.size_bytes, chunk.rejected.sha256)
+        manifest = manifests.Manifest(
             dataset_key=item.key,
-            file_sha256=version.sha256,
+            file_sha256=item.item.version,  # the record's checksum: an archive entry's reads `<archive sha>:<path>`
             total_rows=item.record_count or 0,
             total_bytes=sum(c.size_bytes or 0 for c in chunks),
             compression=item.compression or "",
             chunks=[
-                {
-                    "chunkIndex": c.chunk_index,
-                    "key": c.s3_key,
-                    "rows": c.record_count,
-                    "bytes": c.size_bytes,
-                    "sha256": c.sha256,
-                    "startOffset": c.start_offset,
-                    "endOffset": c.end_offset,
-                }
+                manifests.ManifestPart(
+                    c.chunk_index, c.s3_key or "", c.record_count - (c.rejected.records if c.rejected else 0),
+                    c.size_bytes or 0, c.sha256 or "", c.start_offset, c.end_offset,
+                )
                 for c in chunks
             ],
             rejected=[
-                {"chunkIndex": c.chunk_index, "key": c.rejected_key, "rows": c.failed_records, "rules": c.rule_counts}
-                for c in item.chunks
-                if c.rejected_key
+                manifests.ManifestPart(
+                    c.chunk_index, c.rejected.s3_key, c.rejected.records, c.rejected.size_bytes, c.rejected.sha256,
+                    rules=c.error_summary.get("validation", {}),
+                )
+                for c in chunks
+                if c.rejected
             ],
         )
-        write_manifest(client, bucket, item.key, manifest)
-        manifests.append(manifest)
-    return manifests
+        removed = manifests.commit(client, bucket, manifest)
+        if removed:
+            log.info(
+                "%s: committed version %s, %d object(s) of earlier versions removed",
+                item.item.relative_path, manifest.file_sha256[:12], removed,
+                extra={"fields": {"fileId": item.item.file_id}},
+            )
+        committed.append(manifest)
+    return committed
 
 
 # ---- step 7: progress_update ------------------------------------------------------------------------
 
 
-def finish(prepared: list[PreparedItem], version: FileVersion, prefix: str, store: ProgressStore) -> FileStatus:
+def finish(
+    prepared: list[PreparedItem], version: FileVersion, prefix: str, store: ProgressStore, claimant: Claimant
+) -> FileStatus:
     """Mark every entry and then the file COMPLETED with where its output lives."""
-    ensure_in_progress(store, version.file_id)
+    claimant.hold(store, version.file_id, version.sha256)
     for item in prepared:
         if item.item.file_id != version.file_id:
-            ensure_in_progress(store, item.item.file_id)
-            store.complete(item.item.file_id, item.key, processed_bytes=Path(item.item.local_path).stat().st_size)
+            claimant.hold(store, item.item.file_id, item.item.version)
+            store.complete(
+                item.item.file_id, item.key, processed_bytes=Path(item.item.local_path).stat().st_size,
+                run_id=claimant.run_id,
+            )
     own = [p.key for p in prepared if p.item.file_id == version.file_id]
     output_key = own[0] if own else join_key(prefix, version.source.relative_path)
-    done = store.complete(version.file_id, output_key, processed_bytes=version.size)
+    done = store.complete(version.file_id, output_key, processed_bytes=version.size, run_id=claimant.run_id)
     log.info("%s: COMPLETED", version.source.relative_path, extra={"fields": {"fileId": version.file_id, "s3Key": output_key}})
     return done

@@ -1,24 +1,36 @@
-"""Crash recovery (seed 001): settle every IN_PROGRESS record left by a dead run.
+"""Crash recovery: settle every file a dead run left IN_PROGRESS, and sweep abandoned uploads.
 
-For each IN_PROGRESS file whose run is no longer alive:
-- its output has a completion marker (a dataset's `_manifest.json`, or an object with
-  `x-completed: true`): it finished but the process died before saying so -> COMPLETED;
-- otherwise: unfinished multipart uploads under its key are aborted, objects that no
-  COMPLETED chunk record vouches for are deleted, and it goes back to PENDING, so the
-  watch sensor runs it again (under a new run key).
-Chunks a verified record vouches for are kept, so the new run does not upload them again.
+For each IN_PROGRESS file whose holder is no longer alive (the caller judges liveness):
+- a dataset is COMPLETED only if its committed `_manifest.json` names the version the
+  store records and every part it lists is in S3 with its size and SHA-256; a plain
+  object only if it carries `x-completed` and the recorded `x-sha256`. Anything else,
+  an older version's manifest included, is not trusted;
+- whatever the outcome, the file's unfinished multipart uploads are aborted, except the
+  ones recorded for this very version, which the rerun resumes; and objects that neither
+  the committed manifest (what readers see now) nor a COMPLETED chunk of this version
+  vouches for are deleted;
+- an unfinished file goes back to PENDING, so the watch sensor runs it again.
+
+`sweep_uploads` aborts multipart uploads under the product's prefix that no live run
+owns and that are older than a bound: uploads left by an S3 outage, a killed run whose
+file was never recovered, or a run that gave up while S3 was down.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Callable
 
+from s3proc_dagster.logs import get_logger
 from s3proc_dagster.models import FileStatus, FileType, ProcessingStatus
 from s3proc_dagster.stores.base import ProgressStore
-from s3proc_dagster.transfer.recovery import abort_stale_uploads, delete_prefix, has_completion_marker
+from s3proc_dagster.transfer.manifest import is_intact, read_manifest, version_folder
+from s3proc_dagster.transfer.recovery import abort, delete_prefix, open_uploads
+from s3proc_dagster.transfer.verify import head
 
 S = ProcessingStatus
+log = get_logger("recovery")
 
 
 @dataclass(frozen=True)
@@ -26,45 +38,110 @@ class Recovered:
     file_id: str
     file_path: str
     outcome: str  # "completed" | "pending"
+    dead_run: str | None = None
     aborted_uploads: int = 0
     deleted_objects: int = 0
 
 
-def _marker_key(status: FileStatus) -> str | None:
-    if not status.output_key:
-        return None
-    if status.file_type is FileType.DATABASE:
-        return f"{status.output_key}/_manifest.json"
+def recover(store: ProgressStore, client: Any, bucket: str, is_alive: Callable[[str], bool]) -> list[Recovered]:
+    report: list[Recovered] = []
+    for status in store.list_files(S.IN_PROGRESS):
+        if status.run_id and is_alive(status.run_id):
+            continue
+        report.append(settle(store, client, bucket, status))
+    return report
+
+
+def settle(store: ProgressStore, client: Any, bucket: str, status: FileStatus) -> Recovered:
+    """Decide one dead run's file: COMPLETED if S3 proves this version whole, else PENDING."""
+    dead, key = status.run_id, status.output_key
+    resumable = {
+        t.upload_id for t in store.list_upload_tasks(status.file_id) if t.checksum and _same_content(t.s3_key, key, status)
+    }
+    aborted = deleted = 0
+    complete = False
+    if key and status.file_type is FileType.DATABASE:
+        committed = read_manifest(client, bucket, key)
+        complete = bool(committed and committed.file_sha256 == status.checksum and is_intact(client, bucket, committed))
+        keep = committed.vouched_keys() if committed else set()
+        if not complete:
+            for chunk in store.list_chunks(status.file_id):
+                if chunk.status is S.COMPLETED and chunk.version == status.checksum and chunk.s3_key:
+                    keep.add(chunk.s3_key)
+                    if chunk.rejected:
+                        keep.add(chunk.rejected.s3_key)
+        aborted = _abort_uploads(store, client, bucket, key + "/", set() if complete else resumable)
+        deleted = delete_prefix(client, bucket, key + "/", keep=keep)
+    elif key and status.file_type is FileType.REGULAR:
+        found = head(client, bucket, key)
+        meta = (found or {}).get("Metadata", {})
+        complete = meta.get("x-completed") == "true" and meta.get("x-sha256") == status.checksum
+        aborted = _abort_uploads(store, client, bucket, key, set() if complete else resumable, exact=True)
+    if complete:
+        store.complete(status.file_id, key or "", run_id=dead)
+        outcome = "completed"
+    else:
+        store.reset_to_pending(status.file_id, "crash recovery: the run that was processing it is gone", run_id=dead)
+        outcome = "pending"
+    log.info(
+        "%s: %s after run %s died (aborted %d uploads, deleted %d objects)",
+        status.file_path, outcome.upper(), dead, aborted, deleted,
+        extra={"fields": {"fileId": status.file_id}},
+    )
+    return Recovered(status.file_id, status.file_path, outcome, dead, aborted, deleted)
+
+
+def _same_content(task_key: str, output_key: str | None, status: FileStatus) -> bool:
+    """A recorded upload worth resuming: this version's bytes for this file's output."""
+    if not output_key:
+        return False
     if status.file_type is FileType.REGULAR:
-        return status.output_key
-    return None  # an archive is complete only when its run says so
+        return task_key == output_key
+    return task_key.startswith(f"{output_key}/{version_folder(status.checksum or '')}/")
 
 
-def recover(
+def _abort_uploads(
+    store: ProgressStore, client: Any, bucket: str, prefix: str, keep: set[str | None], exact: bool = False
+) -> int:
+    tasks = {t.upload_id: t for t in store.list_upload_tasks() if t.bucket == bucket}
+    aborted = 0
+    for upload in open_uploads(client, bucket, prefix):
+        if (exact and upload["Key"] != prefix) or upload["UploadId"] in keep:
+            continue
+        abort(client, bucket, upload["Key"], upload["UploadId"])
+        if upload["UploadId"] in tasks:
+            store.delete_upload_task(tasks[upload["UploadId"]].id)
+        aborted += 1
+    return aborted
+
+
+def sweep_uploads(
     store: ProgressStore,
     client: Any,
     bucket: str,
-    is_running: Callable[[str], bool],
-) -> list[Recovered]:
-    report: list[Recovered] = []
-    for status in store.list_files(S.IN_PROGRESS):
-        if is_running(status.file_id) or is_running(status.metadata.get("archiveFileId", "")):
+    prefix: str,
+    older_than: datetime,
+    is_alive: Callable[[str], bool],
+    exclude_prefixes: tuple[str, ...] = (),
+) -> list[str]:
+    """Abort unfinished uploads under `prefix` started before `older_than` that no live
+    run owns; return their keys. `exclude_prefixes` holds the S3 incoming prefix: uploads
+    users are making into it are theirs, never ours to abort."""
+    tasks = {t.upload_id: t for t in store.list_upload_tasks() if t.bucket == bucket}
+    aborted = []
+    for upload in open_uploads(client, bucket, prefix.rstrip("/") + "/" if prefix else ""):
+        if any(upload["Key"].startswith(p) for p in exclude_prefixes if p) or upload["Initiated"] >= older_than:
             continue
-        marker = _marker_key(status)
-        if marker and has_completion_marker(client, bucket, marker):
-            store.complete(status.file_id, status.output_key or marker)
-            report.append(Recovered(status.file_id, status.file_path, "completed"))
+        task = tasks.get(upload["UploadId"])
+        owner = store.get(task.file_id) if task and task.file_id else None
+        if owner and owner.status is S.IN_PROGRESS and owner.run_id and is_alive(owner.run_id):
             continue
-        aborted = deleted = 0
-        if status.output_key:
-            keep = {
-                c.s3_key
-                for c in store.list_chunks(status.file_id)
-                if c.status is S.COMPLETED and c.s3_key
-            }
-            prefix = status.output_key if status.file_type is FileType.REGULAR else status.output_key + "/"
-            aborted = len(abort_stale_uploads(client, bucket, prefix))
-            deleted = delete_prefix(client, bucket, prefix, keep=keep)
-        store.reset_to_pending(status.file_id, "crash recovery: the run that was processing it is gone")
-        report.append(Recovered(status.file_id, status.file_path, "pending", aborted, deleted))
-    return report
+        abort(client, bucket, upload["Key"], upload["UploadId"])
+        if task:
+            store.delete_upload_task(task.id)
+        aborted.append(upload["Key"])
+    live = {u["UploadId"] for u in open_uploads(client, bucket, prefix.rstrip("/") + "/" if prefix else "")}
+    for task in tasks.values():  # records of uploads S3 no longer has (completed or aborted elsewhere)
+        if task.upload_id not in live and task.updated_at < older_than:
+            store.delete_upload_task(task.id)
+    return aborted

@@ -9,7 +9,7 @@ and are printed as `***` everywhere, including in the validation message.
 from __future__ import annotations
 
 import os
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Literal
 
@@ -118,6 +118,9 @@ class ProcessingConfig(BaseSettings):
     reports_auto_refresh: bool = True
     validation_rules_dir: Path = DEFAULT_RULES_DIR
     validation_as_of: date | None = None
+    # An unfinished multipart upload no live run owns is aborted once it is this old
+    # (seconds, or ISO 8601 such as PT1H); younger ones may still be resumed.
+    stale_upload_age: timedelta = Field(timedelta(hours=1), ge=timedelta(0))
 
     @field_validator("parquet_compression", mode="before")
     @classmethod

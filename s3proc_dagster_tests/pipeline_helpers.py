@@ -41,7 +41,8 @@ def sensor_tick(deployment: Deployment) -> list[dg.RunRequest]:
 
 
 def run_requests_under(requests: list[dg.RunRequest], folder: str) -> list[dg.RunRequest]:
-    return [r for r in requests if r.tags["s3proc/path"].startswith(folder + "/")]
+    """The file runs a tick requested under `folder` (not the recovery runs it may also request)."""
+    return [r for r in requests if r.tags.get("s3proc/path", "").startswith(folder + "/")]
 
 
 def execute(request: dg.RunRequest, deployment: Deployment) -> dg.ExecuteJobResult:
@@ -125,6 +126,15 @@ def read_dataset(deployment: Deployment, dataset_key: str, tmp: Path) -> list[tu
         client.download_file(deployment.s3.bucket, key, str(target))
         local.append(str(target))
     return duckdb.sql(f"SELECT * FROM read_parquet({local!r})").fetchall()
+
+
+def dataset_keys(dataset_key: str, sha: str, chunks: int) -> list[str]:
+    """Every object a committed dataset consists of, sorted as S3 lists them: its manifest,
+    its symlink manifest and the parts of the version whose SHA-256 is `sha`."""
+    from s3proc_dagster.transfer.manifest import part_key
+
+    parts = [part_key(dataset_key, sha, i) for i in range(chunks)]
+    return [f"{dataset_key}/_manifest.json", f"{dataset_key}/_symlink_format_manifest/manifest", *parts]
 
 
 def source_rows(path: Path, reader: str) -> list[tuple]:

@@ -1,4 +1,5 @@
-"""A run killed with SIGKILL in the middle of a multipart upload, then crash recovery."""
+"""A run killed with SIGKILL in the middle of a multipart upload, then crash recovery and a
+rerun that resumes the upload from the parts S3 already has."""
 
 from __future__ import annotations
 
@@ -27,7 +28,16 @@ def open_uploads(deployment: Deployment, prefix: str) -> list[dict]:
     ]
 
 
-def test_killed_upload_is_recovered_and_completed_once(deployment: Deployment) -> None:
+def parts_in_s3(deployment: Deployment, key: str) -> int:
+    client = deployment.s3.client()
+    uploads = open_uploads(deployment, key)
+    if not uploads:
+        return 0
+    listed = client.list_parts(Bucket=deployment.s3.bucket, Key=key, UploadId=uploads[0]["UploadId"])
+    return len(listed.get("Parts", []))
+
+
+def test_killed_upload_is_recovered_and_resumed_once(deployment: Deployment) -> None:
     path = deployment.watch / "crash" / "big.bin"
     path.parent.mkdir(parents=True)
     with path.open("wb") as out:
@@ -41,17 +51,19 @@ def test_killed_upload_is_recovered_and_completed_once(deployment: Deployment) -
     )
     try:
         deadline = time.monotonic() + 120
-        while not open_uploads(deployment, key):
+        while parts_in_s3(deployment, key) < 3:  # kill it with some parts in S3, most still to send
             assert proc.poll() is None, "the run ended before its upload could be killed"
-            assert time.monotonic() < deadline, "no multipart upload started"
+            assert time.monotonic() < deadline, "no multipart upload got going"
             time.sleep(0.05)  # polling interval, bounded by the deadline
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
 
     store = deployment.store()
-    assert store.get_by_path(str(path)).status is S.IN_PROGRESS
-    assert open_uploads(deployment, key)
+    record = store.get_by_path(str(path))
+    assert record.status is S.IN_PROGRESS
+    (task,) = store.list_upload_tasks(record.file_id)  # the UploadId was recorded as soon as S3 gave it
+    assert [u["UploadId"] for u in open_uploads(deployment, key)] == [task.upload_id]
 
     recovered = dg.execute_job(
         dg.reconstructable(reconcile_job_with_resources), instance=deployment.instance()
@@ -59,7 +71,8 @@ def test_killed_upload_is_recovered_and_completed_once(deployment: Deployment) -
     assert recovered.success
     record = store.get_by_path(str(path))
     assert record.status is S.PENDING and "crash recovery" in record.error_details
-    assert open_uploads(deployment, key) == []
+    # this version's upload is kept for the rerun to resume; nothing else is left open
+    assert [u["UploadId"] for u in open_uploads(deployment, key)] == [task.upload_id]
     killed = deployment.instance().get_run_records(
         dg.RunsFilter(job_name="process_file_job", tags={"s3proc/file_id": record.file_id})
     )
@@ -68,7 +81,10 @@ def test_killed_upload_is_recovered_and_completed_once(deployment: Deployment) -
     # the watch sensor runs the PENDING file again, under a new run key
     (request,) = run_requests_under(sensor_tick(deployment), "crash")
     assert request.run_key.endswith(f"retry-{int(record.last_updated_at.timestamp() * 1000)}")
+    puts_before = len(deployment.proxy.put_keys)
     assert execute(request, deployment).success
+    sent_after_restart = [k for k in deployment.proxy.put_keys[puts_before:] if k.endswith(f"/{key}")]
+    assert 0 < len(sent_after_restart) <= 12 - 3  # resumed: the parts already in S3 were not sent again
 
     final = store.get_by_path(str(path))
     assert final.status is S.COMPLETED

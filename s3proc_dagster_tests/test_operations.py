@@ -10,9 +10,12 @@ from pathlib import Path
 
 import dagster as dg
 
+from s3proc_dagster.files.checksum import sha256_file
 from s3proc_dagster.models import ProcessingStatus as S
+from s3proc_dagster.transfer.manifest import part_key
 from s3proc_dagster_tests.conftest import Deployment
 from s3proc_dagster_tests.pipeline_helpers import (
+    dataset_keys,
     execute,
     promo_rows,
     read_dataset,
@@ -36,7 +39,8 @@ def test_reexecute_from_failure_uploads_only_what_is_missing(deployment: Deploym
     (request,) = run_requests_under(sensor_tick(deployment), "reexec")
     dataset = f"{deployment.prefix}/reexec/promo.csv"
 
-    deployment.proxy.fail_puts_containing = f"/{dataset}/part-00001"
+    sha = sha256_file(src)
+    deployment.proxy.fail_puts_containing = f"/{part_key(dataset, sha, 1)}"
     try:
         failed = execute(request, deployment)
     finally:
@@ -66,7 +70,7 @@ def test_reexecute_from_failure_uploads_only_what_is_missing(deployment: Deploym
     assert new_puts and not any(f"part-{i:05d}" in k for k in new_puts for i in landed)  # landed chunks not re-sent
 
     keys = list_keys(deployment, dataset + "/")
-    assert keys == [f"{dataset}/_manifest.json"] + [f"{dataset}/part-{i:05d}.parquet" for i in range(3)]
+    assert keys == dataset_keys(dataset, sha, 3)
     record = store.get_by_path(str(src))
     assert record.status is S.COMPLETED
     stats = record.processing_stats
@@ -76,7 +80,7 @@ def test_reexecute_from_failure_uploads_only_what_is_missing(deployment: Deploym
 
 
 def test_reexecuting_a_successful_run_is_harmless(deployment: Deployment) -> None:
-    write_csv(deployment.watch / "idem" / "p.csv", promo_rows(100))
+    src = write_csv(deployment.watch / "idem" / "p.csv", promo_rows(100))
     (request,) = run_requests_under(sensor_tick(deployment), "idem")
     first = execute(request, deployment)
     assert first.success
@@ -94,7 +98,7 @@ def test_reexecuting_a_successful_run_is_harmless(deployment: Deployment) -> Non
     assert again.success
     after = client.get_object(Bucket=deployment.s3.bucket, Key=f"{dataset}/_manifest.json")["Body"].read()
     assert after == before
-    assert list_keys(deployment, dataset + "/") == [f"{dataset}/_manifest.json", f"{dataset}/part-00000.parquet"]
+    assert list_keys(deployment, dataset + "/") == dataset_keys(dataset, sha256_file(src), 1)
 
 
 def test_runs_carry_tags_a_user_filters_by(deployment: Deployment) -> None:

@@ -15,6 +15,7 @@ from dagster_aws.s3 import S3Resource
 from dagster_duckdb import DuckDBResource
 from pydantic import PrivateAttr
 
+from s3proc_dagster.runs.liveness import Heartbeat
 from s3proc_dagster.settings import Configuration
 from s3proc_dagster.transfer.keys import join_key
 from s3proc_dagster.stores.base import ProgressStore
@@ -24,7 +25,9 @@ class ProgressStoreResource(dg.ConfigurableResource):
     """SQLite at `progress_db_path`, or MongoDB when `mongodb_uri` is set.
 
     The store is opened once per run process and closed at teardown; state lives in the
-    store, never in the resource, so any number of run processes can share it.
+    store, never in the resource, so any number of run processes can share it. Inside a
+    run the resource also beats the run's heartbeat: the store's claims are held by runs,
+    and a claim is only as good as its run's liveness (`runs.liveness`).
     """
 
     progress_db_path: str
@@ -32,6 +35,11 @@ class ProgressStoreResource(dg.ConfigurableResource):
     mongodb_database: str = "s3proc"
 
     _store: ProgressStore | None = PrivateAttr(default=None)
+    _heartbeat: Heartbeat | None = PrivateAttr(default=None)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        if context.run_id and context.instance is not None:
+            self._heartbeat = Heartbeat(context.instance, context.run_id).start()
 
     def open(self) -> ProgressStore:
         if self._store is None:
@@ -46,6 +54,9 @@ class ProgressStoreResource(dg.ConfigurableResource):
         return self._store
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+            self._heartbeat = None
         if self._store is not None:
             self._store.close()
             self._store = None
@@ -107,6 +118,7 @@ class PipelineSettings(dg.ConfigurableResource):
     validation_as_of: str = ""
     s3_list_page_size: int = 1000
     s3_list_pages_per_tick: int = 5
+    stale_upload_age_s: float = 3600
 
     @property
     def staging(self) -> Path:
@@ -157,6 +169,7 @@ def build_resources(cfg: Configuration) -> dict[str, Any]:
             ignore_initial=cfg.monitoring.ignore_initial,
             validation_rules_dir=str(cfg.processing.validation_rules_dir),
             validation_as_of=cfg.processing.validation_as_of.isoformat() if cfg.processing.validation_as_of else "",
+            stale_upload_age_s=cfg.processing.stale_upload_age.total_seconds(),
         ),
         "images": ImageSettings(
             quality=cfg.images.quality,

@@ -3,26 +3,35 @@
 Backends (SQLite, MongoDB) implement a handful of primitives: load, insert, and a
 compare-and-set that applies a change only if the record is still in the status we
 read. Everything with a rule in it (which transitions are legal, what COMPLETED
-requires, how a chunk's move changes the file's counters) lives here, so the two
-backends cannot drift apart. Compare-and-set rather than locks keeps the MongoDB
-backend free of transactions (which need a replica set) and lets many Dagster run
-processes write at once.
+requires, how a chunk's move changes the file's counters, who may work on a file) lives
+here, so the two backends cannot drift apart. Compare-and-set rather than locks keeps
+the MongoDB backend free of transactions (which need a replica set) and lets many
+Dagster run processes write at once.
+
+A file version is (path, SHA-256). One run at a time works on a file: it *claims* the
+record (IN_PROGRESS with its run id), and a claim is only as good as its holder's
+liveness, which the caller judges (`is_alive`, from Dagster), so a killed run never
+blocks its file and two live runs never work on it at once.
 """
 
 from __future__ import annotations
 
 import math
+import enum
 from abc import ABC, abstractmethod
-from typing import Any, Iterable
+from dataclasses import dataclass
+from typing import Any, Callable, Final, Iterable
 
-from s3proc_dagster.errors import IllegalTransition, RecordNotFound
+from s3proc_dagster.errors import ConcurrencyConflict, FileBusy, IllegalTransition, RecordNotFound, VersionSuperseded
 from s3proc_dagster.models import (
     ChunkStatus,
     FileStatus,
     ProcessingStatus,
     Request,
     RequestData,
+    RejectedPart,
     RequestStatus,
+    S3UploadTask,
     chunk_id,
     utcnow,
 )
@@ -34,6 +43,30 @@ from s3proc_dagster.stores.lifecycle import (
 
 S = ProcessingStatus
 _CAS_ATTEMPTS = 50
+
+
+class _Any:
+    """Marker: a compare-and-set that does not care who holds the record."""
+
+
+ANY_HOLDER: Final = _Any()
+RunIsAlive = Callable[[str], bool]
+
+
+class ClaimOutcome(str, enum.Enum):
+    CLAIMED = "claimed"  # this run now holds the file version
+    UNCHANGED = "unchanged"  # this version is already COMPLETED: nothing to do
+    BUSY = "busy"  # another live run holds the file
+
+
+@dataclass(frozen=True)
+class Claim:
+    outcome: ClaimOutcome
+    record: FileStatus
+
+    @property
+    def holder(self) -> str | None:
+        return self.record.run_id
 
 REQUEST_TRANSITIONS: dict[RequestStatus, frozenset[RequestStatus]] = {
     RequestStatus.PENDING: frozenset({RequestStatus.PROCESSING, RequestStatus.FAILED}),
@@ -65,6 +98,21 @@ def diff_counts(old: dict[str, int], new: dict[str, int]) -> dict[str, int]:
     return {k: new.get(k, 0) - old.get(k, 0) for k in keys if new.get(k, 0) != old.get(k, 0)}
 
 
+def _version_fields(new: FileStatus, existing: FileStatus) -> dict[str, Any]:
+    """What a newly seen version changes on its file's record."""
+    return {
+        "checksum": new.checksum,
+        "file_size": new.file_size,
+        "metadata": new.metadata or existing.metadata,
+        "s3_bucket": new.s3_bucket,
+        "s3_key": new.s3_key,
+    }
+
+
+def _reset_fields(new: FileStatus, existing: FileStatus) -> dict[str, Any]:
+    return {**_version_fields(new, existing), "status": S.PENDING, "error_details": None, "completed_at": None}
+
+
 def plan_offsets(record_count: int, chunk_size: int) -> list[tuple[int, int, int]]:
     """FIXED_COUNT: chunk i holds records [i*size, min((i+1)*size, n) - 1]."""
     n_chunks = math.ceil(record_count / chunk_size) if record_count else 0
@@ -79,15 +127,16 @@ class ProgressStore(ABC):
     # ---- primitives a backend provides -------------------------------------------------
 
     @abstractmethod
-    def _insert_file(self, status: FileStatus) -> None:
-        """Insert a new file record; raise IllegalTransition if the path or id exists."""
+    def _insert_file(self, status: FileStatus) -> bool:
+        """Insert a new file record; False if the path or id already exists."""
 
     @abstractmethod
     def _load_file(self, *, file_id: str | None = None, path: str | None = None) -> FileStatus | None: ...
 
     @abstractmethod
-    def _cas_file(self, file_id: str, expected: S, fields: dict[str, Any]) -> bool:
-        """Apply `fields` (snake_case FileStatus fields) if status is still `expected`."""
+    def _cas_file(self, file_id: str, expected: S, fields: dict[str, Any], expected_run_id: Any = ANY_HOLDER) -> bool:
+        """Apply `fields` (snake_case FileStatus fields) if status is still `expected`
+        and, unless `expected_run_id` is ANY_HOLDER, the holder is still exactly that run id."""
 
     @abstractmethod
     def _list_files(self, status: S | None) -> list[FileStatus]: ...
@@ -137,6 +186,20 @@ class ProgressStore(ABC):
     def _update_row(self, request_id: str, serial_number: int, fields: dict[str, Any]) -> bool: ...
 
     @abstractmethod
+    def save_upload_task(self, task: S3UploadTask) -> None:
+        """Insert or replace a multipart upload's record (by id)."""
+
+    @abstractmethod
+    def find_upload_task(self, bucket: str, s3_key: str, checksum: str) -> S3UploadTask | None:
+        """The recorded upload of exactly these bytes (`checksum`) to this key, if any."""
+
+    @abstractmethod
+    def list_upload_tasks(self, file_id: str | None = None) -> list[S3UploadTask]: ...
+
+    @abstractmethod
+    def delete_upload_task(self, task_id: str) -> None: ...
+
+    @abstractmethod
     def close(self) -> None: ...
 
     # ---- files ---------------------------------------------------------------------------
@@ -157,67 +220,143 @@ class ProgressStore(ABC):
         return self._list_files(status)
 
     def record_detected(self, status: FileStatus) -> tuple[FileStatus, bool]:
-        """Record a file version; return it and whether it still needs processing.
+        """Record a file version without claiming it; return it and whether it needs processing.
 
         Same path, COMPLETED, same checksum: nothing to do (False). A changed COMPLETED
-        file, or a FAILED one asked for again, goes back to PENDING (the seed's
-        reprocess and manual-retry edges) with its new checksum and size.
+        file, or a FAILED one asked for again, goes back to PENDING (the reprocess and
+        manual-retry edges) with its new checksum and size. A file IN_PROGRESS is left to
+        its holder.
         """
         for _ in range(_CAS_ATTEMPTS):
             existing = self.get_by_path(status.file_path) or self.get(status.file_id)
             if existing is None:
-                try:
-                    self._insert_file(status)
-                except IllegalTransition:
-                    continue  # another process inserted it first; read theirs
-                return self.require(status.file_id), True
+                if self._insert_file(status.model_copy(update={"status": S.PENDING, "run_id": None})):
+                    return self.require(status.file_id), True
+                continue  # another process inserted it first; read theirs
             if existing.status is S.COMPLETED and existing.checksum == status.checksum:
                 return existing, False
-            version = {
-                "checksum": status.checksum,
-                "file_size": status.file_size,
-                "metadata": status.metadata or existing.metadata,
-                "s3_bucket": status.s3_bucket,
-                "s3_key": status.s3_key,
-            }
+            if existing.status is S.IN_PROGRESS:
+                return existing, True
             if existing.status is S.PENDING:
-                if self._cas_file(existing.file_id, S.PENDING, version):
+                if self._cas_file(existing.file_id, S.PENDING, _version_fields(status, existing)):
                     return self.require(existing.file_id), True
                 continue
-            if existing.status is S.IN_PROGRESS:
-                return existing, True  # start() decides; crash recovery resets stale ones
-            if self._cas_file(
-                existing.file_id,
-                existing.status,
-                {**version, "status": S.PENDING, "error_details": None, "completed_at": None},
-            ):
+            if self._cas_file(existing.file_id, existing.status, _reset_fields(status, existing)):
                 return self.require(existing.file_id), True
-        raise IllegalTransition(f"{status.file_path}: too many concurrent changes")
+        raise ConcurrencyConflict(f"{status.file_path}: too many concurrent changes")
 
-    def _transition(self, file_id: str, new: S, fields: dict[str, Any] | None = None) -> FileStatus:
+    def claim(self, status: FileStatus, run_id: str, is_alive: RunIsAlive, *, reprocess_completed: bool = False) -> Claim:
+        """Make `run_id` the one run working on this file version (`status.checksum`).
+
+        UNCHANGED when this version is already COMPLETED (unless `reprocess_completed`),
+        BUSY when another live run holds the file (whatever version it works on: the
+        caller decides whether to skip or to wait), CLAIMED otherwise, taking the file
+        over from a holder that is no longer alive.
+        """
+        for _ in range(_CAS_ATTEMPTS):
+            existing = self.get_by_path(status.file_path) or self.get(status.file_id)
+            if existing is None:
+                self._insert_file(status.model_copy(update={"status": S.PENDING, "run_id": None}))
+                continue
+            if existing.status is S.COMPLETED and existing.checksum == status.checksum and not reprocess_completed:
+                return Claim(ClaimOutcome.UNCHANGED, existing)
+            outcome = self._try_claim(existing, run_id, is_alive, _version_fields(status, existing))
+            if outcome is not None:
+                return outcome
+        raise ConcurrencyConflict(f"{status.file_path}: too many concurrent changes")
+
+    def hold(self, file_id: str, run_id: str, is_alive: RunIsAlive, version: str | None) -> FileStatus:
+        """Make sure `run_id` holds the file before it does a step's work.
+
+        A re-execution (a new run) takes over from its failed parent; a FAILED or
+        COMPLETED record of the same version goes back to IN_PROGRESS through PENDING.
+        Raises FileBusy when another live run holds it, VersionSuperseded when the store
+        has moved on to another version of the file.
+        """
+        for _ in range(_CAS_ATTEMPTS):
+            existing = self.require(file_id)
+            if version is not None and existing.checksum != version:
+                raise VersionSuperseded(
+                    f"{existing.file_path}: this run processes version {version[:12]}, "
+                    f"but the store now records version {(existing.checksum or '?')[:12]}; a newer run owns the file"
+                )
+            outcome = self._try_claim(existing, run_id, is_alive, {})
+            if outcome is None:
+                continue
+            if outcome.outcome is ClaimOutcome.BUSY:
+                raise FileBusy(
+                    f"{existing.file_path}: run {outcome.holder} is processing this file", outcome.holder or ""
+                )
+            return outcome.record
+        raise ConcurrencyConflict(f"file {file_id}: too many concurrent changes")
+
+    def _try_claim(
+        self, existing: FileStatus, run_id: str, is_alive: RunIsAlive, version: dict[str, Any]
+    ) -> Claim | None:
+        """One compare-and-set step towards holding `existing`; None means "read again"."""
+        file_id, current = existing.file_id, existing.status
+        started = {"run_id": run_id, "processing_started_at": utcnow(), "error_details": None, "completed_at": None}
+        if current is S.IN_PROGRESS:
+            holder = existing.run_id
+            if holder == run_id:
+                if version and not self._cas_file(file_id, S.IN_PROGRESS, version, expected_run_id=run_id):
+                    return None
+                return Claim(ClaimOutcome.CLAIMED, self.require(file_id))
+            if holder and is_alive(holder):
+                return Claim(ClaimOutcome.BUSY, existing)
+            # The holder is gone (killed, crashed, or this is a re-execution of it): take over.
+            if self._cas_file(file_id, S.IN_PROGRESS, {**version, **started}, expected_run_id=holder):
+                return Claim(ClaimOutcome.CLAIMED, self.require(file_id))
+            return None
+        if current is S.PENDING:
+            check_file_transition(f"file {file_id}", current, S.IN_PROGRESS)
+            if self._cas_file(file_id, S.PENDING, {**version, **started, "status": S.IN_PROGRESS}):
+                return Claim(ClaimOutcome.CLAIMED, self.require(file_id))
+            return None
+        # FAILED or COMPLETED: back to PENDING first (the manual-retry and reprocess edges).
+        check_file_transition(f"file {file_id}", current, S.PENDING)
+        self._cas_file(file_id, current, {**version, "status": S.PENDING, "error_details": None, "completed_at": None})
+        return None
+
+    def _transition(
+        self, file_id: str, new: S, fields: dict[str, Any] | None = None, expected_run_id: Any = ANY_HOLDER
+    ) -> FileStatus:
         for _ in range(_CAS_ATTEMPTS):
             current = self.require(file_id)
             check_file_transition(f"file {file_id}", current.status, new)
-            if self._cas_file(file_id, current.status, {**(fields or {}), "status": new}):
+            holder: Any = ANY_HOLDER
+            if expected_run_id is not ANY_HOLDER:
+                if current.run_id not in (expected_run_id, None):
+                    raise FileBusy(f"file {file_id}: held by run {current.run_id}, not {expected_run_id}", current.run_id or "")
+                holder = current.run_id
+            if self._cas_file(file_id, current.status, {**(fields or {}), "status": new}, holder):
                 return self.require(file_id)
-        raise IllegalTransition(f"file {file_id}: too many concurrent changes")
+        raise ConcurrencyConflict(f"file {file_id}: too many concurrent changes")
 
-    def start(self, file_id: str) -> FileStatus:
-        return self._transition(file_id, S.IN_PROGRESS, {"processing_started_at": utcnow(), "error_details": None})
+    def start(self, file_id: str, run_id: str | None = None) -> FileStatus:
+        return self._transition(
+            file_id, S.IN_PROGRESS, {"processing_started_at": utcnow(), "error_details": None, "run_id": run_id}
+        )
 
-    def complete(self, file_id: str, output_key: str, processed_bytes: int | None = None) -> FileStatus:
+    def complete(
+        self, file_id: str, output_key: str, processed_bytes: int | None = None, run_id: Any = ANY_HOLDER
+    ) -> FileStatus:
+        """COMPLETED with where the output lives; with `run_id`, only while that run holds it."""
         if not output_key:
             raise IllegalTransition(f"file {file_id}: COMPLETED requires an s3Key")
         fields: dict[str, Any] = {"output_key": output_key, "completed_at": utcnow(), "error_details": None}
         if processed_bytes is not None:
             fields["processed_bytes"] = processed_bytes
-        return self._transition(file_id, S.COMPLETED, fields)
+        return self._transition(file_id, S.COMPLETED, fields, expected_run_id=run_id)
 
-    def fail(self, file_id: str, error: str) -> FileStatus:
-        return self._transition(file_id, S.FAILED, {"error_details": error, "completed_at": utcnow()})
+    def fail(self, file_id: str, error: str, run_id: Any = ANY_HOLDER) -> FileStatus:
+        """FAILED with the reason; with `run_id`, only while that run holds it."""
+        return self._transition(file_id, S.FAILED, {"error_details": error, "completed_at": utcnow()}, run_id)
 
-    def reset_to_pending(self, file_id: str, reason: str | None = None) -> FileStatus:
-        return self._transition(file_id, S.PENDING, {"error_details": reason, "completed_at": None})
+    def reset_to_pending(self, file_id: str, reason: str | None = None, run_id: Any = ANY_HOLDER) -> FileStatus:
+        """Back to PENDING; with `run_id`, only if that (dead) run still holds it, so
+        recovery can never take a file from under a run that just claimed it."""
+        return self._transition(file_id, S.PENDING, {"error_details": reason, "completed_at": None}, run_id)
 
     def update_file(self, file_id: str, **fields: Any) -> FileStatus:
         """Change descriptive fields (type, counts, bytes) without a status change."""
@@ -225,16 +364,20 @@ class ProgressStore(ABC):
             current = self.require(file_id)
             if self._cas_file(file_id, current.status, fields):
                 return self.require(file_id)
-        raise IllegalTransition(f"file {file_id}: too many concurrent changes")
+        raise ConcurrencyConflict(f"file {file_id}: too many concurrent changes")
 
     # ---- chunks --------------------------------------------------------------------------
 
-    def plan_chunks(self, file_id: str, record_count: int, chunk_size: int) -> list[ChunkStatus]:
-        """FIXED_COUNT plan. An identical existing plan is kept, so re-running a file's
-        steps never forgets which chunks already landed."""
+    def plan_chunks(
+        self, file_id: str, record_count: int, chunk_size: int, version: str | None = None
+    ) -> list[ChunkStatus]:
+        """FIXED_COUNT plan for one file version. An identical plan of the same version is
+        kept, so re-running a file's steps never forgets which chunks already landed; any
+        other version starts from a fresh plan, even with the same offsets."""
         existing = self._load_chunks(file_id)
         offsets = plan_offsets(record_count, chunk_size)
-        if [(c.chunk_index, c.start_offset, c.end_offset) for c in existing] == offsets:
+        same_plan = [(c.chunk_index, c.start_offset, c.end_offset) for c in existing] == offsets
+        if same_plan and all(c.version == version for c in existing):
             return existing
         chunks = [
             ChunkStatus(
@@ -244,6 +387,7 @@ class ProgressStore(ABC):
                 start_offset=start,
                 end_offset=end,
                 record_count=end - start + 1,
+                version=version,
             )
             for i, start, end in offsets
         ]
@@ -282,7 +426,7 @@ class ProgressStore(ABC):
                 delta[f"processing.{processing_error}"] = 1
             if self._cas_chunk(current, current.status, current.retry_count, {**updates, "status": new}, delta):
                 return self.get_chunk(chunk_id_)
-        raise IllegalTransition(f"chunk {chunk_id_}: too many concurrent changes")
+        raise ConcurrencyConflict(f"chunk {chunk_id_}: too many concurrent changes")
 
     def chunk_started(self, chunk_id_: str, processing_thread: str) -> ChunkStatus:
         return self._chunk_transition(
@@ -302,6 +446,7 @@ class ProgressStore(ABC):
         successful_records: int | None = None,
         failed_records: int = 0,
         validation_errors: dict[str, int] | None = None,
+        rejected: RejectedPart | None = None,
     ) -> ChunkStatus:
         current = self.get_chunk(chunk_id_)
         ok = current.record_count - failed_records if successful_records is None else successful_records
@@ -318,6 +463,7 @@ class ProgressStore(ABC):
                 "error_details": None,
                 "processing_stats": {"successful_records": ok, "failed_records": failed_records},
                 "error_summary": summary,
+                "rejected": rejected,
             },
         )
 
@@ -345,7 +491,7 @@ class ProgressStore(ABC):
                 raise IllegalTransition(f"request {request_id}: cannot go from {current.status.value} to {new.value}")
             if self._cas_request(request_id, current.status, {**fields, "status": new, "updated_at": utcnow()}):
                 return self.require_request(request_id)
-        raise IllegalTransition(f"request {request_id}: too many concurrent changes")
+        raise ConcurrencyConflict(f"request {request_id}: too many concurrent changes")
 
     def set_row_outputs(
         self,

@@ -12,11 +12,12 @@ from __future__ import annotations
 import enum
 from typing import Any
 
+from pydantic import BaseModel
 from pydantic.alias_generators import to_camel
 from pymongo import ASCENDING, MongoClient
 from pymongo.errors import DuplicateKeyError
 
-from s3proc_dagster.errors import IllegalTransition
+from s3proc_dagster.errors import DuplicateRecord
 from s3proc_dagster.models import (
     ChunkStatus,
     FileProcessingStats,
@@ -25,11 +26,12 @@ from s3proc_dagster.models import (
     Request,
     RequestData,
     RequestStatus,
+    S3UploadTask,
     empty_error_summary,
     success_rate,
     utcnow,
 )
-from s3proc_dagster.stores.base import ProgressStore
+from s3proc_dagster.stores.base import ANY_HOLDER, ProgressStore
 
 
 def _value(value: Any) -> Any:
@@ -43,7 +45,7 @@ def _value(value: Any) -> Any:
 def _set(fields: dict[str, Any]) -> dict[str, Any]:
     """snake_case FileStatus/ChunkStatus fields to a `$set` document. User dicts
     (`metadata`, `errorSummary` rule names) keep their keys as given."""
-    out = {to_camel(k): _value(v) for k, v in fields.items()}
+    out = {to_camel(k): _doc(v) if isinstance(v, BaseModel) else _value(v) for k, v in fields.items()}
     if isinstance(out.get("processingStats"), dict):
         out["processingStats"] = {to_camel(k): v for k, v in out["processingStats"].items()}
     return out
@@ -71,6 +73,7 @@ class MongoProgressStore(ProgressStore):
         self.chunks = db["ChunkStatus"]
         self.requests = db["Requests"]
         self.rows = db["RequestData"]
+        self.uploads = db["S3UploadTask"]
         self.files.create_index([("fileId", ASCENDING)], unique=True)
         self.files.create_index([("filePath", ASCENDING)], unique=True)
         self.files.create_index([("status", ASCENDING)])
@@ -78,18 +81,21 @@ class MongoProgressStore(ProgressStore):
         self.chunks.create_index([("fileId", ASCENDING), ("chunkIndex", ASCENDING)])
         self.requests.create_index([("requestId", ASCENDING)], unique=True)
         self.rows.create_index([("requestId", ASCENDING), ("serialNumber", ASCENDING)], unique=True)
+        self.uploads.create_index([("id", ASCENDING)], unique=True)
+        self.uploads.create_index([("bucket", ASCENDING), ("s3Key", ASCENDING), ("checksum", ASCENDING)], unique=True)
+        self.uploads.create_index([("fileId", ASCENDING)])
 
     def close(self) -> None:
         self._client.close()
 
     # ---- files ---------------------------------------------------------------------------
 
-    def _insert_file(self, status: FileStatus) -> None:
-        doc = _doc(status)
+    def _insert_file(self, status: FileStatus) -> bool:
         try:
-            self.files.insert_one(doc)
+            self.files.insert_one(_doc(status))
         except DuplicateKeyError:
-            raise IllegalTransition(f"{status.file_path}: already recorded") from None
+            return False
+        return True
 
     def _load_file(self, *, file_id: str | None = None, path: str | None = None) -> FileStatus | None:
         query = {"fileId": file_id} if file_id is not None else {"filePath": path}
@@ -99,11 +105,13 @@ class MongoProgressStore(ProgressStore):
         query = {} if status is None else {"status": status.storage_name}
         return [_load(FileStatus, d) for d in self.files.find(query).sort("createdAt", ASCENDING)]
 
-    def _cas_file(self, file_id: str, expected: ProcessingStatus, fields: dict[str, Any]) -> bool:
-        result = self.files.update_one(
-            {"fileId": file_id, "status": expected.storage_name},
-            {"$set": {**_set(fields), "lastUpdatedAt": utcnow()}},
-        )
+    def _cas_file(
+        self, file_id: str, expected: ProcessingStatus, fields: dict[str, Any], expected_run_id: Any = ANY_HOLDER
+    ) -> bool:
+        query: dict[str, Any] = {"fileId": file_id, "status": expected.storage_name}
+        if expected_run_id is not ANY_HOLDER:
+            query["runId"] = expected_run_id  # None also matches a record written before runId existed
+        result = self.files.update_one(query, {"$set": {**_set(fields), "lastUpdatedAt": utcnow()}})
         return result.matched_count == 1
 
     # ---- chunks --------------------------------------------------------------------------
@@ -176,7 +184,7 @@ class MongoProgressStore(ProgressStore):
         try:
             self.requests.insert_one(_doc(request))
         except DuplicateKeyError:
-            raise IllegalTransition(f"request {request.request_id}: already recorded") from None
+            raise DuplicateRecord(f"request {request.request_id}: already recorded") from None
         if rows:
             self.rows.insert_many([_doc(r) for r in rows])
 
@@ -197,3 +205,20 @@ class MongoProgressStore(ProgressStore):
     def _update_row(self, request_id: str, serial_number: int, fields: dict[str, Any]) -> bool:
         result = self.rows.update_one({"requestId": request_id, "serialNumber": serial_number}, {"$set": _set(fields)})
         return result.matched_count == 1
+
+    # ---- multipart uploads (S3UploadTask) -------------------------------------------------
+
+    def save_upload_task(self, task: S3UploadTask) -> None:
+        doc = _doc(task)
+        doc["updatedAt"] = utcnow()
+        self.uploads.replace_one({"id": task.id}, doc, upsert=True)
+
+    def find_upload_task(self, bucket: str, s3_key: str, checksum: str) -> S3UploadTask | None:
+        return _load(S3UploadTask, self.uploads.find_one({"bucket": bucket, "s3Key": s3_key, "checksum": checksum}))
+
+    def list_upload_tasks(self, file_id: str | None = None) -> list[S3UploadTask]:
+        query = {} if file_id is None else {"fileId": file_id}
+        return [_load(S3UploadTask, d) for d in self.uploads.find(query).sort("createdAt", ASCENDING)]
+
+    def delete_upload_task(self, task_id: str) -> None:
+        self.uploads.delete_one({"id": task_id})

@@ -17,7 +17,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator
 
-from s3proc_dagster.errors import IllegalTransition
+from pydantic import BaseModel
+
+from s3proc_dagster.errors import DuplicateRecord
 from s3proc_dagster.models import (
     ChunkStatus,
     FileStatus,
@@ -25,9 +27,17 @@ from s3proc_dagster.models import (
     Request,
     RequestData,
     RequestStatus,
+    S3UploadTask,
     utcnow,
 )
-from s3proc_dagster.stores.base import ProgressStore
+from s3proc_dagster.stores.base import ANY_HOLDER, ProgressStore
+
+# Columns added after the first release: a store created by an older version gains them
+# at open (ALTER TABLE ... ADD COLUMN is instant in SQLite), so upgrading keeps the data.
+_ADDED_COLUMNS = {
+    "file_status": {"run_id": "TEXT"},
+    "chunk_status": {"version": "TEXT", "rejected": "TEXT"},
+}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS file_progress (
@@ -71,7 +81,8 @@ CREATE TABLE IF NOT EXISTS file_status (
   pending_chunks INTEGER NOT NULL DEFAULT 0,
   successful_records INTEGER NOT NULL DEFAULT 0,
   failed_records INTEGER NOT NULL DEFAULT 0,
-  error_summary TEXT NOT NULL DEFAULT '{"validation": {}, "processing": {}}'
+  error_summary TEXT NOT NULL DEFAULT '{"validation": {}, "processing": {}}',
+  run_id TEXT
 );
 
 CREATE TABLE IF NOT EXISTS chunk_status (
@@ -94,9 +105,32 @@ CREATE TABLE IF NOT EXISTS chunk_status (
   s3_key TEXT,
   size_bytes INTEGER,
   sha256 TEXT,
+  version TEXT,
+  rejected TEXT,
   UNIQUE(file_id, chunk_index)
 );
 CREATE INDEX IF NOT EXISTS idx_chunk_file ON chunk_status(file_id, status);
+
+CREATE TABLE IF NOT EXISTS upload_tasks (
+  id TEXT PRIMARY KEY,
+  file_id TEXT,
+  source_file_path TEXT NOT NULL,
+  s3_key TEXT NOT NULL,
+  bucket TEXT NOT NULL,
+  content_type TEXT NOT NULL,
+  size INTEGER,
+  uploaded_bytes INTEGER NOT NULL DEFAULT 0,
+  upload_id TEXT,
+  etag TEXT,
+  checksum TEXT,
+  metadata TEXT NOT NULL DEFAULT '{}',
+  status TEXT NOT NULL CHECK(status IN ('pending', 'uploading', 'verifying', 'completed', 'failed')),
+  error TEXT,
+  created_at TEXT NOT NULL,
+  updated_at TEXT NOT NULL,
+  UNIQUE(bucket, s3_key, checksum)
+);
+CREATE INDEX IF NOT EXISTS idx_upload_file ON upload_tasks(file_id);
 
 CREATE TABLE IF NOT EXISTS requests (
   request_id TEXT PRIMARY KEY,
@@ -130,12 +164,14 @@ _PROGRESS_COLUMNS = {
     "checksum": "checksum",
     "output_key": "s3_key",
 }
-_JSON_FIELDS = {"metadata", "error_summary", "errors", "input_image_urls", "output_image_urls"}
+_JSON_FIELDS = {"metadata", "error_summary", "errors", "input_image_urls", "output_image_urls", "rejected"}
 
 
 def _encode(field: str, value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
     if field in _JSON_FIELDS:
-        return json.dumps(value)
+        return None if value is None else json.dumps(value)
     if isinstance(value, datetime):
         return value.isoformat()
     if isinstance(value, enum.Enum):
@@ -163,6 +199,11 @@ class SQLiteProgressStore(ProgressStore):
         self._conn.execute("PRAGMA synchronous = NORMAL")
         self._conn.execute("PRAGMA foreign_keys = ON")
         with self._write() as conn:
+            for table, columns in _ADDED_COLUMNS.items():  # before the schema: its indexes may need them
+                present = {row["name"] for row in conn.execute(f"PRAGMA table_info({table})")}
+                for name, kind in columns.items():
+                    if present and name not in present:
+                        conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
@@ -219,7 +260,7 @@ class SQLiteProgressStore(ProgressStore):
         data.pop("progress_id", None)
         return FileStatus.model_validate(data)
 
-    def _insert_file(self, status: FileStatus) -> None:
+    def _insert_file(self, status: FileStatus) -> bool:
         now = int(time.time())
         try:
             with self._write() as conn:
@@ -245,8 +286,9 @@ class SQLiteProgressStore(ProgressStore):
                     f"INSERT INTO file_status ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
                     tuple(_encode(c, doc[c]) for c in cols),
                 )
-        except sqlite3.IntegrityError as exc:
-            raise IllegalTransition(f"{status.file_path}: already recorded ({exc})") from None
+        except sqlite3.IntegrityError:
+            return False
+        return True
 
     def _load_file(self, *, file_id: str | None = None, path: str | None = None) -> FileStatus | None:
         if file_id is not None:
@@ -280,14 +322,18 @@ class SQLiteProgressStore(ProgressStore):
             (*(_encode(c, v) for c, v in status_cols.items()), file_id),
         )
 
-    def _cas_file(self, file_id: str, expected: ProcessingStatus, fields: dict[str, Any]) -> bool:
+    def _cas_file(
+        self, file_id: str, expected: ProcessingStatus, fields: dict[str, Any], expected_run_id: Any = ANY_HOLDER
+    ) -> bool:
         with self._write() as conn:
             row = conn.execute(
-                "SELECT fp.status FROM file_status fs JOIN file_progress fp ON fp.id = fs.progress_id"
+                "SELECT fp.status, fs.run_id FROM file_status fs JOIN file_progress fp ON fp.id = fs.progress_id"
                 " WHERE fs.file_id = ?",
                 (file_id,),
             ).fetchone()
             if row is None or row["status"] != expected.value:
+                return False
+            if expected_run_id is not ANY_HOLDER and row["run_id"] != expected_run_id:
                 return False
             self._set_file(conn, file_id, fields)
             return True
@@ -400,7 +446,7 @@ class SQLiteProgressStore(ProgressStore):
                         tuple(_encode(c, v) for c, v in rdoc.items()),
                     )
         except sqlite3.IntegrityError as exc:
-            raise IllegalTransition(f"request {request.request_id}: already recorded ({exc})") from None
+            raise DuplicateRecord(f"request {request.request_id}: already recorded ({exc})") from None
 
     def get_request(self, request_id: str) -> Request | None:
         rows = self._query("SELECT * FROM requests WHERE request_id = ?", (request_id,))
@@ -429,3 +475,31 @@ class SQLiteProgressStore(ProgressStore):
                 (*(_encode(c, v) for c, v in fields.items()), request_id, serial_number),
             )
             return cur.rowcount == 1
+
+    # ---- multipart uploads (S3UploadTask) -------------------------------------------------
+
+    def save_upload_task(self, task: S3UploadTask) -> None:
+        doc = task.model_dump()
+        doc["updated_at"] = utcnow()
+        with self._write() as conn:
+            conn.execute(
+                f"INSERT OR REPLACE INTO upload_tasks ({', '.join(doc)}) VALUES ({', '.join('?' * len(doc))})",
+                tuple(_encode(c, v) for c, v in doc.items()),
+            )
+
+    def find_upload_task(self, bucket: str, s3_key: str, checksum: str) -> S3UploadTask | None:
+        rows = self._query(
+            "SELECT * FROM upload_tasks WHERE bucket = ? AND s3_key = ? AND checksum = ?", (bucket, s3_key, checksum)
+        )
+        return S3UploadTask.model_validate(_decode(rows[0])) if rows else None
+
+    def list_upload_tasks(self, file_id: str | None = None) -> list[S3UploadTask]:
+        if file_id is None:
+            rows = self._query("SELECT * FROM upload_tasks ORDER BY created_at")
+        else:
+            rows = self._query("SELECT * FROM upload_tasks WHERE file_id = ? ORDER BY created_at", (file_id,))
+        return [S3UploadTask.model_validate(_decode(r)) for r in rows]
+
+    def delete_upload_task(self, task_id: str) -> None:
+        with self._write() as conn:
+            conn.execute("DELETE FROM upload_tasks WHERE id = ?", (task_id,))

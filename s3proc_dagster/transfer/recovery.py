@@ -1,18 +1,26 @@
-"""What crash recovery needs from S3: unfinished uploads, stray objects, completion markers."""
+"""What crash recovery needs from S3: open multipart uploads and objects to remove."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
+from s3proc_dagster.errors import s3_error_code
 
-def abort_stale_uploads(client: Any, bucket: str, prefix: str) -> list[str]:
-    """Abort every unfinished multipart upload under `prefix`; return their keys."""
-    aborted = []
+
+def open_uploads(client: Any, bucket: str, prefix: str) -> Iterator[dict[str, Any]]:
+    """Every unfinished multipart upload under `prefix` (Key, UploadId, Initiated)."""
     for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=prefix):
-        for upload in page.get("Uploads", []):
-            client.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
-            aborted.append(upload["Key"])
-    return aborted
+        yield from page.get("Uploads", [])
+
+
+def abort(client: Any, bucket: str, key: str, upload_id: str) -> None:
+    """Abort one upload; one that is already gone counts as aborted."""
+    try:
+        client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+    except Exception as exc:  # noqa: BLE001
+        if s3_error_code(exc) not in ("NoSuchUpload", "404"):
+            raise
 
 
 def delete_prefix(client: Any, bucket: str, prefix: str, keep: set[str] | frozenset[str] = frozenset()) -> int:
@@ -24,11 +32,3 @@ def delete_prefix(client: Any, bucket: str, prefix: str, keep: set[str] | frozen
             client.delete_objects(Bucket=bucket, Delete={"Objects": doomed[start : start + 1000], "Quiet": True})
         deleted += len(doomed)
     return deleted
-
-
-def has_completion_marker(client: Any, bucket: str, key: str) -> bool:
-    try:
-        head = client.head_object(Bucket=bucket, Key=key)
-    except Exception:  # noqa: BLE001 - absent or unreadable: not complete
-        return False
-    return head.get("Metadata", {}).get("x-completed") == "true"

@@ -55,8 +55,21 @@ def build_process_file_job(policy: dg.RetryPolicy) -> dg.JobDefinition:
 
 @dg.job(
     name="reconcile_job",
-    description="Crash recovery: settle IN_PROGRESS files whose run died (COMPLETED or back to PENDING).",
+    description=(
+        "Crash recovery: report dead runs failed, settle the files they held (COMPLETED if S3 proves "
+        "the version whole, else back to PENDING), abort abandoned multipart uploads."
+    ),
     executor_def=dg.in_process_executor,
+    tags={"s3proc/job": "recovery"},
 )
 def reconcile_job() -> None:
     reconcile()
+
+
+reconcile_schedule = dg.ScheduleDefinition(
+    name="reconcile_schedule",
+    job=reconcile_job,
+    cron_schedule="*/15 * * * *",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+    description="Every 15 minutes: the upload sweep, and recovery of anything the watch sensor did not request.",
+)

@@ -1,29 +1,30 @@
 """One op per ProcessingStep. Each body: read resources, call `pipeline`, log, emit events."""
 
-import json
-import os
 import re
-import shutil
-import socket
 from contextlib import contextmanager
-from datetime import UTC, date, datetime
+from datetime import date
 from pathlib import Path
 from typing import Iterator
 
 import dagster as dg
 from pydantic import Field
 
-from s3proc_dagster import pipeline
+from s3proc_dagster import pipeline, recovery
 from s3proc_dagster.defs.resources import PipelineSettings, ProgressStoreResource, S3Storage
-from s3proc_dagster.errors import ChecksumMismatch, S3ProcError
+from s3proc_dagster.errors import S3ProcError, is_transient
+from s3proc_dagster.files import parking
 from s3proc_dagster.files.detect import Detection
 from s3proc_dagster.models import FileStatus, ProcessingStatus
-from s3proc_dagster.pipeline import FileVersion, PreparedItem, Source, UploadedObject, WorkItem
-from s3proc_dagster.sources.metadata import read_sidecar
+from s3proc_dagster.pipeline import Claimant, FileVersion, PreparedItem, Source, UploadedObject, WorkItem
+from s3proc_dagster.runs.liveness import reap_dead_runs, run_is_alive
+from s3proc_dagster.sources.metadata import read_sidecar, run_tags
 from s3proc_dagster.sources.s3_incoming import seed_metadata
+from s3proc_dagster.stores.base import ClaimOutcome
+from s3proc_dagster.transfer.upload import abort_upload
 
 UPLOAD_POOL = "s3_uploads"
 TAG = "s3proc"  # run tags: s3proc/path, s3proc/file_id, s3proc/file_type, s3proc/sha256
+PRODUCT_JOBS = ["process_file_job", "image_request_job", "reconcile_job", "reports_job"]
 
 
 class SourceConfig(dg.Config):
@@ -34,19 +35,22 @@ class SourceConfig(dg.Config):
 
 
 @contextmanager
-def deterministic_failures() -> Iterator[None]:
-    """Bad input fails at once: retrying a zip that is not a zip cannot help.
+def classify_failures() -> Iterator[None]:
+    """Transient errors keep the op's RetryPolicy; permanent ones fail at once.
 
-    Transient errors (network, S3, a checksum mismatch after upload) keep the op's
-    RetryPolicy; the product's own input errors become non-retryable Failures with the
-    user-facing message as their description.
+    `errors.is_transient` decides: retrying a zip that is not a zip, or a file we may not
+    read, cannot help, and a user should not wait through the backoff to learn it.
     """
     try:
         yield
-    except ChecksumMismatch:
-        raise
-    except S3ProcError as exc:
-        raise dg.Failure(description=str(exc), allow_retries=False) from exc
+    except Exception as exc:
+        if is_transient(exc):
+            raise
+        raise dg.Failure(description=str(exc) or type(exc).__name__, allow_retries=False) from exc
+
+
+def claimant(context: dg.OpExecutionContext) -> Claimant:
+    return Claimant(context.run_id, run_is_alive(context.instance))
 
 
 _KEY_PART = re.compile(r"[^A-Za-z0-9_\-]")
@@ -90,26 +94,33 @@ def checksum_calculation(
 ) -> Iterator[dg.Output]:
     """Snapshot into staging + SHA-256 in one read; an unchanged completed file stops here."""
     store = progress_store.open()
-    with deterministic_failures():
+    with classify_failures():
         if config.path.startswith("s3://"):
             source = _s3_source(config, s3)
             snap = pipeline.snapshot_s3_object(s3.get_client(), source.s3_bucket, source.s3_key, settings.staging)
-            version = pipeline.record_version(source, snap, store)
+            version = pipeline.record_version(source, snap, store, claimant(context))
         else:
             source, local = _local_source(config, settings.watch_path)
-            version = pipeline.take_snapshot(source, local, settings.staging, store)
-    if not version.needed:
+            version = pipeline.take_snapshot(source, local, settings.staging, store, claimant(context))
+    if version.outcome is ClaimOutcome.UNCHANGED:
         context.log.info(f"{source.relative_path}: unchanged (sha256 {version.sha256[:12]}), skipped")
+        return
+    if version.outcome is ClaimOutcome.BUSY:
+        context.log.info(
+            f"{source.relative_path}: run {version.holder} is already processing this version "
+            f"(sha256 {version.sha256[:12]}); this run skips it"
+        )
         return
     context.log.info(f"{source.relative_path}: {version.size} bytes, sha256 {version.sha256}")
     context.instance.add_run_tags(
         context.run_id,
         {
+            # the tags a sensor's run carries, for runs started another way (dagster job launch)
+            f"{TAG}/path": source.relative_path,
+            f"{TAG}/source": source.uri,
             f"{TAG}/file_id": version.file_id,
             f"{TAG}/sha256": version.sha256[:12],
-            # who holds the file, so crash recovery can tell a live run from a killed one
-            f"{TAG}/host": socket.gethostname(),
-            f"{TAG}/pid": str(os.getpid()),
+            **run_tags(source.metadata),
         },
     )
     yield dg.Output(
@@ -120,8 +131,8 @@ def checksum_calculation(
 
 @dg.op(tags={"step": "type_detection"})
 def type_detection(context: dg.OpExecutionContext, version: FileVersion, progress_store: ProgressStoreResource) -> Detection:
-    with deterministic_failures():
-        detection = pipeline.detect_type(version, progress_store.open())
+    with classify_failures():
+        detection = pipeline.detect_type(version, progress_store.open(), claimant(context))
     context.log.info(f"{version.source.relative_path}: {detection.file_type.value} ({detection.kind})")
     context.instance.add_run_tags(context.run_id, {f"{TAG}/file_type": detection.kind})
     return detection
@@ -135,8 +146,8 @@ def archive_extraction(
     progress_store: ProgressStoreResource,
     settings: PipelineSettings,
 ) -> list[WorkItem]:
-    with deterministic_failures():
-        items = pipeline.plan_work(version, detection, settings.staging, progress_store.open())
+    with classify_failures():
+        items = pipeline.plan_work(version, detection, settings.staging, progress_store.open(), claimant(context))
     if len(items) > 1 or items[0].file_id != version.file_id:
         context.log.info(f"{version.source.relative_path}: {len(items)} entries extracted")
     return items
@@ -151,10 +162,10 @@ def parquet_conversion(
     settings: PipelineSettings,
     s3: S3Storage,
 ) -> list[PreparedItem]:
-    with deterministic_failures():
+    with classify_failures():
         prepared = pipeline.convert_items(
             items, version, settings.staging, s3.prefix, settings.chunk_size, settings.parquet_compression,
-            progress_store.open(),
+            progress_store.open(), claimant(context),
             rules_dir=Path(settings.validation_rules_dir) if settings.validation_rules_dir else None,
             as_of=date.fromisoformat(settings.validation_as_of) if settings.validation_as_of else None,
         )
@@ -204,8 +215,10 @@ def streaming(
 ) -> list[UploadedObject]:
     """Upload every chunk; one materialization per chunk as it lands."""
     uploaded = []
-    with deterministic_failures():
-        for obj in pipeline.upload_items(prepared, version, s3.get_client(), s3.bucket, progress_store.open()):
+    with classify_failures():
+        for obj in pipeline.upload_items(
+            prepared, version, s3.get_client(), s3.bucket, progress_store.open(), claimant(context)
+        ):
             uploaded.append(obj)
             context.log_event(_chunk_event(obj, s3))
     reused = sum(o.skipped for o in uploaded)
@@ -222,8 +235,10 @@ def integrity_verification(
     progress_store: ProgressStoreResource,
     s3: S3Storage,
 ) -> list[PreparedItem]:
-    with deterministic_failures():
-        manifests = pipeline.verify_items(prepared, version, s3.get_client(), s3.bucket, progress_store.open())
+    with classify_failures():
+        manifests = pipeline.verify_items(
+            prepared, version, s3.get_client(), s3.bucket, progress_store.open(), claimant(context)
+        )
     context.log.info(f"{len(uploaded)} objects verified, {len(manifests)} manifests written")
     return prepared
 
@@ -237,8 +252,8 @@ def progress_update(
     s3: S3Storage,
 ) -> None:
     store = progress_store.open()
-    with deterministic_failures():
-        status = pipeline.finish(prepared, version, s3.prefix, store)
+    with classify_failures():
+        status = pipeline.finish(prepared, version, s3.prefix, store, claimant(context))
     for item in prepared:
         record = store.require(item.item.file_id)
         stats = record.processing_stats
@@ -265,117 +280,80 @@ def progress_update(
     context.log.info(f"{version.source.relative_path}: COMPLETED -> s3://{s3.bucket}/{status.output_key}")
 
 
-@dg.failure_hook(required_resource_keys={"progress_store", "settings"})
+@dg.failure_hook(required_resource_keys={"progress_store", "settings", "s3"})
 def mark_failed(context: dg.HookContext) -> None:
-    """After an op's last retry: record FAILED with the reason, and move the original to
-    the error directory (same relative path) with a `.error.json` beside it."""
+    """After an op's last retry: record FAILED with the reason, give up the file's
+    multipart uploads, and park the original in the error directory.
+
+    Only what this run holds is touched: a run that failed because another run holds the
+    file, or because a newer version superseded its own, leaves that file alone.
+    """
     error = context.op_exception
     message = getattr(error, "description", None) or (str(error) if error else "unknown error")
     run = context.instance.get_run_by_id(context.run_id)
     tags = run.tags if run else {}
     file_id = tags.get(f"{TAG}/file_id")
     store = context.resources.progress_store.open()
-    status = store.get(file_id) if file_id else None
-    if status is None and file_id and tags.get(f"{TAG}/source"):
+    if file_id and store.get(file_id) is None and tags.get(f"{TAG}/source"):
         # failed before the file could be recorded (unreadable, bad sidecar): record it now
         source = tags[f"{TAG}/source"]
-        status, _ = store.record_detected(
-            FileStatus(file_id=file_id, file_path=source, file_name=source.rsplit("/", 1)[-1])
-        )
-        store.start(file_id)
-    if status is None:
-        return
+        store.record_detected(FileStatus(file_id=file_id, file_path=source, file_name=source.rsplit("/", 1)[-1]))
+        store.start(file_id, context.run_id)
     reason = f"{context.op.name}: {message}"
-    for record in store.list_files(ProcessingStatus.IN_PROGRESS):
-        if record.file_id == file_id or record.metadata.get("archiveFileId") == file_id:
-            store.fail(record.file_id, reason)
-    context.log.error(f"{status.file_path}: FAILED at {context.op.name}: {message}")
-    original = Path(status.file_path)
-    watch = Path(context.resources.settings.watch_path)
-    if "://" in status.file_path or not original.is_file():
+    held = [
+        record
+        for record in store.list_files(ProcessingStatus.IN_PROGRESS)
+        if record.run_id == context.run_id and (record.file_id == file_id or record.metadata.get("archiveFileId") == file_id)
+    ]
+    if not held:
+        context.log.warning(f"{tags.get(f'{TAG}/path', file_id)}: this run holds no file to mark FAILED ({message})")
         return
+    client = context.resources.s3  # a hook gets what the resource creates: the boto3 client
+    for record in held:
+        store.fail(record.file_id, reason, run_id=context.run_id)
+        for task in store.list_upload_tasks(record.file_id):
+            abort_upload(client, task, store)  # given up; if S3 is down, the sweep retries
+    main = next((r for r in held if r.file_id == file_id), None)
+    if main is None or "://" in main.file_path or not Path(main.file_path).is_file():
+        return
+    settings: PipelineSettings = context.resources.settings
     try:
-        rel = original.resolve().relative_to(watch.resolve())
-    except ValueError:
-        rel = Path(original.name)
-    target = Path(context.resources.settings.error_directory) / rel
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(original), target)
-    target.with_name(target.name + ".error.json").write_text(
-        json.dumps(
-            {
-                "fileId": file_id,
-                "filePath": status.file_path,
-                "step": context.op.name,
-                "error": message,
-                "runId": context.run_id,
-                "failedAt": datetime.now(UTC).isoformat(),
-            },
-            indent=2,
+        parked = parking.park(
+            Path(main.file_path),
+            Path(settings.watch_path),
+            Path(settings.error_directory),
+            {"fileId": file_id, "filePath": main.file_path, "step": context.op.name, "error": message, "runId": context.run_id},
         )
-    )
-
-
-IN_FLIGHT = [
-    dg.DagsterRunStatus.QUEUED,
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-]
-
-
-def _process_gone(run: dg.DagsterRun) -> bool:
-    """True when the run's worker process was on this host and no longer exists."""
-    pid = run.tags.get(f"{TAG}/pid")
-    if not pid or run.tags.get(f"{TAG}/host") != socket.gethostname():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
-def run_is_alive(instance: dg.DagsterInstance, exclude_run_id: str | None = None):
-    """A predicate: does a live run of the instance hold this fileId?
-
-    A run still marked STARTED whose process was killed (SIGKILL, OOM, a reboot) is not
-    alive: it is reported failed, so the UI stops showing it as running, and its file is
-    recovered.
-    """
-
-    def alive(file_id: str) -> bool:
-        if not file_id:
-            return False
-        records = instance.get_run_records(
-            dg.RunsFilter(tags={f"{TAG}/file_id": file_id}, statuses=IN_FLIGHT), limit=5
-        )
-        live = False
-        for record in records:
-            run = record.dagster_run
-            if run.run_id == exclude_run_id:
-                continue
-            if _process_gone(run):
-                instance.report_run_failed(run, "the run's process is gone (killed or crashed); its file was recovered")
-                continue
-            live = True
-        return live
-
-    return alive
+    except OSError as exc:
+        note = f"; the original could not be moved to ERROR_DIRECTORY ({type(exc).__name__}: {exc.strerror or exc}) and is still at {main.file_path}"
+        store.update_file(main.file_id, error_details=reason + note)
+        context.log.error(f"{main.file_path}: FAILED at {context.op.name}: {message}{note}")
+        return
+    context.log.error(f"{main.file_path}: FAILED at {context.op.name}: {message}; moved to {parked}")
 
 
 @dg.op(tags={"step": "crash_recovery"})
-def reconcile(context: dg.OpExecutionContext, progress_store: ProgressStoreResource, s3: S3Storage) -> int:
-    """Seed 001's crash recovery over every IN_PROGRESS record whose run is gone."""
-    from s3proc_dagster.recovery import recover
+def reconcile(
+    context: dg.OpExecutionContext, progress_store: ProgressStoreResource, s3: S3Storage, settings: PipelineSettings
+) -> int:
+    """Crash recovery: fail runs that died, settle their files, sweep abandoned uploads."""
+    from datetime import timedelta
 
-    report = recover(
-        progress_store.open(), s3.get_client(), s3.bucket, run_is_alive(context.instance, context.run_id)
-    )
+    from s3proc_dagster.models import utcnow
+
+    for run_id in reap_dead_runs(context.instance, PRODUCT_JOBS, exclude_run_id=context.run_id):
+        context.log.info(f"run {run_id}: its worker is gone; reported failed")
+    store, client = progress_store.open(), s3.get_client()
+    alive = run_is_alive(context.instance, context.run_id)
+    report = recovery.recover(store, client, s3.bucket, alive)
     for item in report:
         context.log.info(
             f"{item.file_path}: {item.outcome} (aborted {item.aborted_uploads} uploads, deleted {item.deleted_objects} objects)"
         )
+    incoming = (s3.incoming_prefix.strip("/") + "/",) if s3.incoming_prefix and s3.incoming_bucket in ("", s3.bucket) else ()
+    swept = recovery.sweep_uploads(
+        store, client, s3.bucket, s3.prefix, utcnow() - timedelta(seconds=settings.stale_upload_age_s), alive, incoming
+    )
+    for key in swept:
+        context.log.info(f"s3://{s3.bucket}/{key}: abandoned multipart upload aborted")
     return len(report)

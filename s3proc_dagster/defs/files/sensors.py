@@ -1,5 +1,6 @@
 """`watch_directory_sensor`: one run per new, changed and stable file under WATCH_PATH."""
 
+import hashlib
 import math
 import time
 from datetime import UTC, datetime
@@ -7,17 +8,17 @@ from pathlib import Path
 
 import dagster as dg
 
-from s3proc_dagster.defs.files.ops import TAG, run_is_alive
-
-RUN_KEY_TAG = "dagster/run_key"
+from s3proc_dagster.defs.files.ops import TAG
 from s3proc_dagster.defs.resources import PipelineSettings, ProgressStoreResource, S3Storage
-from s3proc_dagster.recovery import recover
 from s3proc_dagster.errors import S3ProcError
+from s3proc_dagster.runs.liveness import run_is_alive
 from s3proc_dagster.images.request_csv import looks_like_request_csv
 from s3proc_dagster.sources.metadata import read_sidecar, run_tags
 from s3proc_dagster.models import FileStatus, ProcessingStatus, make_file_id
 from s3proc_dagster.sources.s3_incoming import IncomingCursor, list_incoming, seed_metadata
 from s3proc_dagster.sources.watch import WatchCursor, evaluate, scan
+
+RUN_KEY_TAG = "dagster/run_key"
 
 
 def run_request_for(
@@ -74,10 +75,27 @@ def requeued(store_files: list[FileStatus], root: Path) -> list[dg.RunRequest]:
     return out
 
 
+def recovery_request(store_files: list[FileStatus], is_alive) -> dg.RunRequest | None:
+    """A reconcile_job run when some IN_PROGRESS file's run is dead, once per dead claim.
+
+    The sensor only looks (a store query and a liveness check per file in flight); the
+    destructive part, aborting uploads and deleting objects, runs as a visible, retryable
+    run of its own.
+    """
+    dead = sorted(f"{f.file_id}@{f.run_id}" for f in store_files if not (f.run_id and is_alive(f.run_id)))
+    if not dead:
+        return None
+    digest = hashlib.sha256("\n".join(dead).encode()).hexdigest()[:16]
+    return dg.RunRequest(
+        run_key=f"reconcile:{digest}",
+        job_name="reconcile_job",
+        tags={f"{TAG}/kind": "recovery", f"{TAG}/dead_claims": str(len(dead))},
+    )
+
+
 def build_watch_sensor(jobs: list[dg.JobDefinition], poll_interval_ms: int) -> dg.SensorDefinition:
     # Dagster ticks at most once a second; shorter POLL_INTERVAL_MS values round up.
     interval = max(1, math.ceil(poll_interval_ms / 1000))
-    recovered_in_this_process: list[bool] = []
 
     @dg.sensor(
         name="watch_directory_sensor",
@@ -90,15 +108,9 @@ def build_watch_sensor(jobs: list[dg.JobDefinition], poll_interval_ms: int) -> d
         context: dg.SensorEvaluationContext,
         settings: PipelineSettings,
         progress_store: ProgressStoreResource,
-        s3: S3Storage,
     ) -> dg.SensorResult:
         root = Path(settings.watch_path)
         store = progress_store.open()
-        if not recovered_in_this_process:
-            # After a start-up, settle what a crash left IN_PROGRESS before requesting anything.
-            for item in recover(store, s3.get_client(), s3.bucket, run_is_alive(context.instance)):
-                context.log.info(f"crash recovery: {item.file_path} -> {item.outcome}")
-            recovered_in_this_process.append(True)
         files = scan(root, skip_dirs=(Path(settings.error_directory), Path(settings.staging_directory)))
         ready, cursor = evaluate(
             files,
@@ -113,6 +125,9 @@ def build_watch_sensor(jobs: list[dg.JobDefinition], poll_interval_ms: int) -> d
             run_request_for(str(f.path), f.relative_path, f.run_key) for f in ready if f.relative_path not in retried_paths
         ]
         requests += retries
+        recover = recovery_request(store.list_files(ProcessingStatus.IN_PROGRESS), run_is_alive(context.instance))
+        if recover is not None:
+            requests.append(recover)
         if cursor.waiting:
             context.log.info(f"{len(cursor.waiting)} file(s) still being written")
         return dg.SensorResult(run_requests=requests, cursor=cursor.dumps())

@@ -1,0 +1,62 @@
+"""Parking a failed file in the error directory, and bringing it back for a retry.
+
+A file that fails for good is moved (never copied and deleted, never rewritten) to
+`ERROR_DIRECTORY/<its path below WATCH_PATH>`, with `<name>.error.json` beside it saying
+which step failed, why and in which run; the watched directory then holds only files
+still to process. `unpark` is the inverse, for a manual retry. When the move itself is
+impossible (a read-only or full error directory), the file stays where it is and the
+caller records why on the file's record, so the user learns it from `s3proc status`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+NOTE_SUFFIX = ".error.json"
+
+
+def relative_to_watch(path: Path, watch: Path) -> Path:
+    """The path below the watched directory; a file from elsewhere keeps only its name."""
+    try:
+        return path.resolve().relative_to(watch.resolve())
+    except ValueError:
+        return Path(path.name)
+
+
+def park(original: Path, watch: Path, error_dir: Path, note: dict[str, Any]) -> Path:
+    """Move `original` into the error directory with its note; return where it went.
+
+    Raises OSError (PermissionError, a full disk...) when it cannot: the original is then
+    untouched, since the note is written only after the move succeeded.
+    """
+    target = error_dir / relative_to_watch(original, watch)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(original), target)
+    body = {**note, "failedAt": datetime.now(UTC).isoformat()}
+    target.with_name(target.name + NOTE_SUFFIX).write_text(json.dumps(body, indent=2))
+    return target
+
+
+def parked_location(path: Path, watch: Path, error_dir: Path) -> tuple[Path, Path]:
+    """(where the file sits in the error directory, where it goes back to) for a user's path,
+    which may name either place."""
+    resolved = path.resolve()
+    if resolved.is_relative_to(error_dir.resolve()):
+        rel = resolved.relative_to(error_dir.resolve())
+    else:
+        rel = relative_to_watch(resolved, watch)
+    return error_dir / rel, watch / rel
+
+
+def unpark(path: Path, watch: Path, error_dir: Path) -> Path:
+    """Bring a parked file back to the watched directory (a no-op if it is not parked)."""
+    parked, home = parked_location(path, watch, error_dir)
+    if parked.exists():
+        home.parent.mkdir(parents=True, exist_ok=True)
+        parked.rename(home)
+        parked.with_name(parked.name + NOTE_SUFFIX).unlink(missing_ok=True)
+    return home
