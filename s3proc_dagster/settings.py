@@ -181,6 +181,9 @@ class ImageConfig(BaseSettings):
     fetch_timeout_ms: int = Field(15000, gt=0)
     max_bytes: int = Field(25 * 1024 * 1024, gt=0)
     webhook_url: str = ""
+    # The CSV's URLs are user input: off, a URL (or a redirect) reaching a loopback,
+    # link-local, private, multicast or reserved address is refused (see images/egress.py).
+    allow_private_urls: bool = False
 
     @field_validator("output_format", mode="before")
     @classmethod

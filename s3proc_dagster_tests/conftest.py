@@ -167,6 +167,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, s3: S3Endpoint) -> Iter
         "VALIDATION_AS_OF": "2026-01-01",
         "S3_INCOMING_PREFIX": "incoming",
         "REPORTS_AUTO_REFRESH": "false",
+        "IMAGE_ALLOW_PRIVATE_URLS": "true",  # the tests' image server listens on loopback
         "DAGSTER_HOME": str(root / "dagster_home"),
     }
     write_instance(Path(env["DAGSTER_HOME"]), max_concurrency=2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import ssl
 import struct
 import subprocess
 import sys
@@ -66,8 +67,21 @@ def png_bomb() -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 10)) + chunk(b"IEND", b"")
 
 
+REDIRECTS = {
+    "/loop": "/loop",
+    "/to-metadata": "http://169.254.169.254/latest/meta-data/",
+    "/to-mixed": "http://mixed.example.test/a.jpg",
+    "/to-file": "file:///etc/passwd",
+}
+
+
 class ImageServer:
-    def __init__(self) -> None:
+    """Images and redirects on loopback; `seen` records (path, Host header) per request and
+    `sni` the TLS server names clients asked for (with `tls`)."""
+
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        self.seen: list[tuple[str, str]] = []
+        self.sni: list[str | None] = []
         self.files = {
             "/a.jpg": ("image/jpeg", jpeg_rotated()),
             "/b.png": ("image/png", png_alpha()),
@@ -75,18 +89,20 @@ class ImageServer:
             "/fake.jpg": ("image/jpeg", b"<html>not an image</html>" * 10),
             "/bomb.png": ("image/png", png_bomb()),
         }
-        files = self.files
+        files, seen = self.files, self.seen
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args) -> None:
                 pass
 
             def do_GET(self) -> None:
+                seen.append((self.path, self.headers.get("Host", "")))
                 if self.path == "/slow.jpg":
                     time.sleep(3)  # the server is slow; the client's timeout is what is tested
-                if self.path == "/loop":
+                if self.path in REDIRECTS:
                     self.send_response(302)
-                    self.send_header("Location", "/loop")
+                    self.send_header("Location", REDIRECTS[self.path])
+                    self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
                 if self.path not in files:
@@ -103,7 +119,11 @@ class ImageServer:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.port = self.server.server_address[1]
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        if tls is not None:
+            tls.sni_callback = lambda _sock, name, _ctx: self.sni.append(name)
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
@@ -124,6 +144,9 @@ def good_csv(base: str) -> bytes:
 
 
 def options(s3: S3Endpoint, prefix: str, **kw) -> processor.ImageOptions:
+    """Fast-failing options. The image server is on loopback, so private destinations are
+    allowed unless a test says otherwise."""
+    kw.setdefault("allow_private_urls", True)
     return processor.ImageOptions(bucket=s3.bucket, prefix=prefix, fetch_timeout_s=1.0, retries=1, retry_delay_s=0.05, **kw)
 
 
@@ -276,3 +299,273 @@ def test_webhook_is_retried_until_the_receiver_accepts() -> None:
     finally:
         server.shutdown()
     assert status == 200 and received == [b'{"requestId": "r1"}'] * 2
+
+
+# --- Private destinations (SSRF): the CSV's URLs are user input -------------------------------
+
+REFUSE_HINT = "(set IMAGE_ALLOW_PRIVATE_URLS=true to allow private destinations)"
+PUBLIC_IP = "93.184.216.34"  # a public address; FakeNetwork routes it to the loopback server
+
+
+class FakeNetwork:
+    """DNS and routing for a DestinationGuard, so a public-looking name can be served by the
+    loopback image server on an offline machine.
+
+    `names` maps a host to its successive answers (the last one repeats; an IP literal
+    answers itself, as getaddrinfo does). Only PUBLIC_IP is routable; it leads to `port`.
+    """
+
+    def __init__(self, port: int, names: dict[str, list[list[str]]]) -> None:
+        self.port = port
+        self.names = {host: list(answers) for host, answers in names.items()}
+        self.lookups: list[str] = []
+        self.dials: list[tuple[str, int]] = []
+
+    def resolve(self, host: str, _port: int) -> list[str]:
+        self.lookups.append(host)
+        answers = self.names.get(host, [[host]])
+        return answers.pop(0) if len(answers) > 1 else answers[0]
+
+    def connect(self, address: tuple[str, int], *args, **kwargs):
+        from urllib3.util.connection import create_connection
+
+        self.dials.append(address)
+        if address[0] != PUBLIC_IP:
+            raise ConnectionRefusedError(f"{address[0]} is unreachable in this test")
+        return create_connection(("127.0.0.1", self.port), *args, **kwargs)
+
+    @property
+    def guard(self):
+        from s3proc_dagster.images.egress import DestinationGuard
+
+        return DestinationGuard(resolve=self.resolve, connect=self.connect)
+
+
+@pytest.mark.parametrize(
+    "address, kind",
+    [
+        ("127.0.0.1", "LOOPBACK"), ("127.8.9.10", "LOOPBACK"), ("::1", "LOOPBACK"),
+        ("::ffff:127.0.0.1", "LOOPBACK"), ("64:ff9b::7f00:1", "LOOPBACK"),
+        ("0.0.0.0", "UNSPECIFIED"), ("0.1.2.3", "UNSPECIFIED"), ("::", "UNSPECIFIED"), ("::ffff:0.0.0.0", "UNSPECIFIED"),
+        ("169.254.169.254", "LINK_LOCAL"), ("169.254.0.1", "LINK_LOCAL"), ("::ffff:169.254.169.254", "LINK_LOCAL"),
+        ("fe80::1", "LINK_LOCAL"), ("fe80::1%eth0", "LINK_LOCAL"), ("febf::1", "LINK_LOCAL"),
+        ("10.0.0.1", "PRIVATE"), ("10.255.255.255", "PRIVATE"), ("172.16.0.1", "PRIVATE"), ("172.31.255.254", "PRIVATE"),
+        ("192.168.1.1", "PRIVATE"), ("::ffff:10.1.2.3", "PRIVATE"), ("fc00::1", "PRIVATE"), ("fd12:3456:789a::1", "PRIVATE"),
+        ("100.64.0.1", "SHARED"), ("100.127.255.254", "SHARED"),
+        ("224.0.0.1", "MULTICAST"), ("239.255.255.250", "MULTICAST"), ("ff02::1", "MULTICAST"), ("ff0e::fb", "MULTICAST"),
+        ("255.255.255.255", "RESERVED"), ("240.0.0.1", "RESERVED"), ("192.0.2.10", "RESERVED"), ("198.18.0.1", "RESERVED"),
+        ("2001:db8::1", "RESERVED"), ("2002:7f00:1::", "RESERVED"), ("::7f00:1", "RESERVED"),
+    ],
+)
+def test_non_public_addresses_are_classified_by_kind(address: str, kind: str) -> None:
+    from s3proc_dagster.images.egress import AddressKind, classify_address
+
+    assert classify_address(address) is AddressKind[kind]
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["8.8.8.8", PUBLIC_IP, "172.32.0.1", "172.15.255.255", "100.128.0.1", "100.63.255.255", "11.0.0.1",
+     "2606:4700:4700::1111", "::ffff:8.8.8.8", "64:ff9b::808:808"],
+)
+def test_public_addresses_are_allowed(address: str) -> None:
+    from s3proc_dagster.images.egress import classify_address
+
+    assert classify_address(address) is None
+
+
+def test_a_host_is_refused_when_any_of_its_addresses_is_private() -> None:
+    from s3proc_dagster.images.egress import DestinationGuard, DestinationRefused
+
+    net = FakeNetwork(0, {"mixed.example.test": [[PUBLIC_IP, "10.1.2.3"]], "cdn.example.test": [[PUBLIC_IP]]})
+    guard = DestinationGuard(resolve=net.resolve, connect=net.connect)
+    assert guard.vet("cdn.example.test", 80) == [PUBLIC_IP]
+    with pytest.raises(DestinationRefused) as info:
+        guard.vet("mixed.example.test", 80)
+    assert str(info.value) == f"mixed.example.test resolves to 10.1.2.3, a private address {REFUSE_HINT}"
+    with pytest.raises(DestinationRefused) as info:
+        guard.vet("[::ffff:127.0.0.1]", 80)  # urllib3 hands IPv6 hosts over in brackets
+    assert str(info.value) == f"::ffff:127.0.0.1 is a loopback address {REFUSE_HINT}"
+    assert net.dials == []
+
+
+def test_a_public_name_is_reached_at_the_checked_address_with_its_own_host_header(images: ImageServer) -> None:
+    """DNS rebinding: the name answers public for the check, then 127.0.0.1. The connection
+    must go to the address that was checked, without asking DNS again."""
+    from s3proc_dagster.images.fetch import fetch_image
+
+    net = FakeNetwork(images.port, {"cdn.example.test": [[PUBLIC_IP], ["127.0.0.1"]]})
+    url = f"http://cdn.example.test:{images.port}/a.jpg"
+    fetched = fetch_image(url, guard=net.guard)
+    assert fetched.data == images.files["/a.jpg"][1]
+    assert net.lookups == ["cdn.example.test"] and net.dials == [(PUBLIC_IP, images.port)]
+    assert images.seen[-1] == ("/a.jpg", f"cdn.example.test:{images.port}")
+
+
+def test_a_redirect_to_cloud_metadata_is_refused_at_that_hop(images: ImageServer) -> None:
+    from s3proc_dagster.images.fetch import FetchError, fetch_image
+
+    net = FakeNetwork(images.port, {"cdn.example.test": [[PUBLIC_IP]]})
+    url = f"http://cdn.example.test:{images.port}/to-metadata"
+    with pytest.raises(FetchError) as info:
+        fetch_image(url, guard=net.guard)
+    assert str(info.value) == (
+        f"{url}: refused: redirect to http://169.254.169.254/latest/meta-data/: "
+        f"169.254.169.254 is a link-local address {REFUSE_HINT}"
+    )
+    assert info.value.transient is False  # permanent: retrying cannot make it allowed
+    assert images.seen[-1] == ("/to-metadata", f"cdn.example.test:{images.port}")  # the first hop was served
+    assert net.dials == [(PUBLIC_IP, images.port)]  # and nothing dialled the metadata address
+
+
+@pytest.mark.parametrize(
+    "path, reason",
+    [
+        (
+            "/to-mixed",
+            f"redirect to http://mixed.example.test/a.jpg: mixed.example.test resolves to 10.9.8.7, a private address {REFUSE_HINT}",
+        ),
+        ("/to-file", "redirect to file:///etc/passwd: only http(s) redirects are followed"),
+    ],
+)
+def test_a_redirect_hop_is_checked_like_the_first_url(images: ImageServer, path: str, reason: str) -> None:
+    from s3proc_dagster.images.fetch import FetchError, fetch_image
+
+    net = FakeNetwork(
+        images.port, {"cdn.example.test": [[PUBLIC_IP]], "mixed.example.test": [[PUBLIC_IP, "10.9.8.7"]]}
+    )
+    url = f"http://cdn.example.test:{images.port}{path}"
+    with pytest.raises(FetchError) as info:
+        fetch_image(url, guard=net.guard)
+    assert reason in str(info.value) and info.value.transient is False
+    assert net.dials == [(PUBLIC_IP, images.port)]
+
+
+def test_a_configured_proxy_is_refused_rather_than_trusted_to_check(
+    images: ImageServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from s3proc_dagster.images.fetch import FetchError, fetch_image
+
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.example.test:3128")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    net = FakeNetwork(images.port, {"cdn.example.test": [[PUBLIC_IP]]})
+    with pytest.raises(FetchError, match=r"a proxy \(http://proxy\.example\.test:3128\) would resolve and reach"):
+        fetch_image(f"http://cdn.example.test:{images.port}/a.jpg", guard=net.guard)
+    assert net.dials == []
+
+
+def tls_context_for(hostname: str, directory: Path) -> tuple[ssl.SSLContext, Path]:
+    """A server context with a certificate for `hostname` from a fresh CA, and the CA's file."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "s3proc test CA")])
+    ca = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    leaf = (
+        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)]))
+        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_file, cert_file, key_file = directory / "ca.pem", directory / "cert.pem", directory / "key.pem"
+    ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    cert_file.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+    return context, ca_file
+
+
+def test_https_to_a_pinned_address_keeps_sni_and_checks_the_certificate_against_the_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from s3proc_dagster.images.fetch import FetchError, fetch_image
+
+    context, ca_file = tls_context_for("cdn.example.test", tmp_path)
+    server = ImageServer(tls=context)
+    try:
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(ca_file))  # requests' own way to trust a CA
+        net = FakeNetwork(server.port, {"cdn.example.test": [[PUBLIC_IP]], "other.example.test": [[PUBLIC_IP]]})
+        fetched = fetch_image(f"https://cdn.example.test:{server.port}/b.png", guard=net.guard)
+        assert fetched.data == server.files["/b.png"][1]
+        assert server.sni == ["cdn.example.test"] and server.seen == [("/b.png", f"cdn.example.test:{server.port}")]
+        # Same pinned address, another name: the certificate is checked against the name, not skipped.
+        with pytest.raises(FetchError, match="connection failed"):
+            fetch_image(f"https://other.example.test:{server.port}/b.png", guard=net.guard)
+        assert len(server.seen) == 1
+    finally:
+        server.server.shutdown()
+
+
+def private_csv(images: ImageServer, s3_image: str) -> bytes:
+    return (
+        "S. No.,Product Name,Input Image Urls\n"
+        f'1,Shirt,"{images.url}/a.jpg"\n'
+        f'2,Mug,"{s3_image}"\n'
+        f'3,Hat,"{images.url}/to-metadata"\n'
+    ).encode()
+
+
+def test_private_urls_are_refused_with_the_reason_while_the_other_rows_complete(
+    store: ProgressStore, images: ImageServer, s3: S3Endpoint, s3_prefix: str, tmp_path: Path
+) -> None:
+    s3.client().put_object(Bucket=s3.bucket, Key=f"{s3_prefix}/src/b.png", Body=images.files["/b.png"][1])
+    served = len(images.seen)
+    done = run_request(
+        store, private_csv(images, f"s3://{s3.bucket}/{s3_prefix}/src/b.png"), s3,
+        options(s3, s3_prefix, allow_private_urls=False), tmp_path,
+    )
+    assert done.status is RequestStatus.COMPLETED  # the s3:// image is not affected
+    shirt, mug, hat = store.list_request_rows(done.request_id)
+    assert shirt.output_image_urls == [None] and hat.output_image_urls == [None]
+    assert shirt.errors == [f"{images.url}/a.jpg: refused: 127.0.0.1 is a loopback address {REFUSE_HINT}"]
+    assert hat.errors == [f"{images.url}/to-metadata: refused: 127.0.0.1 is a loopback address {REFUSE_HINT}"]
+    assert mug.output_image_urls[0] and mug.errors == [None]
+    assert all(r.completed_at is not None for r in (shirt, mug, hat))
+    assert [e.split(":")[0] for e in done.errors] == ["row 1 image 1", "row 3 image 1"]
+    assert len(images.seen) == served  # refused before connecting: the server never saw them
+
+
+def test_private_urls_are_fetched_when_the_setting_allows_them(
+    store: ProgressStore, images: ImageServer, s3: S3Endpoint, s3_prefix: str, tmp_path: Path
+) -> None:
+    data = f'S. No.,Product Name,Input Image Urls\n1,Shirt,"{images.url}/a.jpg"\n'.encode()
+    done = run_request(store, data, s3, options(s3, s3_prefix, allow_private_urls=True), tmp_path)
+    assert done.status is RequestStatus.COMPLETED and done.errors == []
+    (shirt,) = store.list_request_rows(done.request_id)
+    assert shirt.output_image_urls[0] and shirt.errors == [None]
+
+
+@pytest.mark.usefixtures("pipeline_env")
+def test_the_allow_setting_reaches_the_ops_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    from s3proc_dagster.defs.images.ops import _options
+    from s3proc_dagster.defs.resources import build_resources
+    from s3proc_dagster.settings import load_configuration
+
+    monkeypatch.delenv("IMAGE_ALLOW_PRIVATE_URLS", raising=False)  # the session's deployment sets it
+    resources = build_resources(load_configuration(env_file=None))
+    assert _options(resources["s3"], resources["images"]).allow_private_urls is False  # the default
+    monkeypatch.setenv("IMAGE_ALLOW_PRIVATE_URLS", "true")
+    resources = build_resources(load_configuration(env_file=None))
+    assert _options(resources["s3"], resources["images"]).allow_private_urls is True

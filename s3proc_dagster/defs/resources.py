@@ -135,6 +135,7 @@ class ImageSettings(dg.ConfigurableResource):
     webhook_url: str = ""
     max_retries: int = 3
     retry_delay_ms: int = 1000
+    allow_private_urls: bool = False
 
 
 def build_resources(cfg: Configuration) -> dict[str, Any]:
@@ -177,6 +178,7 @@ def build_resources(cfg: Configuration) -> dict[str, Any]:
             fetch_timeout_ms=cfg.images.fetch_timeout_ms,
             max_bytes=cfg.images.max_bytes,
             webhook_url=cfg.images.webhook_url,
+            allow_private_urls=cfg.images.allow_private_urls,
             max_retries=cfg.processing.max_retries,
             retry_delay_ms=cfg.processing.retry_delay_ms,
         ),

@@ -37,6 +37,7 @@ class ImageOptions:
     max_bytes: int = 25 * 1024 * 1024
     retries: int = 2
     retry_delay_s: float = 0.5
+    allow_private_urls: bool = False  # IMAGE_ALLOW_PRIVATE_URLS: fetch from loopback/private addresses too
 
 
 def new_request_id() -> str:
@@ -104,7 +105,10 @@ def process_row(
             continue  # landed in an earlier attempt
         try:
             fetched = _with_retries(
-                lambda: fetch_image(url, client, options.max_bytes, (options.fetch_timeout_s, options.fetch_timeout_s)),
+                lambda: fetch_image(
+                    url, client, options.max_bytes, (options.fetch_timeout_s, options.fetch_timeout_s),
+                    allow_private=options.allow_private_urls,
+                ),
                 options,
             )
             image = compress(fetched.data, options.quality, options.output_format)

@@ -29,6 +29,7 @@ def _options(s3: S3Storage, images: ImageSettings) -> processor.ImageOptions:
         max_bytes=images.max_bytes,
         retries=images.max_retries,
         retry_delay_s=images.retry_delay_ms / 1000,
+        allow_private_urls=images.allow_private_urls,
     )
 
 
