@@ -324,10 +324,13 @@ def convert_items(
                 Path(item.local_path), item.kind, out_dir, chunk_size, compression,
                 rules=rule_set.render(as_of or as_of_date(None)) if rule_set else None,
                 required_columns=rule_set.columns if rule_set else (),
+                on_missing_columns=rule_set.on_missing_columns if rule_set else "skip_rules",
             )
             result = {
                 "record_count": conversion.record_count,
                 "rule_set": rule_set.name if rule_set else None,
+                "skipped_rules": conversion.skipped_rules,
+                "missing_columns": list(conversion.missing_columns),
                 "chunks": [
                     [c.chunk_index, str(c.path), c.start_offset, c.end_offset, c.record_count,
                      c.failed_records, c.rule_counts, str(c.rejected_path) if c.rejected_path else None]

@@ -13,7 +13,7 @@ import dagster as dg
 from botocore.config import Config
 from dagster_aws.s3 import S3Resource
 from dagster_duckdb import DuckDBResource
-from pydantic import PrivateAttr
+from pydantic import Field, PrivateAttr
 
 from s3proc_dagster.settings import Configuration
 from s3proc_dagster.transfer.keys import join_key
@@ -105,6 +105,7 @@ class PipelineSettings(dg.ConfigurableResource):
     ignore_initial: bool = False
     validation_rules_dir: str = ""
     validation_as_of: str = ""
+    csv_null_strings: list[str] = Field(default_factory=lambda: [""])  # CSV_NULL_STRINGS; [""]: DuckDB's default
     s3_list_page_size: int = 1000
     s3_list_pages_per_tick: int = 5
 
@@ -157,6 +158,7 @@ def build_resources(cfg: Configuration) -> dict[str, Any]:
             ignore_initial=cfg.monitoring.ignore_initial,
             validation_rules_dir=str(cfg.processing.validation_rules_dir),
             validation_as_of=cfg.processing.validation_as_of.isoformat() if cfg.processing.validation_as_of else "",
+            csv_null_strings=list(cfg.processing.csv_null_strings),
         ),
         "images": ImageSettings(
             quality=cfg.images.quality,
