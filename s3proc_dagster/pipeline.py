@@ -25,13 +25,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from s3proc_dagster.errors import ChecksumMismatch, FileBusy, UnsupportedFileError
 from s3proc_dagster.files.archives import extract
 from s3proc_dagster.files.checksum import Snapshot, sha256_file, snapshot, snapshot_stream
 from s3proc_dagster.files.detect import Detection, detect
-from s3proc_dagster.files.tabular import convert_to_parquet_chunks
+from s3proc_dagster.files.tabular import DUCKDB_NULL_STRINGS, convert_to_parquet_chunks
 from s3proc_dagster.files.validation import as_of_date, rule_set_for
 from s3proc_dagster.logs import get_logger
 from s3proc_dagster.models import ChunkStatus, FileStatus, FileType, ProcessingStatus, RejectedPart, make_file_id
@@ -340,6 +340,7 @@ def convert_items(
     claimant: Claimant,
     rules_dir: Path | None = None,
     as_of: date | None = None,
+    csv_null_strings: Sequence[str] = DUCKDB_NULL_STRINGS,
 ) -> list[PreparedItem]:
     """Tabular items become Parquet chunks (one pass each, validated in the same pass
     when a rule set selects them); other items pass through.
@@ -368,6 +369,8 @@ def convert_items(
                     Path(item.local_path), item.kind, out_dir, chunk_size, compression,
                     rules=rule_set.render(as_of or as_of_date(None)) if rule_set else None,
                     required_columns=rule_set.columns if rule_set else (),
+                    on_missing_columns=rule_set.on_missing_columns if rule_set else "skip_rules",
+                    csv_null_strings=csv_null_strings,
                 )
             except BaseException:
                 shutil.rmtree(out_dir, ignore_errors=True)  # a failed pass leaves no partial parts
@@ -375,6 +378,8 @@ def convert_items(
             result = {
                 "record_count": conversion.record_count,
                 "rule_set": rule_set.name if rule_set else None,
+                "skipped_rules": conversion.skipped_rules,
+                "missing_columns": list(conversion.missing_columns),
                 "chunks": [
                     [c.chunk_index, str(c.path), c.start_offset, c.end_offset, c.record_count,
                      c.failed_records, c.rule_counts, str(c.rejected_path) if c.rejected_path else None]

@@ -11,14 +11,17 @@ from __future__ import annotations
 import os
 from datetime import date, timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from s3proc_dagster.errors import SettingsError
 
 DEFAULT_RULES_DIR = Path(__file__).resolve().parents[1] / "dbt_like_sql" / "validations"
+# DuckDB read_csv's own null strings: only the empty field is NULL (files/tabular.py's
+# DUCKDB_NULL_STRINGS; not imported from there, so reading settings does not load DuckDB).
+CSV_NULL_STRINGS_DEFAULT: tuple[str, ...] = ("",)
 SECRET_FIELDS = {"S3_SECRET_ACCESS_KEY", "S3_ACCESS_KEY_ID", "MONGODB_URI"}
 
 
@@ -121,6 +124,8 @@ class ProcessingConfig(BaseSettings):
     # An unfinished multipart upload no live run owns is aborted once it is this old
     # (seconds, or ISO 8601 such as PT1H); younger ones may still be resumed.
     stale_upload_age: timedelta = Field(timedelta(hours=1), ge=timedelta(0))
+    # Comma-separated; `NA,` is ("NA", ""): NA and the empty field. Not JSON (NoDecode).
+    csv_null_strings: Annotated[tuple[str, ...], NoDecode] = CSV_NULL_STRINGS_DEFAULT
 
     @field_validator("parquet_compression", mode="before")
     @classmethod
@@ -143,6 +148,14 @@ class ProcessingConfig(BaseSettings):
     @classmethod
     def _empty_is_today(cls, value: object) -> object:
         return None if value == "" else value
+
+    @field_validator("csv_null_strings", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        """`NA,` -> ("NA", ""); empty -> ("",), DuckDB's default. Spaces around items are dropped."""
+        if isinstance(value, str):
+            return tuple(dict.fromkeys(item.strip() for item in value.split(",")))
+        return value
 
     @field_validator("validation_rules_dir", mode="before")
     @classmethod

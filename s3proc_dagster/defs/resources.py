@@ -13,7 +13,7 @@ import dagster as dg
 from botocore.config import Config
 from dagster_aws.s3 import S3Resource
 from dagster_duckdb import DuckDBResource
-from pydantic import PrivateAttr
+from pydantic import Field, PrivateAttr
 
 from s3proc_dagster.runs.liveness import Heartbeat
 from s3proc_dagster.settings import Configuration
@@ -116,6 +116,7 @@ class PipelineSettings(dg.ConfigurableResource):
     ignore_initial: bool = False
     validation_rules_dir: str = ""
     validation_as_of: str = ""
+    csv_null_strings: list[str] = Field(default_factory=lambda: [""])  # CSV_NULL_STRINGS; [""]: DuckDB's default
     s3_list_page_size: int = 1000
     s3_list_pages_per_tick: int = 5
     stale_upload_age_s: float = 3600
@@ -171,6 +172,7 @@ def build_resources(cfg: Configuration) -> dict[str, Any]:
             validation_rules_dir=str(cfg.processing.validation_rules_dir),
             validation_as_of=cfg.processing.validation_as_of.isoformat() if cfg.processing.validation_as_of else "",
             stale_upload_age_s=cfg.processing.stale_upload_age.total_seconds(),
+            csv_null_strings=list(cfg.processing.csv_null_strings),
         ),
         "images": ImageSettings(
             quality=cfg.images.quality,

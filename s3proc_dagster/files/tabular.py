@@ -15,7 +15,10 @@ a valid file never fails for it, and the common case still costs one scan.
 Validation rides the same pass: each rule is a SQL boolean over a record's columns,
 evaluated inside the SELECT into a `__rules` list; valid and rejected records are then
 split per batch with Arrow compute (vectorised, never a Python loop over records). That
-SELECT is also where any later computed column belongs (`_select_sql`).
+SELECT is also where any later computed column belongs (`_select_sql`). Which rules run
+is decided before the pass by binding each one against the file's columns
+(`_plan_rules`): a rule set's `on_missing_columns` says what a file without a declared
+column gets (fail it, skip the rules that need the column, or reject every record).
 
 XML has no DuckDB reader: it is streamed through defusedxml into JSON lines, rewritten by
 DuckDB as CSV and then read like any CSV, so its values are typed by the same sniffer.
@@ -30,10 +33,11 @@ import os
 import shutil
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 from xml.etree.ElementTree import Element
 
 import duckdb
@@ -48,6 +52,15 @@ WRITER_LANES = 2
 BATCH_ROWS = 122_880  # a multiple of DuckDB's 2,048-row vector
 RULES_COLUMN = "_rules"
 SCRATCH_DIR = ".scratch"  # DuckDB spill files and XML intermediates; removed at the end
+SHAPE_TABLE = "__shape"  # the file's columns and types, no rows: rules are bound against it
+# read_csv's own default, made explicit: only an empty field is NULL, so `NA` stays text.
+DUCKDB_NULL_STRINGS: tuple[str, ...] = ("",)
+
+MissingColumnsPolicy = Literal["fail", "skip_rules", "reject_records"]
+MISSING_COLUMNS_POLICIES: tuple[str, ...] = get_args(MissingColumnsPolicy)
+DEFAULT_MISSING_COLUMNS: MissingColumnsPolicy = "skip_rules"
+# The `_rules` entry of every record of a file lacking a declared column, under reject_records.
+MISSING_COLUMNS_RULE = "missingColumns"
 
 
 @dataclass(frozen=True)
@@ -76,12 +89,34 @@ class ChunkFile:
 
 @dataclass(frozen=True)
 class ConversionResult:
-    """`columns` are (name, DuckDB type), the one schema every chunk shares."""
+    """`columns` are (name, DuckDB type), the one schema every chunk shares.
+
+    `skipped_rules` maps each rule that did not run to why (`missing column offerExpiry`);
+    `missing_columns` are the rule set's declared columns the file lacks. Both are empty
+    when the file has everything its rule set needs, so a caller can record them as is.
+    """
 
     record_count: int
     chunks: list[ChunkFile]
     columns: list[tuple[str, str]]
     duration_s: float
+    skipped_rules: dict[str, str] = field(default_factory=dict)
+    missing_columns: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class _RulePlan:
+    """What the pass evaluates: the rules that bind, and what was left out and why."""
+
+    rules: list[Rule] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    missing_columns: tuple[str, ...] = ()
+    reject_all: bool = False  # reject_records and a declared column is missing
+
+    @property
+    def validates(self) -> bool:
+        """Whether the pass computes `__rules` (and so writes `_rejected/`)."""
+        return bool(self.rules) or self.reject_all
 
 
 class _SampledTypeTooNarrow(Exception):
@@ -91,18 +126,24 @@ class _SampledTypeTooNarrow(Exception):
 # ---- reading ---------------------------------------------------------------------------------
 
 
-def _reader_sql(kind: str, whole_file: bool = False) -> str:
+def _reader_sql(kind: str, whole_file: bool = False, null_strings: Sequence[str] = DUCKDB_NULL_STRINGS) -> str:
     """The DuckDB table function for a kind; the source path is always parameter $1.
 
     The delimiter comes from the kind, the header is the first line and the quote is
     RFC 4180's: left to itself the sniffer reads a ragged file as one column, skips
     leading lines that do not fit, or decides a file has no quoting when its first
-    quoted field comes after the sample, all silently wrong or failing late.
+    quoted field comes after the sample, all silently wrong or failing late. The null
+    strings are read as NULL before the sniffer types a column, so with `NA` among them
+    a numeric column holding `NA` types as a number.
     """
     sample = ", sample_size = -1" if whole_file else ""
     if kind in ("csv", "tsv"):
         delim = "\t" if kind == "tsv" else ","  # a literal tab inside the SQL string
-        return f"read_csv($1, header = true, delim = '{delim}', quote = '\"', skip = 0, strict_mode = true{sample})"
+        nulls = "[" + ", ".join(_sql_string(s) for s in null_strings) + "]"
+        return (
+            f"read_csv($1, header = true, delim = '{delim}', quote = '\"', skip = 0, strict_mode = true, "
+            f"nullstr = {nulls}{sample})"
+        )
     if kind == "json":
         return f"read_json($1, format = 'auto'{sample})"
     if kind == "jsonl":
@@ -115,16 +156,23 @@ def _sql_string(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def _select_sql(kind: str, rules: list[Rule], whole_file: bool) -> str:
+def _identifier(name: str) -> str:
+    """A quoted SQL identifier (a column name from a rule set)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _select_sql(reader: str, plan: _RulePlan) -> str:
     """The single pass's SELECT: every source column, then whatever is computed per record."""
-    return f"SELECT *{_rules_sql(rules)} FROM {_reader_sql(kind, whole_file)}"
+    return f"SELECT *{_rules_sql(plan)} FROM {reader}"
 
 
-def _rules_sql(rules: list[Rule]) -> str:
-    if not rules:
+def _rules_sql(plan: _RulePlan) -> str:
+    if not plan.validates:
         return ""
-    cases = ", ".join(f"CASE WHEN ({r.sql}) THEN {_sql_string(r.name)} END" for r in rules)
-    return f", list_filter([{cases}], lambda x: x IS NOT NULL) AS __rules"
+    cases = [f"CASE WHEN ({r.sql}) THEN {_sql_string(r.name)} END" for r in plan.rules]
+    if plan.reject_all:
+        cases.insert(0, _sql_string(MISSING_COLUMNS_RULE))
+    return f", list_filter([{', '.join(cases)}], lambda x: x IS NOT NULL) AS __rules"
 
 
 def _connect(memory_limit: str, threads: int | None, scratch: Path) -> duckdb.DuckDBPyConnection:
@@ -279,48 +327,94 @@ def _xml_as_csv(conn: duckdb.DuckDBPyConnection, source: Path, scratch: Path) ->
 # ---- the pass --------------------------------------------------------------------------------
 
 
-def _check_rules(
-    conn: duckdb.DuckDBPyConnection, source: Path, reader: str, path: Path, rules: list[Rule], required: tuple[str, ...]
-) -> None:
-    """Fail before the pass, naming the rule file and rule, if the file cannot be validated.
+def _bind_error(conn: duckdb.DuckDBPyConnection, rules: list[Rule], placeholders: tuple[str, ...] = ()) -> str | None:
+    """DuckDB's reason the rules do not bind against the file's shape, or None.
 
-    Both checks only bind the query (LIMIT 0): DuckDB samples the file, it does not scan it.
+    `placeholders` are columns added as untyped NULLs: a rule that binds only with them
+    needs exactly those columns, and nothing else is wrong with it. An untyped NULL
+    casts implicitly to any type, so `"offerExpiry" < DATE '...'` and
+    `regexp_full_match("promoCode", ...)` both bind against it.
     """
-    columns = {row[0] for row in conn.execute(f"DESCRIBE SELECT * FROM {reader}", [str(path)]).fetchall()}
+    extra = "".join(f", NULL AS {_identifier(c)}" for c in placeholders)
+    try:
+        conn.execute(f"SELECT {', '.join(f'({r.sql})' for r in rules)} FROM (SELECT *{extra} FROM {SHAPE_TABLE})")
+    except duckdb.Error as exc:
+        return _clean(exc)
+    return None
+
+
+def _plan_rules(
+    conn: duckdb.DuckDBPyConnection,
+    source: Path,
+    reader: str,
+    path: Path,
+    rules: list[Rule],
+    required: tuple[str, ...],
+    on_missing_columns: MissingColumnsPolicy,
+) -> _RulePlan:
+    """Decide which rules the pass evaluates, before it starts; fail naming the rule file and rule.
+
+    The file is sniffed once into an empty table of its columns and types (a LIMIT 0
+    query: DuckDB samples the file, it does not scan it) and every rule is bound against
+    that table. Binding against the reader instead would sniff the file again for each
+    check: on a 3-million-row CSV sampled whole (the re-read after a type misfit) that is
+    about 1 s per check, against 1 ms for a bind against the empty table.
+
+    A rule is skipped only for a column the rule set declares under `columns`: a rule
+    naming a column neither the file nor the rule set has is a typo, and fails the file.
+    DuckDB matches column names without regard to case, and so does this check.
+    """
+    conn.execute(f"CREATE OR REPLACE TEMP TABLE {SHAPE_TABLE} AS SELECT * FROM {reader} LIMIT 0", [str(path)])
+    present = {row[0].lower() for row in conn.execute(f"DESCRIBE {SHAPE_TABLE}").fetchall()}
+    missing = tuple(c for c in required if c.lower() not in present)
     origin = rules[0].source.split(": rule")[0] if rules else "rule set"
-    missing = [c for c in required if c not in columns]
-    if missing:
+    if missing and on_missing_columns == "fail":
         raise ConversionError(f"{source.name}: {origin} needs column(s) {', '.join(missing)}, which the file lacks")
-    if not rules:
-        return
-    try:  # all rules bound at once; only a failure pays for finding which rule it was
-        conn.execute(f"SELECT {', '.join(f'({r.sql})' for r in rules)} FROM {reader} LIMIT 0", [str(path)])
-        return
-    except duckdb.Error:
-        pass
+    reject_all = bool(missing) and on_missing_columns == "reject_records"
+    if not rules or _bind_error(conn, rules) is None:  # all rules bound at once, the common case
+        return _RulePlan(list(rules), {}, missing, reject_all)
+    active: list[Rule] = []
+    skipped: dict[str, str] = {}
     for rule in rules:
-        try:
-            conn.execute(f"SELECT ({rule.sql}) FROM {reader} LIMIT 0", [str(path)])
-        except duckdb.Error as exc:
-            raise ConversionError(f"{source.name}: {rule.source or rule.name}: {_clean(exc)}") from None
+        if _bind_error(conn, [rule]) is None:
+            active.append(rule)
+            continue
+        error = _bind_error(conn, [rule], missing)
+        if error is not None:  # wrong even with every missing column supplied: the rule itself
+            raise ConversionError(f"{source.name}: {rule.source or rule.name}: {error}")
+        # The columns it cannot do without: it fails to bind when only that one is left out.
+        needed = [c for c in missing if _bind_error(conn, [rule], tuple(m for m in missing if m != c)) is not None]
+        needed = needed or list(missing)  # COALESCE("y", "z") needs either, so both are named
+        skipped[rule.name] = f"missing column{'s' if len(needed) > 1 else ''} {', '.join(needed)}"
+    return _RulePlan(active, skipped, missing, reject_all)
+
+
+@dataclass(frozen=True)
+class _Read:
+    """How one file is read and validated; the same for both passes but `whole_file`."""
+
+    source: Path  # the file as named to the user
+    path: Path  # what DuckDB reads (the XML's CSV rewrite, or the source)
+    kind: str
+    null_strings: tuple[str, ...]
+    rules: list[Rule]
+    required_columns: tuple[str, ...]
+    on_missing_columns: MissingColumnsPolicy
 
 
 def _open_stream(
-    conn: duckdb.DuckDBPyConnection,
-    source: Path,
-    path: Path,
-    kind: str,
-    rules: list[Rule],
-    required_columns: tuple[str, ...],
-    whole_file: bool,
-) -> tuple[pa.RecordBatchReader, list[tuple[str, str]]]:
+    conn: duckdb.DuckDBPyConnection, read: _Read, whole_file: bool
+) -> tuple[pa.RecordBatchReader, list[tuple[str, str]], _RulePlan]:
+    source, path, kind = read.source, read.path, read.kind
+    reader = _reader_sql(kind, whole_file, read.null_strings)
     try:
-        if rules or required_columns:
-            _check_rules(conn, source, _reader_sql(kind, whole_file), path, rules, required_columns)
+        plan = _RulePlan()
+        if read.rules or read.required_columns:
+            plan = _plan_rules(conn, source, reader, path, read.rules, read.required_columns, read.on_missing_columns)
         # The relation API streams; an execute() result would be copied whole into Arrow.
-        relation = conn.sql(_select_sql(kind, rules, whole_file), params=[str(path)])
+        relation = conn.sql(_select_sql(reader, plan), params=[str(path)])
         columns = [(n, str(t)) for n, t in zip(relation.columns, relation.types) if n != "__rules"]
-        return relation.to_arrow_reader(BATCH_ROWS), columns
+        return relation.to_arrow_reader(BATCH_ROWS), columns, plan
     except duckdb.Error as exc:
         reason = _clean(exc)
         if kind in ("csv", "tsv") and "sniffing" in reason:
@@ -499,20 +593,11 @@ def _clear_outputs(out_dir: Path) -> None:
 
 
 def _one_pass(
-    conn: duckdb.DuckDBPyConnection,
-    source: Path,
-    path: Path,
-    kind: str,
-    out_dir: Path,
-    chunk_size: int,
-    compression: str,
-    rules: list[Rule],
-    required_columns: tuple[str, ...],
-    whole_file: bool,
-) -> tuple[list[ChunkFile], list[tuple[str, str]]]:
-    reader, columns = _open_stream(conn, source, path, kind, rules, required_columns, whole_file)
+    conn: duckdb.DuckDBPyConnection, read: _Read, out_dir: Path, chunk_size: int, compression: str, whole_file: bool
+) -> tuple[list[ChunkFile], list[tuple[str, str]], _RulePlan]:
+    reader, columns, plan = _open_stream(conn, read, whole_file)
     try:
-        return _write_chunks(reader, source, out_dir, chunk_size, compression, bool(rules)), columns
+        return _write_chunks(reader, read.source, out_dir, chunk_size, compression, plan.validates), columns, plan
     finally:
         reader.close()
 
@@ -527,14 +612,25 @@ def convert_to_parquet_chunks(
     threads: int | None = None,
     rules: list[Rule] | None = None,
     required_columns: tuple[str, ...] = (),
+    on_missing_columns: MissingColumnsPolicy = DEFAULT_MISSING_COLUMNS,
+    csv_null_strings: Sequence[str] = DUCKDB_NULL_STRINGS,
 ) -> ConversionResult:
     """Convert in one pass; chunk i holds source records [i*size, min((i+1)*size, n) - 1].
 
     160 MB for DuckDB keeps a 1 GB CSV near 300 MB of process memory with two threads;
     much less and DuckDB runs out while keeping the rows in order.
+
+    `required_columns` and `on_missing_columns` come from the rule set (see
+    `validation.RuleSet`). `csv_null_strings` apply to CSV and TSV only: XML is rewritten
+    to CSV by this module with NULL as the empty field, and a user's `NA` must not
+    change how that rewrite is read.
     """
     if chunk_size < 1:
         raise ValueError("chunk_size must be at least 1")
+    if on_missing_columns not in MISSING_COLUMNS_POLICIES:
+        raise ValueError(f"on_missing_columns must be one of {', '.join(MISSING_COLUMNS_POLICIES)}")
+    if not csv_null_strings:
+        raise ValueError("csv_null_strings needs at least one string (DuckDB's default is the empty field)")
     if kind not in TABULAR_KINDS:
         raise ConversionError(f"{source.name}: no tabular reader for kind {kind!r}")
     started = time.perf_counter()
@@ -551,17 +647,28 @@ def convert_to_parquet_chunks(
             path, read_as = _xml_as_csv(conn, source, scratch), "csv"
             if path is None:
                 return ConversionResult(0, [], [], time.perf_counter() - started)
-        args = (conn, source, path, read_as, out_dir, chunk_size, compression, rules or [], required_columns)
+        read = _Read(
+            source=source,
+            path=path,
+            kind=read_as,
+            null_strings=tuple(csv_null_strings) if kind in ("csv", "tsv") else DUCKDB_NULL_STRINGS,
+            rules=list(rules or []),
+            required_columns=tuple(required_columns),
+            on_missing_columns=on_missing_columns,
+        )
         try:
-            chunks, columns = _one_pass(*args, whole_file=False)
+            chunks, columns, plan = _one_pass(conn, read, out_dir, chunk_size, compression, whole_file=False)
         except _SampledTypeTooNarrow:
             _clear_outputs(out_dir)
             try:
-                chunks, columns = _one_pass(*args, whole_file=True)
+                chunks, columns, plan = _one_pass(conn, read, out_dir, chunk_size, compression, whole_file=True)
             except _SampledTypeTooNarrow as exc:
                 raise ConversionError(f"{source.name}: {exc}") from None
     finally:
         conn.close()
         shutil.rmtree(scratch, ignore_errors=True)
     total = sum(c.record_count for c in chunks)
-    return ConversionResult(total, chunks, columns, time.perf_counter() - started)
+    return ConversionResult(
+        total, chunks, columns, time.perf_counter() - started,
+        skipped_rules=dict(plan.skipped), missing_columns=plan.missing_columns,
+    )

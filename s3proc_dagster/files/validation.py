@@ -4,7 +4,14 @@ A rule set selects files by path glob and names rules; each rule is one DuckDB b
 over a record's columns, TRUE for a bad record, evaluated inside the conversion's single
 pass (see `tabular.py`). Rule SQL is rendered with Jinja (`{{ as_of }}`), the way dbt
 users write their models. A rule set that does not parse fails the file with a message
-naming the rule file; so does a rule or a required column the file does not have.
+naming the rule file; so does a rule that does not bind for any reason but a missing
+declared column.
+
+`on_missing_columns` is the rule set's schema contract for a file it selects that lacks
+a declared column: `fail` it, `skip_rules` (the default: the rules needing the column do
+not run, the others do) or `reject_records` (every record to `_rejected/` as
+`missingColumns`). A name glob cannot tell a promotions file from another file named
+`promo_...`, so failing such a file by default would punish a name, not bad data.
 """
 
 from __future__ import annotations
@@ -18,9 +25,14 @@ import yaml
 
 from s3proc_dagster.errors import ConversionError
 from s3proc_dagster.files.globs import path_matches
-from s3proc_dagster.files.tabular import Rule
+from s3proc_dagster.files.tabular import (
+    DEFAULT_MISSING_COLUMNS,
+    MISSING_COLUMNS_POLICIES,
+    MISSING_COLUMNS_RULE,
+    MissingColumnsPolicy,
+    Rule,
+)
 from s3proc_dagster.settings import DEFAULT_RULES_DIR
-
 
 
 class RuleSetError(ConversionError):
@@ -34,6 +46,7 @@ class RuleSet:
     select: tuple[str, ...]
     columns: tuple[str, ...]
     rules: tuple[tuple[str, Path], ...]
+    on_missing_columns: MissingColumnsPolicy = DEFAULT_MISSING_COLUMNS
 
     def selects(self, relative_path: str) -> bool:
         return any(path_matches(relative_path, pattern) for pattern in self.select)
@@ -60,10 +73,17 @@ def _load(path: Path) -> RuleSet:
     if not isinstance(doc, dict) or not isinstance(doc.get("rules"), dict) or not doc.get("select"):
         raise RuleSetError(f"{path.name}: needs `select` (globs) and `rules` (name: file.sql)")
     select = doc["select"] if isinstance(doc["select"], list) else [doc["select"]]
+    on_missing = doc.get("on_missing_columns", DEFAULT_MISSING_COLUMNS)
+    if on_missing not in MISSING_COLUMNS_POLICIES:
+        raise RuleSetError(
+            f"{path.name}: on_missing_columns must be one of {', '.join(MISSING_COLUMNS_POLICIES)}, not {on_missing!r}"
+        )
     rules = []
     for name, file in doc["rules"].items():
         if not str(name).isidentifier():
             raise RuleSetError(f"{path.name}: rule name {name!r} must be an identifier")
+        if name == MISSING_COLUMNS_RULE:
+            raise RuleSetError(f"{path.name}: rule name {name!r} is reserved for records of a file lacking a column")
         rules.append((str(name), (path.parent / str(file)).resolve()))
     return RuleSet(
         name=str(doc.get("name") or path.stem),
@@ -71,6 +91,7 @@ def _load(path: Path) -> RuleSet:
         select=tuple(str(s) for s in select),
         columns=tuple(str(c) for c in doc.get("columns") or ()),
         rules=tuple(rules),
+        on_missing_columns=on_missing,
     )
 
 

@@ -168,6 +168,7 @@ def parquet_conversion(
             progress_store.open(), claimant(context),
             rules_dir=Path(settings.validation_rules_dir) if settings.validation_rules_dir else None,
             as_of=date.fromisoformat(settings.validation_as_of) if settings.validation_as_of else None,
+            csv_null_strings=settings.csv_null_strings,
         )
     for item in prepared:
         if item.is_dataset:
