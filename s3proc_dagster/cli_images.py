@@ -69,12 +69,39 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    images = sub.add_parser("images", help="seed 002 image requests: submit a product CSV, see its status")
-    isub = images.add_subparsers(dest="images_command", required=True)
-    submit = isub.add_parser("submit", help="validate and record a product CSV, print its requestId, process it")
-    submit.add_argument("file")
+    images = sub.add_parser(
+        "images",
+        help="image requests: submit a product CSV whose images are compressed into S3, see its status",
+        description=(
+            "An image request is a CSV with the columns S. No., Product Name and Input Image Urls "
+            "(comma-separated http(s) or s3:// URLs in one cell). Each image is fetched, compressed "
+            "(IMAGE_QUALITY) and uploaded to S3, and an output CSV with the output URLs is written beside them."
+        ),
+    )
+    images.set_defaults(help_parser=images)  # `s3proc images` alone prints this parser's help
+    isub = images.add_subparsers(dest="images_command", title="commands", metavar="COMMAND")
+    submit = isub.add_parser(
+        "submit",
+        help="validate and record a product CSV, print its requestId, then process it and wait",
+        description=(
+            "Validate a product CSV (columns, product names, URLs, serial numbers) and record it; print "
+            "its requestId at once, then fetch, compress and upload its images in this process and wait. "
+            "Exit status 1 when the CSV is invalid (every problem is listed by row) or the run fails."
+        ),
+    )
+    submit.add_argument("file", metavar="CSV", help="the product CSV")
     submit.set_defaults(func=_submit)
-    status = isub.add_parser("status", help="a request and its rows")
-    status.add_argument("request_id")
-    status.add_argument("--json", action="store_true")
+    status = isub.add_parser(
+        "status",
+        help="an image request and its rows: images done per product, output CSV, errors",
+    )
+    status.add_argument("request_id", metavar="REQUEST_ID", help="the requestId `s3proc images submit` printed")
+    status.add_argument(
+        "--json",
+        action="store_true",
+        help=(
+            "print JSON with the stored field names (requestId, status, outputCsvUrl, errors, and rows "
+            "with serialNumber, productName, inputImageUrls, outputImageUrls, errors)"
+        ),
+    )
     status.set_defaults(func=_status)
