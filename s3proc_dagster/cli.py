@@ -185,9 +185,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_images(sub)
 
-    dev = sub.add_parser("dev", help="start SeaweedFS (unless S3_ENDPOINT is set) and `dagster dev`")
-    dev.add_argument("--host", default=os.environ.get("S3PROC_UI_HOST", "127.0.0.1"))
-    dev.add_argument("--port", type=int, default=int(os.environ.get("S3PROC_UI_PORT", "3000")))
+    dev = sub.add_parser(
+        "dev",
+        help="start SeaweedFS (unless S3_ENDPOINT is set) and `dagster dev`",
+        description=(
+            "Start SeaweedFS as the local S3 (unless S3_ENDPOINT names another S3; its port is "
+            "S3PROC_SEAWEEDFS_PORT, default 8333, or the port inside S3_ENDPOINT once .env holds it) "
+            "and `dagster dev` with the Dagster UI. Ctrl-C, SIGTERM or SIGHUP stops all of it. "
+            "A port already in use stops the start at once, naming the setting to change."
+        ),
+    )
+    dev.add_argument(
+        "--host",
+        default=os.environ.get("S3PROC_UI_HOST", "127.0.0.1"),
+        help="interface the Dagster UI listens on (default: $S3PROC_UI_HOST or 127.0.0.1; 0.0.0.0 for every interface)",
+    )
+    dev.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("S3PROC_UI_PORT", "3000")),
+        help="port of the Dagster UI (default: $S3PROC_UI_PORT or 3000)",
+    )
     dev.set_defaults(func=_dev)
     return parser
 
