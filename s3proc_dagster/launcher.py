@@ -55,7 +55,12 @@ def instance_config(max_concurrency: int, storage_dir: Path, upload_pool_limit: 
             "pools": {"default_limit": upload_pool_limit or max(2, max_concurrency)},
         },
         "run_retries": {"enabled": True, "max_retries": 1, "retry_on_asset_or_op_failure": False},
-        "run_monitoring": {"enabled": True, "start_timeout_seconds": 180, "poll_interval_seconds": 30},
+        "run_monitoring": {
+            "enabled": True,
+            "start_timeout_seconds": 180,
+            "poll_interval_seconds": 30,
+            "free_slots_after_run_end_seconds": 30,  # pool slots a crashed step held come back
+        },
         # the product's own `s3proc` log lines show in each run's logs in the UI
         "python_logs": {"managed_python_loggers": ["s3proc"], "python_log_level": "INFO"},
         "telemetry": {"enabled": False},

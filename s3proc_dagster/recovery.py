@@ -91,6 +91,36 @@ def settle(store: ProgressStore, client: Any, bucket: str, status: FileStatus) -
     return Recovered(status.file_id, status.file_path, outcome, dead, aborted, deleted)
 
 
+def requeue_abandoned(store: ProgressStore, file_id: str, source: str, run_id: str, run_started: float) -> bool:
+    """Make sure the sensors run again a file whose run died before it claimed the file
+    (killed during start-up or while taking its snapshot); True if it was set PENDING.
+
+    A file IN_PROGRESS is `recover`'s; one changed since the dead run started was taken
+    care of by a later run.
+    """
+    record = store.get(file_id)
+    reason = f"crash recovery: run {run_id} died before it could process this file"
+    if record is None:
+        bucket, _, key = source.removeprefix("s3://").partition("/") if source.startswith("s3://") else ("", "", "")
+        record, _ = store.record_detected(
+            FileStatus(
+                file_id=file_id,
+                file_path=source,
+                file_name=source.rstrip("/").rsplit("/", 1)[-1],
+                s3_bucket=bucket or None,
+                s3_key=key or None,
+            )
+        )
+    elif record.status is S.IN_PROGRESS or record.last_updated_at.timestamp() > run_started:
+        return False
+    if record.status is S.PENDING:
+        if record.processing_started_at is not None:
+            return False  # already waiting for a rerun
+        store.start(file_id, run_id)
+    store.reset_to_pending(file_id, reason)
+    return True
+
+
 def _same_content(task_key: str, output_key: str | None, status: FileStatus) -> bool:
     """A recorded upload worth resuming: this version's bytes for this file's output."""
     if not output_key:

@@ -5,9 +5,14 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import json
+import os
 import random
 import string
+import subprocess
+import sys
 import tarfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -111,14 +116,11 @@ def write_gz(path: Path, data: bytes) -> Path:
 
 
 def read_dataset(deployment: Deployment, dataset_key: str, tmp: Path) -> list[tuple]:
-    """Download every part of a dataset and read it back, in chunk order, with DuckDB."""
+    """The dataset's current version, read as the README tells readers to: the parts its
+    committed `_manifest.json` lists, in chunk order, with DuckDB."""
     client = deployment.s3.client()
-    keys = sorted(
-        o["Key"]
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=deployment.s3.bucket, Prefix=dataset_key + "/")
-        for o in page.get("Contents", [])
-        if o["Key"].endswith(".parquet") and "/_rejected/" not in o["Key"]
-    )
+    body = client.get_object(Bucket=deployment.s3.bucket, Key=f"{dataset_key}/_manifest.json")["Body"].read()
+    keys = [c["key"] for c in sorted(json.loads(body)["chunks"], key=lambda c: c["chunkIndex"])]
     assert keys, f"no parquet under {dataset_key}"
     local = []
     for i, key in enumerate(keys):
@@ -126,6 +128,46 @@ def read_dataset(deployment: Deployment, dataset_key: str, tmp: Path) -> list[tu
         client.download_file(deployment.s3.bucket, key, str(target))
         local.append(str(target))
     return duckdb.sql(f"SELECT * FROM read_parquet({local!r})").fetchall()
+
+
+def list_keys(deployment: Deployment, prefix: str) -> list[str]:
+    client = deployment.s3.client()
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=deployment.s3.bucket, Prefix=prefix)
+    return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+
+def open_uploads(deployment: Deployment, prefix: str) -> list[dict]:
+    client = deployment.s3.client()
+    pages = client.get_paginator("list_multipart_uploads").paginate(Bucket=deployment.s3.bucket, Prefix=prefix)
+    return [u for page in pages for u in page.get("Uploads", [])]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def start_process(*args: str) -> subprocess.Popen:
+    """`s3proc process ARGS` as a user starts it, in its own process (so it can be killed)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "s3proc_dagster.cli", "process", *args],
+        cwd=ROOT, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def reconcile(deployment: Deployment) -> dg.ExecuteJobResult:
+    """One run of reconcile_job, as the sensor or the schedule would start it."""
+    return dg.execute_job(dg.reconstructable(reconcile_job_with_resources), instance=deployment.instance())
+
+
+def reconcile_job_with_resources() -> dg.JobDefinition:
+    return definitions().resolve_job_def("reconcile_job")
+
+
+def wait_for(condition, what: str, timeout: float = 120) -> None:
+    """Poll `condition` until it holds; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)  # polling interval, bounded by the deadline
 
 
 def dataset_keys(dataset_key: str, sha: str, chunks: int) -> list[str]:

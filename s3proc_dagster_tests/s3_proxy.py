@@ -3,13 +3,16 @@
 The pipeline talks to S3 through it exactly as to S3 (same signatures: the Host header is
 forwarded untouched). A test arms a rule ("PUTs to keys containing part-00001 answer
 503") to make one chunk's upload fail for real, then disarms it to let a re-execution
-succeed. Nothing is mocked: every other request reaches the real server.
+succeed; holds requests to a key ("stall") to catch a run at a chosen point and kill it
+there; or takes S3 away altogether for a while ("outage"). Nothing is mocked: every
+other request reaches the real server.
 """
 
 from __future__ import annotations
 
 import http.client
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlparse
 
@@ -21,6 +24,11 @@ class FaultyS3Proxy:
         self.fail_puts_containing: str | None = None
         self.failed_requests = 0
         self.put_keys: list[str] = []
+        self.stall_containing: str | None = None  # requests to such paths wait for `release`
+        self.stalled = threading.Event()  # set once a request is being held
+        self.release = threading.Event()
+        self.outage_until = 0.0  # time.monotonic() until which every request fails
+        self.outage_after_puts: tuple[str, int, float] | None = None  # (path part, n PUTs, seconds)
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -35,6 +43,19 @@ class FaultyS3Proxy:
                 path = urlparse(self.path).path
                 if self.command == "PUT":
                     proxy.put_keys.append(path)
+                    trigger = proxy.outage_after_puts
+                    if trigger and trigger[0] in path and sum(trigger[0] in k for k in proxy.put_keys) >= trigger[1]:
+                        proxy.outage_after_puts = None
+                        proxy.outage_until = time.monotonic() + trigger[2]
+                if time.monotonic() < proxy.outage_until:
+                    proxy.failed_requests += 1
+                    self.close_connection = True  # S3 is gone: the connection drops without an answer
+                    return
+                if proxy.stall_containing and proxy.stall_containing in path:
+                    proxy.stalled.set()
+                    proxy.release.wait(timeout=300)
+                    self.close_connection = True  # a held request never reaches S3: its sender is gone
+                    return
                 rule = proxy.fail_puts_containing
                 if rule and self.command == "PUT" and rule in path:
                     proxy.failed_requests += 1
@@ -71,5 +92,6 @@ class FaultyS3Proxy:
         self.thread.start()
 
     def stop(self) -> None:
+        self.release.set()
         self.server.shutdown()
         self.server.server_close()

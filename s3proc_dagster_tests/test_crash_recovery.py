@@ -1,63 +1,72 @@
-"""A run killed with SIGKILL in the middle of a multipart upload, then crash recovery and a
-rerun that resumes the upload from the parts S3 already has."""
+"""Runs that die at the wrong moment, and what recovery makes of them (real SIGKILLs, real S3).
+
+- killed mid-upload: recovered to PENDING, and the rerun resumes the multipart upload;
+- killed before its first step: reported failed (never "running" for ever), file run again;
+- killed while a new version lands: readers keep the old version, recovery does not trust
+  the old version's manifest, and the new version lands on the rerun;
+- S3 gone mid-upload: the retried upload resumes instead of leaking one per attempt.
+"""
 
 from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import dagster as dg
 
+from s3proc_dagster.files.checksum import sha256_file
 from s3proc_dagster.models import ProcessingStatus as S
+from s3proc_dagster.transfer.manifest import part_key, read_manifest
 from s3proc_dagster_tests.conftest import Deployment
-from s3proc_dagster_tests.pipeline_helpers import execute, run_requests_under, sensor_tick
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def open_uploads(deployment: Deployment, prefix: str) -> list[dict]:
-    client = deployment.s3.client()
-    return [
-        u
-        for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=deployment.s3.bucket, Prefix=prefix)
-        for u in page.get("Uploads", [])
-    ]
+from s3proc_dagster_tests.pipeline_helpers import (
+    dataset_keys,
+    definitions,
+    execute,
+    list_keys,
+    open_uploads,
+    promo_rows,
+    read_dataset,
+    reconcile,
+    run_requests_under,
+    sensor_tick,
+    source_rows,
+    start_process,
+    wait_for,
+    write_csv,
+)
 
 
 def parts_in_s3(deployment: Deployment, key: str) -> int:
-    client = deployment.s3.client()
     uploads = open_uploads(deployment, key)
     if not uploads:
         return 0
-    listed = client.list_parts(Bucket=deployment.s3.bucket, Key=key, UploadId=uploads[0]["UploadId"])
+    listed = deployment.s3.client().list_parts(Bucket=deployment.s3.bucket, Key=key, UploadId=uploads[0]["UploadId"])
     return len(listed.get("Parts", []))
+
+
+def kill(proc) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+
+
+def runs_of(deployment: Deployment, **tags: str) -> list[dg.DagsterRun]:
+    records = deployment.instance().get_run_records(dg.RunsFilter(job_name="process_file_job", tags=tags))
+    return [r.dagster_run for r in records]
 
 
 def test_killed_upload_is_recovered_and_resumed_once(deployment: Deployment) -> None:
     path = deployment.watch / "crash" / "big.bin"
-    path.parent.mkdir(parents=True)
+    path.parent.mkdir()
     with path.open("wb") as out:
         for _ in range(12):  # 96 MiB: twelve 8 MiB parts, seconds to upload through the proxy
             out.write(os.urandom(8 << 20))
     key = f"{deployment.prefix}/crash/big.bin"
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "s3proc_dagster.cli", "process", str(path)],
-        cwd=ROOT, env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    proc = start_process(str(path))
     try:
-        deadline = time.monotonic() + 120
-        while parts_in_s3(deployment, key) < 3:  # kill it with some parts in S3, most still to send
-            assert proc.poll() is None, "the run ended before its upload could be killed"
-            assert time.monotonic() < deadline, "no multipart upload got going"
-            time.sleep(0.05)  # polling interval, bounded by the deadline
+        wait_for(lambda: proc.poll() is None and parts_in_s3(deployment, key) >= 3, "three parts in S3")
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        kill(proc)  # with some parts in S3 and most still to send
 
     store = deployment.store()
     record = store.get_by_path(str(path))
@@ -65,18 +74,13 @@ def test_killed_upload_is_recovered_and_resumed_once(deployment: Deployment) -> 
     (task,) = store.list_upload_tasks(record.file_id)  # the UploadId was recorded as soon as S3 gave it
     assert [u["UploadId"] for u in open_uploads(deployment, key)] == [task.upload_id]
 
-    recovered = dg.execute_job(
-        dg.reconstructable(reconcile_job_with_resources), instance=deployment.instance()
-    )
-    assert recovered.success
+    assert reconcile(deployment).success
     record = store.get_by_path(str(path))
     assert record.status is S.PENDING and "crash recovery" in record.error_details
     # this version's upload is kept for the rerun to resume; nothing else is left open
     assert [u["UploadId"] for u in open_uploads(deployment, key)] == [task.upload_id]
-    killed = deployment.instance().get_run_records(
-        dg.RunsFilter(job_name="process_file_job", tags={"s3proc/file_id": record.file_id})
-    )
-    assert killed[0].dagster_run.status == dg.DagsterRunStatus.FAILURE  # no longer shown as running
+    (killed,) = runs_of(deployment, **{"s3proc/file_id": record.file_id})
+    assert killed.status == dg.DagsterRunStatus.FAILURE  # no longer shown as running
 
     # the watch sensor runs the PENDING file again, under a new run key
     (request,) = run_requests_under(sensor_tick(deployment), "crash")
@@ -89,15 +93,106 @@ def test_killed_upload_is_recovered_and_resumed_once(deployment: Deployment) -> 
     final = store.get_by_path(str(path))
     assert final.status is S.COMPLETED
     assert [f.file_path for f in store.list_files() if f.file_path == str(path)] == [str(path)]
-    client = deployment.s3.client()
-    listed = client.list_objects_v2(Bucket=deployment.s3.bucket, Prefix=f"{deployment.prefix}/crash/")
-    assert [o["Key"] for o in listed["Contents"]] == [key]
-    assert open_uploads(deployment, f"{deployment.prefix}/crash/") == []
-    got = client.get_object(Bucket=deployment.s3.bucket, Key=key)
+    assert list_keys(deployment, f"{deployment.prefix}/crash/") == [key]
+    assert open_uploads(deployment, f"{deployment.prefix}/crash/") == [] and store.list_upload_tasks(final.file_id) == []
+    got = deployment.s3.client().get_object(Bucket=deployment.s3.bucket, Key=key)
     assert got["ContentLength"] == path.stat().st_size and got["Metadata"]["x-completed"] == "true"
 
 
-def reconcile_job_with_resources() -> dg.JobDefinition:
-    from s3proc_dagster.definitions import defs
+def test_run_killed_before_its_first_step_is_failed_and_its_file_runs_again(deployment: Deployment) -> None:
+    key = "incoming/early/kill.csv"
+    body = b"a,b\n1,2\n3,4\n"
+    deployment.s3.client().put_object(Bucket=deployment.s3.bucket, Key=key, Body=body)
+    uri = f"s3://{deployment.s3.bucket}/{key}"
+    deployment.proxy.stalled.clear()
+    deployment.proxy.release.clear()
+    deployment.proxy.stall_containing = f"/{key}"  # the first step's first look at the object is held
+    proc = start_process(uri)
+    try:
+        wait_for(deployment.proxy.stalled.is_set, "the run to reach its first step")
+        wait_for(lambda: [r.status for r in runs_of(deployment, **{"s3proc/source": uri})] == [dg.DagsterRunStatus.STARTED],
+                 "the run to show as started")
+    finally:
+        kill(proc)
+        deployment.proxy.stall_containing = None
+        deployment.proxy.release.set()
+    (run,) = runs_of(deployment, **{"s3proc/source": uri})
+    assert run.status == dg.DagsterRunStatus.STARTED  # Dagster alone would show it running for ever
+    store = deployment.store()
+    assert store.get_by_path(uri) is None  # it died before it could claim the file
 
-    return defs.resolve_job_def("reconcile_job")
+    assert reconcile(deployment).success
+    assert deployment.instance().get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE
+    record = store.get_by_path(uri)
+    assert record.status is S.PENDING and run.run_id in record.error_details
+
+    sensor = definitions().resolve_sensor_def("s3_incoming_sensor")
+    with dg.build_sensor_context(instance=deployment.instance(), resources=definitions().resources) as context:
+        requests = [r for r in sensor.evaluate_tick(context).run_requests or [] if r.tags["s3proc/source"] == uri]
+    (request,) = requests
+    assert execute(request, deployment).success
+    assert store.get_by_path(uri).status is S.COMPLETED
+
+
+def test_crash_while_a_new_version_lands_never_trusts_the_old_manifest(deployment: Deployment, tmp_path) -> None:
+    src = write_csv(deployment.watch / "vcrash" / "promo.csv", promo_rows(150_000, seed=21))
+    dataset = f"{deployment.prefix}/vcrash/promo.csv"
+    (request,) = run_requests_under(sensor_tick(deployment), "vcrash")
+    assert execute(request, deployment).success
+    v1, v1_rows = sha256_file(src), source_rows(src, "read_csv")
+
+    write_csv(src, promo_rows(110_000, seed=22))  # a new version, three chunks again
+    v2, v2_rows = sha256_file(src), source_rows(src, "read_csv")
+    deployment.proxy.stalled.clear()
+    deployment.proxy.release.clear()
+    deployment.proxy.stall_containing = f"/{part_key(dataset, v2, 2)}"
+    proc = start_process(str(src))
+    try:
+        wait_for(deployment.proxy.stalled.is_set, "the new version's upload to be under way")
+    finally:
+        kill(proc)
+        deployment.proxy.stall_containing = None
+        deployment.proxy.release.set()
+
+    client = deployment.s3.client()
+    assert read_manifest(client, deployment.s3.bucket, dataset).file_sha256 == v1
+    assert read_dataset(deployment, dataset, tmp_path) == v1_rows  # readers still see the old version, whole
+    store = deployment.store()
+    assert store.get_by_path(str(src)).checksum == v2
+
+    assert reconcile(deployment).success
+    record = store.get_by_path(str(src))
+    assert record.status is S.PENDING  # v1's manifest, intact as it is, is not v2's
+    # kept: what readers see (v1, committed) and v2's chunks recorded COMPLETED (the rerun reuses them)
+    landed_v2 = [c.s3_key for c in store.list_chunks(record.file_id) if c.status is S.COMPLETED and c.version == v2]
+    assert part_key(dataset, v2, 2) not in landed_v2
+    assert list_keys(deployment, dataset + "/") == sorted(dataset_keys(dataset, v1, 3) + landed_v2)
+    assert open_uploads(deployment, dataset + "/") == []
+
+    (rerun,) = run_requests_under(sensor_tick(deployment), "vcrash")
+    assert execute(rerun, deployment).success
+    assert store.get_by_path(str(src)).status is S.COMPLETED
+    assert read_manifest(client, deployment.s3.bucket, dataset).file_sha256 == v2
+    assert read_dataset(deployment, dataset, tmp_path) == v2_rows
+    assert list_keys(deployment, dataset + "/") == dataset_keys(dataset, v2, 3)  # v1's parts are gone
+
+
+def test_s3_outage_mid_upload_resumes_and_leaves_no_unfinished_upload(deployment: Deployment) -> None:
+    path = deployment.watch / "outage" / "big.bin"
+    path.parent.mkdir()
+    payload = os.urandom(6 * (8 << 20))
+    path.write_bytes(payload)
+    key = f"{deployment.prefix}/outage/big.bin"
+    (request,) = run_requests_under(sensor_tick(deployment), "outage")
+    failed_before = deployment.proxy.failed_requests
+    deployment.proxy.outage_after_puts = (f"/{key}", 2, 1.5)  # after two parts, S3 is gone for 1.5 s
+    try:
+        assert execute(request, deployment).success
+    finally:
+        deployment.proxy.outage_after_puts = None
+    assert deployment.proxy.failed_requests > failed_before  # the outage happened
+    assert open_uploads(deployment, key) == []
+    store = deployment.store()
+    record = store.get_by_path(str(path))
+    assert record.status is S.COMPLETED and store.list_upload_tasks(record.file_id) == []
+    assert deployment.s3.client().get_object(Bucket=deployment.s3.bucket, Key=key)["Body"].read() == payload

@@ -18,17 +18,19 @@ from pathlib import Path
 
 import pytest
 
-from s3proc_dagster.errors import IllegalTransition, RecordNotFound
+from s3proc_dagster.errors import FileBusy, IllegalTransition, RecordNotFound, VersionSuperseded
 from s3proc_dagster.models import (
     FileStatus,
     ProcessingStatus as S,
     Request,
     RequestData,
     RequestStatus,
+    S3UploadTask,
+    UploadStatus,
     make_file_id,
     utcnow,
 )
-from s3proc_dagster.stores.base import ProgressStore
+from s3proc_dagster.stores.base import ClaimOutcome, ProgressStore
 from s3proc_dagster.stores.mongo import MongoProgressStore
 from s3proc_dagster.stores.sqlite import SQLiteProgressStore
 
@@ -335,3 +337,78 @@ def test_mongodb_documents_use_the_seeds_field_names(mongodb_uri: str, mongodb_d
     indexes = {tuple(k for k, _ in ix["key"].items()): ix.get("unique", False) for ix in store.chunks.list_indexes()}
     assert indexes[("chunkId",)] is True
     store.close()
+
+
+# ---- claims: one live run per file -------------------------------------------------------------
+
+ALIVE = {"run-a", "run-b"}
+
+
+def alive(run_id: str) -> bool:
+    return run_id in ALIVE
+
+
+def test_first_claim_wins_and_a_second_live_run_is_told_who_holds_the_file(store: ProgressStore) -> None:
+    first = store.claim(new_file(), "run-a", alive)
+    assert first.outcome is ClaimOutcome.CLAIMED and first.record.status is S.IN_PROGRESS
+    assert first.record.run_id == "run-a" and first.record.processing_started_at is not None
+    second = store.claim(new_file(), "run-b", alive)
+    assert second.outcome is ClaimOutcome.BUSY and second.holder == "run-a"
+    with pytest.raises(FileBusy, match="run run-a is processing"):
+        store.hold(first.record.file_id, "run-b", alive, "a" * 64)
+    assert store.hold(first.record.file_id, "run-a", alive, "a" * 64).run_id == "run-a"
+
+
+def test_a_dead_holder_is_taken_over_and_cannot_write_any_more(store: ProgressStore) -> None:
+    claimed = store.claim(new_file(), "run-dead", alive)
+    taken = store.claim(new_file(), "run-b", alive)
+    assert taken.outcome is ClaimOutcome.CLAIMED and taken.record.run_id == "run-b"
+    with pytest.raises(FileBusy):
+        store.fail(claimed.record.file_id, "late failure of a dead run", run_id="run-dead")
+    with pytest.raises(FileBusy):
+        store.reset_to_pending(claimed.record.file_id, "recovery of the dead run", run_id="run-dead")
+    assert store.complete(claimed.record.file_id, "k", run_id="run-b").status is S.COMPLETED
+
+
+def test_a_completed_version_is_unchanged_and_a_new_one_is_claimed(store: ProgressStore) -> None:
+    claimed = store.claim(new_file(), "run-a", alive)
+    store.complete(claimed.record.file_id, "k", run_id="run-a")
+    assert store.claim(new_file(), "run-b", alive).outcome is ClaimOutcome.UNCHANGED
+    changed = store.claim(new_file(checksum="b" * 64, size=7), "run-b", alive)
+    assert changed.outcome is ClaimOutcome.CLAIMED and changed.record.checksum == "b" * 64
+    assert changed.record.file_size == 7 and changed.record.run_id == "run-b"
+    with pytest.raises(VersionSuperseded):
+        store.hold(claimed.record.file_id, "run-a", alive, "a" * 64)  # run-a's version is gone
+
+
+def test_a_failed_file_is_held_again_by_its_reexecution(store: ProgressStore) -> None:
+    claimed = store.claim(new_file(), "run-dead", alive)
+    store.fail(claimed.record.file_id, "boom", run_id="run-dead")
+    again = store.hold(claimed.record.file_id, "run-a", alive, "a" * 64)
+    assert again.status is S.IN_PROGRESS and again.run_id == "run-a" and again.error_details is None
+
+
+def test_a_new_version_never_inherits_the_old_versions_chunks(store: ProgressStore) -> None:
+    status, _ = store.record_detected(new_file())
+    old = store.plan_chunks(status.file_id, 10, 5, version="a" * 64)
+    store.chunk_started(old[0].chunk_id, "w")
+    store.chunk_completed(old[0].chunk_id, s3_key="k0", size_bytes=1, sha256="c", duration=0.1)
+    assert store.plan_chunks(status.file_id, 10, 5, version="a" * 64)[0].status is S.COMPLETED
+    new = store.plan_chunks(status.file_id, 10, 5, version="b" * 64)  # same offsets, other bytes
+    assert [(c.status, c.version) for c in new] == [(S.PENDING, "b" * 64)] * 2
+    assert store.get(status.file_id).processing_stats.completed_chunks == 0
+
+
+def test_upload_tasks_are_found_by_key_and_content(store: ProgressStore) -> None:
+    task = S3UploadTask(
+        id="t1", source_file_path="/s/x", s3_key="p/x", bucket="b", upload_id="u1", checksum="c" * 64,
+        status=UploadStatus.UPLOADING, file_id="f1", size=10,
+    )
+    store.save_upload_task(task)
+    store.save_upload_task(task.model_copy(update={"uploaded_bytes": 8}))
+    found = store.find_upload_task("b", "p/x", "c" * 64)
+    assert found is not None and found.upload_id == "u1" and found.uploaded_bytes == 8
+    assert store.find_upload_task("b", "p/x", "d" * 64) is None  # other bytes: not this upload
+    assert [t.id for t in store.list_upload_tasks("f1")] == ["t1"] and store.list_upload_tasks("f2") == []
+    store.delete_upload_task("t1")
+    assert store.list_upload_tasks() == []

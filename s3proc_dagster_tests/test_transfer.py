@@ -180,3 +180,26 @@ def test_commit_swaps_the_manifest_then_removes_the_previous_version(s3: S3Endpo
     assert head["Metadata"]["x-completed"] == "true" and head["Metadata"]["x-file-sha256"] == "2" * 64
     client.delete_object(Bucket=s3.bucket, Key=v2.chunks[0].key)
     assert not is_intact(client, s3.bucket, v2)  # a manifest is trusted only with every part in place
+
+
+def test_an_upload_given_up_during_an_outage_is_aborted_by_the_sweep(s3: S3Endpoint, s3_prefix: str, tmp_path: Path) -> None:
+    import boto3
+    from botocore.config import Config
+
+    from s3proc_dagster.embedded import free_port
+
+    store = SQLiteProgressStore(tmp_path / "p.db")
+    src = blob(tmp_path / "o.bin", 2 * PART_SIZE + 1)
+    key = f"{s3_prefix}/out/o.bin"
+    with pytest.raises(ConnectionResetError):
+        upload_file(FailAfterParts(s3.client(), 1), s3.bucket, key, src, content_type="x/y", journal=store, file_id="f")
+    (task,) = store.list_upload_tasks()
+    s3_gone = boto3.client(
+        "s3", endpoint_url=f"http://127.0.0.1:{free_port()}", aws_access_key_id="k", aws_secret_access_key="s",
+        region_name="us-east-1", config=Config(retries={"max_attempts": 1}, connect_timeout=1),
+    )
+    assert not abort_upload(s3_gone, task, store)  # S3 unreachable: the abort fails too...
+    assert [t.id for t in store.list_upload_tasks()] == [task.id]  # ...and the record stays for the sweep
+    swept = sweep_uploads(store, s3.client(), s3.bucket, f"{s3_prefix}/out", utcnow() + timedelta(seconds=5), lambda _: False)
+    assert swept == [key]
+    assert list(open_uploads(s3.client(), s3.bucket, key)) == [] and store.list_upload_tasks() == []

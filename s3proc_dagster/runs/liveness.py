@@ -125,17 +125,35 @@ def run_is_alive(instance: dg.DagsterInstance, exclude_run_id: str | None = None
     return alive
 
 
-def reap_dead_runs(instance: dg.DagsterInstance, job_names: list[str], exclude_run_id: str | None = None) -> list[str]:
-    """Report every in-flight run of these jobs that is not alive as failed; return their ids."""
-    reaped = []
-    records = instance.get_run_records(dg.RunsFilter(job_name=None, statuses=list(IN_FLIGHT)))
-    for record in records:
-        run = record.dagster_run
-        if run.job_name not in job_names or run.run_id == exclude_run_id:
-            continue
-        if not is_run_alive(instance, run.run_id):
-            instance.report_run_failed(
-                run, "The run's worker is gone (killed or crashed: no heartbeat); its files are recovered by reconcile_job."
-            )
-            reaped.append(run.run_id)
+def _dead(instance: dg.DagsterInstance, job_names: list[str], exclude_run_id: str | None) -> list[dg.RunRecord]:
+    records = instance.get_run_records(dg.RunsFilter(statuses=list(IN_FLIGHT)))
+    return [
+        r
+        for r in records
+        if r.dagster_run.job_name in job_names
+        and r.dagster_run.run_id != exclude_run_id
+        and not is_run_alive(instance, r.dagster_run.run_id)
+    ]
+
+
+def dead_runs(instance: dg.DagsterInstance, job_names: list[str]) -> list[str]:
+    """Ids of in-flight runs of these jobs whose worker is gone (a cheap look: runs in flight only)."""
+    return [r.dagster_run.run_id for r in _dead(instance, job_names, None)]
+
+
+def reap_dead_runs(
+    instance: dg.DagsterInstance, job_names: list[str], exclude_run_id: str | None = None
+) -> list[dg.RunRecord]:
+    """Report every in-flight run of these jobs that is not alive as failed; return them."""
+    reaped = _dead(instance, job_names, exclude_run_id)
+    for record in reaped:
+        instance.report_run_failed(
+            record.dagster_run,
+            "The run's worker is gone (killed or crashed: no heartbeat); reconcile_job recovers its files.",
+        )
+        # A dead upload step still holds its `s3_uploads` pool slot; the daemon frees slots of
+        # finished runs only after `free_slots_after_run_end_seconds`, and not at all where no
+        # daemon runs (s3proc process alone), so later uploads would wait for it for ever.
+        if instance.event_log_storage.supports_global_concurrency_limits:
+            instance.event_log_storage.free_concurrency_slots_for_run(record.dagster_run.run_id)
     return reaped

@@ -342,9 +342,15 @@ def reconcile(
 
     from s3proc_dagster.models import utcnow
 
-    for run_id in reap_dead_runs(context.instance, PRODUCT_JOBS, exclude_run_id=context.run_id):
-        context.log.info(f"run {run_id}: its worker is gone; reported failed")
     store, client = progress_store.open(), s3.get_client()
+    for record in reap_dead_runs(context.instance, PRODUCT_JOBS, exclude_run_id=context.run_id):
+        run = record.dagster_run
+        context.log.info(f"run {run.run_id}: its worker is gone; reported failed")
+        file_id, source = run.tags.get(f"{TAG}/file_id"), run.tags.get(f"{TAG}/source")
+        if run.job_name == "process_file_job" and file_id and source:
+            started = record.start_time or record.create_timestamp.timestamp()
+            if recovery.requeue_abandoned(store, file_id, source, run.run_id, started):
+                context.log.info(f"{source}: its run died before finishing; PENDING again for the sensor")
     alive = run_is_alive(context.instance, context.run_id)
     report = recovery.recover(store, client, s3.bucket, alive)
     for item in report:

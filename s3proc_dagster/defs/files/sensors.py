@@ -8,10 +8,11 @@ from pathlib import Path
 
 import dagster as dg
 
-from s3proc_dagster.defs.files.ops import TAG
+from s3proc_dagster.defs.files.jobs import reconcile_job
+from s3proc_dagster.defs.files.ops import PRODUCT_JOBS, TAG
 from s3proc_dagster.defs.resources import PipelineSettings, ProgressStoreResource, S3Storage
 from s3proc_dagster.errors import S3ProcError
-from s3proc_dagster.runs.liveness import run_is_alive
+from s3proc_dagster.runs.liveness import dead_runs, run_is_alive
 from s3proc_dagster.images.request_csv import looks_like_request_csv
 from s3proc_dagster.sources.metadata import read_sidecar, run_tags
 from s3proc_dagster.models import FileStatus, ProcessingStatus, make_file_id
@@ -53,8 +54,13 @@ def run_request_for(
     )
 
 
+def _retry_stamp(status: FileStatus) -> str:
+    return f"retry-{int(status.last_updated_at.timestamp() * 1000)}"
+
+
 def requeued(store_files: list[FileStatus], root: Path) -> list[dg.RunRequest]:
-    """Files set back to PENDING after having started (manual retry, crash recovery).
+    """Files under `root` set back to PENDING after having started (manual retry, crash
+    recovery, a run that died before it could claim its file).
 
     Run keys are permanent in Dagster, so such a file gets a new key carrying the time
     it was reset; new files never match (they have not started yet).
@@ -69,20 +75,37 @@ def requeued(store_files: list[FileStatus], root: Path) -> list[dg.RunRequest]:
         except ValueError:
             continue
         st = path.stat()
-        stamp = int(status.last_updated_at.timestamp() * 1000)
-        key = f"{rel}:{st.st_size}:{st.st_mtime_ns}:retry-{stamp}"
+        key = f"{rel}:{st.st_size}:{st.st_mtime_ns}:{_retry_stamp(status)}"
         out.append(run_request_for(str(path), rel, key, status.file_id))
     return out
 
 
-def recovery_request(store_files: list[FileStatus], is_alive) -> dg.RunRequest | None:
-    """A reconcile_job run when some IN_PROGRESS file's run is dead, once per dead claim.
+def requeued_objects(store_files: list[FileStatus], bucket: str, prefix: str) -> list[dg.RunRequest]:
+    """The same for objects under the S3 incoming prefix: S3 lists an object once per
+    version, so a version whose run died would otherwise never be requested again."""
+    root = prefix.strip("/") + "/" if prefix.strip("/") else ""
+    out = []
+    for status in store_files:
+        if status.processing_started_at is None or status.s3_bucket != bucket or not status.s3_key:
+            continue
+        if not status.s3_key.startswith(root):
+            continue
+        rel = status.s3_key[len(root):]
+        key = f"s3:{status.s3_key}:{_retry_stamp(status)}"
+        out.append(run_request_for(status.file_path, rel, key, status.file_id, metadata=status.metadata))
+    return out
 
-    The sensor only looks (a store query and a liveness check per file in flight); the
-    destructive part, aborting uploads and deleting objects, runs as a visible, retryable
-    run of its own.
+
+def recovery_request(store_files: list[FileStatus], dead_runs: list[str], is_alive) -> dg.RunRequest | None:
+    """A reconcile_job run when some IN_PROGRESS file's run is dead, or some run of the
+    product died before it claimed its file; once per set of dead claims and runs.
+
+    The sensor only looks (a store query and a liveness check per file and run in flight);
+    the destructive part, aborting uploads and deleting objects, runs as a visible,
+    retryable run of its own.
     """
     dead = sorted(f"{f.file_id}@{f.run_id}" for f in store_files if not (f.run_id and is_alive(f.run_id)))
+    dead += sorted(f"run@{run_id}" for run_id in dead_runs)
     if not dead:
         return None
     digest = hashlib.sha256("\n".join(dead).encode()).hexdigest()[:16]
@@ -99,7 +122,7 @@ def build_watch_sensor(jobs: list[dg.JobDefinition], poll_interval_ms: int) -> d
 
     @dg.sensor(
         name="watch_directory_sensor",
-        jobs=jobs,
+        jobs=[*jobs, *([] if reconcile_job in jobs else [reconcile_job])],  # it asks for recovery runs too
         minimum_interval_seconds=interval,
         default_status=dg.DefaultSensorStatus.RUNNING,
         description="One run of process_file_job per new or changed file under WATCH_PATH, once stable.",
@@ -125,7 +148,10 @@ def build_watch_sensor(jobs: list[dg.JobDefinition], poll_interval_ms: int) -> d
             run_request_for(str(f.path), f.relative_path, f.run_key) for f in ready if f.relative_path not in retried_paths
         ]
         requests += retries
-        recover = recovery_request(store.list_files(ProcessingStatus.IN_PROGRESS), run_is_alive(context.instance))
+        alive = run_is_alive(context.instance)
+        recover = recovery_request(
+            store.list_files(ProcessingStatus.IN_PROGRESS), dead_runs(context.instance, PRODUCT_JOBS), alive
+        )
         if recover is not None:
             requests.append(recover)
         if cursor.waiting:
@@ -147,7 +173,10 @@ def build_s3_incoming_sensor(job: dg.JobDefinition, enabled: bool, poll_interval
         description="One run of process_file_job per new or changed object under S3_INCOMING_PREFIX.",
     )
     def s3_incoming_sensor(
-        context: dg.SensorEvaluationContext, settings: PipelineSettings, s3: S3Storage
+        context: dg.SensorEvaluationContext,
+        settings: PipelineSettings,
+        s3: S3Storage,
+        progress_store: ProgressStoreResource,
     ) -> dg.SensorResult | dg.SkipReason:
         if not s3.incoming_prefix:
             return dg.SkipReason("S3_INCOMING_PREFIX is not set")
@@ -171,6 +200,13 @@ def build_s3_incoming_sensor(job: dg.JobDefinition, enabled: bool, poll_interval
             requests.append(
                 run_request_for(obj.uri, obj.relative_path, obj.run_key, metadata=seed_metadata(head.get("Metadata", {})))
             )
+        pending = progress_store.open().list_files(ProcessingStatus.PENDING)
+        fresh = {r.tags[f"{TAG}/source"] for r in requests}
+        requests += [
+            r
+            for r in requeued_objects(pending, s3.incoming_bucket or s3.bucket, s3.incoming_prefix)
+            if r.tags[f"{TAG}/source"] not in fresh
+        ]
         return dg.SensorResult(run_requests=requests, cursor=cursor.dumps())
 
     return s3_incoming_sensor

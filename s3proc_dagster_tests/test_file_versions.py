@@ -1,0 +1,123 @@
+"""A file version is (path, SHA-256): what lands, what is skipped, and who may work on it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from s3proc_dagster.files.checksum import sha256_file
+from s3proc_dagster.models import ProcessingStatus as S
+from s3proc_dagster.transfer.manifest import read_manifest
+from s3proc_dagster_tests.conftest import Deployment
+from s3proc_dagster_tests.pipeline_helpers import (
+    ROOT,
+    dataset_keys,
+    execute,
+    list_keys,
+    promo_rows,
+    read_dataset,
+    run_requests_under,
+    sensor_tick,
+    source_rows,
+    start_process,
+    write_csv,
+)
+
+
+def test_a_changed_file_with_the_same_row_count_lands_its_new_data(deployment: Deployment, tmp_path) -> None:
+    src = write_csv(deployment.watch / "samecount" / "promo.csv", promo_rows(120_001, seed=31))
+    dataset = f"{deployment.prefix}/samecount/promo.csv"
+    (first,) = run_requests_under(sensor_tick(deployment), "samecount")
+    assert execute(first, deployment).success
+    write_csv(src, promo_rows(120_001, seed=32))  # same rows, same chunk offsets, other values
+    sha = sha256_file(src)
+    (second,) = run_requests_under(sensor_tick(deployment), "samecount")
+    result = execute(second, deployment)
+    assert result.success
+    chunks = [
+        e.event_specific_data.materialization.metadata
+        for e in result.all_events
+        if e.event_type_value == "ASSET_MATERIALIZATION" and "reused" in e.event_specific_data.materialization.metadata
+    ]
+    assert [m["reused"].value for m in chunks] == [False, False, False]  # nothing taken from the old version
+    assert read_dataset(deployment, dataset, tmp_path) == source_rows(src, "read_csv")
+    assert read_manifest(deployment.s3.client(), deployment.s3.bucket, dataset).file_sha256 == sha
+    assert list_keys(deployment, dataset + "/") == dataset_keys(dataset, sha, 3)  # the old version is gone
+    records = deployment.store().list_chunks(deployment.store().get_by_path(str(src)).file_id)
+    assert {c.version for c in records} == {sha} and all(c.status is S.COMPLETED for c in records)
+
+
+def test_two_runs_of_one_file_at_once_upload_each_chunk_once(deployment: Deployment, tmp_path) -> None:
+    src = write_csv(deployment.watch / "twice" / "promo.csv", promo_rows(150_000, seed=41))
+    dataset = f"{deployment.prefix}/twice/promo.csv"
+    puts_before = len(deployment.proxy.put_keys)
+    procs = [start_process(str(src)) for _ in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    parts = [k for k in deployment.proxy.put_keys[puts_before:] if f"/{dataset}/" in k and "/part-" in k]
+    assert len(parts) == 3 and len(set(parts)) == 3  # every chunk sent exactly once
+    logs = "".join(err for _, err in outputs)
+    assert "is already processing this version" in logs or "unchanged" in logs  # the other run stood down
+    record = deployment.store().get_by_path(str(src))
+    assert record.status is S.COMPLETED
+    assert read_dataset(deployment, dataset, tmp_path) == source_rows(src, "read_csv")
+
+
+def test_a_file_that_cannot_be_parked_says_so_in_its_record_and_status(deployment: Deployment) -> None:
+    bad = deployment.watch / "noparking" / "bad.zip"
+    bad.parent.mkdir()
+    bad.write_bytes(b"this is not a zip archive")
+    deployment.errors.mkdir(parents=True, exist_ok=True)
+    (deployment.errors / "noparking").write_text("a file where the folder would go: the move must fail")
+    (request,) = run_requests_under(sensor_tick(deployment), "noparking")
+    assert not execute(request, deployment).success
+    record = deployment.store().get_by_path(str(bad))
+    assert record.status is S.FAILED
+    assert "not a zip" in record.error_details and "could not be moved to ERROR_DIRECTORY" in record.error_details
+    assert bad.read_bytes() == b"this is not a zip archive"  # left where it was, unchanged
+    shown = subprocess.run(
+        [sys.executable, "-m", "s3proc_dagster.cli", "status", str(bad)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert "could not be moved to ERROR_DIRECTORY" in shown.stdout
+
+
+def test_a_conversion_that_fails_midway_leaves_no_parts_behind(deployment: Deployment) -> None:
+    src = write_csv(deployment.watch / "midway" / "orders.csv", promo_rows(70_000, seed=51))
+    with src.open("a") as out:
+        out.write("only,three,fields\n")  # a ragged record after the first chunk was written
+    (request,) = run_requests_under(sensor_tick(deployment), "midway")
+    result = execute(request, deployment)
+    assert not result.success
+    record = deployment.store().get_by_path(str(src))
+    assert record is None or record.status is S.FAILED
+    work = deployment.root / "staging" / f"{sha256_file(deployment.errors / 'midway' / 'orders.csv')}.work"
+    assert not list(work.rglob("*.parquet"))
+
+
+def test_the_manifest_is_how_a_reader_finds_the_current_version(deployment: Deployment, tmp_path) -> None:
+    """The README's DuckDB recipe, run: the manifest lists the current version's parts."""
+    import duckdb
+
+    src = write_csv(deployment.watch / "reader" / "promo.csv", promo_rows(60_000, seed=61))
+    (request,) = run_requests_under(sensor_tick(deployment), "reader")
+    assert execute(request, deployment).success
+    client = deployment.s3.client()
+    dataset = f"{deployment.prefix}/reader/promo.csv"
+    manifest = json.loads(client.get_object(Bucket=deployment.s3.bucket, Key=f"{dataset}/_manifest.json")["Body"].read())
+    assert manifest["versionPrefix"] == f"{dataset}/v-{sha256_file(src)[:16]}/"
+    local = tmp_path / "mirror"
+    for part in manifest["chunks"]:
+        target = local / part["key"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        client.download_file(deployment.s3.bucket, part["key"], str(target))
+    (local / dataset).mkdir(parents=True, exist_ok=True)
+    (local / dataset / "_manifest.json").write_text(json.dumps(manifest))
+    conn = duckdb.connect()
+    conn.execute(
+        "SET VARIABLE parts = (SELECT list($root || c.key ORDER BY c.chunkIndex) "
+        "FROM (SELECT unnest(chunks) AS c FROM read_json($manifest)))",
+        {"root": f"{local}/", "manifest": str(local / dataset / "_manifest.json")},
+    )
+    assert conn.sql("SELECT count(*) FROM read_parquet(getvariable('parts'))").fetchall() == [(60_000,)]
