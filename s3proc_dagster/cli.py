@@ -14,9 +14,13 @@ import signal
 import sys
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
+from dotenv import load_dotenv
+
 from s3proc_dagster.errors import S3ProcError
 from s3proc_dagster.models import ChunkStatus, FileStatus, ProcessingStatus
-from s3proc_dagster.settings import load_configuration
+from s3proc_dagster.settings import Configuration, load_configuration
 from s3proc_dagster.sources.paths import (
     ENTRY_SEPARATOR,
     path_below,
@@ -24,6 +28,9 @@ from s3proc_dagster.sources.paths import (
     resolve_user_path,
 )
 from s3proc_dagster.stores import open_store
+
+if TYPE_CHECKING:
+    import dagster as dg
 
 
 def _table(headers: list[str], rows: list[list[str]], right: set[int], indent: str = "    ") -> list[str]:
@@ -102,8 +109,40 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def get_instance() -> "dg.DagsterInstance":
+    """The instance at DAGSTER_HOME; without one, the checkout's `.dagster_home` (written
+    as `scripts/dev` writes it), so the runs show in the same UI."""
+    import dagster as dg
+
+    from s3proc_dagster.launcher import write_instance
+
+    if not os.environ.get("DAGSTER_HOME"):
+        home = Path.cwd() / ".dagster_home"
+        if not (home / "dagster.yaml").exists():
+            write_instance(home, int(os.environ.get("MAX_CONCURRENCY", "4")))
+        os.environ["DAGSTER_HOME"] = str(home)
+    return dg.DagsterInstance.get()
+
+
+def request_for(raw: str, cfg: Configuration) -> "dg.RunRequest":
+    """The RunRequest the watch or S3 sensor would make for this file: same config, same
+    tags (the file's metadata, `dagster/priority`), so a run started here is one of theirs."""
+    from s3proc_dagster.defs.files.sensors import run_request_for
+    from s3proc_dagster.sources.s3_incoming import seed_metadata
+
+    if raw.startswith("s3://"):
+        from s3proc_dagster.transfer.client import client_for
+
+        bucket, _, key = raw.removeprefix("s3://").partition("/")
+        incoming = cfg.s3.incoming_prefix + "/" if cfg.s3.incoming_prefix else ""
+        head = client_for(cfg.s3).head_object(Bucket=bucket, Key=key)
+        return run_request_for(raw, key.removeprefix(incoming), run_key="", metadata=seed_metadata(head.get("Metadata", {})))
+    path = Path(raw).resolve()
+    return run_request_for(str(path), relative_to_watch(path, cfg.monitoring.watch_path), run_key="")
+
+
 def _process(args: argparse.Namespace) -> int:
-    from s3proc_dagster.defs.runs import get_instance, run_file
+    from s3proc_dagster.runs.launch import run_now
 
     cfg = load_configuration()
     instance = get_instance()
@@ -111,14 +150,9 @@ def _process(args: argparse.Namespace) -> int:
     failed = 0
     try:
         for raw in args.paths:
-            if raw.startswith("s3://"):
-                key = raw.removeprefix("s3://").partition("/")[2]
-                incoming = cfg.s3.incoming_prefix + "/" if cfg.s3.incoming_prefix else ""
-                target, rel = raw, key.removeprefix(incoming)
-            else:
-                path = Path(raw).resolve()
-                target, rel = str(path), relative_to_watch(path, cfg.monitoring.watch_path)
-            outcome = run_file(target, rel, instance)
+            request = request_for(raw, cfg)
+            target = request.tags["s3proc/source"]
+            outcome = run_now(instance, request)
             status = store.get_by_path(target)
             state = status.status.name if status else ("FAILED" if not outcome.success else "SKIPPED")
             detail = (status.output_key or "") if status and outcome.success else (status.error_details if status else "")
@@ -417,6 +451,9 @@ def _quiet_broken_pipe() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The settings and the resources' `dg.EnvVar`s read one source, the environment, with
+    # `.env` filling what is not set: the file `scripts/dev` writes reaches every command.
+    load_dotenv(Path.cwd() / ".env", override=False)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):

@@ -15,15 +15,9 @@ from s3proc_dagster.settings import load_configuration
 from s3proc_dagster.stores import open_store
 
 
-def image_request_job_with_resources() -> dg.JobDefinition:
-    """Module-level so that `dg.reconstructable` can rebuild the job in a run worker."""
-    from s3proc_dagster.definitions import defs
-
-    return defs.resolve_job_def("image_request_job")
-
-
 def _submit(args: argparse.Namespace) -> int:
-    from s3proc_dagster.defs.runs import get_instance
+    from s3proc_dagster.cli import get_instance
+    from s3proc_dagster.runs.launch import run_now
 
     cfg = load_configuration()
     store = open_store(cfg.processing)
@@ -35,11 +29,13 @@ def _submit(args: argparse.Namespace) -> int:
             print(f"FAILED  {exc}", file=sys.stderr)
             return 1
         print(request.request_id, flush=True)  # at once, before any image is fetched
-        result = dg.execute_job(
-            dg.reconstructable(image_request_job_with_resources),
-            instance=get_instance(),
-            run_config={"ops": {"validate_request": {"config": {"request_id": request.request_id}}}},
-            tags={"s3proc/request_id": request.request_id, "s3proc/path": path.name},
+        result = run_now(
+            get_instance(),
+            dg.RunRequest(  # the tags the watch sensor gives a product CSV's run
+                job_name="image_request_job",
+                run_config={"ops": {"validate_request": {"config": {"request_id": request.request_id}}}},
+                tags={"s3proc/path": path.name, "s3proc/kind": "image_request", "s3proc/request_id": request.request_id},
+            ),
         )
         final = store.require_request(request.request_id)
         print(f"{final.status.value.upper():<10} {final.output_csv_url or ''}")

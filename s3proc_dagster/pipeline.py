@@ -30,7 +30,9 @@ from typing import Any, Callable, Iterator, Sequence
 from s3proc_dagster.errors import ChecksumMismatch, FileBusy, UnsupportedFileError
 from s3proc_dagster.files.archives import extract
 from s3proc_dagster.files.checksum import Snapshot, sha256_file, snapshot, snapshot_stream
+from s3proc_dagster.files import staging as staging_area
 from s3proc_dagster.files.detect import Detection, detect
+from s3proc_dagster.files.staging import work_dir
 from s3proc_dagster.files.tabular import DUCKDB_NULL_STRINGS, convert_to_parquet_chunks
 from s3proc_dagster.files.validation import as_of_date, rule_set_for
 from s3proc_dagster.logs import get_logger
@@ -164,12 +166,6 @@ def worker_name() -> str:
     return f"{socket.gethostname()}-pid{os.getpid()}-{threading.current_thread().name}"
 
 
-def work_dir(staging: Path, sha256: str) -> Path:
-    """Where a version's extracted entries and Parquet chunks go: beside its snapshot
-    (`<staging>/<sha256>/<name>`), never inside it, so no file name can collide."""
-    return staging / f"{sha256}.work"
-
-
 # ---- step 1: checksum_calculation ------------------------------------------------------------
 
 
@@ -189,15 +185,18 @@ def snapshot_s3_object(client: Any, bucket: str, key: str, staging: Path) -> Sna
 
 def take_snapshot(source: Source, local_path: Path, staging: Path, store: ProgressStore, claimant: Claimant) -> FileVersion:
     """Copy a local file into staging and hash it in one read, then claim this version."""
-    return record_version(source, snapshot(local_path, staging), store, claimant)
+    return record_version(source, snapshot(local_path, staging), store, claimant, staging)
 
 
-def record_version(source: Source, snap: Snapshot, store: ProgressStore, claimant: Claimant) -> FileVersion:
+def record_version(
+    source: Source, snap: Snapshot, store: ProgressStore, claimant: Claimant, staging: Path | None = None
+) -> FileVersion:
     """Claim a snapshot as the file version this run processes.
 
     An unchanged COMPLETED version comes back UNCHANGED, and the same version held by
-    another live run BUSY: either way nothing is done twice. Another version held by a
-    live run raises FileBusy, a transient error: this run retries once that one is done.
+    another live run BUSY: either way nothing is done twice, and the snapshot just taken
+    goes again (unless that other run uses it). Another version held by a live run raises
+    FileBusy, a transient error: this run retries once that one is done.
     """
     claim = store.claim(
         FileStatus(
@@ -227,6 +226,8 @@ def record_version(source: Source, snap: Snapshot, store: ProgressStore, claiman
         "%s: %s", source.relative_path, messages[claim.outcome],
         extra={"fields": {"fileId": claim.record.file_id, "sha256": snap.sha256, "bytes": snap.size}},
     )
+    if claim.outcome is not ClaimOutcome.CLAIMED and staging is not None:
+        staging_area.release(staging, snap.sha256, versions_in_use(store))
     return FileVersion(
         claim.record.file_id, source, str(snap.path), snap.sha256, snap.size, claim.outcome, claim.holder
     )
@@ -596,9 +597,15 @@ def verify_items(
 
 
 def finish(
-    prepared: list[PreparedItem], version: FileVersion, prefix: str, store: ProgressStore, claimant: Claimant
+    prepared: list[PreparedItem],
+    version: FileVersion,
+    prefix: str,
+    store: ProgressStore,
+    claimant: Claimant,
+    staging: Path | None = None,
 ) -> FileStatus:
-    """Mark every entry and then the file COMPLETED with where its output lives."""
+    """Mark every entry and then the file COMPLETED with where its output lives; with
+    `staging`, release the version's staging unless another file still needs it."""
     claimant.hold(store, version.file_id, version.sha256)
     for item in prepared:
         if item.item.file_id != version.file_id:
@@ -611,4 +618,12 @@ def finish(
     output_key = own[0] if own else join_key(prefix, version.source.relative_path)
     done = store.complete(version.file_id, output_key, processed_bytes=version.size, run_id=claimant.run_id)
     log.info("%s: COMPLETED", version.source.relative_path, extra={"fields": {"fileId": version.file_id, "s3Key": output_key}})
+    if staging is not None:
+        staging_area.release(staging, version.sha256, versions_in_use(store))
     return done
+
+
+def versions_in_use(store: ProgressStore) -> set[str]:
+    """Staged versions a file may still need: those of files IN_PROGRESS or FAILED."""
+    records = [*store.list_files(S.IN_PROGRESS), *store.list_files(S.FAILED)]
+    return {v for r in records if (v := staging_area.version_of(r.checksum))}

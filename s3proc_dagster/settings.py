@@ -124,6 +124,9 @@ class ProcessingConfig(BaseSettings):
     # An unfinished multipart upload no live run owns is aborted once it is this old
     # (seconds, or ISO 8601 such as PT1H); younger ones may still be resumed.
     stale_upload_age: timedelta = Field(timedelta(hours=1), ge=timedelta(0))
+    # How long a COMPLETED file's staged snapshot and conversion are kept (0: removed when
+    # it completes). Files IN_PROGRESS or FAILED keep theirs: a retry starts from them.
+    staging_retention: timedelta = Field(timedelta(0), ge=timedelta(0))
     # Comma-separated; `NA,` is ("NA", ""): NA and the empty field. Not JSON (NoDecode).
     csv_null_strings: Annotated[tuple[str, ...], NoDecode] = CSV_NULL_STRINGS_DEFAULT
 

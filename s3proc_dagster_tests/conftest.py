@@ -12,7 +12,11 @@ at the end (`leftovers.py`), so a leak shows up as a red run, not as a busy port
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
+import time
+import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +26,14 @@ import boto3
 import pytest
 from botocore.config import Config
 
-from s3proc_dagster.embedded import Server, start_nx27017, start_seaweedfs
+from s3proc_dagster.embedded import (
+    Server,
+    free_port,
+    start_in_own_group,
+    start_nx27017,
+    start_seaweedfs,
+    stop_process_group,
+)
 from s3proc_dagster_tests.leftovers import SESSION_ENV, describe, find_leftovers, kill
 
 if TYPE_CHECKING:
@@ -31,6 +42,7 @@ if TYPE_CHECKING:
 ACCESS_KEY = "s3proc-test-key"
 SECRET_KEY = "s3proc-test-secret-do-not-log"
 BUCKET = "s3proc-test"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -214,3 +226,37 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, s3: S3Endpoint) -> Iter
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture
+def dagster_dev(deployment: Deployment, tmp_path: Path) -> Iterator[str]:
+    """`dagster dev` (webserver, daemon, code server) on the deployment's instance; its URL."""
+    port = free_port()
+    log = (tmp_path / "dagster-dev.log").open("w")
+    # IGNORE_INITIAL: its watch sensor leaves alone the files already there when it starts,
+    # which the tests run themselves.
+    proc = start_in_own_group(
+        [sys.executable, "-m", "dagster", "dev", "-w", str(ROOT / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)],
+        cwd=ROOT,
+        env={**os.environ, "IGNORE_INITIAL": "true", "S3_INCOMING_PREFIX": ""},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/server_info", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None, (tmp_path / "dagster-dev.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "dagster dev did not answer"
+            time.sleep(0.2)  # polling interval, bounded by the deadline
+        yield url
+    finally:
+        # SIGINT to its group, as Ctrl-C: dagster dev, webserver, daemon and code server
+        stop_process_group(proc, deadline_s=20, sig=signal.SIGINT)
+        log.close()

@@ -51,8 +51,6 @@ def run_requests_under(requests: list[dg.RunRequest], folder: str) -> list[dg.Ru
 
 
 def execute(request: dg.RunRequest, deployment: Deployment) -> dg.ExecuteJobResult:
-    from s3proc_dagster.defs.runs import process_file_job_with_resources
-
     return dg.execute_job(
         dg.reconstructable(process_file_job_with_resources),
         instance=deployment.instance(),
@@ -160,6 +158,15 @@ def reconcile(deployment: Deployment) -> dg.ExecuteJobResult:
 
 def reconcile_job_with_resources() -> dg.JobDefinition:
     return definitions().resolve_job_def("reconcile_job")
+
+
+def process_file_job_with_resources() -> dg.JobDefinition:
+    """Module-level, so that `dg.reconstructable` can rebuild the job in a run worker."""
+    return definitions().resolve_job_def("process_file_job")
+
+
+def image_request_job_with_resources() -> dg.JobDefinition:
+    return definitions().resolve_job_def("image_request_job")
 
 
 def wait_for(condition, what: str, timeout: float = 120) -> None:

@@ -256,7 +256,7 @@ def test_image_request_job_runs_from_the_watch_directory(deployment: Deployment,
     path.write_bytes(good_csv(images.url))
     (request,) = run_requests_under(sensor_tick(deployment), "img")
     assert request.job_name == "image_request_job"  # routed by header, not by name
-    from s3proc_dagster.cli_images import image_request_job_with_resources
+    from s3proc_dagster_tests.pipeline_helpers import image_request_job_with_resources
 
     result = dg.execute_job(
         dg.reconstructable(image_request_job_with_resources), instance=deployment.instance(),

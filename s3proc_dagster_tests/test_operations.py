@@ -57,7 +57,7 @@ def test_reexecute_from_failure_uploads_only_what_is_missing(deployment: Deploym
     landed = {c.chunk_index for c in chunks if c.status is S.COMPLETED}  # chunks upload on threads
 
     puts_before = len(deployment.proxy.put_keys)
-    from s3proc_dagster.defs.runs import process_file_job_with_resources
+    from s3proc_dagster_tests.pipeline_helpers import process_file_job_with_resources
 
     instance = deployment.instance()
     again = dg.execute_job(
@@ -89,7 +89,7 @@ def test_reexecuting_a_successful_run_is_harmless(deployment: Deployment) -> Non
     dataset = f"{deployment.prefix}/idem/p.csv"
     client = deployment.s3.client()
     before = client.get_object(Bucket=deployment.s3.bucket, Key=f"{dataset}/_manifest.json")["Body"].read()
-    from s3proc_dagster.defs.runs import process_file_job_with_resources
+    from s3proc_dagster_tests.pipeline_helpers import process_file_job_with_resources
 
     instance = deployment.instance()
     again = dg.execute_job(

@@ -6,16 +6,12 @@ import html
 import os
 import re
 import shutil
-import signal
 import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from s3proc_dagster.embedded import free_port, start_in_own_group, stop_process_group
 from s3proc_dagster_tests.conftest import Deployment
 from s3proc_dagster_tests.pipeline_helpers import execute, promo_rows, run_requests_under, sensor_tick, write_csv
 
@@ -42,34 +38,6 @@ def chromium(url: str, *args: str) -> str:
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     shutil.rmtree(profile, ignore_errors=True)
     return result.stdout
-
-
-@pytest.fixture
-def dagster_dev(deployment: Deployment, tmp_path: Path):
-    port = free_port()
-    log = (tmp_path / "dagster-dev.log").open("w")
-    proc = start_in_own_group(
-        [sys.executable, "-m", "dagster", "dev", "-w", str(ROOT / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)],
-        cwd=ROOT, env={**os.environ, "IGNORE_INITIAL": "true", "S3_INCOMING_PREFIX": ""}, stdout=log, stderr=subprocess.STDOUT,
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/server_info", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, (tmp_path / "dagster-dev.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "dagster dev did not answer"
-            time.sleep(0.2)  # polling interval, bounded by the deadline
-        yield url
-    finally:
-        # SIGINT to its group, as Ctrl-C: dagster dev, webserver, daemon and code server
-        stop_process_group(proc, deadline_s=20, sig=signal.SIGINT)
-        log.close()
 
 
 def test_ui_shows_runs_and_chunk_materializations(deployment: Deployment, dagster_dev: str, tmp_path: Path) -> None:

@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-from botocore.config import Config
 from dagster_aws.s3 import S3Resource
 from dagster_duckdb import DuckDBResource
 from pydantic import Field, PrivateAttr
 
 from s3proc_dagster.runs.liveness import Heartbeat
 from s3proc_dagster.settings import Configuration
+from s3proc_dagster.transfer.client import make_client
 from s3proc_dagster.transfer.keys import join_key
 from s3proc_dagster.stores.base import ProgressStore
 
@@ -74,24 +74,14 @@ class S3Storage(S3Resource):
     incoming_prefix: str = ""
 
     def get_client(self) -> Any:
-        import boto3
-
-        session = boto3.session.Session(profile_name=self.profile_name)
-        return session.client(
-            "s3",
-            region_name=self.region_name,
-            endpoint_url=self.endpoint_url,
-            use_ssl=self.use_ssl,
-            verify=self.verify,
-            aws_access_key_id=self.aws_access_key_id,
-            aws_secret_access_key=self.aws_secret_access_key,
-            aws_session_token=self.aws_session_token,
-            config=Config(
-                s3={"addressing_style": "path" if self.force_path_style else "auto"},
-                retries={"mode": "standard", "max_attempts": self.max_attempts},
-                connect_timeout=10,
-                read_timeout=60,
-            ),
+        return make_client(
+            self.endpoint_url,
+            self.region_name or "us-east-1",
+            self.aws_access_key_id,
+            self.aws_secret_access_key,
+            self.force_path_style,
+            self.max_attempts,
+            self.aws_session_token,
         )
 
     def key(self, *parts: str) -> str:
@@ -120,6 +110,7 @@ class PipelineSettings(dg.ConfigurableResource):
     s3_list_page_size: int = 1000
     s3_list_pages_per_tick: int = 5
     stale_upload_age_s: float = 3600
+    staging_retention_s: float = 0
 
     @property
     def staging(self) -> Path:
@@ -172,6 +163,7 @@ def build_resources(cfg: Configuration) -> dict[str, Any]:
             validation_rules_dir=str(cfg.processing.validation_rules_dir),
             validation_as_of=cfg.processing.validation_as_of.isoformat() if cfg.processing.validation_as_of else "",
             stale_upload_age_s=cfg.processing.stale_upload_age.total_seconds(),
+            staging_retention_s=cfg.processing.staging_retention.total_seconds(),
             csv_null_strings=list(cfg.processing.csv_null_strings),
         ),
         "images": ImageSettings(

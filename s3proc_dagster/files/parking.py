@@ -16,15 +16,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from s3proc_dagster.sources.paths import relative_to_watch
+
 NOTE_SUFFIX = ".error.json"
-
-
-def relative_to_watch(path: Path, watch: Path) -> Path:
-    """The path below the watched directory; a file from elsewhere keeps only its name."""
-    try:
-        return path.resolve().relative_to(watch.resolve())
-    except ValueError:
-        return Path(path.name)
 
 
 def park(original: Path, watch: Path, error_dir: Path, note: dict[str, Any]) -> Path:

@@ -13,17 +13,18 @@ from s3proc_dagster import pipeline, recovery
 from s3proc_dagster.defs.resources import PipelineSettings, ProgressStoreResource, S3Storage
 from s3proc_dagster.errors import S3ProcError, is_transient
 from s3proc_dagster.files import parking
+from s3proc_dagster.files import staging as staging_area
 from s3proc_dagster.files.detect import Detection
 from s3proc_dagster.models import FileStatus, ProcessingStatus
 from s3proc_dagster.pipeline import Claimant, FileVersion, PreparedItem, Source, UploadedObject, WorkItem
 from s3proc_dagster.runs.liveness import reap_dead_runs, run_is_alive
-from s3proc_dagster.sources.metadata import read_sidecar, run_tags
+from s3proc_dagster.runs.tags import TAG, file_run_tags
+from s3proc_dagster.sources.metadata import read_sidecar
 from s3proc_dagster.sources.s3_incoming import seed_metadata
 from s3proc_dagster.stores.base import ClaimOutcome
 from s3proc_dagster.transfer.upload import abort_upload
 
 UPLOAD_POOL = "s3_uploads"
-TAG = "s3proc"  # run tags: s3proc/path, s3proc/file_id, s3proc/file_type, s3proc/sha256
 PRODUCT_JOBS = ["process_file_job", "image_request_job", "reconcile_job", "reports_job"]
 
 
@@ -115,12 +116,8 @@ def checksum_calculation(
     context.instance.add_run_tags(
         context.run_id,
         {
-            # the tags a sensor's run carries, for runs started another way (dagster job launch)
-            f"{TAG}/path": source.relative_path,
-            f"{TAG}/source": source.uri,
-            f"{TAG}/file_id": version.file_id,
+            **file_run_tags(source.relative_path, source.uri, version.file_id, source.metadata),
             f"{TAG}/sha256": version.sha256[:12],
-            **run_tags(source.metadata),
         },
     )
     yield dg.Output(
@@ -251,10 +248,14 @@ def progress_update(
     prepared: list[PreparedItem],
     progress_store: ProgressStoreResource,
     s3: S3Storage,
+    settings: PipelineSettings,
 ) -> None:
     store = progress_store.open()
     with classify_failures():
-        status = pipeline.finish(prepared, version, s3.prefix, store, claimant(context))
+        status = pipeline.finish(
+            prepared, version, s3.prefix, store, claimant(context),
+            staging=None if settings.staging_retention_s else settings.staging,
+        )
     for item in prepared:
         record = store.require(item.item.file_id)
         stats = record.processing_stats
@@ -268,7 +269,7 @@ def progress_update(
                     "status": record.status.name,
                     "rows": item.record_count or 0,
                     "chunks": len(item.chunks),
-                    "bytes": version.size if item.item.file_id == version.file_id else Path(item.item.local_path).stat().st_size,
+                    "bytes": record.processed_bytes or 0,
                     "sha256": version.sha256,
                     "success_rate": stats.success_rate,
                     "compression": item.compression or "",
@@ -363,4 +364,9 @@ def reconcile(
     )
     for key in swept:
         context.log.info(f"s3://{s3.bucket}/{key}: abandoned multipart upload aborted")
+    cleaned = staging_area.sweep(
+        settings.staging, pipeline.versions_in_use(store), max(settings.staging_retention_s, staging_area.SWEEP_GRACE_S)
+    )
+    if cleaned.entries:
+        context.log.info(f"staging: {cleaned.entries} entries no file needs removed ({cleaned.bytes} bytes)")
     return len(report)

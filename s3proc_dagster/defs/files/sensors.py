@@ -13,6 +13,7 @@ from s3proc_dagster.defs.files.ops import PRODUCT_JOBS, TAG
 from s3proc_dagster.defs.resources import PipelineSettings, ProgressStoreResource, S3Storage
 from s3proc_dagster.errors import S3ProcError
 from s3proc_dagster.runs.liveness import dead_runs, run_is_alive
+from s3proc_dagster.runs.tags import file_run_tags
 from s3proc_dagster.images.request_csv import looks_like_request_csv
 from s3proc_dagster.sources.metadata import read_sidecar, run_tags
 from s3proc_dagster.models import FileStatus, ProcessingStatus, make_file_id
@@ -44,13 +45,7 @@ def run_request_for(
         job_name="process_file_job",
         run_key=run_key,
         run_config={"ops": {"checksum_calculation": {"config": {"path": path, "relative_path": relative_path}}}},
-        tags={
-            f"{TAG}/path": relative_path,
-            f"{TAG}/source": path,
-            f"{TAG}/file_id": file_id,
-            f"{TAG}/extension": Path(relative_path).suffix.lower().lstrip(".") or "none",
-            **run_tags(metadata or {}),
-        },
+        tags=file_run_tags(relative_path, path, file_id, metadata),
     )
 
 

@@ -1,0 +1,22 @@
+"""The tags every run of a file carries, however it was started: what the UI filters by."""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+from typing import Any
+
+from s3proc_dagster.sources.metadata import run_tags
+
+TAG = "s3proc"  # s3proc/path, s3proc/source, s3proc/file_id, s3proc/extension, s3proc/<metadata key>
+
+
+def file_run_tags(relative_path: str, source: str, file_id: str, metadata: dict[str, Any] | None = None) -> dict[str, str]:
+    """A sensor puts these on the runs it requests; a run started another way (`dagster
+    job launch`, the Launchpad) gets them from its first step, so all runs look alike."""
+    return {
+        f"{TAG}/path": relative_path,
+        f"{TAG}/source": source,
+        f"{TAG}/file_id": file_id,
+        f"{TAG}/extension": PurePosixPath(relative_path).suffix.lower().lstrip(".") or "none",
+        **run_tags(metadata or {}),
+    }
