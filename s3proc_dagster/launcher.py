@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 import psutil
 import yaml
+from dotenv import dotenv_values, load_dotenv
 
 from s3proc_dagster.embedded import (
     GRPC_PORT_OFFSET,
@@ -44,6 +45,9 @@ def instance_config(max_concurrency: int, storage_dir: Path, upload_pool_limit: 
 
     - the run queue starts at most MAX_CONCURRENCY runs at once (and honours
       `dagster/priority`);
+    - at most one run per file leaves the queue at a time (a tag concurrency limit per
+      `s3proc/file_id`), so a backfill or a double click cannot start duplicates; the
+      store's claim makes the same true for runs that skip the queue;
     - the `s3_uploads` pool bounds concurrent upload steps across all runs;
     - run retries stay off for op failures (`retry_on_asset_or_op_failure: false`): ops
       already retry with backoff, and the two would multiply.
@@ -51,7 +55,12 @@ def instance_config(max_concurrency: int, storage_dir: Path, upload_pool_limit: 
     return {
         "storage": {"sqlite": {"base_dir": str(storage_dir)}},
         "concurrency": {
-            "runs": {"max_concurrent_runs": max_concurrency},
+            "runs": {
+                "max_concurrent_runs": max_concurrency,
+                "tag_concurrency_limits": [
+                    {"key": "s3proc/file_id", "value": {"applyLimitPerUniqueValue": True}, "limit": 1}
+                ],
+            },
             "pools": {"default_limit": upload_pool_limit or max(2, max_concurrency)},
         },
         "run_retries": {"enabled": True, "max_retries": 1, "retry_on_asset_or_op_failure": False},
@@ -73,19 +82,6 @@ def write_instance(dagster_home: Path, max_concurrency: int) -> Path:
     path = dagster_home / "dagster.yaml"
     path.write_text(yaml.safe_dump(instance_config(max_concurrency, dagster_home / "storage"), sort_keys=False))
     return path
-
-
-def _load_dotenv(path: Path) -> None:
-    """Put `.env` values into the environment (without overriding), so the SeaweedFS
-    decision and `dagster dev`'s child processes see the same settings."""
-    if not path.exists():
-        return
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        key, _, value = line.partition("=")
-        os.environ.setdefault(key.strip(), value.strip().strip('"').strip("'"))
 
 
 DEV_ENV_KEYS = (
@@ -230,9 +226,9 @@ def run_dev(host: str = "127.0.0.1", port: int = 3000, root: Path | None = None)
     from s3proc_dagster.settings import load_configuration
 
     root = (root or Path.cwd()).resolve()
-    endpoint_from_dotenv = "S3_ENDPOINT" not in os.environ
-    _load_dotenv(root / ".env")
-    endpoint_from_dotenv = endpoint_from_dotenv and "S3_ENDPOINT" in os.environ
+    load_dotenv(root / ".env", override=False)  # `s3proc` has done it already for its cwd
+    endpoint = os.environ.get("S3_ENDPOINT")
+    endpoint_from_dotenv = endpoint is not None and dotenv_values(root / ".env").get("S3_ENDPOINT") == endpoint
     embedded = not os.environ.get("S3_ENDPOINT") or os.environ.get("S3_EMBEDDED") == "true"
     s3_port, s3_setting = _seaweedfs_port(root, endpoint_from_dotenv) if embedded else (None, "")
     check_ports(host, port, s3_port, s3_setting)

@@ -137,6 +137,7 @@ class PreparedItem:
     record_count: int | None = None
     compression: str | None = None
     chunks: tuple[PreparedChunk, ...] = ()
+    skipped_rules: dict[str, str] = field(default_factory=dict)  # rule -> why it could not run
 
     @property
     def is_dataset(self) -> bool:
@@ -411,8 +412,19 @@ def convert_items(
             )
             for index, path, start, end, count, failed, rule_counts, rejected in result["chunks"]
         )
-        store.update_file(item.file_id, content_type=item.content_type, file_type=item.file_type)
-        prepared.append(PreparedItem(item, key, result["record_count"], compression, chunks))
+        skipped = result.get("skipped_rules", {})
+        fields: dict[str, Any] = {"content_type": item.content_type, "file_type": item.file_type}
+        if skipped:
+            # Not a failure: the rule set said to skip rules a file lacks columns for. Recorded
+            # beside the counts, as how many records each rule was not evaluated on.
+            summary = store.require(item.file_id).error_summary
+            fields["error_summary"] = {**summary, "skippedRules": dict.fromkeys(skipped, result["record_count"])}
+            log.warning(
+                "%s: rules skipped: %s", item.relative_path, "; ".join(f"{r} ({why})" for r, why in skipped.items()),
+                extra={"fields": {"fileId": item.file_id}},
+            )
+        store.update_file(item.file_id, **fields)
+        prepared.append(PreparedItem(item, key, result["record_count"], compression, chunks, skipped))
     return prepared
 
 

@@ -25,6 +25,7 @@ class FaultyS3Proxy:
         self.failed_requests = 0
         self.put_keys: list[str] = []
         self.stall_containing: str | None = None  # requests to such paths wait for `release`
+        self.stall_method: str | None = None  # ... only requests of this method, when set
         self.stalled = threading.Event()  # set once a request is being held
         self.release = threading.Event()
         self.outage_until = 0.0  # time.monotonic() until which every request fails
@@ -51,7 +52,8 @@ class FaultyS3Proxy:
                     proxy.failed_requests += 1
                     self.close_connection = True  # S3 is gone: the connection drops without an answer
                     return
-                if proxy.stall_containing and proxy.stall_containing in path:
+                stall = proxy.stall_containing and proxy.stall_containing in path
+                if stall and proxy.stall_method in (None, self.command):
                     proxy.stalled.set()
                     proxy.release.wait(timeout=300)
                     self.close_connection = True  # a held request never reaches S3: its sender is gone

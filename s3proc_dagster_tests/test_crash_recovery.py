@@ -106,7 +106,8 @@ def test_run_killed_before_its_first_step_is_failed_and_its_file_runs_again(depl
     uri = f"s3://{deployment.s3.bucket}/{key}"
     deployment.proxy.stalled.clear()
     deployment.proxy.release.clear()
-    deployment.proxy.stall_containing = f"/{key}"  # the first step's first look at the object is held
+    deployment.proxy.stall_method = "GET"  # the first step's snapshot read is held
+    deployment.proxy.stall_containing = f"/{key}"
     proc = start_process(uri)
     try:
         wait_for(deployment.proxy.stalled.is_set, "the run to reach its first step")
@@ -114,7 +115,7 @@ def test_run_killed_before_its_first_step_is_failed_and_its_file_runs_again(depl
                  "the run to show as started")
     finally:
         kill(proc)
-        deployment.proxy.stall_containing = None
+        deployment.proxy.stall_containing = deployment.proxy.stall_method = None
         deployment.proxy.release.set()
     (run,) = runs_of(deployment, **{"s3proc/source": uri})
     assert run.status == dg.DagsterRunStatus.STARTED  # Dagster alone would show it running for ever

@@ -121,3 +121,15 @@ def test_the_manifest_is_how_a_reader_finds_the_current_version(deployment: Depl
         {"root": f"{local}/", "manifest": str(local / dataset / "_manifest.json")},
     )
     assert conn.sql("SELECT count(*) FROM read_parquet(getvariable('parts'))").fetchall() == [(60_000,)]
+
+
+def test_the_run_queue_starts_one_run_per_file_at_a_time(tmp_path) -> None:
+    import dagster as dg
+
+    from s3proc_dagster.launcher import write_instance
+
+    write_instance(tmp_path, max_concurrency=4)
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:  # the dagster.yaml written above
+        queue = instance.get_concurrency_config().run_queue_config
+    assert queue.max_concurrent_runs == 4
+    assert {"key": "s3proc/file_id", "value": {"applyLimitPerUniqueValue": True}, "limit": 1} in queue.tag_concurrency_limits

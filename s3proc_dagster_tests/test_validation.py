@@ -124,11 +124,19 @@ def test_promo_named_file_without_offer_expiry_completes_in_the_pipeline(deploym
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(NO_EXPIRY)
     (request,) = run_requests_under(sensor_tick(deployment), "no_expiry")
-    assert execute(request, deployment).success
+    result = execute(request, deployment)
+    assert result.success
     record = deployment.store().get_by_path(str(path))
     assert record.status is S.COMPLETED
     assert (record.processing_stats.successful_records, record.processing_stats.failed_records) == (3, 3)
     assert record.error_summary["validation"] == {"invalidUserId": 2, "invalidPromoCode": 2}
+    assert record.error_summary["skippedRules"] == {"expiredOffer": 6}  # not evaluated on any of its 6 records
+    shown = [  # and the UI says so, on the file's materialization
+        e.event_specific_data.materialization.metadata["skipped_rules"].value
+        for e in result.all_events
+        if e.event_type_value == "ASSET_MATERIALIZATION" and "skipped_rules" in e.event_specific_data.materialization.metadata
+    ]
+    assert shown == ["expiredOffer (missing column offerExpiry)"]
 
 
 def test_rule_set_selects_promotions_twins_by_glob() -> None:

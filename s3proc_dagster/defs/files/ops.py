@@ -275,6 +275,11 @@ def progress_update(
                     "compression": item.compression or "",
                     "file_type": item.item.file_type.value,
                     **({"file_metadata": version.source.metadata} if version.source.metadata else {}),
+                    **(
+                        {"skipped_rules": "; ".join(f"{r} ({why})" for r, why in item.skipped_rules.items())}
+                        if item.skipped_rules
+                        else {}
+                    ),
                 },
                 tags={"s3proc/kind": "file"},
             )
