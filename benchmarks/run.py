@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from s3proc_dagster.embedded import start_seaweedfs  # noqa: E402
+from s3proc_dagster.cli.embedded import start_seaweedfs  # noqa: E402
 
 KEY, SECRET, BUCKET = "bench", "bench-secret", "bench"
 
@@ -157,7 +157,7 @@ def main() -> int:
         }
         if not args.validate:
             env["VALIDATION_RULES_DIR"] = str(work / "no-rules")
-        from s3proc_dagster.launcher import write_instance
+        from s3proc_dagster.cli.dev import write_instance
 
         write_instance(Path(env["DAGSTER_HOME"]), 1)
         s3proc = [PY, "-m", "s3proc_dagster.cli", "process"]

@@ -1,9 +1,10 @@
-"""The seeds' enums and records, named as the seeds name them.
+"""The product's enums and records, named as the specification (docs in ../shared/seeds) names them.
 
-Python attributes are snake_case; `by_alias` dumps give the seeds' camelCase, which is
-what MongoDB stores and what `s3proc status --json` prints. Seed 001 spells statuses in
-lower case (SQLite `file_progress`), seed 000 in upper case (MongoDB): the enum keeps
-seed 001's values and `storage_name` gives seed 000's.
+Python attributes are snake_case; `to_document()` gives the stored camelCase names
+(`fileId`, `processingStats`), which is what MongoDB stores and what `s3proc status
+--json` prints. Statuses are lower case in SQLite's `file_progress` table and upper case
+in the MongoDB documents, as the specification has them: the enum keeps the lower-case
+values and `storage_name` gives the upper-case spelling.
 """
 
 from __future__ import annotations
@@ -72,7 +73,9 @@ class RequestStatus(str, enum.Enum):
     FAILED = "failed"
 
 
-class SeedModel(BaseModel):
+class Document(BaseModel):
+    """A stored record: snake_case in Python, camelCase in storage and JSON."""
+
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, use_enum_values=False)
 
     @field_validator("*", mode="after")
@@ -83,37 +86,9 @@ class SeedModel(BaseModel):
             return value.replace(tzinfo=UTC)
         return value
 
-    def to_seed(self) -> dict[str, Any]:
-        """The record as the seed spells it (camelCase, ISO datetimes, enum values)."""
+    def to_document(self) -> dict[str, Any]:
+        """The record as stored and printed: camelCase names, ISO datetimes, enum values."""
         return self.model_dump(by_alias=True, mode="json")
-
-
-class FileMetadata(SeedModel):
-    """A file seen at its source (a watched directory or an S3 incoming prefix)."""
-
-    path: str
-    relative_path: str
-    size: int = Field(ge=0)
-    type: FileType
-    extension: str
-    checksum: str | None = None
-    modified_at: datetime
-    detected_at: datetime = Field(default_factory=utcnow)
-
-
-class ProgressRecord(SeedModel):
-    """Seed 001's `file_progress` row. Timestamps are Unix seconds, as the seed says."""
-
-    id: int | None = None
-    file_path: str
-    status: ProcessingStatus
-    size_bytes: int | None = None
-    processed_bytes: int | None = None
-    checksum: str | None = None
-    s3_key: str | None = None
-    error_message: str | None = None
-    created_at: int
-    updated_at: int
 
 
 def success_rate(successful: int, failed: int) -> float:
@@ -122,7 +97,7 @@ def success_rate(successful: int, failed: int) -> float:
     return round(successful / total * 100, 2) if total else 100.0
 
 
-class ChunkProcessingStats(SeedModel):
+class ChunkProcessingStats(Document):
     successful_records: int = 0
     failed_records: int = 0
 
@@ -132,7 +107,7 @@ class ChunkProcessingStats(SeedModel):
         return success_rate(self.successful_records, self.failed_records)
 
 
-class FileProcessingStats(SeedModel):
+class FileProcessingStats(Document):
     """Seed 000's file-level stats; the counters always equal the chunk records."""
 
     completed_chunks: int = 0
@@ -152,7 +127,7 @@ def empty_error_summary() -> dict[str, dict[str, int]]:
     return {"validation": {}, "processing": {}}
 
 
-class FileStatus(SeedModel):
+class FileStatus(Document):
     """One file version's lifecycle: seed 001's ProgressRecord joined with seed 000's FileStatus.
 
     `s3_bucket`/`s3_key` are seed 000's source object (set when the file arrived in S3);
@@ -189,7 +164,7 @@ class FileStatus(SeedModel):
     run_id: str | None = None
 
 
-class RejectedPart(SeedModel):
+class RejectedPart(Document):
     """Where a chunk's records that failed validation went: its own Parquet object."""
 
     s3_key: str
@@ -198,7 +173,7 @@ class RejectedPart(SeedModel):
     records: int
 
 
-class ChunkStatus(SeedModel):
+class ChunkStatus(Document):
     """Seed 000's ChunkStatus: records [start_offset, end_offset] of one file, one Parquet object."""
 
     chunk_id: str
@@ -225,7 +200,7 @@ class ChunkStatus(SeedModel):
     rejected: RejectedPart | None = None
 
 
-class S3UploadTask(SeedModel):
+class S3UploadTask(Document):
     """One multipart upload in flight: `upload_id` is kept so that a retried, re-executed
     or restarted upload resumes from the parts S3 already has, and so that one given up
     can be aborted. A task belongs to one content (`checksum`): other bytes for the same
@@ -249,7 +224,7 @@ class S3UploadTask(SeedModel):
     updated_at: datetime = Field(default_factory=utcnow)
 
 
-class Request(SeedModel):
+class Request(Document):
     """Seed 002's Requests document, plus what a user needs to act on it."""
 
     request_id: str
@@ -261,7 +236,7 @@ class Request(SeedModel):
     output_csv_url: str | None = None
 
 
-class RequestData(SeedModel):
+class RequestData(Document):
     """Seed 002's RequestData document: one CSV row and its images, in input order."""
 
     request_id: str

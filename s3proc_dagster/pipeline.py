@@ -15,13 +15,13 @@ whose version was superseded by a newer one stops instead of overwriting it.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path, PurePosixPath
@@ -30,42 +30,24 @@ from typing import Any, Callable, Iterator, Sequence
 from s3proc_dagster.errors import ChecksumMismatch, FileBusy, UnsupportedFileError
 from s3proc_dagster.files.archives import extract
 from s3proc_dagster.files.checksum import Snapshot, sha256_file, snapshot, snapshot_stream
+from s3proc_dagster.files import parking
 from s3proc_dagster.files import staging as staging_area
-from s3proc_dagster.files.detect import Detection, detect
+from s3proc_dagster.files.detect import TABULAR_KINDS, Detection, detect
 from s3proc_dagster.files.staging import work_dir
-from s3proc_dagster.files.tabular import DUCKDB_NULL_STRINGS, convert_to_parquet_chunks
+from s3proc_dagster.files.tabular import DUCKDB_NULL_STRINGS, ChunkFile, ConversionResult, convert_to_parquet_chunks
 from s3proc_dagster.files.validation import as_of_date, rule_set_for
 from s3proc_dagster.logs import get_logger
-from s3proc_dagster.models import ChunkStatus, FileStatus, FileType, ProcessingStatus, RejectedPart, make_file_id
+from s3proc_dagster.models import ChunkStatus, FileStatus, FileType, ProcessingStatus, RejectedPart, chunk_id, make_file_id
+from s3proc_dagster.sources.resolve import Source
 from s3proc_dagster.stores.base import ClaimOutcome, ProgressStore
 from s3proc_dagster.transfer import manifest as manifests
 from s3proc_dagster.transfer.keys import join_key
-from s3proc_dagster.transfer.upload import upload_file
+from s3proc_dagster.transfer.upload import abort_upload, upload_file
 from s3proc_dagster.transfer.verify import object_matches, verify_object
 
-S = ProcessingStatus
 log = get_logger("pipeline")
 UPLOAD_THREADS = 8
-TABULAR_KINDS = {"csv", "tsv", "json", "jsonl", "xml"}
-
-
-@dataclass(frozen=True)
-class Source:
-    """Where a file came from: a path under the watched directory, or an S3 object."""
-
-    uri: str  # absolute local path, or s3://bucket/key
-    relative_path: str  # below the watched directory or the S3 incoming prefix
-    s3_bucket: str | None = None
-    s3_key: str | None = None
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        return PurePosixPath(self.relative_path).name
-
-    @property
-    def file_id(self) -> str:
-        return make_file_id(self.relative_path)
+PARQUET_TYPE = "application/vnd.apache.parquet"
 
 
 @dataclass(frozen=True)
@@ -114,21 +96,6 @@ class WorkItem:
 
 
 @dataclass(frozen=True)
-class PreparedChunk:
-    chunk_id: str
-    chunk_index: int
-    local_path: str
-    key: str
-    start_offset: int
-    end_offset: int
-    record_count: int
-    failed_records: int = 0
-    rule_counts: dict[str, int] = field(default_factory=dict)
-    rejected_path: str | None = None
-    rejected_key: str | None = None
-
-
-@dataclass(frozen=True)
 class PreparedItem:
     """A work item ready to upload: a Parquet dataset (chunks) or one object as it is."""
 
@@ -136,12 +103,18 @@ class PreparedItem:
     key: str  # dataset prefix for tabular items, object key otherwise
     record_count: int | None = None
     compression: str | None = None
-    chunks: tuple[PreparedChunk, ...] = ()
+    chunks: tuple[ChunkFile, ...] = ()
     skipped_rules: dict[str, str] = field(default_factory=dict)  # rule -> why it could not run
 
     @property
     def is_dataset(self) -> bool:
         return self.item.kind in TABULAR_KINDS
+
+    def part_key(self, chunk: ChunkFile, rejected: bool = False) -> str:
+        return manifests.part_key(self.key, self.item.version, chunk.chunk_index, rejected)
+
+    def chunk_id(self, chunk: ChunkFile) -> str:
+        return chunk_id(self.item.file_id, chunk.chunk_index)
 
 
 @dataclass(frozen=True)
@@ -154,11 +127,8 @@ class UploadedObject:
     size: int
     sha256: str
     duration_s: float
-    skipped: bool
-    chunk_index: int | None = None
-    start_offset: int | None = None
-    end_offset: int | None = None
-    record_count: int | None = None
+    reused: bool  # already in S3 and verified: not sent again
+    chunk: ChunkFile | None = None
     compression: str | None = None
 
 
@@ -184,9 +154,16 @@ def snapshot_s3_object(client: Any, bucket: str, key: str, staging: Path) -> Sna
     return snap
 
 
-def take_snapshot(source: Source, local_path: Path, staging: Path, store: ProgressStore, claimant: Claimant) -> FileVersion:
-    """Copy a local file into staging and hash it in one read, then claim this version."""
-    return record_version(source, snapshot(local_path, staging), store, claimant, staging)
+def take_snapshot(
+    source: Source, staging: Path, store: ProgressStore, claimant: Claimant, client: Any = None
+) -> FileVersion:
+    """Copy the file (or stream the object) into staging and hash it in one read, then
+    claim this version."""
+    if source.is_object:
+        snap = snapshot_s3_object(client, source.s3_bucket or "", source.s3_key or "", staging)
+    else:
+        snap = snapshot(Path(source.uri), staging)
+    return record_version(source, snap, store, claimant, staging)
 
 
 def record_version(
@@ -228,7 +205,7 @@ def record_version(
         extra={"fields": {"fileId": claim.record.file_id, "sha256": snap.sha256, "bytes": snap.size}},
     )
     if claim.outcome is not ClaimOutcome.CLAIMED and staging is not None:
-        staging_area.release(staging, snap.sha256, versions_in_use(store))
+        staging_area.release(staging, snap.sha256, staging_area.versions_in_use(store))
     return FileVersion(
         claim.record.file_id, source, str(snap.path), snap.sha256, snap.size, claim.outcome, claim.holder
     )
@@ -363,7 +340,7 @@ def convert_items(
         out_dir = work_dir(staging, version.sha256) / "parquet" / make_file_id(item.relative_path)
         done = out_dir / "_done.json"
         if done.exists():
-            result = json.loads(done.read_text())
+            conversion = ConversionResult.from_json(done.read_text())
         else:
             rule_set = rule_set_for(item.relative_path, rules_dir) if rules_dir else None
             try:
@@ -377,70 +354,45 @@ def convert_items(
             except BaseException:
                 shutil.rmtree(out_dir, ignore_errors=True)  # a failed pass leaves no partial parts
                 raise
-            result = {
-                "record_count": conversion.record_count,
-                "rule_set": rule_set.name if rule_set else None,
-                "skipped_rules": conversion.skipped_rules,
-                "missing_columns": list(conversion.missing_columns),
-                "chunks": [
-                    [c.chunk_index, str(c.path), c.start_offset, c.end_offset, c.record_count,
-                     c.failed_records, c.rule_counts, str(c.rejected_path) if c.rejected_path else None]
-                    for c in conversion.chunks
-                ],
-            }
-            done.write_text(json.dumps(result))
+            done.write_text(conversion.to_json())
             log.info(
                 "%s: %d records in %d chunks (%.2fs)", item.relative_path, conversion.record_count,
                 len(conversion.chunks), conversion.duration_s,
                 extra={"fields": {"fileId": item.file_id, "compression": compression}},
             )
-        planned = store.plan_chunks(item.file_id, result["record_count"], chunk_size, version=item.version)
-        by_index = {c.chunk_index: c for c in planned}
-        chunks = tuple(
-            PreparedChunk(
-                by_index[index].chunk_id,
-                index,
-                path,
-                manifests.part_key(key, item.version, index),
-                start,
-                end,
-                count,
-                failed,
-                rule_counts,
-                rejected,
-                manifests.part_key(key, item.version, index, rejected=True) if rejected else None,
-            )
-            for index, path, start, end, count, failed, rule_counts, rejected in result["chunks"]
-        )
-        skipped = result.get("skipped_rules", {})
+        store.plan_chunks(item.file_id, conversion.record_count, chunk_size, version=item.version)
+        skipped = conversion.skipped_rules
         fields: dict[str, Any] = {"content_type": item.content_type, "file_type": item.file_type}
         if skipped:
             # Not a failure: the rule set said to skip rules a file lacks columns for. Recorded
             # beside the counts, as how many records each rule was not evaluated on.
             summary = store.require(item.file_id).error_summary
-            fields["error_summary"] = {**summary, "skippedRules": dict.fromkeys(skipped, result["record_count"])}
+            fields["error_summary"] = {**summary, "skippedRules": dict.fromkeys(skipped, conversion.record_count)}
             log.warning(
                 "%s: rules skipped: %s", item.relative_path, "; ".join(f"{r} ({why})" for r, why in skipped.items()),
                 extra={"fields": {"fileId": item.file_id}},
             )
         store.update_file(item.file_id, **fields)
-        prepared.append(PreparedItem(item, key, result["record_count"], compression, chunks, skipped))
+        prepared.append(
+            PreparedItem(item, key, conversion.record_count, compression, tuple(conversion.chunks), skipped)
+        )
     return prepared
 
 
 # ---- step 5: streaming (S3 upload) ------------------------------------------------------------------
 
 
-def _already_uploaded(chunk: PreparedChunk, record: ChunkStatus, version: str, client: Any, bucket: str) -> bool:
+def _already_uploaded(item: PreparedItem, chunk: ChunkFile, record: ChunkStatus, client: Any, bucket: str) -> bool:
     """A chunk of this very version, COMPLETED, whose objects are still in S3 with the
     recorded checksums, needs no upload."""
-    if record.status is not S.COMPLETED or record.version != version or record.s3_key != chunk.key or not record.sha256:
+    key = item.part_key(chunk)
+    if record.status is not ProcessingStatus.COMPLETED or record.version != item.item.version or record.s3_key != key:
         return False
-    if not object_matches(client, bucket, chunk.key, record.size_bytes or 0, record.sha256):
+    if not object_matches(client, bucket, key, record.size_bytes or 0, record.sha256 or ""):
         return False
-    if chunk.rejected_key:
+    if chunk.rejected_path:
         rejected = record.rejected
-        if rejected is None or rejected.s3_key != chunk.rejected_key:
+        if rejected is None or rejected.s3_key != item.part_key(chunk, rejected=True):
             return False
         return object_matches(client, bucket, rejected.s3_key, rejected.size_bytes, rejected.sha256)
     return True
@@ -477,58 +429,53 @@ def upload_items(
 
 
 def _upload_chunk(
-    item: PreparedItem, chunk: PreparedChunk, current: ChunkStatus, client: Any, bucket: str, store: ProgressStore
+    item: PreparedItem, chunk: ChunkFile, current: ChunkStatus, client: Any, bucket: str, store: ProgressStore
 ) -> UploadedObject:
-    if _already_uploaded(chunk, current, item.item.version, client, bucket):
-        return UploadedObject(
-            item.item.file_id, item.item.relative_path, chunk.key, current.size_bytes or 0,
-            current.sha256 or "", current.duration or 0.0, True, chunk.chunk_index,
-            chunk.start_offset, chunk.end_offset, chunk.record_count, item.compression,
-        )
-    store.chunk_started(chunk.chunk_id, worker_name())
+    key, file_id = item.part_key(chunk), item.item.file_id
+    landed = partial(
+        UploadedObject, file_id=file_id, relative_path=item.item.relative_path, key=key, chunk=chunk,
+        compression=item.compression,
+    )
+    if _already_uploaded(item, chunk, current, client, bucket):
+        return landed(size=current.size_bytes or 0, sha256=current.sha256 or "", duration_s=current.duration or 0.0, reused=True)
+    store.chunk_started(item.chunk_id(chunk), worker_name())
     started = time.monotonic()
     rejected = None
     try:
         result = upload_file(
-            client, bucket, chunk.key, Path(chunk.local_path),
-            content_type="application/vnd.apache.parquet",
-            metadata={"x-completed": "true", "x-file-id": item.item.file_id},
-            journal=store, file_id=item.item.file_id,
+            client, bucket, key, chunk.path,
+            content_type=PARQUET_TYPE, metadata={"x-completed": "true", "x-file-id": file_id},
+            journal=store, file_id=file_id,
         )
-        if chunk.rejected_path and chunk.rejected_key:
+        if chunk.rejected_path:
             sent = upload_file(
-                client, bucket, chunk.rejected_key, Path(chunk.rejected_path),
-                content_type="application/vnd.apache.parquet",
-                metadata={"x-completed": "true", "x-file-id": item.item.file_id, "x-rejected": "true"},
-                journal=store, file_id=item.item.file_id,
+                client, bucket, item.part_key(chunk, rejected=True), chunk.rejected_path,
+                content_type=PARQUET_TYPE, metadata={"x-completed": "true", "x-file-id": file_id, "x-rejected": "true"},
+                journal=store, file_id=file_id,
             )
             verify_object(client, bucket, sent.key, sent.size, sent.sha256)
             rejected = RejectedPart(s3_key=sent.key, size_bytes=sent.size, sha256=sent.sha256, records=chunk.failed_records)
     except Exception as exc:
-        store.chunk_failed(chunk.chunk_id, f"{type(exc).__name__}: {exc}", error_kind="s3UploadFailure")
+        store.chunk_failed(item.chunk_id(chunk), f"{type(exc).__name__}: {exc}", error_kind="s3UploadFailure")
         raise
     duration = time.monotonic() - started
     log.debug(  # debug: each chunk already has its asset materialization in the run
         "%s: chunk %d uploaded (%d bytes, %.2fs)", item.item.relative_path, chunk.chunk_index, result.size, duration,
-        extra={"fields": {"chunkId": chunk.chunk_id, "s3Key": chunk.key, "sha256": result.sha256}},
+        extra={"fields": {"chunkId": item.chunk_id(chunk), "s3Key": key, "sha256": result.sha256}},
     )
     store.chunk_completed(
-        chunk.chunk_id, s3_key=chunk.key, size_bytes=result.size, sha256=result.sha256, duration=duration,
+        item.chunk_id(chunk), s3_key=key, size_bytes=result.size, sha256=result.sha256, duration=duration,
         successful_records=chunk.record_count - chunk.failed_records, failed_records=chunk.failed_records,
         validation_errors=chunk.rule_counts, rejected=rejected,
     )
-    return UploadedObject(
-        item.item.file_id, item.item.relative_path, chunk.key, result.size, result.sha256, duration,
-        False, chunk.chunk_index, chunk.start_offset, chunk.end_offset, chunk.record_count, item.compression,
-    )
+    return landed(size=result.size, sha256=result.sha256, duration_s=duration, reused=False)
 
 
 def _upload_plain(item: PreparedItem, version: FileVersion, client: Any, bucket: str, store: ProgressStore) -> UploadedObject:
     started = time.monotonic()
-    local = Path(item.item.local_path)
     known = version.sha256 if item.item.file_id == version.file_id else None
     result = upload_file(
-        client, bucket, item.key, local,
+        client, bucket, item.key, Path(item.item.local_path),
         content_type=item.item.content_type,
         metadata={"x-completed": "true", "x-file-id": item.item.file_id},
         journal=store, file_id=item.item.file_id, sha256=known,
@@ -540,8 +487,8 @@ def _upload_plain(item: PreparedItem, version: FileVersion, client: Any, bucket:
             extra={"fields": {"fileId": item.item.file_id, "s3Key": item.key}},
         )
     return UploadedObject(
-        item.item.file_id, item.item.relative_path, item.key, result.size, result.sha256,
-        time.monotonic() - started, False,
+        file_id=item.item.file_id, relative_path=item.item.relative_path, key=item.key, size=result.size,
+        sha256=result.sha256, duration_s=time.monotonic() - started, reused=False,
     )
 
 
@@ -572,28 +519,8 @@ def verify_items(
             verify_object(client, bucket, chunk.s3_key or "", chunk.size_bytes or 0, chunk.sha256 or "")
             if chunk.rejected:
                 verify_object(client, bucket, chunk.rejected.s3_key, chunk.rejected.size_bytes, chunk.rejected.sha256)
-        manifest = manifests.Manifest(
-            dataset_key=item.key,
-            file_sha256=item.item.version,  # the record's checksum: an archive entry's reads `<archive sha>:<path>`
-            total_rows=item.record_count or 0,
-            total_bytes=sum(c.size_bytes or 0 for c in chunks),
-            compression=item.compression or "",
-            chunks=[
-                manifests.ManifestPart(
-                    c.chunk_index, c.s3_key or "", c.record_count - (c.rejected.records if c.rejected else 0),
-                    c.size_bytes or 0, c.sha256 or "", c.start_offset, c.end_offset,
-                )
-                for c in chunks
-            ],
-            rejected=[
-                manifests.ManifestPart(
-                    c.chunk_index, c.rejected.s3_key, c.rejected.records, c.rejected.size_bytes, c.rejected.sha256,
-                    rules=c.error_summary.get("validation", {}),
-                )
-                for c in chunks
-                if c.rejected
-            ],
-        )
+        # the record's checksum is the version: an archive entry's reads `<archive sha>:<path>`
+        manifest = manifests.build(item.key, item.item.version, item.record_count or 0, item.compression or "", chunks)
         removed = manifests.commit(client, bucket, manifest)
         if removed:
             log.info(
@@ -631,11 +558,63 @@ def finish(
     done = store.complete(version.file_id, output_key, processed_bytes=version.size, run_id=claimant.run_id)
     log.info("%s: COMPLETED", version.source.relative_path, extra={"fields": {"fileId": version.file_id, "s3Key": output_key}})
     if staging is not None:
-        staging_area.release(staging, version.sha256, versions_in_use(store))
+        staging_area.release(staging, version.sha256, staging_area.versions_in_use(store))
     return done
 
 
-def versions_in_use(store: ProgressStore) -> set[str]:
-    """Staged versions a file may still need: those of files IN_PROGRESS or FAILED."""
-    records = [*store.list_files(S.IN_PROGRESS), *store.list_files(S.FAILED)]
-    return {v for r in records if (v := staging_area.version_of(r.checksum))}
+
+# ---- after the last retry ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GaveUp:
+    """What giving up on a file did: which records went FAILED, where the original went."""
+
+    failed: tuple[str, ...]
+    parked: Path | None = None
+    park_error: str | None = None
+
+
+def give_up(
+    store: ProgressStore,
+    client: Any,
+    run_id: str,
+    file_id: str | None,
+    source: str | None,
+    reason: str,
+    watch: Path,
+    error_dir: Path,
+) -> GaveUp:
+    """A run failed for good: record FAILED, give up its uploads, park the original.
+
+    Only what this run holds is touched: a run that failed because another run holds the
+    file, or because a newer version superseded its own, leaves that file alone. A file
+    that failed before it could be recorded (unreadable, a bad sidecar) is recorded now.
+    When the original cannot be parked, it stays where it is and its record says why.
+    """
+    if file_id and source and store.get(file_id) is None:
+        store.record_detected(FileStatus(file_id=file_id, file_path=source, file_name=PurePosixPath(source).name))
+        store.start(file_id, run_id)
+    held = [
+        r
+        for r in store.list_files(ProcessingStatus.IN_PROGRESS)
+        if r.run_id == run_id and (r.file_id == file_id or r.metadata.get("archiveFileId") == file_id)
+    ]
+    for record in held:
+        store.fail(record.file_id, reason, run_id=run_id)
+        for task in store.list_upload_tasks(record.file_id):
+            abort_upload(client, task, store)  # if S3 is down, the sweep tries again later
+    main = next((r for r in held if r.file_id == file_id), None)
+    failed = tuple(r.file_id for r in held)
+    if main is None or "://" in main.file_path or not Path(main.file_path).is_file():
+        return GaveUp(failed)
+    note = {"fileId": file_id, "filePath": main.file_path, "error": reason, "runId": run_id}
+    try:
+        return GaveUp(failed, parking.park(Path(main.file_path), watch, error_dir, note))
+    except OSError as exc:
+        why = (
+            f"the original could not be moved to ERROR_DIRECTORY ({type(exc).__name__}: {exc.strerror or exc}) "
+            f"and is still at {main.file_path}"
+        )
+        store.update_file(main.file_id, error_details=f"{reason}; {why}")
+        return GaveUp(failed, None, why)

@@ -19,17 +19,19 @@ file was never recovered, or a run that gave up while S3 was down.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any, Callable
 
+from s3proc_dagster.files import staging as staging_area
+from s3proc_dagster.files.staging import Swept
 from s3proc_dagster.logs import get_logger
-from s3proc_dagster.models import FileStatus, FileType, ProcessingStatus
+from s3proc_dagster.models import FileStatus, FileType, ProcessingStatus, utcnow
 from s3proc_dagster.stores.base import ProgressStore
 from s3proc_dagster.transfer.manifest import is_intact, read_manifest, version_folder
 from s3proc_dagster.transfer.recovery import abort, delete_prefix, open_uploads
 from s3proc_dagster.transfer.verify import head
 
-S = ProcessingStatus
 log = get_logger("recovery")
 
 
@@ -45,7 +47,7 @@ class Recovered:
 
 def recover(store: ProgressStore, client: Any, bucket: str, is_alive: Callable[[str], bool]) -> list[Recovered]:
     report: list[Recovered] = []
-    for status in store.list_files(S.IN_PROGRESS):
+    for status in store.list_files(ProcessingStatus.IN_PROGRESS):
         if status.run_id and is_alive(status.run_id):
             continue
         report.append(settle(store, client, bucket, status))
@@ -66,7 +68,7 @@ def settle(store: ProgressStore, client: Any, bucket: str, status: FileStatus) -
         keep = committed.vouched_keys() if committed else set()
         if not complete:
             for chunk in store.list_chunks(status.file_id):
-                if chunk.status is S.COMPLETED and chunk.version == status.checksum and chunk.s3_key:
+                if chunk.status is ProcessingStatus.COMPLETED and chunk.version == status.checksum and chunk.s3_key:
                     keep.add(chunk.s3_key)
                     if chunk.rejected:
                         keep.add(chunk.rejected.s3_key)
@@ -111,9 +113,9 @@ def requeue_abandoned(store: ProgressStore, file_id: str, source: str, run_id: s
                 s3_key=key or None,
             )
         )
-    elif record.status is S.IN_PROGRESS or record.last_updated_at.timestamp() > run_started:
+    elif record.status is ProcessingStatus.IN_PROGRESS or record.last_updated_at.timestamp() > run_started:
         return False
-    if record.status is S.PENDING:
+    if record.status is ProcessingStatus.PENDING:
         if record.processing_started_at is not None:
             return False  # already waiting for a rerun
         store.start(file_id, run_id)
@@ -164,7 +166,7 @@ def sweep_uploads(
             continue
         task = tasks.get(upload["UploadId"])
         owner = store.get(task.file_id) if task and task.file_id else None
-        if owner and owner.status is S.IN_PROGRESS and owner.run_id and is_alive(owner.run_id):
+        if owner and owner.status is ProcessingStatus.IN_PROGRESS and owner.run_id and is_alive(owner.run_id):
             continue
         abort(client, bucket, upload["Key"], upload["UploadId"])
         if task:
@@ -175,3 +177,49 @@ def sweep_uploads(
         if task.upload_id not in live and task.updated_at < older_than:
             store.delete_upload_task(task.id)
     return aborted
+
+
+@dataclass(frozen=True)
+class DeadRun:
+    """A run whose worker is gone, as the orchestrator reported it; `file_id`/`source` name
+    the file it was started for, if it was a file's run."""
+
+    run_id: str
+    started: float
+    file_id: str | None = None
+    source: str | None = None
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    requeued: list[str]  # files whose run died before claiming them, PENDING again
+    settled: list[Recovered]  # files a dead run held
+    aborted_uploads: list[str]
+    staging: Swept
+
+
+def reconcile(
+    store: ProgressStore,
+    client: Any,
+    bucket: str,
+    prefix: str,
+    is_alive: Callable[[str], bool],
+    dead_runs: list[DeadRun],
+    staging: Path,
+    stale_upload_age_s: float,
+    staging_older_than_s: float,
+    exclude_prefixes: tuple[str, ...] = (),
+) -> Reconciled:
+    """Everything crash recovery does, in order: files of runs that died early go back to
+    PENDING, files dead runs held are settled, abandoned uploads are aborted, and staging
+    no file needs is removed."""
+    requeued = [
+        run.source
+        for run in dead_runs
+        if run.file_id and run.source and requeue_abandoned(store, run.file_id, run.source, run.run_id, run.started)
+    ]
+    settled = recover(store, client, bucket, is_alive)
+    stale_before = utcnow() - timedelta(seconds=stale_upload_age_s)
+    aborted = sweep_uploads(store, client, bucket, prefix, stale_before, is_alive, exclude_prefixes)
+    in_use = staging_area.versions_in_use(store)
+    return Reconciled(requeued, settled, aborted, staging_area.sweep(staging, in_use, staging_older_than_s))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from datetime import date, timedelta
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
@@ -138,13 +139,14 @@ class ProcessingConfig(BaseSettings):
     @field_validator("error_directory", "staging_directory")
     @classmethod
     def _writable_dir(cls, value: Path) -> Path:
+        """Writable, or creatable where it is missing; created by the step that first writes
+        there, never by reading the settings (importing the code location makes nothing)."""
         path = value.expanduser().resolve()
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ValueError(f"cannot be created ({exc.strerror})") from None
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise ValueError("must be writable")
+        existing = next((p for p in (path, *path.parents) if p.exists()), None)
+        if existing is None or not existing.is_dir():
+            raise ValueError(f"cannot be created ({existing} is not a directory)")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ValueError("must be writable" if existing == path else f"cannot be created ({existing} is not writable)")
         return path
 
     @field_validator("validation_as_of", mode="before")
@@ -250,15 +252,39 @@ def _describe(prefix: str, error: dict) -> str:
     return f"{variable}={shown}: {message}"
 
 
-def load_configuration(env_file: str | os.PathLike | None = ".env") -> Configuration:
-    """Load every group; raise one SettingsError that lists every bad variable."""
+def load_configuration(
+    env_file: str | os.PathLike | None = ".env", overrides: Mapping[str, str] | None = None
+) -> Configuration:
+    """Load every group; raise one SettingsError that lists every bad variable.
+
+    `overrides` maps variable names (`CHUNK_SIZE`) to values that win over the
+    environment and `.env`: a deployment's resource config, or one test's settings.
+    """
     loaded: dict[str, BaseSettings] = {}
     problems: list[str] = []
     for name, (cls, prefix) in _GROUPS.items():
+        fields = {
+            key[len(prefix):].lower(): value
+            for key, value in (overrides or {}).items()
+            if key.upper().startswith(prefix) and key[len(prefix):].lower() in cls.model_fields
+        }
         try:
-            loaded[name] = cls(_env_file=env_file)  # type: ignore[call-arg]
+            loaded[name] = cls(_env_file=env_file, **fields)  # type: ignore[call-arg]
         except ValidationError as exc:
             problems.extend(_describe(prefix, e) for e in exc.errors())
     if problems:
         raise SettingsError("Invalid settings:\n  " + "\n  ".join(problems))
     return Configuration(**loaded)  # type: ignore[arg-type]
+
+
+def poll_interval_s(environ: dict[str, str] | None = None) -> int:
+    """How often the sensors tick, for their definitions: POLL_INTERVAL_MS in whole seconds
+    (Dagster ticks a sensor at most once a second). Read leniently, because definitions are
+    loaded before any setting is validated: a bad value falls back to the default here and
+    is reported, with every other bad variable, when a run or the CLI loads the settings."""
+    raw = (os.environ if environ is None else environ).get("POLL_INTERVAL_MS", "")
+    try:
+        milliseconds = int(raw) if raw.strip() else MonitoringConfig.model_fields["poll_interval_ms"].default
+    except ValueError:
+        milliseconds = MonitoringConfig.model_fields["poll_interval_ms"].default
+    return max(1, -(-max(milliseconds, 0) // 1000))

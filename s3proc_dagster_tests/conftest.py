@@ -26,7 +26,7 @@ import boto3
 import pytest
 from botocore.config import Config
 
-from s3proc_dagster.embedded import (
+from s3proc_dagster.cli.embedded import (
     Server,
     free_port,
     start_in_own_group,
@@ -200,7 +200,7 @@ class Deployment:
 
 @pytest.fixture(scope="session")
 def deployment(tmp_path_factory: pytest.TempPathFactory, s3: S3Endpoint) -> Iterator[Deployment]:
-    from s3proc_dagster.launcher import write_instance
+    from s3proc_dagster.cli.dev import write_instance
 
     from s3proc_dagster_tests.s3_proxy import FaultyS3Proxy
 

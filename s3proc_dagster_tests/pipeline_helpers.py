@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import gzip
 import io
 import json
@@ -22,10 +23,13 @@ import duckdb
 from s3proc_dagster_tests.conftest import Deployment
 
 
+@functools.cache
 def definitions() -> dg.Definitions:
+    """The code location's definitions, loaded as Dagster loads them. Cached: they hold no
+    setting (resources read the environment when a run or a tick starts)."""
     from s3proc_dagster.definitions import defs
 
-    return defs
+    return defs()
 
 
 _CURSOR: dict[str, str | None] = {}

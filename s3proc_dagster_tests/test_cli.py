@@ -170,7 +170,7 @@ def test_status_json_into_a_reader_that_stops_early_exits_quietly(pipeline_env: 
     watch = Path(pipeline_env["WATCH_PATH"])
     for i in range(150):
         record_file(store, watch, f"batch/file-{i:03}.csv", checksum=str(i), metadata={"note": "x" * 2000})
-    everything = json.dumps([f.to_seed() for f in store.list_files()], indent=2)
+    everything = json.dumps([f.to_document() for f in store.list_files()], indent=2)
     store.close()
     assert len(everything) > 256 * 1024  # far more than a pipe holds, so the writer must meet the closed end
 
@@ -256,7 +256,7 @@ def every_parser(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParse
 
 
 def test_every_help_text_stands_alone_and_describes_every_option() -> None:
-    from s3proc_dagster.cli import build_parser
+    from s3proc_dagster.cli.commands import build_parser
 
     parsers = every_parser(build_parser())
     assert len(parsers) == 9  # s3proc, status, process, backfill, retry, images, submit, status, dev

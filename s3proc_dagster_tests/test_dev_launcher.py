@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from s3proc_dagster.embedded import (
+from s3proc_dagster.cli.embedded import (
     free_port,
     port_in_use,
     start_in_own_group,
@@ -217,7 +217,10 @@ def test_stop_process_group_kills_a_group_that_ignores_its_signal_at_the_deadlin
 
 
 def test_stop_process_group_never_signals_our_own_group() -> None:
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # in our group
+    proc = subprocess.Popen(  # in our group; SIGTERM at its default even if ours is ignored (`&` + Dagster)
+        [sys.executable, "-c", "import time; time.sleep(600)"],
+        preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL),  # noqa: PLW1509
+    )
     assert stop_process_group(proc, deadline_s=5.0) == -signal.SIGTERM  # signalled alone; we are still here
 
 

@@ -560,12 +560,9 @@ def test_private_urls_are_fetched_when_the_setting_allows_them(
 @pytest.mark.usefixtures("pipeline_env")
 def test_the_allow_setting_reaches_the_ops_options(monkeypatch: pytest.MonkeyPatch) -> None:
     from s3proc_dagster.defs.images.ops import _options
-    from s3proc_dagster.defs.resources import build_resources
-    from s3proc_dagster.settings import load_configuration
+    from s3proc_dagster.defs.resources import Settings
 
     monkeypatch.delenv("IMAGE_ALLOW_PRIVATE_URLS", raising=False)  # the session's deployment sets it
-    resources = build_resources(load_configuration(env_file=None))
-    assert _options(resources["s3"], resources["images"]).allow_private_urls is False  # the default
-    monkeypatch.setenv("IMAGE_ALLOW_PRIVATE_URLS", "true")
-    resources = build_resources(load_configuration(env_file=None))
-    assert _options(resources["s3"], resources["images"]).allow_private_urls is True
+    assert _options(Settings()).allow_private_urls is False  # the default
+    monkeypatch.setenv("IMAGE_ALLOW_PRIVATE_URLS", "true")  # settings are read per run, not at import
+    assert _options(Settings()).allow_private_urls is True

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from s3proc_dagster.embedded import start_in_own_group, stop_process_group
+from s3proc_dagster.cli.embedded import start_in_own_group, stop_process_group
 from s3proc_dagster.files.checksum import sha256_file
 from s3proc_dagster.models import ProcessingStatus as S
 from s3proc_dagster.transfer.manifest import part_key

@@ -13,7 +13,7 @@ import pytest
 from s3proc_dagster.reports.project import ReportProjectError, load_project
 from s3proc_dagster.reports.runner import ReportModelError, run_model
 from s3proc_dagster_tests.conftest import Deployment
-from s3proc_dagster_tests.pipeline_helpers import execute, run_requests_under, sensor_tick
+from s3proc_dagster_tests.pipeline_helpers import definitions, execute, run_requests_under, sensor_tick
 
 PROJECT = Path(__file__).resolve().parents[1] / "dbt_like_sql"
 
@@ -55,11 +55,14 @@ def test_reports_materialize_on_the_instance_and_a_broken_relationship_fails_its
     for request in run_requests_under(sensor_tick(deployment), "reports"):
         execute(request, deployment)
 
-    from s3proc_dagster.definitions import defs, report_assets, report_checks
+    from s3proc_dagster.defs.reports.assets import build_report_defs
+
+    report_assets, report_checks = build_report_defs()
 
     def materialize() -> dg.ExecuteInProcessResult:
         return dg.materialize(
-            [*report_assets, *report_checks], resources=defs.resources, instance=deployment.instance(), raise_on_error=False
+            [*report_assets, *report_checks], resources=definitions().resources, instance=deployment.instance(),
+            raise_on_error=False,
         )
 
     result = materialize()

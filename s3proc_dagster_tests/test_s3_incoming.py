@@ -15,19 +15,19 @@ from pathlib import Path
 
 import dagster as dg
 
-from s3proc_dagster.embedded import start_in_own_group, stop_process_group
-from s3proc_dagster.launcher import write_instance
+from s3proc_dagster.cli.embedded import start_in_own_group, stop_process_group
+from s3proc_dagster.cli.dev import write_instance
 from s3proc_dagster.models import ProcessingStatus as S, make_file_id
 from s3proc_dagster.sources.s3_incoming import list_incoming
+from s3proc_dagster.transfer.recovery import delete_prefix
 from s3proc_dagster_tests.conftest import Deployment
-from s3proc_dagster_tests.pipeline_helpers import csv_bytes, execute, promo_rows, read_dataset, source_rows
+from s3proc_dagster_tests.pipeline_helpers import csv_bytes, definitions, execute, promo_rows, read_dataset, source_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def incoming_tick(deployment: Deployment, cursor: str | None) -> tuple[list[dg.RunRequest], str | None]:
-    from s3proc_dagster.definitions import defs
-
+    defs = definitions()
     sensor = defs.resolve_sensor_def("s3_incoming_sensor")
     with dg.build_sensor_context(instance=deployment.instance(), cursor=cursor, resources=defs.resources) as context:
         result = sensor.evaluate_tick(context)
@@ -83,6 +83,7 @@ def test_thousand_objects_are_requested_across_ticks_with_a_small_cursor(deploym
             break
     assert sorted(seen) == sorted(keys)  # each once; nothing outside the prefix, hidden, partial or our output
     assert ticks == 6 and max(sizes) < 300  # 1,003 keys under the prefix, 200 a tick
+    delete_prefix(client, deployment.s3.bucket, f"{prefix}/")  # the bucket is shared with later tests
 
 
 def test_object_with_metadata_ends_completed_with_source_and_priority(deployment: Deployment, tmp_path: Path) -> None:

@@ -45,7 +45,8 @@ def test_defaults_are_the_seeds(valid_env: Path, monkeypatch: pytest.MonkeyPatch
     assert cfg.processing.progress_db_path == valid_env / "progress.db"
     assert cfg.logging.level == "info"
     assert cfg.s3.prefix == "" and cfg.s3.force_path_style is True
-    assert (valid_env / "errors").is_dir()
+    # named, not made: reading the settings creates nothing (the step that parks a file does)
+    assert cfg.processing.error_directory == valid_env / "errors" and not (valid_env / "errors").exists()
 
 
 @pytest.mark.parametrize(

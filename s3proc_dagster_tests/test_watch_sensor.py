@@ -7,8 +7,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from s3proc_dagster.defs.files.sensors import build_watch_sensor
-from s3proc_dagster.defs.resources import PipelineSettings
+from s3proc_dagster.defs.files.sensors import watch_directory_sensor
+from s3proc_dagster.defs.resources import Settings, resources_for
 from s3proc_dagster_tests.conftest import Deployment
 
 
@@ -16,20 +16,18 @@ class Watcher:
     """One sensor over its own directory, ticked like the daemon ticks it."""
 
     def __init__(self, deployment: Deployment, root: Path, threshold_ms: int, ignore_initial: bool = False) -> None:
-        from s3proc_dagster.definitions import defs, image_request_job, process_file_job
-
         self.deployment = deployment
-        self.sensor = build_watch_sensor([process_file_job, image_request_job], 100)
-        self.resources = {
-            **defs.resources,
-            "settings": PipelineSettings(
-                watch_path=str(root),
-                staging_directory=str(root / ".staging"),
-                error_directory=str(root / "errors"),
-                stability_threshold_ms=threshold_ms,
-                ignore_initial=ignore_initial,
-            ),
-        }
+        self.sensor = watch_directory_sensor
+        settings = Settings(  # this sensor's own settings, whatever the session's deployment uses
+            overrides={
+                "WATCH_PATH": str(root),
+                "STAGING_DIRECTORY": str(root / ".staging"),
+                "ERROR_DIRECTORY": str(root / "errors"),
+                "STABILITY_THRESHOLD_MS": str(threshold_ms),
+                "IGNORE_INITIAL": str(ignore_initial).lower(),
+            }
+        )
+        self.resources = resources_for(settings)
         self.cursor: str | None = None
 
     def tick(self) -> list[str]:
@@ -38,7 +36,7 @@ class Watcher:
         ) as context:
             result = self.sensor.evaluate_tick(context)
         self.cursor = result.cursor
-        return [r.run_key for r in result.run_requests or []]
+        return [r.run_key for r in result.run_requests or [] if r.job_name != "reconcile_job"]
 
     def tick_until_requested(self, timeout_s: float = 10) -> tuple[list[str], int]:
         deadline = time.monotonic() + timeout_s

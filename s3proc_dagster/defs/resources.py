@@ -1,11 +1,18 @@
-"""Resources: the progress store, S3 (dagster-aws) and the pipeline's non-secret settings.
+"""Resources: the settings, S3 (dagster-aws), the progress store and the reports' DuckDB.
 
-Secrets reach resources only through `dg.EnvVar`, so the Dagster UI shows the variable's
-name, never its value, and no op reads a credential itself.
+One configuration schema: `settings.py` (pydantic-settings) names, defaults and checks
+every variable, and the `settings` resource loads it from the environment (and `.env`)
+when a run, a sensor tick or a schedule starts. Importing the code location therefore
+reads nothing, makes no directory and contacts no server (`dg check defs` works with an
+empty environment), and a bad setting fails the run with every bad variable named. The
+S3 credentials alone are fields, given as `dg.EnvVar`, so the UI shows the variables'
+names, never their values; no op reads a credential itself.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +22,83 @@ from dagster_duckdb import DuckDBResource
 from pydantic import Field, PrivateAttr
 
 from s3proc_dagster.runs.liveness import Heartbeat
-from s3proc_dagster.settings import Configuration
+from s3proc_dagster.settings import Configuration, load_configuration
+from s3proc_dagster.stores import open_store
+from s3proc_dagster.stores.base import ProgressStore
 from s3proc_dagster.transfer.client import make_client
 from s3proc_dagster.transfer.keys import join_key
-from s3proc_dagster.stores.base import ProgressStore
+
+
+class Settings(dg.ConfigurableResource):
+    """The product's settings, as `settings.py` defines them, validated when first used."""
+
+    env_file: str = Field(default=".env", description="read after the environment, which wins")
+    overrides: dict[str, str] = Field(
+        default_factory=dict,
+        description="non-secret settings by variable name (CHUNK_SIZE: '10000') that win over the environment",
+    )
+
+    _config: Configuration | None = PrivateAttr(default=None)
+
+    @property
+    def config(self) -> Configuration:
+        if self._config is None:
+            self._config = load_configuration(self.env_file, self.overrides)
+        return self._config
+
+    @property
+    def staging(self) -> Path:
+        return self.config.processing.staging_directory
+
+
+class S3Storage(S3Resource):
+    """dagster-aws's S3 resource: credentials from `dg.EnvVar`, the rest (endpoint, region,
+    bucket, prefix, path-style addressing for SeaweedFS or MinIO) from the settings."""
+
+    settings: Settings
+
+    def get_client(self) -> Any:
+        s3 = self.settings.config.s3
+        return make_client(
+            s3.endpoint,
+            s3.region,
+            self.aws_access_key_id,
+            self.aws_secret_access_key,
+            s3.force_path_style,
+            self.max_attempts,
+            self.aws_session_token,
+        )
+
+    @property
+    def bucket(self) -> str:
+        return self.settings.config.s3.bucket
+
+    @property
+    def prefix(self) -> str:
+        return self.settings.config.s3.prefix
+
+    @property
+    def incoming_bucket(self) -> str:
+        return self.settings.config.s3.incoming_bucket_name
+
+    @property
+    def incoming_prefix(self) -> str:
+        return self.settings.config.s3.incoming_prefix
+
+    @property
+    def public_base_url(self) -> str:
+        return self.settings.config.s3.public_base_url
+
+    def key(self, *parts: str) -> str:
+        """A key under the configured prefix."""
+        return join_key(self.prefix, *parts)
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
 
 
 class ProgressStoreResource(dg.ConfigurableResource):
-    """SQLite at `progress_db_path`, or MongoDB when `mongodb_uri` is set.
+    """SQLite at PROGRESS_DB_PATH, or MongoDB when MONGODB_URI is set.
 
     The store is opened once per run process and closed at teardown; state lives in the
     store, never in the resource, so any number of run processes can share it. Inside a
@@ -30,9 +106,7 @@ class ProgressStoreResource(dg.ConfigurableResource):
     and a claim is only as good as its run's liveness (`runs.liveness`).
     """
 
-    progress_db_path: str
-    mongodb_uri: str = ""
-    mongodb_database: str = "s3proc"
+    settings: Settings
 
     _store: ProgressStore | None = PrivateAttr(default=None)
     _heartbeat: Heartbeat | None = PrivateAttr(default=None)
@@ -43,14 +117,7 @@ class ProgressStoreResource(dg.ConfigurableResource):
 
     def open(self) -> ProgressStore:
         if self._store is None:
-            if self.mongodb_uri:
-                from s3proc_dagster.stores.mongo import MongoProgressStore
-
-                self._store = MongoProgressStore(self.mongodb_uri, self.mongodb_database)
-            else:
-                from s3proc_dagster.stores.sqlite import SQLiteProgressStore
-
-                self._store = SQLiteProgressStore(self.progress_db_path)
+            self._store = open_store(self.settings.config.processing)
         return self._store
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
@@ -62,120 +129,38 @@ class ProgressStoreResource(dg.ConfigurableResource):
             self._store = None
 
 
-class S3Storage(S3Resource):
-    """dagster-aws's S3 resource, plus the bucket, the key prefix and path-style addressing
-    that S3-compatible servers (SeaweedFS, MinIO) need."""
+class ReportsDatabase(DuckDBResource):
+    """dagster-duckdb's resource on REPORTS_DB_PATH (or `database`, when given)."""
 
-    bucket: str
-    prefix: str = ""
-    force_path_style: bool = True
-    public_base_url: str = ""
-    incoming_bucket: str = ""
-    incoming_prefix: str = ""
+    database: str = Field(default="", description="empty: REPORTS_DB_PATH")
+    settings: Settings
 
-    def get_client(self) -> Any:
-        return make_client(
-            self.endpoint_url,
-            self.region_name or "us-east-1",
-            self.aws_access_key_id,
-            self.aws_secret_access_key,
-            self.force_path_style,
-            self.max_attempts,
-            self.aws_session_token,
-        )
-
-    def key(self, *parts: str) -> str:
-        """A key under the configured prefix."""
-        return join_key(self.prefix, *parts)
-
-    def uri(self, key: str) -> str:
-        return f"s3://{self.bucket}/{key}"
+    @contextmanager
+    def get_connection(self) -> Iterator[Any]:
+        path = Path(self.database or self.settings.config.processing.reports_db_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with DuckDBResource(database=str(path), connection_config=self.connection_config).get_connection() as conn:
+            yield conn
 
 
-class PipelineSettings(dg.ConfigurableResource):
-    """The non-secret processing settings ops need, visible in the UI's resource page."""
-
-    watch_path: str
-    staging_directory: str
-    error_directory: str
-    chunk_size: int = 50000
-    parquet_compression: str = "ZSTD"
-    max_retries: int = 3
-    retry_delay_ms: int = 1000
-    stability_threshold_ms: int = 2000
-    ignore_initial: bool = False
-    validation_rules_dir: str = ""
-    validation_as_of: str = ""
-    csv_null_strings: list[str] = Field(default_factory=lambda: [""])  # CSV_NULL_STRINGS; [""]: DuckDB's default
-    s3_list_page_size: int = 1000
-    s3_list_pages_per_tick: int = 5
-    stale_upload_age_s: float = 3600
-    staging_retention_s: float = 0
-
-    @property
-    def staging(self) -> Path:
-        return Path(self.staging_directory)
-
-
-class ImageSettings(dg.ConfigurableResource):
-    """Seed 002's image options (IMAGE_*), visible in the UI's resource page."""
-
-    quality: int = 50
-    output_format: str = ""
-    fetch_timeout_ms: int = 15000
-    max_bytes: int = 25 * 1024 * 1024
-    webhook_url: str = ""
-    max_retries: int = 3
-    retry_delay_ms: int = 1000
-    allow_private_urls: bool = False
-
-
-def build_resources(cfg: Configuration) -> dict[str, Any]:
-    """Resources for `Definitions`, from the validated settings."""
+def resources_for(settings: Settings) -> dict[str, Any]:
+    """Every resource, on one settings resource: a deployment's, or one test's."""
     return {
-        "progress_store": ProgressStoreResource(
-            progress_db_path=str(cfg.processing.progress_db_path),
-            mongodb_uri=dg.EnvVar("MONGODB_URI") if cfg.processing.uses_mongodb else "",
-            mongodb_database=cfg.processing.mongodb_database,
-        ),
+        "settings": settings,
         "s3": S3Storage(
-            bucket=cfg.s3.bucket,
-            prefix=cfg.s3.prefix,
-            region_name=cfg.s3.region,
-            endpoint_url=cfg.s3.endpoint or None,
-            force_path_style=cfg.s3.force_path_style,
+            settings=settings,
             aws_access_key_id=dg.EnvVar("S3_ACCESS_KEY_ID"),
             aws_secret_access_key=dg.EnvVar("S3_SECRET_ACCESS_KEY"),
-            public_base_url=cfg.s3.public_base_url,
-            incoming_bucket=cfg.s3.incoming_bucket_name,
-            incoming_prefix=cfg.s3.incoming_prefix,
         ),
-        "settings": PipelineSettings(
-            watch_path=str(cfg.monitoring.watch_path),
-            staging_directory=str(cfg.processing.staging_directory),
-            error_directory=str(cfg.processing.error_directory),
-            chunk_size=cfg.processing.chunk_size,
-            parquet_compression=cfg.processing.parquet_compression,
-            max_retries=cfg.processing.max_retries,
-            retry_delay_ms=cfg.processing.retry_delay_ms,
-            stability_threshold_ms=cfg.monitoring.stability_threshold_ms,
-            ignore_initial=cfg.monitoring.ignore_initial,
-            validation_rules_dir=str(cfg.processing.validation_rules_dir),
-            validation_as_of=cfg.processing.validation_as_of.isoformat() if cfg.processing.validation_as_of else "",
-            stale_upload_age_s=cfg.processing.stale_upload_age.total_seconds(),
-            staging_retention_s=cfg.processing.staging_retention.total_seconds(),
-            csv_null_strings=list(cfg.processing.csv_null_strings),
-        ),
-        "images": ImageSettings(
-            quality=cfg.images.quality,
-            output_format=cfg.images.output_format,
-            fetch_timeout_ms=cfg.images.fetch_timeout_ms,
-            max_bytes=cfg.images.max_bytes,
-            webhook_url=cfg.images.webhook_url,
-            allow_private_urls=cfg.images.allow_private_urls,
-            max_retries=cfg.processing.max_retries,
-            retry_delay_ms=cfg.processing.retry_delay_ms,
-        ),
-        "duckdb": DuckDBResource(database=str(cfg.processing.reports_db_path)),
+        "progress_store": ProgressStoreResource(settings=settings),
+        "duckdb": ReportsDatabase(settings=settings),
         "io_manager": dg.FilesystemIOManager(),
     }
+
+
+defs = dg.Definitions(
+    resources=resources_for(Settings()),
+    # One process per run: a file's steps are sequential, and the reports share one DuckDB
+    # file, which allows a single writing process at a time.
+    executor=dg.in_process_executor,
+)

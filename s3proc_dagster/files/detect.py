@@ -51,7 +51,8 @@ _CONTENT_TYPE = {
 }
 
 ARCHIVE_KINDS = frozenset({"zip", "tar", "tar.gz", "gz"})
-TEXT_KINDS = frozenset({"csv", "tsv", "json", "jsonl", "xml"})
+#: The kinds that become Parquet datasets (the specification's "database" files).
+TABULAR_KINDS = frozenset({"csv", "tsv", "json", "jsonl", "xml"})
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from s3proc_dagster.models import ProcessingStatus
+from s3proc_dagster.stores.base import ProgressStore
+
 WORK_SUFFIX = ".work"
 PARTIAL_PREFIX = ".snapshot-"
 SWEEP_GRACE_S = 3600.0  # younger entries may belong to a run that has not claimed its file yet
@@ -38,6 +41,12 @@ class Swept:
 def version_of(checksum: str | None) -> str | None:
     """The staged version a record refers to: an archive entry's `<sha>:<path>` is its archive's."""
     return checksum.split(":", 1)[0] if checksum else None
+
+
+def versions_in_use(store: ProgressStore) -> set[str]:
+    """Staged versions a file may still need: those of files IN_PROGRESS or FAILED."""
+    records = [*store.list_files(ProcessingStatus.IN_PROGRESS), *store.list_files(ProcessingStatus.FAILED)]
+    return {v for r in records if (v := version_of(r.checksum))}
 
 
 def work_dir(staging: Path, sha256: str) -> Path:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -46,8 +47,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from s3proc_dagster.errors import ConversionError
+from s3proc_dagster.files.detect import TABULAR_KINDS
 
-TABULAR_KINDS = ("csv", "tsv", "json", "jsonl", "xml")
 WRITER_LANES = 2
 BATCH_ROWS = 122_880  # a multiple of DuckDB's 2,048-row vector
 RULES_COLUMN = "_rules"
@@ -102,6 +103,22 @@ class ConversionResult:
     duration_s: float
     skipped_rules: dict[str, str] = field(default_factory=dict)
     missing_columns: tuple[str, ...] = ()
+
+    def to_json(self) -> str:
+        """Kept beside the parts (`_done.json`), so a re-executed step reuses the conversion."""
+        return json.dumps(dataclasses.asdict(self), default=str)
+
+    @classmethod
+    def from_json(cls, text: str) -> ConversionResult:
+        data = json.loads(text)
+        chunks = [
+            ChunkFile(**{**c, "path": Path(c["path"]), "rejected_path": c["rejected_path"] and Path(c["rejected_path"])})
+            for c in data.pop("chunks")
+        ]
+        columns = [tuple(c) for c in data.pop("columns")]
+        return cls(
+            chunks=chunks, columns=columns, **{**data, "missing_columns": tuple(data.get("missing_columns", ()))}  # type: ignore[arg-type]
+        )
 
 
 @dataclass(frozen=True)

@@ -113,9 +113,9 @@ def list_incoming(
     return found, IncomingCursor(after=after, since=cursor.since, pass_started=cursor.pass_started)
 
 
-SEED_METADATA_NAMES = {"campaignid": "campaignId", "source": "source", "priority": "priority"}
+OBJECT_METADATA_NAMES = {"campaignid": "campaignId", "source": "source", "priority": "priority"}
 
 
-def seed_metadata(user_metadata: dict[str, str]) -> dict[str, str]:
+def metadata_from_object(user_metadata: dict[str, str]) -> dict[str, str]:
     """S3 lowercases user-metadata names (`x-amz-meta-campaignid`); give the seed's back."""
-    return {SEED_METADATA_NAMES.get(k.lower(), k): v for k, v in user_metadata.items() if not k.startswith("x-")}
+    return {OBJECT_METADATA_NAMES.get(k.lower(), k): v for k, v in user_metadata.items() if not k.startswith("x-")}

@@ -41,7 +41,6 @@ from s3proc_dagster.stores.lifecycle import (
     stat_delta,
 )
 
-S = ProcessingStatus
 _CAS_ATTEMPTS = 50
 
 
@@ -82,7 +81,7 @@ def chunk_contribution(chunk: ChunkStatus) -> dict[str, int]:
     Only a COMPLETED chunk's records count: a chunk being redone contributes nothing
     until it lands again, so the file's figures never count a record twice.
     """
-    if chunk.status is not S.COMPLETED:
+    if chunk.status is not ProcessingStatus.COMPLETED:
         return {}
     out = {
         "successful_records": chunk.processing_stats.successful_records,
@@ -110,7 +109,7 @@ def _version_fields(new: FileStatus, existing: FileStatus) -> dict[str, Any]:
 
 
 def _reset_fields(new: FileStatus, existing: FileStatus) -> dict[str, Any]:
-    return {**_version_fields(new, existing), "status": S.PENDING, "error_details": None, "completed_at": None}
+    return {**_version_fields(new, existing), "status": ProcessingStatus.PENDING, "error_details": None, "completed_at": None}
 
 
 def plan_offsets(record_count: int, chunk_size: int) -> list[tuple[int, int, int]]:
@@ -134,12 +133,12 @@ class ProgressStore(ABC):
     def _load_file(self, *, file_id: str | None = None, path: str | None = None) -> FileStatus | None: ...
 
     @abstractmethod
-    def _cas_file(self, file_id: str, expected: S, fields: dict[str, Any], expected_run_id: Any = ANY_HOLDER) -> bool:
+    def _cas_file(self, file_id: str, expected: ProcessingStatus, fields: dict[str, Any], expected_run_id: Any = ANY_HOLDER) -> bool:
         """Apply `fields` (snake_case FileStatus fields) if status is still `expected`
         and, unless `expected_run_id` is ANY_HOLDER, the holder is still exactly that run id."""
 
     @abstractmethod
-    def _list_files(self, status: S | None) -> list[FileStatus]: ...
+    def _list_files(self, status: ProcessingStatus | None) -> list[FileStatus]: ...
 
     @abstractmethod
     def _replace_chunks(self, file_id: str, chunks: list[ChunkStatus], file_fields: dict[str, Any]) -> None:
@@ -159,7 +158,7 @@ class ProgressStore(ABC):
     def _cas_chunk(
         self,
         chunk: ChunkStatus,
-        expected: S,
+        expected: ProcessingStatus,
         expected_retry: int,
         fields: dict[str, Any],
         file_delta: dict[str, int],
@@ -216,7 +215,7 @@ class ProgressStore(ABC):
             raise RecordNotFound(f"no file with fileId {file_id!r}")
         return found
 
-    def list_files(self, status: S | None = None) -> list[FileStatus]:
+    def list_files(self, status: ProcessingStatus | None = None) -> list[FileStatus]:
         return self._list_files(status)
 
     def record_detected(self, status: FileStatus) -> tuple[FileStatus, bool]:
@@ -230,15 +229,15 @@ class ProgressStore(ABC):
         for _ in range(_CAS_ATTEMPTS):
             existing = self.get_by_path(status.file_path) or self.get(status.file_id)
             if existing is None:
-                if self._insert_file(status.model_copy(update={"status": S.PENDING, "run_id": None})):
+                if self._insert_file(status.model_copy(update={"status": ProcessingStatus.PENDING, "run_id": None})):
                     return self.require(status.file_id), True
                 continue  # another process inserted it first; read theirs
-            if existing.status is S.COMPLETED and existing.checksum == status.checksum:
+            if existing.status is ProcessingStatus.COMPLETED and existing.checksum == status.checksum:
                 return existing, False
-            if existing.status is S.IN_PROGRESS:
+            if existing.status is ProcessingStatus.IN_PROGRESS:
                 return existing, True
-            if existing.status is S.PENDING:
-                if self._cas_file(existing.file_id, S.PENDING, _version_fields(status, existing)):
+            if existing.status is ProcessingStatus.PENDING:
+                if self._cas_file(existing.file_id, ProcessingStatus.PENDING, _version_fields(status, existing)):
                     return self.require(existing.file_id), True
                 continue
             if self._cas_file(existing.file_id, existing.status, _reset_fields(status, existing)):
@@ -256,9 +255,9 @@ class ProgressStore(ABC):
         for _ in range(_CAS_ATTEMPTS):
             existing = self.get_by_path(status.file_path) or self.get(status.file_id)
             if existing is None:
-                self._insert_file(status.model_copy(update={"status": S.PENDING, "run_id": None}))
+                self._insert_file(status.model_copy(update={"status": ProcessingStatus.PENDING, "run_id": None}))
                 continue
-            if existing.status is S.COMPLETED and existing.checksum == status.checksum and not reprocess_completed:
+            if existing.status is ProcessingStatus.COMPLETED and existing.checksum == status.checksum and not reprocess_completed:
                 return Claim(ClaimOutcome.UNCHANGED, existing)
             outcome = self._try_claim(existing, run_id, is_alive, _version_fields(status, existing))
             if outcome is not None:
@@ -296,30 +295,30 @@ class ProgressStore(ABC):
         """One compare-and-set step towards holding `existing`; None means "read again"."""
         file_id, current = existing.file_id, existing.status
         started = {"run_id": run_id, "processing_started_at": utcnow(), "error_details": None, "completed_at": None}
-        if current is S.IN_PROGRESS:
+        if current is ProcessingStatus.IN_PROGRESS:
             holder = existing.run_id
             if holder == run_id:
-                if version and not self._cas_file(file_id, S.IN_PROGRESS, version, expected_run_id=run_id):
+                if version and not self._cas_file(file_id, ProcessingStatus.IN_PROGRESS, version, expected_run_id=run_id):
                     return None
                 return Claim(ClaimOutcome.CLAIMED, self.require(file_id))
             if holder and is_alive(holder):
                 return Claim(ClaimOutcome.BUSY, existing)
             # The holder is gone (killed, crashed, or this is a re-execution of it): take over.
-            if self._cas_file(file_id, S.IN_PROGRESS, {**version, **started}, expected_run_id=holder):
+            if self._cas_file(file_id, ProcessingStatus.IN_PROGRESS, {**version, **started}, expected_run_id=holder):
                 return Claim(ClaimOutcome.CLAIMED, self.require(file_id))
             return None
-        if current is S.PENDING:
-            check_file_transition(f"file {file_id}", current, S.IN_PROGRESS)
-            if self._cas_file(file_id, S.PENDING, {**version, **started, "status": S.IN_PROGRESS}):
+        if current is ProcessingStatus.PENDING:
+            check_file_transition(f"file {file_id}", current, ProcessingStatus.IN_PROGRESS)
+            if self._cas_file(file_id, ProcessingStatus.PENDING, {**version, **started, "status": ProcessingStatus.IN_PROGRESS}):
                 return Claim(ClaimOutcome.CLAIMED, self.require(file_id))
             return None
         # FAILED or COMPLETED: back to PENDING first (the manual-retry and reprocess edges).
-        check_file_transition(f"file {file_id}", current, S.PENDING)
-        self._cas_file(file_id, current, {**version, "status": S.PENDING, "error_details": None, "completed_at": None})
+        check_file_transition(f"file {file_id}", current, ProcessingStatus.PENDING)
+        self._cas_file(file_id, current, {**version, "status": ProcessingStatus.PENDING, "error_details": None, "completed_at": None})
         return None
 
     def _transition(
-        self, file_id: str, new: S, fields: dict[str, Any] | None = None, expected_run_id: Any = ANY_HOLDER
+        self, file_id: str, new: ProcessingStatus, fields: dict[str, Any] | None = None, expected_run_id: Any = ANY_HOLDER
     ) -> FileStatus:
         for _ in range(_CAS_ATTEMPTS):
             current = self.require(file_id)
@@ -335,7 +334,7 @@ class ProgressStore(ABC):
 
     def start(self, file_id: str, run_id: str | None = None) -> FileStatus:
         return self._transition(
-            file_id, S.IN_PROGRESS, {"processing_started_at": utcnow(), "error_details": None, "run_id": run_id}
+            file_id, ProcessingStatus.IN_PROGRESS, {"processing_started_at": utcnow(), "error_details": None, "run_id": run_id}
         )
 
     def complete(
@@ -347,16 +346,16 @@ class ProgressStore(ABC):
         fields: dict[str, Any] = {"output_key": output_key, "completed_at": utcnow(), "error_details": None}
         if processed_bytes is not None:
             fields["processed_bytes"] = processed_bytes
-        return self._transition(file_id, S.COMPLETED, fields, expected_run_id=run_id)
+        return self._transition(file_id, ProcessingStatus.COMPLETED, fields, expected_run_id=run_id)
 
     def fail(self, file_id: str, error: str, run_id: Any = ANY_HOLDER) -> FileStatus:
         """FAILED with the reason; with `run_id`, only while that run holds it."""
-        return self._transition(file_id, S.FAILED, {"error_details": error, "completed_at": utcnow()}, run_id)
+        return self._transition(file_id, ProcessingStatus.FAILED, {"error_details": error, "completed_at": utcnow()}, run_id)
 
     def reset_to_pending(self, file_id: str, reason: str | None = None, run_id: Any = ANY_HOLDER) -> FileStatus:
         """Back to PENDING; with `run_id`, only if that (dead) run still holds it, so
         recovery can never take a file from under a run that just claimed it."""
-        return self._transition(file_id, S.PENDING, {"error_details": reason, "completed_at": None}, run_id)
+        return self._transition(file_id, ProcessingStatus.PENDING, {"error_details": reason, "completed_at": None}, run_id)
 
     def update_file(self, file_id: str, **fields: Any) -> FileStatus:
         """Change descriptive fields (type, counts, bytes) without a status change."""
@@ -407,12 +406,12 @@ class ProgressStore(ABC):
             raise RecordNotFound(f"no chunk with chunkId {chunk_id_!r}")
         return chunk
 
-    def _chunk_transition(self, chunk_id_: str, new: S, fields: dict[str, Any], processing_error: str | None = None) -> ChunkStatus:
+    def _chunk_transition(self, chunk_id_: str, new: ProcessingStatus, fields: dict[str, Any], processing_error: str | None = None) -> ChunkStatus:
         for _ in range(_CAS_ATTEMPTS):
             current = self.get_chunk(chunk_id_)
             check_chunk_transition(f"chunk {chunk_id_}", current.status, new)
             updates = dict(fields)
-            if current.status is S.FAILED and new is S.IN_PROGRESS:
+            if current.status is ProcessingStatus.FAILED and new is ProcessingStatus.IN_PROGRESS:
                 updates["retry_count"] = current.retry_count + 1
             if processing_error:
                 summary = {k: dict(v) for k, v in current.error_summary.items()}
@@ -431,7 +430,7 @@ class ProgressStore(ABC):
     def chunk_started(self, chunk_id_: str, processing_thread: str) -> ChunkStatus:
         return self._chunk_transition(
             chunk_id_,
-            S.IN_PROGRESS,
+            ProcessingStatus.IN_PROGRESS,
             {"processing_thread": processing_thread, "started_at": utcnow(), "completed_at": None, "error_details": None},
         )
 
@@ -453,7 +452,7 @@ class ProgressStore(ABC):
         summary = {"validation": dict(validation_errors or {}), "processing": dict(current.error_summary.get("processing", {}))}
         return self._chunk_transition(
             chunk_id_,
-            S.COMPLETED,
+            ProcessingStatus.COMPLETED,
             {
                 "s3_key": s3_key,
                 "size_bytes": size_bytes,
@@ -469,7 +468,7 @@ class ProgressStore(ABC):
 
     def chunk_failed(self, chunk_id_: str, error: str, error_kind: str = "processingError") -> ChunkStatus:
         return self._chunk_transition(
-            chunk_id_, S.FAILED, {"error_details": error, "completed_at": utcnow()}, processing_error=error_kind
+            chunk_id_, ProcessingStatus.FAILED, {"error_details": error, "completed_at": utcnow()}, processing_error=error_kind
         )
 
     # ---- image requests (seed 002) ----------------------------------------------------------

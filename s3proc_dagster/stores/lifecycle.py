@@ -15,31 +15,31 @@ and COMPLETED -> COMPLETED, so re-uploading a finished chunk is idempotent.
 from __future__ import annotations
 
 from s3proc_dagster.errors import IllegalTransition
-from s3proc_dagster.models import ProcessingStatus as S
+from s3proc_dagster.models import ProcessingStatus
 
-FILE_TRANSITIONS: dict[S, frozenset[S]] = {
-    S.PENDING: frozenset({S.IN_PROGRESS}),
-    S.IN_PROGRESS: frozenset({S.COMPLETED, S.FAILED, S.PENDING}),
-    S.COMPLETED: frozenset({S.PENDING}),
-    S.FAILED: frozenset({S.PENDING}),
+FILE_TRANSITIONS: dict[ProcessingStatus, frozenset[ProcessingStatus]] = {
+    ProcessingStatus.PENDING: frozenset({ProcessingStatus.IN_PROGRESS}),
+    ProcessingStatus.IN_PROGRESS: frozenset({ProcessingStatus.COMPLETED, ProcessingStatus.FAILED, ProcessingStatus.PENDING}),
+    ProcessingStatus.COMPLETED: frozenset({ProcessingStatus.PENDING}),
+    ProcessingStatus.FAILED: frozenset({ProcessingStatus.PENDING}),
 }
 
-CHUNK_TRANSITIONS: dict[S, frozenset[S]] = {
-    S.PENDING: frozenset({S.IN_PROGRESS}),
-    S.IN_PROGRESS: frozenset({S.COMPLETED, S.FAILED, S.IN_PROGRESS}),
-    S.COMPLETED: frozenset({S.COMPLETED, S.IN_PROGRESS}),
-    S.FAILED: frozenset({S.IN_PROGRESS}),
+CHUNK_TRANSITIONS: dict[ProcessingStatus, frozenset[ProcessingStatus]] = {
+    ProcessingStatus.PENDING: frozenset({ProcessingStatus.IN_PROGRESS}),
+    ProcessingStatus.IN_PROGRESS: frozenset({ProcessingStatus.COMPLETED, ProcessingStatus.FAILED, ProcessingStatus.IN_PROGRESS}),
+    ProcessingStatus.COMPLETED: frozenset({ProcessingStatus.COMPLETED, ProcessingStatus.IN_PROGRESS}),
+    ProcessingStatus.FAILED: frozenset({ProcessingStatus.IN_PROGRESS}),
 }
 
-STAT_FIELD: dict[S, str] = {
-    S.PENDING: "pending_chunks",
-    S.IN_PROGRESS: "in_progress_chunks",
-    S.COMPLETED: "completed_chunks",
-    S.FAILED: "failed_chunks",
+STAT_FIELD: dict[ProcessingStatus, str] = {
+    ProcessingStatus.PENDING: "pending_chunks",
+    ProcessingStatus.IN_PROGRESS: "in_progress_chunks",
+    ProcessingStatus.COMPLETED: "completed_chunks",
+    ProcessingStatus.FAILED: "failed_chunks",
 }
 
 
-def check_file_transition(what: str, current: S, new: S) -> None:
+def check_file_transition(what: str, current: ProcessingStatus, new: ProcessingStatus) -> None:
     if new not in FILE_TRANSITIONS[current]:
         raise IllegalTransition(
             f"{what}: cannot go from {current.name} to {new.name}; "
@@ -47,12 +47,12 @@ def check_file_transition(what: str, current: S, new: S) -> None:
         )
 
 
-def check_chunk_transition(what: str, current: S, new: S) -> None:
+def check_chunk_transition(what: str, current: ProcessingStatus, new: ProcessingStatus) -> None:
     if new not in CHUNK_TRANSITIONS[current]:
         raise IllegalTransition(f"{what}: chunk cannot go from {current.name} to {new.name}")
 
 
-def stat_delta(old: S | None, new: S) -> dict[str, int]:
+def stat_delta(old: ProcessingStatus | None, new: ProcessingStatus) -> dict[str, int]:
     """How a chunk's move from `old` to `new` changes the file's chunk counters."""
     delta: dict[str, int] = {}
     if old is not None:

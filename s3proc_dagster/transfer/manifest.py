@@ -22,6 +22,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from s3proc_dagster.models import ChunkStatus
 from s3proc_dagster.transfer.keys import join_key
 from s3proc_dagster.transfer.recovery import delete_prefix
 from s3proc_dagster.transfer.upload import upload_bytes
@@ -122,6 +123,43 @@ def _part_fields(data: dict[str, Any]) -> dict[str, Any]:
     known = ManifestPart.__dataclass_fields__
     named = {_FIELD_NAMES.get(k, k): v for k, v in data.items()}
     return {k: v for k, v in named.items() if k in known}
+
+
+def build(
+    dataset_key: str, version: str, total_rows: int, compression: str, chunks: list[ChunkStatus]
+) -> Manifest:
+    """The manifest of one version from its chunk records, each verified and COMPLETED."""
+    return Manifest(
+        dataset_key=dataset_key,
+        file_sha256=version,
+        total_rows=total_rows,
+        total_bytes=sum(c.size_bytes or 0 for c in chunks),
+        compression=compression,
+        chunks=[
+            ManifestPart(
+                c.chunk_index,
+                c.s3_key or "",
+                c.record_count - (c.rejected.records if c.rejected else 0),
+                c.size_bytes or 0,
+                c.sha256 or "",
+                c.start_offset,
+                c.end_offset,
+            )
+            for c in chunks
+        ],
+        rejected=[
+            ManifestPart(
+                c.chunk_index,
+                c.rejected.s3_key,
+                c.rejected.records,
+                c.rejected.size_bytes,
+                c.rejected.sha256,
+                rules=c.error_summary.get("validation", {}),
+            )
+            for c in chunks
+            if c.rejected
+        ],
+    )
 
 
 def read_manifest(client: Any, bucket: str, dataset_key: str) -> Manifest | None:

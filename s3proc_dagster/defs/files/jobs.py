@@ -1,14 +1,16 @@
-"""`process_file_job`: one run per file, one op per ProcessingStep, in the seed's order.
+"""`process_file_job` (one run per file, one op per ProcessingStep) and `reconcile_job` (crash recovery).
 
-The job runs in-process: its steps are sequential by nature, and a process per step
-would cost about a second and 170 MB each. Parallelism comes from running several files
-at once (the run queue's MAX_CONCURRENCY). Outputs between steps are persisted by the
-filesystem I/O manager, so "Re-execute from failure" reloads them instead of redoing
-earlier steps.
+A file's steps run in one process (the code location's in-process executor): they are
+sequential by nature, and a process per step would cost about a second and 170 MB each.
+Parallelism comes from running several files at once (the run queue's MAX_CONCURRENCY).
+Outputs between steps are persisted by the I/O manager, so "Re-execute from failure"
+reloads them instead of redoing earlier steps. Retries come from the settings at run
+time (`ops.failures`), not from the definitions.
 """
 
 import dagster as dg
 
+from s3proc_dagster import recovery
 from s3proc_dagster.defs.files.ops import (
     archive_extraction,
     checksum_calculation,
@@ -16,50 +18,79 @@ from s3proc_dagster.defs.files.ops import (
     mark_failed,
     parquet_conversion,
     progress_update,
-    reconcile,
     streaming,
     type_detection,
 )
+from s3proc_dagster.defs.resources import ProgressStoreResource, S3Storage, Settings
+from s3proc_dagster.files.staging import SWEEP_GRACE_S
+from s3proc_dagster.runs.liveness import reap_dead_runs, run_is_alive
+from s3proc_dagster.runs.requests import IMAGE_REQUEST_JOB, PROCESS_FILE_JOB, RECONCILE_JOB
+from s3proc_dagster.runs.tags import TAG
 
-
-def retry_policy(max_retries: int, retry_delay_ms: int) -> dg.RetryPolicy:
-    """MAX_RETRIES attempts after the first, RETRY_DELAY_MS doubling each time."""
-    return dg.RetryPolicy(
-        max_retries=max_retries,
-        delay=retry_delay_ms / 1000,
-        backoff=dg.Backoff.EXPONENTIAL,
-        jitter=dg.Jitter.PLUS_MINUS,
-    )
-
-
-def build_process_file_job(policy: dg.RetryPolicy) -> dg.JobDefinition:
-    @dg.job(
-        name="process_file_job",
-        description="Snapshot, detect, extract, convert, upload, verify and record one file.",
-        executor_def=dg.in_process_executor,
-        hooks={mark_failed},
-        op_retry_policy=policy,
-        tags={"s3proc/job": "files"},
-    )
-    def process_file_job() -> None:
-        version = checksum_calculation()
-        detection = type_detection(version)
-        items = archive_extraction(version, detection)
-        prepared = parquet_conversion(version, items)
-        uploaded = streaming(version, prepared)
-        verified = integrity_verification(version, prepared, uploaded)
-        progress_update(version, verified)
-
-    return process_file_job
+PRODUCT_JOBS = [PROCESS_FILE_JOB, IMAGE_REQUEST_JOB, RECONCILE_JOB, "reports_job"]
 
 
 @dg.job(
-    name="reconcile_job",
+    name=PROCESS_FILE_JOB,
+    description="Snapshot, detect, extract, convert, upload, verify and record one file.",
+    hooks={mark_failed},
+    tags={"s3proc/job": "files"},
+)
+def process_file_job() -> None:
+    version = checksum_calculation()
+    detection = type_detection(version)
+    items = archive_extraction(version, detection)
+    prepared = parquet_conversion(version, items)
+    uploaded = streaming(version, prepared)
+    verified = integrity_verification(version, prepared, uploaded)
+    progress_update(version, verified)
+
+
+@dg.op(tags={"step": "crash_recovery"})
+def reconcile(
+    context: dg.OpExecutionContext, settings: Settings, progress_store: ProgressStoreResource, s3: S3Storage
+) -> None:
+    """Fail runs whose worker is gone, then `recovery.reconcile`: their files, abandoned
+    uploads and staging no file needs."""
+    dead = []
+    for record in reap_dead_runs(context.instance, PRODUCT_JOBS, exclude_run_id=context.run_id):
+        run = record.dagster_run
+        context.log.info(f"run {run.run_id}: its worker is gone; reported failed")
+        if run.job_name == PROCESS_FILE_JOB:
+            started = record.start_time or record.create_timestamp.timestamp()
+            dead.append(recovery.DeadRun(run.run_id, started, run.tags.get(f"{TAG}/file_id"), run.tags.get(f"{TAG}/source")))
+    cfg = settings.config
+    incoming = cfg.s3.incoming_prefix.strip("/") + "/" if cfg.s3.incoming_prefix else ""
+    report = recovery.reconcile(
+        progress_store.open(),
+        s3.get_client(),
+        cfg.s3.bucket,
+        cfg.s3.prefix,
+        run_is_alive(context.instance, context.run_id),
+        dead,
+        cfg.processing.staging_directory,
+        cfg.processing.stale_upload_age.total_seconds(),
+        max(cfg.processing.staging_retention.total_seconds(), SWEEP_GRACE_S),
+        (incoming,) if incoming and cfg.s3.incoming_bucket_name == cfg.s3.bucket else (),
+    )
+    for source in report.requeued:
+        context.log.info(f"{source}: its run died before processing it; PENDING again for the sensor")
+    for item in report.settled:
+        context.log.info(
+            f"{item.file_path}: {item.outcome} (aborted {item.aborted_uploads} uploads, deleted {item.deleted_objects} objects)"
+        )
+    for key in report.aborted_uploads:
+        context.log.info(f"s3://{cfg.s3.bucket}/{key}: abandoned multipart upload aborted")
+    if report.staging.entries:
+        context.log.info(f"staging: {report.staging.entries} entries no file needs removed ({report.staging.bytes} bytes)")
+
+
+@dg.job(
+    name=RECONCILE_JOB,
     description=(
         "Crash recovery: report dead runs failed, settle the files they held (COMPLETED if S3 proves "
-        "the version whole, else back to PENDING), abort abandoned multipart uploads."
+        "the version whole, else back to PENDING), abort abandoned multipart uploads, clean staging."
     ),
-    executor_def=dg.in_process_executor,
     tags={"s3proc/job": "recovery"},
 )
 def reconcile_job() -> None:
@@ -71,5 +102,5 @@ reconcile_schedule = dg.ScheduleDefinition(
     job=reconcile_job,
     cron_schedule="*/15 * * * *",
     default_status=dg.DefaultScheduleStatus.RUNNING,
-    description="Every 15 minutes: the upload sweep, and recovery of anything the watch sensor did not request.",
+    description="Every 15 minutes: the upload and staging sweeps, and recovery the sensor has not asked for.",
 )

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from s3proc_dagster.defs.resources import ImageSettings, PipelineSettings, ProgressStoreResource, S3Storage
+from s3proc_dagster.defs.resources import ProgressStoreResource, S3Storage, Settings
 from s3proc_dagster.images import processor
 from s3proc_dagster.images.request_csv import InvalidRequestCsv
 from s3proc_dagster.models import RequestData, RequestStatus
@@ -18,18 +18,19 @@ class ImageRequestConfig(dg.Config):
     request_id: str = ""
 
 
-def _options(s3: S3Storage, images: ImageSettings) -> processor.ImageOptions:
+def _options(settings: Settings) -> processor.ImageOptions:
+    cfg = settings.config
     return processor.ImageOptions(
-        bucket=s3.bucket,
-        prefix=s3.prefix,
-        quality=images.quality,
-        output_format=images.output_format or None,
-        public_base_url=s3.public_base_url,
-        fetch_timeout_s=images.fetch_timeout_ms / 1000,
-        max_bytes=images.max_bytes,
-        retries=images.max_retries,
-        retry_delay_s=images.retry_delay_ms / 1000,
-        allow_private_urls=images.allow_private_urls,
+        bucket=cfg.s3.bucket,
+        prefix=cfg.s3.prefix,
+        quality=cfg.images.quality,
+        output_format=cfg.images.output_format or None,
+        public_base_url=cfg.s3.public_base_url,
+        fetch_timeout_s=cfg.images.fetch_timeout_ms / 1000,
+        max_bytes=cfg.images.max_bytes,
+        retries=cfg.processing.max_retries,
+        retry_delay_s=cfg.processing.retry_delay_ms / 1000,
+        allow_private_urls=cfg.images.allow_private_urls,
     )
 
 
@@ -58,12 +59,9 @@ def process_image_row(
     row: RequestData,
     progress_store: ProgressStoreResource,
     s3: S3Storage,
-    settings: PipelineSettings,
-    images: ImageSettings,
+    settings: Settings,
 ) -> RequestData:
-    done = processor.process_row(
-        progress_store.open(), row, s3.get_client(), _options(s3, images), settings.staging / "images"
-    )
+    done = processor.process_row(progress_store.open(), row, s3.get_client(), _options(settings), settings.staging / "images")
     for n, (url, out, err) in enumerate(zip(done.input_image_urls, done.output_image_urls, done.errors), start=1):
         if out:
             context.log_event(
@@ -84,31 +82,20 @@ def finalize_request(
     rows: list[RequestData],
     progress_store: ProgressStoreResource,
     s3: S3Storage,
-    settings: PipelineSettings,
-    images: ImageSettings,
+    settings: Settings,
 ) -> None:
     store = progress_store.open()
     request_id = rows[0].request_id
-    request = processor.finalize(store, request_id, s3.get_client(), _options(s3, images), settings.staging / "images")
+    request = processor.finalize(store, request_id, s3.get_client(), _options(settings), settings.staging / "images")
     context.log.info(f"request {request_id}: {request.status.value}, output {request.output_csv_url}")
-    if images.webhook_url:
+    webhook = settings.config.images.webhook_url
+    if webhook:
         from s3proc_dagster.images.webhook import post_result
 
         payload = {
-            **request.to_seed(),
-            "rows": [r.to_seed() for r in store.list_request_rows(request_id)],
+            **request.to_document(),
+            "rows": [r.to_document() for r in store.list_request_rows(request_id)],
         }
-        post_result(images.webhook_url, json.dumps(payload).encode(), attempts=images.max_retries + 1)
+        post_result(webhook, json.dumps(payload).encode(), attempts=settings.config.processing.max_retries + 1)
     if request.status is RequestStatus.FAILED:
         raise dg.Failure(description=f"request {request_id}: no image succeeded", allow_retries=False)
-
-
-@dg.job(
-    name="image_request_job",
-    description="Seed 002: compress every image listed in a product CSV and record the output URLs.",
-    executor_def=dg.in_process_executor,
-    tags={"s3proc/job": "images"},
-)
-def image_request_job() -> None:
-    rows = validate_request().map(process_image_row)
-    finalize_request(rows.collect())

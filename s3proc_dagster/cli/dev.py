@@ -25,7 +25,7 @@ import psutil
 import yaml
 from dotenv import dotenv_values, load_dotenv
 
-from s3proc_dagster.embedded import (
+from s3proc_dagster.cli.embedded import (
     GRPC_PORT_OFFSET,
     STOP_SIGNALS,
     Server,

@@ -16,7 +16,7 @@ from s3proc_dagster.stores import open_store
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from s3proc_dagster.cli import get_instance
+    from s3proc_dagster.cli.commands import get_instance
     from s3proc_dagster.runs.launch import run_now
 
     cfg = load_configuration()
@@ -51,7 +51,7 @@ def _status(args: argparse.Namespace) -> int:
         request = store.require_request(args.request_id)
         rows = store.list_request_rows(args.request_id)
         if args.json:
-            print(json.dumps({**request.to_seed(), "rows": [r.to_seed() for r in rows]}, indent=2))
+            print(json.dumps({**request.to_document(), "rows": [r.to_document() for r in rows]}, indent=2))
             return 0
         print(f"{request.request_id}  {request.status.value}  {request.output_csv_url or ''}")
         for problem in request.errors:

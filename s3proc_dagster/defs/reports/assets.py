@@ -9,17 +9,15 @@ an asset check on its model.
 from pathlib import Path
 
 import dagster as dg
-from dagster_duckdb import DuckDBResource
 
-from s3proc_dagster.defs.resources import ProgressStoreResource, S3Storage
-from s3proc_dagster.models import ProcessingStatus
+from s3proc_dagster.defs.resources import ProgressStoreResource, ReportsDatabase, S3Storage
 from s3proc_dagster.reports.project import ColumnTest, Project, load_project, source_table
 from s3proc_dagster.reports.runner import preview_markdown, run_model, run_test
 from s3proc_dagster.reports.sources import dataset_table, progress_tables
 
 GROUP = "reports"
 SOURCES_KEY = dg.AssetKey(["reports", "progress_sources"])
-DEFAULT_PROJECT = Path(__file__).resolve().parents[2] / "dbt_like_sql"
+DEFAULT_PROJECT = Path(__file__).resolve().parents[3] / "dbt_like_sql"
 
 
 def model_key(name: str) -> dg.AssetKey:
@@ -27,7 +25,7 @@ def model_key(name: str) -> dg.AssetKey:
 
 
 @dg.asset(key=SOURCES_KEY, group_name=GROUP, description="The progress store and S3 manifests, as tables.")
-def progress_sources(duckdb: DuckDBResource, progress_store: ProgressStoreResource, s3: S3Storage) -> dg.MaterializeResult:
+def progress_sources(duckdb: ReportsDatabase, progress_store: ProgressStoreResource, s3: S3Storage) -> dg.MaterializeResult:
     tables = progress_tables(progress_store.open())
     tables["datasets"] = dataset_table(s3.get_client(), s3.bucket, s3.prefix)
     with duckdb.get_connection() as conn:
@@ -48,7 +46,7 @@ def _model_asset(project: Project, name: str) -> dg.AssetsDefinition:
         deps=[SOURCES_KEY, *(model_key(r) for r in sorted(model.refs))],
         metadata={"sql_file": f"dbt_like_sql/models/{model.path.name}"},
     )
-    def _asset(duckdb: DuckDBResource) -> dg.MaterializeResult:
+    def _asset(duckdb: ReportsDatabase) -> dg.MaterializeResult:
         with duckdb.get_connection() as conn:
             count, rows, columns = run_model(conn, project, name)
         return dg.MaterializeResult(
@@ -60,7 +58,7 @@ def _model_asset(project: Project, name: str) -> dg.AssetsDefinition:
 
 def _check(test: ColumnTest) -> dg.AssetChecksDefinition:
     @dg.asset_check(asset=model_key(test.model), name=test.name, description=f"{test.kind} on {test.column}")
-    def _run(duckdb: DuckDBResource) -> dg.AssetCheckResult:
+    def _run(duckdb: ReportsDatabase) -> dg.AssetCheckResult:
         with duckdb.get_connection() as conn:
             failing = run_test(conn, test)
         return dg.AssetCheckResult(
@@ -77,24 +75,10 @@ def build_report_defs(project_dir: Path = DEFAULT_PROJECT) -> tuple[list, list]:
     return assets, checks
 
 
-reports_job = dg.define_asset_job("reports_job", selection=dg.AssetSelection.groups(GROUP))
+@dg.definitions
+def defs() -> dg.Definitions:
+    """The models are read from dbt_like_sql/ when the code location loads (files only)."""
+    assets, checks = build_report_defs()
+    return dg.Definitions(assets=assets, asset_checks=checks)
 
 
-def build_reports_sensor(enabled: bool) -> dg.SensorDefinition:
-    @dg.sensor(
-        name="reports_refresh_sensor",
-        job=reports_job,
-        minimum_interval_seconds=60,
-        default_status=dg.DefaultSensorStatus.RUNNING if enabled else dg.DefaultSensorStatus.STOPPED,
-    )
-    def reports_refresh_sensor(context: dg.SensorEvaluationContext, progress_store: ProgressStoreResource):
-        """Refresh the reports after files complete or fail (at most once a minute)."""
-        files = progress_store.open().list_files()
-        settled = [f.last_updated_at for f in files if f.status in (ProcessingStatus.COMPLETED, ProcessingStatus.FAILED)]
-        latest = max(settled).isoformat() if settled else ""
-        if not latest or latest == context.cursor:
-            return dg.SkipReason("no file settled since the last refresh")
-        context.update_cursor(latest)
-        return dg.RunRequest(run_key=f"reports-{latest}")
-
-    return reports_refresh_sensor

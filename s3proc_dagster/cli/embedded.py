@@ -95,7 +95,7 @@ STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
 
 
 def start_in_own_group(cmd: Sequence[str], **popen_kwargs: Any) -> subprocess.Popen:
-    """Start a server in a session of its own, with SIGINT at its default action.
+    """Start a server in a session of its own, with SIGINT and SIGTERM at their default actions.
 
     Its own session makes it the leader of a process group that holds everything it
     starts (`dagster dev`'s webserver, daemon, code server and run workers all stay in
@@ -117,7 +117,10 @@ def start_in_own_group(cmd: Sequence[str], **popen_kwargs: Any) -> subprocess.Po
     held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
 
     def child_signals() -> None:
+        # SIGTERM too: a process that imported Dagster with SIGINT ignored ignores SIGTERM
+        # as well, and an ignored signal stays ignored across fork and exec.
         signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
     proc: subprocess.Popen | None = None

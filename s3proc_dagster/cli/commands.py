@@ -84,9 +84,9 @@ def _status(args: argparse.Namespace) -> int:
     if args.json:
         out = []
         for f in files:
-            doc = f.to_seed()
+            doc = f.to_document()
             if args.chunks:
-                doc["chunks"] = [c.to_seed() for c in chunks[f.file_id]]
+                doc["chunks"] = [c.to_document() for c in chunks[f.file_id]]
             out.append(doc)
         json.dump(out, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -114,7 +114,7 @@ def get_instance() -> "dg.DagsterInstance":
     as `scripts/dev` writes it), so the runs show in the same UI."""
     import dagster as dg
 
-    from s3proc_dagster.launcher import write_instance
+    from s3proc_dagster.cli.dev import write_instance
 
     if not os.environ.get("DAGSTER_HOME"):
         home = Path.cwd() / ".dagster_home"
@@ -127,8 +127,8 @@ def get_instance() -> "dg.DagsterInstance":
 def request_for(raw: str, cfg: Configuration) -> "dg.RunRequest":
     """The RunRequest the watch or S3 sensor would make for this file: same config, same
     tags (the file's metadata, `dagster/priority`), so a run started here is one of theirs."""
-    from s3proc_dagster.defs.files.sensors import run_request_for
-    from s3proc_dagster.sources.s3_incoming import seed_metadata
+    from s3proc_dagster.runs.requests import run_request_for
+    from s3proc_dagster.sources.s3_incoming import metadata_from_object
 
     if raw.startswith("s3://"):
         from s3proc_dagster.transfer.client import client_for
@@ -136,7 +136,7 @@ def request_for(raw: str, cfg: Configuration) -> "dg.RunRequest":
         bucket, _, key = raw.removeprefix("s3://").partition("/")
         incoming = cfg.s3.incoming_prefix + "/" if cfg.s3.incoming_prefix else ""
         head = client_for(cfg.s3).head_object(Bucket=bucket, Key=key)
-        return run_request_for(raw, key.removeprefix(incoming), run_key="", metadata=seed_metadata(head.get("Metadata", {})))
+        return run_request_for(raw, key.removeprefix(incoming), run_key="", metadata=metadata_from_object(head.get("Metadata", {})))
     path = Path(raw).resolve()
     return run_request_for(str(path), relative_to_watch(path, cfg.monitoring.watch_path), run_key="")
 
@@ -255,7 +255,7 @@ def _backfill(args: argparse.Namespace) -> int:
 
     from dagster_graphql import DagsterGraphQLClient
 
-    from s3proc_dagster.defs.files.sensors import run_request_for
+    from s3proc_dagster.runs.requests import run_request_for
 
     cfg = load_configuration()
     store = open_store(cfg.processing)
@@ -278,7 +278,7 @@ def _backfill(args: argparse.Namespace) -> int:
 
 
 def _dev(args: argparse.Namespace) -> int:
-    from s3proc_dagster.launcher import run_dev
+    from s3proc_dagster.cli.dev import run_dev
 
     return run_dev(host=args.host, port=args.port)
 
@@ -405,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     retry.set_defaults(func=_retry)
 
-    from s3proc_dagster.cli_images import register as register_images
+    from s3proc_dagster.cli.images import register as register_images
 
     register_images(sub)
 
@@ -469,7 +469,3 @@ def main(argv: list[str] | None = None) -> int:
     except S3ProcError as exc:
         print(f"s3proc: {exc}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

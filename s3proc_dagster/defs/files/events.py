@@ -1,0 +1,99 @@
+"""What the UI shows of a file: asset materializations per chunk and per file, and log lines.
+
+Every processed file is an asset keyed by the bucket prefix and its relative path, so the
+catalog's folders are the watched directory's folders; each chunk is one materialization
+(rows, bytes, S3 URI, SHA-256, offsets), and the file one more when it completes.
+"""
+
+import re
+
+import dagster as dg
+
+from s3proc_dagster.models import FileStatus
+from s3proc_dagster.pipeline import FileVersion, GaveUp, PreparedItem, UploadedObject
+from s3proc_dagster.stores.base import ClaimOutcome
+
+_KEY_PART = re.compile(r"[^A-Za-z0-9_\-]")
+
+
+def asset_key_for(prefix: str, relative_path: str) -> dg.AssetKey:
+    """Stable per-file asset key: the bucket prefix and relative path, folder by folder."""
+    parts = [p for p in f"{prefix}/{relative_path}".split("/") if p]
+    return dg.AssetKey([_KEY_PART.sub("_", p) for p in parts])
+
+
+def object_landed(obj: UploadedObject, prefix: str, uri: str) -> dg.AssetMaterialization:
+    metadata: dict = {
+        "s3_uri": dg.MetadataValue.url(uri),
+        "bytes": obj.size,
+        "sha256": obj.sha256,
+        "duration_s": round(obj.duration_s, 3),
+        "fileId": obj.file_id,
+        "reused": obj.reused,
+    }
+    if obj.chunk is not None:
+        metadata.update(
+            chunk_index=obj.chunk.chunk_index,
+            rows=obj.chunk.record_count,
+            start_offset=obj.chunk.start_offset,
+            end_offset=obj.chunk.end_offset,
+            compression=obj.compression or "",
+        )
+    label = f"chunk {obj.chunk.chunk_index}" if obj.chunk is not None else "object"
+    return dg.AssetMaterialization(
+        asset_key=asset_key_for(prefix, obj.relative_path),
+        description=f"{label} of {obj.relative_path}",
+        metadata=metadata,
+        tags={"s3proc/kind": "chunk" if obj.chunk is not None else "object"},
+    )
+
+
+def file_completed(
+    item: PreparedItem, version: FileVersion, record: FileStatus, prefix: str, uri: str
+) -> dg.AssetMaterialization:
+    metadata: dict = {
+        "s3_uri": dg.MetadataValue.url(uri),
+        "fileId": record.file_id,
+        "status": record.status.name,
+        "rows": item.record_count or 0,
+        "chunks": len(item.chunks),
+        "bytes": record.processed_bytes or 0,
+        "sha256": version.sha256,
+        "success_rate": record.processing_stats.success_rate,
+        "compression": item.compression or "",
+        "file_type": item.item.file_type.value,
+    }
+    if version.source.metadata:
+        metadata["file_metadata"] = version.source.metadata
+    if item.skipped_rules:
+        metadata["skipped_rules"] = "; ".join(f"{rule} ({why})" for rule, why in item.skipped_rules.items())
+    return dg.AssetMaterialization(
+        asset_key=asset_key_for(prefix, item.item.relative_path),
+        description=f"{item.item.relative_path} completed",
+        metadata=metadata,
+        tags={"s3proc/kind": "file"},
+    )
+
+
+def skipped(version: FileVersion) -> str:
+    rel, sha = version.source.relative_path, version.sha256[:12]
+    if version.outcome is ClaimOutcome.BUSY:
+        return f"{rel}: run {version.holder} is already processing this version (sha256 {sha}); this run skips it"
+    return f"{rel}: unchanged (sha256 {sha}), skipped"
+
+
+def conversion_summary(prepared: list[PreparedItem]) -> list[str]:
+    lines = []
+    for item in prepared:
+        if item.is_dataset:
+            failed = sum(c.failed_records for c in item.chunks)
+            rejected = f", {failed} rejected by validation" if failed else ""
+            lines.append(f"{item.item.relative_path}: {item.record_count} records in {len(item.chunks)} chunks{rejected}")
+    return lines
+
+
+def gave_up_message(relative_path: str, step: str, message: str, gave_up: GaveUp) -> str:
+    if not gave_up.failed:
+        return f"{relative_path}: this run holds no file to mark FAILED ({message})"
+    where = f"; moved to {gave_up.parked}" if gave_up.parked else (f"; {gave_up.park_error}" if gave_up.park_error else "")
+    return f"{relative_path}: FAILED at {step}: {message}{where}"

@@ -1,0 +1,109 @@
+"""The RunRequests a file gets, whoever asks: the sensors, `s3proc process`, `s3proc backfill`.
+
+One rule for every entry point, so a run started from the command line looks exactly like
+a sensor's (same job, config and tags) and the UI treats them alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from s3proc_dagster.errors import S3ProcError
+from s3proc_dagster.images.request_csv import looks_like_request_csv
+from s3proc_dagster.models import FileStatus, make_file_id
+from s3proc_dagster.runs.tags import TAG, file_run_tags
+from s3proc_dagster.sources.metadata import read_sidecar, run_tags
+from s3proc_dagster.sources.resolve import relative_key
+
+PROCESS_FILE_JOB = "process_file_job"
+IMAGE_REQUEST_JOB = "image_request_job"
+RECONCILE_JOB = "reconcile_job"
+
+
+def run_request_for(
+    path: str, relative_path: str, run_key: str | None, file_id: str | None = None, metadata: dict[str, Any] | None = None
+) -> dg.RunRequest:
+    """A product CSV (by its header, not its name) goes to image_request_job; any other
+    file to process_file_job. File metadata becomes tags, `priority` the run's priority."""
+    if path.lower().endswith(".csv") and "://" not in path and looks_like_request_csv(Path(path)):
+        return dg.RunRequest(
+            run_key=run_key,
+            job_name=IMAGE_REQUEST_JOB,
+            run_config={"ops": {"validate_request": {"config": {"path": path}}}},
+            tags={f"{TAG}/path": relative_path, f"{TAG}/kind": "image_request", **run_tags(metadata or {})},
+        )
+    if metadata is None and "://" not in path:
+        try:
+            metadata = read_sidecar(Path(path))
+        except S3ProcError:
+            metadata = {}  # the run fails on it with a message naming the sidecar
+    return dg.RunRequest(
+        job_name=PROCESS_FILE_JOB,
+        run_key=run_key,
+        run_config={"ops": {"checksum_calculation": {"config": {"path": path, "relative_path": relative_path}}}},
+        tags=file_run_tags(relative_path, path, file_id or make_file_id(relative_path), metadata),
+    )
+
+
+def _retry_stamp(status: FileStatus) -> str:
+    return f"retry-{int(status.last_updated_at.timestamp() * 1000)}"
+
+
+def requeued(store_files: list[FileStatus], root: Path) -> list[dg.RunRequest]:
+    """Files under `root` set back to PENDING after having started (manual retry, crash
+    recovery, a run that died before it could claim its file).
+
+    Run keys are permanent in Dagster, so such a file gets a new key carrying the time
+    it was reset; new files never match (they have not started yet).
+    """
+    out = []
+    for status in store_files:
+        path = Path(status.file_path)
+        if status.processing_started_at is None or "://" in status.file_path or not path.is_file():
+            continue
+        try:
+            rel = path.relative_to(root).as_posix()
+        except ValueError:
+            continue
+        st = path.stat()
+        key = f"{rel}:{st.st_size}:{st.st_mtime_ns}:{_retry_stamp(status)}"
+        out.append(run_request_for(str(path), rel, key, status.file_id))
+    return out
+
+
+def requeued_objects(store_files: list[FileStatus], bucket: str, prefix: str) -> list[dg.RunRequest]:
+    """The same for objects under the S3 incoming prefix: S3 lists an object once per
+    version, so a version whose run died would otherwise never be requested again."""
+    root = prefix.strip("/") + "/" if prefix.strip("/") else ""
+    return [
+        run_request_for(
+            status.file_path,
+            relative_key(status.s3_key, prefix),
+            f"s3:{status.s3_key}:{_retry_stamp(status)}",
+            status.file_id,
+            metadata=status.metadata,
+        )
+        for status in store_files
+        if status.processing_started_at is not None
+        and status.s3_bucket == bucket
+        and status.s3_key
+        and status.s3_key.startswith(root)
+    ]
+
+
+def recovery_request(dead_claims: list[FileStatus], dead_runs: list[str]) -> dg.RunRequest | None:
+    """A reconcile_job run for files held by dead runs and runs whose worker is gone; once
+    per such set (its run key digests them), so a tick never asks twice for the same."""
+    dead = sorted(f"{f.file_id}@{f.run_id}" for f in dead_claims) + sorted(f"run@{r}" for r in dead_runs)
+    if not dead:
+        return None
+    digest = hashlib.sha256("\n".join(dead).encode()).hexdigest()[:16]
+    return dg.RunRequest(
+        run_key=f"reconcile:{digest}",
+        job_name=RECONCILE_JOB,
+        tags={f"{TAG}/kind": "recovery", f"{TAG}/dead": str(len(dead))},
+    )
