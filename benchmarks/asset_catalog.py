@@ -13,6 +13,7 @@ import argparse
 import os
 import tempfile
 import time
+from pathlib import Path
 
 import dagster as dg
 
@@ -24,7 +25,7 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as home:
         os.environ["DAGSTER_HOME"] = home
-        open(os.path.join(home, "dagster.yaml"), "w").write("telemetry:\n  enabled: false\n")
+        Path(home, "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
         instance = dg.DagsterInstance.get()
         started = time.perf_counter()
         for i in range(args.files):
@@ -45,9 +46,11 @@ def main() -> int:
         assert len(latest) == min(1000, len(keys))
         latest_s = time.perf_counter() - started
         events = args.files * (args.chunks + 1)
-        print(f"{args.files:,} file assets, {events:,} materializations: "
-              f"{events / write_s:,.0f} events/s written, {len(keys):,} keys listed in {list_s:.2f} s, "
-              f"latest of 1,000 keys in {latest_s:.2f} s")
+        print(
+            f"{args.files:,} file assets, {events:,} materializations: "
+            f"{events / write_s:,.0f} events/s written, {len(keys):,} keys listed in {list_s:.2f} s, "
+            f"latest of 1,000 keys in {latest_s:.2f} s"
+        )
     return 0
 
 

@@ -70,7 +70,9 @@ def generate(path: Path, rows: int | None, target_bytes: int | None) -> int:
 def measure(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
     """Wall seconds and peak RSS (MB) of one child process, and its stdout."""
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     out = proc.stdout.read()
     err = proc.stderr.read()
     _, status, usage = os.wait4(proc.pid, 0)
@@ -202,7 +204,9 @@ def main() -> int:
             print(f"| pipeline conversion step | {convert:.2f} | - | {result['convert_ratio']} (<= 1.3) |")
             print(f"| pipeline upload step | {upload:.2f} | - | {result['upload_ratio']} (<= 1.2) |")
             print(f"| pipeline run, one-row file (fixed cost) | {fixed_run:.2f} | {fixed_rss:.0f} | (<= 3 s) |")
-            print(f"| pipeline run, big file | {e2e_run:.2f} | {e2e_rss:.0f} | {result['e2e_ratio']} minus fixed, vs raw (<= 1.5) |")
+            print(
+                f"| pipeline run, big file | {e2e_run:.2f} | {e2e_rss:.0f} | {result['e2e_ratio']} minus fixed, vs raw (<= 1.5) |"
+            )
             print(f"| `s3proc process` wall, big file | {e2e_wall:.2f} | | includes Python + Dagster start-up |")
         return 0
     finally:

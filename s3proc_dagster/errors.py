@@ -99,7 +99,14 @@ _PERMANENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOENT, errno.EISDIR, errn
 
 #: S3 answers that no retry can cure: wrong credentials, no such bucket, no permission.
 PERMANENT_S3_CODES = frozenset(
-    {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket", "InvalidBucketName", "AllAccessDisabled"}
+    {
+        "AccessDenied",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "NoSuchBucket",
+        "InvalidBucketName",
+        "AllAccessDisabled",
+    }
 )
 
 
@@ -117,6 +124,6 @@ def is_transient(exc: BaseException) -> bool:
         return False
     if isinstance(exc, OSError) and exc.errno in _PERMANENT_ERRNOS:
         return False
-    if isinstance(exc, (ValueError, TypeError, KeyError, AttributeError, AssertionError)):
-        return False  # a bug or bad data: the same call fails the same way
-    return True  # network, S3, a full disk someone may clear, anything unknown
+    # A bug or bad data fails the same way every time; anything else (network, S3, a full
+    # disk someone may clear, the unknown) may pass on a later attempt.
+    return not isinstance(exc, (ValueError, TypeError, KeyError, AttributeError, AssertionError))

@@ -42,9 +42,7 @@ def configure_logging(config: LoggingConfig) -> logging.Logger:
         handler._s3proc = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
     handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-        if config.pretty
-        else JsonFormatter()
+        logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s") if config.pretty else JsonFormatter()
     )
     return logger
 

@@ -20,24 +20,33 @@ import shutil
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from dataclasses import dataclass, field
 from datetime import date
+from functools import partial
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 from s3proc_dagster.errors import ChecksumMismatch, FileBusy, UnsupportedFileError
-from s3proc_dagster.files.archives import extract
-from s3proc_dagster.files.checksum import Snapshot, sha256_file, snapshot, snapshot_stream
 from s3proc_dagster.files import parking
 from s3proc_dagster.files import staging as staging_area
+from s3proc_dagster.files.archives import extract
+from s3proc_dagster.files.checksum import Snapshot, sha256_file, snapshot, snapshot_stream
 from s3proc_dagster.files.detect import TABULAR_KINDS, Detection, detect
 from s3proc_dagster.files.staging import work_dir
 from s3proc_dagster.files.tabular import DUCKDB_NULL_STRINGS, ChunkFile, ConversionResult, convert_to_parquet_chunks
 from s3proc_dagster.files.validation import as_of_date, rule_set_for
 from s3proc_dagster.logs import get_logger
-from s3proc_dagster.models import ChunkStatus, FileStatus, FileType, ProcessingStatus, RejectedPart, chunk_id, make_file_id
+from s3proc_dagster.models import (
+    ChunkStatus,
+    FileStatus,
+    FileType,
+    ProcessingStatus,
+    RejectedPart,
+    chunk_id,
+    make_file_id,
+)
 from s3proc_dagster.sources.resolve import Source
 from s3proc_dagster.stores.base import ClaimOutcome, ProgressStore
 from s3proc_dagster.transfer import manifest as manifests
@@ -201,7 +210,9 @@ def record_version(
         ClaimOutcome.BUSY: f"already being processed by run {claim.holder}, skipped",
     }
     log.info(
-        "%s: %s", source.relative_path, messages[claim.outcome],
+        "%s: %s",
+        source.relative_path,
+        messages[claim.outcome],
         extra={"fields": {"fileId": claim.record.file_id, "sha256": snap.sha256, "bytes": snap.size}},
     )
     if claim.outcome is not ClaimOutcome.CLAIMED and staging is not None:
@@ -289,8 +300,12 @@ def plan_work(
         except UnsupportedFileError as exc:
             raise UnsupportedFileError(f"{version.source.name}: entry {entry.relative_path}: {exc}") from None
         if entry_detection.file_type is FileType.ARCHIVE:
-            entry_detection = Detection(FileType.REGULAR, "regular", entry_detection.extension, entry_detection.content_type)
-        file_id, entry_version = _claim_entry(store, claimant, version, rel, entry.relative_path, entry.path, entry_detection)
+            entry_detection = Detection(
+                FileType.REGULAR, "regular", entry_detection.extension, entry_detection.content_type
+            )
+        file_id, entry_version = _claim_entry(
+            store, claimant, version, rel, entry.relative_path, entry.path, entry_detection
+        )
         items.append(
             WorkItem(
                 file_id,
@@ -345,7 +360,11 @@ def convert_items(
             rule_set = rule_set_for(item.relative_path, rules_dir) if rules_dir else None
             try:
                 conversion = convert_to_parquet_chunks(
-                    Path(item.local_path), item.kind, out_dir, chunk_size, compression,
+                    Path(item.local_path),
+                    item.kind,
+                    out_dir,
+                    chunk_size,
+                    compression,
                     rules=rule_set.render(as_of or as_of_date(None)) if rule_set else None,
                     required_columns=rule_set.columns if rule_set else (),
                     on_missing_columns=rule_set.on_missing_columns if rule_set else "skip_rules",
@@ -356,8 +375,11 @@ def convert_items(
                 raise
             done.write_text(conversion.to_json())
             log.info(
-                "%s: %d records in %d chunks (%.2fs)", item.relative_path, conversion.record_count,
-                len(conversion.chunks), conversion.duration_s,
+                "%s: %d records in %d chunks (%.2fs)",
+                item.relative_path,
+                conversion.record_count,
+                len(conversion.chunks),
+                conversion.duration_s,
                 extra={"fields": {"fileId": item.file_id, "compression": compression}},
             )
         store.plan_chunks(item.file_id, conversion.record_count, chunk_size, version=item.version)
@@ -369,7 +391,9 @@ def convert_items(
             summary = store.require(item.file_id).error_summary
             fields["error_summary"] = {**summary, "skippedRules": dict.fromkeys(skipped, conversion.record_count)}
             log.warning(
-                "%s: rules skipped: %s", item.relative_path, "; ".join(f"{r} ({why})" for r, why in skipped.items()),
+                "%s: rules skipped: %s",
+                item.relative_path,
+                "; ".join(f"{r} ({why})" for r, why in skipped.items()),
                 extra={"fields": {"fileId": item.file_id}},
             )
         store.update_file(item.file_id, **fields)
@@ -422,73 +446,120 @@ def upload_items(
             continue
         records = {c.chunk_index: c for c in store.list_chunks(item.item.file_id)}
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="upload") as pool:
-            yield from pool.map(
-                lambda chunk: _upload_chunk(item, chunk, records[chunk.chunk_index], client, bucket, store),
-                item.chunks,
-            )
+            upload = partial(_upload_chunk, item, records=records, client=client, bucket=bucket, store=store)
+            yield from pool.map(upload, item.chunks)
 
 
 def _upload_chunk(
-    item: PreparedItem, chunk: ChunkFile, current: ChunkStatus, client: Any, bucket: str, store: ProgressStore
+    item: PreparedItem,
+    chunk: ChunkFile,
+    *,
+    records: dict[int, ChunkStatus],
+    client: Any,
+    bucket: str,
+    store: ProgressStore,
 ) -> UploadedObject:
+    current = records[chunk.chunk_index]
     key, file_id = item.part_key(chunk), item.item.file_id
     landed = partial(
-        UploadedObject, file_id=file_id, relative_path=item.item.relative_path, key=key, chunk=chunk,
+        UploadedObject,
+        file_id=file_id,
+        relative_path=item.item.relative_path,
+        key=key,
+        chunk=chunk,
         compression=item.compression,
     )
     if _already_uploaded(item, chunk, current, client, bucket):
-        return landed(size=current.size_bytes or 0, sha256=current.sha256 or "", duration_s=current.duration or 0.0, reused=True)
+        return landed(
+            size=current.size_bytes or 0, sha256=current.sha256 or "", duration_s=current.duration or 0.0, reused=True
+        )
     store.chunk_started(item.chunk_id(chunk), worker_name())
     started = time.monotonic()
     rejected = None
     try:
         result = upload_file(
-            client, bucket, key, chunk.path,
-            content_type=PARQUET_TYPE, metadata={"x-completed": "true", "x-file-id": file_id},
-            journal=store, file_id=file_id,
+            client,
+            bucket,
+            key,
+            chunk.path,
+            content_type=PARQUET_TYPE,
+            metadata={"x-completed": "true", "x-file-id": file_id},
+            journal=store,
+            file_id=file_id,
         )
         if chunk.rejected_path:
             sent = upload_file(
-                client, bucket, item.part_key(chunk, rejected=True), chunk.rejected_path,
-                content_type=PARQUET_TYPE, metadata={"x-completed": "true", "x-file-id": file_id, "x-rejected": "true"},
-                journal=store, file_id=file_id,
+                client,
+                bucket,
+                item.part_key(chunk, rejected=True),
+                chunk.rejected_path,
+                content_type=PARQUET_TYPE,
+                metadata={"x-completed": "true", "x-file-id": file_id, "x-rejected": "true"},
+                journal=store,
+                file_id=file_id,
             )
             verify_object(client, bucket, sent.key, sent.size, sent.sha256)
-            rejected = RejectedPart(s3_key=sent.key, size_bytes=sent.size, sha256=sent.sha256, records=chunk.failed_records)
+            rejected = RejectedPart(
+                s3_key=sent.key, size_bytes=sent.size, sha256=sent.sha256, records=chunk.failed_records
+            )
     except Exception as exc:
         store.chunk_failed(item.chunk_id(chunk), f"{type(exc).__name__}: {exc}", error_kind="s3UploadFailure")
         raise
     duration = time.monotonic() - started
     log.debug(  # debug: each chunk already has its asset materialization in the run
-        "%s: chunk %d uploaded (%d bytes, %.2fs)", item.item.relative_path, chunk.chunk_index, result.size, duration,
+        "%s: chunk %d uploaded (%d bytes, %.2fs)",
+        item.item.relative_path,
+        chunk.chunk_index,
+        result.size,
+        duration,
         extra={"fields": {"chunkId": item.chunk_id(chunk), "s3Key": key, "sha256": result.sha256}},
     )
     store.chunk_completed(
-        item.chunk_id(chunk), s3_key=key, size_bytes=result.size, sha256=result.sha256, duration=duration,
-        successful_records=chunk.record_count - chunk.failed_records, failed_records=chunk.failed_records,
-        validation_errors=chunk.rule_counts, rejected=rejected,
+        item.chunk_id(chunk),
+        s3_key=key,
+        size_bytes=result.size,
+        sha256=result.sha256,
+        duration=duration,
+        successful_records=chunk.record_count - chunk.failed_records,
+        failed_records=chunk.failed_records,
+        validation_errors=chunk.rule_counts,
+        rejected=rejected,
     )
     return landed(size=result.size, sha256=result.sha256, duration_s=duration, reused=False)
 
 
-def _upload_plain(item: PreparedItem, version: FileVersion, client: Any, bucket: str, store: ProgressStore) -> UploadedObject:
+def _upload_plain(
+    item: PreparedItem, version: FileVersion, client: Any, bucket: str, store: ProgressStore
+) -> UploadedObject:
     started = time.monotonic()
     known = version.sha256 if item.item.file_id == version.file_id else None
     result = upload_file(
-        client, bucket, item.key, Path(item.item.local_path),
+        client,
+        bucket,
+        item.key,
+        Path(item.item.local_path),
         content_type=item.item.content_type,
         metadata={"x-completed": "true", "x-file-id": item.item.file_id},
-        journal=store, file_id=item.item.file_id, sha256=known,
+        journal=store,
+        file_id=item.item.file_id,
+        sha256=known,
     )
     if result.parts_sent < result.parts:
         log.info(
             "%s: resumed a multipart upload, %d of %d parts were already in S3",
-            item.item.relative_path, result.parts - result.parts_sent, result.parts,
+            item.item.relative_path,
+            result.parts - result.parts_sent,
+            result.parts,
             extra={"fields": {"fileId": item.item.file_id, "s3Key": item.key}},
         )
     return UploadedObject(
-        file_id=item.item.file_id, relative_path=item.item.relative_path, key=item.key, size=result.size,
-        sha256=result.sha256, duration_s=time.monotonic() - started, reused=False,
+        file_id=item.item.file_id,
+        relative_path=item.item.relative_path,
+        key=item.key,
+        size=result.size,
+        sha256=result.sha256,
+        duration_s=time.monotonic() - started,
+        reused=False,
     )
 
 
@@ -525,7 +596,9 @@ def verify_items(
         if removed:
             log.info(
                 "%s: committed version %s, %d object(s) of earlier versions removed",
-                item.item.relative_path, manifest.file_sha256[:12], removed,
+                item.item.relative_path,
+                manifest.file_sha256[:12],
+                removed,
                 extra={"fields": {"fileId": item.item.file_id}},
             )
         committed.append(manifest)
@@ -550,17 +623,22 @@ def finish(
         if item.item.file_id != version.file_id:
             claimant.hold(store, item.item.file_id, item.item.version)
             store.complete(
-                item.item.file_id, item.key, processed_bytes=Path(item.item.local_path).stat().st_size,
+                item.item.file_id,
+                item.key,
+                processed_bytes=Path(item.item.local_path).stat().st_size,
                 run_id=claimant.run_id,
             )
     own = [p.key for p in prepared if p.item.file_id == version.file_id]
     output_key = own[0] if own else join_key(prefix, version.source.relative_path)
     done = store.complete(version.file_id, output_key, processed_bytes=version.size, run_id=claimant.run_id)
-    log.info("%s: COMPLETED", version.source.relative_path, extra={"fields": {"fileId": version.file_id, "s3Key": output_key}})
+    log.info(
+        "%s: COMPLETED",
+        version.source.relative_path,
+        extra={"fields": {"fileId": version.file_id, "s3Key": output_key}},
+    )
     if staging is not None:
         staging_area.release(staging, version.sha256, staging_area.versions_in_use(store))
     return done
-
 
 
 # ---- after the last retry ---------------------------------------------------------------------------

@@ -18,10 +18,11 @@ file was never recovered, or a run that gave up while S3 was down.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from s3proc_dagster.files import staging as staging_area
 from s3proc_dagster.files.staging import Swept
@@ -58,7 +59,9 @@ def settle(store: ProgressStore, client: Any, bucket: str, status: FileStatus) -
     """Decide one dead run's file: COMPLETED if S3 proves this version whole, else PENDING."""
     dead, key = status.run_id, status.output_key
     resumable = {
-        t.upload_id for t in store.list_upload_tasks(status.file_id) if t.checksum and _same_content(t.s3_key, key, status)
+        t.upload_id
+        for t in store.list_upload_tasks(status.file_id)
+        if t.checksum and _same_content(t.s3_key, key, status)
     }
     aborted = deleted = 0
     complete = False
@@ -87,7 +90,11 @@ def settle(store: ProgressStore, client: Any, bucket: str, status: FileStatus) -
         outcome = "pending"
     log.info(
         "%s: %s after run %s died (aborted %d uploads, deleted %d objects)",
-        status.file_path, outcome.upper(), dead, aborted, deleted,
+        status.file_path,
+        outcome.upper(),
+        dead,
+        aborted,
+        deleted,
         extra={"fields": {"fileId": status.file_id}},
     )
     return Recovered(status.file_id, status.file_path, outcome, dead, aborted, deleted)

@@ -9,9 +9,10 @@ and are printed as `***` everywhere, including in the validation message.
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Mapping
 from datetime import date, timedelta
 from pathlib import Path
-from collections.abc import Mapping
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
@@ -145,8 +146,12 @@ class ProcessingConfig(BaseSettings):
         existing = next((p for p in (path, *path.parents) if p.exists()), None)
         if existing is None or not existing.is_dir():
             raise ValueError(f"cannot be created ({existing} is not a directory)")
-        if not os.access(existing, os.W_OK | os.X_OK):
-            raise ValueError("must be writable" if existing == path else f"cannot be created ({existing} is not writable)")
+        try:  # a probe, removed at once: access() says yes to root even where nothing can be made
+            tempfile.TemporaryDirectory(dir=existing, prefix=".s3proc-probe-").cleanup()
+        except OSError as exc:
+            raise ValueError(
+                "must be writable" if existing == path else f"cannot be created ({exc.strerror})"
+            ) from None
         return path
 
     @field_validator("validation_as_of", mode="before")
@@ -264,9 +269,9 @@ def load_configuration(
     problems: list[str] = []
     for name, (cls, prefix) in _GROUPS.items():
         fields = {
-            key[len(prefix):].lower(): value
+            key[len(prefix) :].lower(): value
             for key, value in (overrides or {}).items()
-            if key.upper().startswith(prefix) and key[len(prefix):].lower() in cls.model_fields
+            if key.upper().startswith(prefix) and key[len(prefix) :].lower() in cls.model_fields
         }
         try:
             loaded[name] = cls(_env_file=env_file, **fields)  # type: ignore[call-arg]

@@ -18,9 +18,10 @@ import sys
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import boto3
 import pytest
@@ -173,7 +174,7 @@ class Deployment:
     root: Path
     env: dict[str, str]
     s3: S3Endpoint
-    proxy: "FaultyS3Proxy"
+    proxy: FaultyS3Proxy
 
     @property
     def watch(self) -> Path:
@@ -201,7 +202,6 @@ class Deployment:
 @pytest.fixture(scope="session")
 def deployment(tmp_path_factory: pytest.TempPathFactory, s3: S3Endpoint) -> Iterator[Deployment]:
     from s3proc_dagster.cli.dev import write_instance
-
     from s3proc_dagster_tests.s3_proxy import FaultyS3Proxy
 
     root = tmp_path_factory.mktemp("deployment")
@@ -236,7 +236,18 @@ def dagster_dev(deployment: Deployment, tmp_path: Path) -> Iterator[str]:
     # IGNORE_INITIAL: its watch sensor leaves alone the files already there when it starts,
     # which the tests run themselves.
     proc = start_in_own_group(
-        [sys.executable, "-m", "dagster", "dev", "-w", str(ROOT / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)],
+        [
+            sys.executable,
+            "-m",
+            "dagster",
+            "dev",
+            "-w",
+            str(ROOT / "workspace.yaml"),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
         cwd=ROOT,
         env={**os.environ, "IGNORE_INITIAL": "true", "S3_INCOMING_PREFIX": ""},
         stdout=log,

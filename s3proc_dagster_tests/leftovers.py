@@ -13,6 +13,7 @@ environment of its own must pass the marker on (test_dev_launcher.py does).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -24,8 +25,14 @@ SESSION_ENV = "S3PROC_TEST_SESSION"
 
 #: What we expect a leak to be, to label the listing (any marked process is reported):
 #: executables by name, and Python entry points by the module and subcommand they run.
-BINARIES = {"weed": "SeaweedFS", "nx-27017": "nx-27017 (MongoDB)", "chromium": "chromium",
-            "dagster-daemon": "dagster-daemon", "dagster-webserver": "dagster-webserver", "moto_server": "moto server"}
+BINARIES = {
+    "weed": "SeaweedFS",
+    "nx-27017": "nx-27017 (MongoDB)",
+    "chromium": "chromium",
+    "dagster-daemon": "dagster-daemon",
+    "dagster-webserver": "dagster-webserver",
+    "moto_server": "moto server",
+}
 MODULES = (
     (("dagster_webserver",), "dagster-webserver"),
     (("dagster._daemon",), "dagster-daemon"),
@@ -46,7 +53,7 @@ def kind(cmdline: list[str]) -> str:
         name, rest = os.path.basename(rest[0]), rest[1:]  # a console script: python .venv/bin/nx-27017 ...
     if name in BINARIES:
         return BINARIES[name]
-    args = cmdline[cmdline.index("-m") + 1:] if "-m" in cmdline else [name, *rest]
+    args = cmdline[cmdline.index("-m") + 1 :] if "-m" in cmdline else [name, *rest]
     for prefix, label in MODULES:
         if tuple(args[: len(prefix)]) == prefix:
             return label
@@ -97,23 +104,25 @@ def describe(proc: psutil.Process) -> str:
 def kill(processes: Iterable[psutil.Process]) -> None:
     """SIGKILL each listed process by its pid (they carry our marker, so they are ours)."""
     for proc in processes:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
-        except psutil.NoSuchProcess:
-            pass
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("session", help=f"the value of {SESSION_ENV} the run was started with")
-    parser.add_argument("--grace", type=float, default=10.0, help="seconds a process may still take to exit (default 10)")
+    parser.add_argument(
+        "--grace", type=float, default=10.0, help="seconds a process may still take to exit (default 10)"
+    )
     parser.add_argument("--keep", action="store_true", help="list them but leave them running")
     args = parser.parse_args(argv)
     leftovers = find_leftovers(args.session, args.grace)
     if not leftovers:
         print(f"leftover processes: none (session {args.session})")
         return 0
-    print(f"leftover processes: {len(leftovers)} still running after the tests (session {args.session}):", file=sys.stderr)
+    print(
+        f"leftover processes: {len(leftovers)} still running after the tests (session {args.session}):", file=sys.stderr
+    )
     for proc in leftovers:
         print(f"  {describe(proc)}", file=sys.stderr)
     if not args.keep:

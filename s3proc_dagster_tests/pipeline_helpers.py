@@ -69,7 +69,15 @@ def promo_rows(n: int, seed: int = 7) -> list[list[str]]:
     for i in range(n):
         user = "".join(rng.choices(string.ascii_lowercase + string.digits, k=10))
         code = "".join(rng.choices(string.ascii_uppercase + string.digits, k=8))
-        rows.append([f"u-{user}", code, f"2027-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}", f"{rng.uniform(1, 500):.2f}", str(i)])
+        rows.append(
+            [
+                f"u-{user}",
+                code,
+                f"2027-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}",
+                f"{rng.uniform(1, 500):.2f}",
+                str(i),
+            ]
+        )
     return rows
 
 
@@ -151,7 +159,11 @@ def start_process(*args: str) -> subprocess.Popen:
     """`s3proc process ARGS` as a user starts it, in its own process (so it can be killed)."""
     return subprocess.Popen(
         [sys.executable, "-m", "s3proc_dagster.cli", "process", *args],
-        cwd=ROOT, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT,
+        env=os.environ.copy(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 

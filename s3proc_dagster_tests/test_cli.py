@@ -34,7 +34,7 @@ def test_status_json_on_a_new_store_is_an_empty_list_and_creates_it(
 
 def test_status_lists_every_file_with_chunks_and_error(pipeline_env: dict[str, str], tmp_path: Path) -> None:
     store = SQLiteProgressStore(pipeline_env["PROGRESS_DB_PATH"])
-    ok, _ = store.record_detected(FileStatus(file_id="ok-1", file_path="/w/ok.csv", file_name="ok.csv", checksum="1"))
+    _ok, _ = store.record_detected(FileStatus(file_id="ok-1", file_path="/w/ok.csv", file_name="ok.csv", checksum="1"))
     store.plan_chunks("ok-1", 10, 5)
     store.start("ok-1")
     for chunk in store.list_chunks("ok-1"):
@@ -268,3 +268,41 @@ def test_every_help_text_stands_alone_and_describes_every_option() -> None:
                 assert action.help, f"{parser.prog} {action.option_strings or action.dest}: no help"
     dev = next(p for p in parsers if p.prog.endswith(" dev")).format_help()
     assert "S3PROC_UI_HOST" in dev and "S3PROC_UI_PORT" in dev
+
+
+def _tree(root: Path) -> set[str]:
+    """Every path under the checkout but the virtualenv and caches: what a command leaves behind."""
+    return {
+        str(p.relative_to(root))
+        for p in root.rglob("*")
+        if not {".venv", ".git", "__pycache__", ".pytest_cache", ".ruff_cache"} & set(p.relative_to(root).parts)
+    }
+
+
+def test_dg_checks_and_lists_the_code_location_in_an_empty_environment(tmp_path: Path) -> None:
+    bin_dir = Path(sys.executable).parent
+    empty = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path)}  # no setting, no secret
+    before = _tree(ROOT)
+    checked = subprocess.run(
+        [str(bin_dir / "dg"), "check", "defs"], cwd=ROOT, env=empty, capture_output=True, text=True, timeout=300
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    listed = subprocess.run(
+        [str(bin_dir / "dg"), "list", "defs", "--json"],
+        cwd=ROOT,
+        env=empty,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    names = listed.stdout
+    for name in (
+        "process_file_job",
+        "reconcile_job",
+        "watch_directory_sensor",
+        "s3_incoming_sensor",
+        "reconcile_schedule",
+    ):
+        assert name in names
+    assert _tree(ROOT) - before == set()  # importing the code location made nothing

@@ -94,7 +94,9 @@ def test_killed_upload_is_recovered_and_resumed_once(deployment: Deployment) -> 
     assert final.status is S.COMPLETED
     assert [f.file_path for f in store.list_files() if f.file_path == str(path)] == [str(path)]
     assert list_keys(deployment, f"{deployment.prefix}/crash/") == [key]
-    assert open_uploads(deployment, f"{deployment.prefix}/crash/") == [] and store.list_upload_tasks(final.file_id) == []
+    assert (
+        open_uploads(deployment, f"{deployment.prefix}/crash/") == [] and store.list_upload_tasks(final.file_id) == []
+    )
     got = deployment.s3.client().get_object(Bucket=deployment.s3.bucket, Key=key)
     assert got["ContentLength"] == path.stat().st_size and got["Metadata"]["x-completed"] == "true"
 
@@ -111,8 +113,10 @@ def test_run_killed_before_its_first_step_is_failed_and_its_file_runs_again(depl
     proc = start_process(uri)
     try:
         wait_for(deployment.proxy.stalled.is_set, "the run to reach its first step")
-        wait_for(lambda: [r.status for r in runs_of(deployment, **{"s3proc/source": uri})] == [dg.DagsterRunStatus.STARTED],
-                 "the run to show as started")
+        wait_for(
+            lambda: [r.status for r in runs_of(deployment, **{"s3proc/source": uri})] == [dg.DagsterRunStatus.STARTED],
+            "the run to show as started",
+        )
     finally:
         kill(proc)
         deployment.proxy.stall_containing = deployment.proxy.stall_method = None

@@ -17,7 +17,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import psutil
@@ -95,8 +95,12 @@ def s3proc_dev(directory: Path, ui_port: int, s3_port: int) -> Iterator[subproce
     with (directory / "dev.log").open("w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "s3proc_dagster.cli", "dev"],
-            cwd=directory, env=dev_env(ui_port, s3_port), stdout=log, stderr=subprocess.STDOUT,
-            preexec_fn=_ignore_sigint, start_new_session=True,  # noqa: PLW1509 - no threads to deadlock
+            cwd=directory,
+            env=dev_env(ui_port, s3_port),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_ignore_sigint,  # noqa: PLW1509 - reproduces a shell's `&`, before any thread
+            start_new_session=True,
         )
         try:
             yield proc
@@ -118,10 +122,8 @@ def ui_answers(port: int) -> bool:
 def describe(processes: list[psutil.Process]) -> list[str]:
     out = []
     for proc in processes:
-        try:
+        with suppress(psutil.NoSuchProcess):
             out.append(f"{proc.pid}: {' '.join(proc.cmdline())[:160]}")
-        except psutil.NoSuchProcess:
-            pass
     return out
 
 
@@ -168,8 +170,13 @@ def test_a_taken_port_stops_the_start_at_once_naming_the_setting(taken: str, tmp
         started = time.monotonic()
         result = subprocess.run(
             [sys.executable, "-m", "s3proc_dagster.cli", "dev"],
-            cwd=tmp_path, env=dev_env(ui_port, s3_port if taken != "s3_endpoint_in_dotenv" else free_port(True)),
-            capture_output=True, text=True, timeout=30, preexec_fn=_ignore_sigint, check=False,
+            cwd=tmp_path,
+            env=dev_env(ui_port, s3_port if taken != "s3_endpoint_in_dotenv" else free_port(True)),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            preexec_fn=_ignore_sigint,
+            check=False,
         )
     assert result.returncode != 0
     assert time.monotonic() - started < 20
@@ -189,7 +196,12 @@ def test_a_taken_port_stops_the_start_at_once_naming_the_setting(taken: str, tmp
 def test_dev_help_describes_host_port_and_the_seaweedfs_port() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "s3proc_dagster.cli", "dev", "--help"],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60, check=False,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     for word in ("--host", "--port", "S3PROC_UI_PORT", "S3PROC_UI_HOST", "S3PROC_SEAWEEDFS_PORT", "SIGTERM"):
@@ -219,7 +231,7 @@ def test_stop_process_group_kills_a_group_that_ignores_its_signal_at_the_deadlin
 def test_stop_process_group_never_signals_our_own_group() -> None:
     proc = subprocess.Popen(  # in our group; SIGTERM at its default even if ours is ignored (`&` + Dagster)
         [sys.executable, "-c", "import time; time.sleep(600)"],
-        preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL),  # noqa: PLW1509
+        preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL),  # noqa: PLW1509 - resets one signal only
     )
     assert stop_process_group(proc, deadline_s=5.0) == -signal.SIGTERM  # signalled alone; we are still here
 

@@ -78,7 +78,10 @@ def test_a_file_that_cannot_be_parked_says_so_in_its_record_and_status(deploymen
     assert bad.read_bytes() == b"this is not a zip archive"  # left where it was, unchanged
     shown = subprocess.run(
         [sys.executable, "-m", "s3proc_dagster.cli", "status", str(bad)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert "could not be moved to ERROR_DIRECTORY" in shown.stdout
 
@@ -105,7 +108,9 @@ def test_the_manifest_is_how_a_reader_finds_the_current_version(deployment: Depl
     assert execute(request, deployment).success
     client = deployment.s3.client()
     dataset = f"{deployment.prefix}/reader/promo.csv"
-    manifest = json.loads(client.get_object(Bucket=deployment.s3.bucket, Key=f"{dataset}/_manifest.json")["Body"].read())
+    manifest = json.loads(
+        client.get_object(Bucket=deployment.s3.bucket, Key=f"{dataset}/_manifest.json")["Body"].read()
+    )
     assert manifest["versionPrefix"] == f"{dataset}/v-{sha256_file(src)[:16]}/"
     local = tmp_path / "mirror"
     for part in manifest["chunks"]:
@@ -132,4 +137,8 @@ def test_the_run_queue_starts_one_run_per_file_at_a_time(tmp_path) -> None:
     with dg.DagsterInstance.from_config(str(tmp_path)) as instance:  # the dagster.yaml written above
         queue = instance.get_concurrency_config().run_queue_config
     assert queue.max_concurrent_runs == 4
-    assert {"key": "s3proc/file_id", "value": {"applyLimitPerUniqueValue": True}, "limit": 1} in queue.tag_concurrency_limits
+    assert {
+        "key": "s3proc/file_id",
+        "value": {"applyLimitPerUniqueValue": True},
+        "limit": 1,
+    } in queue.tag_concurrency_limits

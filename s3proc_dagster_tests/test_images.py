@@ -60,11 +60,14 @@ def webp() -> bytes:
 
 def png_bomb() -> bytes:
     """A tiny PNG whose header declares 100,000 x 100,000 pixels."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 10)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 10)) + chunk(b"IEND", b"")
+    )
 
 
 REDIRECTS = {
@@ -147,7 +150,9 @@ def options(s3: S3Endpoint, prefix: str, **kw) -> processor.ImageOptions:
     """Fast-failing options. The image server is on loopback, so private destinations are
     allowed unless a test says otherwise."""
     kw.setdefault("allow_private_urls", True)
-    return processor.ImageOptions(bucket=s3.bucket, prefix=prefix, fetch_timeout_s=1.0, retries=1, retry_delay_s=0.05, **kw)
+    return processor.ImageOptions(
+        bucket=s3.bucket, prefix=prefix, fetch_timeout_s=1.0, retries=1, retry_delay_s=0.05, **kw
+    )
 
 
 def run_request(store: ProgressStore, data: bytes, s3: S3Endpoint, opts: processor.ImageOptions, tmp: Path):
@@ -168,7 +173,9 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> ProgressStore:
     opened.close()
 
 
-def test_three_rows_compress_in_order_and_complete(store: ProgressStore, images: ImageServer, s3: S3Endpoint, s3_prefix: str, tmp_path: Path) -> None:
+def test_three_rows_compress_in_order_and_complete(
+    store: ProgressStore, images: ImageServer, s3: S3Endpoint, s3_prefix: str, tmp_path: Path
+) -> None:
     done = run_request(store, good_csv(images.url), s3, options(s3, s3_prefix), tmp_path)
     assert done.status is RequestStatus.COMPLETED and done.errors == []
     rows = store.list_request_rows(done.request_id)
@@ -177,7 +184,7 @@ def test_three_rows_compress_in_order_and_complete(store: ProgressStore, images:
     for row in rows:
         assert row.completed_at is not None and row.created_at is not None
         assert len(row.output_image_urls) == len(row.input_image_urls)
-        for n, (url_in, url_out) in enumerate(zip(row.input_image_urls, row.output_image_urls), start=1):
+        for n, (url_in, url_out) in enumerate(zip(row.input_image_urls, row.output_image_urls, strict=True), start=1):
             ext = {"jpg": "jpg", "png": "png", "webp": "webp"}[url_in.rsplit(".", 1)[1]]
             key = f"{s3_prefix}/images/{done.request_id}/{row.serial_number}/{n}.{ext}"
             assert url_out == f"s3://{s3.bucket}/{key}"
@@ -189,13 +196,19 @@ def test_three_rows_compress_in_order_and_complete(store: ProgressStore, images:
             if ext == "jpg":
                 assert img.size == (200, 400)  # EXIF orientation applied
                 assert 0x0112 not in img.getexif() and 0x010F not in img.getexif()  # metadata stripped
-    out_csv = client.get_object(Bucket=s3.bucket, Key=f"{s3_prefix}/images/{done.request_id}/output.csv")["Body"].read().decode()
+    out_csv = (
+        client.get_object(Bucket=s3.bucket, Key=f"{s3_prefix}/images/{done.request_id}/output.csv")["Body"]
+        .read()
+        .decode()
+    )
     assert out_csv.splitlines()[0] == "S. No.,Product Name,Input Image Urls,Output Image Urls"
     assert rows[1].output_image_urls[2] in out_csv.splitlines()[2]
     assert done.output_csv_url == f"s3://{s3.bucket}/{s3_prefix}/images/{done.request_id}/output.csv"
 
 
-def test_bad_images_keep_their_errors_and_the_rest_succeed(images: ImageServer, s3: S3Endpoint, s3_prefix: str, tmp_path: Path) -> None:
+def test_bad_images_keep_their_errors_and_the_rest_succeed(
+    images: ImageServer, s3: S3Endpoint, s3_prefix: str, tmp_path: Path
+) -> None:
     store = SQLiteProgressStore(tmp_path / "p.db")
     base = images.url
     data = (
@@ -214,7 +227,13 @@ def test_bad_images_keep_their_errors_and_the_rest_succeed(images: ImageServer, 
     assert "redirects" in broken.errors[2]
     assert any("row 2 image 2" in e for e in done.errors)
 
-    only_bad = run_request(store, f'S. No.,Product Name,Input Image Urls\n1,X,"{base}/missing.jpg"\n'.encode(), s3, options(s3, s3_prefix), tmp_path)
+    only_bad = run_request(
+        store,
+        f'S. No.,Product Name,Input Image Urls\n1,X,"{base}/missing.jpg"\n'.encode(),
+        s3,
+        options(s3, s3_prefix),
+        tmp_path,
+    )
     assert only_bad.status is RequestStatus.FAILED
 
 
@@ -224,12 +243,20 @@ def test_bad_images_keep_their_errors_and_the_rest_succeed(images: ImageServer, 
         (b"S. No.,Product Name\n1,Shirt\n", "missing column(s) 'input image urls'"),
         (b"S. No.,Product Name,Input Image Urls,Extra\n1,A,http://x/a.jpg,z\n", "unexpected column(s) 'Extra'"),
         (b"S. No.,Product Name,Input Image Urls\n1,,http://x/a.jpg\n", "row 2: empty Product Name"),
-        (b"S. No.,Product Name,Input Image Urls\n1,A,ftp://x/a.jpg\n", "row 2: 'ftp://x/a.jpg' is not an http(s) or s3 URL"),
-        (b"S. No.,Product Name,Input Image Urls\n1,A,http://x/a.jpg\n1,B,http://x/b.jpg\n", "row 3: duplicate S. No. 1 (first on row 2)"),
+        (
+            b"S. No.,Product Name,Input Image Urls\n1,A,ftp://x/a.jpg\n",
+            "row 2: 'ftp://x/a.jpg' is not an http(s) or s3 URL",
+        ),
+        (
+            b"S. No.,Product Name,Input Image Urls\n1,A,http://x/a.jpg\n1,B,http://x/b.jpg\n",
+            "row 3: duplicate S. No. 1 (first on row 2)",
+        ),
         (b"", "file is empty"),
     ],
 )
-def test_bad_csv_fails_with_every_problem_and_uploads_nothing(body: bytes, problem: str, s3: S3Endpoint, s3_prefix: str, tmp_path: Path) -> None:
+def test_bad_csv_fails_with_every_problem_and_uploads_nothing(
+    body: bytes, problem: str, s3: S3Endpoint, s3_prefix: str, tmp_path: Path
+) -> None:
     store = SQLiteProgressStore(tmp_path / "p.db")
     with pytest.raises(InvalidRequestCsv) as info:
         processor.submit(store, body, "bad.csv", request_id="req-bad")
@@ -259,8 +286,10 @@ def test_image_request_job_runs_from_the_watch_directory(deployment: Deployment,
     from s3proc_dagster_tests.pipeline_helpers import image_request_job_with_resources
 
     result = dg.execute_job(
-        dg.reconstructable(image_request_job_with_resources), instance=deployment.instance(),
-        run_config=request.run_config, tags=request.tags,
+        dg.reconstructable(image_request_job_with_resources),
+        instance=deployment.instance(),
+        run_config=request.run_config,
+        tags=request.tags,
     )
     assert result.success
     request_id = deployment.instance().get_run_by_id(result.run_id).tags["s3proc/request_id"]
@@ -270,7 +299,11 @@ def test_image_request_job_runs_from_the_watch_directory(deployment: Deployment,
     assert len(materialized) == 7  # one per image
     status = subprocess.run(
         [sys.executable, "-m", "s3proc_dagster.cli", "images", "status", request_id, "--json"],
-        cwd=ROOT, env=os.environ.copy(), capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        env=os.environ.copy(),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     doc = json.loads(status.stdout)
     assert doc["status"] == "completed" and [r["serialNumber"] for r in doc["rows"]] == [1, 2, 3]
@@ -295,7 +328,9 @@ def test_webhook_is_retried_until_the_receiver_accepts() -> None:
     server = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        status = post_result(f"http://127.0.0.1:{server.server_address[1]}/hook", b'{"requestId": "r1"}', attempts=3, delay_s=0.01)
+        status = post_result(
+            f"http://127.0.0.1:{server.server_address[1]}/hook", b'{"requestId": "r1"}', attempts=3, delay_s=0.01
+        )
     finally:
         server.shutdown()
     assert status == 200 and received == [b'{"requestId": "r1"}'] * 2
@@ -344,17 +379,42 @@ class FakeNetwork:
 @pytest.mark.parametrize(
     "address, kind",
     [
-        ("127.0.0.1", "LOOPBACK"), ("127.8.9.10", "LOOPBACK"), ("::1", "LOOPBACK"),
-        ("::ffff:127.0.0.1", "LOOPBACK"), ("64:ff9b::7f00:1", "LOOPBACK"),
-        ("0.0.0.0", "UNSPECIFIED"), ("0.1.2.3", "UNSPECIFIED"), ("::", "UNSPECIFIED"), ("::ffff:0.0.0.0", "UNSPECIFIED"),
-        ("169.254.169.254", "LINK_LOCAL"), ("169.254.0.1", "LINK_LOCAL"), ("::ffff:169.254.169.254", "LINK_LOCAL"),
-        ("fe80::1", "LINK_LOCAL"), ("fe80::1%eth0", "LINK_LOCAL"), ("febf::1", "LINK_LOCAL"),
-        ("10.0.0.1", "PRIVATE"), ("10.255.255.255", "PRIVATE"), ("172.16.0.1", "PRIVATE"), ("172.31.255.254", "PRIVATE"),
-        ("192.168.1.1", "PRIVATE"), ("::ffff:10.1.2.3", "PRIVATE"), ("fc00::1", "PRIVATE"), ("fd12:3456:789a::1", "PRIVATE"),
-        ("100.64.0.1", "SHARED"), ("100.127.255.254", "SHARED"),
-        ("224.0.0.1", "MULTICAST"), ("239.255.255.250", "MULTICAST"), ("ff02::1", "MULTICAST"), ("ff0e::fb", "MULTICAST"),
-        ("255.255.255.255", "RESERVED"), ("240.0.0.1", "RESERVED"), ("192.0.2.10", "RESERVED"), ("198.18.0.1", "RESERVED"),
-        ("2001:db8::1", "RESERVED"), ("2002:7f00:1::", "RESERVED"), ("::7f00:1", "RESERVED"),
+        ("127.0.0.1", "LOOPBACK"),
+        ("127.8.9.10", "LOOPBACK"),
+        ("::1", "LOOPBACK"),
+        ("::ffff:127.0.0.1", "LOOPBACK"),
+        ("64:ff9b::7f00:1", "LOOPBACK"),
+        ("0.0.0.0", "UNSPECIFIED"),
+        ("0.1.2.3", "UNSPECIFIED"),
+        ("::", "UNSPECIFIED"),
+        ("::ffff:0.0.0.0", "UNSPECIFIED"),
+        ("169.254.169.254", "LINK_LOCAL"),
+        ("169.254.0.1", "LINK_LOCAL"),
+        ("::ffff:169.254.169.254", "LINK_LOCAL"),
+        ("fe80::1", "LINK_LOCAL"),
+        ("fe80::1%eth0", "LINK_LOCAL"),
+        ("febf::1", "LINK_LOCAL"),
+        ("10.0.0.1", "PRIVATE"),
+        ("10.255.255.255", "PRIVATE"),
+        ("172.16.0.1", "PRIVATE"),
+        ("172.31.255.254", "PRIVATE"),
+        ("192.168.1.1", "PRIVATE"),
+        ("::ffff:10.1.2.3", "PRIVATE"),
+        ("fc00::1", "PRIVATE"),
+        ("fd12:3456:789a::1", "PRIVATE"),
+        ("100.64.0.1", "SHARED"),
+        ("100.127.255.254", "SHARED"),
+        ("224.0.0.1", "MULTICAST"),
+        ("239.255.255.250", "MULTICAST"),
+        ("ff02::1", "MULTICAST"),
+        ("ff0e::fb", "MULTICAST"),
+        ("255.255.255.255", "RESERVED"),
+        ("240.0.0.1", "RESERVED"),
+        ("192.0.2.10", "RESERVED"),
+        ("198.18.0.1", "RESERVED"),
+        ("2001:db8::1", "RESERVED"),
+        ("2002:7f00:1::", "RESERVED"),
+        ("::7f00:1", "RESERVED"),
     ],
 )
 def test_non_public_addresses_are_classified_by_kind(address: str, kind: str) -> None:
@@ -365,8 +425,18 @@ def test_non_public_addresses_are_classified_by_kind(address: str, kind: str) ->
 
 @pytest.mark.parametrize(
     "address",
-    ["8.8.8.8", PUBLIC_IP, "172.32.0.1", "172.15.255.255", "100.128.0.1", "100.63.255.255", "11.0.0.1",
-     "2606:4700:4700::1111", "::ffff:8.8.8.8", "64:ff9b::808:808"],
+    [
+        "8.8.8.8",
+        PUBLIC_IP,
+        "172.32.0.1",
+        "172.15.255.255",
+        "100.128.0.1",
+        "100.63.255.255",
+        "11.0.0.1",
+        "2606:4700:4700::1111",
+        "::ffff:8.8.8.8",
+        "64:ff9b::808:808",
+    ],
 )
 def test_public_addresses_are_allowed(address: str) -> None:
     from s3proc_dagster.images.egress import classify_address
@@ -431,9 +501,7 @@ def test_a_redirect_to_cloud_metadata_is_refused_at_that_hop(images: ImageServer
 def test_a_redirect_hop_is_checked_like_the_first_url(images: ImageServer, path: str, reason: str) -> None:
     from s3proc_dagster.images.fetch import FetchError, fetch_image
 
-    net = FakeNetwork(
-        images.port, {"cdn.example.test": [[PUBLIC_IP]], "mixed.example.test": [[PUBLIC_IP, "10.9.8.7"]]}
-    )
+    net = FakeNetwork(images.port, {"cdn.example.test": [[PUBLIC_IP]], "mixed.example.test": [[PUBLIC_IP, "10.9.8.7"]]})
     url = f"http://cdn.example.test:{images.port}{path}"
     with pytest.raises(FetchError) as info:
         fetch_image(url, guard=net.guard)
@@ -468,8 +536,12 @@ def tls_context_for(hostname: str, directory: Path) -> tuple[ssl.SSLContext, Pat
     ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "s3proc test CA")])
     ca = (
-        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
@@ -477,9 +549,13 @@ def tls_context_for(hostname: str, directory: Path) -> tuple[ssl.SSLContext, Pat
         .sign(ca_key, hashes.SHA256())
     )
     leaf = (
-        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)]))
-        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=1))
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
@@ -533,8 +609,11 @@ def test_private_urls_are_refused_with_the_reason_while_the_other_rows_complete(
     s3.client().put_object(Bucket=s3.bucket, Key=f"{s3_prefix}/src/b.png", Body=images.files["/b.png"][1])
     served = len(images.seen)
     done = run_request(
-        store, private_csv(images, f"s3://{s3.bucket}/{s3_prefix}/src/b.png"), s3,
-        options(s3, s3_prefix, allow_private_urls=False), tmp_path,
+        store,
+        private_csv(images, f"s3://{s3.bucket}/{s3_prefix}/src/b.png"),
+        s3,
+        options(s3, s3_prefix, allow_private_urls=False),
+        tmp_path,
     )
     assert done.status is RequestStatus.COMPLETED  # the s3:// image is not affected
     shirt, mug, hat = store.list_request_rows(done.request_id)

@@ -117,18 +117,38 @@ def test_runs_carry_tags_a_user_filters_by(deployment: Deployment) -> None:
 
 def test_dagster_job_launch_processes_a_named_file(deployment: Deployment) -> None:
     src = write_csv(deployment.watch / "launch" / "l.csv", promo_rows(20))
-    config = f'{{"ops": {{"checksum_calculation": {{"config": {{"path": "{src}", "relative_path": "launch/l.csv"}}}}}}}}'
+    config = (
+        f'{{"ops": {{"checksum_calculation": {{"config": {{"path": "{src}", "relative_path": "launch/l.csv"}}}}}}}}'
+    )
     # The daemon also ticks the watch sensor (RUNNING by default); IGNORE_INITIAL keeps it
     # from requesting the other tests' files, which the test harness runs itself.
     daemon = start_in_own_group(
         [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", str(ROOT / "workspace.yaml")],
-        cwd=ROOT, env={**os.environ, "IGNORE_INITIAL": "true", "S3_INCOMING_PREFIX": ""}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+        env={**os.environ, "IGNORE_INITIAL": "true", "S3_INCOMING_PREFIX": ""},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         launched = subprocess.run(
-            [sys.executable, "-m", "dagster", "job", "launch", "-w", str(ROOT / "workspace.yaml"),
-             "-j", "process_file_job", "--config-json", config],
-            cwd=ROOT, env=os.environ.copy(), capture_output=True, text=True, timeout=120,
+            [
+                sys.executable,
+                "-m",
+                "dagster",
+                "job",
+                "launch",
+                "-w",
+                str(ROOT / "workspace.yaml"),
+                "-j",
+                "process_file_job",
+                "--config-json",
+                config,
+            ],
+            cwd=ROOT,
+            env=os.environ.copy(),
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert launched.returncode == 0, launched.stdout + launched.stderr
         store = deployment.store()
@@ -140,7 +160,9 @@ def test_dagster_job_launch_processes_a_named_file(deployment: Deployment) -> No
             rec = store.get_by_path(str(src))
             if rec is None or rec.status is not S.COMPLETED:
                 return []
-            runs = deployment.instance().get_run_records(dg.RunsFilter(job_name="process_file_job", tags={"s3proc/file_id": rec.file_id}))
+            runs = deployment.instance().get_run_records(
+                dg.RunsFilter(job_name="process_file_job", tags={"s3proc/file_id": rec.file_id})
+            )
             return runs if runs and runs[0].dagster_run.is_finished else []
 
         deadline = time.monotonic() + 120

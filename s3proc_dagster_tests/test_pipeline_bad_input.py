@@ -28,11 +28,10 @@ def zip_slip(path: Path) -> None:
 
 
 def zip_bomb(path: Path) -> None:
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
-        with zf.open("zeros.csv", "w") as member:
-            block = b"0" * (1 << 20)
-            for _ in range(300):  # 300 MB of one byte: a ratio far beyond any real file
-                member.write(block)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zf, zf.open("zeros.csv", "w") as member:
+        block = b"0" * (1 << 20)
+        for _ in range(300):  # 300 MB of one byte: a ratio far beyond any real file
+            member.write(block)
 
 
 def abs_tar(path: Path) -> None:
@@ -94,7 +93,9 @@ def test_header_only_csv_completes_as_an_empty_dataset(deployment: Deployment) -
     record = deployment.store().get_by_path(str(path))
     assert record.status is S.COMPLETED and record.total_chunks == 0
     client = deployment.s3.client()
-    manifest = client.get_object(Bucket=deployment.s3.bucket, Key=f"{deployment.prefix}/header-only/h.csv/_manifest.json")
+    manifest = client.get_object(
+        Bucket=deployment.s3.bucket, Key=f"{deployment.prefix}/header-only/h.csv/_manifest.json"
+    )
     assert json.loads(manifest["Body"].read())["totalRows"] == 0
 
 
@@ -104,7 +105,10 @@ def test_sql_looking_file_name_converts_correctly(deployment: Deployment, tmp_pa
     path.write_text("id,v\n1,a\n2,b\n")
     (request,) = run_requests_under(sensor_tick(deployment), "names")
     assert execute(request, deployment).success
-    assert read_dataset(deployment, f"{deployment.prefix}/names/a'b; DROP TABLE x.csv", tmp_path) == [(1, "a"), (2, "b")]
+    assert read_dataset(deployment, f"{deployment.prefix}/names/a'b; DROP TABLE x.csv", tmp_path) == [
+        (1, "a"),
+        (2, "b"),
+    ]
 
 
 def test_nothing_is_written_outside_the_bucket_prefix(deployment: Deployment) -> None:
@@ -134,7 +138,11 @@ def test_manual_retry_brings_a_fixed_file_back_and_it_completes(deployment: Depl
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run(
         [sys.executable, "-m", "s3proc_dagster.cli", "retry", str(parked)],
-        cwd=root, env=os.environ.copy(), capture_output=True, text=True, timeout=120,
+        cwd=root,
+        env=os.environ.copy(),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert path.exists() and not parked.exists() and not parked.with_name("fixme.csv.error.json").exists()
@@ -159,7 +167,11 @@ def test_backfill_selects_files_by_glob_and_status(deployment: Deployment) -> No
     def backfill(*args: str) -> list[str]:
         out = subprocess.run(
             [sys.executable, "-m", "s3proc_dagster.cli", "backfill", "--dry-run", *args],
-            cwd=root, env=os.environ.copy(), capture_output=True, text=True, timeout=120,
+            cwd=root,
+            env=os.environ.copy(),
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert out.returncode == 0, out.stderr
         return sorted(line.split("/bf/", 1)[1] for line in out.stdout.splitlines() if "/bf/" in line)

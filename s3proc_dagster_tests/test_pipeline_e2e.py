@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
 from s3proc_dagster.models import ProcessingStatus as S
 from s3proc_dagster_tests.conftest import Deployment
 from s3proc_dagster_tests.pipeline_helpers import (
@@ -30,7 +29,9 @@ def test_every_file_type_lands_in_s3_equal_to_its_source(deployment: Deployment,
     (w / "array.json").write_text(json.dumps([{"id": i, "name": f"n{i}"} for i in range(30)]))
     (w / "lines.jsonl").write_text("\n".join(json.dumps({"id": i, "v": i * 1.5}) for i in range(40)) + "\n")
     (w / "records.xml").write_text(
-        "<?xml version='1.0'?><rows>" + "".join(f"<row><id>{i}</id><name>x{i}</name></row>" for i in range(25)) + "</rows>"
+        "<?xml version='1.0'?><rows>"
+        + "".join(f"<row><id>{i}</id><name>x{i}</name></row>" for i in range(25))
+        + "</rows>"
     )
     small = promo_rows(10, seed=3)
     write_zip(w / "bundle.zip", {"top.csv": csv_bytes(small), "nested/deeper/inner.csv": csv_bytes(small[:4])})

@@ -61,7 +61,9 @@ def test_reports_materialize_on_the_instance_and_a_broken_relationship_fails_its
 
     def materialize() -> dg.ExecuteInProcessResult:
         return dg.materialize(
-            [*report_assets, *report_checks], resources=definitions().resources, instance=deployment.instance(),
+            [*report_assets, *report_checks],
+            resources=definitions().resources,
+            instance=deployment.instance(),
             raise_on_error=False,
         )
 
@@ -100,12 +102,31 @@ def test_reports_materialize_from_the_command_line(deployment: Deployment) -> No
 
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run(
-        [sys.executable, "-m", "dagster", "asset", "materialize", "-m", "s3proc_dagster.definitions",
-         "--select", "group:reports"],
-        cwd=root, env=os.environ.copy(), capture_output=True, text=True, timeout=180,
+        [
+            sys.executable,
+            "-m",
+            "dagster",
+            "asset",
+            "materialize",
+            "-m",
+            "s3proc_dagster.definitions",
+            "--select",
+            "group:reports",
+        ],
+        cwd=root,
+        env=os.environ.copy(),
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     conn = duckdb.connect(deployment.env["REPORTS_DB_PATH"], read_only=True)
     tables = {r[0] for r in conn.execute("select table_name from information_schema.tables").fetchall()}
     conn.close()
-    assert {"file_status", "chunk_throughput", "failures_by_reason", "validation_errors_by_rule", "s3_datasets"} <= tables
+    assert {
+        "file_status",
+        "chunk_throughput",
+        "failures_by_reason",
+        "validation_errors_by_rule",
+        "s3_datasets",
+    } <= tables

@@ -42,7 +42,9 @@ mutation Reexecute($params: ReexecutionParams!) {
 
 def reexecute_from_failure(ui: str, run_id: str) -> str:
     """What the UI's "Re-execute from failure" button sends; the new run's id."""
-    body = json.dumps({"query": REEXECUTE, "variables": {"params": {"parentRunId": run_id, "strategy": "FROM_FAILURE"}}})
+    body = json.dumps(
+        {"query": REEXECUTE, "variables": {"params": {"parentRunId": run_id, "strategy": "FROM_FAILURE"}}}
+    )
     request = urllib.request.Request(f"{ui}/graphql", body.encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=60) as response:
         answer = json.loads(response.read())["data"]["launchPipelineReexecution"]
@@ -115,13 +117,32 @@ def test_a_run_started_by_dagster_job_launch_is_reexecuted_from_failure_in_the_u
     config = json.dumps({"ops": {"checksum_calculation": {"config": {"path": str(src)}}}})
     try:
         launched = subprocess.run(
-            [sys.executable, "-m", "dagster", "job", "launch", "-w", str(ROOT / "workspace.yaml"),
-             "-j", "process_file_job", "--config-json", config],
-            cwd=ROOT, env=os.environ.copy(), capture_output=True, text=True, timeout=120,
+            [
+                sys.executable,
+                "-m",
+                "dagster",
+                "job",
+                "launch",
+                "-w",
+                str(ROOT / "workspace.yaml"),
+                "-j",
+                "process_file_job",
+                "--config-json",
+                config,
+            ],
+            cwd=ROOT,
+            env=os.environ.copy(),
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert launched.returncode == 0, launched.stdout + launched.stderr
-        wait_for(lambda: deployment.instance().get_run_records(
-            dg.RunsFilter(job_name="process_file_job", tags={"s3proc/source": str(src)})), "the launched run to tag itself")
+        wait_for(
+            lambda: deployment.instance().get_run_records(
+                dg.RunsFilter(job_name="process_file_job", tags={"s3proc/source": str(src)})
+            ),
+            "the launched run to tag itself",
+        )
         failed = finished(deployment, latest_run(deployment, **{"s3proc/source": str(src)}).run_id)
     finally:
         deployment.proxy.fail_puts_containing = None
@@ -134,16 +155,28 @@ def test_s3proc_process_reads_its_settings_from_dotenv_alone(s3: S3Endpoint, s3_
     env = product_env(tmp_path, s3, s3_prefix)
     (tmp_path / ".env").write_text("".join(f"{k}={v}\n" for k, v in env.items()))
     data = write_csv(tmp_path / "incoming" / "dotenv.csv", promo_rows(10))
-    clean = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "S3PROC_TEST_SESSION": os.environ.get("S3PROC_TEST_SESSION", "")}
+    clean = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(tmp_path),
+        "S3PROC_TEST_SESSION": os.environ.get("S3PROC_TEST_SESSION", ""),
+    }
     done = subprocess.run(
         [sys.executable, "-m", "s3proc_dagster.cli", "process", str(data)],
-        cwd=tmp_path, env={**clean, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env={**clean, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert s3.env()["S3_SECRET_ACCESS_KEY"] not in done.stdout + done.stderr
     status = subprocess.run(
         [sys.executable, "-m", "s3proc_dagster.cli", "status", "--json"],
-        cwd=tmp_path, env={**clean, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path,
+        env={**clean, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     (record,) = json.loads(status.stdout)
     assert record["status"] == "completed" and record["outputKey"] == f"{s3_prefix}/dotenv.csv"

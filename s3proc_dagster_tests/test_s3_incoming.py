@@ -15,9 +15,10 @@ from pathlib import Path
 
 import dagster as dg
 
-from s3proc_dagster.cli.embedded import start_in_own_group, stop_process_group
 from s3proc_dagster.cli.dev import write_instance
-from s3proc_dagster.models import ProcessingStatus as S, make_file_id
+from s3proc_dagster.cli.embedded import start_in_own_group, stop_process_group
+from s3proc_dagster.models import ProcessingStatus as S
+from s3proc_dagster.models import make_file_id
 from s3proc_dagster.sources.s3_incoming import list_incoming
 from s3proc_dagster.transfer.recovery import delete_prefix
 from s3proc_dagster_tests.conftest import Deployment
@@ -65,7 +66,12 @@ def test_thousand_objects_are_requested_across_ticks_with_a_small_cursor(deploym
     keys = [f"{prefix}/in/d{i % 7}/sub{i % 3}/f{i:04d}.csv" for i in range(1000)]
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda k: client.put_object(Bucket=deployment.s3.bucket, Key=k, Body=b"a\n1\n"), keys))
-    for k in (f"{prefix}/other/x.csv", f"{prefix}/in/.hidden.csv", f"{prefix}/in/up.csv.part", f"{prefix}/in/out/self.parquet"):
+    for k in (
+        f"{prefix}/other/x.csv",
+        f"{prefix}/in/.hidden.csv",
+        f"{prefix}/in/up.csv.part",
+        f"{prefix}/in/out/self.parquet",
+    ):
         client.put_object(Bucket=deployment.s3.bucket, Key=k, Body=b"a\n1\n")
     seen: list[str] = []
     cursor = None
@@ -73,8 +79,14 @@ def test_thousand_objects_are_requested_across_ticks_with_a_small_cursor(deploym
     sizes = []
     while ticks < 20:
         found, cursor = list_incoming(
-            client, deployment.s3.bucket, f"{prefix}/in", cursor, datetime.now(UTC),
-            exclude_prefixes=(f"{prefix}/in/out/",), page_size=100, max_pages=2,
+            client,
+            deployment.s3.bucket,
+            f"{prefix}/in",
+            cursor,
+            datetime.now(UTC),
+            exclude_prefixes=(f"{prefix}/in/out/",),
+            page_size=100,
+            max_pages=2,
         )
         seen += [o.key for o in found]
         sizes.append(len(cursor.dumps()))
@@ -107,7 +119,9 @@ def test_object_with_metadata_ends_completed_with_source_and_priority(deployment
     assert record.file_id == make_file_id(f"{folder}/march2024/promo_batch_123.csv")  # same rule as from disk
     local = tmp_path / "src.csv"
     local.write_bytes(body)
-    assert read_dataset(deployment, f"{deployment.prefix}/{folder}/march2024/promo_batch_123.csv", tmp_path) == source_rows(local, "read_csv")
+    assert read_dataset(
+        deployment, f"{deployment.prefix}/{folder}/march2024/promo_batch_123.csv", tmp_path
+    ) == source_rows(local, "read_csv")
     head = deployment.s3.client().head_object(Bucket=deployment.s3.bucket, Key=key)
     assert head["ContentLength"] == len(body)  # the source object is untouched
 
@@ -139,18 +153,40 @@ def test_high_priority_run_starts_first_in_the_queue(deployment: Deployment, tmp
         path = deployment.watch / "queue" / f"{name}.csv"
         path.parent.mkdir(exist_ok=True)
         path.write_bytes(csv_bytes(promo_rows(3)))
-        config = json.dumps({"ops": {"checksum_calculation": {"config": {"path": str(path), "relative_path": f"queue/{name}.csv"}}}})
+        config = json.dumps(
+            {"ops": {"checksum_calculation": {"config": {"path": str(path), "relative_path": f"queue/{name}.csv"}}}}
+        )
         tags = json.dumps({"dagster/priority": str({"high": 10, "low": -10}[priority]), "s3proc/name": name})
         launched = subprocess.run(
-            [sys.executable, "-m", "dagster", "job", "launch", "-w", str(ROOT / "workspace.yaml"),
-             "-j", "process_file_job", "--config-json", config, "--tags", tags],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+            [
+                sys.executable,
+                "-m",
+                "dagster",
+                "job",
+                "launch",
+                "-w",
+                str(ROOT / "workspace.yaml"),
+                "-j",
+                "process_file_job",
+                "--config-json",
+                config,
+                "--tags",
+                tags,
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert launched.returncode == 0, launched.stderr[-2000:]
         order.append(name)
     daemon = start_in_own_group(
         [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", str(ROOT / "workspace.yaml")],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         instance = dg.DagsterInstance.from_config(str(home))

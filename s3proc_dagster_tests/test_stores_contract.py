@@ -21,7 +21,6 @@ import pytest
 from s3proc_dagster.errors import FileBusy, IllegalTransition, RecordNotFound, VersionSuperseded
 from s3proc_dagster.models import (
     FileStatus,
-    ProcessingStatus as S,
     Request,
     RequestData,
     RequestStatus,
@@ -29,6 +28,9 @@ from s3proc_dagster.models import (
     UploadStatus,
     make_file_id,
     utcnow,
+)
+from s3proc_dagster.models import (
+    ProcessingStatus as S,
 )
 from s3proc_dagster.stores.base import ClaimOutcome, ProgressStore
 from s3proc_dagster.stores.mongo import MongoProgressStore
@@ -95,7 +97,9 @@ def test_lifecycle_pending_in_progress_completed_sets_timestamps(store: Progress
         (["start", "fail"], S.IN_PROGRESS),  # FAILED -> IN_PROGRESS without manual retry
     ],
 )
-def test_illegal_transitions_are_rejected_with_a_clear_error(store: ProgressStore, path_to: list[str], illegal: S) -> None:
+def test_illegal_transitions_are_rejected_with_a_clear_error(
+    store: ProgressStore, path_to: list[str], illegal: S
+) -> None:
     status, _ = store.record_detected(new_file())
     for step in path_to:
         if step == "start":
@@ -146,7 +150,10 @@ def test_unchanged_completed_file_is_skipped_and_changed_one_reprocessed(store: 
 def test_updated_at_changes_on_every_write(store: ProgressStore) -> None:
     status, _ = store.record_detected(new_file())
     stamps = [store.get(status.file_id).last_updated_at]
-    for action in (lambda: store.start(status.file_id), lambda: store.update_file(status.file_id, content_type="text/csv")):
+    for action in (
+        lambda: store.start(status.file_id),
+        lambda: store.update_file(status.file_id, content_type="text/csv"),
+    ):
         wait_past_millisecond(stamps[-1])  # BSON dates keep milliseconds
         action()
         stamps.append(store.get(status.file_id).last_updated_at)
@@ -236,7 +243,12 @@ def test_completing_a_chunk_twice_counts_its_records_once(store: ProgressStore) 
 
 def test_image_request_rows_track_outputs_in_input_order(store: ProgressStore) -> None:
     rows = [
-        RequestData(request_id="r1", serial_number=n, product_name=f"P{n}", input_image_urls=[f"http://x/{n}a", f"http://x/{n}b"])
+        RequestData(
+            request_id="r1",
+            serial_number=n,
+            product_name=f"P{n}",
+            input_image_urls=[f"http://x/{n}a", f"http://x/{n}b"],
+        )
         for n in (1, 2)
     ]
     created = store.create_request(Request(request_id="r1", file_name="products.csv"), rows)
@@ -264,7 +276,9 @@ def _hammer(kind: str, params: dict, chunk_ids: list[str], worker: int) -> None:
     opened.close()
 
 
-def test_four_processes_of_concurrent_chunk_updates_lose_nothing(backend: tuple[str, dict], store: ProgressStore) -> None:
+def test_four_processes_of_concurrent_chunk_updates_lose_nothing(
+    backend: tuple[str, dict], store: ProgressStore
+) -> None:
     kind, params = backend
     per_worker = 250 if kind == "sqlite" else 60  # nx-27017 is slow; a real MongoDB takes the full load
     if kind == "mongodb" and os.environ.get("MONGODB_URI"):
@@ -300,7 +314,9 @@ def test_store_reopened_after_kill_holds_every_committed_record(backend: tuple[s
         time.sleep(600)
         """
     )
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1]
+    )
     try:
         assert proc.stdout.readline().strip() == "committed"
     finally:
@@ -317,11 +333,18 @@ def test_sqlite_schema_is_the_seeds_file_progress_table(tmp_path: Path) -> None:
     sql = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'file_progress'").fetchone()[0]
     assert "file_path TEXT UNIQUE NOT NULL" in sql
     assert "CHECK(status IN ('pending', 'in_progress', 'completed', 'failed'))" in sql
-    indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index' AND tbl_name='file_progress' AND sql IS NOT NULL")}
+    indexes = {
+        r[0]
+        for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type='index' AND tbl_name='file_progress' AND sql IS NOT NULL"
+        )
+    }
     assert indexes == {"idx_file_path", "idx_status", "idx_updated_at"}
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     with pytest.raises(sqlite3.IntegrityError):
-        conn.execute("INSERT INTO file_progress (file_path, status, created_at, updated_at) VALUES ('x', 'bogus', 1, 1)")
+        conn.execute(
+            "INSERT INTO file_progress (file_path, status, created_at, updated_at) VALUES ('x', 'bogus', 1, 1)"
+        )
 
 
 def test_mongodb_documents_use_the_seeds_field_names(mongodb_uri: str, mongodb_database: str) -> None:
@@ -331,7 +354,13 @@ def test_mongodb_documents_use_the_seeds_field_names(mongodb_uri: str, mongodb_d
     store.plan_chunks(status.file_id, 10, 5)
     doc = store.files.find_one({"fileId": status.file_id})
     assert doc["status"] == "IN_PROGRESS" and doc["fileName"] == "promo_batch_123.csv"
-    assert set(doc["processingStats"]) >= {"completedChunks", "failedChunks", "inProgressChunks", "pendingChunks", "successRate"}
+    assert set(doc["processingStats"]) >= {
+        "completedChunks",
+        "failedChunks",
+        "inProgressChunks",
+        "pendingChunks",
+        "successRate",
+    }
     chunk = store.chunks.find_one({"chunkId": f"{status.file_id}-chunk-1"})
     assert (chunk["chunkIndex"], chunk["startOffset"], chunk["endOffset"], chunk["recordCount"]) == (1, 5, 9, 5)
     indexes = {tuple(k for k, _ in ix["key"].items()): ix.get("unique", False) for ix in store.chunks.list_indexes()}
@@ -401,8 +430,15 @@ def test_a_new_version_never_inherits_the_old_versions_chunks(store: ProgressSto
 
 def test_upload_tasks_are_found_by_key_and_content(store: ProgressStore) -> None:
     task = S3UploadTask(
-        id="t1", source_file_path="/s/x", s3_key="p/x", bucket="b", upload_id="u1", checksum="c" * 64,
-        status=UploadStatus.UPLOADING, file_id="f1", size=10,
+        id="t1",
+        source_file_path="/s/x",
+        s3_key="p/x",
+        bucket="b",
+        upload_id="u1",
+        checksum="c" * 64,
+        status=UploadStatus.UPLOADING,
+        file_id="f1",
+        size=10,
     )
     store.save_upload_task(task)
     store.save_upload_task(task.model_copy(update={"uploaded_bytes": 8}))

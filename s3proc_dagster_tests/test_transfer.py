@@ -44,15 +44,25 @@ class FailAfterParts:
         return getattr(self._client, name)
 
 
-def test_small_file_is_one_put_with_checksum_and_completion_metadata(s3: S3Endpoint, s3_prefix: str, tmp_path: Path) -> None:
+def test_small_file_is_one_put_with_checksum_and_completion_metadata(
+    s3: S3Endpoint, s3_prefix: str, tmp_path: Path
+) -> None:
     src = blob(tmp_path / "a.bin", 1000)
-    result = upload_file(s3.client(), s3.bucket, f"{s3_prefix}/a.bin", src, content_type="application/octet-stream",
-                         metadata={"x-completed": "true"})
+    result = upload_file(
+        s3.client(),
+        s3.bucket,
+        f"{s3_prefix}/a.bin",
+        src,
+        content_type="application/octet-stream",
+        metadata={"x-completed": "true"},
+    )
     head = s3.client().head_object(Bucket=s3.bucket, Key=f"{s3_prefix}/a.bin")
     assert result.parts == 1 and head["Metadata"] == {"x-completed": "true", "x-sha256": sha256_file(src)}
 
 
-def test_large_file_goes_multipart_in_8_mib_parts_and_reads_back_equal(s3: S3Endpoint, s3_prefix: str, tmp_path: Path) -> None:
+def test_large_file_goes_multipart_in_8_mib_parts_and_reads_back_equal(
+    s3: S3Endpoint, s3_prefix: str, tmp_path: Path
+) -> None:
     src = blob(tmp_path / "big.bin", 2 * PART_SIZE + 12345)
     result = upload_file(s3.client(), s3.bucket, f"{s3_prefix}/big.bin", src, content_type="application/octet-stream")
     assert result.parts == 3 and result.size == src.stat().st_size
@@ -75,7 +85,9 @@ def test_interrupted_upload_resumes_from_the_parts_s3_has(s3: S3Endpoint, s3_pre
     src = blob(tmp_path / "r.bin", 5 * PART_SIZE + 7)
     key = f"{s3_prefix}/r.bin"
     with pytest.raises(ConnectionResetError):
-        upload_file(FailAfterParts(s3.client(), 3), s3.bucket, key, src, content_type="x/y", journal=store, file_id="f1")
+        upload_file(
+            FailAfterParts(s3.client(), 3), s3.bucket, key, src, content_type="x/y", journal=store, file_id="f1"
+        )
     (task,) = store.list_upload_tasks("f1")
     assert task.status is UploadStatus.FAILED and task.upload_id and task.checksum == sha256_file(src)
     assert [u["UploadId"] for u in open_uploads(s3.client(), s3.bucket, key)] == [task.upload_id]  # kept for the retry
@@ -136,7 +148,12 @@ def test_sweep_aborts_old_unowned_uploads_under_the_prefix_only(s3: S3Endpoint, 
     young = sweep_uploads(store, client, s3.bucket, f"{s3_prefix}/out", utcnow() - timedelta(hours=1), lambda _: False)
     assert young == []  # younger than the bound: may still be resumed
     swept = sweep_uploads(
-        store, client, s3.bucket, f"{s3_prefix}/out", utcnow() + timedelta(seconds=5), lambda _: False,
+        store,
+        client,
+        s3.bucket,
+        f"{s3_prefix}/out",
+        utcnow() + timedelta(seconds=5),
+        lambda _: False,
         exclude_prefixes=(f"{s3_prefix}/out/incoming/",),
     )
     assert swept == [f"{s3_prefix}/out/x.bin"]
@@ -173,7 +190,9 @@ def test_commit_swaps_the_manifest_then_removes_the_previous_version(s3: S3Endpo
     assert read_manifest(client, s3.bucket, dataset) == v1  # v2's parts are written, not committed
     assert commit(client, s3.bucket, v2) == 1  # v1's part
     keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket=s3.bucket, Prefix=dataset + "/")["Contents"])
-    assert keys == sorted([f"{dataset}/_manifest.json", f"{dataset}/_symlink_format_manifest/manifest", v2.chunks[0].key])
+    assert keys == sorted(
+        [f"{dataset}/_manifest.json", f"{dataset}/_symlink_format_manifest/manifest", v2.chunks[0].key]
+    )
     symlinks = client.get_object(Bucket=s3.bucket, Key=f"{dataset}/_symlink_format_manifest/manifest")["Body"].read()
     assert symlinks.decode() == f"s3://{s3.bucket}/{v2.chunks[0].key}\n"
     head = client.head_object(Bucket=s3.bucket, Key=f"{dataset}/_manifest.json")
@@ -182,7 +201,9 @@ def test_commit_swaps_the_manifest_then_removes_the_previous_version(s3: S3Endpo
     assert not is_intact(client, s3.bucket, v2)  # a manifest is trusted only with every part in place
 
 
-def test_an_upload_given_up_during_an_outage_is_aborted_by_the_sweep(s3: S3Endpoint, s3_prefix: str, tmp_path: Path) -> None:
+def test_an_upload_given_up_during_an_outage_is_aborted_by_the_sweep(
+    s3: S3Endpoint, s3_prefix: str, tmp_path: Path
+) -> None:
     import boto3
     from botocore.config import Config
 
@@ -195,11 +216,17 @@ def test_an_upload_given_up_during_an_outage_is_aborted_by_the_sweep(s3: S3Endpo
         upload_file(FailAfterParts(s3.client(), 1), s3.bucket, key, src, content_type="x/y", journal=store, file_id="f")
     (task,) = store.list_upload_tasks()
     s3_gone = boto3.client(
-        "s3", endpoint_url=f"http://127.0.0.1:{free_port()}", aws_access_key_id="k", aws_secret_access_key="s",
-        region_name="us-east-1", config=Config(retries={"max_attempts": 1}, connect_timeout=1),
+        "s3",
+        endpoint_url=f"http://127.0.0.1:{free_port()}",
+        aws_access_key_id="k",
+        aws_secret_access_key="s",
+        region_name="us-east-1",
+        config=Config(retries={"max_attempts": 1}, connect_timeout=1),
     )
     assert not abort_upload(s3_gone, task, store)  # S3 unreachable: the abort fails too...
     assert [t.id for t in store.list_upload_tasks()] == [task.id]  # ...and the record stays for the sweep
-    swept = sweep_uploads(store, s3.client(), s3.bucket, f"{s3_prefix}/out", utcnow() + timedelta(seconds=5), lambda _: False)
+    swept = sweep_uploads(
+        store, s3.client(), s3.bucket, f"{s3_prefix}/out", utcnow() + timedelta(seconds=5), lambda _: False
+    )
     assert swept == [key]
     assert list(open_uploads(s3.client(), s3.bucket, key)) == [] and store.list_upload_tasks() == []

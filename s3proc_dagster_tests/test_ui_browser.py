@@ -19,7 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (scripts/test installs it as root)"),
+    pytest.mark.skipif(
+        CHROMIUM is None, reason="Debian's chromium is not installed (scripts/test installs it as root)"
+    ),
 ]
 
 
@@ -31,9 +33,20 @@ def visible_text(dom: str) -> str:
 def chromium(url: str, *args: str) -> str:
     profile = Path(os.environ.get("TMPDIR", "/tmp")) / f"chromium-{os.getpid()}-{time.monotonic_ns()}"
     cmd = [
-        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={profile}", "--window-size=1500,1000", "--virtual-time-budget=20000", *args, url,
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--window-size=1500,1000",
+        "--virtual-time-budget=20000",
+        *args,
+        url,
     ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     shutil.rmtree(profile, ignore_errors=True)

@@ -90,7 +90,9 @@ def test_promotions_file_has_exact_per_chunk_and_per_file_counts(deployment: Dep
     # valid + rejected read back from S3 add up to the source, row for row
     client = deployment.s3.client()
     dataset = f"{deployment.prefix}/valid/promo_batch_123.csv"
-    keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket=deployment.s3.bucket, Prefix=dataset + "/")["Contents"])
+    keys = sorted(
+        o["Key"] for o in client.list_objects_v2(Bucket=deployment.s3.bucket, Prefix=dataset + "/")["Contents"]
+    )
     local = {}
     for key in keys:
         if key.endswith(".parquet"):
@@ -114,7 +116,9 @@ def test_file_no_rule_set_selects_has_no_rejected_output(deployment: Deployment)
     record = deployment.store().get_by_path(str(path))
     assert record.processing_stats.failed_records == 0 and record.processing_stats.success_rate == 100.0
     client = deployment.s3.client()
-    listed = client.list_objects_v2(Bucket=deployment.s3.bucket, Prefix=f"{deployment.prefix}/unvalidated/orders.csv/_rejected/")
+    listed = client.list_objects_v2(
+        Bucket=deployment.s3.bucket, Prefix=f"{deployment.prefix}/unvalidated/orders.csv/_rejected/"
+    )
     assert listed.get("KeyCount", 0) == 0
 
 
@@ -134,7 +138,8 @@ def test_promo_named_file_without_offer_expiry_completes_in_the_pipeline(deploym
     shown = [  # and the UI says so, on the file's materialization
         e.event_specific_data.materialization.metadata["skipped_rules"].value
         for e in result.all_events
-        if e.event_type_value == "ASSET_MATERIALIZATION" and "skipped_rules" in e.event_specific_data.materialization.metadata
+        if e.event_type_value == "ASSET_MATERIALIZATION"
+        and "skipped_rules" in e.event_specific_data.materialization.metadata
     ]
     assert shown == ["expiredOffer (missing column offerExpiry)"]
 
@@ -160,7 +165,12 @@ def promotions_rules(tmp_path: Path, on_missing_columns: str | None) -> Path:
 def convert_with(rule_set: RuleSet, src: Path, out: Path, chunk_size: int = 4) -> ConversionResult:
     """What the pipeline does with a file its rule set selects."""
     return convert_to_parquet_chunks(
-        src, "csv", out, chunk_size, rules=rule_set.render(AS_OF), required_columns=rule_set.columns,
+        src,
+        "csv",
+        out,
+        chunk_size,
+        rules=rule_set.render(AS_OF),
+        required_columns=rule_set.columns,
         on_missing_columns=rule_set.on_missing_columns,
     )
 
@@ -192,7 +202,9 @@ def test_promo_named_file_without_offer_expiry_completes_with_only_expired_offer
     rejected = read_parquet([c.rejected_path for c in result.chunks if c.rejected_path])
     assert [r["userId"] for r in valid] == ["u0", "u3", "u5"]
     assert [(r["userId"], r["_rules"]) for r in rejected] == [
-        (" ", ["invalidUserId"]), ("u2", ["invalidPromoCode"]), (None, ["invalidUserId", "invalidPromoCode"])
+        (" ", ["invalidUserId"]),
+        ("u2", ["invalidPromoCode"]),
+        (None, ["invalidUserId", "invalidPromoCode"]),
     ]
 
 
@@ -200,7 +212,9 @@ def test_fail_policy_fails_naming_the_rule_file_and_the_missing_columns(tmp_path
     rule_set = rule_set_for("promo_bad.csv", promotions_rules(tmp_path, "fail"))
     src = tmp_path / "promo_bad.csv"
     src.write_text("userId,amount\nu1,3\n")
-    with pytest.raises(ConversionError, match=r"promotions\.yml needs column\(s\) promoCode, offerExpiry, which the file lacks"):
+    with pytest.raises(
+        ConversionError, match=r"promotions\.yml needs column\(s\) promoCode, offerExpiry, which the file lacks"
+    ):
         convert_with(rule_set, src, tmp_path / "out")
 
 
@@ -243,9 +257,9 @@ def test_declared_columns_match_the_file_without_regard_to_case(tmp_path: Path) 
 @pytest.mark.parametrize(
     "sql, reason",
     [
-        ("no_such_function(\"y\") > 1", "no_such_function"),  # needs missing y, and is wrong anyway
-        ("\"y\" > 1 OR nope_column > 3", "nope_column"),  # a column nobody declared: a typo
-        ("\"x\" >", "syntax error"),
+        ('no_such_function("y") > 1', "no_such_function"),  # needs missing y, and is wrong anyway
+        ('"y" > 1 OR nope_column > 3', "nope_column"),  # a column nobody declared: a typo
+        ('"x" >', "syntax error"),
     ],
 )
 def test_a_rule_with_a_genuine_sql_error_fails_the_file_even_when_its_column_is_missing(
@@ -253,7 +267,9 @@ def test_a_rule_with_a_genuine_sql_error_fails_the_file_even_when_its_column_is_
 ) -> None:
     rules = tmp_path / "rules"
     (rules / "r").mkdir(parents=True)
-    (rules / "r.yml").write_text("select: ['**/*.csv']\ncolumns: [x, y]\nrules:\n  fine: r/fine.sql\n  broken: r/broken.sql\n")
+    (rules / "r.yml").write_text(
+        "select: ['**/*.csv']\ncolumns: [x, y]\nrules:\n  fine: r/fine.sql\n  broken: r/broken.sql\n"
+    )
     (rules / "r" / "fine.sql").write_text('"y" IS NULL')
     (rules / "r" / "broken.sql").write_text(sql)
     src = tmp_path / "a.csv"
@@ -267,7 +283,9 @@ def test_a_rule_with_a_genuine_sql_error_fails_the_file_even_when_its_column_is_
 def test_a_rule_needing_two_missing_columns_names_both(tmp_path: Path) -> None:
     rules = tmp_path / "rules"
     (rules / "r").mkdir(parents=True)
-    (rules / "r.yml").write_text("select: ['**/*.csv']\ncolumns: [x, y, z]\nrules:\n  both: r/both.sql\n  onX: r/x.sql\n")
+    (rules / "r.yml").write_text(
+        "select: ['**/*.csv']\ncolumns: [x, y, z]\nrules:\n  both: r/both.sql\n  onX: r/x.sql\n"
+    )
     (rules / "r" / "both.sql").write_text('"y" > "z"')
     (rules / "r" / "x.sql").write_text('"x" > 1')
     src = tmp_path / "a.csv"
@@ -280,11 +298,16 @@ def test_a_rule_needing_two_missing_columns_names_both(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "yml, message",
     [
-        ("on_missing_columns: ignore\n", r"on_missing_columns must be one of fail, skip_rules, reject_records, not 'ignore'"),
+        (
+            "on_missing_columns: ignore\n",
+            r"on_missing_columns must be one of fail, skip_rules, reject_records, not 'ignore'",
+        ),
         ("", r"rule name 'missingColumns' is reserved"),
     ],
 )
-def test_rule_set_with_an_unknown_policy_or_the_reserved_rule_name_is_refused(tmp_path: Path, yml: str, message: str) -> None:
+def test_rule_set_with_an_unknown_policy_or_the_reserved_rule_name_is_refused(
+    tmp_path: Path, yml: str, message: str
+) -> None:
     rules = tmp_path / "rules"
     rules.mkdir()
     name = "missingColumns" if not yml else "ok"

@@ -15,7 +15,9 @@ def write(path: Path, data: bytes = b"a,b\n1,2\n") -> Path:
     return path
 
 
-def tick(root: Path, cursor: WatchCursor | None, now_ms: int, threshold: int = 0, ignore_initial: bool = False, skip=()):
+def tick(
+    root: Path, cursor: WatchCursor | None, now_ms: int, threshold: int = 0, ignore_initial: bool = False, skip=()
+):
     ready, nxt = evaluate(scan(root, tuple(skip)), cursor, now_ms, threshold, ignore_initial)
     return sorted(f.relative_path for f in ready), nxt
 

@@ -50,7 +50,9 @@ class Watcher:
             time.sleep(0.05)  # the sensor's own poll interval, scaled down; bounded by the deadline
 
 
-def test_file_is_requested_once_stable_exactly_once_and_again_when_modified(deployment: Deployment, tmp_path: Path) -> None:
+def test_file_is_requested_once_stable_exactly_once_and_again_when_modified(
+    deployment: Deployment, tmp_path: Path
+) -> None:
     root = tmp_path / "watch"
     (root / "errors").mkdir(parents=True)
     watcher = Watcher(deployment, root, threshold_ms=400)

@@ -1,7 +1,7 @@
 """The `s3proc` command: status, process, retry, backfill, images, and `dev`.
 
 Every help text has to stand alone: the user reading `s3proc retry --help` has neither
-the README nor the seeds in front of them. File arguments mean what
+the README nor the specification in front of them. File arguments mean what
 `sources.paths.resolve_user_path` says, the same for every command.
 """
 
@@ -13,12 +13,12 @@ import os
 import signal
 import sys
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from dotenv import load_dotenv
 
 from s3proc_dagster.errors import S3ProcError
+from s3proc_dagster.files import parking
 from s3proc_dagster.models import ChunkStatus, FileStatus, ProcessingStatus
 from s3proc_dagster.settings import Configuration, load_configuration
 from s3proc_dagster.sources.paths import (
@@ -97,8 +97,7 @@ def _status(args: argparse.Namespace) -> int:
             stats = f.processing_stats
             print(
                 f"{f.status.name:<11} {stats.completed_chunks:>4}/{f.total_chunks:<4} chunks  "
-                f"{f.file_path}  ->  {f.output_key or '-'}"
-                + (f"  error: {f.error_details}" if f.error_details else "")
+                f"{f.file_path}  ->  {f.output_key or '-'}" + (f"  error: {f.error_details}" if f.error_details else "")
             )
             if args.chunks:
                 print("\n".join(_chunk_lines(chunks[f.file_id])))
@@ -109,7 +108,7 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-def get_instance() -> "dg.DagsterInstance":
+def get_instance() -> dg.DagsterInstance:
     """The instance at DAGSTER_HOME; without one, the checkout's `.dagster_home` (written
     as `scripts/dev` writes it), so the runs show in the same UI."""
     import dagster as dg
@@ -124,7 +123,7 @@ def get_instance() -> "dg.DagsterInstance":
     return dg.DagsterInstance.get()
 
 
-def request_for(raw: str, cfg: Configuration) -> "dg.RunRequest":
+def request_for(raw: str, cfg: Configuration) -> dg.RunRequest:
     """The RunRequest the watch or S3 sensor would make for this file: same config, same
     tags (the file's metadata, `dagster/priority`), so a run started here is one of theirs."""
     from s3proc_dagster.runs.requests import run_request_for
@@ -136,7 +135,9 @@ def request_for(raw: str, cfg: Configuration) -> "dg.RunRequest":
         bucket, _, key = raw.removeprefix("s3://").partition("/")
         incoming = cfg.s3.incoming_prefix + "/" if cfg.s3.incoming_prefix else ""
         head = client_for(cfg.s3).head_object(Bucket=bucket, Key=key)
-        return run_request_for(raw, key.removeprefix(incoming), run_key="", metadata=metadata_from_object(head.get("Metadata", {})))
+        return run_request_for(
+            raw, key.removeprefix(incoming), run_key="", metadata=metadata_from_object(head.get("Metadata", {}))
+        )
     path = Path(raw).resolve()
     return run_request_for(str(path), relative_to_watch(path, cfg.monitoring.watch_path), run_key="")
 
@@ -155,7 +156,9 @@ def _process(args: argparse.Namespace) -> int:
             outcome = run_now(instance, request)
             status = store.get_by_path(target)
             state = status.status.name if status else ("FAILED" if not outcome.success else "SKIPPED")
-            detail = (status.output_key or "") if status and outcome.success else (status.error_details if status else "")
+            detail = (
+                (status.output_key or "") if status and outcome.success else (status.error_details if status else "")
+            )
             failed += not outcome.success
             print(f"{state:<10} {raw}  {detail or ''}  (run {outcome.run_id[:8]})")
     finally:
@@ -185,7 +188,7 @@ def _retry_refusal(status: FileStatus, rel: str | None, force: bool) -> str | No
 
 
 def _retry(args: argparse.Namespace) -> int:
-    """The seed's manual retry: the original comes back from the error directory, the
+    """The manual retry (FAILED -> PENDING in the specification): the original comes back from the error directory, the
     record goes FAILED -> PENDING, and the watch sensor runs it again under a new key.
 
     Only FAILED files by default, as the help says: a COMPLETED file is reprocessed
@@ -210,17 +213,15 @@ def _retry(args: argparse.Namespace) -> int:
                 path = Path(status.file_path)
                 rel = path_below(path, watch) if "://" not in status.file_path else None
                 problem = _retry_refusal(status, rel, args.force)
-                parked = error_dir / rel if rel else None
-                if problem is None and not path.exists() and not (parked and parked.exists()):
+                parked, _ = parking.parked_location(path, watch, error_dir)
+                if problem is None and not path.exists() and not parked.exists():
                     problem = f"is neither in WATCH_PATH nor in the error directory ({parked}) any more"
                 if problem:
                     print(f"s3proc: {status.file_path}: {problem}", file=sys.stderr)
                     refused += 1
                     continue
-                if parked and parked.exists() and not path.exists():
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    parked.rename(path)
-                    parked.with_name(parked.name + ".error.json").unlink(missing_ok=True)
+                if not path.exists():
+                    parking.unpark(path, watch, error_dir)
                 was = status.status.name
                 store.reset_to_pending(status.file_id, None)
                 print(f"PENDING    {path}  (was {was}; the watch sensor will run it again)")

@@ -85,8 +85,15 @@ def write_instance(dagster_home: Path, max_concurrency: int) -> Path:
 
 
 DEV_ENV_KEYS = (
-    "S3_ENDPOINT", "S3_ACCESS_KEY_ID", "S3_SECRET_ACCESS_KEY", "S3_BUCKET", "WATCH_PATH",
-    "ERROR_DIRECTORY", "STAGING_DIRECTORY", "PROGRESS_DB_PATH", "REPORTS_DB_PATH",
+    "S3_ENDPOINT",
+    "S3_ACCESS_KEY_ID",
+    "S3_SECRET_ACCESS_KEY",
+    "S3_BUCKET",
+    "WATCH_PATH",
+    "ERROR_DIRECTORY",
+    "STAGING_DIRECTORY",
+    "PROGRESS_DB_PATH",
+    "REPORTS_DB_PATH",
 )
 
 
@@ -96,8 +103,10 @@ def _write_dev_env(path: Path) -> None:
     SeaweedFS and store. An existing `.env` is the user's and is never touched."""
     if path.exists():
         return
-    lines = ["# Written by scripts/dev for the embedded SeaweedFS; see .env.example for every setting.",
-             "S3_EMBEDDED=true"]
+    lines = [
+        "# Written by scripts/dev for the embedded SeaweedFS; see .env.example for every setting.",
+        "S3_EMBEDDED=true",
+    ]
     lines += [f"{key}={os.environ[key]}" for key in DEV_ENV_KEYS if os.environ.get(key)]
     path.write_text("\n".join(lines) + "\n")
 
@@ -208,7 +217,9 @@ def _wait_for_ui(dagster: subprocess.Popen, host: str, port: int, deadline_s: fl
     deadline = time.monotonic() + deadline_s
     while True:
         if dagster.poll() is not None:
-            raise ServerStartError(f"dagster dev exited with code {dagster.returncode} before its UI answered (its output is above)")
+            raise ServerStartError(
+                f"dagster dev exited with code {dagster.returncode} before its UI answered (its output is above)"
+            )
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:
@@ -264,7 +275,18 @@ def run_dev(host: str = "127.0.0.1", port: int = 3000, root: Path | None = None)
             home = Path(os.environ.setdefault("DAGSTER_HOME", str(root / ".dagster_home")))
             write_instance(home, cfg.processing.max_concurrency)
             print(f"Watching {cfg.monitoring.watch_path}; DAGSTER_HOME={home}; starting dagster dev", flush=True)
-            cmd = [sys.executable, "-m", "dagster", "dev", "-w", str(root / "workspace.yaml"), "-h", host, "-p", str(port)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "dagster",
+                "dev",
+                "-w",
+                str(root / "workspace.yaml"),
+                "-h",
+                host,
+                "-p",
+                str(port),
+            ]
             dagster = start_in_own_group(cmd, cwd=root)
             _wait_for_ui(dagster, host, port)
             print(f"UI on http://{host}:{port} (Ctrl-C, SIGTERM or SIGHUP stops everything)", flush=True)

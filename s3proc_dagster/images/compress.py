@@ -31,7 +31,9 @@ class CompressedImage:
     input_bytes: int
 
 
-def compress(data: bytes, quality: int = 50, output_format: str | None = None, max_pixels: int = MAX_PIXELS) -> CompressedImage:
+def compress(
+    data: bytes, quality: int = 50, output_format: str | None = None, max_pixels: int = MAX_PIXELS
+) -> CompressedImage:
     Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with warnings.catch_warnings():

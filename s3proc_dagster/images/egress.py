@@ -159,7 +159,9 @@ class DestinationGuard:
         error: OSError | None = None
         for address in self.vet(host, port):
             try:
-                return self.connect((address, port), timeout, source_address=source_address, socket_options=socket_options)
+                return self.connect(
+                    (address, port), timeout, source_address=source_address, socket_options=socket_options
+                )
             except OSError as exc:
                 error = exc
         assert error is not None  # vet returned at least one address
@@ -178,7 +180,9 @@ def _new_vetted_conn(conn: HTTPConnection, guard: DestinationGuard) -> socket.so
     except socket.gaierror as exc:
         raise NameResolutionError(conn.host, conn, exc) from exc
     except TimeoutError as exc:
-        raise ConnectTimeoutError(conn, f"Connection to {conn.host} timed out. (connect timeout={conn.timeout})") from exc
+        raise ConnectTimeoutError(
+            conn, f"Connection to {conn.host} timed out. (connect timeout={conn.timeout})"
+        ) from exc
     except OSError as exc:
         raise NewConnectionError(conn, f"Failed to establish a new connection: {exc}") from exc
     sys.audit("http.client.connect", conn, conn.host, conn.port)
@@ -233,7 +237,9 @@ class GuardedAdapter(HTTPAdapter):
         self._guard = guard or DestinationGuard()  # set first: HTTPAdapter.__init__ builds the pool manager
         super().__init__(**kwargs)
 
-    def init_poolmanager(self, connections: int, maxsize: int, block: bool = DEFAULT_POOLBLOCK, **pool_kwargs: Any) -> None:
+    def init_poolmanager(
+        self, connections: int, maxsize: int, block: bool = DEFAULT_POOLBLOCK, **pool_kwargs: Any
+    ) -> None:
         self._pool_connections = connections
         self._pool_maxsize = maxsize
         self._pool_block = block
@@ -242,7 +248,12 @@ class GuardedAdapter(HTTPAdapter):
         )
 
     def send(
-        self, request: Any, stream: bool = False, timeout: Any = None, verify: Any = True, cert: Any = None,
+        self,
+        request: Any,
+        stream: bool = False,
+        timeout: Any = None,
+        verify: Any = True,
+        cert: Any = None,
         proxies: Any = None,
     ) -> Any:
         proxy = select_proxy(request.url, proxies or {})

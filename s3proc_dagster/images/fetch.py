@@ -115,7 +115,7 @@ def _fetch_s3(url: str, client: Any, max_bytes: int) -> FetchedImage:
         obj = client.get_object(Bucket=parsed.netloc, Key=parsed.path.lstrip("/"))
     except client.exceptions.NoSuchKey:
         raise FetchError(f"{url}: no such object") from None
-    except Exception as exc:  # noqa: BLE001 - botocore's error zoo; keep the code, drop the details
+    except Exception as exc:
         code = getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
         raise FetchError(f"{url}: S3 error {code}", transient=code not in ("AccessDenied", "NoSuchBucket")) from None
     if obj["ContentLength"] > max_bytes:

@@ -11,9 +11,11 @@ from __future__ import annotations
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from s3proc_dagster.errors import ChecksumMismatch, ImageRequestError
 from s3proc_dagster.images.compress import compress
@@ -105,8 +107,12 @@ def process_row(
             continue  # landed in an earlier attempt
         try:
             fetched = _with_retries(
-                lambda: fetch_image(
-                    url, client, options.max_bytes, (options.fetch_timeout_s, options.fetch_timeout_s),
+                partial(
+                    fetch_image,
+                    url,
+                    client,
+                    options.max_bytes,
+                    (options.fetch_timeout_s, options.fetch_timeout_s),
                     allow_private=options.allow_private_urls,
                 ),
                 options,
@@ -118,7 +124,10 @@ def process_row(
                 tmp.write(image.data)
                 tmp.flush()
                 uploaded = upload_file(
-                    client, options.bucket, key, Path(tmp.name),
+                    client,
+                    options.bucket,
+                    key,
+                    Path(tmp.name),
                     content_type=image.content_type,
                     metadata={"x-completed": "true", "x-request-id": row.request_id},
                 )
@@ -140,10 +149,10 @@ def finalize(store: ProgressStore, request_id: str, client: Any, options: ImageO
     with tempfile.NamedTemporaryFile(dir=staging, suffix=".csv") as tmp:
         tmp.write(body)
         tmp.flush()
-        upload_file(client, options.bucket, key, Path(tmp.name), content_type="text/csv", metadata={"x-completed": "true"})
-    problems = [
-        f"row {r.serial_number} image {i + 1}: {e}" for r in rows for i, e in enumerate(r.errors) if e
-    ]
+        upload_file(
+            client, options.bucket, key, Path(tmp.name), content_type="text/csv", metadata={"x-completed": "true"}
+        )
+    problems = [f"row {r.serial_number} image {i + 1}: {e}" for r in rows for i, e in enumerate(r.errors) if e]
     succeeded = any(u for r in rows for u in r.output_image_urls)
     status = RequestStatus.COMPLETED if succeeded else RequestStatus.FAILED
     return store.set_request_status(request_id, status, errors=problems, output_csv_url=output_url(options, key))

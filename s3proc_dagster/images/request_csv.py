@@ -39,7 +39,7 @@ def _norm(header: str) -> str:
 
 
 def looks_like_request_csv(path: Path) -> bool:
-    """Routing by header, not by name: the first line names the three seed columns."""
+    """Routing by header, not by name: the first line names the three columns of a product CSV."""
     try:
         with path.open("r", encoding="utf-8-sig", errors="strict") as f:
             first = f.readline(MAX_SNIFF_BYTES)
@@ -72,7 +72,7 @@ def parse_request_csv(data: bytes, name: str = "request.csv") -> list[ProductRow
     problems: list[str] = []
     normalized = [_norm(h) for h in header]
     missing = [e for e in EXPECTED if e not in normalized]
-    extra = [h for h, n in zip(header, normalized) if n not in EXPECTED]
+    extra = [h for h, n in zip(header, normalized, strict=True) if n not in EXPECTED]
     if missing:
         problems.append(f"header: missing column(s) {', '.join(repr(m) for m in missing)}")
     if extra:

@@ -12,7 +12,9 @@ def post_result(url: str, body: bytes, attempts: int = 3, delay_s: float = 0.5, 
     status = 0
     for attempt in range(attempts):
         try:
-            status = requests.post(url, data=body, headers={"Content-Type": "application/json"}, timeout=timeout_s).status_code
+            status = requests.post(
+                url, data=body, headers={"Content-Type": "application/json"}, timeout=timeout_s
+            ).status_code
         except requests.RequestException:
             status = 0
         if 200 <= status < 500:

@@ -64,9 +64,7 @@ class Project:
             raise ReportProjectError(f"models form a cycle: {exc.args[1]}") from None
 
     def render(self, name: str) -> str:
-        return _env().from_string(self.models[name].template).render(
-            ref=lambda model: model, source=source_table
-        )
+        return _env().from_string(self.models[name].template).render(ref=lambda model: model, source=source_table)
 
 
 def _env() -> jinja2.Environment:
@@ -80,7 +78,7 @@ def _tests(model: str, columns: list[dict]) -> list[ColumnTest]:
             if isinstance(test, str):
                 out.append(ColumnTest(model, column["name"], test))
                 continue
-            (kind, args), = test.items()
+            ((kind, args),) = test.items()
             if kind == "accepted_values":
                 out.append(ColumnTest(model, column["name"], kind, values=tuple(str(v) for v in args["values"])))
             elif kind == "relationships":

@@ -40,7 +40,7 @@ def failing_rows_sql(test: ColumnTest) -> str:
         return f"SELECT count(*) FROM {t} WHERE {c} IS NOT NULL AND CAST({c} AS VARCHAR) NOT IN ({values})"
     if test.kind == "relationships":
         return (
-            f'SELECT count(*) FROM {t} AS child WHERE child.{c} IS NOT NULL AND NOT EXISTS '
+            f"SELECT count(*) FROM {t} AS child WHERE child.{c} IS NOT NULL AND NOT EXISTS "
             f'(SELECT 1 FROM "{test.to_model}" AS parent WHERE parent."{test.to_field}" = child.{c})'
         )
     raise ValueError(test.kind)

@@ -21,25 +21,71 @@ def _table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
 
 
 FILE_SCHEMA = pa.schema(
-    [("file_id", pa.string()), ("file_path", pa.string()), ("file_name", pa.string()), ("status", pa.string()),
-     ("file_type", pa.string()), ("file_size", pa.int64()), ("total_chunks", pa.int64()),
-     ("completed_chunks", pa.int64()), ("failed_chunks", pa.int64()), ("successful_records", pa.int64()),
-     ("failed_records", pa.int64()), ("success_rate", pa.float64()), ("output_key", pa.string()),
-     ("error_details", pa.string()), ("created_at", pa.timestamp("us", tz="UTC")),
-     ("completed_at", pa.timestamp("us", tz="UTC")), ("metadata", pa.string())]
+    [
+        ("file_id", pa.string()),
+        ("file_path", pa.string()),
+        ("file_name", pa.string()),
+        ("status", pa.string()),
+        ("file_type", pa.string()),
+        ("file_size", pa.int64()),
+        ("total_chunks", pa.int64()),
+        ("completed_chunks", pa.int64()),
+        ("failed_chunks", pa.int64()),
+        ("successful_records", pa.int64()),
+        ("failed_records", pa.int64()),
+        ("success_rate", pa.float64()),
+        ("output_key", pa.string()),
+        ("error_details", pa.string()),
+        ("created_at", pa.timestamp("us", tz="UTC")),
+        ("completed_at", pa.timestamp("us", tz="UTC")),
+        ("metadata", pa.string()),
+    ]
 )
 CHUNK_SCHEMA = pa.schema(
-    [("chunk_id", pa.string()), ("file_id", pa.string()), ("chunk_index", pa.int64()), ("record_count", pa.int64()),
-     ("status", pa.string()), ("duration", pa.float64()), ("size_bytes", pa.int64()), ("retry_count", pa.int64()),
-     ("successful_records", pa.int64()), ("failed_records", pa.int64())]
+    [
+        ("chunk_id", pa.string()),
+        ("file_id", pa.string()),
+        ("chunk_index", pa.int64()),
+        ("record_count", pa.int64()),
+        ("status", pa.string()),
+        ("duration", pa.float64()),
+        ("size_bytes", pa.int64()),
+        ("retry_count", pa.int64()),
+        ("successful_records", pa.int64()),
+        ("failed_records", pa.int64()),
+    ]
 )
-ERRORS_SCHEMA = pa.schema([("file_id", pa.string()), ("kind", pa.string()), ("rule", pa.string()), ("count", pa.int64())])
-REQUEST_SCHEMA = pa.schema([("request_id", pa.string()), ("status", pa.string()), ("file_name", pa.string()),
-                            ("output_csv_url", pa.string()), ("errors", pa.int64())])
-ROW_SCHEMA = pa.schema([("request_id", pa.string()), ("serial_number", pa.int64()), ("product_name", pa.string()),
-                        ("images", pa.int64()), ("done", pa.int64()), ("completed_at", pa.timestamp("us", tz="UTC"))])
-DATASET_SCHEMA = pa.schema([("dataset_key", pa.string()), ("objects", pa.int64()), ("rows", pa.int64()),
-                            ("bytes", pa.int64()), ("compression", pa.string())])
+ERRORS_SCHEMA = pa.schema(
+    [("file_id", pa.string()), ("kind", pa.string()), ("rule", pa.string()), ("count", pa.int64())]
+)
+REQUEST_SCHEMA = pa.schema(
+    [
+        ("request_id", pa.string()),
+        ("status", pa.string()),
+        ("file_name", pa.string()),
+        ("output_csv_url", pa.string()),
+        ("errors", pa.int64()),
+    ]
+)
+ROW_SCHEMA = pa.schema(
+    [
+        ("request_id", pa.string()),
+        ("serial_number", pa.int64()),
+        ("product_name", pa.string()),
+        ("images", pa.int64()),
+        ("done", pa.int64()),
+        ("completed_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+DATASET_SCHEMA = pa.schema(
+    [
+        ("dataset_key", pa.string()),
+        ("objects", pa.int64()),
+        ("rows", pa.int64()),
+        ("bytes", pa.int64()),
+        ("compression", pa.string()),
+    ]
+)
 
 
 def progress_tables(store: ProgressStore) -> dict[str, pa.Table]:
@@ -47,33 +93,67 @@ def progress_tables(store: ProgressStore) -> dict[str, pa.Table]:
     file_rows, chunk_rows, error_rows = [], [], []
     for f in files:
         s = f.processing_stats
-        file_rows.append({
-            "file_id": f.file_id, "file_path": f.file_path, "file_name": f.file_name, "status": f.status.value,
-            "file_type": f.file_type.value if f.file_type else None, "file_size": f.file_size,
-            "total_chunks": f.total_chunks, "completed_chunks": s.completed_chunks, "failed_chunks": s.failed_chunks,
-            "successful_records": s.successful_records, "failed_records": s.failed_records,
-            "success_rate": s.success_rate, "output_key": f.output_key, "error_details": f.error_details,
-            "created_at": f.created_at, "completed_at": f.completed_at, "metadata": json.dumps(f.metadata),
-        })
+        file_rows.append(
+            {
+                "file_id": f.file_id,
+                "file_path": f.file_path,
+                "file_name": f.file_name,
+                "status": f.status.value,
+                "file_type": f.file_type.value if f.file_type else None,
+                "file_size": f.file_size,
+                "total_chunks": f.total_chunks,
+                "completed_chunks": s.completed_chunks,
+                "failed_chunks": s.failed_chunks,
+                "successful_records": s.successful_records,
+                "failed_records": s.failed_records,
+                "success_rate": s.success_rate,
+                "output_key": f.output_key,
+                "error_details": f.error_details,
+                "created_at": f.created_at,
+                "completed_at": f.completed_at,
+                "metadata": json.dumps(f.metadata),
+            }
+        )
         for kind, counts in f.error_summary.items():
             error_rows += [{"file_id": f.file_id, "kind": kind, "rule": r, "count": n} for r, n in counts.items()]
     for c in store.list_all_chunks():
-        chunk_rows.append({
-            "chunk_id": c.chunk_id, "file_id": c.file_id, "chunk_index": c.chunk_index,
-            "record_count": c.record_count, "status": c.status.value, "duration": c.duration,
-            "size_bytes": c.size_bytes, "retry_count": c.retry_count,
-            "successful_records": c.processing_stats.successful_records,
-            "failed_records": c.processing_stats.failed_records,
-        })
+        chunk_rows.append(
+            {
+                "chunk_id": c.chunk_id,
+                "file_id": c.file_id,
+                "chunk_index": c.chunk_index,
+                "record_count": c.record_count,
+                "status": c.status.value,
+                "duration": c.duration,
+                "size_bytes": c.size_bytes,
+                "retry_count": c.retry_count,
+                "successful_records": c.processing_stats.successful_records,
+                "failed_records": c.processing_stats.failed_records,
+            }
+        )
     requests = store.list_requests()
     request_rows, data_rows = [], []
     for r in requests:
-        request_rows.append({"request_id": r.request_id, "status": r.status.value, "file_name": r.file_name,
-                             "output_csv_url": r.output_csv_url, "errors": len(r.errors)})
+        request_rows.append(
+            {
+                "request_id": r.request_id,
+                "status": r.status.value,
+                "file_name": r.file_name,
+                "output_csv_url": r.output_csv_url,
+                "errors": len(r.errors),
+            }
+        )
         for d in store.list_request_rows(r.request_id):
-            data_rows.append({"request_id": d.request_id, "serial_number": d.serial_number,
-                              "product_name": d.product_name, "images": len(d.input_image_urls),
-                              "done": sum(1 for u in d.output_image_urls if u), "completed_at": d.completed_at})
+            data_rows.append(
+                {
+                    "request_id": d.request_id,
+                    "serial_number": d.serial_number,
+                    "product_name": d.product_name,
+                    "images": len(d.input_image_urls),
+                    "done": sum(1 for u in d.output_image_urls if u),
+                    "completed_at": d.completed_at,
+                }
+            )
     return {
         "file_status": _table(file_rows, FILE_SCHEMA),
         "chunk_status": _table(chunk_rows, CHUNK_SCHEMA),
@@ -92,6 +172,13 @@ def dataset_table(client: Any, bucket: str, prefix: str) -> pa.Table:
             if not obj["Key"].endswith("/" + MANIFEST_NAME):
                 continue
             manifest = Manifest.from_json(client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read().decode())
-            rows.append({"dataset_key": manifest.dataset_key, "objects": len(manifest.chunks) + len(manifest.rejected),
-                         "rows": manifest.total_rows, "bytes": manifest.total_bytes, "compression": manifest.compression})
+            rows.append(
+                {
+                    "dataset_key": manifest.dataset_key,
+                    "objects": len(manifest.chunks) + len(manifest.rejected),
+                    "rows": manifest.total_rows,
+                    "bytes": manifest.total_bytes,
+                    "compression": manifest.compression,
+                }
+            )
     return _table(rows, DATASET_SCHEMA)

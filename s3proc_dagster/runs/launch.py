@@ -51,7 +51,9 @@ def create_run(instance: dg.DagsterInstance, location: CodeLocation, request: dg
     (repo,) = location.get_repositories().values()
     remote_job = repo.get_full_job(request.job_name)
     run_config = dict(request.run_config or {})
-    plan = location.get_execution_plan(remote_job, run_config, step_keys_to_execute=None, known_state=None, instance=instance)
+    plan = location.get_execution_plan(
+        remote_job, run_config, step_keys_to_execute=None, known_state=None, instance=instance
+    )
     return instance.create_run(
         job_name=remote_job.name,
         run_id=None,

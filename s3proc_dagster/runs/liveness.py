@@ -20,13 +20,14 @@ running, and their files can be recovered.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import dagster as dg
 import psutil
@@ -88,10 +89,8 @@ class Heartbeat:
 
     def _loop(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
-            try:
+            with contextlib.suppress(Exception):
                 self._beat()
-            except Exception:  # noqa: BLE001 - a missed beat is tolerated; the next one may pass
-                pass
 
 
 def last_beat(instance: dg.DagsterInstance, run_id: str) -> Beat | None:

@@ -25,7 +25,11 @@ RECONCILE_JOB = "reconcile_job"
 
 
 def run_request_for(
-    path: str, relative_path: str, run_key: str | None, file_id: str | None = None, metadata: dict[str, Any] | None = None
+    path: str,
+    relative_path: str,
+    run_key: str | None,
+    file_id: str | None = None,
+    metadata: dict[str, Any] | None = None,
 ) -> dg.RunRequest:
     """A product CSV (by its header, not its name) goes to image_request_job; any other
     file to process_file_job. File metadata becomes tags, `priority` the run's priority."""

@@ -10,7 +10,9 @@ from s3proc_dagster.sources.metadata import run_tags
 TAG = "s3proc"  # s3proc/path, s3proc/source, s3proc/file_id, s3proc/extension, s3proc/<metadata key>
 
 
-def file_run_tags(relative_path: str, source: str, file_id: str, metadata: dict[str, Any] | None = None) -> dict[str, str]:
+def file_run_tags(
+    relative_path: str, source: str, file_id: str, metadata: dict[str, Any] | None = None
+) -> dict[str, str]:
     """A sensor puts these on the runs it requests; a run started another way (`dagster
     job launch`, the Launchpad) gets them from its first step, so all runs look alike."""
     return {

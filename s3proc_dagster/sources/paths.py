@@ -77,12 +77,10 @@ def _local_readings(
         candidates.append(_absolute(root / path, cwd))
     readings: list[tuple[Path, str | None]] = []
     for candidate in candidates:
-        if error_directory is not None:
-            parked = path_below(candidate, _absolute(error_directory, cwd))
-            if parked is not None:
-                # a FAILED file waits in the error directory under its watched path
-                candidate = root / parked
-        readings.append((candidate, path_below(candidate, root)))
+        parked = path_below(candidate, _absolute(error_directory, cwd)) if error_directory is not None else None
+        # a FAILED file waits in the error directory under its watched path
+        named = root / parked if parked is not None else candidate
+        readings.append((named, path_below(named, root)))
     return readings
 
 

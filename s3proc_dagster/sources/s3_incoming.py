@@ -63,7 +63,7 @@ class IncomingCursor:
 def _skip(key: str, prefix: str, exclude_prefixes: tuple[str, ...]) -> bool:
     if any(key.startswith(p) for p in exclude_prefixes if p):
         return True
-    rel = key[len(prefix):]
+    rel = key[len(prefix) :]
     return key.endswith("/") or any(is_ignored_name(part) for part in rel.split("/") if part)
 
 
@@ -102,7 +102,12 @@ def list_incoming(
                 continue
             found.append(
                 IncomingObject(
-                    bucket, obj["Key"], obj["Key"][len(prefix):], obj["ETag"].strip('"'), obj["Size"], obj["LastModified"]
+                    bucket,
+                    obj["Key"],
+                    obj["Key"][len(prefix) :],
+                    obj["ETag"].strip('"'),
+                    obj["Size"],
+                    obj["LastModified"],
                 )
             )
         if not page.get("IsTruncated"):
@@ -117,5 +122,5 @@ OBJECT_METADATA_NAMES = {"campaignid": "campaignId", "source": "source", "priori
 
 
 def metadata_from_object(user_metadata: dict[str, str]) -> dict[str, str]:
-    """S3 lowercases user-metadata names (`x-amz-meta-campaignid`); give the seed's back."""
+    """S3 lowercases user-metadata names (`x-amz-meta-campaignid`); give back the spelling the specification uses (`campaignId`)."""
     return {OBJECT_METADATA_NAMES.get(k.lower(), k): v for k, v in user_metadata.items() if not k.startswith("x-")}

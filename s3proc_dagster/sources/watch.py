@@ -123,10 +123,7 @@ def evaluate(
         if not is_new and f.relative_path not in cursor.waiting:
             continue
         previous = cursor.waiting.get(f.relative_path)
-        if previous is not None and previous[0] == f.size and previous[1] == f.mtime_ns:
-            since = previous[2]
-        else:
-            since = now_ms
+        since = previous[2] if previous is not None and previous[0] == f.size and previous[1] == f.mtime_ns else now_ms
         if now_ms - since >= stability_threshold_ms:
             ready.append(f)
         else:

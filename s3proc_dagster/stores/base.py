@@ -16,20 +16,21 @@ blocks its file and two live runs never work on it at once.
 
 from __future__ import annotations
 
-import math
 import enum
+import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Final, Iterable
+from typing import Any, Final
 
 from s3proc_dagster.errors import ConcurrencyConflict, FileBusy, IllegalTransition, RecordNotFound, VersionSuperseded
 from s3proc_dagster.models import (
     ChunkStatus,
     FileStatus,
     ProcessingStatus,
+    RejectedPart,
     Request,
     RequestData,
-    RejectedPart,
     RequestStatus,
     S3UploadTask,
     chunk_id,
@@ -66,6 +67,7 @@ class Claim:
     @property
     def holder(self) -> str | None:
         return self.record.run_id
+
 
 REQUEST_TRANSITIONS: dict[RequestStatus, frozenset[RequestStatus]] = {
     RequestStatus.PENDING: frozenset({RequestStatus.PROCESSING, RequestStatus.FAILED}),
@@ -109,15 +111,18 @@ def _version_fields(new: FileStatus, existing: FileStatus) -> dict[str, Any]:
 
 
 def _reset_fields(new: FileStatus, existing: FileStatus) -> dict[str, Any]:
-    return {**_version_fields(new, existing), "status": ProcessingStatus.PENDING, "error_details": None, "completed_at": None}
+    return {
+        **_version_fields(new, existing),
+        "status": ProcessingStatus.PENDING,
+        "error_details": None,
+        "completed_at": None,
+    }
 
 
 def plan_offsets(record_count: int, chunk_size: int) -> list[tuple[int, int, int]]:
     """FIXED_COUNT: chunk i holds records [i*size, min((i+1)*size, n) - 1]."""
     n_chunks = math.ceil(record_count / chunk_size) if record_count else 0
-    return [
-        (i, i * chunk_size, min((i + 1) * chunk_size, record_count) - 1) for i in range(n_chunks)
-    ]
+    return [(i, i * chunk_size, min((i + 1) * chunk_size, record_count) - 1) for i in range(n_chunks)]
 
 
 class ProgressStore(ABC):
@@ -133,7 +138,9 @@ class ProgressStore(ABC):
     def _load_file(self, *, file_id: str | None = None, path: str | None = None) -> FileStatus | None: ...
 
     @abstractmethod
-    def _cas_file(self, file_id: str, expected: ProcessingStatus, fields: dict[str, Any], expected_run_id: Any = ANY_HOLDER) -> bool:
+    def _cas_file(
+        self, file_id: str, expected: ProcessingStatus, fields: dict[str, Any], expected_run_id: Any = ANY_HOLDER
+    ) -> bool:
         """Apply `fields` (snake_case FileStatus fields) if status is still `expected`
         and, unless `expected_run_id` is ANY_HOLDER, the holder is still exactly that run id."""
 
@@ -244,7 +251,9 @@ class ProgressStore(ABC):
                 return self.require(existing.file_id), True
         raise ConcurrencyConflict(f"{status.file_path}: too many concurrent changes")
 
-    def claim(self, status: FileStatus, run_id: str, is_alive: RunIsAlive, *, reprocess_completed: bool = False) -> Claim:
+    def claim(
+        self, status: FileStatus, run_id: str, is_alive: RunIsAlive, *, reprocess_completed: bool = False
+    ) -> Claim:
         """Make `run_id` the one run working on this file version (`status.checksum`).
 
         UNCHANGED when this version is already COMPLETED (unless `reprocess_completed`),
@@ -257,7 +266,11 @@ class ProgressStore(ABC):
             if existing is None:
                 self._insert_file(status.model_copy(update={"status": ProcessingStatus.PENDING, "run_id": None}))
                 continue
-            if existing.status is ProcessingStatus.COMPLETED and existing.checksum == status.checksum and not reprocess_completed:
+            if (
+                existing.status is ProcessingStatus.COMPLETED
+                and existing.checksum == status.checksum
+                and not reprocess_completed
+            ):
                 return Claim(ClaimOutcome.UNCHANGED, existing)
             outcome = self._try_claim(existing, run_id, is_alive, _version_fields(status, existing))
             if outcome is not None:
@@ -298,7 +311,9 @@ class ProgressStore(ABC):
         if current is ProcessingStatus.IN_PROGRESS:
             holder = existing.run_id
             if holder == run_id:
-                if version and not self._cas_file(file_id, ProcessingStatus.IN_PROGRESS, version, expected_run_id=run_id):
+                if version and not self._cas_file(
+                    file_id, ProcessingStatus.IN_PROGRESS, version, expected_run_id=run_id
+                ):
                     return None
                 return Claim(ClaimOutcome.CLAIMED, self.require(file_id))
             if holder and is_alive(holder):
@@ -309,16 +324,26 @@ class ProgressStore(ABC):
             return None
         if current is ProcessingStatus.PENDING:
             check_file_transition(f"file {file_id}", current, ProcessingStatus.IN_PROGRESS)
-            if self._cas_file(file_id, ProcessingStatus.PENDING, {**version, **started, "status": ProcessingStatus.IN_PROGRESS}):
+            if self._cas_file(
+                file_id, ProcessingStatus.PENDING, {**version, **started, "status": ProcessingStatus.IN_PROGRESS}
+            ):
                 return Claim(ClaimOutcome.CLAIMED, self.require(file_id))
             return None
         # FAILED or COMPLETED: back to PENDING first (the manual-retry and reprocess edges).
         check_file_transition(f"file {file_id}", current, ProcessingStatus.PENDING)
-        self._cas_file(file_id, current, {**version, "status": ProcessingStatus.PENDING, "error_details": None, "completed_at": None})
+        self._cas_file(
+            file_id,
+            current,
+            {**version, "status": ProcessingStatus.PENDING, "error_details": None, "completed_at": None},
+        )
         return None
 
     def _transition(
-        self, file_id: str, new: ProcessingStatus, fields: dict[str, Any] | None = None, expected_run_id: Any = ANY_HOLDER
+        self,
+        file_id: str,
+        new: ProcessingStatus,
+        fields: dict[str, Any] | None = None,
+        expected_run_id: Any = ANY_HOLDER,
     ) -> FileStatus:
         for _ in range(_CAS_ATTEMPTS):
             current = self.require(file_id)
@@ -326,7 +351,9 @@ class ProgressStore(ABC):
             holder: Any = ANY_HOLDER
             if expected_run_id is not ANY_HOLDER:
                 if current.run_id not in (expected_run_id, None):
-                    raise FileBusy(f"file {file_id}: held by run {current.run_id}, not {expected_run_id}", current.run_id or "")
+                    raise FileBusy(
+                        f"file {file_id}: held by run {current.run_id}, not {expected_run_id}", current.run_id or ""
+                    )
                 holder = current.run_id
             if self._cas_file(file_id, current.status, {**(fields or {}), "status": new}, holder):
                 return self.require(file_id)
@@ -334,7 +361,9 @@ class ProgressStore(ABC):
 
     def start(self, file_id: str, run_id: str | None = None) -> FileStatus:
         return self._transition(
-            file_id, ProcessingStatus.IN_PROGRESS, {"processing_started_at": utcnow(), "error_details": None, "run_id": run_id}
+            file_id,
+            ProcessingStatus.IN_PROGRESS,
+            {"processing_started_at": utcnow(), "error_details": None, "run_id": run_id},
         )
 
     def complete(
@@ -350,12 +379,16 @@ class ProgressStore(ABC):
 
     def fail(self, file_id: str, error: str, run_id: Any = ANY_HOLDER) -> FileStatus:
         """FAILED with the reason; with `run_id`, only while that run holds it."""
-        return self._transition(file_id, ProcessingStatus.FAILED, {"error_details": error, "completed_at": utcnow()}, run_id)
+        return self._transition(
+            file_id, ProcessingStatus.FAILED, {"error_details": error, "completed_at": utcnow()}, run_id
+        )
 
     def reset_to_pending(self, file_id: str, reason: str | None = None, run_id: Any = ANY_HOLDER) -> FileStatus:
         """Back to PENDING; with `run_id`, only if that (dead) run still holds it, so
         recovery can never take a file from under a run that just claimed it."""
-        return self._transition(file_id, ProcessingStatus.PENDING, {"error_details": reason, "completed_at": None}, run_id)
+        return self._transition(
+            file_id, ProcessingStatus.PENDING, {"error_details": reason, "completed_at": None}, run_id
+        )
 
     def update_file(self, file_id: str, **fields: Any) -> FileStatus:
         """Change descriptive fields (type, counts, bytes) without a status change."""
@@ -406,7 +439,9 @@ class ProgressStore(ABC):
             raise RecordNotFound(f"no chunk with chunkId {chunk_id_!r}")
         return chunk
 
-    def _chunk_transition(self, chunk_id_: str, new: ProcessingStatus, fields: dict[str, Any], processing_error: str | None = None) -> ChunkStatus:
+    def _chunk_transition(
+        self, chunk_id_: str, new: ProcessingStatus, fields: dict[str, Any], processing_error: str | None = None
+    ) -> ChunkStatus:
         for _ in range(_CAS_ATTEMPTS):
             current = self.get_chunk(chunk_id_)
             check_chunk_transition(f"chunk {chunk_id_}", current.status, new)
@@ -431,7 +466,12 @@ class ProgressStore(ABC):
         return self._chunk_transition(
             chunk_id_,
             ProcessingStatus.IN_PROGRESS,
-            {"processing_thread": processing_thread, "started_at": utcnow(), "completed_at": None, "error_details": None},
+            {
+                "processing_thread": processing_thread,
+                "started_at": utcnow(),
+                "completed_at": None,
+                "error_details": None,
+            },
         )
 
     def chunk_completed(
@@ -449,7 +489,10 @@ class ProgressStore(ABC):
     ) -> ChunkStatus:
         current = self.get_chunk(chunk_id_)
         ok = current.record_count - failed_records if successful_records is None else successful_records
-        summary = {"validation": dict(validation_errors or {}), "processing": dict(current.error_summary.get("processing", {}))}
+        summary = {
+            "validation": dict(validation_errors or {}),
+            "processing": dict(current.error_summary.get("processing", {})),
+        }
         return self._chunk_transition(
             chunk_id_,
             ProcessingStatus.COMPLETED,
@@ -468,10 +511,13 @@ class ProgressStore(ABC):
 
     def chunk_failed(self, chunk_id_: str, error: str, error_kind: str = "processingError") -> ChunkStatus:
         return self._chunk_transition(
-            chunk_id_, ProcessingStatus.FAILED, {"error_details": error, "completed_at": utcnow()}, processing_error=error_kind
+            chunk_id_,
+            ProcessingStatus.FAILED,
+            {"error_details": error, "completed_at": utcnow()},
+            processing_error=error_kind,
         )
 
-    # ---- image requests (seed 002) ----------------------------------------------------------
+    # ---- image requests ---------------------------------------------------------------------
 
     def create_request(self, request: Request, rows: Iterable[RequestData]) -> Request:
         self._insert_request(request, list(rows))

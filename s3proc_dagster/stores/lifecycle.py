@@ -19,14 +19,18 @@ from s3proc_dagster.models import ProcessingStatus
 
 FILE_TRANSITIONS: dict[ProcessingStatus, frozenset[ProcessingStatus]] = {
     ProcessingStatus.PENDING: frozenset({ProcessingStatus.IN_PROGRESS}),
-    ProcessingStatus.IN_PROGRESS: frozenset({ProcessingStatus.COMPLETED, ProcessingStatus.FAILED, ProcessingStatus.PENDING}),
+    ProcessingStatus.IN_PROGRESS: frozenset(
+        {ProcessingStatus.COMPLETED, ProcessingStatus.FAILED, ProcessingStatus.PENDING}
+    ),
     ProcessingStatus.COMPLETED: frozenset({ProcessingStatus.PENDING}),
     ProcessingStatus.FAILED: frozenset({ProcessingStatus.PENDING}),
 }
 
 CHUNK_TRANSITIONS: dict[ProcessingStatus, frozenset[ProcessingStatus]] = {
     ProcessingStatus.PENDING: frozenset({ProcessingStatus.IN_PROGRESS}),
-    ProcessingStatus.IN_PROGRESS: frozenset({ProcessingStatus.COMPLETED, ProcessingStatus.FAILED, ProcessingStatus.IN_PROGRESS}),
+    ProcessingStatus.IN_PROGRESS: frozenset(
+        {ProcessingStatus.COMPLETED, ProcessingStatus.FAILED, ProcessingStatus.IN_PROGRESS}
+    ),
     ProcessingStatus.COMPLETED: frozenset({ProcessingStatus.COMPLETED, ProcessingStatus.IN_PROGRESS}),
     ProcessingStatus.FAILED: frozenset({ProcessingStatus.IN_PROGRESS}),
 }

@@ -12,10 +12,11 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -155,7 +156,7 @@ CREATE TABLE IF NOT EXISTS request_data (
 );
 """
 
-# FileStatus fields kept in seed 001's table, under seed 001's column names.
+# FileStatus fields kept in the `file_progress` table, under its own column names.
 _PROGRESS_COLUMNS = {
     "file_path": "file_path",
     "status": "status",
@@ -181,7 +182,7 @@ def _encode(field: str, value: Any) -> Any:
 
 def _decode(row: sqlite3.Row) -> dict[str, Any]:
     out = {}
-    for key in row.keys():
+    for key in row.keys():  # noqa: SIM118 - a sqlite3.Row iterates over its values, not its keys
         value = row[key]
         out[key] = json.loads(value) if key in _JSON_FIELDS and value is not None else value
     return out

@@ -125,9 +125,7 @@ def _part_fields(data: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in named.items() if k in known}
 
 
-def build(
-    dataset_key: str, version: str, total_rows: int, compression: str, chunks: list[ChunkStatus]
-) -> Manifest:
+def build(dataset_key: str, version: str, total_rows: int, compression: str, chunks: list[ChunkStatus]) -> Manifest:
     """The manifest of one version from its chunk records, each verified and COMPLETED."""
     return Manifest(
         dataset_key=dataset_key,
@@ -186,7 +184,9 @@ def commit(client: Any, bucket: str, manifest: Manifest) -> int:
     The caller holds the file's claim, so no other run writes under the dataset meanwhile.
     """
     lines = "".join(f"s3://{bucket}/{p.key}\n" for p in manifest.chunks)
-    upload_bytes(client, bucket, join_key(manifest.dataset_key, SYMLINK_MANIFEST), lines.encode(), content_type="text/plain")
+    upload_bytes(
+        client, bucket, join_key(manifest.dataset_key, SYMLINK_MANIFEST), lines.encode(), content_type="text/plain"
+    )
     upload_bytes(
         client,
         bucket,

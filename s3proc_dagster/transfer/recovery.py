@@ -18,7 +18,7 @@ def abort(client: Any, bucket: str, key: str, upload_id: str) -> None:
     """Abort one upload; one that is already gone counts as aborted."""
     try:
         client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         if s3_error_code(exc) not in ("NoSuchUpload", "404"):
             raise
 

@@ -17,6 +17,7 @@ the caller's decision (`abort_upload`), and a sweep aborts what nobody will resu
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import uuid
 from dataclasses import dataclass
@@ -125,11 +126,11 @@ def upload_file(
         )
     except Exception as exc:
         if journal:  # keep the UploadId: the retry resumes from the parts that made it
-            failed = task.model_copy(update={"status": UploadStatus.FAILED, "error": f"{type(exc).__name__}: {exc}"[:500]})
-            try:
+            failed = task.model_copy(
+                update={"status": UploadStatus.FAILED, "error": f"{type(exc).__name__}: {exc}"[:500]}
+            )
+            with contextlib.suppress(Exception):
                 journal.save_upload_task(failed)
-            except Exception:  # noqa: BLE001 - the upload's own error matters more
-                pass
         raise
     if journal:
         journal.delete_upload_task(task.id)
@@ -143,7 +144,7 @@ def _parts_in_s3(client: Any, bucket: str, key: str, upload_id: str) -> dict[int
         for page in client.get_paginator("list_parts").paginate(Bucket=bucket, Key=key, UploadId=upload_id):
             for part in page.get("Parts", []):
                 parts[part["PartNumber"]] = (part["ETag"].strip('"'), part["Size"])
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         if s3_error_code(exc) in ("NoSuchUpload", "404", "NoSuchKey"):
             return None  # completed or aborted meanwhile: start a new upload
         raise
@@ -155,7 +156,7 @@ def abort_upload(client: Any, task: S3UploadTask, journal: UploadJournal | None 
     (the record stays, so the sweep tries again later)."""
     try:
         client.abort_multipart_upload(Bucket=task.bucket, Key=task.s3_key, UploadId=task.upload_id)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         if s3_error_code(exc) not in ("NoSuchUpload", "404"):
             return False
     if journal:
@@ -172,4 +173,3 @@ def upload_bytes(
         Bucket=bucket, Key=key, Body=data, ContentType=content_type, Metadata={**(metadata or {}), "x-sha256": sha256}
     )
     return UploadResult(key, len(data), sha256, response["ETag"].strip('"'), 1, 1)
-

@@ -20,14 +20,16 @@ def head(client: Any, bucket: str, key: str) -> dict[str, Any] | None:
     """The object's HEAD, or None when it does not exist."""
     try:
         return client.head_object(Bucket=bucket, Key=key)
-    except Exception as exc:  # noqa: BLE001 - botocore's error zoo
+    except Exception as exc:
         code = s3_error_code(exc)
         if code in NOT_FOUND_CODES:
             return None
         raise ObjectUnreadable(f"s3://{bucket}/{key}: cannot be read back ({code or type(exc).__name__})") from None
 
 
-def verify_object(client: Any, bucket: str, key: str, expected_size: int, expected_sha256: str, deep: bool = False) -> None:
+def verify_object(
+    client: Any, bucket: str, key: str, expected_size: int, expected_sha256: str, deep: bool = False
+) -> None:
     """HEAD checks size and the `x-sha256` we stored; `deep` streams the bytes back and
     hashes them, for when the metadata itself is not trusted."""
     found = head(client, bucket, key)
@@ -43,7 +45,9 @@ def verify_object(client: Any, bucket: str, key: str, expected_size: int, expect
         for block in client.get_object(Bucket=bucket, Key=key)["Body"].iter_chunks(1 << 20):
             digest.update(block)
         if digest.hexdigest() != expected_sha256:
-            raise ChecksumMismatch(f"s3://{bucket}/{key}: content hashes to {digest.hexdigest()}, expected {expected_sha256}")
+            raise ChecksumMismatch(
+                f"s3://{bucket}/{key}: content hashes to {digest.hexdigest()}, expected {expected_sha256}"
+            )
 
 
 def object_matches(client: Any, bucket: str, key: str, expected_size: int, expected_sha256: str) -> bool:

@@ -88,12 +88,16 @@ def conversion_summary(prepared: list[PreparedItem]) -> list[str]:
         if item.is_dataset:
             failed = sum(c.failed_records for c in item.chunks)
             rejected = f", {failed} rejected by validation" if failed else ""
-            lines.append(f"{item.item.relative_path}: {item.record_count} records in {len(item.chunks)} chunks{rejected}")
+            lines.append(
+                f"{item.item.relative_path}: {item.record_count} records in {len(item.chunks)} chunks{rejected}"
+            )
     return lines
 
 
 def gave_up_message(relative_path: str, step: str, message: str, gave_up: GaveUp) -> str:
     if not gave_up.failed:
         return f"{relative_path}: this run holds no file to mark FAILED ({message})"
-    where = f"; moved to {gave_up.parked}" if gave_up.parked else (f"; {gave_up.park_error}" if gave_up.park_error else "")
+    where = (
+        f"; moved to {gave_up.parked}" if gave_up.parked else (f"; {gave_up.park_error}" if gave_up.park_error else "")
+    )
     return f"{relative_path}: FAILED at {step}: {message}{where}"

@@ -58,7 +58,9 @@ def reconcile(
         context.log.info(f"run {run.run_id}: its worker is gone; reported failed")
         if run.job_name == PROCESS_FILE_JOB:
             started = record.start_time or record.create_timestamp.timestamp()
-            dead.append(recovery.DeadRun(run.run_id, started, run.tags.get(f"{TAG}/file_id"), run.tags.get(f"{TAG}/source")))
+            dead.append(
+                recovery.DeadRun(run.run_id, started, run.tags.get(f"{TAG}/file_id"), run.tags.get(f"{TAG}/source"))
+            )
     cfg = settings.config
     incoming = cfg.s3.incoming_prefix.strip("/") + "/" if cfg.s3.incoming_prefix else ""
     report = recovery.reconcile(
@@ -82,7 +84,9 @@ def reconcile(
     for key in report.aborted_uploads:
         context.log.info(f"s3://{cfg.s3.bucket}/{key}: abandoned multipart upload aborted")
     if report.staging.entries:
-        context.log.info(f"staging: {report.staging.entries} entries no file needs removed ({report.staging.bytes} bytes)")
+        context.log.info(
+            f"staging: {report.staging.entries} entries no file needs removed ({report.staging.bytes} bytes)"
+        )
 
 
 @dg.job(

@@ -25,7 +25,9 @@ class SourceConfig(dg.Config):
     """Which file this run processes. The sensors fill it in; so can the Launchpad."""
 
     path: str = Field(description="absolute path of the file, or s3://bucket/key")
-    relative_path: str = Field(default="", description="path below WATCH_PATH or S3_INCOMING_PREFIX (derived when empty)")
+    relative_path: str = Field(
+        default="", description="path below WATCH_PATH or S3_INCOMING_PREFIX (derived when empty)"
+    )
 
 
 @contextmanager
@@ -72,7 +74,9 @@ def checksum_calculation(
     with failures(context, settings):
         client = s3.get_client() if config.path.startswith("s3://") else None
         cfg = settings.config
-        source = resolve_source(config.path, cfg.monitoring.watch_path, cfg.s3.incoming_prefix, client, config.relative_path)
+        source = resolve_source(
+            config.path, cfg.monitoring.watch_path, cfg.s3.incoming_prefix, client, config.relative_path
+        )
         version = pipeline.take_snapshot(source, settings.staging, progress_store.open(), claimant(context), client)
     if version.outcome is not ClaimOutcome.CLAIMED:
         context.log.info(events.skipped(version))
@@ -184,7 +188,9 @@ def progress_update(
             prepared, version, s3.prefix, store, claimant(context), staging=None if retention else settings.staging
         )
     for item in prepared:
-        context.log_event(events.file_completed(item, version, store.require(item.item.file_id), s3.prefix, s3.uri(item.key)))
+        context.log_event(
+            events.file_completed(item, version, store.require(item.item.file_id), s3.prefix, s3.uri(item.key))
+        )
     context.log.info(f"{version.source.relative_path}: COMPLETED -> {s3.uri(status.output_key or '')}")
 
 
@@ -209,4 +215,3 @@ def mark_failed(context: dg.HookContext) -> None:
         processing.error_directory,
     )
     context.log.error(events.gave_up_message(tags.get(f"{TAG}/path", ""), context.op.name, message, gave_up))
-

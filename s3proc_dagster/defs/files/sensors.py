@@ -55,7 +55,9 @@ def watch_directory_sensor(
     )
     requests = requeued(store.list_files(ProcessingStatus.PENDING), root)
     again = {r.tags[f"{TAG}/path"] for r in requests}
-    requests += [run_request_for(str(f.path), f.relative_path, f.run_key) for f in ready if f.relative_path not in again]
+    requests += [
+        run_request_for(str(f.path), f.relative_path, f.run_key) for f in ready if f.relative_path not in again
+    ]
     if cursor.waiting:
         context.log.info(f"{len(cursor.waiting)} file(s) still being written")
     return dg.SensorResult(run_requests=requests + _recovery(context, store), cursor=cursor.dumps())
@@ -93,5 +95,7 @@ def s3_incoming_sensor(
         requests.append(run_request_for(obj.uri, obj.relative_path, obj.run_key, metadata=metadata))
     fresh = {r.tags[f"{TAG}/source"] for r in requests}
     pending = progress_store.open().list_files(ProcessingStatus.PENDING)
-    requests += [r for r in requeued_objects(pending, bucket, cfg.incoming_prefix) if r.tags[f"{TAG}/source"] not in fresh]
+    requests += [
+        r for r in requeued_objects(pending, bucket, cfg.incoming_prefix) if r.tags[f"{TAG}/source"] not in fresh
+    ]
     return dg.SensorResult(run_requests=requests, cursor=cursor.dumps())

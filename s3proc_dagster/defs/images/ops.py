@@ -35,9 +35,7 @@ def _options(settings: Settings) -> processor.ImageOptions:
 
 
 @dg.op(out=dg.DynamicOut(RequestData))
-def validate_request(
-    context: dg.OpExecutionContext, config: ImageRequestConfig, progress_store: ProgressStoreResource
-):
+def validate_request(context: dg.OpExecutionContext, config: ImageRequestConfig, progress_store: ProgressStoreResource):
     """Every problem of the CSV, by row, before any image is fetched."""
     store = progress_store.open()
     request_id = config.request_id or processor.new_request_id()
@@ -61,8 +59,12 @@ def process_image_row(
     s3: S3Storage,
     settings: Settings,
 ) -> RequestData:
-    done = processor.process_row(progress_store.open(), row, s3.get_client(), _options(settings), settings.staging / "images")
-    for n, (url, out, err) in enumerate(zip(done.input_image_urls, done.output_image_urls, done.errors), start=1):
+    done = processor.process_row(
+        progress_store.open(), row, s3.get_client(), _options(settings), settings.staging / "images"
+    )
+    for n, (url, out, err) in enumerate(
+        zip(done.input_image_urls, done.output_image_urls, done.errors, strict=True), start=1
+    ):
         if out:
             context.log_event(
                 dg.AssetMaterialization(

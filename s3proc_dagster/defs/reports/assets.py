@@ -25,7 +25,9 @@ def model_key(name: str) -> dg.AssetKey:
 
 
 @dg.asset(key=SOURCES_KEY, group_name=GROUP, description="The progress store and S3 manifests, as tables.")
-def progress_sources(duckdb: ReportsDatabase, progress_store: ProgressStoreResource, s3: S3Storage) -> dg.MaterializeResult:
+def progress_sources(
+    duckdb: ReportsDatabase, progress_store: ProgressStoreResource, s3: S3Storage
+) -> dg.MaterializeResult:
     tables = progress_tables(progress_store.open())
     tables["datasets"] = dataset_table(s3.get_client(), s3.bucket, s3.prefix)
     with duckdb.get_connection() as conn:
@@ -80,5 +82,3 @@ def defs() -> dg.Definitions:
     """The models are read from dbt_like_sql/ when the code location loads (files only)."""
     assets, checks = build_report_defs()
     return dg.Definitions(assets=assets, asset_checks=checks)
-
-

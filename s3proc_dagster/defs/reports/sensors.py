@@ -9,7 +9,12 @@ from s3proc_dagster.models import ProcessingStatus
 reports_job = dg.define_asset_job("reports_job", selection=dg.AssetSelection.groups(GROUP))
 
 
-@dg.sensor(name="reports_refresh_sensor", job=reports_job, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.RUNNING)
+@dg.sensor(
+    name="reports_refresh_sensor",
+    job=reports_job,
+    minimum_interval_seconds=60,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+)
 def reports_refresh_sensor(
     context: dg.SensorEvaluationContext, settings: Settings, progress_store: ProgressStoreResource
 ) -> dg.RunRequest | dg.SkipReason:
