@@ -70,6 +70,7 @@ from s3proc_dagster.embedded import (
 )
 from s3proc_dagster.files.checksum import sha256_file
 from s3proc_dagster.launcher import write_instance
+from s3proc_dagster.runs.liveness import IN_FLIGHT, START_GRACE_S, last_beat
 from s3proc_dagster.stores.sqlite import SQLiteProgressStore
 from s3proc_dagster.transfer.manifest import (
     is_intact,
@@ -321,6 +322,15 @@ class Soak:
     def file_runs(self, path: Path) -> list[dg.DagsterRun]:
         return [r.dagster_run for r in self.runs("process_file_job", **{"s3proc/source": str(path)})]
 
+    def run_state(self, run_id: str) -> tuple[dg.DagsterRunStatus, str]:
+        """A run's status, and for one still in flight whether it ever beat: a run killed
+        before its resources started the heartbeat counts as alive for START_GRACE_S."""
+        status = self.instance.get_run_by_id(run_id).status
+        text = status.value
+        if status in IN_FLIGHT and last_beat(self.instance, run_id) is None:
+            text += f" (no heartbeat: taken for alive until {START_GRACE_S:.0f} s after its start)"
+        return status, text
+
     def last_step(self, run: dg.DagsterRun) -> str:
         """Where a killed run was: the last step it started, from the instance's event log."""
         if run.status is S.SUCCESS:
@@ -525,12 +535,12 @@ def kill_trials(soak: Soak, cfg: Config, figures: Figures, source: Path, expecte
         soak.status_is(path, "completed")
         soak.check_dataset(f"{PREFIX}/trials/{path.name}", path, expected, cfg.chunks)
         soak.check_no_uploads_left(f"{PREFIX}/")
-        states = [soak.instance.get_run_by_id(r.run_id).status for r in killed]
+        states = [soak.run_state(r.run_id) for r in killed]
         allowed = {S.FAILURE, S.SUCCESS} if landing in ("after the run succeeded", "exited before the kill") else {S.FAILURE}
         soak.checks.check(
             "the killed run shows FAILURE in the instance, not STARTED (SUCCESS if it had ended)",
-            all(s in allowed for s in states),
-            ", ".join(s.value for s in states) or "killed before its run was created",
+            all(status in allowed for status, _ in states),
+            ", ".join(text for _, text in states) or "killed before its run was created",
         )
 
 
