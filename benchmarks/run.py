@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from s3proc_dagster.cli.embedded import start_seaweedfs  # noqa: E402
+from s3proc_dagster.cli.embedded import start_seaweedfs
 
 KEY, SECRET, BUCKET = "bench", "bench-secret", "bench"
 

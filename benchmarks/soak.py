@@ -51,7 +51,7 @@ import traceback
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -63,13 +63,13 @@ sys.path.insert(0, str(ROOT))
 import dagster as dg
 import duckdb
 
-from s3proc_dagster.embedded import (
+from s3proc_dagster.cli.dev import write_instance
+from s3proc_dagster.cli.embedded import (
     start_in_own_group,
     start_seaweedfs,
     stop_process_group,
 )
 from s3proc_dagster.files.checksum import sha256_file
-from s3proc_dagster.launcher import write_instance
 from s3proc_dagster.runs.liveness import IN_FLIGHT, START_GRACE_S, last_beat
 from s3proc_dagster.stores.sqlite import SQLiteProgressStore
 from s3proc_dagster.transfer.manifest import (
@@ -244,10 +244,8 @@ class Soak:
 
     def kill9(self, running: Running) -> None:
         """SIGKILL to the command's whole group: no handler, no cleanup, as the OOM killer does it."""
-        try:
+        with suppress(ProcessLookupError):
             os.killpg(running.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         running.proc.wait(timeout=30)
         self.live.discard(running.proc)
 
@@ -265,7 +263,9 @@ class Soak:
         return done
 
     def processed_ok(self, done: Finished, what: str) -> bool:
-        return self.checks.check(f"{what} exits 0", done.returncode == 0, f"exit {done.returncode}, {done.seconds:.1f} s")
+        return self.checks.check(
+            f"{what} exits 0", done.returncode == 0, f"exit {done.returncode}, {done.seconds:.1f} s"
+        )
 
     # -- the product's view -------------------------------------------------------------------------
 
@@ -296,7 +296,11 @@ class Soak:
         done = self.wait(self.spawn("reconcile", args), 300)
         new = [r.dagster_run for r in self.runs("reconcile_job") if r.dagster_run.run_id not in before]
         run = new[0] if len(new) == 1 else None
-        steps = {e.step_key for e in self.instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_SUCCESS)} if run else set()
+        steps = (
+            {e.step_key for e in self.instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_SUCCESS)}
+            if run
+            else set()
+        )
         if run:
             said = [e.user_message for e in self.instance.all_logs(run.run_id) if not e.is_dagster_event]
             with done.run.out.open("a") as out:
@@ -306,10 +310,17 @@ class Soak:
         origin = run.job_code_origin if run else None
         module = getattr(origin.repository_origin.code_pointer, "module", None) if origin else None
         ok = (
-            done.returncode == 0 and run is not None and run.status is S.SUCCESS and "reconcile" in steps
+            done.returncode == 0
+            and run is not None
+            and run.status is S.SUCCESS
+            and "reconcile" in steps
             and module == CODE_LOCATION_MODULE
         )
-        detail = f"run {run.run_id[:8]} {run.status.value} from {module}, {done.seconds:.1f} s" if run else f"exit {done.returncode}, no run"
+        detail = (
+            f"run {run.run_id[:8]} {run.status.value} from {module}, {done.seconds:.1f} s"
+            if run
+            else f"exit {done.returncode}, no run"
+        )
         if not ok:
             print(done.run.err_tail())
         return self.checks.check("reconcile_job ran its reconcile step in the code location", ok, detail)
@@ -417,7 +428,9 @@ class Soak:
         self.checks.check(
             "the data read through _manifest.json equals the source (DuckDB)",
             got == expected and misplaced == 0,
-            "no committed manifest" if read is None else f"{got}" + (f"; {misplaced} rows out of place" if misplaced else ""),
+            "no committed manifest"
+            if read is None
+            else f"{got}" + (f"; {misplaced} rows out of place" if misplaced else ""),
         )
         keys = list_keys(self.deployment, dataset + "/")
         vouched = sorted(manifest.vouched_keys()) if manifest else []
@@ -521,7 +534,11 @@ def kill_trials(soak: Soak, cfg: Config, figures: Figures, source: Path, expecte
         exited = _sleep_or_exit(running.proc, at)
         soak.kill9(running)
         killed = soak.file_runs(path)
-        landing = "exited before the kill" if exited else (soak.last_step(killed[-1]) if killed else "before its run was created")
+        landing = (
+            "exited before the kill"
+            if exited
+            else (soak.last_step(killed[-1]) if killed else "before its run was created")
+        )
         figures.landings.append(landing)
 
         started = time.monotonic()
@@ -536,7 +553,9 @@ def kill_trials(soak: Soak, cfg: Config, figures: Figures, source: Path, expecte
         soak.check_dataset(f"{PREFIX}/trials/{path.name}", path, expected, cfg.chunks)
         soak.check_no_uploads_left(f"{PREFIX}/")
         states = [soak.run_state(r.run_id) for r in killed]
-        allowed = {S.FAILURE, S.SUCCESS} if landing in ("after the run succeeded", "exited before the kill") else {S.FAILURE}
+        allowed = (
+            {S.FAILURE, S.SUCCESS} if landing in ("after the run succeeded", "exited before the kill") else {S.FAILURE}
+        )
         soak.checks.check(
             "the killed run shows FAILURE in the instance, not STARTED (SUCCESS if it had ended)",
             all(status in allowed for status, _ in states),
@@ -625,8 +644,11 @@ def big_file_resume(soak: Soak, cfg: Config, figures: Figures) -> None:
     running = soak.start_process(path, "big", via_proxy=True)
     timeout = 60 + SECONDS_PER_MIB * cfg.big_mib
     try:
-        wait_for(lambda: running.proc.poll() is not None or soak.parts_in_s3(key)[0] >= target,
-                 f"{target} of {total} parts in S3", timeout)
+        wait_for(
+            lambda: running.proc.poll() is not None or soak.parts_in_s3(key)[0] >= target,
+            f"{target} of {total} parts in S3",
+            timeout,
+        )
     finally:
         soak.kill9(running)
     (killed,) = soak.file_runs(path) or [None]
@@ -641,8 +663,11 @@ def big_file_resume(soak: Soak, cfg: Config, figures: Figures) -> None:
     soak.reconcile()
     soak.status_is(path, "pending")
     kept, kept_id = soak.parts_in_s3(key)
-    soak.checks.check("reconcile keeps this version's upload for the rerun", kept_id is not None and kept_id == upload_id,
-                      f"{kept} parts kept")
+    soak.checks.check(
+        "reconcile keeps this version's upload for the rerun",
+        kept_id is not None and kept_id == upload_id,
+        f"{kept} parts kept",
+    )
     puts_before = len(soak.proxy.put_keys)
     done = soak.process(path, "big-rerun", via_proxy=True)
     sent = sum(k.endswith(f"/{key}") for k in soak.proxy.put_keys[puts_before:])
@@ -743,7 +768,7 @@ def run_scenarios(soak: Soak, cfg: Config, figures: Figures, wanted: list[str]) 
         started = time.monotonic()
         try:
             steps[key]()
-        except Exception as exc:  # noqa: BLE001 - one broken scenario must not hide the others' results
+        except Exception as exc:
             traceback.print_exc()
             soak.checks.check(f"scenario {key} ran to its end", False, f"{type(exc).__name__}: {exc}")
         finally:
@@ -758,7 +783,9 @@ def print_summary(checks: Checks, figures: Figures, cfg: Config) -> None:
     rows: list[tuple[str, str]] = []
     if figures.landings:
         landed = Counter(figures.landings)
-        trials = f"{len(figures.landings)} (seed {cfg.seed}), {cfg.rows:,} rows, clean run D = {figures.clean_run_s:.1f} s"
+        trials = (
+            f"{len(figures.landings)} (seed {cfg.seed}), {cfg.rows:,} rows, clean run D = {figures.clean_run_s:.1f} s"
+        )
         rows.append(("trials", trials))
         rows.append(("kills landed", ", ".join(f"{step} {n}" for step, n in landed.most_common())))
     if figures.recovery_s:
@@ -766,7 +793,9 @@ def print_summary(checks: Checks, figures: Figures, cfg: Config) -> None:
         rows.append(("recovery time", f"min {min(r):.1f} s, median {statistics.median(r):.1f} s, max {max(r):.1f} s"))
     if figures.resume:
         sent, total, kept = figures.resume
-        rows.append(("resume parts", f"{sent} sent after restart / {total} total ({kept} kept in S3, {cfg.big_mib} MiB)"))
+        rows.append(
+            ("resume parts", f"{sent} sent after restart / {total} total ({kept} kept in S3, {cfg.big_mib} MiB)")
+        )
     for title, seconds in figures.wall_s.items():
         rows.append((f"wall {title}", f"{seconds:.1f} s"))
     width = max(len(name) for name, _ in rows) if rows else 0
@@ -806,7 +835,9 @@ def check_leftovers(checks: Checks, session: str) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--trials", type=int, default=10, help="kill -9 trials (default 10)")
     parser.add_argument("--rows", type=int, default=600_000, help="records in the CSV (default 600,000)")
     parser.add_argument("--big-mib", type=int, default=2048, help="size of the big regular file in MiB (default 2048)")
@@ -829,8 +860,10 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, _interrupt)
     session = os.environ[SESSION_ENV] = f"soak-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # inherited by all we start
     root = Path(tempfile.mkdtemp(prefix="s3proc-soak-")).resolve()
-    print(f"soak in {root}: scenarios {args.scenarios}; {cfg.trials} trials, {cfg.rows:,} rows, "
-          f"{cfg.big_mib} MiB big file, seed {cfg.seed}")
+    print(
+        f"soak in {root}: scenarios {args.scenarios}; {cfg.trials} trials, {cfg.rows:,} rows, "
+        f"{cfg.big_mib} MiB big file, seed {cfg.seed}"
+    )
     started = time.monotonic()
     checks, figures = Checks(), Figures()
     try:
@@ -849,7 +882,10 @@ def main(argv: list[str] | None = None) -> int:
         interrupted = None
     check_leftovers(checks, session)
     print_summary(checks, figures, cfg)
-    print(f"total wall time {time.monotonic() - started:.0f} s" + (" (interrupted: figures are partial)" if interrupted else ""))
+    print(
+        f"total wall time {time.monotonic() - started:.0f} s"
+        + (" (interrupted: figures are partial)" if interrupted else "")
+    )
     return 130 if interrupted else 1 if checks.failed else 0
 
 
