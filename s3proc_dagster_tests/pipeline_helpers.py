@@ -167,6 +167,14 @@ def start_process(*args: str) -> subprocess.Popen:
     )
 
 
+def launch(job: str, run_config: dict, tags: dict[str, str] | None = None, env: dict[str, str] | None = None) -> None:
+    """`dagster job launch` as a user types it: the run goes to the instance's queue."""
+    command = [sys.executable, "-m", "dagster", "job", "launch", "-w", str(ROOT / "workspace.yaml"), "-j", job]
+    command += ["--config-json", json.dumps(run_config)] + (["--tags", json.dumps(tags)] if tags else [])
+    done = subprocess.run(command, cwd=ROOT, env=env or os.environ.copy(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+
+
 def reconcile(deployment: Deployment) -> dg.ExecuteJobResult:
     """One run of reconcile_job, as the sensor or the schedule would start it."""
     return dg.execute_job(dg.reconstructable(reconcile_job_with_resources), instance=deployment.instance())

@@ -19,6 +19,7 @@ from s3proc_dagster_tests.conftest import Deployment
 from s3proc_dagster_tests.pipeline_helpers import (
     dataset_keys,
     execute,
+    launch,
     promo_rows,
     read_dataset,
     run_requests_under,
@@ -117,9 +118,7 @@ def test_runs_carry_tags_a_user_filters_by(deployment: Deployment) -> None:
 
 def test_dagster_job_launch_processes_a_named_file(deployment: Deployment) -> None:
     src = write_csv(deployment.watch / "launch" / "l.csv", promo_rows(20))
-    config = (
-        f'{{"ops": {{"checksum_calculation": {{"config": {{"path": "{src}", "relative_path": "launch/l.csv"}}}}}}}}'
-    )
+    config = {"ops": {"checksum_calculation": {"config": {"path": str(src), "relative_path": "launch/l.csv"}}}}
     # The daemon also ticks the watch sensor (RUNNING by default); IGNORE_INITIAL keeps it
     # from requesting the other tests' files, which the test harness runs itself.
     daemon = start_in_own_group(
@@ -130,27 +129,7 @@ def test_dagster_job_launch_processes_a_named_file(deployment: Deployment) -> No
         stderr=subprocess.DEVNULL,
     )
     try:
-        launched = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "dagster",
-                "job",
-                "launch",
-                "-w",
-                str(ROOT / "workspace.yaml"),
-                "-j",
-                "process_file_job",
-                "--config-json",
-                config,
-            ],
-            cwd=ROOT,
-            env=os.environ.copy(),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert launched.returncode == 0, launched.stdout + launched.stderr
+        launch("process_file_job", config)
         store = deployment.store()
 
         def finished_runs() -> list[dg.RunRecord]:

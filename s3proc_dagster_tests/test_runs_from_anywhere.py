@@ -19,6 +19,7 @@ from s3proc_dagster.transfer.manifest import part_key
 from s3proc_dagster_tests.conftest import ROOT, Deployment, S3Endpoint, product_env
 from s3proc_dagster_tests.pipeline_helpers import (
     dataset_keys,
+    launch,
     list_keys,
     promo_rows,
     run_requests_under,
@@ -114,29 +115,9 @@ def test_a_run_started_by_dagster_job_launch_is_reexecuted_from_failure_in_the_u
     src, dataset, sensor_tags = fail_second_chunk(deployment, "ui-reexec-launch")
     ui = request.getfixturevalue("dagster_dev")  # started after the file exists: its sensor leaves it to us
     sha = sha256_file(src)
-    config = json.dumps({"ops": {"checksum_calculation": {"config": {"path": str(src)}}}})
+    config = {"ops": {"checksum_calculation": {"config": {"path": str(src)}}}}
     try:
-        launched = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "dagster",
-                "job",
-                "launch",
-                "-w",
-                str(ROOT / "workspace.yaml"),
-                "-j",
-                "process_file_job",
-                "--config-json",
-                config,
-            ],
-            cwd=ROOT,
-            env=os.environ.copy(),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert launched.returncode == 0, launched.stdout + launched.stderr
+        launch("process_file_job", config)
         wait_for(
             lambda: deployment.instance().get_run_records(
                 dg.RunsFilter(job_name="process_file_job", tags={"s3proc/source": str(src)})

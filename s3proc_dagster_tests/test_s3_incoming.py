@@ -22,7 +22,15 @@ from s3proc_dagster.models import make_file_id
 from s3proc_dagster.sources.s3_incoming import list_incoming
 from s3proc_dagster.transfer.recovery import delete_prefix
 from s3proc_dagster_tests.conftest import Deployment
-from s3proc_dagster_tests.pipeline_helpers import csv_bytes, definitions, execute, promo_rows, read_dataset, source_rows
+from s3proc_dagster_tests.pipeline_helpers import (
+    csv_bytes,
+    definitions,
+    execute,
+    launch,
+    promo_rows,
+    read_dataset,
+    source_rows,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -153,33 +161,15 @@ def test_high_priority_run_starts_first_in_the_queue(deployment: Deployment, tmp
         path = deployment.watch / "queue" / f"{name}.csv"
         path.parent.mkdir(exist_ok=True)
         path.write_bytes(csv_bytes(promo_rows(3)))
-        config = json.dumps(
-            {"ops": {"checksum_calculation": {"config": {"path": str(path), "relative_path": f"queue/{name}.csv"}}}}
-        )
-        tags = json.dumps({"dagster/priority": str({"high": 10, "low": -10}[priority]), "s3proc/name": name})
-        launched = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "dagster",
-                "job",
-                "launch",
-                "-w",
-                str(ROOT / "workspace.yaml"),
-                "-j",
-                "process_file_job",
-                "--config-json",
-                config,
-                "--tags",
-                tags,
-            ],
-            cwd=ROOT,
+        config = {
+            "ops": {"checksum_calculation": {"config": {"path": str(path), "relative_path": f"queue/{name}.csv"}}}
+        }
+        launch(
+            "process_file_job",
+            config,
+            tags={"dagster/priority": str({"high": 10, "low": -10}[priority]), "s3proc/name": name},
             env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
         )
-        assert launched.returncode == 0, launched.stderr[-2000:]
         order.append(name)
     daemon = start_in_own_group(
         [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", str(ROOT / "workspace.yaml")],
