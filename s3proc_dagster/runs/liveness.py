@@ -12,7 +12,7 @@ moment its resources are set up:
 - a started run is alive while its heartbeat is fresh; on the same host a beat whose
   process no longer exists (or is another process with a reused pid) is dead at once,
   elsewhere after `HEARTBEAT_TIMEOUT_S` without a beat;
-- a run with no heartbeat yet gets `START_GRACE_S` from its start to begin beating.
+- a run with no heartbeat yet gets `START_GRACE_S` from leaving the queue to begin beating.
 
 `reap_dead_runs` reports dead runs failed, so the UI never shows a killed run as
 running, and their files can be recovered.
@@ -111,7 +111,9 @@ def is_run_alive(instance: dg.DagsterInstance, run_id: str, now: float | None = 
     beat = last_beat(instance, run_id)
     if beat is not None:
         return beat.is_fresh(now)
-    started = record.start_time or record.create_timestamp.timestamp()
+    # A run waits in the queue as long as it must (QUEUED is alive, above); its grace starts
+    # when it left the queue: its start, or else its last status change (to STARTING).
+    started = record.start_time or record.update_timestamp.timestamp()
     return now - started < START_GRACE_S
 
 
