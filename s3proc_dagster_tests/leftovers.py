@@ -60,6 +60,11 @@ def kind(cmdline: list[str]) -> str:
     return "other"
 
 
+#: Helpers multiprocessing starts for a process and that end when it ends (they read a pipe
+#: only their parent holds): while their parent is us or an ancestor, they are not a leak.
+LIFETIME_BOUND = ("from multiprocessing.resource_tracker import main", "from multiprocessing.forkserver import main")
+
+
 def _marked(session: str, skip: set[int]) -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter():
@@ -68,6 +73,8 @@ def _marked(session: str, skip: set[int]) -> list[psutil.Process]:
         try:
             if proc.status() == psutil.STATUS_ZOMBIE:
                 continue  # holds no port and no memory; only its (dead) parent could reap it
+            if proc.ppid() in skip and any(helper in " ".join(proc.cmdline()) for helper in LIFETIME_BOUND):
+                continue
             if proc.environ().get(SESSION_ENV) == session:
                 found.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied):

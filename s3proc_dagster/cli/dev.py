@@ -40,11 +40,17 @@ DEV_ACCESS_KEY = "s3proc-dev"
 DEV_SECRET_KEY = "s3proc-dev-secret"
 
 
-def instance_config(max_concurrency: int, storage_dir: Path, upload_pool_limit: int | None = None) -> dict:
+def instance_config(
+    max_concurrency: int, storage_dir: Path, upload_pool_limit: int | None = None, warm_runs: bool = True
+) -> dict:
     """The instance settings the product expects; see the README's "Instance defaults".
 
     - the run queue starts at most MAX_CONCURRENCY runs at once (and honours
-      `dagster/priority`);
+      `dagster/priority`), checking every second and launching on as many threads, so a
+      slot that frees is filled at once, not one launch per daemon loop;
+    - runs are forked warm (`runs.launcher.WarmRunLauncher`): a run's fixed cost is what
+      its steps do, not an interpreter importing Dagster again; `warm_runs=False` keeps
+      Dagster's default launcher (a fresh process per run);
     - at most one run per file leaves the queue at a time (a tag concurrency limit per
       `s3proc/file_id`), so a backfill or a double click cannot start duplicates; the
       store's claim makes the same true for runs that skip the queue;
@@ -63,6 +69,20 @@ def instance_config(max_concurrency: int, storage_dir: Path, upload_pool_limit: 
             },
             "pools": {"default_limit": upload_pool_limit or max(2, max_concurrency)},
         },
+        "run_coordinator": {
+            "module": "dagster._core.run_coordinator",
+            "class": "QueuedRunCoordinator",
+            "config": {
+                "dequeue_interval_seconds": 1,
+                "dequeue_use_threads": True,
+                "dequeue_num_workers": max(2, max_concurrency),
+            },
+        },
+        **(
+            {"run_launcher": {"module": "s3proc_dagster.runs.launcher", "class": "WarmRunLauncher"}}
+            if warm_runs
+            else {}
+        ),
         "run_retries": {"enabled": True, "max_retries": 1, "retry_on_asset_or_op_failure": False},
         "run_monitoring": {
             "enabled": True,

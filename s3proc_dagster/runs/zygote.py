@@ -1,0 +1,76 @@
+"""A warm process that forks run workers: each run starts in milliseconds, not seconds.
+
+Dagster's default launcher starts every run in a fresh interpreter that imports Dagster
+and the code location again: about 2.3 CPU-s and 2-3 s before the first step, per run,
+which for small files is most of the work (see the README's throughput figures). The
+zygote imports all of that once; for each run it forks a child (copy-on-write: the
+imported modules are shared, not copied) that executes the run exactly as `dagster api
+execute_run` does (`_execute_run_command_body`: the "Started process" event, the
+cancellation thread, the run's events). It stays single-threaded and opens no
+connection, so forking it is safe.
+
+Protocol on stdin/stdout, one JSON object per line: `{"run_id": ..., "instance_ref": ...}`
+in, `{"pid": ...}` out. A child starts its own session, so stopping the zygote (or the
+daemon that owns it) never stops a run in flight. EOF on stdin ends the zygote.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+PRELOAD = ("dagster", "s3proc_dagster.definitions", "s3proc_dagster.pipeline", "boto3", "duckdb", "pyarrow.parquet")
+
+
+def _preload() -> None:
+    """Everything a run would import, imported once, here."""
+    import importlib
+
+    from dotenv import load_dotenv
+
+    load_dotenv(Path.cwd() / ".env", override=False)  # as `dagster dev` gives its code servers
+    for module in PRELOAD:
+        importlib.import_module(module)
+    from s3proc_dagster.definitions import defs
+
+    defs()  # load the definitions once, so a child finds them built
+
+
+def _child(run_id: str, instance_ref: str) -> int:
+    """Runs in the forked child: the run, as `dagster api execute_run` executes it."""
+    from dagster._cli.api import _execute_run_command_body
+    from dagster._core.instance import DagsterInstance
+    from dagster_shared.serdes import deserialize_value
+
+    os.setsid()
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # termination arrives as SIGINT
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    os.dup2(2, 1)  # stdout is the zygote's reply pipe: the run's output goes where its errors go
+    with DagsterInstance.from_ref(deserialize_value(instance_ref)) as instance:
+        return _execute_run_command_body(run_id, instance, lambda _event: None, set_exit_code_on_failure=True)
+
+
+def main() -> int:
+    _preload()
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the owner stops us by closing stdin
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = _child(request["run_id"], request["instance_ref"])
+            finally:
+                os._exit(code)
+        print(json.dumps({"pid": pid}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
