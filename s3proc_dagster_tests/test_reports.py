@@ -10,10 +10,18 @@ import dagster as dg
 import duckdb
 import pytest
 
+from s3proc_dagster.defs.resources import Settings, resources_for
 from s3proc_dagster.reports.project import ReportProjectError, load_project
 from s3proc_dagster.reports.runner import ReportModelError, run_model
 from s3proc_dagster_tests.conftest import Deployment
-from s3proc_dagster_tests.pipeline_helpers import definitions, execute, run_requests_under, sensor_tick
+from s3proc_dagster_tests.pipeline_helpers import (
+    definitions,
+    execute,
+    promo_rows,
+    run_requests_under,
+    sensor_tick,
+    write_csv,
+)
 
 PROJECT = Path(__file__).resolve().parents[1] / "dbt_like_sql"
 
@@ -130,3 +138,27 @@ def test_reports_materialize_from_the_command_line(deployment: Deployment) -> No
         "validation_errors_by_rule",
         "s3_datasets",
     } <= tables
+
+
+def test_reports_refresh_is_not_requested_again_while_one_is_in_flight(deployment: Deployment) -> None:
+    write_csv(deployment.watch / "refresh" / "r.csv", promo_rows(2))
+    (request,) = run_requests_under(sensor_tick(deployment), "refresh")
+    assert execute(request, deployment).success  # a file settled: a refresh is due
+    defs = definitions()
+    sensor = defs.resolve_sensor_def("reports_refresh_sensor")
+    instance = deployment.instance()
+    resources = resources_for(Settings(overrides={"REPORTS_AUTO_REFRESH": "true"}))
+
+    def tick() -> dg.SensorExecutionData:
+        with dg.build_sensor_context(instance=instance, resources=resources) as context:
+            return sensor.evaluate_tick(context)
+
+    queued = instance.create_run_for_job(defs.resolve_job_def("reports_job"), status=dg.DagsterRunStatus.NOT_STARTED)
+    try:
+        held = tick()
+        assert not held.run_requests
+        assert queued.run_id in (held.skip_message or "")
+    finally:
+        instance.delete_run(queued.run_id)
+    (due,) = tick().run_requests
+    assert due.job_name in (None, "reports_job")

@@ -89,3 +89,15 @@ def test_cursor_stays_small_over_ten_thousand_files(tmp_path: Path) -> None:
     assert len(cur2.dumps()) < 2_000 + 40 * len(cur2.at_mark)
     assert len(cur2.at_mark) < 10_000
     print(f"10,000-file tick: {elapsed:.2f}s, cursor {len(cur2.dumps())} bytes")
+
+
+def test_a_file_unchanged_for_longer_than_the_threshold_is_ready_at_first_sight(tmp_path: Path) -> None:
+    now_ms = time.time_ns() // 1_000_000
+    moved_in = write(tmp_path / "moved.csv")  # as `mv` leaves it: its mtime from long before
+    os.utime(moved_in, ns=(time.time_ns(), (now_ms - 60_000) * 1_000_000))
+    write(tmp_path / "fresh.csv")  # written just now: it may still be growing
+    ready, cur = tick(tmp_path, None, now_ms=now_ms, threshold=2000)
+    assert ready == ["moved.csv"]
+    assert list(cur.waiting) == ["fresh.csv"]
+    ready, cur = tick(tmp_path, cur, now_ms=now_ms + 2500, threshold=2000)
+    assert ready == ["fresh.csv"] and cur.waiting == {}

@@ -123,7 +123,14 @@ def evaluate(
         if not is_new and f.relative_path not in cursor.waiting:
             continue
         previous = cursor.waiting.get(f.relative_path)
-        since = previous[2] if previous is not None and previous[0] == f.size and previous[1] == f.mtime_ns else now_ms
+        if previous is not None and previous[0] == f.size and previous[1] == f.mtime_ns:
+            since = previous[2]
+        else:
+            # Unchanged since its mtime at least: a file moved in whole (`mv`, rsync's rename)
+            # or written long before this tick is stable at first sight, not one tick later.
+            # A writer still at work bumps the mtime, so it keeps waiting; a copy that sets an
+            # old mtime (`cp -p`) does so only after the last byte.
+            since = min(now_ms, f.mtime_ns // 1_000_000)
         if now_ms - since >= stability_threshold_ms:
             ready.append(f)
         else:
