@@ -129,6 +129,13 @@ class ProcessingConfig(BaseSettings):
     # How long a COMPLETED file's staged snapshot and conversion are kept (0: removed when
     # it completes). Files IN_PROGRESS or FAILED keep theirs: a retry starts from them.
     staging_retention: timedelta = Field(timedelta(0), ge=timedelta(0))
+    # Under a backlog (more files ready than MAX_CONCURRENCY runs can start), small files
+    # share runs: at most BATCH_MAX_FILES files and BATCH_MAX_BYTES bytes per run; a file
+    # over BATCH_FILE_MAX_BYTES (or with a sidecar) always gets a run of its own.
+    batch_files: bool = True
+    batch_max_files: int = Field(50, gt=0)
+    batch_max_bytes: int = Field(64 * 2**20, gt=0)
+    batch_file_max_bytes: int = Field(8 * 2**20, ge=0)
     # Comma-separated; `NA,` is ("NA", ""): NA and the empty field. Not JSON (NoDecode).
     csv_null_strings: Annotated[tuple[str, ...], NoDecode] = CSV_NULL_STRINGS_DEFAULT
 

@@ -35,14 +35,17 @@ def definitions() -> dg.Definitions:
 _CURSOR: dict[str, str | None] = {}
 
 
-def sensor_tick(deployment: Deployment) -> list[dg.RunRequest]:
-    """One evaluation of the real watch sensor, on the real instance, cursor carried over."""
+def sensor_tick(deployment: Deployment, **settings: str) -> list[dg.RunRequest]:
+    """One evaluation of the real watch sensor, on the real instance, cursor carried over;
+    `settings` override the deployment's for this tick (`MAX_CONCURRENCY="1"`)."""
+    from s3proc_dagster.defs.resources import Settings, resources_for
+
     defs = definitions()
     sensor = defs.resolve_sensor_def("watch_directory_sensor")
     with dg.build_sensor_context(
         instance=deployment.instance(),
         cursor=_CURSOR.get(str(deployment.root)),
-        resources=defs.resources,
+        resources=resources_for(Settings(overrides=settings)) if settings else defs.resources,
     ) as context:
         result = sensor.evaluate_tick(context)
     _CURSOR[str(deployment.root)] = result.cursor
@@ -187,6 +190,10 @@ def reconcile_job_with_resources() -> dg.JobDefinition:
 def process_file_job_with_resources() -> dg.JobDefinition:
     """Module-level, so that `dg.reconstructable` can rebuild the job in a run worker."""
     return definitions().resolve_job_def("process_file_job")
+
+
+def process_files_job_with_resources() -> dg.JobDefinition:
+    return definitions().resolve_job_def("process_files_job")
 
 
 def image_request_job_with_resources() -> dg.JobDefinition:

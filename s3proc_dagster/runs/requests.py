@@ -20,6 +20,7 @@ from s3proc_dagster.sources.metadata import read_sidecar, run_tags
 from s3proc_dagster.sources.resolve import relative_key
 
 PROCESS_FILE_JOB = "process_file_job"
+PROCESS_FILES_JOB = "process_files_job"  # several small files in one run: runs/batching.py
 IMAGE_REQUEST_JOB = "image_request_job"
 RECONCILE_JOB = "reconcile_job"
 

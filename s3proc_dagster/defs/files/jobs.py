@@ -8,12 +8,16 @@ reloads them instead of redoing earlier steps. Retries come from the settings at
 time (`ops.failures`), not from the definitions.
 """
 
+from typing import Any
+
 import dagster as dg
 
 from s3proc_dagster import recovery
 from s3proc_dagster.defs.files.ops import (
     archive_extraction,
+    batch_files,
     checksum_calculation,
+    checksum_of_batch_entry,
     integrity_verification,
     mark_failed,
     parquet_conversion,
@@ -23,11 +27,24 @@ from s3proc_dagster.defs.files.ops import (
 )
 from s3proc_dagster.defs.resources import ProgressStoreResource, S3Storage, Settings
 from s3proc_dagster.files.staging import SWEEP_GRACE_S
+from s3proc_dagster.models import ProcessingStep, make_file_id
+from s3proc_dagster.runs.batching import files_of_run
 from s3proc_dagster.runs.liveness import reap_dead_runs, run_is_alive
-from s3proc_dagster.runs.requests import IMAGE_REQUEST_JOB, PROCESS_FILE_JOB, RECONCILE_JOB
+from s3proc_dagster.runs.requests import IMAGE_REQUEST_JOB, PROCESS_FILE_JOB, PROCESS_FILES_JOB, RECONCILE_JOB
 from s3proc_dagster.runs.tags import TAG
 
-PRODUCT_JOBS = [PROCESS_FILE_JOB, IMAGE_REQUEST_JOB, RECONCILE_JOB, "reports_job"]
+PRODUCT_JOBS = [PROCESS_FILE_JOB, PROCESS_FILES_JOB, IMAGE_REQUEST_JOB, RECONCILE_JOB, "reports_job"]
+CHECKSUM = ProcessingStep.CHECKSUM_CALCULATION.value
+
+
+def file_steps(version: Any) -> None:
+    """The six steps after the snapshot, one file's: the same in both jobs."""
+    detection = type_detection(version)
+    items = archive_extraction(version, detection)
+    prepared = parquet_conversion(version, items)
+    uploaded = streaming(version, prepared)
+    verified = integrity_verification(version, prepared, uploaded)
+    progress_update(version, verified)
 
 
 @dg.job(
@@ -37,13 +54,20 @@ PRODUCT_JOBS = [PROCESS_FILE_JOB, IMAGE_REQUEST_JOB, RECONCILE_JOB, "reports_job
     tags={"s3proc/job": "files"},
 )
 def process_file_job() -> None:
-    version = checksum_calculation()
-    detection = type_detection(version)
-    items = archive_extraction(version, detection)
-    prepared = parquet_conversion(version, items)
-    uploaded = streaming(version, prepared)
-    verified = integrity_verification(version, prepared, uploaded)
-    progress_update(version, verified)
+    file_steps(checksum_calculation())
+
+
+@dg.job(
+    name=PROCESS_FILES_JOB,
+    description=(
+        "process_file_job's steps for each of several small files, mapped: each file has its own "
+        "steps, records, assets and failure. The sensors start it under a backlog (runs/batching.py)."
+    ),
+    hooks={mark_failed},
+    tags={"s3proc/job": "files"},
+)
+def process_files_job() -> None:
+    batch_files().map(lambda source: file_steps(checksum_of_batch_entry.alias(CHECKSUM)(source)))
 
 
 @dg.op(tags={"step": "crash_recovery"})
@@ -56,11 +80,11 @@ def reconcile(
     for record in reap_dead_runs(context.instance, PRODUCT_JOBS, exclude_run_id=context.run_id):
         run = record.dagster_run
         context.log.info(f"run {run.run_id}: its worker is gone; reported failed")
-        if run.job_name == PROCESS_FILE_JOB:
-            started = record.start_time or record.create_timestamp.timestamp()
-            dead.append(
-                recovery.DeadRun(run.run_id, started, run.tags.get(f"{TAG}/file_id"), run.tags.get(f"{TAG}/source"))
-            )
+        started = record.start_time or record.create_timestamp.timestamp()
+        for source in files_of_run(run):
+            relative = source.get("relative_path") or ""
+            file_id = run.tags.get(f"{TAG}/file_id") if run.job_name == PROCESS_FILE_JOB else make_file_id(relative)
+            dead.append(recovery.DeadRun(run.run_id, started, file_id, source["path"]))
     cfg = settings.config
     incoming = cfg.s3.incoming_prefix.strip("/") + "/" if cfg.s3.incoming_prefix else ""
     report = recovery.reconcile(

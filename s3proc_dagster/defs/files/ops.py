@@ -11,8 +11,9 @@ from s3proc_dagster.defs.files import events
 from s3proc_dagster.defs.resources import ProgressStoreResource, S3Storage, Settings
 from s3proc_dagster.errors import is_transient
 from s3proc_dagster.files.detect import Detection
-from s3proc_dagster.models import ProcessingStep
+from s3proc_dagster.models import ProcessingStep, make_file_id
 from s3proc_dagster.pipeline import Claimant, FileVersion, PreparedItem, UploadedObject, WorkItem
+from s3proc_dagster.runs.batching import BATCH_OP, files_of_run, index_of, mapping_key
 from s3proc_dagster.runs.liveness import run_is_alive
 from s3proc_dagster.runs.tags import TAG, file_run_tags
 from s3proc_dagster.sources.resolve import resolve_source
@@ -62,6 +63,32 @@ def claimant(context: dg.OpExecutionContext) -> Claimant:
     return Claimant(context.run_id, run_is_alive(context.instance))
 
 
+def _snapshot(
+    context: dg.OpExecutionContext,
+    source_config: SourceConfig,
+    settings: Settings,
+    progress_store: ProgressStoreResource,
+    s3: S3Storage,
+) -> Iterator[dg.Output]:
+    """Snapshot into staging + SHA-256 in one read; an unchanged or busy file stops here."""
+    with failures(context, settings):
+        path = source_config.path
+        client = s3.get_client() if path.startswith("s3://") else None
+        cfg = settings.config
+        source = resolve_source(
+            path, cfg.monitoring.watch_path, cfg.s3.incoming_prefix, client, source_config.relative_path
+        )
+        version = pipeline.take_snapshot(source, settings.staging, progress_store.open(), claimant(context), client)
+    if version.outcome is not ClaimOutcome.CLAIMED:
+        context.log.info(events.skipped(version))
+        return
+    context.log.info(f"{source.relative_path}: {version.size} bytes, sha256 {version.sha256}")
+    if context.get_mapping_key() is None:  # a batch run's tags describe the batch, not one file
+        tags = file_run_tags(source.relative_path, source.uri, version.file_id, source.metadata)
+        context.instance.add_run_tags(context.run_id, {**tags, f"{TAG}/sha256": version.sha256[:12]})
+    yield dg.Output(version, metadata={"sha256": version.sha256, "bytes": version.size, "fileId": version.file_id})
+
+
 @dg.op(name=ProcessingStep.CHECKSUM_CALCULATION.value, out=dg.Out(FileVersion, is_required=False))
 def checksum_calculation(
     context: dg.OpExecutionContext,
@@ -71,20 +98,33 @@ def checksum_calculation(
     s3: S3Storage,
 ) -> Iterator[dg.Output]:
     """Snapshot into staging + SHA-256 in one read; an unchanged or busy file stops here."""
-    with failures(context, settings):
-        client = s3.get_client() if config.path.startswith("s3://") else None
-        cfg = settings.config
-        source = resolve_source(
-            config.path, cfg.monitoring.watch_path, cfg.s3.incoming_prefix, client, config.relative_path
-        )
-        version = pipeline.take_snapshot(source, settings.staging, progress_store.open(), claimant(context), client)
-    if version.outcome is not ClaimOutcome.CLAIMED:
-        context.log.info(events.skipped(version))
-        return
-    context.log.info(f"{source.relative_path}: {version.size} bytes, sha256 {version.sha256}")
-    tags = file_run_tags(source.relative_path, source.uri, version.file_id, source.metadata)
-    context.instance.add_run_tags(context.run_id, {**tags, f"{TAG}/sha256": version.sha256[:12]})
-    yield dg.Output(version, metadata={"sha256": version.sha256, "bytes": version.size, "fileId": version.file_id})
+    yield from _snapshot(context, config, settings, progress_store, s3)
+
+
+class BatchConfig(dg.Config):
+    """The files a process_files_job run processes, each as process_file_job's config."""
+
+    files: list[SourceConfig] = Field(description="the files, in order; each gets its own steps")
+
+
+@dg.op(name=BATCH_OP, out=dg.DynamicOut(dict))
+def batch_files(config: BatchConfig) -> Iterator[dg.DynamicOutput]:
+    """One mapped branch of the seven steps per file: a failure stays in its file's branch."""
+    for index, source in enumerate(config.files):
+        key = mapping_key(index, source.relative_path or source.path)
+        yield dg.DynamicOutput(source.model_dump(), mapping_key=key)
+
+
+@dg.op(out=dg.Out(FileVersion, is_required=False))
+def checksum_of_batch_entry(
+    context: dg.OpExecutionContext,
+    source: dict,
+    settings: Settings,
+    progress_store: ProgressStoreResource,
+    s3: S3Storage,
+) -> Iterator[dg.Output]:
+    """`checksum_calculation` for one file of a batch (its source is an input, not config)."""
+    yield from _snapshot(context, SourceConfig(**source), settings, progress_store, s3)
 
 
 @dg.op(name=ProcessingStep.TYPE_DETECTION.value)
@@ -94,7 +134,8 @@ def type_detection(
     with failures(context, settings):
         detection = pipeline.detect_type(version, progress_store.open(), claimant(context))
     context.log.info(f"{version.source.relative_path}: {detection.file_type.value} ({detection.kind})")
-    context.instance.add_run_tags(context.run_id, {f"{TAG}/file_type": detection.kind})
+    if context.get_mapping_key() is None:
+        context.instance.add_run_tags(context.run_id, {f"{TAG}/file_type": detection.kind})
     return detection
 
 
@@ -201,7 +242,12 @@ def mark_failed(context: dg.HookContext) -> None:
     error = context.op_exception
     message = getattr(error, "description", None) or (str(error) if error else "unknown error")
     run = context.instance.get_run_by_id(context.run_id)
-    tags = run.tags if run else {}
+    tags = dict(run.tags) if run else {}
+    key = context.step_key.partition("[")[2].rstrip("]")
+    if run is not None and key:  # one file of a batch run: that file, not the batch
+        source = files_of_run(run)[index_of(key)]
+        relative = source.get("relative_path") or source["path"]
+        tags = {f"{TAG}/path": relative, f"{TAG}/source": source["path"], f"{TAG}/file_id": make_file_id(relative)}
     monitoring = context.resources.settings.config.monitoring
     processing = context.resources.settings.config.processing
     gave_up = pipeline.give_up(

@@ -6,15 +6,18 @@ held by dead runs, runs whose worker is gone) and asks for one `reconcile_job` r
 sensor only looks; recovery runs as a run of its own, visible and retryable in the UI.
 """
 
+import os
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import dagster as dg
 
-from s3proc_dagster.defs.files.jobs import PRODUCT_JOBS, process_file_job, reconcile_job
+from s3proc_dagster.defs.files.jobs import PRODUCT_JOBS, process_file_job, process_files_job, reconcile_job
 from s3proc_dagster.defs.images.jobs import image_request_job
 from s3proc_dagster.defs.resources import ProgressStoreResource, S3Storage, Settings
 from s3proc_dagster.models import ProcessingStatus
+from s3proc_dagster.runs.batching import BatchLimits, source_of, under_backlog
 from s3proc_dagster.runs.liveness import dead_runs, run_is_alive
 from s3proc_dagster.runs.requests import recovery_request, requeued, requeued_objects, run_request_for
 from s3proc_dagster.runs.tags import TAG
@@ -35,10 +38,10 @@ def _recovery(context: dg.SensorEvaluationContext, store: ProgressStore) -> list
 
 @dg.sensor(
     name="watch_directory_sensor",
-    jobs=[process_file_job, image_request_job, reconcile_job],
+    jobs=[process_file_job, process_files_job, image_request_job, reconcile_job],
     minimum_interval_seconds=poll_interval_s(),
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="One run of process_file_job per new or changed file under WATCH_PATH, once stable.",
+    description="A run per new or changed file under WATCH_PATH once stable (small files share runs under a backlog).",
 )
 def watch_directory_sensor(
     context: dg.SensorEvaluationContext, settings: Settings, progress_store: ProgressStoreResource
@@ -60,15 +63,41 @@ def watch_directory_sensor(
     ]
     if cursor.waiting:
         context.log.info(f"{len(cursor.waiting)} file(s) still being written")
+    sizes = {str(f.path): f.size for f in ready}
+    requests = _batched(context, settings, requests, lambda r: sizes.get(source_of(r)["path"]) or _size(r))
     return dg.SensorResult(run_requests=requests + _recovery(context, store), cursor=cursor.dumps())
+
+
+def _size(request: dg.RunRequest) -> int | None:
+    try:
+        return os.stat(source_of(request)["path"]).st_size
+    except (OSError, KeyError):
+        return None
+
+
+def _batched(
+    context: dg.SensorEvaluationContext,
+    settings: Settings,
+    requests: list[dg.RunRequest],
+    size_of: Callable[[dg.RunRequest], int | None],
+) -> list[dg.RunRequest]:
+    """Small files share runs while the queue is behind (`runs.batching`); BATCH_FILES=false: never."""
+    processing = settings.config.processing
+    if not processing.batch_files or len(requests) < 2:
+        return requests
+    queued = context.instance.get_runs_count(
+        dg.RunsFilter(statuses=[dg.DagsterRunStatus.QUEUED], tags={f"{TAG}/job": "files"})
+    )
+    limits = BatchLimits(processing.batch_max_files, processing.batch_max_bytes, processing.batch_file_max_bytes)
+    return under_backlog(requests, size_of, processing.max_concurrency, queued, limits)
 
 
 @dg.sensor(
     name="s3_incoming_sensor",
-    job=process_file_job,
+    jobs=[process_file_job, process_files_job],
     minimum_interval_seconds=poll_interval_s(),
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="One run of process_file_job per new or changed object under S3_INCOMING_PREFIX (when set).",
+    description="A run per new or changed object under S3_INCOMING_PREFIX, when set (small ones share runs under a backlog).",
 )
 def s3_incoming_sensor(
     context: dg.SensorEvaluationContext, settings: Settings, s3: S3Storage, progress_store: ProgressStoreResource
@@ -98,4 +127,6 @@ def s3_incoming_sensor(
     requests += [
         r for r in requeued_objects(pending, bucket, cfg.incoming_prefix) if r.tags[f"{TAG}/source"] not in fresh
     ]
+    sizes = {obj.uri: obj.size for obj in found}
+    requests = _batched(context, settings, requests, lambda r: sizes.get(source_of(r)["path"]))
     return dg.SensorResult(run_requests=requests, cursor=cursor.dumps())

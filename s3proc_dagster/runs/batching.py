@@ -1,0 +1,116 @@
+"""When small files share a run: under a backlog, and only then.
+
+A run has a fixed cost (queue, launch, events) that a file of a few KB does not repay, so
+when more files are ready than the run queue can start (`MAX_CONCURRENCY`), small files
+are grouped into runs of `process_files_job`: the same seven steps, mapped over the
+files, so each file keeps its own records, asset materializations, failure and
+"Re-execute from failure". Without a backlog every file gets a run of its own: the
+lowest latency, and a run per file is what a user looks for in the UI.
+
+A file always gets its own run when it is big (its conversion and upload are the cost,
+not the run), when it carries metadata (a sidecar: its tags and `dagster/priority` belong
+to its run), or when it is not a file for `process_file_job` (a product CSV).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import dagster as dg
+
+from s3proc_dagster.runs.requests import PROCESS_FILE_JOB, PROCESS_FILES_JOB
+from s3proc_dagster.runs.tags import TAG
+
+BATCH_OP = "batch_files"
+#: The tags any file's run carries (`tags.file_run_tags`); any other `s3proc/` tag is metadata.
+_PLAIN_TAGS = {f"{TAG}/path", f"{TAG}/source", f"{TAG}/file_id", f"{TAG}/extension"}
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    max_files: int
+    max_bytes: int
+    file_max_bytes: int
+
+
+def group(sizes: Sequence[int], slots: int, limits: BatchLimits) -> list[list[int]]:
+    """Indexes of `sizes` in runs: spread over at least `slots` runs (so every run slot has
+    work), each within the count and byte limits, in arrival order."""
+    per_run = min(limits.max_files, max(1, math.ceil(len(sizes) / max(1, slots))))
+    runs: list[list[int]] = []
+    current: list[int] = []
+    total = 0
+    for index, size in enumerate(sizes):
+        if current and (len(current) >= per_run or total + size > limits.max_bytes):
+            runs.append(current)
+            current, total = [], 0
+        current.append(index)
+        total += size
+    if current:
+        runs.append(current)
+    return runs
+
+
+def source_of(request: dg.RunRequest) -> dict[str, str]:
+    """The `SourceConfig` of a process_file_job request."""
+    return dict(request.run_config["ops"]["checksum_calculation"]["config"])
+
+
+def batchable(request: dg.RunRequest, size: int | None, limits: BatchLimits) -> bool:
+    return (
+        request.job_name == PROCESS_FILE_JOB
+        and size is not None
+        and size <= limits.file_max_bytes
+        and not (set(request.tags) - _PLAIN_TAGS)
+    )
+
+
+def batch_request(requests: Sequence[dg.RunRequest]) -> dg.RunRequest:
+    """One process_files_job run for these files' requests (one per file version, as theirs)."""
+    keys = "\n".join(str(r.run_key) for r in requests)
+    return dg.RunRequest(
+        run_key=f"batch:{hashlib.sha256(keys.encode()).hexdigest()[:24]}",
+        job_name=PROCESS_FILES_JOB,
+        run_config={"ops": {BATCH_OP: {"config": {"files": [source_of(r) for r in requests]}}}},
+        tags={f"{TAG}/batch": str(len(requests)), f"{TAG}/path": f"{source_of(requests[0])['relative_path']} +"},
+    )
+
+
+def under_backlog(
+    requests: list[dg.RunRequest],
+    size_of: Callable[[dg.RunRequest], int | None],
+    slots: int,
+    waiting: int,
+    limits: BatchLimits,
+) -> list[dg.RunRequest]:
+    """`requests` as they are when the queue can start them promptly (`waiting` runs already
+    queued plus these fit in `slots`); otherwise small files grouped into batch runs."""
+    small = [r for r in requests if batchable(r, size_of(r), limits)]
+    if len(small) < 2 or waiting + len(requests) <= slots:
+        return requests
+    own = [r for r in requests if not any(r is s for s in small)]
+    batches = group([size_of(r) or 0 for r in small], slots, limits)
+    return own + [small[i[0]] if len(i) == 1 else batch_request([small[j] for j in i]) for i in batches]
+
+
+def mapping_key(index: int, relative_path: str) -> str:
+    """The file's key in a batch run's step names, `checksum_calculation[f3_orders_csv]`:
+    its position (unique) and its name (readable in the UI)."""
+    return f"f{index}_{re.sub(r'[^A-Za-z0-9_]', '_', relative_path)[-60:]}"
+
+
+def index_of(key: str) -> int:
+    return int(key[1 : key.index("_")])
+
+
+def files_of_run(run: dg.DagsterRun) -> list[dict[str, str]]:
+    """The sources a run of either file job was started for."""
+    ops = (run.run_config or {}).get("ops", {})
+    if run.job_name == PROCESS_FILES_JOB:
+        return list(ops.get(BATCH_OP, {}).get("config", {}).get("files", []))
+    source = ops.get("checksum_calculation", {}).get("config")
+    return [source] if source else []
