@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -58,6 +59,10 @@ def test_file_is_requested_once_stable_exactly_once_and_again_when_modified(
     watcher = Watcher(deployment, root, threshold_ms=400)
     growing = root / "growing.csv"
     growing.write_text("a,b\n1,2\n")
+    # A file older than the threshold is ready at first sight; make this one "just written"
+    # whatever the machine's load delays the first tick by (an mtime ahead of the clock).
+    now = time.time_ns()
+    os.utime(growing, ns=(now, now + 3_600 * 10**9))
     assert watcher.tick() == []  # just seen: not stable yet
     first_seen = time.monotonic()
     with growing.open("a") as out:
