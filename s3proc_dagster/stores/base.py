@@ -4,9 +4,15 @@ Backends (SQLite, MongoDB) implement a handful of primitives: load, insert, and 
 compare-and-set that applies a change only if the record is still in the status we
 read. Everything with a rule in it (which transitions are legal, what COMPLETED
 requires, how a chunk's move changes the file's counters, who may work on a file) lives
-here, so the two backends cannot drift apart. Compare-and-set rather than locks keeps
-the MongoDB backend free of transactions (which need a replica set) and lets many
-Dagster run processes write at once.
+here, so the two backends cannot drift apart. Compare-and-set rather than locks lets
+many Dagster run processes write at once.
+
+A file's counters (`processingStats`, `errorSummary`) are derived data: always a pure
+function of its chunk records (`totals_from_chunks`). A chunk's move and the counters it
+changes are written together in one transaction where the backend has one (SQLite;
+MongoDB on a replica set or sharded cluster). Where it has none (a standalone MongoDB),
+a crash between the two writes can leave the counters behind; `recount` sets them from
+the chunk records again, and recovery calls it for every file a dead run held.
 
 A file version is (path, SHA-256). One run at a time works on a file: it *claims* the
 record (IN_PROGRESS with its run id), and a claim is only as good as its holder's
@@ -94,6 +100,23 @@ def chunk_contribution(chunk: ChunkStatus) -> dict[str, int]:
     return out
 
 
+def totals_from_chunks(chunks: Iterable[ChunkStatus]) -> dict[str, int]:
+    """The file's counters as its chunk records say, keyed as a chunk move's delta is
+    (`completed_chunks`, `successful_records`, `validation.<rule>`, `processing.<kind>`).
+
+    A chunk's `errorSummary.processing` counts every failure it had, and each failure
+    added one to the file's, so the file's processing summary is their sum.
+    """
+    totals: dict[str, int] = {}
+    for chunk in chunks:
+        parts = [stat_delta(None, chunk.status), chunk_contribution(chunk)]
+        parts.append({f"processing.{kind}": n for kind, n in chunk.error_summary.get("processing", {}).items()})
+        for part in parts:
+            for key, value in part.items():
+                totals[key] = totals.get(key, 0) + value
+    return {k: v for k, v in totals.items() if v}
+
+
 def diff_counts(old: dict[str, int], new: dict[str, int]) -> dict[str, int]:
     keys = set(old) | set(new)
     return {k: new.get(k, 0) - old.get(k, 0) for k in keys if new.get(k, 0) != old.get(k, 0)}
@@ -172,6 +195,11 @@ class ProgressStore(ABC):
     ) -> bool:
         """Update the chunk if its status and retry count are unchanged, and add
         `file_delta` to its file's counters (`completed_chunks`, `validation.<rule>`...)."""
+
+    @abstractmethod
+    def _recount(self, file_id: str) -> None:
+        """Set the file's counters to `totals_from_chunks` of its chunk records, without
+        losing a chunk move that another process makes at the same time."""
 
     @abstractmethod
     def _insert_request(self, request: Request, rows: list[RequestData]) -> None: ...
@@ -432,6 +460,17 @@ class ProgressStore(ABC):
 
     def list_chunks(self, file_id: str) -> list[ChunkStatus]:
         return self._load_chunks(file_id)
+
+    def recount(self, file_id: str) -> FileStatus:
+        """Make the file's counters equal its chunk records again; the file as it is then.
+
+        A no-op where a chunk move and its counters are one transaction. On a standalone
+        MongoDB it repairs the counters a crash between the two writes left behind;
+        `recovery.settle` calls it for every file a dead run held.
+        """
+        self.require(file_id)
+        self._recount(file_id)
+        return self.require(file_id)
 
     def get_chunk(self, chunk_id_: str) -> ChunkStatus:
         chunk = self._load_chunk(chunk_id_)
