@@ -32,6 +32,7 @@ from pymongo.write_concern import WriteConcern
 
 from s3proc_dagster.errors import ConcurrencyConflict, DuplicateRecord
 from s3proc_dagster.models import (
+    ChunkProcessingStats,
     ChunkStatus,
     FileProcessingStats,
     FileStatus,
@@ -274,13 +275,31 @@ class MongoProgressStore(ProgressStore):
                 return
         raise ConcurrencyConflict(f"file {file_id}: too many concurrent counter updates")
 
+    def _chunk_counts(self, file_id: str, session: ClientSession | None) -> list[ChunkStatus]:
+        """Just what the counters are made of, for every chunk of the file: a recount
+        follows every chunk move here, so it reads three fields, unvalidated."""
+        cursor = self.chunks.find(
+            {"fileId": file_id}, {"status": 1, "processingStats": 1, "errorSummary": 1}, session=session
+        )
+        return [
+            ChunkStatus.model_construct(
+                status=ProcessingStatus.parse(d["status"]),
+                processing_stats=ChunkProcessingStats.model_construct(
+                    successful_records=d.get("processingStats", {}).get("successfulRecords", 0),
+                    failed_records=d.get("processingStats", {}).get("failedRecords", 0),
+                ),
+                error_summary=d.get("errorSummary") or empty_error_summary(),
+            )
+            for d in cursor
+        ]
+
     def _recount_once(
         self, file_id: str, session: ClientSession | None, *, guarded: bool, version: int | None = None
     ) -> bool:
         """Set the counters from the chunk records read now. `guarded`: only if no other
         recount landed since `version` was read (a recount from an older read would undo
         a newer one); each recount bumps `statsVersion`."""
-        totals = totals_from_chunks(self._load_chunks(file_id, session))
+        totals = totals_from_chunks(self._chunk_counts(file_id, session))
         summary: dict[str, dict[str, int]] = empty_error_summary()
         for key, value in totals.items():
             if "." in key:
