@@ -237,6 +237,8 @@ class ReplicaSetFace:
         }
 
     def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept(); close() alone does not
         self._listener.close()
         self._accepting.join(timeout=10)
         with self._lock:
