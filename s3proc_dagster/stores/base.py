@@ -43,6 +43,7 @@ from s3proc_dagster.models import (
     utcnow,
 )
 from s3proc_dagster.stores.lifecycle import (
+    STAT_FIELD,
     check_chunk_transition,
     check_file_transition,
     stat_delta,
@@ -100,21 +101,52 @@ def chunk_contribution(chunk: ChunkStatus) -> dict[str, int]:
     return out
 
 
-def totals_from_chunks(chunks: Iterable[ChunkStatus]) -> dict[str, int]:
+@dataclass(frozen=True)
+class ChunkGroup:
+    """Chunks of one status, summed, as a store's aggregation hands them back."""
+
+    status: ProcessingStatus
+    chunks: int
+    successful_records: int
+    failed_records: int
+    error_summaries: list[dict[str, dict[str, int]]]
+
+
+def totals_of_groups(groups: Iterable[ChunkGroup]) -> dict[str, int]:
     """The file's counters as its chunk records say, keyed as a chunk move's delta is
     (`completed_chunks`, `successful_records`, `validation.<rule>`, `processing.<kind>`).
 
-    A chunk's `errorSummary.processing` counts every failure it had, and each failure
-    added one to the file's, so the file's processing summary is their sum.
+    As in `chunk_contribution`, only COMPLETED chunks' records and validation counts
+    count. A chunk's `errorSummary.processing` counts every failure it had, and each
+    failure added one to the file's, so the file's processing summary is their sum.
     """
     totals: dict[str, int] = {}
-    for chunk in chunks:
-        parts = [stat_delta(None, chunk.status), chunk_contribution(chunk)]
-        parts.append({f"processing.{kind}": n for kind, n in chunk.error_summary.get("processing", {}).items()})
-        for part in parts:
-            for key, value in part.items():
-                totals[key] = totals.get(key, 0) + value
+
+    def add(key: str, n: int) -> None:
+        totals[key] = totals.get(key, 0) + n
+
+    for group in groups:
+        add(STAT_FIELD[group.status], group.chunks)
+        counted = group.status is ProcessingStatus.COMPLETED
+        if counted:
+            add("successful_records", group.successful_records)
+            add("failed_records", group.failed_records)
+        for summary in group.error_summaries:
+            if counted:
+                for rule, n in summary.get("validation", {}).items():
+                    add(f"validation.{rule}", n)
+            for kind, n in summary.get("processing", {}).items():
+                add(f"processing.{kind}", n)
     return {k: v for k, v in totals.items() if v}
+
+
+def totals_from_chunks(chunks: Iterable[ChunkStatus]) -> dict[str, int]:
+    return totals_of_groups(
+        ChunkGroup(
+            c.status, 1, c.processing_stats.successful_records, c.processing_stats.failed_records, [c.error_summary]
+        )
+        for c in chunks
+    )
 
 
 def diff_counts(old: dict[str, int], new: dict[str, int]) -> dict[str, int]:

@@ -32,7 +32,6 @@ from pymongo.write_concern import WriteConcern
 
 from s3proc_dagster.errors import ConcurrencyConflict, DuplicateRecord
 from s3proc_dagster.models import (
-    ChunkProcessingStats,
     ChunkStatus,
     FileProcessingStats,
     FileStatus,
@@ -45,7 +44,7 @@ from s3proc_dagster.models import (
     success_rate,
     utcnow,
 )
-from s3proc_dagster.stores.base import ANY_HOLDER, ProgressStore, totals_from_chunks
+from s3proc_dagster.stores.base import ANY_HOLDER, ChunkGroup, ProgressStore, totals_of_groups
 
 T = TypeVar("T")
 _RECOUNT_ATTEMPTS = 50
@@ -256,9 +255,11 @@ class MongoProgressStore(ProgressStore):
             self.files.update_one({"fileId": file_id}, {"$set": {"processingStats.successRate": rate}}, session=session)
 
     def _recount(self, file_id: str) -> None:
-        if self.transactions:
-            self._atomically(lambda session: self._recount_once(file_id, session, guarded=False))
-            return
+        """Counters from the chunk records, set only if no other counter write (a recount,
+        or a move's `$inc` in a transaction, both bump `statsVersion`) landed between
+        reading the version and setting: then the records read are the ones at that
+        moment, and a recount from an older read can never undo a newer one. No
+        transaction needed, so it is the same on both kinds of server."""
         first: int | None = None
         for _ in range(_RECOUNT_ATTEMPTS):
             doc = self.files.find_one({"fileId": file_id}, {"statsVersion": 1})
@@ -267,30 +268,39 @@ class MongoProgressStore(ProgressStore):
             version = doc.get("statsVersion")
             if first is None:
                 first = version or 0
-            elif (version or 0) >= first + 2:
-                # Version first+1 was set after this call began, so whoever then set
-                # first+2 read the chunks after ours changed: our move is counted.
+            elif not self.transactions and (version or 0) >= first + 2:
+                # Without transactions every counter write is a recount. Version first+1
+                # was set after this call began, so whoever then set first+2 read the
+                # chunk records after ours changed: our move is counted.
                 return
             if self._recount_once(file_id, None, guarded=True, version=version):
                 return
         raise ConcurrencyConflict(f"file {file_id}: too many concurrent counter updates")
 
-    def _chunk_counts(self, file_id: str, session: ClientSession | None) -> list[ChunkStatus]:
-        """Just what the counters are made of, for every chunk of the file: a recount
-        follows every chunk move here, so it reads three fields, unvalidated."""
-        cursor = self.chunks.find(
-            {"fileId": file_id}, {"status": 1, "processingStats": 1, "errorSummary": 1}, session=session
-        )
+    def _chunk_groups(self, file_id: str, session: ClientSession | None) -> list[ChunkGroup]:
+        """The file's chunks summed by status on the server: a recount follows every chunk
+        move on a standalone server, so it ships one document per status, not per chunk."""
+        pipeline = [
+            {"$match": {"fileId": file_id}},
+            {
+                "$group": {
+                    "_id": "$status",
+                    "chunks": {"$sum": 1},
+                    "ok": {"$sum": "$processingStats.successfulRecords"},
+                    "bad": {"$sum": "$processingStats.failedRecords"},
+                    "summaries": {"$push": "$errorSummary"},
+                }
+            },
+        ]
         return [
-            ChunkStatus.model_construct(
-                status=ProcessingStatus.parse(d["status"]),
-                processing_stats=ChunkProcessingStats.model_construct(
-                    successful_records=d.get("processingStats", {}).get("successfulRecords", 0),
-                    failed_records=d.get("processingStats", {}).get("failedRecords", 0),
-                ),
-                error_summary=d.get("errorSummary") or empty_error_summary(),
+            ChunkGroup(
+                ProcessingStatus.parse(g["_id"]),
+                g["chunks"],
+                g["ok"],
+                g["bad"],
+                [summary for summary in g["summaries"] if summary],
             )
-            for d in cursor
+            for g in self.chunks.aggregate(pipeline, session=session)
         ]
 
     def _recount_once(
@@ -299,7 +309,7 @@ class MongoProgressStore(ProgressStore):
         """Set the counters from the chunk records read now. `guarded`: only if no other
         recount landed since `version` was read (a recount from an older read would undo
         a newer one); each recount bumps `statsVersion`."""
-        totals = totals_from_chunks(self._chunk_counts(file_id, session))
+        totals = totals_of_groups(self._chunk_groups(file_id, session))
         summary: dict[str, dict[str, int]] = empty_error_summary()
         for key, value in totals.items():
             if "." in key:
