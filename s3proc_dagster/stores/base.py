@@ -8,7 +8,7 @@ here, so the two backends cannot drift apart. Compare-and-set rather than locks 
 many Dagster run processes write at once.
 
 A file's counters (`processingStats`, `errorSummary`) are derived data: always a pure
-function of its chunk records (`totals_from_chunks`). A chunk's move and the counters it
+function of its chunk records (`totals_of_groups`). A chunk's move and the counters it
 changes are written together in one transaction where the backend has one (SQLite;
 MongoDB on a replica set or sharded cluster). Where it has none (a standalone MongoDB),
 a crash between the two writes can leave the counters behind; `recount` sets them from
@@ -230,7 +230,7 @@ class ProgressStore(ABC):
 
     @abstractmethod
     def _recount(self, file_id: str) -> None:
-        """Set the file's counters to `totals_from_chunks` of its chunk records, without
+        """Set the file's counters to the totals of its chunk records (`totals_of_groups`), without
         losing a chunk move that another process makes at the same time."""
 
     @abstractmethod
@@ -496,7 +496,8 @@ class ProgressStore(ABC):
     def recount(self, file_id: str) -> FileStatus:
         """Make the file's counters equal its chunk records again; the file as it is then.
 
-        A no-op where a chunk move and its counters are one transaction. On a standalone
+        Changes no counter where a chunk move and its counters are one transaction (SQLite,
+        MongoDB with transactions), unless the data was written without. On a standalone
         MongoDB it repairs the counters a crash between the two writes left behind;
         `recovery.settle` calls it for every file a dead run held.
         """

@@ -89,8 +89,8 @@ def supports_transactions(client: MongoClient) -> bool:
 
 
 def _counter_paths(flat: dict[str, int]) -> dict[str, int]:
-    """A chunk move's delta (or a file's totals) as document paths: `completed_chunks`
-    is `processingStats.completedChunks`, `validation.<rule>` is under `errorSummary`."""
+    """A chunk move's delta as document paths: `completed_chunks` is
+    `processingStats.completedChunks`, `validation.<rule>` is under `errorSummary`."""
     out = {}
     for key, value in flat.items():
         if "." in key:
