@@ -9,7 +9,10 @@ For each IN_PROGRESS file whose holder is no longer alive (the caller judges liv
   ones recorded for this very version, which the rerun resumes; and objects that neither
   the committed manifest (what readers see now) nor a COMPLETED chunk of this version
   vouches for are deleted;
-- an unfinished file goes back to PENDING, so the watch sensor runs it again.
+- an unfinished file goes back to PENDING, so the watch sensor runs it again;
+- first of all, its counters are set from its chunk records (`store.recount`): on a
+  MongoDB without transactions the run may have died between a chunk's write and its
+  file's counters.
 
 `sweep_uploads` aborts multipart uploads under the product's prefix that no live run
 owns and that are older than a bound: uploads left by an S3 outage, a killed run whose
@@ -57,6 +60,7 @@ def recover(store: ProgressStore, client: Any, bucket: str, is_alive: Callable[[
 
 def settle(store: ProgressStore, client: Any, bucket: str, status: FileStatus) -> Recovered:
     """Decide one dead run's file: COMPLETED if S3 proves this version whole, else PENDING."""
+    store.recount(status.file_id)
     dead, key = status.run_id, status.output_key
     resumable = {
         t.upload_id

@@ -4,6 +4,11 @@ SeaweedFS (S3) and nx-27017 (MongoDB wire protocol) start in about a second each
 server that fails to start fails the fixture with its log; nothing is skipped silently.
 Set MONGODB_URI to run the MongoDB contract tests against a real server instead.
 
+nx-27017 (0.8.1) answers `hello` as a standalone (no `setName`) and has no flag to do
+otherwise, though it runs transactions; `mongodb_replset_uri` puts it behind
+`ReplicaSetFace`, which adds a one-member replica set to its `hello` replies and passes
+every other byte through, so the store's transaction path runs against it.
+
 Every server stops through `embedded.stop_process_group` (a deadline, then SIGKILL of
 its process group), and the session fails if any process it started is still running
 at the end (`leftovers.py`), so a leak shows up as a red run, not as a busy port later.
@@ -11,10 +16,14 @@ at the end (`leftovers.py`), so a leak shows up as a red run, not as a busy port
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -24,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import boto3
+import bson
 import pytest
 from botocore.config import Config
 
@@ -127,6 +137,141 @@ def mongodb_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server = start_nx27017(tmp_path_factory.mktemp("nx27017"))
     yield server.url
     server.stop()
+
+
+class ReplicaSetFace:
+    """A loopback TCP relay to a MongoDB wire-protocol server that presents it as the
+    primary of a one-member replica set named `set_name`.
+
+    Only `hello`/`isMaster` replies change (OP_MSG and the legacy OP_REPLY of the
+    handshake): `setName`, `hosts`, `primary` and `me` name the relay's own address, as
+    a real member's do. Requests and every other reply pass through untouched.
+    """
+
+    HELLO_KEYS = ("isWritablePrimary", "ismaster")
+
+    def __init__(self, upstream_port: int, set_name: str = "rs0") -> None:
+        self.upstream = ("127.0.0.1", upstream_port)
+        self.set_name = set_name
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._sockets: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._accepting = threading.Thread(target=self._accept, name="replset-face", daemon=True)
+        self._accepting.start()
+
+    @property
+    def url(self) -> str:
+        return f"mongodb://{self.address}/"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:  # closed by stop()
+                return
+            server = socket.create_connection(self.upstream)
+            pumps = [
+                threading.Thread(target=self._pump, args=(client, server, False), daemon=True),
+                threading.Thread(target=self._pump, args=(server, client, True), daemon=True),
+            ]
+            with self._lock:
+                self._sockets += [client, server]
+                self._threads += pumps
+            for pump in pumps:
+                pump.start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, replies: bool) -> None:
+        try:
+            while True:
+                header = _read_exactly(source, 16)
+                if header is None:
+                    break
+                (length,) = struct.unpack("<i", header[:4])
+                body = _read_exactly(source, length - 16)
+                if body is None:
+                    break
+                message = header + body
+                sink.sendall(self._rewrite(message) if replies else message)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def _rewrite(self, message: bytes) -> bytes:
+        request_id, response_to, opcode = struct.unpack("<iii", message[4:16])
+        if opcode == 2013:  # OP_MSG: flags, then a kind-0 body section first
+            flags = struct.unpack("<I", message[16:20])[0]
+            if message[20] != 0:
+                return message
+            (size,) = struct.unpack("<i", message[21:25])
+            doc = bson.decode(message[21 : 21 + size])
+            if not any(k in doc for k in self.HELLO_KEYS):
+                return message
+            end = len(message) - (4 if flags & 1 else 0)
+            payload = (
+                struct.pack("<I", flags & ~1) + b"\x00" + bson.encode(self._as_member(doc)) + message[21 + size : end]
+            )
+        elif opcode == 1:  # OP_REPLY to the legacy handshake: one document
+            (size,) = struct.unpack("<i", message[36:40])
+            doc = bson.decode(message[36 : 36 + size])
+            if not any(k in doc for k in self.HELLO_KEYS):
+                return message
+            payload = message[16:36] + bson.encode(self._as_member(doc)) + message[36 + size :]
+        else:
+            return message
+        return struct.pack("<iiii", 16 + len(payload), request_id, response_to, opcode) + payload
+
+    def _as_member(self, doc: dict) -> dict:
+        return {
+            **doc,
+            "setName": self.set_name,
+            "setVersion": 1,
+            "hosts": [self.address],
+            "primary": self.address,
+            "me": self.address,
+            "secondary": False,
+        }
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept(); close() alone does not
+        self._listener.close()
+        self._accepting.join(timeout=10)
+        with self._lock:
+            sockets, threads = list(self._sockets), list(self._threads)
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        for thread in threads:
+            thread.join(timeout=10)
+
+
+def _read_exactly(sock: socket.socket, n: int) -> bytes | None:
+    data = bytearray()
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return bytes(data)
+
+
+@pytest.fixture(scope="session")
+def mongodb_replset_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """nx-27017 presented as a one-member replica set (see `ReplicaSetFace`): the
+    store detects transactions there and takes its transaction path."""
+    server = start_nx27017(tmp_path_factory.mktemp("nx27017-replset"))
+    face = ReplicaSetFace(int(server.url.rsplit(":", 1)[1].strip("/")))
+    try:
+        yield face.url
+    finally:
+        face.stop()
+        server.stop()
 
 
 @pytest.fixture

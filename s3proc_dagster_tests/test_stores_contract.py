@@ -1,6 +1,8 @@
 """One contract, two backends: every store operation against SQLite and MongoDB.
 
-The MongoDB half runs against nx-27017 on loopback, or against MONGODB_URI when set.
+The MongoDB half runs against nx-27017 on loopback, or against MONGODB_URI when set,
+and once more against nx-27017 presented as a replica set (`mongodb-replset`), where
+the store writes a chunk's move and its file's counters in one transaction.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
+from bson import json_util
+from pymongo.client_session import ClientSession
 
+from s3proc_dagster import recovery
 from s3proc_dagster.errors import FileBusy, IllegalTransition, RecordNotFound, VersionSuperseded
 from s3proc_dagster.models import (
     FileStatus,
@@ -37,12 +42,12 @@ from s3proc_dagster.stores.mongo import MongoProgressStore
 from s3proc_dagster.stores.sqlite import SQLiteProgressStore
 
 
-@pytest.fixture(params=["sqlite", "mongodb"])
+@pytest.fixture(params=["sqlite", "mongodb", "mongodb-replset"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, dict]:
     if request.param == "sqlite":
         return "sqlite", {"path": str(tmp_path / "progress.db")}
-    uri = request.getfixturevalue("mongodb_uri")
-    return "mongodb", {"uri": uri, "database": request.getfixturevalue("mongodb_database")}
+    uri = request.getfixturevalue("mongodb_replset_uri" if request.param == "mongodb-replset" else "mongodb_uri")
+    return request.param, {"uri": uri, "database": request.getfixturevalue("mongodb_database")}
 
 
 def open_backend(kind: str, params: dict) -> ProgressStore:
@@ -280,6 +285,12 @@ def test_four_processes_of_concurrent_chunk_updates_lose_nothing(
     backend: tuple[str, dict], store: ProgressStore
 ) -> None:
     kind, params = backend
+    if kind == "mongodb-replset":
+        pytest.skip(
+            "nx-27017 runs every transaction of a database on one shared SQLite connection: a second "
+            "client's transaction nests as a savepoint and the first commit ends it ('no such savepoint'); "
+            "concurrent transactions are tested against MONGODB_URI on a real replica set"
+        )
     per_worker = 250 if kind == "sqlite" else 60  # nx-27017 is slow; a real MongoDB takes the full load
     if kind == "mongodb" and os.environ.get("MONGODB_URI"):
         per_worker = 250
@@ -448,3 +459,256 @@ def test_upload_tasks_are_found_by_key_and_content(store: ProgressStore) -> None
     assert [t.id for t in store.list_upload_tasks("f1")] == ["t1"] and store.list_upload_tasks("f2") == []
     store.delete_upload_task("t1")
     assert store.list_upload_tasks() == []
+
+
+# ---- a chunk's move and its file's counters: atomic, or healed -------------------------------
+
+
+def crashing_store(kind: str, params: dict) -> ProgressStore:
+    """The backend's store, killed for real (SIGKILL) between a chunk's write and its file's
+    counters; it prints its transaction's session id first (or `no-transaction`), so the test
+    can end what the dead client left open; SQLite's is its connection's, gone with it."""
+    base = SQLiteProgressStore if kind == "sqlite" else MongoProgressStore
+
+    class DiesBetweenWrites(base):  # type: ignore[valid-type, misc]
+        def _add_to_counters(self, *args: object) -> None:
+            session = next((a for a in args if isinstance(a, ClientSession)), None)
+            if session is not None:
+                print(json_util.dumps(session.session_id), flush=True)
+            else:
+                print("sqlite-transaction" if kind == "sqlite" else "no-transaction", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return DiesBetweenWrites(**params)
+
+
+def counters(file: FileStatus) -> dict:
+    s = file.processing_stats
+    return {
+        "completed": s.completed_chunks,
+        "in_progress": s.in_progress_chunks,
+        "pending": s.pending_chunks,
+        "failed": s.failed_chunks,
+        "records": (s.successful_records, s.failed_records),
+        "validation": {k: v for k, v in file.error_summary.get("validation", {}).items() if v},
+        "processing": {k: v for k, v in file.error_summary.get("processing", {}).items() if v},
+    }
+
+
+def counters_of_chunk_records(chunks: list) -> dict:
+    """What the chunk records say, counted here independently of the store's arithmetic."""
+    done = [c for c in chunks if c.status is S.COMPLETED]
+    validation: dict[str, int] = {}
+    processing: dict[str, int] = {}
+    for c in done:
+        for rule, n in c.error_summary.get("validation", {}).items():
+            validation[rule] = validation.get(rule, 0) + n
+    for c in chunks:
+        for kind, n in c.error_summary.get("processing", {}).items():
+            processing[kind] = processing.get(kind, 0) + n
+    return {
+        "completed": len(done),
+        "in_progress": sum(c.status is S.IN_PROGRESS for c in chunks),
+        "pending": sum(c.status is S.PENDING for c in chunks),
+        "failed": sum(c.status is S.FAILED for c in chunks),
+        "records": (
+            sum(c.processing_stats.successful_records for c in done),
+            sum(c.processing_stats.failed_records for c in done),
+        ),
+        "validation": {k: v for k, v in validation.items() if v},
+        "processing": {k: v for k, v in processing.items() if v},
+    }
+
+
+def is_transactional(kind: str, store: ProgressStore) -> bool:
+    return kind == "sqlite" or bool(getattr(store, "transactions", False))
+
+
+def end_orphaned_transaction(uri: str, session_id: str) -> None:
+    """Abort the transaction a killed client left open, as a real server does on its own
+    after transactionLifetimeLimitSeconds (60 s by default): `killSessions` on MongoDB.
+    nx-27017 answers `killSessions` without acting, and aborts on `endSessions`."""
+    from pymongo import MongoClient
+
+    lsid = json_util.loads(session_id)
+    with MongoClient(uri) as client:
+        client.admin.command("killSessions", [lsid])
+        client.admin.command("endSessions", [lsid])
+
+
+def crash_between_the_two_writes(backend: tuple[str, dict], store: ProgressStore) -> tuple[FileStatus, dict]:
+    """Chunk 0 of 3 COMPLETED (8 ok, 2 failed, two rules), chunk 1 IN_PROGRESS after one
+    S3 failure, chunk 2 PENDING; then a child process completes chunk 1 (9 ok, 1 failed)
+    and is SIGKILLed between the chunk's write and the file's counters.
+    Returns the file as the crash left it and its counters before the crash."""
+    kind, params = backend
+    claimed = store.claim(new_file(), "run-dead", alive)
+    file_id = claimed.record.file_id
+    c0, c1, _ = store.plan_chunks(file_id, 30, 10, version="a" * 64)
+    store.chunk_started(c0.chunk_id, "w0")
+    store.chunk_completed(
+        c0.chunk_id,
+        s3_key="k0",
+        size_bytes=1,
+        sha256="s0",
+        duration=0.1,
+        failed_records=2,
+        validation_errors={"invalidUserId": 1, "expiredOffer": 1},
+    )
+    store.chunk_started(c1.chunk_id, "w1")
+    store.chunk_failed(c1.chunk_id, "connection reset", error_kind="s3UploadFailure")
+    store.chunk_started(c1.chunk_id, "w1")
+    before = counters(store.require(file_id))
+    assert before == {
+        "completed": 1,
+        "in_progress": 1,
+        "pending": 1,
+        "failed": 0,
+        "records": (8, 2),
+        "validation": {"invalidUserId": 1, "expiredOffer": 1},
+        "processing": {"s3UploadFailure": 1},
+    }
+    child = textwrap.dedent(
+        f"""
+        from s3proc_dagster_tests.test_stores_contract import crashing_store
+        store = crashing_store({kind!r}, {params!r})
+        store.chunk_completed(
+            {c1.chunk_id!r}, s3_key="k1", size_bytes=1, sha256="s1", duration=0.1,
+            failed_records=1, validation_errors={{"invalidUserId": 1}},
+        )
+        print("survived", flush=True)
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", child], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1]
+    )
+    try:
+        said = proc.stdout.readline().strip()
+    finally:
+        proc.kill()  # a no-op once it has killed itself; the child never outlives the test
+        proc.wait(timeout=60)
+        proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL, said
+    assert (said != "no-transaction") is is_transactional(kind, store), said
+    if said.startswith("{"):  # the MongoDB session of the dead client's open transaction
+        end_orphaned_transaction(params["uri"], said)
+    return store.require(file_id), before
+
+
+def test_a_crash_between_chunk_and_counters_leaves_both_or_neither_where_there_are_transactions(
+    backend: tuple[str, dict], store: ProgressStore
+) -> None:
+    kind, _ = backend
+    after, before = crash_between_the_two_writes(backend, store)
+    chunks = store.list_chunks(after.file_id)
+    if is_transactional(kind, store):
+        assert [c.status for c in chunks] == [S.COMPLETED, S.IN_PROGRESS, S.PENDING]  # chunk 1 rolled back
+        assert chunks[1].s3_key is None and counters(after) == before
+    else:  # standalone MongoDB: the chunk landed, its file's counters did not
+        assert [c.status for c in chunks] == [S.COMPLETED, S.COMPLETED, S.PENDING]
+        assert counters(after) == before != counters_of_chunk_records(chunks)
+
+
+def test_after_a_crash_between_the_two_writes_the_next_chunk_move_makes_the_counters_exact(
+    backend: tuple[str, dict], store: ProgressStore
+) -> None:
+    kind, _ = backend
+    after, _ = crash_between_the_two_writes(backend, store)
+    c2 = f"{after.file_id}-chunk-2"
+    store.chunk_started(c2, "w2")
+    chunks = store.list_chunks(after.file_id)
+    healed = counters(store.require(after.file_id))
+    assert healed == counters_of_chunk_records(chunks)
+    if is_transactional(kind, store):  # chunk 1 is still to be completed
+        expected = {
+            "completed": 1,
+            "in_progress": 2,
+            "pending": 0,
+            "records": (8, 2),
+            "validation": {"invalidUserId": 1, "expiredOffer": 1},
+        }
+    else:  # chunk 1's completion, written before the crash, is now counted
+        expected = {
+            "completed": 2,
+            "in_progress": 1,
+            "pending": 0,
+            "records": (17, 3),
+            "validation": {"invalidUserId": 2, "expiredOffer": 1},
+        }
+    assert healed == {**expected, "failed": 0, "processing": {"s3UploadFailure": 1}}
+    assert store.get(after.file_id).processing_stats.success_rate == round(
+        expected["records"][0] / sum(expected["records"]) * 100, 2
+    )
+
+
+def test_after_a_crash_between_the_two_writes_recovery_makes_the_counters_exact(
+    backend: tuple[str, dict], store: ProgressStore
+) -> None:
+    kind, _ = backend
+    after, _ = crash_between_the_two_writes(backend, store)
+    (settled,) = recovery.recover(store, client=None, bucket="", is_alive=alive)  # run-dead's file
+    assert settled.outcome == "pending" and settled.dead_run == "run-dead"
+    file = store.require(after.file_id)
+    assert counters(file) == counters_of_chunk_records(store.list_chunks(after.file_id))
+    completed, records = (1, (8, 2)) if is_transactional(kind, store) else (2, (17, 3))
+    assert (file.processing_stats.completed_chunks, file.processing_stats.pending_chunks) == (completed, 1)
+    assert (file.processing_stats.successful_records, file.processing_stats.failed_records) == records
+    assert counters(store.recount(after.file_id)) == counters(file)  # a recount of exact counters changes nothing
+
+
+@pytest.mark.parametrize("kind", ["mongodb", "mongodb-replset"])
+def test_mongodb_uses_a_transaction_exactly_when_the_server_has_them(
+    kind: str, request: pytest.FixtureRequest, mongodb_database: str
+) -> None:
+    from pymongo import MongoClient, monitoring
+
+    class Commands(monitoring.CommandListener):
+        def __init__(self) -> None:
+            self.seen: list[dict] = []
+
+        def started(self, event: monitoring.CommandStartedEvent) -> None:
+            self.seen.append({**event.command, "name": event.command_name})
+
+        def succeeded(self, event: monitoring.CommandSucceededEvent) -> None: ...
+
+        def failed(self, event: monitoring.CommandFailedEvent) -> None: ...
+
+    uri = request.getfixturevalue("mongodb_replset_uri" if kind == "mongodb-replset" else "mongodb_uri")
+    listener = Commands()
+    client = MongoClient(uri, tz_aware=True, event_listeners=[listener])
+    store = MongoProgressStore(uri, mongodb_database, client=client)
+    try:
+        if not os.environ.get("MONGODB_URI") or kind == "mongodb-replset":
+            assert store.transactions is (kind == "mongodb-replset")  # nx-27017 itself is a standalone
+        status, _ = store.record_detected(new_file())
+        (chunk,) = store.plan_chunks(status.file_id, 10, 10)
+        assert [c["name"] for c in listener.seen].count("hello") == 1  # asked once, when the store opened
+        listener.seen.clear()
+        store.chunk_started(chunk.chunk_id, "w")
+        store.chunk_completed(chunk.chunk_id, s3_key="k", size_bytes=1, sha256="s", duration=0.1)
+        names = [c["name"] for c in listener.seen]
+        assert "hello" not in names
+        target = [(c["name"], c.get(c["name"])) for c in listener.seen if c["name"] in ("update", "findAndModify")]
+        if store.transactions:
+            by_txn: dict[tuple, list[dict]] = {}
+            for command in listener.seen:
+                if "txnNumber" in command:
+                    by_txn.setdefault((str(command["lsid"]), command["txnNumber"]), []).append(command)
+            assert len(by_txn) == 2  # one transaction per chunk move
+            for commands in by_txn.values():
+                assert [(c["name"], c.get(c["name"])) for c in commands] == [
+                    ("update", "ChunkStatus"),
+                    ("findAndModify", "FileStatus"),  # the counters' $inc
+                    ("update", "FileStatus"),  # successRate from the new counters
+                    ("commitTransaction", 1),
+                ]
+                assert commands[0].get("startTransaction") is True
+                assert all(c.get("autocommit") is False for c in commands)
+            assert "abortTransaction" not in names
+        else:
+            assert "commitTransaction" not in names and not any("startTransaction" in c for c in listener.seen)
+            assert target == [("update", "ChunkStatus"), ("update", "FileStatus")] * 2  # chunk, then its recount
+        stats = store.require(status.file_id).processing_stats
+        assert (stats.completed_chunks, stats.pending_chunks, stats.successful_records) == (1, 0, 10)
+    finally:
+        store.close()

@@ -4,9 +4,15 @@ Backends (SQLite, MongoDB) implement a handful of primitives: load, insert, and 
 compare-and-set that applies a change only if the record is still in the status we
 read. Everything with a rule in it (which transitions are legal, what COMPLETED
 requires, how a chunk's move changes the file's counters, who may work on a file) lives
-here, so the two backends cannot drift apart. Compare-and-set rather than locks keeps
-the MongoDB backend free of transactions (which need a replica set) and lets many
-Dagster run processes write at once.
+here, so the two backends cannot drift apart. Compare-and-set rather than locks lets
+many Dagster run processes write at once.
+
+A file's counters (`processingStats`, `errorSummary`) are derived data: always a pure
+function of its chunk records (`totals_of_groups`). A chunk's move and the counters it
+changes are written together in one transaction where the backend has one (SQLite;
+MongoDB on a replica set or sharded cluster). Where it has none (a standalone MongoDB),
+a crash between the two writes can leave the counters behind; `recount` sets them from
+the chunk records again, and recovery calls it for every file a dead run held.
 
 A file version is (path, SHA-256). One run at a time works on a file: it *claims* the
 record (IN_PROGRESS with its run id), and a claim is only as good as its holder's
@@ -37,6 +43,7 @@ from s3proc_dagster.models import (
     utcnow,
 )
 from s3proc_dagster.stores.lifecycle import (
+    STAT_FIELD,
     check_chunk_transition,
     check_file_transition,
     stat_delta,
@@ -92,6 +99,54 @@ def chunk_contribution(chunk: ChunkStatus) -> dict[str, int]:
     for rule, count in chunk.error_summary.get("validation", {}).items():
         out[f"validation.{rule}"] = count
     return out
+
+
+@dataclass(frozen=True)
+class ChunkGroup:
+    """Chunks of one status, summed, as a store's aggregation hands them back."""
+
+    status: ProcessingStatus
+    chunks: int
+    successful_records: int
+    failed_records: int
+    error_summaries: list[dict[str, dict[str, int]]]
+
+
+def totals_of_groups(groups: Iterable[ChunkGroup]) -> dict[str, int]:
+    """The file's counters as its chunk records say, keyed as a chunk move's delta is
+    (`completed_chunks`, `successful_records`, `validation.<rule>`, `processing.<kind>`).
+
+    As in `chunk_contribution`, only COMPLETED chunks' records and validation counts
+    count. A chunk's `errorSummary.processing` counts every failure it had, and each
+    failure added one to the file's, so the file's processing summary is their sum.
+    """
+    totals: dict[str, int] = {}
+
+    def add(key: str, n: int) -> None:
+        totals[key] = totals.get(key, 0) + n
+
+    for group in groups:
+        add(STAT_FIELD[group.status], group.chunks)
+        counted = group.status is ProcessingStatus.COMPLETED
+        if counted:
+            add("successful_records", group.successful_records)
+            add("failed_records", group.failed_records)
+        for summary in group.error_summaries:
+            if counted:
+                for rule, n in summary.get("validation", {}).items():
+                    add(f"validation.{rule}", n)
+            for kind, n in summary.get("processing", {}).items():
+                add(f"processing.{kind}", n)
+    return {k: v for k, v in totals.items() if v}
+
+
+def totals_from_chunks(chunks: Iterable[ChunkStatus]) -> dict[str, int]:
+    return totals_of_groups(
+        ChunkGroup(
+            c.status, 1, c.processing_stats.successful_records, c.processing_stats.failed_records, [c.error_summary]
+        )
+        for c in chunks
+    )
 
 
 def diff_counts(old: dict[str, int], new: dict[str, int]) -> dict[str, int]:
@@ -172,6 +227,11 @@ class ProgressStore(ABC):
     ) -> bool:
         """Update the chunk if its status and retry count are unchanged, and add
         `file_delta` to its file's counters (`completed_chunks`, `validation.<rule>`...)."""
+
+    @abstractmethod
+    def _recount(self, file_id: str) -> None:
+        """Set the file's counters to the totals of its chunk records (`totals_of_groups`), without
+        losing a chunk move that another process makes at the same time."""
 
     @abstractmethod
     def _insert_request(self, request: Request, rows: list[RequestData]) -> None: ...
@@ -432,6 +492,18 @@ class ProgressStore(ABC):
 
     def list_chunks(self, file_id: str) -> list[ChunkStatus]:
         return self._load_chunks(file_id)
+
+    def recount(self, file_id: str) -> FileStatus:
+        """Make the file's counters equal its chunk records again; the file as it is then.
+
+        Changes no counter where a chunk move and its counters are one transaction (SQLite,
+        MongoDB with transactions), unless the data was written without. On a standalone
+        MongoDB it repairs the counters a crash between the two writes left behind;
+        `recovery.settle` calls it for every file a dead run held.
+        """
+        self.require(file_id)
+        self._recount(file_id)
+        return self.require(file_id)
 
     def get_chunk(self, chunk_id_: str) -> ChunkStatus:
         chunk = self._load_chunk(chunk_id_)

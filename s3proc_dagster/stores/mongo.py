@@ -1,23 +1,36 @@
 """MongoDB backend: collections `FileStatus`, `ChunkStatus`, `Requests`, `RequestData`.
 
 Documents use the seeds' field names and spellings (seed 000's upper-case statuses,
-seed 002's lower-case ones). Counters move with `$inc` so concurrent runs never lose
-an update; nested counters are created at insert (`processingStats` skeleton), the form
-that works on every server, since some wire-compatible servers mishandle a dotted `$inc`
-that has to create its parents.
+seed 002's lower-case ones). Nested counters are created at insert (`processingStats`
+skeleton), the form that works on every server, since some wire-compatible servers
+mishandle a dotted `$inc` that has to create its parents.
+
+A chunk's move touches two documents: the chunk, and its file's counters. How they stay
+exact depends on what the server can do, asked once per client (`supports_transactions`):
+- a replica set member or a mongos: both writes in one multi-document transaction
+  (`with_transaction`, which retries TransientTransactionError and
+  UnknownTransactionCommitResult), so a crash leaves neither or both;
+- a standalone server, which refuses transactions: the chunk is written, then the file's
+  counters are recomputed from its chunk records and set under an optimistic guard
+  (`statsVersion`), never `$inc`ed. A crash between the two leaves the counters behind
+  until the next move of any chunk of that file, or `recount` from recovery, sets them.
 """
 
 from __future__ import annotations
 
 import enum
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
 from pydantic.alias_generators import to_camel
 from pymongo import ASCENDING, MongoClient
-from pymongo.errors import DuplicateKeyError
+from pymongo.client_session import ClientSession
+from pymongo.errors import DuplicateKeyError, OperationFailure
+from pymongo.read_concern import ReadConcern
+from pymongo.write_concern import WriteConcern
 
-from s3proc_dagster.errors import DuplicateRecord
+from s3proc_dagster.errors import ConcurrencyConflict, DuplicateRecord
 from s3proc_dagster.models import (
     ChunkStatus,
     FileProcessingStats,
@@ -31,7 +44,10 @@ from s3proc_dagster.models import (
     success_rate,
     utcnow,
 )
-from s3proc_dagster.stores.base import ANY_HOLDER, ProgressStore
+from s3proc_dagster.stores.base import ANY_HOLDER, ChunkGroup, ProgressStore, totals_of_groups
+
+T = TypeVar("T")
+_RECOUNT_ATTEMPTS = 50
 
 
 def _value(value: Any) -> Any:
@@ -56,6 +72,34 @@ def _doc(model: Any) -> dict[str, Any]:
     return {k: _value(v) for k, v in doc.items()}
 
 
+def supports_transactions(client: MongoClient) -> bool:
+    """Whether the deployment runs multi-document transactions: a replica set member
+    (`setName`) from 4.0 or a mongos (`msg: isdbgrid`) from 4.2, with sessions
+    (`logicalSessionTimeoutMinutes`). A standalone mongod answers a transaction with
+    "Transaction numbers are only allowed on a replica set member or mongos"."""
+    try:
+        hello = client.admin.command("hello")
+    except OperationFailure:  # before 4.4.2
+        hello = client.admin.command("isMaster")
+    if hello.get("logicalSessionTimeoutMinutes") is None:
+        return False
+    if hello.get("msg") == "isdbgrid":
+        return hello.get("maxWireVersion", 0) >= 8
+    return bool(hello.get("setName")) and hello.get("maxWireVersion", 0) >= 7
+
+
+def _counter_paths(flat: dict[str, int]) -> dict[str, int]:
+    """A chunk move's delta as document paths: `completed_chunks` is
+    `processingStats.completedChunks`, `validation.<rule>` is under `errorSummary`."""
+    out = {}
+    for key, value in flat.items():
+        if "." in key:
+            out[f"errorSummary.{key}"] = value
+        else:
+            out[f"processingStats.{to_camel(key)}"] = value
+    return out
+
+
 def _load(cls: Any, doc: dict[str, Any] | None) -> Any:
     if doc is None:
         return None
@@ -66,8 +110,13 @@ def _load(cls: Any, doc: dict[str, Any] | None) -> Any:
 
 
 class MongoProgressStore(ProgressStore):
-    def __init__(self, uri: str, database: str, client: MongoClient | None = None) -> None:
+    def __init__(
+        self, uri: str, database: str, client: MongoClient | None = None, *, transactions: bool | None = None
+    ) -> None:
+        """`transactions`: None asks the server (once, here); False forces the
+        standalone path on a replica set, e.g. to test it against a real one."""
         self._client = client or MongoClient(uri, tz_aware=True, serverSelectionTimeoutMS=10000)
+        self.transactions = supports_transactions(self._client) if transactions is None else transactions
         db = self._client[database]
         self.files = db["FileStatus"]
         self.chunks = db["ChunkStatus"]
@@ -88,11 +137,28 @@ class MongoProgressStore(ProgressStore):
     def close(self) -> None:
         self._client.close()
 
+    def _atomically(self, work: Callable[[ClientSession | None], T]) -> T:
+        """`work(session)` in one transaction where the server has them, else `work(None)`.
+
+        `with_transaction` runs `work` again on TransientTransactionError (a write
+        conflict with another transaction, a primary stepping down) and retries the
+        commit on UnknownTransactionCommitResult, for up to 120 s; `work` only computes
+        from its arguments and what it reads through the session, so running it twice
+        is safe. Snapshot reads and majority commits: what a transaction read is what
+        it wrote against, and what it wrote survives a failover.
+        """
+        if not self.transactions:
+            return work(None)
+        with self._client.start_session() as session:
+            return session.with_transaction(
+                work, read_concern=ReadConcern("snapshot"), write_concern=WriteConcern("majority")
+            )
+
     # ---- files ---------------------------------------------------------------------------
 
     def _insert_file(self, status: FileStatus) -> bool:
         try:
-            self.files.insert_one(_doc(status))
+            self.files.insert_one({**_doc(status), "statsVersion": 0})
         except DuplicateKeyError:
             return False
         return True
@@ -117,24 +183,29 @@ class MongoProgressStore(ProgressStore):
     # ---- chunks --------------------------------------------------------------------------
 
     def _replace_chunks(self, file_id: str, chunks: list[ChunkStatus], file_fields: dict[str, Any]) -> None:
-        self.chunks.delete_many({"fileId": file_id})
-        if chunks:
-            self.chunks.insert_many([_doc(c) for c in chunks])
-        stats = FileProcessingStats(pending_chunks=len(chunks))
-        self.files.update_one(
-            {"fileId": file_id},
-            {
-                "$set": {
-                    **_set(file_fields),
-                    "processingStats": _doc(stats),
-                    "errorSummary": empty_error_summary(),
-                    "lastUpdatedAt": utcnow(),
-                }
-            },
-        )
+        def replace(session: ClientSession | None) -> None:
+            self.chunks.delete_many({"fileId": file_id}, session=session)
+            if chunks:
+                self.chunks.insert_many([_doc(c) for c in chunks], session=session)
+            self.files.update_one(
+                {"fileId": file_id}, {"$set": {**_set(file_fields), "lastUpdatedAt": utcnow()}}, session=session
+            )
+            self._recount_once(file_id, session, guarded=False)
 
-    def _load_chunks(self, file_id: str) -> list[ChunkStatus]:
-        return [_load(ChunkStatus, d) for d in self.chunks.find({"fileId": file_id}).sort("chunkIndex", ASCENDING)]
+        if self.transactions:
+            self._atomically(replace)
+        else:
+            # Three writes with nothing around them: set the counters from the new plan
+            # under the same guard as after a chunk move, so a crash mid-way heals the same way.
+            self.chunks.delete_many({"fileId": file_id})
+            if chunks:
+                self.chunks.insert_many([_doc(c) for c in chunks])
+            self.files.update_one({"fileId": file_id}, {"$set": {**_set(file_fields), "lastUpdatedAt": utcnow()}})
+            self._recount(file_id)
+
+    def _load_chunks(self, file_id: str, session: ClientSession | None = None) -> list[ChunkStatus]:
+        cursor = self.chunks.find({"fileId": file_id}, session=session).sort("chunkIndex", ASCENDING)
+        return [_load(ChunkStatus, d) for d in cursor]
 
     def list_all_chunks(self) -> list[ChunkStatus]:
         cursor = self.chunks.find({}).sort([("fileId", ASCENDING), ("chunkIndex", ASCENDING)])
@@ -155,28 +226,108 @@ class MongoProgressStore(ProgressStore):
         if "processingStats" in updates:
             stats = updates["processingStats"]
             stats["successRate"] = success_rate(stats["successfulRecords"], stats["failedRecords"])
-        result = self.chunks.update_one(
-            {"chunkId": chunk.chunk_id, "status": expected.storage_name, "retryCount": expected_retry},
-            {"$set": updates},
-        )
-        if result.matched_count != 1:
-            return False
-        inc = {}
-        for key, value in file_delta.items():
-            if "." in key:
-                inc[f"errorSummary.{key}"] = value
-            else:
-                inc[f"processingStats.{to_camel(key)}"] = value
+        query = {"chunkId": chunk.chunk_id, "status": expected.storage_name, "retryCount": expected_retry}
+
+        def move(session: ClientSession | None) -> bool:
+            if self.chunks.update_one(query, {"$set": updates}, session=session).matched_count != 1:
+                return False
+            self._add_to_counters(chunk.file_id, file_delta, session)
+            return True
+
+        return self._atomically(move)
+
+    def _add_to_counters(self, file_id: str, delta: dict[str, int], session: ClientSession | None) -> None:
+        """The second write of a chunk's move: `$inc` inside the move's transaction, or,
+        without one, the counters recomputed from the chunk records (which also repairs
+        what an earlier crash between the two writes left behind)."""
+        if session is None:
+            self._recount(file_id)
+            return
         after = self.files.find_one_and_update(
-            {"fileId": chunk.file_id},
-            {"$inc": inc, "$set": {"lastUpdatedAt": utcnow()}},
+            {"fileId": file_id},
+            {"$inc": {**_counter_paths(delta), "statsVersion": 1}, "$set": {"lastUpdatedAt": utcnow()}},
             return_document=True,
+            session=session,
         )
         if after is not None:
             stats = after.get("processingStats", {})
             rate = success_rate(stats.get("successfulRecords", 0), stats.get("failedRecords", 0))
-            self.files.update_one({"fileId": chunk.file_id}, {"$set": {"processingStats.successRate": rate}})
-        return True
+            self.files.update_one({"fileId": file_id}, {"$set": {"processingStats.successRate": rate}}, session=session)
+
+    def _recount(self, file_id: str) -> None:
+        """Counters from the chunk records, set only if no other counter write (a recount,
+        or a move's `$inc` in a transaction, both bump `statsVersion`) landed between
+        reading the version and setting: then the records read are the ones at that
+        moment, and a recount from an older read can never undo a newer one. No
+        transaction needed, so it is the same on both kinds of server."""
+        first: int | None = None
+        for _ in range(_RECOUNT_ATTEMPTS):
+            doc = self.files.find_one({"fileId": file_id}, {"statsVersion": 1})
+            if doc is None:
+                return
+            version = doc.get("statsVersion")
+            if first is None:
+                first = version or 0
+            elif not self.transactions and (version or 0) >= first + 2:
+                # Without transactions every counter write is a recount. Version first+1
+                # was set after this call began, so whoever then set first+2 read the
+                # chunk records after ours changed: our move is counted.
+                return
+            if self._recount_once(file_id, None, guarded=True, version=version):
+                return
+        raise ConcurrencyConflict(f"file {file_id}: too many concurrent counter updates")
+
+    def _chunk_groups(self, file_id: str, session: ClientSession | None) -> list[ChunkGroup]:
+        """The file's chunks summed by status on the server: a recount follows every chunk
+        move on a standalone server, so it ships one document per status, not per chunk."""
+        pipeline = [
+            {"$match": {"fileId": file_id}},
+            {
+                "$group": {
+                    "_id": "$status",
+                    "chunks": {"$sum": 1},
+                    "ok": {"$sum": "$processingStats.successfulRecords"},
+                    "bad": {"$sum": "$processingStats.failedRecords"},
+                    "summaries": {"$push": "$errorSummary"},
+                }
+            },
+        ]
+        return [
+            ChunkGroup(
+                ProcessingStatus.parse(g["_id"]),
+                g["chunks"],
+                g["ok"],
+                g["bad"],
+                [summary for summary in g["summaries"] if summary],
+            )
+            for g in self.chunks.aggregate(pipeline, session=session)
+        ]
+
+    def _recount_once(
+        self, file_id: str, session: ClientSession | None, *, guarded: bool, version: int | None = None
+    ) -> bool:
+        """Set the counters from the chunk records read now. `guarded`: only if no other
+        recount landed since `version` was read (a recount from an older read would undo
+        a newer one); each recount bumps `statsVersion`."""
+        totals = totals_of_groups(self._chunk_groups(file_id, session))
+        summary: dict[str, dict[str, int]] = empty_error_summary()
+        for key, value in totals.items():
+            if "." in key:
+                kind, name = key.split(".", 1)
+                summary.setdefault(kind, {})[name] = value
+        stats = FileProcessingStats(**{k: v for k, v in totals.items() if "." not in k})
+        query: dict[str, Any] = {"fileId": file_id}
+        if guarded:
+            query["statsVersion"] = version if version is not None else {"$exists": False}
+        result = self.files.update_one(
+            query,
+            {
+                "$set": {"processingStats": _doc(stats), "errorSummary": summary, "lastUpdatedAt": utcnow()},
+                "$inc": {"statsVersion": 1},
+            },
+            session=session,
+        )
+        return result.matched_count == 1
 
     # ---- image requests ----------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ from s3proc_dagster.models import (
     S3UploadTask,
     utcnow,
 )
-from s3proc_dagster.stores.base import ANY_HOLDER, ProgressStore
+from s3proc_dagster.stores.base import ANY_HOLDER, ProgressStore, totals_from_chunks
 
 # Columns added after the first release: a store created by an older version gains them
 # at open (ALTER TABLE ... ADD COLUMN is instant in SQLite), so upgrading keeps the data.
@@ -156,6 +156,15 @@ CREATE TABLE IF NOT EXISTS request_data (
 );
 """
 
+_COUNTER_COLUMNS = (
+    "completed_chunks",
+    "failed_chunks",
+    "in_progress_chunks",
+    "pending_chunks",
+    "successful_records",
+    "failed_records",
+)
+
 # FileStatus fields kept in the `file_progress` table, under its own column names.
 _PROGRESS_COLUMNS = {
     "file_path": "file_path",
@@ -247,17 +256,7 @@ class SQLiteProgressStore(ProgressStore):
     @staticmethod
     def _to_file(row: sqlite3.Row) -> FileStatus:
         data = _decode(row)
-        data["processing_stats"] = {
-            k: data.pop(k)
-            for k in (
-                "completed_chunks",
-                "failed_chunks",
-                "in_progress_chunks",
-                "pending_chunks",
-                "successful_records",
-                "failed_records",
-            )
-        }
+        data["processing_stats"] = {k: data.pop(k) for k in _COUNTER_COLUMNS}
         data.pop("progress_id", None)
         return FileStatus.model_validate(data)
 
@@ -406,29 +405,45 @@ class SQLiteProgressStore(ProgressStore):
             )
             if cur.rowcount != 1:
                 return False
-            counters = {k: v for k, v in file_delta.items() if "." not in k}
-            summary_delta = {k: v for k, v in file_delta.items() if "." in k}
-            sets = [f"{c} = {c} + ?" for c in counters] + ["last_updated_at = ?"]
-            params: list[Any] = [*counters.values(), utcnow().isoformat()]
-            if summary_delta:
-                (raw,) = conn.execute(
-                    "SELECT error_summary FROM file_status WHERE file_id = ?", (chunk.file_id,)
-                ).fetchone()
-                summary = json.loads(raw)
-                for key, inc in summary_delta.items():
-                    kind, name = key.split(".", 1)
-                    bucket = summary.setdefault(kind, {})
-                    bucket[name] = bucket.get(name, 0) + inc
-                    if not bucket[name]:
-                        del bucket[name]
-                sets.append("error_summary = ?")
-                params.append(json.dumps(summary))
-            conn.execute(f"UPDATE file_status SET {', '.join(sets)} WHERE file_id = ?", (*params, chunk.file_id))
-            conn.execute(
-                "UPDATE file_progress SET updated_at = ? WHERE id = (SELECT progress_id FROM file_status WHERE file_id = ?)",
-                (int(time.time()), chunk.file_id),
-            )
+            self._add_to_counters(conn, chunk.file_id, file_delta)
             return True
+
+    def _add_to_counters(self, conn: sqlite3.Connection, file_id: str, delta: dict[str, int]) -> None:
+        """The second write of a chunk's move, in the same transaction as the first."""
+        counters = {k: v for k, v in delta.items() if "." not in k}
+        summary_delta = {k: v for k, v in delta.items() if "." in k}
+        sets = [f"{c} = {c} + ?" for c in counters] + ["last_updated_at = ?"]
+        params: list[Any] = [*counters.values(), utcnow().isoformat()]
+        if summary_delta:
+            (raw,) = conn.execute("SELECT error_summary FROM file_status WHERE file_id = ?", (file_id,)).fetchone()
+            summary = json.loads(raw)
+            for key, inc in summary_delta.items():
+                kind, name = key.split(".", 1)
+                bucket = summary.setdefault(kind, {})
+                bucket[name] = bucket.get(name, 0) + inc
+                if not bucket[name]:
+                    del bucket[name]
+            sets.append("error_summary = ?")
+            params.append(json.dumps(summary))
+        conn.execute(f"UPDATE file_status SET {', '.join(sets)} WHERE file_id = ?", (*params, file_id))
+        conn.execute(
+            "UPDATE file_progress SET updated_at = ? WHERE id = (SELECT progress_id FROM file_status WHERE file_id = ?)",
+            (int(time.time()), file_id),
+        )
+
+    def _recount(self, file_id: str) -> None:
+        """One transaction, like every chunk move here: the counters never drift, so this
+        only confirms them (kept for the contract: both backends answer `recount`)."""
+        with self._write() as conn:
+            rows = conn.execute("SELECT * FROM chunk_status WHERE file_id = ?", (file_id,)).fetchall()
+            totals = totals_from_chunks(self._to_chunk(r) for r in rows)
+            summary: dict[str, dict[str, int]] = {"validation": {}, "processing": {}}
+            for key, value in totals.items():
+                if "." in key:
+                    kind, name = key.split(".", 1)
+                    summary.setdefault(kind, {})[name] = value
+            counters = {field: totals.get(field, 0) for field in _COUNTER_COLUMNS}
+            self._set_file(conn, file_id, {**counters, "error_summary": summary})
 
     # ---- image requests ----------------------------------------------------------------------
 
