@@ -628,7 +628,7 @@ def build_in_sandbox(tmp_path: Path) -> tuple[dict[str, str], Path, list[str]]:
     env |= {
         k: v
         for k, v in os.environ.items()
-        if k.startswith(("PIP_", "UV_", "SSL_", "REQUESTS_")) or "proxy" in k.lower()
+        if k.startswith(("PIP_", "UV_", "SSL_", "REQUESTS_", "S3PROC_TEST_")) or "proxy" in k.lower()
     }
     workdir, installs, cmd = root, 0, []
     for keyword, args in parse_dockerfile((DEPLOY / "Dockerfile").read_text()):
