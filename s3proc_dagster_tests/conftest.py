@@ -292,6 +292,9 @@ def product_env(root: Path, s3: S3Endpoint, prefix: str) -> dict[str, str]:
         "REPORTS_DB_PATH": str(root / "reports.duckdb"),
         "STABILITY_THRESHOLD_MS": "0",
         "MAX_RETRIES": "1",
+        # A test that drops several files runs each file's request itself; batches under a
+        # backlog are test_batching.py's, which turns them on for its ticks.
+        "BATCH_FILES": "false",
         "RETRY_DELAY_MS": "10",
         "LOG_PRETTY": "false",
         "MONGODB_URI": "",

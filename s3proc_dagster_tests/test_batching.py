@@ -71,7 +71,7 @@ def test_a_batch_run_keeps_each_files_records_assets_and_failure(deployment: Dep
     broken = folder / "broken.zip"
     broken.write_text("hello, I am not a zip")
     flaky_rows, flaky_sha = source_rows(flaky, "read_csv"), sha256_file(flaky)  # a file that fails is parked
-    (request,) = run_requests_under(sensor_tick(deployment, MAX_CONCURRENCY="1"), "batch")
+    (request,) = run_requests_under(sensor_tick(deployment, BATCH_FILES="true", MAX_CONCURRENCY="1"), "batch")
     assert request.job_name == PROCESS_FILES_JOB and request.tags["s3proc/batch"] == "5"
 
     instance = deployment.instance()
