@@ -59,6 +59,15 @@ def failures(context: dg.OpExecutionContext, settings: Settings) -> Iterator[Non
         raise dg.RetryRequested(max_retries=processing.max_retries, seconds_to_wait=wait) from exc
 
 
+def tag_run(context: dg.OpExecutionContext, tags: dict[str, str]) -> None:
+    """Tags are for finding runs in the UI, not part of the file's processing: a busy run
+    storage (SQLite's `database is locked` under a backlog) costs a warning, not the file."""
+    try:
+        context.instance.add_run_tags(context.run_id, tags)
+    except Exception as exc:
+        context.log.warning(f"run tags not written ({type(exc).__name__}: {exc}); the file goes on")
+
+
 def claimant(context: dg.OpExecutionContext) -> Claimant:
     return Claimant(context.run_id, run_is_alive(context.instance))
 
@@ -85,7 +94,7 @@ def _snapshot(
     context.log.info(f"{source.relative_path}: {version.size} bytes, sha256 {version.sha256}")
     if context.get_mapping_key() is None:  # a batch run's tags describe the batch, not one file
         tags = file_run_tags(source.relative_path, source.uri, version.file_id, source.metadata)
-        context.instance.add_run_tags(context.run_id, {**tags, f"{TAG}/sha256": version.sha256[:12]})
+        tag_run(context, {**tags, f"{TAG}/sha256": version.sha256[:12]})
     yield dg.Output(version, metadata={"sha256": version.sha256, "bytes": version.size, "fileId": version.file_id})
 
 
@@ -135,7 +144,7 @@ def type_detection(
         detection = pipeline.detect_type(version, progress_store.open(), claimant(context))
     context.log.info(f"{version.source.relative_path}: {detection.file_type.value} ({detection.kind})")
     if context.get_mapping_key() is None:
-        context.instance.add_run_tags(context.run_id, {f"{TAG}/file_type": detection.kind})
+        tag_run(context, {f"{TAG}/file_type": detection.kind})
     return detection
 
 
