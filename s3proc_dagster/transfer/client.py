@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from typing import Any
 
 from botocore.config import Config
 
 from s3proc_dagster.settings import S3Config
+
+_CLIENTS: dict[tuple, Any] = {}
+_CLIENTS_LOCK = threading.Lock()
 
 
 def make_client(
@@ -17,6 +22,40 @@ def make_client(
     force_path_style: bool = True,
     max_attempts: int = 5,
     session_token: str | None = None,
+) -> Any:
+    """One client per process and configuration, made on first use.
+
+    Making a boto3 client loads botocore's service models from JSON: 0.15-0.3 CPU-s each,
+    and Dagster builds the S3 resource's client for every step and every hook, so a
+    seven-step run made 13 of them (most of a small file's CPU). boto3's clients are
+    thread-safe; the process id is part of the key, so a forked process never shares its
+    parent's connections.
+    """
+    key = (
+        os.getpid(),
+        endpoint,
+        region,
+        access_key_id,
+        secret_access_key,
+        force_path_style,
+        max_attempts,
+        session_token,
+    )
+    with _CLIENTS_LOCK:
+        client = _CLIENTS.get(key)
+        if client is None:
+            client = _CLIENTS[key] = _new_client(*key[1:])
+        return client
+
+
+def _new_client(
+    endpoint: str | None,
+    region: str,
+    access_key_id: str | None,
+    secret_access_key: str | None,
+    force_path_style: bool,
+    max_attempts: int,
+    session_token: str | None,
 ) -> Any:
     """Path-style addressing for S3-compatible servers (SeaweedFS, MinIO), standard retries
     with backoff, and timeouts so that an unreachable S3 fails a step instead of hanging it."""
