@@ -8,6 +8,11 @@ original, so the original can change or move to the error directory without brea
 retry, and every step is safe to run again: a finished chunk is skipped, an existing
 conversion reused, an object overwritten under the same key.
 
+The staging area is a cache, not a record: a step that finds the snapshot, the extracted
+entries or chunks still to upload missing (a re-execution on another node, a wiped
+disk) derives them again, from the source checked against the recorded SHA-256
+(`staged_snapshot`), never from anything only the first node had.
+
 Every step first makes sure its run still holds the file version (`Claimant`): one run
 at a time works on a file, a re-execution takes over from its failed parent, and a run
 whose version was superseded by a newer one stops instead of overwriting it.
@@ -15,6 +20,7 @@ whose version was superseded by a newer one stops instead of overwriting it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import socket
@@ -28,7 +34,14 @@ from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from s3proc_dagster.errors import ChecksumMismatch, FileBusy, UnsupportedFileError
+from s3proc_dagster.errors import (
+    ChecksumMismatch,
+    ConversionError,
+    FileBusy,
+    SourceChanged,
+    UnsupportedFileError,
+    s3_error_code,
+)
 from s3proc_dagster.files import parking
 from s3proc_dagster.files import staging as staging_area
 from s3proc_dagster.files.archives import extract
@@ -105,6 +118,19 @@ class WorkItem:
 
 
 @dataclass(frozen=True)
+class ConversionRecipe:
+    """Everything a conversion depends on, kept with its result so that a node without the
+    chunk files converts again to the same chunks: the same boundaries, and the same
+    validation (the rules' date is the one the first conversion used, not today's)."""
+
+    chunk_size: int
+    compression: str
+    rules_dir: Path | None = None
+    as_of: date | None = None
+    csv_null_strings: tuple[str, ...] = DUCKDB_NULL_STRINGS
+
+
+@dataclass(frozen=True)
 class PreparedItem:
     """A work item ready to upload: a Parquet dataset (chunks) or one object as it is."""
 
@@ -114,6 +140,7 @@ class PreparedItem:
     compression: str | None = None
     chunks: tuple[ChunkFile, ...] = ()
     skipped_rules: dict[str, str] = field(default_factory=dict)  # rule -> why it could not run
+    recipe: ConversionRecipe | None = None  # how `chunks` were made, to make them again
 
     @property
     def is_dataset(self) -> bool:
@@ -222,12 +249,84 @@ def record_version(
     )
 
 
+# ---- the staging area is a cache ----------------------------------------------------------------
+
+
+def staging_root(version: FileVersion) -> Path:
+    """The staging area the version's paths point into (`<staging>/<sha256>/<name>`).
+
+    Every node of a deployment has the same STAGING_DIRECTORY (one image, one set of
+    settings), so the paths a step's outputs carry are valid on any of them; only the
+    files behind them may be missing."""
+    return Path(version.snapshot_path).parent.parent
+
+
+def staged_snapshot(version: FileVersion, store: ProgressStore, client: Any = None) -> Path:
+    """The version's snapshot on this node: the staged copy, or the source read again.
+
+    A node that never saw the file (a re-execution on another machine, a wiped staging
+    area) fetches it from where it came from, the watched path on shared storage or the
+    incoming object, hashing as it goes. Bytes other than the recorded version's fail the
+    run for good with SourceChanged: the file changed since the run started, and its new
+    version is a new run's work, never this one's.
+    """
+    path = Path(version.snapshot_path)
+    if path.is_file():
+        return path
+    source, staging = version.source, staging_root(version)
+    if source.is_object and client is None:
+        raise ValueError(f"{source.uri}: an S3 client is needed to fetch the snapshot again")
+    try:
+        if source.is_object:
+            snap = snapshot_s3_object(client, source.s3_bucket or "", source.s3_key or "", staging)
+        else:
+            snap = snapshot(Path(source.uri), staging)
+    except Exception as exc:
+        if isinstance(exc, FileNotFoundError) or s3_error_code(exc) in ("NoSuchKey", "404"):
+            raise SourceChanged(
+                f"{source.relative_path}: the file changed since the run started: {source.uri} is gone, "
+                f"and this node has no snapshot of version {version.sha256}"
+            ) from exc
+        raise
+    if snap.sha256 != version.sha256:
+        staging_area.release(staging, snap.sha256, staging_area.versions_in_use(store))
+        raise SourceChanged(
+            f"{source.relative_path}: the file changed since the run started: {source.uri} now has "
+            f"sha256 {snap.sha256}, this run processes {version.sha256}; the new version is left "
+            "to a run of its own"
+        )
+    log.info(
+        "%s: snapshot fetched again from its source (none on this node)",
+        source.relative_path,
+        extra={"fields": {"fileId": version.file_id, "sha256": snap.sha256, "bytes": snap.size}},
+    )
+    return snap.path
+
+
+def staged_items(items: Sequence[WorkItem], version: FileVersion, store: ProgressStore, client: Any = None) -> None:
+    """Make sure every item's local copy is on this node: the snapshot, or the archive's
+    entries extracted again from it (the same paths: extraction is deterministic)."""
+    missing = [item for item in items if not Path(item.local_path).is_file()]
+    if not missing:
+        return
+    snap = staged_snapshot(version, store, client)
+    if all(item.local_path == version.snapshot_path for item in missing):
+        return
+    detection = detect(snap, version.source.name)
+    extract(snap, detection.kind, work_dir(staging_root(version), version.sha256) / "extracted")
+    log.info(
+        "%s: archive extracted again (its entries were not on this node)",
+        version.source.relative_path,
+        extra={"fields": {"fileId": version.file_id}},
+    )
+
+
 # ---- step 2: type_detection -------------------------------------------------------------------
 
 
-def detect_type(version: FileVersion, store: ProgressStore, claimant: Claimant) -> Detection:
+def detect_type(version: FileVersion, store: ProgressStore, claimant: Claimant, client: Any = None) -> Detection:
     claimant.hold(store, version.file_id, version.sha256)
-    detection = detect(Path(version.snapshot_path), version.source.name)
+    detection = detect(staged_snapshot(version, store, client), version.source.name)
     store.update_file(version.file_id, file_type=detection.file_type, content_type=detection.content_type)
     return detection
 
@@ -269,7 +368,12 @@ def _claim_entry(
 
 
 def plan_work(
-    version: FileVersion, detection: Detection, staging: Path, store: ProgressStore, claimant: Claimant
+    version: FileVersion,
+    detection: Detection,
+    staging: Path,
+    store: ProgressStore,
+    claimant: Claimant,
+    client: Any = None,
 ) -> list[WorkItem]:
     """The file itself, or every entry of an archive, each with its own detected type.
 
@@ -278,6 +382,7 @@ def plan_work(
     work and on nesting attacks).
     """
     claimant.hold(store, version.file_id, version.sha256)
+    snap = staged_snapshot(version, store, client)
     if detection.file_type is not FileType.ARCHIVE:
         return [
             WorkItem(
@@ -291,7 +396,7 @@ def plan_work(
             )
         ]
     dest = work_dir(staging, version.sha256) / "extracted"
-    entries = extract(Path(version.snapshot_path), detection.kind, dest)
+    entries = extract(snap, detection.kind, dest)
     items: list[WorkItem] = []
     for entry in entries:
         rel = join_key(version.source.relative_path, entry.relative_path)
@@ -335,6 +440,7 @@ def convert_items(
     rules_dir: Path | None = None,
     as_of: date | None = None,
     csv_null_strings: Sequence[str] = DUCKDB_NULL_STRINGS,
+    client: Any = None,
 ) -> list[PreparedItem]:
     """Tabular items become Parquet chunks (one pass each, validated in the same pass
     when a rule set selects them); other items pass through.
@@ -344,6 +450,7 @@ def convert_items(
     landed for an earlier version of the file are never taken for this one's.
     """
     claimant.hold(store, version.file_id, version.sha256)
+    recipe = ConversionRecipe(chunk_size, compression, rules_dir, as_of or as_of_date(None), tuple(csv_null_strings))
     prepared: list[PreparedItem] = []
     for item in items:
         key = join_key(prefix, item.relative_path)
@@ -352,36 +459,12 @@ def convert_items(
         if item.kind not in TABULAR_KINDS:
             prepared.append(PreparedItem(item, key))
             continue
-        out_dir = work_dir(staging, version.sha256) / "parquet" / make_file_id(item.relative_path)
-        done = out_dir / "_done.json"
+        done = parquet_dir(staging, version, item) / "_done.json"
         if done.exists():
             conversion = ConversionResult.from_json(done.read_text())
         else:
-            rule_set = rule_set_for(item.relative_path, rules_dir) if rules_dir else None
-            try:
-                conversion = convert_to_parquet_chunks(
-                    Path(item.local_path),
-                    item.kind,
-                    out_dir,
-                    chunk_size,
-                    compression,
-                    rules=rule_set.render(as_of or as_of_date(None)) if rule_set else None,
-                    required_columns=rule_set.columns if rule_set else (),
-                    on_missing_columns=rule_set.on_missing_columns if rule_set else "skip_rules",
-                    csv_null_strings=csv_null_strings,
-                )
-            except BaseException:
-                shutil.rmtree(out_dir, ignore_errors=True)  # a failed pass leaves no partial parts
-                raise
-            done.write_text(conversion.to_json())
-            log.info(
-                "%s: %d records in %d chunks (%.2fs)",
-                item.relative_path,
-                conversion.record_count,
-                len(conversion.chunks),
-                conversion.duration_s,
-                extra={"fields": {"fileId": item.file_id, "compression": compression}},
-            )
+            staged_items([item], version, store, client)
+            conversion = _convert(item, parquet_dir(staging, version, item), recipe)
         store.plan_chunks(item.file_id, conversion.record_count, chunk_size, version=item.version)
         skipped = conversion.skipped_rules
         fields: dict[str, Any] = {"content_type": item.content_type, "file_type": item.file_type}
@@ -398,9 +481,73 @@ def convert_items(
             )
         store.update_file(item.file_id, **fields)
         prepared.append(
-            PreparedItem(item, key, conversion.record_count, compression, tuple(conversion.chunks), skipped)
+            PreparedItem(item, key, conversion.record_count, compression, tuple(conversion.chunks), skipped, recipe)
         )
     return prepared
+
+
+def parquet_dir(staging: Path, version: FileVersion, item: WorkItem) -> Path:
+    return work_dir(staging, version.sha256) / "parquet" / make_file_id(item.relative_path)
+
+
+def _convert(item: WorkItem, out_dir: Path, recipe: ConversionRecipe) -> ConversionResult:
+    """One conversion pass into `out_dir`, its result kept beside the parts (`_done.json`)."""
+    rule_set = rule_set_for(item.relative_path, recipe.rules_dir) if recipe.rules_dir else None
+    try:
+        conversion = convert_to_parquet_chunks(
+            Path(item.local_path),
+            item.kind,
+            out_dir,
+            recipe.chunk_size,
+            recipe.compression,
+            rules=rule_set.render(recipe.as_of or as_of_date(None)) if rule_set else None,
+            required_columns=rule_set.columns if rule_set else (),
+            on_missing_columns=rule_set.on_missing_columns if rule_set else "skip_rules",
+            csv_null_strings=recipe.csv_null_strings,
+        )
+    except BaseException:
+        shutil.rmtree(out_dir, ignore_errors=True)  # a failed pass leaves no partial parts
+        raise
+    (out_dir / "_done.json").write_text(conversion.to_json())
+    log.info(
+        "%s: %d records in %d chunks (%.2fs)",
+        item.relative_path,
+        conversion.record_count,
+        len(conversion.chunks),
+        conversion.duration_s,
+        extra={"fields": {"fileId": item.file_id, "compression": recipe.compression}},
+    )
+    return conversion
+
+
+def _chunks_on_disk(chunk: ChunkFile) -> bool:
+    return Path(chunk.path).is_file() and (chunk.rejected_path is None or Path(chunk.rejected_path).is_file())
+
+
+def _restage_chunks(
+    item: PreparedItem,
+    version: FileVersion,
+    records: dict[int, ChunkStatus],
+    client: Any,
+    bucket: str,
+    store: ProgressStore,
+) -> PreparedItem:
+    """The item with its chunk files on this node, converted again from the snapshot when
+    a chunk still to upload is missing. Chunks COMPLETED and verified in S3 are not needed
+    (they are never sent again), so a node that lacks only those converts nothing."""
+    missing = [c for c in item.chunks if not _chunks_on_disk(c)]
+    if all(_already_uploaded(item, c, records[c.chunk_index], client, bucket) for c in missing):
+        return item
+    if item.recipe is None:
+        raise ConversionError(f"{item.item.relative_path}: chunk files missing and no recipe to convert them again")
+    staged_items([item.item], version, store, client)
+    conversion = _convert(item.item, parquet_dir(staging_root(version), version, item.item), item.recipe)
+    bounds = [(c.chunk_index, c.start_offset, c.end_offset) for c in item.chunks]
+    if [(c.chunk_index, c.start_offset, c.end_offset) for c in conversion.chunks] != bounds:
+        raise ConversionError(
+            f"{item.item.relative_path}: converting again gave other chunk boundaries than the first conversion"
+        )
+    return dataclasses.replace(item, chunks=tuple(conversion.chunks))
 
 
 # ---- step 5: streaming (S3 upload) ------------------------------------------------------------------
@@ -442,12 +589,14 @@ def upload_items(
     claimant.hold(store, version.file_id, version.sha256)
     for item in prepared:
         if not item.is_dataset:
+            staged_items([item.item], version, store, client)
             yield _upload_plain(item, version, client, bucket, store)
             continue
         records = {c.chunk_index: c for c in store.list_chunks(item.item.file_id)}
+        on_disk = _restage_chunks(item, version, records, client, bucket, store)
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="upload") as pool:
-            upload = partial(_upload_chunk, item, records=records, client=client, bucket=bucket, store=store)
-            yield from pool.map(upload, item.chunks)
+            upload = partial(_upload_chunk, on_disk, records=records, client=client, bucket=bucket, store=store)
+            yield from pool.map(upload, on_disk.chunks)
 
 
 def _upload_chunk(
@@ -581,6 +730,7 @@ def verify_items(
     committed = []
     for item in prepared:
         if not item.is_dataset:
+            staged_items([item.item], version, store, client)
             local = Path(item.item.local_path)
             known = version.sha256 if item.item.file_id == version.file_id else sha256_file(local)
             verify_object(client, bucket, item.key, local.stat().st_size, known)
@@ -621,13 +771,9 @@ def finish(
     claimant.hold(store, version.file_id, version.sha256)
     for item in prepared:
         if item.item.file_id != version.file_id:
-            claimant.hold(store, item.item.file_id, item.item.version)
-            store.complete(
-                item.item.file_id,
-                item.key,
-                processed_bytes=Path(item.item.local_path).stat().st_size,
-                run_id=claimant.run_id,
-            )
+            entry = claimant.hold(store, item.item.file_id, item.item.version)
+            # the entry's size as recorded when it was claimed: its extracted copy may be on another node
+            store.complete(item.item.file_id, item.key, processed_bytes=entry.file_size, run_id=claimant.run_id)
     own = [p.key for p in prepared if p.item.file_id == version.file_id]
     output_key = own[0] if own else join_key(prefix, version.source.relative_path)
     done = store.complete(version.file_id, output_key, processed_bytes=version.size, run_id=claimant.run_id)
@@ -686,6 +832,10 @@ def give_up(
     failed = tuple(r.file_id for r in held)
     if main is None or "://" in main.file_path or not Path(main.file_path).is_file():
         return GaveUp(failed)
+    if not _holds_version(Path(main.file_path), main):
+        why = f"the original changed since the run started and stays at {main.file_path} for its new version's run"
+        store.update_file(main.file_id, error_details=f"{reason}; {why}")
+        return GaveUp(failed, None, why)
     note = {"fileId": file_id, "filePath": main.file_path, "error": reason, "runId": run_id}
     try:
         return GaveUp(failed, parking.park(Path(main.file_path), watch, error_dir, note))
@@ -696,3 +846,17 @@ def give_up(
         )
         store.update_file(main.file_id, error_details=f"{reason}; {why}")
         return GaveUp(failed, None, why)
+
+
+def _holds_version(original: Path, record: FileStatus) -> bool:
+    """Whether the original still has the bytes of the version that failed. Only that
+    version is parked: a file replaced meanwhile (a fix, or new data) is a new version,
+    which its own run processes, so it stays in the watched directory."""
+    if not record.checksum:
+        return True  # failed before it was recorded: what is there is what failed
+    try:
+        if record.file_size is not None and original.stat().st_size != record.file_size:
+            return False
+        return sha256_file(original) == record.checksum
+    except OSError:
+        return True  # unreadable now: it cannot be told apart, so it is parked as before

@@ -15,7 +15,7 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from s3proc_dagster.errors import SettingsError
@@ -138,6 +138,10 @@ class ProcessingConfig(BaseSettings):
     batch_file_max_bytes: int = Field(8 * 2**20, ge=0)
     # Comma-separated; `NA,` is ("NA", ""): NA and the empty field. Not JSON (NoDecode).
     csv_null_strings: Annotated[tuple[str, ...], NoDecode] = CSV_NULL_STRINGS_DEFAULT
+    # `single`: one machine. `shared`: a run, or its re-execution, may land on any node, so
+    # the steps' outputs go to S3 (under S3_PREFIX/_dagster/) instead of DAGSTER_HOME, and
+    # the progress store must be one every node reaches (MongoDB). See the README.
+    deployment: Literal["single", "shared"] = "single"
 
     @field_validator("parquet_compression", mode="before")
     @classmethod
@@ -160,6 +164,21 @@ class ProcessingConfig(BaseSettings):
                 "must be writable" if existing == path else f"cannot be created ({exc.strerror})"
             ) from None
         return path
+
+    @field_validator("deployment", mode="before")
+    @classmethod
+    def _lower_deployment(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("deployment")
+    @classmethod
+    def _shared_needs_a_shared_store(cls, value: str, info: ValidationInfo) -> str:
+        """A SQLite progress store is one machine's file: nodes sharing a deployment would
+        each claim, count and complete files in their own copy."""
+        uri = info.data.get("mongodb_uri")
+        if value == "shared" and not (uri and uri.get_secret_value()):
+            raise ValueError("shared needs MONGODB_URI: every node must reach the same progress store")
+        return value
 
     @field_validator("validation_as_of", mode="before")
     @classmethod
@@ -187,6 +206,11 @@ class ProcessingConfig(BaseSettings):
     @property
     def uses_mongodb(self) -> bool:
         return bool(self.mongodb_uri.get_secret_value())
+
+    @property
+    def shared(self) -> bool:
+        """Whether a run may land on any node of the deployment (DEPLOYMENT=shared)."""
+        return self.deployment == "shared"
 
 
 class LoggingConfig(BaseSettings):

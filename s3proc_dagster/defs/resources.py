@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-from dagster_aws.s3 import S3Resource
+from dagster_aws.s3 import S3PickleIOManager, S3Resource
 from dagster_duckdb import DuckDBResource
 from pydantic import Field, PrivateAttr
 
@@ -143,18 +143,43 @@ class ReportsDatabase(DuckDBResource):
             yield conn
 
 
+STEP_OUTPUTS_FOLDER = "_dagster"  # below S3_PREFIX: the product never writes outside its prefix
+
+
+class StepOutputs(dg.ConfigurableIOManagerFactory):
+    """Where a run's steps keep their outputs for the next step and for "Re-execute from
+    failure": DAGSTER_HOME's storage on one machine (`DEPLOYMENT=single`), S3 under
+    `S3_PREFIX/_dagster/` when a re-execution may land on another node (`shared`).
+
+    Chosen when a run starts, from the settings, so that importing the code location reads
+    none. The outputs are small records pointing into the staging area; a node that lacks
+    the files behind them derives them again (`pipeline.staged_snapshot`).
+    """
+
+    settings: Settings
+    s3: S3Storage
+
+    def create_io_manager(self, context: dg.InitResourceContext) -> dg.IOManager:
+        if not self.settings.config.processing.shared:
+            return dg.FilesystemIOManager().create_io_manager(context)
+        return S3PickleIOManager(
+            s3_resource=self.s3, s3_bucket=self.s3.bucket, s3_prefix=self.s3.key(STEP_OUTPUTS_FOLDER)
+        )
+
+
 def resources_for(settings: Settings) -> dict[str, Any]:
     """Every resource, on one settings resource: a deployment's, or one test's."""
+    s3 = S3Storage(
+        settings=settings,
+        aws_access_key_id=dg.EnvVar("S3_ACCESS_KEY_ID"),
+        aws_secret_access_key=dg.EnvVar("S3_SECRET_ACCESS_KEY"),
+    )
     return {
         "settings": settings,
-        "s3": S3Storage(
-            settings=settings,
-            aws_access_key_id=dg.EnvVar("S3_ACCESS_KEY_ID"),
-            aws_secret_access_key=dg.EnvVar("S3_SECRET_ACCESS_KEY"),
-        ),
+        "s3": s3,
         "progress_store": ProgressStoreResource(settings=settings),
         "duckdb": ReportsDatabase(settings=settings),
-        "io_manager": dg.FilesystemIOManager(),
+        "io_manager": StepOutputs(settings=settings, s3=s3),
     }
 
 

@@ -72,6 +72,11 @@ def claimant(context: dg.OpExecutionContext) -> Claimant:
     return Claimant(context.run_id, run_is_alive(context.instance))
 
 
+def source_client(s3: S3Storage, version: FileVersion) -> object:
+    """An S3 client for a step that may have to fetch an incoming object's snapshot again."""
+    return s3.get_client() if version.source.is_object else None
+
+
 def _snapshot(
     context: dg.OpExecutionContext,
     source_config: SourceConfig,
@@ -138,10 +143,15 @@ def checksum_of_batch_entry(
 
 @dg.op(name=ProcessingStep.TYPE_DETECTION.value)
 def type_detection(
-    context: dg.OpExecutionContext, version: FileVersion, settings: Settings, progress_store: ProgressStoreResource
+    context: dg.OpExecutionContext,
+    version: FileVersion,
+    settings: Settings,
+    progress_store: ProgressStoreResource,
+    s3: S3Storage,
 ) -> Detection:
     with failures(context, settings):
-        detection = pipeline.detect_type(version, progress_store.open(), claimant(context))
+        client = source_client(s3, version)
+        detection = pipeline.detect_type(version, progress_store.open(), claimant(context), client)
     context.log.info(f"{version.source.relative_path}: {detection.file_type.value} ({detection.kind})")
     if context.get_mapping_key() is None:
         tag_run(context, {f"{TAG}/file_type": detection.kind})
@@ -155,9 +165,11 @@ def archive_extraction(
     detection: Detection,
     settings: Settings,
     progress_store: ProgressStoreResource,
+    s3: S3Storage,
 ) -> list[WorkItem]:
     with failures(context, settings):
-        items = pipeline.plan_work(version, detection, settings.staging, progress_store.open(), claimant(context))
+        store, client = progress_store.open(), source_client(s3, version)
+        items = pipeline.plan_work(version, detection, settings.staging, store, claimant(context), client)
     if len(items) > 1 or items[0].file_id != version.file_id:
         context.log.info(f"{version.source.relative_path}: {len(items)} entries extracted")
     return items
@@ -170,6 +182,7 @@ def parquet_conversion(
     items: list[WorkItem],
     settings: Settings,
     progress_store: ProgressStoreResource,
+    s3: S3Storage,
 ) -> list[PreparedItem]:
     processing = settings.config.processing
     with failures(context, settings):
@@ -177,7 +190,7 @@ def parquet_conversion(
             items, version, settings.staging, settings.config.s3.prefix, processing.chunk_size,
             processing.parquet_compression, progress_store.open(), claimant(context),
             rules_dir=processing.validation_rules_dir, as_of=processing.validation_as_of,
-            csv_null_strings=processing.csv_null_strings,
+            csv_null_strings=processing.csv_null_strings, client=source_client(s3, version),
         )  # fmt: skip
     for line in events.conversion_summary(prepared):
         context.log.info(line)
