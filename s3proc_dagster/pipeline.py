@@ -261,55 +261,85 @@ def staging_root(version: FileVersion) -> Path:
     return Path(version.snapshot_path).parent.parent
 
 
-def staged_snapshot(version: FileVersion, store: ProgressStore, client: Any = None) -> Path:
+@dataclass(frozen=True)
+class Origin:
+    """Where a step fetches a version's snapshot again when this node has none: an S3
+    client for an incoming object; the error directory for a local file, which its run
+    moved there (`give_up`) if it failed for good before being re-executed."""
+
+    client: Any = None
+    error_dir: Path | None = None
+
+    def candidates(self, source: Source) -> list[Path]:
+        """The local places a file may be, in order: where it was found, where it was parked."""
+        places = [Path(source.uri)]
+        if self.error_dir is not None:
+            places.append(self.error_dir / source.relative_path)
+        return places
+
+
+def staged_snapshot(version: FileVersion, store: ProgressStore, origin: Origin | None = None) -> Path:
     """The version's snapshot on this node: the staged copy, or the source read again.
 
     A node that never saw the file (a re-execution on another machine, a wiped staging
-    area) fetches it from where it came from, the watched path on shared storage or the
-    incoming object, hashing as it goes. Bytes other than the recorded version's fail the
-    run for good with SourceChanged: the file changed since the run started, and its new
-    version is a new run's work, never this one's.
+    area) fetches it from where it came from, the watched path on shared storage (or the
+    error directory it was parked in) or the incoming object, hashing as it goes. Bytes
+    other than the recorded version's fail the run for good with SourceChanged: the file
+    changed since the run started, and its new version is a new run's work, never this one's.
     """
     path = Path(version.snapshot_path)
     if path.is_file():
         return path
+    origin = origin or Origin()
     source, staging = version.source, staging_root(version)
-    if source.is_object and client is None:
+    if source.is_object and origin.client is None:
         raise ValueError(f"{source.uri}: an S3 client is needed to fetch the snapshot again")
-    try:
-        if source.is_object:
-            snap = snapshot_s3_object(client, source.s3_bucket or "", source.s3_key or "", staging)
-        else:
-            snap = snapshot(Path(source.uri), staging)
-    except Exception as exc:
-        if isinstance(exc, FileNotFoundError) or s3_error_code(exc) in ("NoSuchKey", "404"):
-            raise SourceChanged(
-                f"{source.relative_path}: the file changed since the run started: {source.uri} is gone, "
-                f"and this node has no snapshot of version {version.sha256}"
-            ) from exc
-        raise
-    if snap.sha256 != version.sha256:
+    found: list[tuple[str, str]] = []  # (where, its sha256) of each copy that is not this version
+    for fetch_from, fetch in _fetchers(source, origin, staging):
+        try:
+            snap = fetch()
+        except Exception as exc:
+            if isinstance(exc, FileNotFoundError) or s3_error_code(exc) in ("NoSuchKey", "404"):
+                continue
+            raise
+        if snap.sha256 == version.sha256:
+            log.info(
+                "%s: snapshot fetched again from %s (none on this node)",
+                source.relative_path,
+                fetch_from,
+                extra={"fields": {"fileId": version.file_id, "sha256": snap.sha256, "bytes": snap.size}},
+            )
+            return snap.path
         staging_area.release(staging, snap.sha256, staging_area.versions_in_use(store))
+        found.append((fetch_from, snap.sha256))
+    if found:
+        where, sha = found[0]
         raise SourceChanged(
-            f"{source.relative_path}: the file changed since the run started: {source.uri} now has "
-            f"sha256 {snap.sha256}, this run processes {version.sha256}; the new version is left "
-            "to a run of its own"
+            f"{source.relative_path}: the file changed since the run started: {where} now has sha256 {sha}, "
+            f"this run processes {version.sha256}; the new version is left to a run of its own"
         )
-    log.info(
-        "%s: snapshot fetched again from its source (none on this node)",
-        source.relative_path,
-        extra={"fields": {"fileId": version.file_id, "sha256": snap.sha256, "bytes": snap.size}},
+    raise SourceChanged(
+        f"{source.relative_path}: the file changed since the run started: {source.uri} is gone, "
+        f"and this node has no snapshot of version {version.sha256}"
     )
-    return snap.path
 
 
-def staged_items(items: Sequence[WorkItem], version: FileVersion, store: ProgressStore, client: Any = None) -> None:
+def _fetchers(source: Source, origin: Origin, staging: Path) -> list[tuple[str, Callable[[], Snapshot]]]:
+    if source.is_object:
+        bucket, key = source.s3_bucket or "", source.s3_key or ""
+        return [(source.uri, partial(snapshot_s3_object, origin.client, bucket, key, staging))]
+    return [(str(place), partial(snapshot, place, staging)) for place in origin.candidates(source)]
+
+
+def staged_items(
+    items: Sequence[WorkItem], version: FileVersion, store: ProgressStore, origin: Origin | None = None
+) -> None:
     """Make sure every item's local copy is on this node: the snapshot, or the archive's
     entries extracted again from it (the same paths: extraction is deterministic)."""
     missing = [item for item in items if not Path(item.local_path).is_file()]
     if not missing:
         return
-    snap = staged_snapshot(version, store, client)
+    snap = staged_snapshot(version, store, origin)
     if all(item.local_path == version.snapshot_path for item in missing):
         return
     detection = detect(snap, version.source.name)
@@ -324,9 +354,11 @@ def staged_items(items: Sequence[WorkItem], version: FileVersion, store: Progres
 # ---- step 2: type_detection -------------------------------------------------------------------
 
 
-def detect_type(version: FileVersion, store: ProgressStore, claimant: Claimant, client: Any = None) -> Detection:
+def detect_type(
+    version: FileVersion, store: ProgressStore, claimant: Claimant, origin: Origin | None = None
+) -> Detection:
     claimant.hold(store, version.file_id, version.sha256)
-    detection = detect(staged_snapshot(version, store, client), version.source.name)
+    detection = detect(staged_snapshot(version, store, origin), version.source.name)
     store.update_file(version.file_id, file_type=detection.file_type, content_type=detection.content_type)
     return detection
 
@@ -373,7 +405,7 @@ def plan_work(
     staging: Path,
     store: ProgressStore,
     claimant: Claimant,
-    client: Any = None,
+    origin: Origin | None = None,
 ) -> list[WorkItem]:
     """The file itself, or every entry of an archive, each with its own detected type.
 
@@ -382,7 +414,7 @@ def plan_work(
     work and on nesting attacks).
     """
     claimant.hold(store, version.file_id, version.sha256)
-    snap = staged_snapshot(version, store, client)
+    snap = staged_snapshot(version, store, origin)
     if detection.file_type is not FileType.ARCHIVE:
         return [
             WorkItem(
@@ -440,7 +472,7 @@ def convert_items(
     rules_dir: Path | None = None,
     as_of: date | None = None,
     csv_null_strings: Sequence[str] = DUCKDB_NULL_STRINGS,
-    client: Any = None,
+    origin: Origin | None = None,
 ) -> list[PreparedItem]:
     """Tabular items become Parquet chunks (one pass each, validated in the same pass
     when a rule set selects them); other items pass through.
@@ -463,7 +495,7 @@ def convert_items(
         if done.exists():
             conversion = ConversionResult.from_json(done.read_text())
         else:
-            staged_items([item], version, store, client)
+            staged_items([item], version, store, origin)
             conversion = _convert(item, parquet_dir(staging, version, item), recipe)
         store.plan_chunks(item.file_id, conversion.record_count, chunk_size, version=item.version)
         skipped = conversion.skipped_rules
@@ -531,6 +563,7 @@ def _restage_chunks(
     client: Any,
     bucket: str,
     store: ProgressStore,
+    origin: Origin | None,
 ) -> PreparedItem:
     """The item with its chunk files on this node, converted again from the snapshot when
     a chunk still to upload is missing. Chunks COMPLETED and verified in S3 are not needed
@@ -540,7 +573,7 @@ def _restage_chunks(
         return item
     if item.recipe is None:
         raise ConversionError(f"{item.item.relative_path}: chunk files missing and no recipe to convert them again")
-    staged_items([item.item], version, store, client)
+    staged_items([item.item], version, store, origin)
     conversion = _convert(item.item, parquet_dir(staging_root(version), version, item.item), item.recipe)
     bounds = [(c.chunk_index, c.start_offset, c.end_offset) for c in item.chunks]
     if [(c.chunk_index, c.start_offset, c.end_offset) for c in conversion.chunks] != bounds:
@@ -577,6 +610,7 @@ def upload_items(
     store: ProgressStore,
     claimant: Claimant,
     threads: int = UPLOAD_THREADS,
+    origin: Origin | None = None,
 ) -> Iterator[UploadedObject]:
     """Upload every chunk and plain object, yielding each as it lands (in chunk order).
 
@@ -589,11 +623,11 @@ def upload_items(
     claimant.hold(store, version.file_id, version.sha256)
     for item in prepared:
         if not item.is_dataset:
-            staged_items([item.item], version, store, client)
+            staged_items([item.item], version, store, origin or Origin(client))
             yield _upload_plain(item, version, client, bucket, store)
             continue
         records = {c.chunk_index: c for c in store.list_chunks(item.item.file_id)}
-        on_disk = _restage_chunks(item, version, records, client, bucket, store)
+        on_disk = _restage_chunks(item, version, records, client, bucket, store, origin or Origin(client))
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="upload") as pool:
             upload = partial(_upload_chunk, on_disk, records=records, client=client, bucket=bucket, store=store)
             yield from pool.map(upload, on_disk.chunks)
@@ -722,6 +756,7 @@ def verify_items(
     bucket: str,
     store: ProgressStore,
     claimant: Claimant,
+    origin: Origin | None = None,
 ) -> list[manifests.Manifest]:
     """Check every object against the store (size, SHA-256), then commit each dataset:
     the manifest is swapped in last and the previous version's objects go after it, so a
@@ -730,7 +765,7 @@ def verify_items(
     committed = []
     for item in prepared:
         if not item.is_dataset:
-            staged_items([item.item], version, store, client)
+            staged_items([item.item], version, store, origin or Origin(client))
             local = Path(item.item.local_path)
             known = version.sha256 if item.item.file_id == version.file_id else sha256_file(local)
             verify_object(client, bucket, item.key, local.stat().st_size, known)

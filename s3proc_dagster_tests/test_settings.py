@@ -112,3 +112,20 @@ def test_secret_values_never_appear_in_repr(valid_env: Path) -> None:
     cfg = load_configuration(env_file=None)
     assert SECRET not in repr(cfg.s3) and SECRET not in str(cfg.s3.model_dump())
     assert cfg.s3.secret_access_key.get_secret_value() == SECRET
+
+
+def test_a_deployment_is_single_unless_shared_which_needs_a_store_every_node_reaches(
+    valid_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert load_configuration(env_file=None).processing.shared is False
+    monkeypatch.setenv("DEPLOYMENT", "Shared")
+    with pytest.raises(SettingsError) as excinfo:
+        load_configuration(env_file=None)
+    assert str(excinfo.value) == (
+        "Invalid settings:\n  DEPLOYMENT='Shared': shared needs MONGODB_URI: every node must reach the same progress store"
+    )
+    monkeypatch.setenv("MONGODB_URI", "mongodb://127.0.0.1:1")
+    assert load_configuration(env_file=None).processing.shared is True
+    monkeypatch.setenv("DEPLOYMENT", "cluster")
+    with pytest.raises(SettingsError, match="DEPLOYMENT='cluster': Input should be 'single' or 'shared'"):
+        load_configuration(env_file=None)

@@ -72,9 +72,11 @@ def claimant(context: dg.OpExecutionContext) -> Claimant:
     return Claimant(context.run_id, run_is_alive(context.instance))
 
 
-def source_client(s3: S3Storage, version: FileVersion) -> object:
-    """An S3 client for a step that may have to fetch an incoming object's snapshot again."""
-    return s3.get_client() if version.source.is_object else None
+def origin(settings: Settings, s3: S3Storage, version: FileVersion, client: object = None) -> pipeline.Origin:
+    """Where a step fetches the file's snapshot again if this node has none (`pipeline.Origin`)."""
+    if client is None and version.source.is_object:
+        client = s3.get_client()
+    return pipeline.Origin(client, settings.config.processing.error_directory)
 
 
 def _snapshot(
@@ -150,8 +152,8 @@ def type_detection(
     s3: S3Storage,
 ) -> Detection:
     with failures(context, settings):
-        client = source_client(s3, version)
-        detection = pipeline.detect_type(version, progress_store.open(), claimant(context), client)
+        source = origin(settings, s3, version)
+        detection = pipeline.detect_type(version, progress_store.open(), claimant(context), source)
     context.log.info(f"{version.source.relative_path}: {detection.file_type.value} ({detection.kind})")
     if context.get_mapping_key() is None:
         tag_run(context, {f"{TAG}/file_type": detection.kind})
@@ -168,8 +170,8 @@ def archive_extraction(
     s3: S3Storage,
 ) -> list[WorkItem]:
     with failures(context, settings):
-        store, client = progress_store.open(), source_client(s3, version)
-        items = pipeline.plan_work(version, detection, settings.staging, store, claimant(context), client)
+        store, source = progress_store.open(), origin(settings, s3, version)
+        items = pipeline.plan_work(version, detection, settings.staging, store, claimant(context), source)
     if len(items) > 1 or items[0].file_id != version.file_id:
         context.log.info(f"{version.source.relative_path}: {len(items)} entries extracted")
     return items
@@ -190,7 +192,7 @@ def parquet_conversion(
             items, version, settings.staging, settings.config.s3.prefix, processing.chunk_size,
             processing.parquet_compression, progress_store.open(), claimant(context),
             rules_dir=processing.validation_rules_dir, as_of=processing.validation_as_of,
-            csv_null_strings=processing.csv_null_strings, client=source_client(s3, version),
+            csv_null_strings=processing.csv_null_strings, origin=origin(settings, s3, version),
         )  # fmt: skip
     for line in events.conversion_summary(prepared):
         context.log.info(line)
@@ -210,7 +212,8 @@ def streaming(
     uploaded = []
     with failures(context, settings):
         store, client = progress_store.open(), s3.get_client()
-        for obj in pipeline.upload_items(prepared, version, client, s3.bucket, store, claimant(context)):
+        source = origin(settings, s3, version, client)
+        for obj in pipeline.upload_items(prepared, version, client, s3.bucket, store, claimant(context), origin=source):
             uploaded.append(obj)
             context.log_event(events.object_landed(obj, s3.prefix, s3.uri(obj.key)))
     reused = sum(o.reused for o in uploaded)
@@ -230,7 +233,8 @@ def integrity_verification(
 ) -> list[PreparedItem]:
     with failures(context, settings):
         store, client = progress_store.open(), s3.get_client()
-        manifests = pipeline.verify_items(prepared, version, client, s3.bucket, store, claimant(context))
+        source = origin(settings, s3, version, client)
+        manifests = pipeline.verify_items(prepared, version, client, s3.bucket, store, claimant(context), source)
     context.log.info(f"{len(uploaded)} objects verified, {len(manifests)} datasets committed")
     return prepared
 

@@ -1,0 +1,272 @@
+"""Runs that can land on any node: a re-execution from failure on a node that never saw
+the file (no snapshot, no extracted entries, no chunk files, no local step outputs) still
+finishes, with exact data, without sending again a chunk S3 already holds; and a file
+that changed meanwhile fails the run with a message saying so, the original left alone.
+
+"Another node" is simulated on this machine: the staging area (and, for a shared
+deployment, DAGSTER_HOME's step outputs) is wiped between the failed run and its
+re-execution. Real SeaweedFS, real faults through the proxy, nothing mocked.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from s3proc_dagster.files.checksum import sha256_file
+from s3proc_dagster.files.parking import unpark
+from s3proc_dagster.models import ProcessingStatus as S
+from s3proc_dagster.stores.mongo import MongoProgressStore
+from s3proc_dagster.transfer.manifest import part_key
+from s3proc_dagster_tests.conftest import Deployment
+from s3proc_dagster_tests.pipeline_helpers import (
+    csv_bytes,
+    dataset_keys,
+    execute,
+    list_keys,
+    process_file_job_with_resources,
+    promo_rows,
+    read_dataset,
+    run_requests_under,
+    sensor_tick,
+    source_rows,
+    write_csv,
+    write_zip,
+)
+
+ROWS = 120_001  # three chunks at the deployment's CHUNK_SIZE=50000
+
+
+def staging(deployment: Deployment) -> Path:
+    return Path(deployment.env["STAGING_DIRECTORY"])
+
+
+def run_failing_puts(deployment: Deployment, run, containing: str) -> dg.ExecuteJobResult:
+    """Run with S3 refusing every PUT to keys containing `containing` (the run fails for good)."""
+    deployment.proxy.fail_puts_containing = containing
+    try:
+        result = run()
+    finally:
+        deployment.proxy.fail_puts_containing = None
+    assert not result.success
+    return result
+
+
+def reexecute_from_failure(deployment: Deployment, failed: dg.ExecuteJobResult) -> dg.ExecuteJobResult:
+    instance = deployment.instance()
+    return dg.execute_job(
+        dg.reconstructable(process_file_job_with_resources),
+        instance=instance,
+        reexecution_options=dg.ReexecutionOptions.from_failure(failed.run_id, instance),
+        raise_on_error=False,
+    )
+
+
+def run_config(deployment: Deployment, config: dict) -> dg.ExecuteJobResult:
+    return dg.execute_job(
+        dg.reconstructable(process_file_job_with_resources),
+        instance=deployment.instance(),
+        run_config=config,
+        raise_on_error=False,
+    )
+
+
+def write_bytes(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def parts_put_since(deployment: Deployment, mark: int) -> list[str]:
+    return [k for k in deployment.proxy.put_keys[mark:] if "/part-" in k]
+
+
+def test_reexecution_on_a_node_without_staging_fetches_the_snapshot_again_and_resends_no_verified_chunk(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    src = write_csv(deployment.watch / "anynode" / "promo.csv", promo_rows(ROWS, seed=151))
+    sha, dataset = sha256_file(src), f"{deployment.prefix}/anynode/promo.csv"
+    (request,) = run_requests_under(sensor_tick(deployment), "anynode")
+    failed = run_failing_puts(deployment, lambda: execute(request, deployment), f"/{part_key(dataset, sha, 1)}")
+    store = deployment.store()
+    file_id = store.get_by_path(str(src)).file_id
+    assert [c.status for c in store.list_chunks(file_id)] == [S.COMPLETED, S.FAILED, S.COMPLETED]
+    verified = {c.chunk_index: (c.s3_key, c.sha256) for c in store.list_chunks(file_id) if c.status is S.COMPLETED}
+
+    shutil.rmtree(staging(deployment))  # the node that re-executes has never seen the file
+    mark = len(deployment.proxy.put_keys)
+    again = reexecute_from_failure(deployment, failed)
+
+    assert again.success
+    assert {e.step_key for e in again.get_step_success_events()} == {
+        "streaming",
+        "integrity_verification",
+        "progress_update",
+    }
+    assert parts_put_since(deployment, mark) == [f"/{deployment.s3.bucket}/{part_key(dataset, sha, 1)}"]
+    chunks = store.list_chunks(file_id)
+    assert [c.status for c in chunks] == [S.COMPLETED] * 3
+    assert [(c.record_count, c.start_offset, c.end_offset) for c in chunks] == [
+        (50_000, 0, 49_999),
+        (50_000, 50_000, 99_999),
+        (20_001, 100_000, 120_000),
+    ]  # the chunks converted again have the first conversion's boundaries
+    assert {i: (chunks[i].s3_key, chunks[i].sha256) for i in verified} == verified  # never replaced
+    assert list_keys(deployment, dataset + "/") == dataset_keys(dataset, sha, 3)
+    parked = deployment.errors / "anynode" / "promo.csv"  # where the failed run moved the original
+    assert not src.exists() and sha256_file(parked) == sha  # fetched from there, and left there
+    assert read_dataset(deployment, dataset, tmp_path) == source_rows(parked, "read_csv")
+    record = store.get_by_path(str(src))
+    assert (record.status, record.checksum, record.processing_stats.successful_records) == (S.COMPLETED, sha, ROWS)
+    assert not (staging(deployment) / sha).exists()  # released again once COMPLETED
+
+
+def test_reexecution_without_staging_extracts_an_archive_again(deployment: Deployment, tmp_path: Path) -> None:
+    members = {"rows.csv": csv_bytes(promo_rows(2_000, seed=152)), "docs/readme.txt": b"read me\n"}
+    src = write_zip(deployment.watch / "anynode-zip" / "bundle.zip", members)
+    (request,) = run_requests_under(sensor_tick(deployment), "anynode-zip")
+    readme = f"{deployment.prefix}/anynode-zip/bundle.zip/docs/readme.txt"
+    failed = run_failing_puts(deployment, lambda: execute(request, deployment), f"/{readme}")
+
+    shutil.rmtree(staging(deployment))
+    mark = len(deployment.proxy.put_keys)
+    again = reexecute_from_failure(deployment, failed)
+
+    assert again.success
+    sent = [k.removeprefix(f"/{deployment.s3.bucket}/") for k in deployment.proxy.put_keys[mark:]]
+    assert [k for k in sent if "/_manifest" not in k and "_symlink" not in k] == [readme]  # the CSV's chunk stayed
+    body = deployment.s3.client().get_object(Bucket=deployment.s3.bucket, Key=readme)["Body"].read()
+    assert body == members["docs/readme.txt"]
+    rows_key = f"{deployment.prefix}/anynode-zip/bundle.zip/rows.csv"
+    extracted = tmp_path / "rows.csv"
+    extracted.write_bytes(members["rows.csv"])
+    assert read_dataset(deployment, rows_key, tmp_path) == source_rows(extracted, "read_csv")
+    store = deployment.store()
+    entry = store.get_by_path(f"{src}!/docs/readme.txt")
+    assert (entry.status, entry.processed_bytes) == (S.COMPLETED, len(members["docs/readme.txt"]))
+    assert store.get_by_path(str(src)).status is S.COMPLETED
+
+
+def test_an_object_overwritten_before_the_snapshot_is_fetched_again_fails_the_run_and_is_left_alone(
+    deployment: Deployment,
+) -> None:
+    client, bucket = deployment.s3.client(), deployment.s3.bucket
+    key = "incoming/anynode-changed/promo.csv"
+    client.put_object(Bucket=bucket, Key=key, Body=csv_bytes(promo_rows(ROWS, seed=153)))
+    sha = sha256_file(write_bytes(deployment.root / "v1.csv", csv_bytes(promo_rows(ROWS, seed=153))))
+    dataset = f"{deployment.prefix}/anynode-changed/promo.csv"
+    config = {"ops": {"checksum_calculation": {"config": {"path": f"s3://{bucket}/{key}"}}}}
+    failed = run_failing_puts(deployment, lambda: run_config(deployment, config), f"/{part_key(dataset, sha, 1)}")
+
+    new_body = csv_bytes(promo_rows(ROWS, seed=154))  # a new version, same key
+    client.put_object(Bucket=bucket, Key=key, Body=new_body)
+    new_sha = sha256_file(write_bytes(deployment.root / "v2.csv", new_body))
+    shutil.rmtree(staging(deployment))
+    mark = len(deployment.proxy.put_keys)
+    again = reexecute_from_failure(deployment, failed)
+
+    assert not again.success
+    (failure,) = again.get_step_failure_events()
+    assert failure.step_key == "streaming"
+    expected = (
+        f"anynode-changed/promo.csv: the file changed since the run started: s3://{bucket}/{key} now has "
+        f"sha256 {new_sha}, this run processes {sha}; the new version is left to a run of its own"
+    )
+    assert failure.step_failure_data.error.message.strip().endswith(expected)
+    assert parts_put_since(deployment, mark) == []  # nothing of either version was sent
+    record = deployment.store().get_by_path(f"s3://{bucket}/{key}")
+    assert (record.status, record.checksum, record.error_details) == (S.FAILED, sha, f"streaming: {expected}")
+    assert client.get_object(Bucket=bucket, Key=key)["Body"].read() == new_body  # untouched
+    assert list(staging(deployment).iterdir()) == []  # the new bytes were not kept for this run
+    assert list_keys(deployment, f"{dataset}/_manifest.json") == []  # no version committed
+
+
+def test_a_local_file_replaced_after_its_run_failed_fails_the_reexecution_and_stays_in_place(
+    deployment: Deployment,
+) -> None:
+    src = write_csv(deployment.watch / "anynode-edited" / "promo.csv", promo_rows(ROWS, seed=156))
+    sha, dataset = sha256_file(src), f"{deployment.prefix}/anynode-edited/promo.csv"
+    (request,) = run_requests_under(sensor_tick(deployment), "anynode-edited")
+    failed = run_failing_puts(deployment, lambda: execute(request, deployment), f"/{part_key(dataset, sha, 1)}")
+    unpark(src, deployment.watch, deployment.errors)  # the user takes the file back to fix it...
+    write_csv(src, promo_rows(ROWS, seed=157))  # ...and saves a new version
+    new_sha, new_bytes = sha256_file(src), src.read_bytes()
+
+    shutil.rmtree(staging(deployment))
+    again = reexecute_from_failure(deployment, failed)
+
+    assert not again.success
+    (failure,) = again.get_step_failure_events()
+    message = f"{src} now has sha256 {new_sha}, this run processes {sha}"
+    assert message in failure.step_failure_data.error.message
+    record = deployment.store().get_by_path(str(src))
+    assert record.status is S.FAILED and record.checksum == sha
+    assert record.error_details.startswith("streaming: anynode-edited/promo.csv: the file changed since the run")
+    assert record.error_details.endswith(
+        f"; the original changed since the run started and stays at {src} for its new version's run"
+    )
+    assert src.read_bytes() == new_bytes  # the new version: not parked, not rewritten
+    assert list((deployment.errors / "anynode-edited").iterdir()) == []
+
+
+@pytest.fixture
+def shared_deployment(
+    deployment: Deployment, mongodb_uri: str, mongodb_database: str, monkeypatch: pytest.MonkeyPatch
+) -> Deployment:
+    """The deployment with DEPLOYMENT=shared (and, as that requires, a MongoDB store);
+    settings are read when a run starts, so this test's runs see them."""
+    monkeypatch.setenv("DEPLOYMENT", "shared")
+    monkeypatch.setenv("MONGODB_URI", mongodb_uri)
+    monkeypatch.setenv("MONGODB_DATABASE", mongodb_database)
+    return deployment
+
+
+def test_a_shared_deployment_keeps_step_outputs_under_the_bucket_prefix_and_reexecutes_from_them(
+    shared_deployment: Deployment, mongodb_uri: str, mongodb_database: str, tmp_path: Path
+) -> None:
+    deployment = shared_deployment
+    src = write_csv(deployment.watch / "anynode-shared" / "promo.csv", promo_rows(ROWS, seed=155))
+    sha, dataset = sha256_file(src), f"{deployment.prefix}/anynode-shared/promo.csv"
+    config = {"ops": {"checksum_calculation": {"config": {"path": str(src)}}}}
+    mark = len(deployment.proxy.put_keys)
+    failed = run_failing_puts(deployment, lambda: run_config(deployment, config), f"/{part_key(dataset, sha, 1)}")
+    outputs = f"{deployment.prefix}/_dagster/storage/"
+    before = ["checksum_calculation", "type_detection", "archive_extraction", "parquet_conversion"]
+    assert list_keys(deployment, outputs + failed.run_id + "/") == sorted(
+        f"{outputs}{failed.run_id}/{step}/result" for step in before
+    )
+    dagster_home = Path(deployment.env["DAGSTER_HOME"])
+    assert not (dagster_home / "storage" / failed.run_id).exists()  # nothing a node keeps for itself
+
+    shutil.rmtree(staging(deployment))  # another node: no snapshot, no chunks, no local outputs
+    again = reexecute_from_failure(deployment, failed)
+
+    assert again.success
+    assert {e.step_key for e in again.get_step_success_events()} == {
+        "streaming",
+        "integrity_verification",
+        "progress_update",
+    }
+    loaded = [
+        e.event_specific_data.upstream_output_name
+        for e in again.all_events
+        if e.event_type is dg.DagsterEventType.LOADED_INPUT and e.step_key == "streaming"
+    ]
+    assert sorted(loaded) == ["result", "result"]  # the version and the chunks, read from S3
+    assert not (dagster_home / "storage" / again.run_id).exists()
+    assert {k.split("/")[-2] for k in list_keys(deployment, outputs + again.run_id + "/")} >= {
+        "streaming",
+        "integrity_verification",
+    }
+    bucket_prefix = f"/{deployment.s3.bucket}/{deployment.prefix}/"
+    assert [k for k in deployment.proxy.put_keys[mark:] if not k.startswith(bucket_prefix)] == []
+    parked = deployment.errors / "anynode-shared" / "promo.csv"
+    assert read_dataset(deployment, dataset, tmp_path) == source_rows(parked, "read_csv")
+    store = MongoProgressStore(mongodb_uri, mongodb_database)
+    try:
+        record = store.get_by_path(str(src))
+        assert (record.status, record.checksum, record.processing_stats.completed_chunks) == (S.COMPLETED, sha, 3)
+    finally:
+        store.close()
