@@ -16,10 +16,14 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from s3proc_dagster.errors import SourceChanged
 from s3proc_dagster.files.checksum import sha256_file
 from s3proc_dagster.files.parking import unpark
 from s3proc_dagster.models import ProcessingStatus as S
+from s3proc_dagster.pipeline import Claimant, Origin, staged_snapshot, take_snapshot
+from s3proc_dagster.sources.resolve import resolve_source
 from s3proc_dagster.stores.mongo import MongoProgressStore
+from s3proc_dagster.stores.sqlite import SQLiteProgressStore
 from s3proc_dagster.transfer.manifest import part_key
 from s3proc_dagster_tests.conftest import Deployment
 from s3proc_dagster_tests.pipeline_helpers import (
@@ -56,11 +60,14 @@ def run_failing_puts(deployment: Deployment, run, containing: str) -> dg.Execute
 
 
 def reexecute_from_failure(deployment: Deployment, failed: dg.ExecuteJobResult) -> dg.ExecuteJobResult:
+    """As the UI's button does: from the failed step, with the parent run's tags (the file's)."""
     instance = deployment.instance()
+    parent_tags = instance.get_run_by_id(failed.run_id).tags
     return dg.execute_job(
         dg.reconstructable(process_file_job_with_resources),
         instance=instance,
         reexecution_options=dg.ReexecutionOptions.from_failure(failed.run_id, instance),
+        tags={k: v for k, v in parent_tags.items() if k.startswith("s3proc/")},
         raise_on_error=False,
     )
 
@@ -270,3 +277,46 @@ def test_a_shared_deployment_keeps_step_outputs_under_the_bucket_prefix_and_reex
         assert (record.status, record.checksum, record.processing_stats.completed_chunks) == (S.COMPLETED, sha, 3)
     finally:
         store.close()
+
+
+def test_a_missing_snapshot_is_fetched_from_where_the_file_is_or_was_parked_and_refused_once_changed(
+    tmp_path: Path,
+) -> None:
+    """The domain alone (no Dagster, a SQLite store): `staged_snapshot` as a step calls it."""
+    watch, errors, area = tmp_path / "incoming", tmp_path / "errors", tmp_path / "staging"
+    src = write_bytes_in(watch / "in" / "a.csv", b"id,name\n1,one\n2,two\n")
+    store = SQLiteProgressStore(tmp_path / "progress.db")
+    try:
+        version = take_snapshot(resolve_source(str(src), watch), area, store, Claimant("run-1", lambda _: True))
+        snap = Path(version.snapshot_path)
+        origin = Origin(error_dir=errors)
+
+        shutil.rmtree(area)
+        assert staged_snapshot(version, store, origin) == snap and snap.read_bytes() == src.read_bytes()
+
+        shutil.rmtree(area)
+        parked = write_bytes_in(errors / "in" / "a.csv", src.read_bytes())
+        src.write_bytes(b"id,name\n1,uno\n")  # a new version where the file was; the failed one parked
+        assert staged_snapshot(version, store, origin) == snap  # found in the error directory
+
+        shutil.rmtree(area)
+        parked.unlink()
+        with pytest.raises(SourceChanged) as excinfo:
+            staged_snapshot(version, store, origin)
+        assert str(excinfo.value) == (
+            f"in/a.csv: the file changed since the run started: {src} now has sha256 {sha256_file(src)}, "
+            f"this run processes {version.sha256}; the new version is left to a run of its own"
+        )
+        assert list(area.iterdir()) == []  # the other bytes are not kept
+
+        src.unlink()
+        with pytest.raises(SourceChanged, match=f"in/a.csv: the file changed since the run started: {src} is gone"):
+            staged_snapshot(version, store, origin)
+    finally:
+        store.close()
+
+
+def write_bytes_in(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
