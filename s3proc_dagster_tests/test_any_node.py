@@ -244,10 +244,11 @@ def test_a_shared_deployment_keeps_step_outputs_under_the_bucket_prefix_and_reex
     assert list_keys(deployment, outputs + failed.run_id + "/") == sorted(
         f"{outputs}{failed.run_id}/{step}/result" for step in before
     )
-    dagster_home = Path(deployment.env["DAGSTER_HOME"])
-    assert not (dagster_home / "storage" / failed.run_id).exists()  # nothing a node keeps for itself
+    local = Path(deployment.env["DAGSTER_HOME"]) / "storage"  # where FilesystemIOManager would write
+    assert [step for step in before if (local / failed.run_id / step).exists()] == []
 
-    shutil.rmtree(staging(deployment))  # another node: no snapshot, no chunks, no local outputs
+    shutil.rmtree(staging(deployment))  # another node: no snapshot, no chunks,
+    shutil.rmtree(local / failed.run_id, ignore_errors=True)  # nothing of the run's on local disk
     again = reexecute_from_failure(deployment, failed)
 
     assert again.success
@@ -257,16 +258,16 @@ def test_a_shared_deployment_keeps_step_outputs_under_the_bucket_prefix_and_reex
         "progress_update",
     }
     loaded = [
-        e.event_specific_data.upstream_output_name
+        e.event_specific_data.upstream_step_key
         for e in again.all_events
         if e.event_type is dg.DagsterEventType.LOADED_INPUT and e.step_key == "streaming"
     ]
-    assert sorted(loaded) == ["result", "result"]  # the version and the chunks, read from S3
-    assert not (dagster_home / "storage" / again.run_id).exists()
-    assert {k.split("/")[-2] for k in list_keys(deployment, outputs + again.run_id + "/")} >= {
-        "streaming",
-        "integrity_verification",
-    }
+    assert sorted(loaded) == ["checksum_calculation", "parquet_conversion"]  # the failed run's, from S3
+    steps = ["streaming", "integrity_verification", "progress_update"]
+    assert [step for step in steps if (local / again.run_id / step).exists()] == []
+    assert list_keys(deployment, outputs + again.run_id + "/") == [
+        f"{outputs}{again.run_id}/{step}/result" for step in ("integrity_verification", "streaming")
+    ]  # progress_update returns nothing
     bucket_prefix = f"/{deployment.s3.bucket}/{deployment.prefix}/"
     assert [k for k in deployment.proxy.put_keys[mark:] if not k.startswith(bucket_prefix)] == []
     parked = deployment.errors / "anynode-shared" / "promo.csv"

@@ -12,7 +12,9 @@ finished conversion). Once its file is COMPLETED the version is removed, at once
 or after STAGING_RETENTION (a cache for reprocessing). `sweep` removes whatever no such
 file refers to and is older than the grace period: a crash between a snapshot and its
 claim, a superseded version, a partial snapshot of a killed run. Staging is a cache in any
-case: a missing snapshot is taken again from the source.
+case, local to each node: a step that finds a version missing takes the snapshot again from
+the source, checked against the recorded SHA-256, and derives the rest from it
+(`pipeline.staged_snapshot`, `staged_items`), so a re-execution may run on any node.
 """
 
 from __future__ import annotations
