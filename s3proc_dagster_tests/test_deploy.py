@@ -565,8 +565,9 @@ def required_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> set[st
 
 
 #: What a cluster needs beyond what the settings model requires: one progress store that
-#: every pod shares (SQLite would be one file per pod), and a watched source every pod sees.
-CLUSTER_SETTINGS = {"MONGODB_URI", "S3_INCOMING_PREFIX", "S3_BUCKET"}
+#: every pod shares (SQLite would be one file per pod), a watched source every pod sees, and
+#: step outputs every pod reads (DEPLOYMENT=shared: in S3, not in one pod's DAGSTER_HOME).
+CLUSTER_SETTINGS = {"MONGODB_URI", "S3_INCOMING_PREFIX", "S3_BUCKET", "DEPLOYMENT"}
 
 
 def test_required_settings_are_found_from_the_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -590,7 +591,7 @@ def test_the_pods_settings_pass_the_settings_validation(tmp_path: Path, monkeypa
     settings = {k: v.replace("/data/", f"{tmp_path}/data/") for k, v in env.items() if not k.startswith("DAGSTER_")}
     (tmp_path / "data" / "incoming").mkdir(parents=True)
     config = load_configuration(env_file=None, overrides=settings)
-    assert config.processing.uses_mongodb
+    assert config.processing.uses_mongodb and config.processing.shared
     assert config.s3.incoming_prefix == "incoming"
     assert config.processing.max_concurrency == load_values()["concurrency"]["runs"]["maxConcurrentRuns"]
     assert config.logging.pretty is False
