@@ -11,6 +11,7 @@ re-execution. Real SeaweedFS, real faults through the proxy, nothing mocked.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
@@ -156,11 +157,26 @@ def test_reexecution_without_staging_extracts_an_archive_again(deployment: Deplo
     assert store.get_by_path(str(src)).status is S.COMPLETED
 
 
+@pytest.fixture
+def left_in_place(deployment: Deployment) -> Iterator[list[Path | str]]:
+    """Files (paths) and incoming objects (keys) a test leaves where the sensors look, as
+    new versions awaiting runs of their own: removed afterwards, so that no later test's
+    sensor tick picks them up."""
+    left: list[Path | str] = []
+    yield left
+    for item in left:
+        if isinstance(item, Path):
+            item.unlink(missing_ok=True)
+        else:
+            deployment.s3.client().delete_object(Bucket=deployment.s3.bucket, Key=item)
+
+
 def test_an_object_overwritten_before_the_snapshot_is_fetched_again_fails_the_run_and_is_left_alone(
-    deployment: Deployment,
+    deployment: Deployment, left_in_place: list[Path | str]
 ) -> None:
     client, bucket = deployment.s3.client(), deployment.s3.bucket
     key = "incoming/anynode-changed/promo.csv"
+    left_in_place.append(key)
     client.put_object(Bucket=bucket, Key=key, Body=csv_bytes(promo_rows(ROWS, seed=153)))
     sha = sha256_file(write_bytes(deployment.root / "v1.csv", csv_bytes(promo_rows(ROWS, seed=153))))
     dataset = f"{deployment.prefix}/anynode-changed/promo.csv"
@@ -191,9 +207,10 @@ def test_an_object_overwritten_before_the_snapshot_is_fetched_again_fails_the_ru
 
 
 def test_a_local_file_replaced_after_its_run_failed_fails_the_reexecution_and_stays_in_place(
-    deployment: Deployment,
+    deployment: Deployment, left_in_place: list[Path | str]
 ) -> None:
     src = write_csv(deployment.watch / "anynode-edited" / "promo.csv", promo_rows(ROWS, seed=156))
+    left_in_place.append(src)
     sha, dataset = sha256_file(src), f"{deployment.prefix}/anynode-edited/promo.csv"
     (request,) = run_requests_under(sensor_tick(deployment), "anynode-edited")
     failed = run_failing_puts(deployment, lambda: execute(request, deployment), f"/{part_key(dataset, sha, 1)}")
