@@ -28,6 +28,7 @@ import boto3
 import pytest
 from botocore.config import Config
 
+from s3proc_dagster.cli.dev import UI_START_DEADLINE_S
 from s3proc_dagster.cli.embedded import (
     PostgresServer,
     Server,
@@ -268,7 +269,7 @@ def dagster_dev(deployment: Deployment, tmp_path: Path) -> Iterator[str]:
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + UI_START_DEADLINE_S  # about 5 s here when idle, 90 s and more when busy
         while True:
             try:
                 with urllib.request.urlopen(f"{url}/server_info", timeout=2) as response:

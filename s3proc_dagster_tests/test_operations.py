@@ -43,9 +43,10 @@ def list_keys(deployment: Deployment, prefix: str) -> list[str]:
 def test_reexecute_from_failure_uploads_only_what_is_missing(
     deployment: Deployment, instance_storage: InstanceStorage, tmp_path: Path
 ) -> None:
-    src = write_csv(deployment.watch / "reexec" / "promo.csv", promo_rows(120_001, seed=11))
-    (request,) = run_requests_under(sensor_tick(deployment), "reexec")
-    dataset = f"{deployment.prefix}/reexec/promo.csv"
+    folder = f"reexec-{instance_storage.kind}"  # the deployment, its files and store, outlive the test
+    src = write_csv(deployment.watch / folder / "promo.csv", promo_rows(120_001, seed=11))
+    (request,) = run_requests_under(sensor_tick(deployment), folder)
+    dataset = f"{deployment.prefix}/{folder}/promo.csv"
 
     sha = sha256_file(src)
     deployment.proxy.fail_puts_containing = f"/{part_key(dataset, sha, 1)}"
@@ -83,7 +84,7 @@ def test_reexecute_from_failure_uploads_only_what_is_missing(
     assert record.status is S.COMPLETED
     stats = record.processing_stats
     assert (stats.completed_chunks, stats.failed_chunks, stats.successful_records) == (3, 0, 120_001)
-    moved = deployment.errors / "reexec" / "promo.csv"
+    moved = deployment.errors / folder / "promo.csv"
     assert read_dataset(deployment, dataset, tmp_path) == source_rows(moved, "read_csv")
     assert {failed.run_id, again.run_id} <= instance_storage.run_ids()
 
@@ -111,12 +112,13 @@ def test_reexecuting_a_successful_run_is_harmless(deployment: Deployment) -> Non
 
 
 def test_runs_carry_tags_a_user_filters_by(deployment: Deployment, instance_storage: InstanceStorage) -> None:
-    src = write_csv(deployment.watch / "tags" / "t.csv", promo_rows(3))
-    (request,) = run_requests_under(sensor_tick(deployment), "tags")
+    folder = f"tags-{instance_storage.kind}"
+    src = write_csv(deployment.watch / folder / "t.csv", promo_rows(3))
+    (request,) = run_requests_under(sensor_tick(deployment), folder)
     result = execute(request, deployment)
     run = deployment.instance().get_run_by_id(result.run_id)
     record = deployment.store().get_by_path(str(src))
-    assert run.tags["s3proc/path"] == "tags/t.csv"
+    assert run.tags["s3proc/path"] == f"{folder}/t.csv"
     assert run.tags["s3proc/file_id"] == record.file_id
     assert run.tags["s3proc/file_type"] == "csv"
     assert run.tags["s3proc/sha256"] == record.checksum[:12]
@@ -124,8 +126,9 @@ def test_runs_carry_tags_a_user_filters_by(deployment: Deployment, instance_stor
 
 
 def test_dagster_job_launch_processes_a_named_file(deployment: Deployment, instance_storage: InstanceStorage) -> None:
-    src = write_csv(deployment.watch / "launch" / "l.csv", promo_rows(20))
-    config = {"ops": {"checksum_calculation": {"config": {"path": str(src), "relative_path": "launch/l.csv"}}}}
+    folder = f"launch-{instance_storage.kind}"
+    src = write_csv(deployment.watch / folder / "l.csv", promo_rows(20))
+    config = {"ops": {"checksum_calculation": {"config": {"path": str(src), "relative_path": f"{folder}/l.csv"}}}}
     # The daemon also ticks the watch sensor (RUNNING by default); IGNORE_INITIAL keeps it
     # from requesting the other tests' files, which the test harness runs itself.
     daemon = start_in_own_group(
