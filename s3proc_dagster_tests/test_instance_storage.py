@@ -54,3 +54,22 @@ def test_without_a_postgres_url_the_instance_stays_on_sqlite_in_dagster_home(
     with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
         result = hello_job.execute_in_process(instance=instance)
     assert result.run_id in InstanceStorage("sqlite", tmp_path).run_ids()
+
+
+def test_a_postgres_that_cannot_start_fails_with_its_log_and_leaves_no_cluster(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    from s3proc_dagster.cli import embedded
+
+    made: list[str] = []
+    mkdtemp = embedded.tempfile.mkdtemp
+    monkeypatch.setattr(embedded.tempfile, "mkdtemp", lambda **kw: made.append(mkdtemp(**kw)) or made[-1])
+    with socket.socket() as taken:  # the port it is given is taken: it exits at once
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        monkeypatch.setattr(embedded, "free_port", lambda: taken.getsockname()[1])
+        with pytest.raises(embedded.ServerStartError, match="could not create any TCP/IP sockets"):
+            embedded.start_postgres(tmp_path)
+    assert made and not Path(made[0]).exists()
