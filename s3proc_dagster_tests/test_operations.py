@@ -177,9 +177,9 @@ def watch_sensor_cursor(instance: dg.DagsterInstance) -> str | None:
     return None
 
 
-def finished_file_runs(deployment: Deployment, **tags: str) -> list[dg.RunRecord]:
+def finished_file_runs(instance: dg.DagsterInstance, **tags: str) -> list[dg.RunRecord]:
     """process_file_job runs with `tags`, once every one of them has ended."""
-    runs = deployment.instance().get_run_records(dg.RunsFilter(job_name="process_file_job", tags=tags))
+    runs = instance.get_run_records(dg.RunsFilter(job_name="process_file_job", tags=tags))
     return runs if runs and all(r.dagster_run.is_finished for r in runs) else []
 
 
@@ -187,11 +187,12 @@ def test_a_file_dropped_while_dagster_runs_is_started_by_the_watch_sensor(
     deployment: Deployment, instance_storage: InstanceStorage, request: pytest.FixtureRequest
 ) -> None:
     request.getfixturevalue("dagster_dev")  # its daemon ticks the sensor and dequeues the runs
+    instance = deployment.instance()
     # IGNORE_INITIAL: the first tick takes what is there as seen; only files after it run.
-    wait_for(lambda: watch_sensor_cursor(deployment.instance()), "the watch sensor's first tick", timeout=120)
+    wait_for(lambda: watch_sensor_cursor(instance), "the watch sensor's first tick", timeout=120)
     src = write_csv(deployment.watch / f"sensed-{instance_storage.kind}" / "s.csv", promo_rows(30))
-    wait_for(lambda: finished_file_runs(deployment, **{"s3proc/source": str(src)}), "the sensor's run", timeout=180)
-    (run,) = finished_file_runs(deployment, **{"s3proc/source": str(src)})
+    wait_for(lambda: finished_file_runs(instance, **{"s3proc/source": str(src)}), "the sensor's run", timeout=180)
+    (run,) = finished_file_runs(instance, **{"s3proc/source": str(src)})
     assert run.dagster_run.status == dg.DagsterRunStatus.SUCCESS
     assert run.dagster_run.tags["dagster/sensor_name"] == "watch_directory_sensor"
     record = deployment.store().get_by_path(str(src))
@@ -216,8 +217,10 @@ def test_s3proc_backfill_queues_one_run_per_matching_file_and_the_queue_runs_the
     )
     assert done.returncode == 0 and "2 file(s) queued" in done.stdout, done.stdout + done.stderr
 
+    instance = deployment.instance()
+
     def backfilled() -> list[dg.RunRecord]:
-        runs = finished_file_runs(deployment, **{"s3proc/backfill": "true"})
+        runs = finished_file_runs(instance, **{"s3proc/backfill": "true"})
         return runs if len(runs) == 2 else []
 
     wait_for(backfilled, "the backfill's two runs", timeout=240)
