@@ -1,8 +1,9 @@
 """Real servers on loopback, started once per test session.
 
-SeaweedFS (S3) and nx-27017 (MongoDB wire protocol) start in about a second each. A
-server that fails to start fails the fixture with its log; nothing is skipped silently.
-Set MONGODB_URI to run the MongoDB contract tests against a real server instead.
+SeaweedFS (S3), nx-27017 (MongoDB wire protocol) and PostgreSQL (Dagster's production
+storage; Debian's server, started only when a test asks for it) start in about a second
+each. A server that fails to start fails the fixture with its log; nothing is skipped
+silently. Set MONGODB_URI to run the MongoDB contract tests against a real server instead.
 
 nx-27017 (0.8.1) answers `hello` as a standalone (no `setName`) and has no flag to do
 otherwise, though it runs transactions; `mongodb_replset_uri` puts it behind
@@ -37,11 +38,14 @@ import bson
 import pytest
 from botocore.config import Config
 
+from s3proc_dagster.cli.dev import UI_START_DEADLINE_S
 from s3proc_dagster.cli.embedded import (
+    PostgresServer,
     Server,
     free_port,
     start_in_own_group,
     start_nx27017,
+    start_postgres,
     start_seaweedfs,
     stop_process_group,
 )
@@ -274,6 +278,16 @@ def mongodb_replset_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[st
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    """PostgreSQL for the session (a fresh cluster, trust auth on loopback); tests keep apart
+    by database. When it cannot start, the fixture raises with initdb's output or the
+    server's log: the PostgreSQL tests fail, they are never skipped."""
+    server = start_postgres(tmp_path_factory.mktemp("postgres"))
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 def mongodb_database() -> str:
     return f"s3proc_test_{uuid.uuid4().hex[:10]}"
@@ -403,7 +417,7 @@ def dagster_dev(deployment: Deployment, tmp_path: Path) -> Iterator[str]:
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + UI_START_DEADLINE_S  # about 5 s here when idle, 90 s and more when busy
         while True:
             try:
                 with urllib.request.urlopen(f"{url}/server_info", timeout=2) as response:
@@ -419,3 +433,67 @@ def dagster_dev(deployment: Deployment, tmp_path: Path) -> Iterator[str]:
         # SIGINT to its group, as Ctrl-C: dagster dev, webserver, daemon and code server
         stop_process_group(proc, deadline_s=20, sig=signal.SIGINT)
         log.close()
+
+
+@dataclass
+class InstanceStorage:
+    """The storage of the Dagster instance one test runs on, and a look into it that does
+    not go through Dagster."""
+
+    kind: str  # "sqlite" or "postgres"
+    home: Path
+    database_url: str | None = None  # the PostgreSQL database, as libpq reads it
+
+    def run_ids(self) -> set[str]:
+        """The ids in the storage's `runs` table, read with the database's own client: a
+        run the instance reports is checked to be where the dagster.yaml says it is."""
+        if self.database_url:
+            import psycopg2
+
+            connection = psycopg2.connect(self.database_url, connect_timeout=5)
+            try:
+                with connection.cursor() as cursor:
+                    cursor.execute("SELECT run_id FROM runs")
+                    return {row[0] for row in cursor.fetchall()}
+            finally:
+                connection.close()
+        import sqlite3
+
+        connection = sqlite3.connect(self.home / "storage" / "history" / "runs.db")
+        try:
+            return {row[0] for row in connection.execute("SELECT run_id FROM runs")}
+        finally:
+            connection.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def instance_storage(
+    request: pytest.FixtureRequest, deployment: Deployment, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> InstanceStorage:
+    """Runs the test twice, on a fresh Dagster instance each time: one on SQLite, as on one
+    machine, and one on PostgreSQL (a database of its own on the session's server), as in
+    production. The instance is written by `write_instance`, which picks PostgreSQL because
+    DAGSTER_POSTGRES_URL is set; DAGSTER_HOME points at it for the test, so the test's own
+    calls, `dagster dev`, the daemon, `dagster job launch` and `s3proc` all use it."""
+    import dagster as dg
+
+    from s3proc_dagster.cli.dev import POSTGRES_URL_ENV, write_instance
+
+    home = tmp_path / f"dagster_home_{request.param}"
+    database_url = None
+    if request.param == "postgres":
+        server: PostgresServer = request.getfixturevalue("postgres")
+        name = f"dagster_{uuid.uuid4().hex[:10]}"
+        database_url = server.create_database(name)
+        monkeypatch.setenv(POSTGRES_URL_ENV, server.database_url(name, driver="psycopg2"))
+        monkeypatch.setitem(deployment.env, POSTGRES_URL_ENV, os.environ[POSTGRES_URL_ENV])
+    else:
+        monkeypatch.delenv(POSTGRES_URL_ENV, raising=False)
+    write_instance(home, max_concurrency=2)
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.setitem(deployment.env, "DAGSTER_HOME", str(home))
+    # Create the schema now: `dagster dev` starts its webserver, daemon and code server at
+    # once, and each would otherwise race to create the tables of an empty database.
+    with dg.DagsterInstance.get() as instance:
+        assert instance.get_runs_count() == 0
+    return InstanceStorage(request.param, home, database_url)

@@ -28,6 +28,7 @@ SESSION_ENV = "S3PROC_TEST_SESSION"
 BINARIES = {
     "weed": "SeaweedFS",
     "nx-27017": "nx-27017 (MongoDB)",
+    "postgres": "PostgreSQL",
     "chromium": "chromium",
     "dagster-daemon": "dagster-daemon",
     "dagster-webserver": "dagster-webserver",

@@ -1,4 +1,5 @@
-"""Operating it as users do: re-execute from failure, `dagster job launch`, run tags."""
+"""Operating it as users do: runs the sensor starts, re-execute from failure, `dagster job
+launch`, backfills, run tags; each on SQLite and on PostgreSQL storage (`instance_storage`)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ import time
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from s3proc_dagster.cli.embedded import start_in_own_group, stop_process_group
 from s3proc_dagster.files.checksum import sha256_file
 from s3proc_dagster.models import ProcessingStatus as S
 from s3proc_dagster.transfer.manifest import part_key
-from s3proc_dagster_tests.conftest import Deployment
+from s3proc_dagster_tests.conftest import Deployment, InstanceStorage
 from s3proc_dagster_tests.pipeline_helpers import (
     dataset_keys,
     execute,
@@ -25,6 +27,7 @@ from s3proc_dagster_tests.pipeline_helpers import (
     run_requests_under,
     sensor_tick,
     source_rows,
+    wait_for,
     write_csv,
 )
 
@@ -37,10 +40,13 @@ def list_keys(deployment: Deployment, prefix: str) -> list[str]:
     return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
 
 
-def test_reexecute_from_failure_uploads_only_what_is_missing(deployment: Deployment, tmp_path: Path) -> None:
-    src = write_csv(deployment.watch / "reexec" / "promo.csv", promo_rows(120_001, seed=11))
-    (request,) = run_requests_under(sensor_tick(deployment), "reexec")
-    dataset = f"{deployment.prefix}/reexec/promo.csv"
+def test_reexecute_from_failure_uploads_only_what_is_missing(
+    deployment: Deployment, instance_storage: InstanceStorage, tmp_path: Path
+) -> None:
+    folder = f"reexec-{instance_storage.kind}"  # the deployment, its files and store, outlive the test
+    src = write_csv(deployment.watch / folder / "promo.csv", promo_rows(120_001, seed=11))
+    (request,) = run_requests_under(sensor_tick(deployment), folder)
+    dataset = f"{deployment.prefix}/{folder}/promo.csv"
 
     sha = sha256_file(src)
     deployment.proxy.fail_puts_containing = f"/{part_key(dataset, sha, 1)}"
@@ -78,8 +84,9 @@ def test_reexecute_from_failure_uploads_only_what_is_missing(deployment: Deploym
     assert record.status is S.COMPLETED
     stats = record.processing_stats
     assert (stats.completed_chunks, stats.failed_chunks, stats.successful_records) == (3, 0, 120_001)
-    moved = deployment.errors / "reexec" / "promo.csv"
+    moved = deployment.errors / folder / "promo.csv"
     assert read_dataset(deployment, dataset, tmp_path) == source_rows(moved, "read_csv")
+    assert {failed.run_id, again.run_id} <= instance_storage.run_ids()
 
 
 def test_reexecuting_a_successful_run_is_harmless(deployment: Deployment) -> None:
@@ -104,21 +111,24 @@ def test_reexecuting_a_successful_run_is_harmless(deployment: Deployment) -> Non
     assert list_keys(deployment, dataset + "/") == dataset_keys(dataset, sha256_file(src), 1)
 
 
-def test_runs_carry_tags_a_user_filters_by(deployment: Deployment) -> None:
-    src = write_csv(deployment.watch / "tags" / "t.csv", promo_rows(3))
-    (request,) = run_requests_under(sensor_tick(deployment), "tags")
+def test_runs_carry_tags_a_user_filters_by(deployment: Deployment, instance_storage: InstanceStorage) -> None:
+    folder = f"tags-{instance_storage.kind}"
+    src = write_csv(deployment.watch / folder / "t.csv", promo_rows(3))
+    (request,) = run_requests_under(sensor_tick(deployment), folder)
     result = execute(request, deployment)
     run = deployment.instance().get_run_by_id(result.run_id)
     record = deployment.store().get_by_path(str(src))
-    assert run.tags["s3proc/path"] == "tags/t.csv"
+    assert run.tags["s3proc/path"] == f"{folder}/t.csv"
     assert run.tags["s3proc/file_id"] == record.file_id
     assert run.tags["s3proc/file_type"] == "csv"
     assert run.tags["s3proc/sha256"] == record.checksum[:12]
+    assert result.run_id in instance_storage.run_ids()
 
 
-def test_dagster_job_launch_processes_a_named_file(deployment: Deployment) -> None:
-    src = write_csv(deployment.watch / "launch" / "l.csv", promo_rows(20))
-    config = {"ops": {"checksum_calculation": {"config": {"path": str(src), "relative_path": "launch/l.csv"}}}}
+def test_dagster_job_launch_processes_a_named_file(deployment: Deployment, instance_storage: InstanceStorage) -> None:
+    folder = f"launch-{instance_storage.kind}"
+    src = write_csv(deployment.watch / folder / "l.csv", promo_rows(20))
+    config = {"ops": {"checksum_calculation": {"config": {"path": str(src), "relative_path": f"{folder}/l.csv"}}}}
     # The daemon also ticks the watch sensor (RUNNING by default); IGNORE_INITIAL keeps it
     # from requesting the other tests' files, which the test harness runs itself.
     daemon = start_in_own_group(
@@ -156,3 +166,68 @@ def test_dagster_job_launch_processes_a_named_file(deployment: Deployment) -> No
     # starting an interpreter per run, and says so in the run's log.
     messages = [e.message for e in deployment.instance().all_logs(runs[0].dagster_run.run_id)]
     assert any("Run forked from the warm run zygote" in m for m in messages), messages
+    assert runs[0].dagster_run.run_id in instance_storage.run_ids()
+
+
+def watch_sensor_cursor(instance: dg.DagsterInstance) -> str | None:
+    """The watch sensor's cursor as the daemon stored it: set once the sensor has ticked."""
+    for state in instance.all_instigator_state():
+        if state.instigator_name == "watch_directory_sensor" and state.instigator_data is not None:
+            return state.instigator_data.cursor
+    return None
+
+
+def finished_file_runs(instance: dg.DagsterInstance, **tags: str) -> list[dg.RunRecord]:
+    """process_file_job runs with `tags`, once every one of them has ended."""
+    runs = instance.get_run_records(dg.RunsFilter(job_name="process_file_job", tags=tags))
+    return runs if runs and all(r.dagster_run.is_finished for r in runs) else []
+
+
+def test_a_file_dropped_while_dagster_runs_is_started_by_the_watch_sensor(
+    deployment: Deployment, instance_storage: InstanceStorage, request: pytest.FixtureRequest
+) -> None:
+    request.getfixturevalue("dagster_dev")  # its daemon ticks the sensor and dequeues the runs
+    instance = deployment.instance()
+    # IGNORE_INITIAL: the first tick takes what is there as seen; only files after it run.
+    wait_for(lambda: watch_sensor_cursor(instance), "the watch sensor's first tick", timeout=120)
+    src = write_csv(deployment.watch / f"sensed-{instance_storage.kind}" / "s.csv", promo_rows(30))
+    wait_for(lambda: finished_file_runs(instance, **{"s3proc/source": str(src)}), "the sensor's run", timeout=180)
+    (run,) = finished_file_runs(instance, **{"s3proc/source": str(src)})
+    assert run.dagster_run.status == dg.DagsterRunStatus.SUCCESS
+    assert run.dagster_run.tags["dagster/sensor_name"] == "watch_directory_sensor"
+    record = deployment.store().get_by_path(str(src))
+    assert record.status is S.COMPLETED and record.processing_stats.successful_records == 30
+    assert run.dagster_run.run_id in instance_storage.run_ids()
+
+
+def test_s3proc_backfill_queues_one_run_per_matching_file_and_the_queue_runs_them(
+    deployment: Deployment, instance_storage: InstanceStorage, request: pytest.FixtureRequest
+) -> None:
+    folder = f"backfill-{instance_storage.kind}"
+    sources = [write_csv(deployment.watch / folder / f"{name}.csv", promo_rows(10)) for name in ("a", "b")]
+    write_csv(deployment.watch / folder / "skipped.tsv", promo_rows(10), delimiter="\t")
+    ui = request.getfixturevalue("dagster_dev")  # started after the files: its sensor leaves them to the backfill
+    done = subprocess.run(
+        [sys.executable, "-m", "s3proc_dagster.cli", "backfill", "--glob", f"{folder}/*.csv", "--url", ui],
+        cwd=ROOT,
+        env=os.environ.copy(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and "2 file(s) queued" in done.stdout, done.stdout + done.stderr
+
+    instance = deployment.instance()
+
+    def backfilled() -> list[dg.RunRecord]:
+        runs = finished_file_runs(instance, **{"s3proc/backfill": "true"})
+        return runs if len(runs) == 2 else []
+
+    wait_for(backfilled, "the backfill's two runs", timeout=240)
+    runs = backfilled()
+    assert all(r.dagster_run.status == dg.DagsterRunStatus.SUCCESS for r in runs)
+    assert sorted(r.dagster_run.tags["s3proc/source"] for r in runs) == sorted(map(str, sources))
+    store = deployment.store()
+    assert all(store.get_by_path(str(src)).status is S.COMPLETED for src in sources)
+    assert store.get_by_path(str(deployment.watch / folder / "skipped.tsv")) is None
+    assert {r.dagster_run.run_id for r in runs} <= instance_storage.run_ids()

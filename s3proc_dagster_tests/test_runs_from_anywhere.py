@@ -1,5 +1,6 @@
 """Runs a user starts outside the sensors behave like the sensors' runs: same tags,
-re-executable from the UI, and the same settings whichever command starts them."""
+re-executable from the UI, and the same settings whichever command starts them; on
+SQLite and on PostgreSQL storage (`instance_storage`)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 from s3proc_dagster.files.checksum import sha256_file
 from s3proc_dagster.models import ProcessingStatus as S
 from s3proc_dagster.transfer.manifest import part_key
-from s3proc_dagster_tests.conftest import ROOT, Deployment, S3Endpoint, product_env
+from s3proc_dagster_tests.conftest import ROOT, Deployment, InstanceStorage, S3Endpoint, product_env
 from s3proc_dagster_tests.pipeline_helpers import (
     dataset_keys,
     launch,
@@ -79,7 +80,9 @@ def fail_second_chunk(deployment: Deployment, folder: str) -> tuple[Path, str, d
     return src, dataset, tags
 
 
-def check_reexecution(deployment: Deployment, ui: str, failed: dg.DagsterRun, src_sha: str, dataset: str) -> None:
+def check_reexecution(
+    deployment: Deployment, ui: str, failed: dg.DagsterRun, src_sha: str, dataset: str, storage: InstanceStorage
+) -> None:
     puts_before = len(deployment.proxy.put_keys)
     landed = [k for k in deployment.proxy.put_keys if f"/{dataset}/" in k and "/part-" in k]
     again = finished(deployment, reexecute_from_failure(ui, failed.run_id))
@@ -88,12 +91,13 @@ def check_reexecution(deployment: Deployment, ui: str, failed: dg.DagsterRun, sr
     resent = [k for k in deployment.proxy.put_keys[puts_before:] if "/part-" in k and k in landed]
     assert resent == [k for k in resent if k.endswith("part-00001.parquet")]  # only the chunk that had failed
     assert list_keys(deployment, dataset + "/") == dataset_keys(dataset, src_sha, 3)  # one object per chunk
+    assert {failed.run_id, again.run_id} <= storage.run_ids()
 
 
 def test_a_run_started_by_s3proc_process_is_reexecuted_from_failure_in_the_ui(
-    deployment: Deployment, request: pytest.FixtureRequest
+    deployment: Deployment, instance_storage: InstanceStorage, request: pytest.FixtureRequest
 ) -> None:
-    src, dataset, sensor_tags = fail_second_chunk(deployment, "ui-reexec-cli")
+    src, dataset, sensor_tags = fail_second_chunk(deployment, f"ui-reexec-cli-{instance_storage.kind}")
     sha = sha256_file(src)
     try:
         proc = start_process(str(src))
@@ -105,14 +109,14 @@ def test_a_run_started_by_s3proc_process_is_reexecuted_from_failure_in_the_ui(
     assert failed.status == dg.DagsterRunStatus.FAILURE
     assert failed.remote_job_origin is not None  # what the UI needs to re-execute it
     assert sensor_tags.items() <= failed.tags.items()  # the tags of the sensor's run, all of them
-    check_reexecution(deployment, request.getfixturevalue("dagster_dev"), failed, sha, dataset)
+    check_reexecution(deployment, request.getfixturevalue("dagster_dev"), failed, sha, dataset, instance_storage)
     assert deployment.store().get_by_path(str(src)).status is S.COMPLETED
 
 
 def test_a_run_started_by_dagster_job_launch_is_reexecuted_from_failure_in_the_ui(
-    deployment: Deployment, request: pytest.FixtureRequest
+    deployment: Deployment, instance_storage: InstanceStorage, request: pytest.FixtureRequest
 ) -> None:
-    src, dataset, sensor_tags = fail_second_chunk(deployment, "ui-reexec-launch")
+    src, dataset, sensor_tags = fail_second_chunk(deployment, f"ui-reexec-launch-{instance_storage.kind}")
     ui = request.getfixturevalue("dagster_dev")  # started after the file exists: its sensor leaves it to us
     sha = sha256_file(src)
     config = {"ops": {"checksum_calculation": {"config": {"path": str(src)}}}}
@@ -129,7 +133,7 @@ def test_a_run_started_by_dagster_job_launch_is_reexecuted_from_failure_in_the_u
         deployment.proxy.fail_puts_containing = None
     assert failed.status == dg.DagsterRunStatus.FAILURE
     assert sensor_tags.items() <= failed.tags.items()  # tagged by its first step like a sensor's run
-    check_reexecution(deployment, ui, failed, sha, dataset)
+    check_reexecution(deployment, ui, failed, sha, dataset, instance_storage)
 
 
 def test_s3proc_process_reads_its_settings_from_dotenv_alone(s3: S3Endpoint, s3_prefix: str, tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from s3proc_dagster.models import ProcessingStatus as S
 from s3proc_dagster.models import make_file_id
 from s3proc_dagster.sources.s3_incoming import list_incoming
 from s3proc_dagster.transfer.recovery import delete_prefix
-from s3proc_dagster_tests.conftest import Deployment
+from s3proc_dagster_tests.conftest import Deployment, InstanceStorage
 from s3proc_dagster_tests.pipeline_helpers import (
     csv_bytes,
     definitions,
@@ -152,17 +152,18 @@ def test_sidecar_metadata_lands_in_the_record_and_a_bad_one_fails_the_file(deplo
     assert failed.status is S.FAILED and "q.csv.meta.json" in failed.error_details
 
 
-def test_high_priority_run_starts_first_in_the_queue(deployment: Deployment, tmp_path: Path) -> None:
-    home = tmp_path / "queue_home"
-    write_instance(home, max_concurrency=1)
-    env = {**os.environ, "DAGSTER_HOME": str(home), "IGNORE_INITIAL": "true", "S3_INCOMING_PREFIX": ""}
+def test_high_priority_run_starts_first_in_the_queue(deployment: Deployment, instance_storage: InstanceStorage) -> None:
+    home = instance_storage.home
+    write_instance(home, max_concurrency=1)  # one run at a time, so the queue's order is the start order
+    env = {**os.environ, "IGNORE_INITIAL": "true", "S3_INCOMING_PREFIX": ""}
+    folder = f"queue-{instance_storage.kind}"
     order = []
     for name, priority in (("low1", "low"), ("low2", "low"), ("urgent", "high")):
-        path = deployment.watch / "queue" / f"{name}.csv"
+        path = deployment.watch / folder / f"{name}.csv"
         path.parent.mkdir(exist_ok=True)
         path.write_bytes(csv_bytes(promo_rows(3)))
         config = {
-            "ops": {"checksum_calculation": {"config": {"path": str(path), "relative_path": f"queue/{name}.csv"}}}
+            "ops": {"checksum_calculation": {"config": {"path": str(path), "relative_path": f"{folder}/{name}.csv"}}}
         }
         launch(
             "process_file_job",
@@ -193,3 +194,4 @@ def test_high_priority_run_starts_first_in_the_queue(deployment: Deployment, tmp
     started = sorted(records, key=lambda r: r.start_time)
     assert started[0].dagster_run.tags["s3proc/name"] == "urgent"
     assert order[-1] == "urgent"  # it was queued last, and still started first
+    assert {r.dagster_run.run_id for r in records} <= instance_storage.run_ids()

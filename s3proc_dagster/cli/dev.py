@@ -40,11 +40,28 @@ DEV_ACCESS_KEY = "s3proc-dev"
 DEV_SECRET_KEY = "s3proc-dev-secret"
 
 
+#: The PostgreSQL database of a deployment's Dagster instance (`postgresql://user:password@host:5432/db`).
+#: The dagster.yaml names the variable, not its value, so no password is written to a file.
+POSTGRES_URL_ENV = "DAGSTER_POSTGRES_URL"
+
+
+def instance_storage(storage_dir: Path) -> dict:
+    """Where the instance keeps runs, event logs and schedules: PostgreSQL (dagster-postgres)
+    when DAGSTER_POSTGRES_URL is set, the production setting, which every webserver, daemon
+    and run worker of a deployment share; otherwise SQLite files in `storage_dir`, for one
+    machine. Dagster reads the URL when the instance loads (`env:`), in each process."""
+    if os.environ.get(POSTGRES_URL_ENV):
+        return {"postgres": {"postgres_url": {"env": POSTGRES_URL_ENV}}}
+    return {"sqlite": {"base_dir": str(storage_dir)}}
+
+
 def instance_config(
     max_concurrency: int, storage_dir: Path, upload_pool_limit: int | None = None, warm_runs: bool = True
 ) -> dict:
     """The instance settings the product expects; see the README's "Instance defaults".
 
+    - runs, events and schedules in PostgreSQL when DAGSTER_POSTGRES_URL is set, else in
+      SQLite under `storage_dir` (`instance_storage`);
     - the run queue starts at most MAX_CONCURRENCY runs at once (and honours
       `dagster/priority`), checking every second and launching on as many threads, so a
       slot that frees is filled at once, not one launch per daemon loop;
@@ -59,7 +76,7 @@ def instance_config(
       already retry with backoff, and the two would multiply.
     """
     return {
-        "storage": {"sqlite": {"base_dir": str(storage_dir)}},
+        "storage": instance_storage(storage_dir),
         "concurrency": {
             "runs": {
                 "max_concurrent_runs": max_concurrency,

@@ -1,4 +1,5 @@
-"""Embedded servers: SeaweedFS as the local S3 endpoint (and nx-27017 for MongoDB tests).
+"""Embedded servers: SeaweedFS as the local S3 endpoint (nx-27017 for MongoDB tests, and
+PostgreSQL for the tests of Dagster on PostgreSQL).
 
 The run command and the test fixtures start and stop servers the same way, through this
 module, so "works in the tests" and "works on a laptop" mean the same thing. A server
@@ -15,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -362,3 +364,107 @@ def start_nx27017(data_dir: Path, timeout: float = 30) -> Server:
             client.admin.command("ping")
 
     return _wait(server, ready, "nx-27017", timeout)
+
+
+def _postgres_binary(name: str) -> str:
+    """`name` from PATH, else from the newest Debian/Ubuntu `postgresql-N` package, which
+    does not put the server's programs on PATH (`/usr/lib/postgresql/N/bin`)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    versions = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), key=lambda p: int(p.parts[-3]), reverse=True)
+    if not versions:
+        raise ServerStartError(f"{name} is not installed: apt-get install -y postgresql (.ci/run does)")
+    return str(versions[0])
+
+
+class PostgresServer(Server):
+    """A throwaway PostgreSQL cluster; `stop` also removes its data directory."""
+
+    def database_url(self, name: str, driver: str = "") -> str:
+        """Database `name`'s URL as libpq (psycopg2.connect) reads it; with a `driver`,
+        SQLAlchemy's form, `postgresql+psycopg2://`, which Dagster's storage needs."""
+        return f"{self.url.replace('postgresql', f'postgresql+{driver}', 1) if driver else self.url}/{name}"
+
+    def create_database(self, name: str) -> str:
+        """A new, empty database; its libpq URL (no password: the cluster trusts loopback)."""
+        import psycopg2
+
+        connection = psycopg2.connect(self.database_url("postgres"), connect_timeout=5)
+        try:
+            connection.autocommit = True  # CREATE DATABASE refuses to run in a transaction
+            with connection.cursor() as cursor:
+                cursor.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            connection.close()
+        return self.database_url(name)
+
+    def stop(self, deadline_s: float = 10.0) -> None:
+        super().stop(deadline_s)
+        shutil.rmtree(self.extra["cluster_dir"], ignore_errors=True)
+
+
+def start_postgres(log_dir: Path, timeout: float = 60) -> PostgresServer:
+    """PostgreSQL (Debian's `postgresql` package) on a free loopback port, for Dagster's storage in the tests.
+
+    A fresh cluster (`initdb`, about 1.3 s) in a temporary directory, the `postgres`
+    superuser trusted on loopback (no password), its unix socket in that directory. The
+    server runs in the foreground under `start_in_own_group`, rather than detached by
+    `pg_ctl start` into a session of its own, so that it stops as every other server here
+    does: SIGINT to its group is PostgreSQL's "fast" shutdown (about 0.2 s), and at the
+    deadline the group and every backend (each leads a group of its own) get SIGKILL.
+
+    PostgreSQL refuses to run as root: as root, `initdb` and the server run as the
+    `postgres` user, and the cluster lives outside pytest's temporary directories, which
+    only root may enter. `setpriv` execs the server as that user (keeping the environment,
+    and so the test session's marker); `runuser` would stay in between as a watching
+    parent that answers a stop signal with SIGTERM (PostgreSQL's "smart" shutdown, which
+    waits for clients), then 2 s of sleep and SIGKILL. Durability is not under test, so
+    fsync is off.
+    """
+    as_postgres = (
+        ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups", "--"] if os.geteuid() == 0 else []
+    )
+    cluster_dir = Path(tempfile.mkdtemp(prefix="s3proc-postgres-"))
+    if as_postgres:
+        shutil.chown(cluster_dir, "postgres", "postgres")
+    data = cluster_dir / "data"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / "postgres.log"
+    options = ["--auth=trust", "--username=postgres", "--encoding=UTF8", "--locale=C", "--no-sync"]
+    initdb = subprocess.run(
+        [*as_postgres, _postgres_binary("initdb"), "-D", str(data), *options],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if initdb.returncode != 0:
+        shutil.rmtree(cluster_dir, ignore_errors=True)
+        raise ServerStartError(f"initdb exited with {initdb.returncode}:\n{initdb.stdout}{initdb.stderr}")
+    port = free_port()
+    cmd = [
+        *as_postgres,
+        _postgres_binary("postgres"),
+        "-D",
+        str(data),
+        "-p",
+        str(port),
+        "-k",
+        str(cluster_dir),
+        "-c",
+        "listen_addresses=127.0.0.1",
+        "-c",
+        "fsync=off",
+        "-c",
+        "full_page_writes=off",
+    ]
+    with open(log_path, "ab") as log:
+        process = start_in_own_group(cmd, stdout=log, stderr=subprocess.STDOUT)
+    server = PostgresServer(process, log_path, f"postgresql://postgres@127.0.0.1:{port}", {"cluster_dir": cluster_dir})
+
+    import psycopg2
+
+    def ready() -> None:
+        psycopg2.connect(server.database_url("postgres"), connect_timeout=2).close()
+
+    return _wait(server, ready, "PostgreSQL", timeout)

@@ -1,0 +1,75 @@
+"""The Dagster instance the project writes: SQLite on one machine, PostgreSQL in production."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import yaml
+
+from s3proc_dagster.cli.dev import POSTGRES_URL_ENV, write_instance
+from s3proc_dagster.cli.embedded import PostgresServer
+from s3proc_dagster_tests.conftest import InstanceStorage
+
+
+@dg.op
+def say_hello() -> str:
+    return "hello"
+
+
+@dg.job
+def hello_job() -> None:
+    say_hello()
+
+
+def test_with_a_postgres_url_the_instance_is_on_postgres_and_its_file_names_only_the_variable(
+    postgres: PostgresServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    database_url = postgres.create_database("instance_yaml")
+    # trust auth ignores the password, so a URL with one still connects; it must not reach the file
+    url = postgres.database_url("instance_yaml", driver="psycopg2")
+    monkeypatch.setenv(POSTGRES_URL_ENV, url.replace("postgres@", "postgres:do-not-write-me@"))
+    text = write_instance(tmp_path, max_concurrency=2).read_text()
+    assert "do-not-write-me" not in text and "127.0.0.1" not in text
+    assert yaml.safe_load(text)["storage"] == {"postgres": {"postgres_url": {"env": POSTGRES_URL_ENV}}}
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+        storages = (instance.run_storage, instance.event_log_storage, instance.schedule_storage)
+        assert [type(s).__name__ for s in storages] == [
+            "PostgresRunStorage",
+            "PostgresEventLogStorage",
+            "PostgresScheduleStorage",
+        ]
+        result = hello_job.execute_in_process(instance=instance)
+    assert result.success
+    assert result.run_id in InstanceStorage("postgres", tmp_path, database_url).run_ids()
+
+
+def test_without_a_postgres_url_the_instance_stays_on_sqlite_in_dagster_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(POSTGRES_URL_ENV, raising=False)
+    config = yaml.safe_load(write_instance(tmp_path, max_concurrency=2).read_text())
+    assert config["storage"] == {"sqlite": {"base_dir": str(tmp_path / "storage")}}
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+        result = hello_job.execute_in_process(instance=instance)
+    assert result.run_id in InstanceStorage("sqlite", tmp_path).run_ids()
+
+
+def test_a_postgres_that_cannot_start_fails_with_its_log_and_leaves_no_cluster(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    from s3proc_dagster.cli import embedded
+
+    made: list[str] = []
+    mkdtemp = embedded.tempfile.mkdtemp
+    monkeypatch.setattr(embedded.tempfile, "mkdtemp", lambda **kw: made.append(mkdtemp(**kw)) or made[-1])
+    with socket.socket() as taken:  # the port it is given is taken: it exits at once
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        monkeypatch.setattr(embedded, "free_port", lambda: taken.getsockname()[1])
+        with pytest.raises(embedded.ServerStartError, match="could not create any TCP/IP sockets"):
+            embedded.start_postgres(tmp_path)
+    assert made and not Path(made[0]).exists()
