@@ -37,7 +37,8 @@ def requests_for(tmp_path: Path, sizes: list[int]) -> list[dg.RunRequest]:
 
 
 def test_files_are_spread_over_every_run_slot_within_the_count_and_byte_limits() -> None:
-    assert group([10] * 7, slots=2, limits=LIMITS) == [[0, 1, 2], [3, 4, 5], [6]]  # 3 files a run at most
+    assert group([10] * 7, slots=2, limits=LIMITS) == [[0, 1], [2, 3], [4, 5], [6]]  # 3 a run at most, full waves
+    assert group([10] * 12, slots=2, limits=LIMITS) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
     assert group([10] * 4, slots=4, limits=LIMITS) == [[0], [1], [2], [3]]  # every slot gets work
     assert group([400, 400, 300, 10], slots=1, limits=LIMITS) == [[0, 1], [2, 3]]  # 1000 bytes a run at most
 

@@ -38,9 +38,14 @@ class BatchLimits:
 
 
 def group(sizes: Sequence[int], slots: int, limits: BatchLimits) -> list[list[int]]:
-    """Indexes of `sizes` in runs: spread over at least `slots` runs (so every run slot has
-    work), each within the count and byte limits, in arrival order."""
-    per_run = min(limits.max_files, max(1, math.ceil(len(sizes) / max(1, slots))))
+    """Indexes of `sizes` in runs, in arrival order, each within the count and byte limits.
+
+    The number of runs is a multiple of `slots`, so the runs come in full waves: 300 files
+    on 4 slots at 50 a run are 8 runs of 38, two waves, not 6 runs of 50 whose last two
+    run while two slots idle."""
+    slots = max(1, slots)
+    waves = max(1, math.ceil(math.ceil(len(sizes) / limits.max_files) / slots))
+    per_run = max(1, math.ceil(len(sizes) / (waves * slots)))
     runs: list[list[int]] = []
     current: list[int] = []
     total = 0
