@@ -278,8 +278,15 @@ def start_seaweedfs(
 ) -> Server:
     """`weed mini` (master, volume, filer, S3 in one process) with its data under `data_dir`."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    ports = [free_port(with_grpc=True) for _ in range(4)]
-    s3_port = s3_port or free_port(with_grpc=True)
+    ports: list[int] = []
+    taken = {s3_port, s3_port + GRPC_PORT_OFFSET} if s3_port else set()
+    while len(ports) < 5 - bool(s3_port):
+        # `weed mini` refuses a port that is another component's gRPC port (port + 10000)
+        port = free_port(with_grpc=True)
+        if not {port, port + GRPC_PORT_OFFSET} & taken:
+            ports.append(port)
+            taken |= {port, port + GRPC_PORT_OFFSET}
+    s3_port = s3_port or ports.pop()
     master, volume, filer, admin = ports
     log_path = data_dir / "weed.log"
     cmd = [
