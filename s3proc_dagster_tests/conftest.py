@@ -477,7 +477,7 @@ def instance_storage(
     calls, `dagster dev`, the daemon, `dagster job launch` and `s3proc` all use it."""
     import dagster as dg
 
-    from s3proc_dagster.cli.dev import POSTGRES_URL_ENV, write_instance
+    from s3proc_dagster.cli.dev import POSTGRES_URL_ENV, prepare_storage, write_instance
 
     home = tmp_path / f"dagster_home_{request.param}"
     database_url = None
@@ -492,8 +492,7 @@ def instance_storage(
     write_instance(home, max_concurrency=2)
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     monkeypatch.setitem(deployment.env, "DAGSTER_HOME", str(home))
-    # Create the schema now: `dagster dev` starts its webserver, daemon and code server at
-    # once, and each would otherwise race to create the tables of an empty database.
+    prepare_storage(home)  # the tables and the upload pool's row, as `s3proc dev` makes them
     with dg.DagsterInstance.get() as instance:
         assert instance.get_runs_count() == 0
     return InstanceStorage(request.param, home, database_url)

@@ -114,6 +114,22 @@ def instance_config(
     }
 
 
+def prepare_storage(dagster_home: Path) -> None:
+    """Create the instance's tables and the upload pool's row before any process uses them.
+
+    `dagster dev` starts its webserver, daemon and code server at once, and on an empty
+    PostgreSQL database each would race to create the tables; and Dagster creates a pool's
+    row when a run first claims a slot, so two runs claiming at once on PostgreSQL left one
+    failed (`InFailedSqlTransaction` after the duplicate key). Done once here, neither race
+    can happen."""
+    import dagster as dg
+
+    from s3proc_dagster.runs.requests import UPLOAD_POOL
+
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        instance.event_log_storage.initialize_concurrency_limit_to_default(UPLOAD_POOL)
+
+
 def write_instance(dagster_home: Path, max_concurrency: int) -> Path:
     dagster_home.mkdir(parents=True, exist_ok=True)
     path = dagster_home / "dagster.yaml"
@@ -311,6 +327,7 @@ def run_dev(host: str = "127.0.0.1", port: int = 3000, root: Path | None = None)
             cfg = load_configuration()  # fail here, with every bad variable named, not inside dagster
             home = Path(os.environ.setdefault("DAGSTER_HOME", str(root / ".dagster_home")))
             write_instance(home, cfg.processing.max_concurrency)
+            prepare_storage(home)
             print(f"Watching {cfg.monitoring.watch_path}; DAGSTER_HOME={home}; starting dagster dev", flush=True)
             cmd = [
                 sys.executable,

@@ -23,6 +23,7 @@ PROCESS_FILE_JOB = "process_file_job"
 PROCESS_FILES_JOB = "process_files_job"  # several small files in one run: runs/batching.py
 IMAGE_REQUEST_JOB = "image_request_job"
 RECONCILE_JOB = "reconcile_job"
+UPLOAD_POOL = "s3_uploads"  # the upload step's pool: how many uploads run at once, whatever the runs
 
 
 def run_request_for(

@@ -15,11 +15,10 @@ from s3proc_dagster.models import ProcessingStep, make_file_id
 from s3proc_dagster.pipeline import Claimant, FileVersion, PreparedItem, UploadedObject, WorkItem
 from s3proc_dagster.runs.batching import BATCH_OP, files_of_run, index_of, mapping_key
 from s3proc_dagster.runs.liveness import run_is_alive
+from s3proc_dagster.runs.requests import UPLOAD_POOL
 from s3proc_dagster.runs.tags import TAG, file_run_tags
 from s3proc_dagster.sources.resolve import resolve_source
 from s3proc_dagster.stores.base import ClaimOutcome
-
-UPLOAD_POOL = "s3_uploads"
 
 
 class SourceConfig(dg.Config):
