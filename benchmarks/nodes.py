@@ -173,11 +173,17 @@ def measure(nodes: int, root: Path, files: int, rows: int, servers: dict, runnin
     runs = [json.loads(line) for _, results in workers for line in results.read_text().splitlines()]
     client = MongoClient(servers["mongodb"].url)
     try:
-        completed = client[database]["FileStatus"].count_documents({"status": "COMPLETED"})
+        records = list(client[database]["FileStatus"].find({}, {"filePath": 1, "status": 1, "errorDetails": 1}))
     finally:
         client.close()
+    completed = sum(r["status"] == "COMPLETED" for r in records)
     if len(runs) != files or not all(r["success"] for r in runs) or completed != files:
-        raise SystemExit(f"{nodes} nodes: {len(runs)} runs, {completed} COMPLETED of {files}; see {root}")
+        failed = [r["path"] for r in runs if not r["success"]]
+        other = [(r["filePath"], r["status"], r.get("errorDetails")) for r in records if r["status"] != "COMPLETED"]
+        raise SystemExit(
+            f"{nodes} nodes: {len(runs)} runs, {completed} COMPLETED of {files}; failed runs {failed}; "
+            f"records not COMPLETED {other}; see {root}"
+        )
     wall = max(r["end"] for r in runs) - min(r["start"] for r in runs)
     return {
         "nodes": nodes,
