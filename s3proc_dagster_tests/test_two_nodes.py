@@ -30,6 +30,7 @@ import pytest
 
 from s3proc_dagster.cli.dev import POSTGRES_URL_ENV, write_instance
 from s3proc_dagster.cli.embedded import PostgresServer, start_in_own_group, stop_process_group
+from s3proc_dagster.defs.files.ops import UPLOAD_POOL
 from s3proc_dagster.files.checksum import sha256_file
 from s3proc_dagster.models import ChunkStatus
 from s3proc_dagster.models import ProcessingStatus as S
@@ -244,6 +245,11 @@ def cluster(
         with nodes.instance(a) as instance:
             assert type(instance.run_storage).__name__ == "PostgresRunStorage"
             assert instance.get_runs_count() == 0
+            # And the upload pool's row, as a deployment creates it before its first runs:
+            # Dagster (1.13) creates it at the first claim, and on PostgreSQL two runs that
+            # claim at once race there; the loser's transaction is aborted (it catches the
+            # unique violation and goes on in the same transaction) and its run fails.
+            assert instance.event_log_storage.initialize_concurrency_limit_to_default(UPLOAD_POOL)
         yield nodes
     finally:
         for proc in nodes.running:
