@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import dagster as dg
 
+from s3proc_dagster.models import make_file_id
 from s3proc_dagster.runs.requests import PROCESS_FILE_JOB, PROCESS_FILES_JOB
 from s3proc_dagster.runs.tags import TAG
 
@@ -94,10 +95,12 @@ def under_backlog(
 ) -> list[dg.RunRequest]:
     """`requests` as they are when the queue can start them promptly (`waiting` runs already
     queued plus these fit in `slots`); otherwise small files grouped into batch runs."""
-    small = [r for r in requests if batchable(r, size_of(r), limits)]
+    small: list[dg.RunRequest] = []
+    own: list[dg.RunRequest] = []
+    for request in requests:
+        (small if batchable(request, size_of(request), limits) else own).append(request)
     if len(small) < 2 or waiting + len(requests) <= slots:
         return requests
-    own = [r for r in requests if not any(r is s for s in small)]
     batches = group([size_of(r) or 0 for r in small], slots, limits)
     return own + [small[i[0]] if len(i) == 1 else batch_request([small[j] for j in i]) for i in batches]
 
@@ -112,10 +115,26 @@ def index_of(key: str) -> int:
     return int(key[1 : key.index("_")])
 
 
-def files_of_run(run: dg.DagsterRun) -> list[dict[str, str]]:
-    """The sources a run of either file job was started for."""
+@dataclass(frozen=True)
+class RunFile:
+    """A file a run was started for: what the failure hook and crash recovery need of it."""
+
+    path: str
+    relative_path: str
+    file_id: str | None  # None: a process_file_job run killed before its first step tagged it
+
+
+def files_of_run(run: dg.DagsterRun) -> list[RunFile]:
+    """The files a run of either file job was started for, in the batch's order."""
     ops = (run.run_config or {}).get("ops", {})
     if run.job_name == PROCESS_FILES_JOB:
-        return list(ops.get(BATCH_OP, {}).get("config", {}).get("files", []))
+        files = []
+        for source in ops.get(BATCH_OP, {}).get("config", {}).get("files", []):
+            relative = source.get("relative_path") or source["path"]
+            files.append(RunFile(source["path"], relative, make_file_id(relative)))
+        return files
     source = ops.get("checksum_calculation", {}).get("config")
-    return [source] if source else []
+    if not source:
+        return []
+    relative = source.get("relative_path") or source["path"]
+    return [RunFile(source["path"], relative, run.tags.get(f"{TAG}/file_id"))]

@@ -27,11 +27,10 @@ from s3proc_dagster.defs.files.ops import (
 )
 from s3proc_dagster.defs.resources import ProgressStoreResource, S3Storage, Settings
 from s3proc_dagster.files.staging import SWEEP_GRACE_S
-from s3proc_dagster.models import ProcessingStep, make_file_id
+from s3proc_dagster.models import ProcessingStep
 from s3proc_dagster.runs.batching import files_of_run
 from s3proc_dagster.runs.liveness import reap_dead_runs, run_is_alive
 from s3proc_dagster.runs.requests import IMAGE_REQUEST_JOB, PROCESS_FILE_JOB, PROCESS_FILES_JOB, RECONCILE_JOB
-from s3proc_dagster.runs.tags import TAG
 
 PRODUCT_JOBS = [PROCESS_FILE_JOB, PROCESS_FILES_JOB, IMAGE_REQUEST_JOB, RECONCILE_JOB, "reports_job"]
 CHECKSUM = ProcessingStep.CHECKSUM_CALCULATION.value
@@ -81,10 +80,7 @@ def reconcile(
         run = record.dagster_run
         context.log.info(f"run {run.run_id}: its worker is gone; reported failed")
         started = record.start_time or record.create_timestamp.timestamp()
-        for source in files_of_run(run):
-            relative = source.get("relative_path") or ""
-            file_id = run.tags.get(f"{TAG}/file_id") if run.job_name == PROCESS_FILE_JOB else make_file_id(relative)
-            dead.append(recovery.DeadRun(run.run_id, started, file_id, source["path"]))
+        dead += [recovery.DeadRun(run.run_id, started, f.file_id, f.path) for f in files_of_run(run)]
     cfg = settings.config
     incoming = cfg.s3.incoming_prefix.strip("/") + "/" if cfg.s3.incoming_prefix else ""
     report = recovery.reconcile(

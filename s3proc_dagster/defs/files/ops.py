@@ -11,7 +11,7 @@ from s3proc_dagster.defs.files import events
 from s3proc_dagster.defs.resources import ProgressStoreResource, S3Storage, Settings
 from s3proc_dagster.errors import is_transient
 from s3proc_dagster.files.detect import Detection
-from s3proc_dagster.models import ProcessingStep, make_file_id
+from s3proc_dagster.models import ProcessingStep
 from s3proc_dagster.pipeline import Claimant, FileVersion, PreparedItem, UploadedObject, WorkItem
 from s3proc_dagster.runs.batching import BATCH_OP, files_of_run, index_of, mapping_key
 from s3proc_dagster.runs.liveness import run_is_alive
@@ -270,9 +270,8 @@ def mark_failed(context: dg.HookContext) -> None:
     tags = dict(run.tags) if run else {}
     key = context.step_key.partition("[")[2].rstrip("]")
     if run is not None and key:  # one file of a batch run: that file, not the batch
-        source = files_of_run(run)[index_of(key)]
-        relative = source.get("relative_path") or source["path"]
-        tags = {f"{TAG}/path": relative, f"{TAG}/source": source["path"], f"{TAG}/file_id": make_file_id(relative)}
+        file = files_of_run(run)[index_of(key)]
+        tags = {f"{TAG}/path": file.relative_path, f"{TAG}/source": file.path, f"{TAG}/file_id": file.file_id or ""}
     monitoring = context.resources.settings.config.monitoring
     processing = context.resources.settings.config.processing
     gave_up = pipeline.give_up(
