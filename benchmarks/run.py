@@ -25,6 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from s3proc_dagster.cli.embedded import start_seaweedfs
+from s3proc_dagster.pipeline import UPLOAD_THREADS
+from s3proc_dagster.settings import ProcessingConfig
+
+CHUNK_SIZE = ProcessingConfig.model_fields["chunk_size"].default  # what the pipeline runs use
 
 KEY, SECRET, BUCKET = "bench", "bench-secret", "bench"
 
@@ -104,6 +108,35 @@ c.upload_file(path, bucket, "raw/" + path.rsplit("/", 1)[-1])
 print(time.perf_counter() - t)
 """
 
+RAW_BOTO3_CHUNKS = """
+import boto3, sys, time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from botocore.config import Config
+url, key, secret, bucket, folder, threads = sys.argv[1:7]
+c = boto3.client("s3", endpoint_url=url, aws_access_key_id=key, aws_secret_access_key=secret,
+                 region_name="us-east-1", config=Config(s3={"addressing_style": "path"},
+                 max_pool_connections=int(threads)))
+parts = sorted(Path(folder).glob("part-*.parquet"))
+def put(path):
+    with path.open("rb") as body:
+        c.put_object(Bucket=bucket, Key="raw-chunks/" + path.name, Body=body)
+t = time.perf_counter()
+with ThreadPoolExecutor(int(threads)) as pool:
+    list(pool.map(put, parts))
+print(time.perf_counter() - t, len(parts))
+"""
+
+CHUNKS = """
+import sys, time
+from pathlib import Path
+from s3proc_dagster.files.tabular import convert_to_parquet_chunks
+src, out, size = sys.argv[1:4]
+t = time.perf_counter()
+convert_to_parquet_chunks(Path(src), "csv", Path(out), int(size), "ZSTD")
+print(time.perf_counter() - t)
+"""
+
 STEP_STATS = """
 import json, sys
 import dagster as dg
@@ -142,6 +175,14 @@ def main() -> int:
             [PY, "-c", RAW_BOTO3, server.url, KEY, SECRET, BUCKET, str(work / "raw.parquet")]
         )
         raw_upload = float(out.strip())
+        # The upload baseline proper: the same chunk files the product sends, with its threads.
+        chunks = work / "chunks"
+        _, _, out = measure([PY, "-c", CHUNKS, str(big), str(chunks), str(CHUNK_SIZE)])
+        _, _, out = measure(
+            [PY, "-c", RAW_BOTO3_CHUNKS, server.url, KEY, SECRET, BUCKET, str(chunks), str(UPLOAD_THREADS)]
+        )
+        raw_chunks_s, chunk_count = float(out.split()[0]), int(out.split()[1])
+        shutil.rmtree(chunks)
 
         env = {
             "S3_ENDPOINT": server.url,
@@ -179,6 +220,8 @@ def main() -> int:
             "raw_duckdb_s": round(raw_convert, 2),
             "raw_duckdb_rss_mb": round(raw_convert_rss),
             "raw_boto3_s": round(raw_upload, 2),
+            "raw_boto3_chunks_s": round(raw_chunks_s, 2),
+            "chunks": chunk_count,
             "raw_boto3_rss_mb": round(raw_upload_rss),
             "pipeline_convert_s": round(convert, 2),
             "pipeline_upload_s": round(upload, 2),
@@ -189,8 +232,8 @@ def main() -> int:
             "fixed_cli_wall_s": round(fixed_wall, 2),
             "fixed_rss_mb": round(fixed_rss),
             "convert_ratio": round(convert / raw_convert, 2),
-            "upload_ratio": round(upload / raw_upload, 2),
-            "e2e_ratio": round((e2e_run - fixed_run) / (raw_convert + raw_upload), 2),
+            "upload_ratio": round(upload / raw_chunks_s, 2),
+            "e2e_ratio": round((e2e_run - fixed_run) / (raw_convert + raw_chunks_s), 2),
             "validation": args.validate,
         }
         if args.json:
@@ -200,12 +243,15 @@ def main() -> int:
             print("| measure | seconds | peak RSS MB | ratio (target) |")
             print("|---|---:|---:|---|")
             print(f"| raw DuckDB COPY to Parquet | {raw_convert:.2f} | {raw_convert_rss:.0f} | 1 |")
-            print(f"| raw boto3 upload_file | {raw_upload:.2f} | {raw_upload_rss:.0f} | 1 |")
-            print(f"| pipeline conversion step | {convert:.2f} | - | {result['convert_ratio']} (<= 1.3) |")
+            print(f"| raw boto3 upload_file, the one Parquet file | {raw_upload:.2f} | {raw_upload_rss:.0f} | |")
+            print(
+                f"| raw boto3 put_object, the {chunk_count} chunk files, {UPLOAD_THREADS} threads | {raw_chunks_s:.2f} | | 1 |"
+            )
+            print(f"| pipeline conversion step | {convert:.2f} | - | {result['convert_ratio']} (<= 1.1) |")
             print(f"| pipeline upload step | {upload:.2f} | - | {result['upload_ratio']} (<= 1.2) |")
             print(f"| pipeline run, one-row file (fixed cost) | {fixed_run:.2f} | {fixed_rss:.0f} | (<= 3 s) |")
             print(
-                f"| pipeline run, big file | {e2e_run:.2f} | {e2e_rss:.0f} | {result['e2e_ratio']} minus fixed, vs raw (<= 1.5) |"
+                f"| pipeline run, big file | {e2e_run:.2f} | {e2e_rss:.0f} | {result['e2e_ratio']} minus fixed, vs raw convert + raw chunks (<= 1.0) |"
             )
             print(f"| `s3proc process` wall, big file | {e2e_wall:.2f} | | includes Python + Dagster start-up |")
         return 0

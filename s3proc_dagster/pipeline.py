@@ -63,8 +63,9 @@ from s3proc_dagster.models import (
 from s3proc_dagster.sources.resolve import Source
 from s3proc_dagster.stores.base import ClaimOutcome, ProgressStore
 from s3proc_dagster.transfer import manifest as manifests
+from s3proc_dagster.transfer.ahead import UploadAhead, adopt
 from s3proc_dagster.transfer.keys import join_key
-from s3proc_dagster.transfer.upload import abort_upload, upload_file
+from s3proc_dagster.transfer.upload import UploadResult, abort_upload, upload_file
 from s3proc_dagster.transfer.verify import object_matches, verify_object
 
 log = get_logger("pipeline")
@@ -141,6 +142,7 @@ class PreparedItem:
     chunks: tuple[ChunkFile, ...] = ()
     skipped_rules: dict[str, str] = field(default_factory=dict)  # rule -> why it could not run
     recipe: ConversionRecipe | None = None  # how `chunks` were made, to make them again
+    sent_ahead: frozenset[int] = frozenset()  # chunks sent during the conversion: adopt, do not resend
 
     @property
     def is_dataset(self) -> bool:
@@ -473,13 +475,17 @@ def convert_items(
     as_of: date | None = None,
     csv_null_strings: Sequence[str] = DUCKDB_NULL_STRINGS,
     origin: Origin | None = None,
+    client: Any = None,
+    bucket: str = "",
 ) -> list[PreparedItem]:
     """Tabular items become Parquet chunks (one pass each, validated in the same pass
     when a rule set selects them); other items pass through.
 
     A finished conversion is kept next to its `_done.json`, so a re-executed step reuses
     it instead of converting again. The chunk plan belongs to this version: chunks that
-    landed for an earlier version of the file are never taken for this one's.
+    landed for an earlier version of the file are never taken for this one's. With a
+    `client`, each chunk is sent to S3 as soon as it is whole (`transfer.ahead`), so a
+    big file's upload overlaps its conversion; the upload step records and verifies them.
     """
     claimant.hold(store, version.file_id, version.sha256)
     recipe = ConversionRecipe(chunk_size, compression, rules_dir, as_of or as_of_date(None), tuple(csv_null_strings))
@@ -492,11 +498,14 @@ def convert_items(
             prepared.append(PreparedItem(item, key))
             continue
         done = parquet_dir(staging, version, item) / "_done.json"
+        sent_ahead: frozenset[int] = frozenset()
         if done.exists():
             conversion = ConversionResult.from_json(done.read_text())
         else:
             staged_items([item], version, store, origin)
-            conversion = _convert(item, parquet_dir(staging, version, item), recipe)
+            ahead = _upload_ahead(item, key, store, client, bucket)
+            conversion = _convert(item, parquet_dir(staging, version, item), recipe, ahead)
+            sent_ahead = ahead.landed() if ahead else frozenset()
         store.plan_chunks(item.file_id, conversion.record_count, chunk_size, version=item.version)
         skipped = conversion.skipped_rules
         fields: dict[str, Any] = {"content_type": item.content_type, "file_type": item.file_type}
@@ -512,18 +521,35 @@ def convert_items(
                 extra={"fields": {"fileId": item.file_id}},
             )
         store.update_file(item.file_id, **fields)
-        prepared.append(
-            PreparedItem(item, key, conversion.record_count, compression, tuple(conversion.chunks), skipped, recipe)
-        )
+        count, chunks = conversion.record_count, tuple(conversion.chunks)
+        prepared.append(PreparedItem(item, key, count, compression, chunks, skipped, recipe, sent_ahead))
     return prepared
+
+
+def _upload_ahead(item: WorkItem, key: str, store: ProgressStore, client: Any, bucket: str) -> UploadAhead | None:
+    """A sender for the item's chunks, unless there is no client or chunks of this version
+    are already recorded (a conversion run again on a node without the chunk files: its
+    chunks may be COMPLETED, and a failed conversion must not delete those)."""
+    if client is None or any(c.version == item.version for c in store.list_chunks(item.file_id)):
+        return None
+    return UploadAhead(
+        client,
+        bucket,
+        lambda chunk, rejected: manifests.part_key(key, item.version, chunk.chunk_index, rejected),
+        content_type=PARQUET_TYPE,
+        metadata={"x-completed": "true", "x-file-id": item.file_id},
+    )
 
 
 def parquet_dir(staging: Path, version: FileVersion, item: WorkItem) -> Path:
     return work_dir(staging, version.sha256) / "parquet" / make_file_id(item.relative_path)
 
 
-def _convert(item: WorkItem, out_dir: Path, recipe: ConversionRecipe) -> ConversionResult:
-    """One conversion pass into `out_dir`, its result kept beside the parts (`_done.json`)."""
+def _convert(
+    item: WorkItem, out_dir: Path, recipe: ConversionRecipe, ahead: UploadAhead | None = None
+) -> ConversionResult:
+    """One conversion pass into `out_dir`, its result kept beside the parts (`_done.json`);
+    with `ahead`, each whole chunk is sent while the pass goes on."""
     rule_set = rule_set_for(item.relative_path, recipe.rules_dir) if recipe.rules_dir else None
     try:
         conversion = convert_to_parquet_chunks(
@@ -536,9 +562,12 @@ def _convert(item: WorkItem, out_dir: Path, recipe: ConversionRecipe) -> Convers
             required_columns=rule_set.columns if rule_set else (),
             on_missing_columns=rule_set.on_missing_columns if rule_set else "skip_rules",
             csv_null_strings=recipe.csv_null_strings,
+            on_chunk=ahead.send if ahead else None,
         )
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)  # a failed pass leaves no partial parts
+        if ahead:
+            ahead.discard()  # ... locally nor in S3
         raise
     (out_dir / "_done.json").write_text(conversion.to_json())
     log.info(
@@ -659,27 +688,16 @@ def _upload_chunk(
     store.chunk_started(item.chunk_id(chunk), worker_name())
     started = time.monotonic()
     rejected = None
+    send = partial(
+        _send_or_adopt, client, bucket, ahead=chunk.chunk_index in item.sent_ahead, journal=store, file_id=file_id
+    )
     try:
-        result = upload_file(
-            client,
-            bucket,
-            key,
-            chunk.path,
-            content_type=PARQUET_TYPE,
-            metadata={"x-completed": "true", "x-file-id": file_id},
-            journal=store,
-            file_id=file_id,
-        )
+        result = send(key, chunk.path, metadata={"x-completed": "true", "x-file-id": file_id})
         if chunk.rejected_path:
-            sent = upload_file(
-                client,
-                bucket,
+            sent = send(
                 item.part_key(chunk, rejected=True),
                 chunk.rejected_path,
-                content_type=PARQUET_TYPE,
                 metadata={"x-completed": "true", "x-file-id": file_id, "x-rejected": "true"},
-                journal=store,
-                file_id=file_id,
             )
             verify_object(client, bucket, sent.key, sent.size, sent.sha256)
             rejected = RejectedPart(
@@ -709,6 +727,15 @@ def _upload_chunk(
         rejected=rejected,
     )
     return landed(size=result.size, sha256=result.sha256, duration_s=duration, reused=False)
+
+
+def _send_or_adopt(
+    client: Any, bucket: str, key: str, path: Path, *, ahead: bool, metadata: dict[str, str], **journal: Any
+) -> UploadResult:
+    """A chunk part sent during the conversion is taken as it is when S3 holds exactly its
+    bytes; otherwise (never sent, a send that failed, other bytes) it is sent now."""
+    adopted = adopt(client, bucket, key, path) if ahead else None
+    return adopted or upload_file(client, bucket, key, path, content_type=PARQUET_TYPE, metadata=metadata, **journal)
 
 
 def _upload_plain(
@@ -757,6 +784,7 @@ def verify_items(
     store: ProgressStore,
     claimant: Claimant,
     origin: Origin | None = None,
+    threads: int = UPLOAD_THREADS,
 ) -> list[manifests.Manifest]:
     """Check every object against the store (size, SHA-256), then commit each dataset:
     the manifest is swapped in last and the previous version's objects go after it, so a
@@ -771,10 +799,11 @@ def verify_items(
             verify_object(client, bucket, item.key, local.stat().st_size, known)
             continue
         chunks = [c for c in store.list_chunks(item.item.file_id) if c.version == item.item.version]
-        for chunk in chunks:
-            verify_object(client, bucket, chunk.s3_key or "", chunk.size_bytes or 0, chunk.sha256 or "")
-            if chunk.rejected:
-                verify_object(client, bucket, chunk.rejected.s3_key, chunk.rejected.size_bytes, chunk.rejected.sha256)
+        parts = [(c.s3_key or "", c.size_bytes or 0, c.sha256 or "") for c in chunks]
+        parts += [(c.rejected.s3_key, c.rejected.size_bytes, c.rejected.sha256) for c in chunks if c.rejected]
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="verify") as pool:
+            # one HEAD each: a few ms of latency apiece, 400 of them for a 1 GB CSV
+            list(pool.map(lambda part: verify_object(client, bucket, *part), parts))
         # the record's checksum is the version: an archive entry's reads `<archive sha>:<path>`
         manifest = manifests.build(item.key, item.item.version, item.record_count or 0, item.compression or "", chunks)
         removed = manifests.commit(client, bucket, manifest)

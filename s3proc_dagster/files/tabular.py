@@ -34,7 +34,7 @@ import os
 import shutil
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +86,9 @@ class ChunkFile:
     failed_records: int = 0
     rule_counts: dict[str, int] = field(default_factory=dict)
     rejected_path: Path | None = None
+
+
+ChunkCallback = Callable[[ChunkFile], None]
 
 
 @dataclass(frozen=True)
@@ -569,12 +572,20 @@ def _dictionary_columns(batch: pa.RecordBatch) -> list[str]:
 
 
 def _write_chunks(
-    reader: pa.RecordBatchReader, source: Path, out_dir: Path, chunk_size: int, compression: str, with_rules: bool
+    reader: pa.RecordBatchReader,
+    source: Path,
+    out_dir: Path,
+    chunk_size: int,
+    compression: str,
+    with_rules: bool,
+    on_chunk: ChunkCallback | None = None,
 ) -> list[ChunkFile]:
     """DuckDB produces the next batch while writer threads encode the previous ones.
 
     Each chunk stays on one writer ("lane"), so its records keep their order; neighbouring
-    chunks are encoded in parallel, and at most a few batches are in flight.
+    chunks are encoded in parallel, and at most a few batches are in flight. `on_chunk`
+    gets each chunk that closed while the pass goes on (every chunk but the last, which
+    is only known to be whole when the source ends), on its writer's thread.
     """
     chunks: list[ChunkFile] = []
     current: _ChunkWriter | None = None
@@ -582,22 +593,25 @@ def _write_chunks(
     pending: deque[Future[None]] = deque()
     lanes = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"parquet-writer-{i}") for i in range(WRITER_LANES)]
 
-    def close(writer: _ChunkWriter) -> None:
-        chunks.append(writer.close(chunk_size))
+    def close(writer: _ChunkWriter, going_on: bool) -> None:
+        chunk = writer.close(chunk_size)
+        chunks.append(chunk)
+        if going_on and on_chunk is not None:
+            on_chunk(chunk)
 
     finished = False
     try:
         for index, piece in _slices(_batches(reader, source), chunk_size):
             if current is None or current.index != index:
                 if current is not None:
-                    pending.append(lanes[current.index % WRITER_LANES].submit(close, current))
+                    pending.append(lanes[current.index % WRITER_LANES].submit(close, current, True))
                 dictionary = _dictionary_columns(piece) if dictionary is None else dictionary
                 current = _ChunkWriter(out_dir, index, reader.schema, compression, with_rules, dictionary)
             pending.append(lanes[index % WRITER_LANES].submit(current.write, piece))
             while len(pending) > 2 * WRITER_LANES:
                 pending.popleft().result()
         if current is not None:
-            pending.append(lanes[current.index % WRITER_LANES].submit(close, current))
+            pending.append(lanes[current.index % WRITER_LANES].submit(close, current, False))
         while pending:
             pending.popleft().result()
         finished = True
@@ -616,11 +630,18 @@ def _clear_outputs(out_dir: Path) -> None:
 
 
 def _one_pass(
-    conn: duckdb.DuckDBPyConnection, read: _Read, out_dir: Path, chunk_size: int, compression: str, whole_file: bool
+    conn: duckdb.DuckDBPyConnection,
+    read: _Read,
+    out_dir: Path,
+    chunk_size: int,
+    compression: str,
+    whole_file: bool,
+    on_chunk: ChunkCallback | None,
 ) -> tuple[list[ChunkFile], list[tuple[str, str]], _RulePlan]:
     reader, columns, plan = _open_stream(conn, read, whole_file)
     try:
-        return _write_chunks(reader, read.source, out_dir, chunk_size, compression, plan.validates), columns, plan
+        chunks = _write_chunks(reader, read.source, out_dir, chunk_size, compression, plan.validates, on_chunk)
+        return chunks, columns, plan
     finally:
         reader.close()
 
@@ -637,6 +658,7 @@ def convert_to_parquet_chunks(
     required_columns: tuple[str, ...] = (),
     on_missing_columns: MissingColumnsPolicy = DEFAULT_MISSING_COLUMNS,
     csv_null_strings: Sequence[str] = DUCKDB_NULL_STRINGS,
+    on_chunk: ChunkCallback | None = None,
 ) -> ConversionResult:
     """Convert in one pass; chunk i holds source records [i*size, min((i+1)*size, n) - 1].
 
@@ -647,6 +669,11 @@ def convert_to_parquet_chunks(
     `validation.RuleSet`). `csv_null_strings` apply to CSV and TSV only: XML is rewritten
     to CSV by this module with NULL as the empty field, and a user's `NA` must not
     change how that rewrite is read.
+
+    `on_chunk` sees each chunk as soon as it is whole and the pass goes on, so its upload
+    can overlap the rest of the conversion. When the pass is thrown away and run again
+    with the whole file sampled, it sees the second pass's chunks too (same paths, new
+    bytes): a consumer must judge a chunk by its bytes, not by having seen its index.
     """
     if chunk_size < 1:
         raise ValueError("chunk_size must be at least 1")
@@ -680,11 +707,11 @@ def convert_to_parquet_chunks(
             on_missing_columns=on_missing_columns,
         )
         try:
-            chunks, columns, plan = _one_pass(conn, read, out_dir, chunk_size, compression, whole_file=False)
+            chunks, columns, plan = _one_pass(conn, read, out_dir, chunk_size, compression, False, on_chunk)
         except _SampledTypeTooNarrow:
             _clear_outputs(out_dir)
             try:
-                chunks, columns, plan = _one_pass(conn, read, out_dir, chunk_size, compression, whole_file=True)
+                chunks, columns, plan = _one_pass(conn, read, out_dir, chunk_size, compression, True, on_chunk)
             except _SampledTypeTooNarrow as exc:
                 raise ConversionError(f"{source.name}: {exc}") from None
     finally:

@@ -192,6 +192,7 @@ def parquet_conversion(
             processing.parquet_compression, progress_store.open(), claimant(context),
             rules_dir=processing.validation_rules_dir, as_of=processing.validation_as_of,
             csv_null_strings=processing.csv_null_strings, origin=origin(settings, s3, version),
+            client=s3.get_client(), bucket=s3.bucket,
         )  # fmt: skip
     for line in events.conversion_summary(prepared):
         context.log.info(line)
