@@ -20,6 +20,7 @@ whose version was superseded by a newer one stops instead of overwriting it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -63,9 +64,10 @@ from s3proc_dagster.models import (
 from s3proc_dagster.sources.resolve import Source
 from s3proc_dagster.stores.base import ClaimOutcome, ProgressStore
 from s3proc_dagster.transfer import manifest as manifests
-from s3proc_dagster.transfer.ahead import UploadAhead, adopt
+from s3proc_dagster.transfer.ahead import UploadAhead
 from s3proc_dagster.transfer.keys import join_key
-from s3proc_dagster.transfer.upload import UploadResult, abort_upload, upload_file
+from s3proc_dagster.transfer.recovery import delete_keys
+from s3proc_dagster.transfer.upload import abort_upload, upload_file
 from s3proc_dagster.transfer.verify import object_matches, verify_object
 
 log = get_logger("pipeline")
@@ -142,7 +144,7 @@ class PreparedItem:
     chunks: tuple[ChunkFile, ...] = ()
     skipped_rules: dict[str, str] = field(default_factory=dict)  # rule -> why it could not run
     recipe: ConversionRecipe | None = None  # how `chunks` were made, to make them again
-    sent_ahead: frozenset[int] = frozenset()  # chunks sent during the conversion: adopt, do not resend
+    sent_ahead: frozenset[int] = frozenset()  # chunks that landed during the conversion
 
     @property
     def is_dataset(self) -> bool:
@@ -166,6 +168,7 @@ class UploadedObject:
     sha256: str
     duration_s: float
     reused: bool  # already in S3 and verified: not sent again
+    ahead: bool = False  # landed during the conversion, which reported it
     chunk: ChunkFile | None = None
     compression: str | None = None
 
@@ -477,15 +480,19 @@ def convert_items(
     origin: Origin | None = None,
     client: Any = None,
     bucket: str = "",
+    on_landed: Callable[[UploadedObject], None] | None = None,
 ) -> list[PreparedItem]:
     """Tabular items become Parquet chunks (one pass each, validated in the same pass
     when a rule set selects them); other items pass through.
 
     A finished conversion is kept next to its `_done.json`, so a re-executed step reuses
     it instead of converting again. The chunk plan belongs to this version: chunks that
-    landed for an earlier version of the file are never taken for this one's. With a
-    `client`, each chunk is sent to S3 as soon as it is whole (`transfer.ahead`), so a
-    big file's upload overlaps its conversion; the upload step records and verifies them.
+    landed for an earlier version of the file are never taken for this one's.
+
+    With a `client`, each chunk lands in S3 as soon as it is whole (`transfer.ahead`):
+    recorded, sent and reported to `on_landed` exactly as the upload step would, while
+    the pass goes on, so a big file's upload overlaps its conversion. The upload step
+    sends the rest (the last chunk, and any whose landing failed).
     """
     claimant.hold(store, version.file_id, version.sha256)
     recipe = ConversionRecipe(chunk_size, compression, rules_dir, as_of or as_of_date(None), tuple(csv_null_strings))
@@ -503,7 +510,8 @@ def convert_items(
             conversion = ConversionResult.from_json(done.read_text())
         else:
             staged_items([item], version, store, origin)
-            ahead = _upload_ahead(item, key, store, client, bucket)
+            target = PreparedItem(item, key, compression=compression)
+            ahead = _upload_ahead(target, chunk_size, store, client, bucket, on_landed)
             conversion = _convert(item, parquet_dir(staging, version, item), recipe, ahead)
             sent_ahead = ahead.landed() if ahead else frozenset()
         store.plan_chunks(item.file_id, conversion.record_count, chunk_size, version=item.version)
@@ -526,19 +534,41 @@ def convert_items(
     return prepared
 
 
-def _upload_ahead(item: WorkItem, key: str, store: ProgressStore, client: Any, bucket: str) -> UploadAhead | None:
-    """A sender for the item's chunks, unless there is no client or chunks of this version
-    are already recorded (a conversion run again on a node without the chunk files: its
-    chunks may be COMPLETED, and a failed conversion must not delete those)."""
-    if client is None or any(c.version == item.version for c in store.list_chunks(item.file_id)):
+def _upload_ahead(
+    target: PreparedItem,
+    chunk_size: int,
+    store: ProgressStore,
+    client: Any,
+    bucket: str,
+    on_landed: Callable[[UploadedObject], None] | None,
+) -> UploadAhead | None:
+    """Chunks landing while `target` converts, unless there is no client or chunks of this
+    version are recorded already (a conversion run again on a node without the chunk
+    files: its chunks may be COMPLETED, and a failed conversion must not undo those)."""
+    item = target.item
+    if client is None:
         return None
-    return UploadAhead(
-        client,
-        bucket,
-        lambda chunk, rejected: manifests.part_key(key, item.version, chunk.chunk_index, rejected),
-        content_type=PARQUET_TYPE,
-        metadata={"x-completed": "true", "x-file-id": item.file_id},
-    )
+    recorded = store.list_chunks(item.file_id)
+    if any(c.version == item.version for c in recorded):
+        return None
+    if recorded:
+        store.plan_chunks(item.file_id, 0, chunk_size, version=item.version)  # an older version's plan goes
+
+    def land(chunk: ChunkFile) -> None:
+        record = store.plan_chunk(item.file_id, chunk.chunk_index, chunk_size, item.version)
+        landed = _upload_chunk(
+            target, chunk, records={chunk.chunk_index: record}, client=client, bucket=bucket, store=store
+        )
+        if on_landed is not None:
+            on_landed(landed)
+
+    def undo(chunks: list[ChunkFile]) -> None:
+        keys = [target.part_key(c) for c in chunks] + [target.part_key(c, rejected=True) for c in chunks]
+        with contextlib.suppress(Exception):  # best effort: crash recovery and the next commit sweep too
+            delete_keys(client, bucket, keys)
+        store.plan_chunks(item.file_id, 0, chunk_size, version=item.version)
+
+    return UploadAhead(land, undo)
 
 
 def parquet_dir(staging: Path, version: FileVersion, item: WorkItem) -> Path:
@@ -549,7 +579,7 @@ def _convert(
     item: WorkItem, out_dir: Path, recipe: ConversionRecipe, ahead: UploadAhead | None = None
 ) -> ConversionResult:
     """One conversion pass into `out_dir`, its result kept beside the parts (`_done.json`);
-    with `ahead`, each whole chunk is sent while the pass goes on."""
+    with `ahead`, each whole chunk lands while the pass goes on."""
     rule_set = rule_set_for(item.relative_path, recipe.rules_dir) if recipe.rules_dir else None
     try:
         conversion = convert_to_parquet_chunks(
@@ -562,7 +592,7 @@ def _convert(
             required_columns=rule_set.columns if rule_set else (),
             on_missing_columns=rule_set.on_missing_columns if rule_set else "skip_rules",
             csv_null_strings=recipe.csv_null_strings,
-            on_chunk=ahead.send if ahead else None,
+            sink=ahead,
         )
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)  # a failed pass leaves no partial parts
@@ -683,14 +713,16 @@ def _upload_chunk(
     )
     if _already_uploaded(item, chunk, current, client, bucket):
         return landed(
-            size=current.size_bytes or 0, sha256=current.sha256 or "", duration_s=current.duration or 0.0, reused=True
+            size=current.size_bytes or 0,
+            sha256=current.sha256 or "",
+            duration_s=current.duration or 0.0,
+            reused=True,
+            ahead=chunk.chunk_index in item.sent_ahead,
         )
     store.chunk_started(item.chunk_id(chunk), worker_name())
     started = time.monotonic()
     rejected = None
-    send = partial(
-        _send_or_adopt, client, bucket, ahead=chunk.chunk_index in item.sent_ahead, journal=store, file_id=file_id
-    )
+    send = partial(upload_file, client, bucket, content_type=PARQUET_TYPE, journal=store, file_id=file_id)
     try:
         result = send(key, chunk.path, metadata={"x-completed": "true", "x-file-id": file_id})
         if chunk.rejected_path:
@@ -727,15 +759,6 @@ def _upload_chunk(
         rejected=rejected,
     )
     return landed(size=result.size, sha256=result.sha256, duration_s=duration, reused=False)
-
-
-def _send_or_adopt(
-    client: Any, bucket: str, key: str, path: Path, *, ahead: bool, metadata: dict[str, str], **journal: Any
-) -> UploadResult:
-    """A chunk part sent during the conversion is taken as it is when S3 holds exactly its
-    bytes; otherwise (never sent, a send that failed, other bytes) it is sent now."""
-    adopted = adopt(client, bucket, key, path) if ahead else None
-    return adopted or upload_file(client, bucket, key, path, content_type=PARQUET_TYPE, metadata=metadata, **journal)
 
 
 def _upload_plain(

@@ -87,9 +87,9 @@ def test_a_file_that_cannot_be_parked_says_so_in_its_record_and_status(deploymen
 
 
 def test_a_conversion_that_fails_midway_leaves_no_parts_behind(deployment: Deployment) -> None:
-    src = write_csv(deployment.watch / "midway" / "orders.csv", promo_rows(70_000, seed=51))
-    with src.open("a") as out:
-        out.write("only,three,fields\n")  # a ragged record after the first chunk was written
+    src = numbered_csv(deployment.watch / "midway" / "orders.csv", 1_000_000, last="one,two,three\n")
+    dataset = f"{deployment.prefix}/midway/orders.csv"
+    mark = len(deployment.proxy.put_keys)
     (request,) = run_requests_under(sensor_tick(deployment), "midway")
     result = execute(request, deployment)
     assert not result.success
@@ -97,6 +97,74 @@ def test_a_conversion_that_fails_midway_leaves_no_parts_behind(deployment: Deplo
     assert record is None or record.status is S.FAILED
     work = deployment.root / "staging" / f"{sha256_file(deployment.errors / 'midway' / 'orders.csv')}.work"
     assert not list(work.rglob("*.parquet"))
+    # chunks landed while the conversion went on; the failure took them back, objects and records
+    assert any(f"/{dataset}/" in k and "/part-00000" in k for k in deployment.proxy.put_keys[mark:])
+    assert list_keys(deployment, dataset + "/") == []
+    assert record is None or deployment.store().list_chunks(record.file_id) == []
+
+
+def numbered_csv(path, rows: int, last: str):
+    """`rows` numbered records (40 MB for a million: DuckDB reads past its first buffers
+    before it meets `last`, so whole chunks land first), then the line `last`."""
+    import duckdb
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    duckdb.execute(f"COPY (SELECT i AS n, 'x' || i AS label FROM range({rows}) t(i)) TO '{path}' (HEADER)")
+    with path.open("a") as out:
+        out.write(last)
+    return path
+
+
+def chunk_materializations(result) -> list[tuple[str, int]]:
+    """(step, chunk index) of every chunk materialization of a run, in order."""
+    return [
+        (e.step_key, e.event_specific_data.materialization.metadata["chunk_index"].value)
+        for e in result.all_events
+        if e.event_type_value == "ASSET_MATERIALIZATION"
+        and "chunk_index" in e.event_specific_data.materialization.metadata
+    ]
+
+
+def test_a_big_files_chunks_land_while_it_converts_each_sent_and_materialized_once(
+    deployment: Deployment, tmp_path
+) -> None:
+    src = write_csv(deployment.watch / "overlap" / "promo.csv", promo_rows(170_000, seed=71))
+    dataset = f"{deployment.prefix}/overlap/promo.csv"
+    mark = len(deployment.proxy.put_keys)
+    (request,) = run_requests_under(sensor_tick(deployment), "overlap")
+    result = execute(request, deployment)
+    assert result.success
+    landed = chunk_materializations(result)
+    # every chunk but the last is whole before the source ends: it lands during the conversion
+    assert sorted(landed) == [*(("parquet_conversion", i) for i in range(3)), ("streaming", 3)]
+    parts = [k for k in deployment.proxy.put_keys[mark:] if f"/{dataset}/" in k and "/part-" in k]
+    assert sorted(parts) == sorted(set(parts)) and len(parts) == 4  # each chunk sent exactly once
+    assert read_dataset(deployment, dataset, tmp_path) == source_rows(src, "read_csv")
+    record = deployment.store().get_by_path(str(src))
+    assert record.status is S.COMPLETED and record.total_chunks == 4
+    assert record.processing_stats.completed_chunks == 4 and record.processing_stats.successful_records == 170_000
+    assert list_keys(deployment, dataset + "/") == dataset_keys(dataset, sha256_file(src), 4)
+
+
+def test_a_pass_run_again_for_a_late_wide_value_replaces_the_chunks_that_landed(
+    deployment: Deployment, tmp_path
+) -> None:
+    """DuckDB types columns from a sample; a value past it that does not fit makes the
+    conversion start again with the whole file sampled. Chunks that landed from the first
+    pass had the narrow type: none of them may stay in the dataset."""
+    src = numbered_csv(deployment.watch / "retyped" / "events.csv", 1_000_000, last="not-a-number,late\n")
+    dataset = f"{deployment.prefix}/retyped/events.csv"
+    mark = len(deployment.proxy.put_keys)
+    (request,) = run_requests_under(sensor_tick(deployment), "retyped")
+    result = execute(request, deployment)
+    assert result.success
+    expected = [(str(i), f"x{i}") for i in range(1_000_000)] + [("not-a-number", "late")]
+    assert read_dataset(deployment, dataset, tmp_path) == expected  # every chunk with the wide type
+    assert list_keys(deployment, dataset + "/") == dataset_keys(dataset, sha256_file(src), 21)
+    first_part = [k for k in deployment.proxy.put_keys[mark:] if f"/{dataset}/" in k and "/part-00000" in k]
+    assert len(first_part) == 2  # it had landed from the first pass, and was sent again from the second
+    record = deployment.store().get_by_path(str(src))
+    assert [c.status for c in deployment.store().list_chunks(record.file_id)] == [S.COMPLETED] * 21
 
 
 def test_the_manifest_is_how_a_reader_finds_the_current_version(deployment: Deployment, tmp_path) -> None:

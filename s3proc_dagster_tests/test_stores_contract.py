@@ -202,6 +202,35 @@ def test_replanning_the_same_plan_keeps_finished_chunks(store: ProgressStore) ->
     assert [c.status for c in again] == [S.COMPLETED, S.PENDING]
 
 
+def test_chunks_recorded_before_the_plan_is_known_are_kept_by_it_with_what_happened_to_them(
+    store: ProgressStore,
+) -> None:
+    """A conversion lands whole chunks while it goes on (`plan_chunk`); the plan made when the
+    record count is known keeps them, and the counters add up at every point."""
+    status, _ = store.record_detected(new_file())
+    first = store.plan_chunk(status.file_id, 0, 50, version="v2")
+    second = store.plan_chunk(status.file_id, 1, 50, version="v2")
+    assert (first.start_offset, first.end_offset, second.start_offset, second.end_offset) == (0, 49, 50, 99)
+    store.chunk_started(first.chunk_id, "w")
+    store.chunk_completed(first.chunk_id, s3_key="k0", size_bytes=1, sha256="c", duration=0.1, failed_records=3)
+    assert store.plan_chunk(status.file_id, 0, 50, version="v2").status is S.COMPLETED  # never recorded twice
+    assert counters(store.get(status.file_id)) == counters_of_chunk_records(store.list_chunks(status.file_id))
+
+    chunks = store.plan_chunks(status.file_id, 120, 50, version="v2")
+    assert [(c.chunk_index, c.status, c.end_offset) for c in chunks] == [
+        (0, S.COMPLETED, 49),
+        (1, S.PENDING, 99),
+        (2, S.PENDING, 119),
+    ]
+    file = store.get(status.file_id)
+    assert file.total_chunks == 3 and file.estimated_record_count == 120
+    assert counters(file) == counters_of_chunk_records(chunks)
+    assert counters(file)["records"] == (47, 3)
+
+    assert store.plan_chunks(status.file_id, 0, 50, version="v2") == []  # a failed conversion drops its plan
+    assert counters(store.get(status.file_id)) == counters_of_chunk_records([])
+
+
 def test_chunk_lifecycle_keeps_file_stats_equal_to_chunk_records(store: ProgressStore) -> None:
     status, _ = store.record_detected(new_file())
     chunks = store.plan_chunks(status.file_id, 200, 50)

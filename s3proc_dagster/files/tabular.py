@@ -34,11 +34,11 @@ import os
 import shutil
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal, Protocol, get_args
 from xml.etree.ElementTree import Element
 
 import duckdb
@@ -88,7 +88,14 @@ class ChunkFile:
     rejected_path: Path | None = None
 
 
-ChunkCallback = Callable[[ChunkFile], None]
+class ChunkSink(Protocol):
+    """Where whole chunks go while a conversion goes on, so their upload overlaps it."""
+
+    def chunk(self, chunk: ChunkFile) -> None:
+        """`chunk` is whole and the pass goes on; called on a writer thread."""
+
+    def restart(self) -> None:
+        """The pass is thrown away and run again: every chunk seen so far is void."""
 
 
 @dataclass(frozen=True)
@@ -578,14 +585,14 @@ def _write_chunks(
     chunk_size: int,
     compression: str,
     with_rules: bool,
-    on_chunk: ChunkCallback | None = None,
+    sink: ChunkSink | None = None,
 ) -> list[ChunkFile]:
     """DuckDB produces the next batch while writer threads encode the previous ones.
 
     Each chunk stays on one writer ("lane"), so its records keep their order; neighbouring
-    chunks are encoded in parallel, and at most a few batches are in flight. `on_chunk`
-    gets each chunk that closed while the pass goes on (every chunk but the last, which
-    is only known to be whole when the source ends), on its writer's thread.
+    chunks are encoded in parallel, and at most a few batches are in flight. `sink` gets
+    each chunk that closed while the pass goes on (every chunk but the last, which is
+    only known to be whole when the source ends).
     """
     chunks: list[ChunkFile] = []
     current: _ChunkWriter | None = None
@@ -596,8 +603,8 @@ def _write_chunks(
     def close(writer: _ChunkWriter, going_on: bool) -> None:
         chunk = writer.close(chunk_size)
         chunks.append(chunk)
-        if going_on and on_chunk is not None:
-            on_chunk(chunk)
+        if going_on and sink is not None:
+            sink.chunk(chunk)
 
     finished = False
     try:
@@ -636,11 +643,11 @@ def _one_pass(
     chunk_size: int,
     compression: str,
     whole_file: bool,
-    on_chunk: ChunkCallback | None,
+    sink: ChunkSink | None,
 ) -> tuple[list[ChunkFile], list[tuple[str, str]], _RulePlan]:
     reader, columns, plan = _open_stream(conn, read, whole_file)
     try:
-        chunks = _write_chunks(reader, read.source, out_dir, chunk_size, compression, plan.validates, on_chunk)
+        chunks = _write_chunks(reader, read.source, out_dir, chunk_size, compression, plan.validates, sink)
         return chunks, columns, plan
     finally:
         reader.close()
@@ -658,7 +665,7 @@ def convert_to_parquet_chunks(
     required_columns: tuple[str, ...] = (),
     on_missing_columns: MissingColumnsPolicy = DEFAULT_MISSING_COLUMNS,
     csv_null_strings: Sequence[str] = DUCKDB_NULL_STRINGS,
-    on_chunk: ChunkCallback | None = None,
+    sink: ChunkSink | None = None,
 ) -> ConversionResult:
     """Convert in one pass; chunk i holds source records [i*size, min((i+1)*size, n) - 1].
 
@@ -670,10 +677,8 @@ def convert_to_parquet_chunks(
     to CSV by this module with NULL as the empty field, and a user's `NA` must not
     change how that rewrite is read.
 
-    `on_chunk` sees each chunk as soon as it is whole and the pass goes on, so its upload
-    can overlap the rest of the conversion. When the pass is thrown away and run again
-    with the whole file sampled, it sees the second pass's chunks too (same paths, new
-    bytes): a consumer must judge a chunk by its bytes, not by having seen its index.
+    `sink` gets each chunk as soon as it is whole and the pass goes on, so its upload
+    can overlap the rest of the conversion; it is told when the pass starts again.
     """
     if chunk_size < 1:
         raise ValueError("chunk_size must be at least 1")
@@ -707,11 +712,13 @@ def convert_to_parquet_chunks(
             on_missing_columns=on_missing_columns,
         )
         try:
-            chunks, columns, plan = _one_pass(conn, read, out_dir, chunk_size, compression, False, on_chunk)
+            chunks, columns, plan = _one_pass(conn, read, out_dir, chunk_size, compression, False, sink)
         except _SampledTypeTooNarrow:
             _clear_outputs(out_dir)
+            if sink is not None:
+                sink.restart()
             try:
-                chunks, columns, plan = _one_pass(conn, read, out_dir, chunk_size, compression, True, on_chunk)
+                chunks, columns, plan = _one_pass(conn, read, out_dir, chunk_size, compression, True, sink)
             except _SampledTypeTooNarrow as exc:
                 raise ConversionError(f"{source.name}: {exc}") from None
     finally:

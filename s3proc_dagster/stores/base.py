@@ -149,6 +149,18 @@ def totals_from_chunks(chunks: Iterable[ChunkStatus]) -> dict[str, int]:
     )
 
 
+def _planned(file_id: str, index: int, start: int, end: int, version: str | None) -> ChunkStatus:
+    return ChunkStatus(
+        chunk_id=chunk_id(file_id, index),
+        file_id=file_id,
+        chunk_index=index,
+        start_offset=start,
+        end_offset=end,
+        record_count=end - start + 1,
+        version=version,
+    )
+
+
 def diff_counts(old: dict[str, int], new: dict[str, int]) -> dict[str, int]:
     keys = set(old) | set(new)
     return {k: new.get(k, 0) - old.get(k, 0) for k in keys if new.get(k, 0) != old.get(k, 0)}
@@ -205,6 +217,11 @@ class ProgressStore(ABC):
     @abstractmethod
     def _replace_chunks(self, file_id: str, chunks: list[ChunkStatus], file_fields: dict[str, Any]) -> None:
         """Drop the file's chunk plan, store `chunks`, reset its counters to match."""
+
+    @abstractmethod
+    def _add_chunk(self, chunk: ChunkStatus) -> bool:
+        """Store a new PENDING chunk and count it in its file's `pending_chunks`; False
+        (and nothing written) when a chunk with its id exists."""
 
     @abstractmethod
     def _load_chunks(self, file_id: str) -> list[ChunkStatus]: ...
@@ -463,32 +480,33 @@ class ProgressStore(ABC):
     def plan_chunks(
         self, file_id: str, record_count: int, chunk_size: int, version: str | None = None
     ) -> list[ChunkStatus]:
-        """FIXED_COUNT plan for one file version. An identical plan of the same version is
-        kept, so re-running a file's steps never forgets which chunks already landed; any
-        other version starts from a fresh plan, even with the same offsets."""
+        """FIXED_COUNT plan for one file version. The chunks of the same version with the
+        same offsets are kept as they are, so re-running a file's steps never forgets which
+        chunks already landed, and a plan finished after its first chunks were recorded
+        (`plan_chunk`) keeps them; any other version starts from a fresh plan, even with
+        the same offsets. `record_count` 0 drops the plan."""
         existing = self._load_chunks(file_id)
         offsets = plan_offsets(record_count, chunk_size)
-        same_plan = [(c.chunk_index, c.start_offset, c.end_offset) for c in existing] == offsets
-        if same_plan and all(c.version == version for c in existing):
+        kept = {(c.chunk_index, c.start_offset, c.end_offset): c for c in existing if c.version == version}
+        if len(kept) == len(existing) and list(kept) == offsets:
             return existing
-        chunks = [
-            ChunkStatus(
-                chunk_id=chunk_id(file_id, i),
-                file_id=file_id,
-                chunk_index=i,
-                start_offset=start,
-                end_offset=end,
-                record_count=end - start + 1,
-                version=version,
-            )
-            for i, start, end in offsets
-        ]
+        chunks = [kept.get((i, start, end)) or _planned(file_id, i, start, end, version) for i, start, end in offsets]
         self._replace_chunks(
             file_id,
             chunks,
             {"estimated_record_count": record_count, "chunk_size": chunk_size, "total_chunks": len(chunks)},
         )
         return self._load_chunks(file_id)
+
+    def plan_chunk(self, file_id: str, chunk_index: int, chunk_size: int, version: str | None) -> ChunkStatus:
+        """Record one whole chunk of a plan still being made (PENDING), or the chunk as it is
+        when already recorded. A conversion that sends each chunk as soon as it is whole
+        records it before the file's record count is known; chunk i of a FIXED_COUNT plan is
+        [i*size, (i+1)*size - 1] in every plan with more records than that, so the final
+        `plan_chunks` keeps it with whatever happened to it meanwhile."""
+        start = chunk_index * chunk_size
+        self._add_chunk(_planned(file_id, chunk_index, start, start + chunk_size - 1, version))
+        return self.get_chunk(chunk_id(file_id, chunk_index))
 
     def list_chunks(self, file_id: str) -> list[ChunkStatus]:
         return self._load_chunks(file_id)

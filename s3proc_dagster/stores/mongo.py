@@ -45,6 +45,7 @@ from s3proc_dagster.models import (
     utcnow,
 )
 from s3proc_dagster.stores.base import ANY_HOLDER, ChunkGroup, ProgressStore, totals_of_groups
+from s3proc_dagster.stores.lifecycle import stat_delta
 
 T = TypeVar("T")
 _RECOUNT_ATTEMPTS = 50
@@ -202,6 +203,17 @@ class MongoProgressStore(ProgressStore):
                 self.chunks.insert_many([_doc(c) for c in chunks])
             self.files.update_one({"fileId": file_id}, {"$set": {**_set(file_fields), "lastUpdatedAt": utcnow()}})
             self._recount(file_id)
+
+    def _add_chunk(self, chunk: ChunkStatus) -> bool:
+        def add(session: ClientSession | None) -> bool:
+            try:
+                self.chunks.insert_one(_doc(chunk), session=session)
+            except DuplicateKeyError:
+                return False
+            self._add_to_counters(chunk.file_id, stat_delta(None, chunk.status), session)
+            return True
+
+        return self._atomically(add)
 
     def _load_chunks(self, file_id: str, session: ClientSession | None = None) -> list[ChunkStatus]:
         cursor = self.chunks.find({"fileId": file_id}, session=session).sort("chunkIndex", ASCENDING)

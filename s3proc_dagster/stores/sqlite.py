@@ -12,7 +12,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -32,6 +32,7 @@ from s3proc_dagster.models import (
     utcnow,
 )
 from s3proc_dagster.stores.base import ANY_HOLDER, ProgressStore, totals_from_chunks
+from s3proc_dagster.stores.lifecycle import stat_delta
 
 # Columns added after the first release: a store created by an older version gains them
 # at open (ALTER TABLE ... ADD COLUMN is instant in SQLite), so upgrading keeps the data.
@@ -164,6 +165,30 @@ _COUNTER_COLUMNS = (
     "successful_records",
     "failed_records",
 )
+
+
+def _insert_chunk(conn: sqlite3.Connection, chunk: ChunkStatus, conflict: str = "") -> bool:
+    """One chunk row, its processing stats as the row's own columns; False if it was ignored."""
+    doc = chunk.model_dump(exclude={"processing_stats"})
+    doc.update(chunk.processing_stats.model_dump(exclude={"success_rate"}))
+    cols = list(doc)
+    cur = conn.execute(
+        f"INSERT {conflict} INTO chunk_status ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+        tuple(_encode(c, doc[c]) for c in cols),
+    )
+    return cur.rowcount == 1
+
+
+def _counters(chunks: Iterable[ChunkStatus]) -> dict[str, Any]:
+    """A file's counters and error summary as its chunk records add up."""
+    totals = totals_from_chunks(chunks)
+    summary: dict[str, dict[str, int]] = {"validation": {}, "processing": {}}
+    for key, value in totals.items():
+        if "." in key:
+            kind, name = key.split(".", 1)
+            summary.setdefault(kind, {})[name] = value
+    return {**{field: totals.get(field, 0) for field in _COUNTER_COLUMNS}, "error_summary": summary}
+
 
 # FileStatus fields kept in the `file_progress` table, under its own column names.
 _PROGRESS_COLUMNS = {
@@ -353,26 +378,15 @@ class SQLiteProgressStore(ProgressStore):
         with self._write() as conn:
             conn.execute("DELETE FROM chunk_status WHERE file_id = ?", (file_id,))
             for chunk in chunks:
-                doc = chunk.model_dump(exclude={"processing_stats"})
-                cols = list(doc)
-                conn.execute(
-                    f"INSERT INTO chunk_status ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                    tuple(_encode(c, doc[c]) for c in cols),
-                )
-            self._set_file(
-                conn,
-                file_id,
-                {
-                    **file_fields,
-                    "completed_chunks": 0,
-                    "failed_chunks": 0,
-                    "in_progress_chunks": 0,
-                    "pending_chunks": len(chunks),
-                    "successful_records": 0,
-                    "failed_records": 0,
-                    "error_summary": {"validation": {}, "processing": {}},
-                },
-            )
+                _insert_chunk(conn, chunk)
+            self._set_file(conn, file_id, {**file_fields, **_counters(chunks)})
+
+    def _add_chunk(self, chunk: ChunkStatus) -> bool:
+        with self._write() as conn:
+            if not _insert_chunk(conn, chunk, "OR IGNORE"):
+                return False
+            self._add_to_counters(conn, chunk.file_id, stat_delta(None, chunk.status))
+            return True
 
     def _load_chunks(self, file_id: str) -> list[ChunkStatus]:
         rows = self._query("SELECT * FROM chunk_status WHERE file_id = ? ORDER BY chunk_index", (file_id,))
@@ -436,14 +450,7 @@ class SQLiteProgressStore(ProgressStore):
         only confirms them (kept for the contract: both backends answer `recount`)."""
         with self._write() as conn:
             rows = conn.execute("SELECT * FROM chunk_status WHERE file_id = ?", (file_id,)).fetchall()
-            totals = totals_from_chunks(self._to_chunk(r) for r in rows)
-            summary: dict[str, dict[str, int]] = {"validation": {}, "processing": {}}
-            for key, value in totals.items():
-                if "." in key:
-                    kind, name = key.split(".", 1)
-                    summary.setdefault(kind, {})[name] = value
-            counters = {field: totals.get(field, 0) for field in _COUNTER_COLUMNS}
-            self._set_file(conn, file_id, {**counters, "error_summary": summary})
+            self._set_file(conn, file_id, _counters(self._to_chunk(r) for r in rows))
 
     # ---- image requests ----------------------------------------------------------------------
 

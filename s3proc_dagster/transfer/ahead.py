@@ -1,106 +1,81 @@
-"""Chunks on their way to S3 while the conversion goes on.
+"""Chunks landing in S3 while the conversion goes on.
 
 A big file's conversion closes a chunk every fraction of a second; waiting for the last
-one before sending the first makes a run cost conversion plus upload. `UploadAhead`
-sends each chunk as it closes, to the chunk's own versioned part key, so the two
-overlap. It records nothing: the chunk plan needs the record count, known only when the
-pass ends. The upload step then `adopt`s an object whose size and SHA-256 match the
-local chunk file (recording it and materializing it as landed) instead of sending it
-again; an object that does not match (a send that failed, or a pass that was run again)
-is simply sent.
+one before sending the first makes a run cost conversion plus upload. `UploadAhead` is
+the conversion's `ChunkSink`: each whole chunk is handed to `land` on a few threads
+(the pipeline records, sends, verifies and materializes it there, as the upload step
+would), so the two overlap. Only the last chunk, known to be whole when the source
+ends, and any chunk whose landing failed are left to the upload step.
 
-An object nobody will adopt is deleted when the conversion fails (`discard`); when the
-process dies instead, crash recovery deletes every object under the dataset that
-neither the committed manifest nor a COMPLETED chunk of the version vouches for.
+When the conversion fails, or its pass starts again with the whole file sampled, what
+was landed is void: `undo` gets those chunks (the pipeline deletes their objects and
+the partial plan). When the process dies instead, crash recovery resets the file and
+deletes what no committed manifest vouches for.
 """
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
-from typing import Any
 
-from s3proc_dagster.files.checksum import sha256_file
 from s3proc_dagster.files.tabular import ChunkFile
 from s3proc_dagster.logs import get_logger
-from s3proc_dagster.transfer.upload import UploadResult, upload_file
-from s3proc_dagster.transfer.verify import head
 
 log = get_logger("transfer")
 
-# Sends in flight beside the conversion: enough to hide a PUT's latency, few enough
-# that the conversion keeps the CPU (measured with benchmarks/run.py --size 1GB).
+# Landings in flight beside the conversion. On 2 cores, a 760 MB CSV (benchmarks/run.py
+# --size 1GB) ran in 17.3-17.9 s with 4, 21.0-21.2 s with 2: a landing mostly waits on
+# S3 and on Dagster's event log, so a few hide each other's waits.
 AHEAD_THREADS = 4
-
-KeyFor = Callable[[ChunkFile, bool], str]  # (chunk, rejected part?) -> S3 key
 
 
 class UploadAhead:
-    """Sends chunks in the background; `landed()` says which made it, `discard()` undoes them."""
+    """A `ChunkSink` that lands each chunk in the background: `landed()` says which made it."""
 
     def __init__(
         self,
-        client: Any,
-        bucket: str,
-        key_for: KeyFor,
-        *,
-        content_type: str,
-        metadata: dict[str, str],
+        land: Callable[[ChunkFile], None],
+        undo: Callable[[list[ChunkFile]], None],
         threads: int = AHEAD_THREADS,
     ) -> None:
-        self._client, self._bucket, self._key_for = client, bucket, key_for
-        self._content_type, self._metadata = content_type, metadata
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="upload-ahead")
-        self._sends: dict[int, Future[None]] = {}
-        self._keys: set[str] = set()
+        self._land, self._undo, self._threads = land, undo, threads
         self._lock = threading.Lock()
+        self._pool = self._new_pool()
+        self._landings: dict[int, tuple[ChunkFile, Future[None]]] = {}
 
-    def send(self, chunk: ChunkFile) -> None:
-        """Queue `chunk` (its data part and, with rules on, its rejected part); returns at once."""
+    def _new_pool(self) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(max_workers=self._threads, thread_name_prefix="upload-ahead")
+
+    def chunk(self, chunk: ChunkFile) -> None:
         with self._lock:
-            self._sends[chunk.chunk_index] = self._pool.submit(self._put, chunk)
+            self._landings[chunk.chunk_index] = (chunk, self._pool.submit(self._land, chunk))
 
-    def _put(self, chunk: ChunkFile) -> None:
-        parts = [(chunk.path, False)] + ([(chunk.rejected_path, True)] if chunk.rejected_path else [])
-        for path, rejected in parts:
-            key = self._key_for(chunk, rejected)
-            with self._lock:
-                self._keys.add(key)  # before the PUT: a send cut short is deleted too
-            metadata = {**self._metadata, **({"x-rejected": "true"} if rejected else {})}
-            upload_file(self._client, self._bucket, key, path, content_type=self._content_type, metadata=metadata)
+    def restart(self) -> None:
+        self._void()
+        self._pool = self._new_pool()
 
     def landed(self) -> frozenset[int]:
-        """Wait for every send; the indexes of the chunks whose every part was sent. A send
-        that failed is not an error here: the upload step sends that chunk, with retries."""
+        """Wait for every landing; the indexes of the chunks that landed. A landing that
+        failed is not the conversion's failure: the upload step sends that chunk again,
+        under its retry policy."""
         self._pool.shutdown(wait=True)
-        sent = set()
-        for index, future in self._sends.items():
-            error = future.exception()
+        done = set()
+        for index, (_, landing) in self._landings.items():
+            error = landing.exception()
             if error is None:
-                sent.add(index)
+                done.add(index)
             else:
-                log.info("chunk %d not sent ahead (%s); the upload step sends it", index, type(error).__name__)
-        return frozenset(sent)
+                log.info("chunk %d did not land during the conversion (%s: %s)", index, type(error).__name__, error)
+        return frozenset(done)
 
     def discard(self) -> None:
-        """The conversion failed: stop sending and delete what was sent (best effort: crash
-        recovery and the next commit of the dataset delete what this could not)."""
+        """The conversion failed: stop, and undo what landed."""
+        self._void()
+
+    def _void(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
-        keys = sorted(self._keys)
-        for start in range(0, len(keys), 1000):
-            batch = [{"Key": k} for k in keys[start : start + 1000]]
-            with contextlib.suppress(Exception):
-                self._client.delete_objects(Bucket=self._bucket, Delete={"Objects": batch, "Quiet": True})
-
-
-def adopt(client: Any, bucket: str, key: str, path: Path) -> UploadResult | None:
-    """The object at `key` as an upload of `path`, when it holds exactly these bytes
-    (size and the `x-sha256` it was sent with); None when it must be sent."""
-    size, sha256 = path.stat().st_size, sha256_file(path)
-    found = head(client, bucket, key)
-    if found is None or found["ContentLength"] != size or found.get("Metadata", {}).get("x-sha256") != sha256:
-        return None
-    return UploadResult(key, size, sha256, found["ETag"].strip('"'), parts=1, parts_sent=0)
+        with self._lock:
+            chunks, self._landings = [c for c, _ in self._landings.values()], {}
+        if chunks:
+            self._undo(chunks)

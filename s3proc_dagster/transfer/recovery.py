@@ -27,8 +27,13 @@ def delete_prefix(client: Any, bucket: str, prefix: str, keep: set[str] | frozen
     """Delete objects under `prefix` except `keep`, 1,000 per request; return how many."""
     deleted = 0
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        doomed = [{"Key": o["Key"]} for o in page.get("Contents", []) if o["Key"] not in keep]
-        for start in range(0, len(doomed), 1000):
-            client.delete_objects(Bucket=bucket, Delete={"Objects": doomed[start : start + 1000], "Quiet": True})
-        deleted += len(doomed)
+        deleted += delete_keys(client, bucket, [o["Key"] for o in page.get("Contents", []) if o["Key"] not in keep])
     return deleted
+
+
+def delete_keys(client: Any, bucket: str, keys: list[str]) -> int:
+    """Delete `keys` (absent ones too: S3 does not mind), 1,000 per request; return how many."""
+    for start in range(0, len(keys), 1000):
+        batch = [{"Key": k} for k in keys[start : start + 1000]]
+        client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+    return len(keys)

@@ -2,6 +2,7 @@
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 
 import dagster as dg
 from pydantic import Field
@@ -192,7 +193,7 @@ def parquet_conversion(
             processing.parquet_compression, progress_store.open(), claimant(context),
             rules_dir=processing.validation_rules_dir, as_of=processing.validation_as_of,
             csv_null_strings=processing.csv_null_strings, origin=origin(settings, s3, version),
-            client=s3.get_client(), bucket=s3.bucket,
+            client=s3.get_client(), bucket=s3.bucket, on_landed=partial(_landed, context, s3),
         )  # fmt: skip
     for line in events.conversion_summary(prepared):
         context.log.info(line)
@@ -208,17 +209,27 @@ def streaming(
     progress_store: ProgressStoreResource,
     s3: S3Storage,
 ) -> list[UploadedObject]:
-    """Upload every chunk; one materialization per chunk as it lands."""
+    """Upload what the conversion did not land; one materialization per object as it lands."""
     uploaded = []
     with failures(context, settings):
         store, client = progress_store.open(), s3.get_client()
         source = origin(settings, s3, version, client)
         for obj in pipeline.upload_items(prepared, version, client, s3.bucket, store, claimant(context), origin=source):
             uploaded.append(obj)
-            context.log_event(events.object_landed(obj, s3.prefix, s3.uri(obj.key)))
-    reused = sum(o.reused for o in uploaded)
-    context.log.info(f"{len(uploaded) - reused} objects uploaded, {reused} already in S3")
+            if not obj.ahead:  # the conversion step reported those as they landed
+                _landed(context, s3, obj)
+    ahead = sum(o.ahead for o in uploaded)
+    reused = sum(o.reused for o in uploaded) - ahead
+    context.log.info(
+        f"{len(uploaded) - reused - ahead} objects uploaded, {ahead} landed during the conversion, {reused} already in S3"
+    )
     return uploaded
+
+
+def _landed(context: dg.OpExecutionContext, s3: S3Storage, obj: UploadedObject) -> None:
+    """One materialization per object in S3; called from upload threads too (Dagster's event
+    log takes events from any thread of the step)."""
+    context.log_event(events.object_landed(obj, s3.prefix, s3.uri(obj.key)))
 
 
 @dg.op(name=ProcessingStep.INTEGRITY_VERIFICATION.value)
