@@ -7,6 +7,11 @@
 Every measurement runs in its own process, so each gets its own peak RSS (from wait4),
 and SeaweedFS is started once and shared, so raw boto3 and the pipeline upload to the
 same endpoint. Ratios, not seconds, are the figures to compare across machines.
+
+The baselines: raw DuckDB's `COPY ... TO parquet` (one file, all its threads) for the
+conversion; raw boto3 `put_object` of the same chunk files the product sends, on the
+same number of threads, for the upload; their sum for the end-to-end time, which the
+product beats only by overlapping the two.
 """
 
 from __future__ import annotations
@@ -177,7 +182,8 @@ def main() -> int:
         raw_upload = float(out.strip())
         # The upload baseline proper: the same chunk files the product sends, with its threads.
         chunks = work / "chunks"
-        _, _, out = measure([PY, "-c", CHUNKS, str(big), str(chunks), str(CHUNK_SIZE)])
+        _, converter_rss, out = measure([PY, "-c", CHUNKS, str(big), str(chunks), str(CHUNK_SIZE)])
+        converter_s = float(out.strip())
         _, _, out = measure(
             [PY, "-c", RAW_BOTO3_CHUNKS, server.url, KEY, SECRET, BUCKET, str(chunks), str(UPLOAD_THREADS)]
         )
@@ -231,8 +237,12 @@ def main() -> int:
             "fixed_run_s": round(fixed_run, 2),
             "fixed_cli_wall_s": round(fixed_wall, 2),
             "fixed_rss_mb": round(fixed_rss),
-            "convert_ratio": round(convert / raw_convert, 2),
-            "upload_ratio": round(upload / raw_chunks_s, 2),
+            "converter_s": round(converter_s, 2),
+            "converter_rss_mb": round(converter_rss),
+            "convert_ratio": round(converter_s / raw_convert, 2),
+            # chunks land while the conversion goes on: the upload's cost is what it adds to the two steps
+            "upload_added_s": round(convert + upload - converter_s, 2),
+            "upload_ratio": round((convert + upload - converter_s) / raw_chunks_s, 2),
             "e2e_ratio": round((e2e_run - fixed_run) / (raw_convert + raw_chunks_s), 2),
             "validation": args.validate,
         }
@@ -247,8 +257,16 @@ def main() -> int:
             print(
                 f"| raw boto3 put_object, the {chunk_count} chunk files, {UPLOAD_THREADS} threads | {raw_chunks_s:.2f} | | 1 |"
             )
-            print(f"| pipeline conversion step | {convert:.2f} | - | {result['convert_ratio']} (<= 1.1) |")
-            print(f"| pipeline upload step | {upload:.2f} | - | {result['upload_ratio']} (<= 1.2) |")
+            print(
+                f"| the product's converter alone ({chunk_count} chunk files) | {converter_s:.2f} | {converter_rss:.0f} "
+                f"| {result['convert_ratio']} (<= 1.1) |"
+            )
+            print(f"| pipeline conversion step, chunks landing as they close | {convert:.2f} | - | |")
+            print(f"| pipeline upload step (the last chunk) | {upload:.2f} | - | |")
+            print(
+                f"| upload's cost: both steps minus the converter alone | {result['upload_added_s']:.2f} | - "
+                f"| {result['upload_ratio']} (<= 1.2) |"
+            )
             print(f"| pipeline run, one-row file (fixed cost) | {fixed_run:.2f} | {fixed_rss:.0f} | (<= 3 s) |")
             print(
                 f"| pipeline run, big file | {e2e_run:.2f} | {e2e_rss:.0f} | {result['e2e_ratio']} minus fixed, vs raw convert + raw chunks (<= 1.0) |"

@@ -106,7 +106,7 @@ def test_json_starting_after_a_bom_is_json(tmp_path: Path) -> None:
         ("a.csv.gz", b"a,b\n1,2\n", r"^a\.csv\.gz: named \.gz but is not gzip-compressed \(starts with b'a,b"),
         ("b.tgz", b"plain", r"named \.tgz but is not gzip-compressed"),
         ("c.tar.gz", gzip.compress(b"not a tar" * 100), r"named \.tar\.gz but its gzip data holds no tar archive"),
-        ("d.tar", gzip.compress(b"x"), r"named \.tar but is not a tar archive \(starts with b'\\x1f\\x8b"),
+        ("d.tar", gzip.compress(b"x", mtime=0), r"named \.tar but is not a tar archive \(starts with b'\\x1f\\x8b"),
         ("e.json", b"name,age\nann,3\n", r"^e\.json: named \.json but does not look like JSON \(starts with 'name,age"),
         ("f.json", b"   \n\t ", r"named \.json but does not look like JSON \(only whitespace\)"),
         ("g.jsonl", b"1\n2\n", r"named \.jsonl but does not look like JSON"),
