@@ -122,10 +122,10 @@ url, key, secret, bucket, folder, threads = sys.argv[1:7]
 c = boto3.client("s3", endpoint_url=url, aws_access_key_id=key, aws_secret_access_key=secret,
                  region_name="us-east-1", config=Config(s3={"addressing_style": "path"},
                  max_pool_connections=int(threads)))
-parts = sorted(Path(folder).glob("part-*.parquet"))
+parts = sorted(Path(folder).glob("**/part-*.parquet"))  # with validation, the _rejected/ parts too
 def put(path):
     with path.open("rb") as body:
-        c.put_object(Bucket=bucket, Key="raw-chunks/" + path.name, Body=body)
+        c.put_object(Bucket=bucket, Key="raw-chunks/" + path.relative_to(folder).as_posix(), Body=body)
 t = time.perf_counter()
 with ThreadPoolExecutor(int(threads)) as pool:
     list(pool.map(put, parts))
@@ -136,9 +136,16 @@ CHUNKS = """
 import sys, time
 from pathlib import Path
 from s3proc_dagster.files.tabular import convert_to_parquet_chunks
-src, out, size = sys.argv[1:4]
+from s3proc_dagster.files.validation import as_of_date, rule_set_for
+src, out, size, validate = sys.argv[1:5]
+rules = rule_set_for("bench/" + Path(src).name) if validate == "1" else None
 t = time.perf_counter()
-convert_to_parquet_chunks(Path(src), "csv", Path(out), int(size), "ZSTD")
+convert_to_parquet_chunks(
+    Path(src), "csv", Path(out), int(size), "ZSTD",
+    rules=rules.render(as_of_date(None)) if rules else None,
+    required_columns=rules.columns if rules else (),
+    on_missing_columns=rules.on_missing_columns if rules else "skip_rules",
+)
 print(time.perf_counter() - t)
 """
 
@@ -182,7 +189,9 @@ def main() -> int:
         raw_upload = float(out.strip())
         # The upload baseline proper: the same chunk files the product sends, with its threads.
         chunks = work / "chunks"
-        _, converter_rss, out = measure([PY, "-c", CHUNKS, str(big), str(chunks), str(CHUNK_SIZE)])
+        _, converter_rss, out = measure(
+            [PY, "-c", CHUNKS, str(big), str(chunks), str(CHUNK_SIZE), "1" if args.validate else "0"]
+        )
         converter_s = float(out.strip())
         _, _, out = measure(
             [PY, "-c", RAW_BOTO3_CHUNKS, server.url, KEY, SECRET, BUCKET, str(chunks), str(UPLOAD_THREADS)]
