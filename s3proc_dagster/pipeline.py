@@ -145,6 +145,7 @@ class PreparedItem:
     skipped_rules: dict[str, str] = field(default_factory=dict)  # rule -> why it could not run
     recipe: ConversionRecipe | None = None  # how `chunks` were made, to make them again
     sent_ahead: frozenset[int] = frozenset()  # chunks that landed during the conversion
+    landed_in_run: str = ""  # the run whose conversion landed them
 
     @property
     def is_dataset(self) -> bool:
@@ -530,7 +531,8 @@ def convert_items(
             )
         store.update_file(item.file_id, **fields)
         count, chunks = conversion.record_count, tuple(conversion.chunks)
-        prepared.append(PreparedItem(item, key, count, compression, chunks, skipped, recipe, sent_ahead))
+        landed_in = claimant.run_id if sent_ahead else ""
+        prepared.append(PreparedItem(item, key, count, compression, chunks, skipped, recipe, sent_ahead, landed_in))
     return prepared
 
 
@@ -645,20 +647,23 @@ def _restage_chunks(
 # ---- step 5: streaming (S3 upload) ------------------------------------------------------------------
 
 
-def _already_uploaded(item: PreparedItem, chunk: ChunkFile, record: ChunkStatus, client: Any, bucket: str) -> bool:
+def _already_uploaded(
+    item: PreparedItem, chunk: ChunkFile, record: ChunkStatus, client: Any, bucket: str, trust_record: bool = False
+) -> bool:
     """A chunk of this very version, COMPLETED, whose objects are still in S3 with the
-    recorded checksums, needs no upload."""
+    recorded checksums, needs no upload. `trust_record` spares the HEADs for a chunk that
+    this very run landed and verified moments ago (the verification step checks it again)."""
     key = item.part_key(chunk)
     if record.status is not ProcessingStatus.COMPLETED or record.version != item.item.version or record.s3_key != key:
         return False
+    rejected = record.rejected
+    if chunk.rejected_path and (rejected is None or rejected.s3_key != item.part_key(chunk, rejected=True)):
+        return False
+    if trust_record:
+        return True
     if not object_matches(client, bucket, key, record.size_bytes or 0, record.sha256 or ""):
         return False
-    if chunk.rejected_path:
-        rejected = record.rejected
-        if rejected is None or rejected.s3_key != item.part_key(chunk, rejected=True):
-            return False
-        return object_matches(client, bucket, rejected.s3_key, rejected.size_bytes, rejected.sha256)
-    return True
+    return rejected is None or object_matches(client, bucket, rejected.s3_key, rejected.size_bytes, rejected.sha256)
 
 
 def upload_items(
@@ -688,7 +693,9 @@ def upload_items(
         records = {c.chunk_index: c for c in store.list_chunks(item.item.file_id)}
         on_disk = _restage_chunks(item, version, records, client, bucket, store, origin or Origin(client))
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="upload") as pool:
-            upload = partial(_upload_chunk, on_disk, records=records, client=client, bucket=bucket, store=store)
+            upload = partial(
+                _upload_chunk, on_disk, records=records, client=client, bucket=bucket, store=store, run=claimant.run_id
+            )
             yield from pool.map(upload, on_disk.chunks)
 
 
@@ -700,8 +707,10 @@ def _upload_chunk(
     client: Any,
     bucket: str,
     store: ProgressStore,
+    run: str = "",
 ) -> UploadedObject:
     current = records[chunk.chunk_index]
+    ahead = chunk.chunk_index in item.sent_ahead
     key, file_id = item.part_key(chunk), item.item.file_id
     landed = partial(
         UploadedObject,
@@ -711,13 +720,13 @@ def _upload_chunk(
         chunk=chunk,
         compression=item.compression,
     )
-    if _already_uploaded(item, chunk, current, client, bucket):
+    if _already_uploaded(item, chunk, current, client, bucket, trust_record=ahead and item.landed_in_run == run != ""):
         return landed(
             size=current.size_bytes or 0,
             sha256=current.sha256 or "",
             duration_s=current.duration or 0.0,
             reused=True,
-            ahead=chunk.chunk_index in item.sent_ahead,
+            ahead=ahead,
         )
     store.chunk_started(item.chunk_id(chunk), worker_name())
     started = time.monotonic()
