@@ -169,7 +169,7 @@ class UploadedObject:
     sha256: str
     duration_s: float
     reused: bool  # already in S3 and verified: not sent again
-    ahead: bool = False  # landed during the conversion, which reported it
+    ahead: bool = False  # landed during this run's conversion, which reported it
     chunk: ChunkFile | None = None
     compression: str | None = None
 
@@ -710,7 +710,8 @@ def _upload_chunk(
     run: str = "",
 ) -> UploadedObject:
     current = records[chunk.chunk_index]
-    ahead = chunk.chunk_index in item.sent_ahead
+    # landed by this very run's conversion, which reported it; a re-execution reports it again
+    ahead = chunk.chunk_index in item.sent_ahead and item.landed_in_run == run != ""
     key, file_id = item.part_key(chunk), item.item.file_id
     landed = partial(
         UploadedObject,
@@ -720,7 +721,7 @@ def _upload_chunk(
         chunk=chunk,
         compression=item.compression,
     )
-    if _already_uploaded(item, chunk, current, client, bucket, trust_record=ahead and item.landed_in_run == run != ""):
+    if _already_uploaded(item, chunk, current, client, bucket, trust_record=ahead):
         return landed(
             size=current.size_bytes or 0,
             sha256=current.sha256 or "",
