@@ -78,6 +78,13 @@ def test_reexecute_from_failure_uploads_only_what_is_missing(
     assert ran == {"streaming", "integrity_verification", "progress_update"}
     new_puts = [k for k in deployment.proxy.put_keys[puts_before:] if "part-" in k]
     assert new_puts and not any(f"part-{i:05d}" in k for k in new_puts for i in landed)  # landed chunks not re-sent
+    reported = sorted(
+        e.event_specific_data.materialization.metadata["chunk_index"].value
+        for e in again.all_events
+        if e.event_type_value == "ASSET_MATERIALIZATION"
+        and "chunk_index" in e.event_specific_data.materialization.metadata
+    )
+    assert reported == [0, 1, 2]  # the re-execution shows every chunk, the ones it found in S3 too
 
     keys = list_keys(deployment, dataset + "/")
     assert keys == dataset_keys(dataset, sha, 3)
