@@ -3,7 +3,7 @@
 A big file's conversion closes a chunk every fraction of a second; waiting for the last
 one before sending the first makes a run cost conversion plus upload. `UploadAhead` is
 the conversion's `ChunkSink`: each whole chunk is handed to `land` on a few threads
-(the pipeline records, sends, verifies and materializes it there, as the upload step
+(the pipeline records, sends and materializes it there, exactly as the upload step
 would), so the two overlap. Only the last chunk, known to be whole when the source
 ends, and any chunk whose landing failed are left to the upload step.
 
@@ -24,9 +24,9 @@ from s3proc_dagster.logs import get_logger
 
 log = get_logger("transfer")
 
-# Landings in flight beside the conversion. On 2 cores, a 760 MB CSV (benchmarks/run.py
-# --size 1GB) ran in 17.3-17.9 s with 4, 21.0-21.2 s with 2: a landing mostly waits on
-# S3 and on Dagster's event log, so a few hide each other's waits.
+# Landings in flight beside the conversion. On 2 cores, a run of a 760 MB CSV took
+# 17.3-17.9 s with 4 and 21.0-21.2 s with 2: a landing mostly waits on S3 and on
+# Dagster's event log, so a few hide each other's waits.
 AHEAD_THREADS = 4
 
 
