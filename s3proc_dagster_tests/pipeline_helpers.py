@@ -217,5 +217,15 @@ def dataset_keys(dataset_key: str, sha: str, chunks: int) -> list[str]:
     return [f"{dataset_key}/_manifest.json", f"{dataset_key}/_symlink_format_manifest/manifest", *parts]
 
 
+def chunk_materializations(result: dg.ExecuteJobResult) -> list[tuple[str, int]]:
+    """(step, chunk index) of every chunk materialization of a run, in order."""
+    return [
+        (e.step_key, e.event_specific_data.materialization.metadata["chunk_index"].value)
+        for e in result.all_events
+        if e.event_type_value == "ASSET_MATERIALIZATION"
+        and "chunk_index" in e.event_specific_data.materialization.metadata
+    ]
+
+
 def source_rows(path: Path, reader: str) -> list[tuple]:
     return duckdb.execute(f"SELECT * FROM {reader}($1)", [str(path)]).fetchall()

@@ -12,6 +12,7 @@ from s3proc_dagster.transfer.manifest import read_manifest
 from s3proc_dagster_tests.conftest import Deployment
 from s3proc_dagster_tests.pipeline_helpers import (
     ROOT,
+    chunk_materializations,
     dataset_keys,
     execute,
     list_keys,
@@ -113,16 +114,6 @@ def numbered_csv(path, rows: int, last: str):
     with path.open("a") as out:
         out.write(last)
     return path
-
-
-def chunk_materializations(result) -> list[tuple[str, int]]:
-    """(step, chunk index) of every chunk materialization of a run, in order."""
-    return [
-        (e.step_key, e.event_specific_data.materialization.metadata["chunk_index"].value)
-        for e in result.all_events
-        if e.event_type_value == "ASSET_MATERIALIZATION"
-        and "chunk_index" in e.event_specific_data.materialization.metadata
-    ]
 
 
 def test_a_big_files_chunks_land_while_it_converts_each_sent_and_materialized_once(

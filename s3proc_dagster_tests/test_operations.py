@@ -65,7 +65,7 @@ def test_reexecute_from_failure_uploads_only_what_is_missing(
     landed = {c.chunk_index for c in chunks if c.status is S.COMPLETED}  # chunks upload on threads
 
     puts_before = len(deployment.proxy.put_keys)
-    from s3proc_dagster_tests.pipeline_helpers import process_file_job_with_resources
+    from s3proc_dagster_tests.pipeline_helpers import chunk_materializations, process_file_job_with_resources
 
     instance = deployment.instance()
     again = dg.execute_job(
@@ -78,12 +78,7 @@ def test_reexecute_from_failure_uploads_only_what_is_missing(
     assert ran == {"streaming", "integrity_verification", "progress_update"}
     new_puts = [k for k in deployment.proxy.put_keys[puts_before:] if "part-" in k]
     assert new_puts and not any(f"part-{i:05d}" in k for k in new_puts for i in landed)  # landed chunks not re-sent
-    reported = sorted(
-        e.event_specific_data.materialization.metadata["chunk_index"].value
-        for e in again.all_events
-        if e.event_type_value == "ASSET_MATERIALIZATION"
-        and "chunk_index" in e.event_specific_data.materialization.metadata
-    )
+    reported = sorted(index for _, index in chunk_materializations(again))
     assert reported == [0, 1, 2]  # the re-execution shows every chunk, the ones it found in S3 too
 
     keys = list_keys(deployment, dataset + "/")
