@@ -60,6 +60,15 @@ class UnsupportedFileError(S3ProcError):
     """The file's content does not match what its name claims, or cannot be read."""
 
 
+class UnsafeSourceError(UnsupportedFileError):
+    """A file's name, link or size would make the product read, write or spend beyond its bounds.
+
+    Whoever drops files is not trusted: a link out of the watched directory, a key with a
+    newline or `..`, a name inside another file's dataset or the product's own key space,
+    a sparse file of terabytes. Permanent: the same name fails the same way every time.
+    """
+
+
 class UnsafeArchiveError(S3ProcError):
     """An archive entry would escape the extraction directory or exceed a limit."""
 

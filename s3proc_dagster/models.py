@@ -13,7 +13,6 @@ import enum
 import hashlib
 import re
 from datetime import UTC, datetime
-from pathlib import PurePosixPath
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator
@@ -257,14 +256,16 @@ _SLUG = re.compile(r"[^a-z0-9]+")
 
 
 def make_file_id(relative_path: str) -> str:
-    """`<name>-<hash>`: readable like seed 000's example, unique and stable per source path.
+    """`<name>-<hash>`: readable like the specification's example, unique and stable per source path.
 
     It depends only on the path below the watched directory (or below the S3 incoming
-    prefix), so a file gets the same id whether it came by disk or by S3; the short
-    hash keeps `a/b.csv` and `a_b.csv` apart after slugging.
+    prefix), so a file gets the same id whether it came by disk or by S3. The slug is for
+    reading; the 64-bit hash of the exact path is what keeps ids apart (`a/b.csv`,
+    `a_b.csv`, `a//b.csv` all differ), with a first collision expected only after
+    billions of paths.
     """
-    rel = str(PurePosixPath(relative_path))
-    stem = rel.rsplit(".", 1)[0] if "." in PurePosixPath(rel).name else rel
+    name = relative_path.rsplit("/", 1)[-1]
+    stem = relative_path.rsplit(".", 1)[0] if "." in name else relative_path
     slug = _SLUG.sub("-", stem.lower()).strip("-")[:80] or "file"
-    digest = hashlib.sha256(rel.encode()).hexdigest()[:8]
+    digest = hashlib.sha256(relative_path.encode()).hexdigest()[:16]
     return f"{slug}-{digest}"

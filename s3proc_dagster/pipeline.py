@@ -40,13 +40,14 @@ from s3proc_dagster.errors import (
     ConversionError,
     FileBusy,
     SourceChanged,
+    UnsafeSourceError,
     UnsupportedFileError,
     s3_error_code,
 )
 from s3proc_dagster.files import parking
 from s3proc_dagster.files import staging as staging_area
 from s3proc_dagster.files.archives import extract
-from s3proc_dagster.files.checksum import Snapshot, sha256_file, snapshot, snapshot_stream
+from s3proc_dagster.files.checksum import Snapshot, sha256_file, sha256_stream, snapshot, snapshot_stream
 from s3proc_dagster.files.detect import TABULAR_KINDS, Detection, detect
 from s3proc_dagster.files.staging import work_dir
 from s3proc_dagster.files.tabular import DUCKDB_NULL_STRINGS, ChunkFile, ConversionResult, convert_to_parquet_chunks
@@ -61,6 +62,8 @@ from s3proc_dagster.models import (
     chunk_id,
     make_file_id,
 )
+from s3proc_dagster.sources.confined import is_regular, lexically_below, open_regular
+from s3proc_dagster.sources.names import check_canonical, check_not_nested
 from s3proc_dagster.sources.resolve import Source
 from s3proc_dagster.stores.base import ClaimOutcome, ProgressStore
 from s3proc_dagster.transfer import manifest as manifests
@@ -182,12 +185,17 @@ def worker_name() -> str:
 # ---- step 1: checksum_calculation ------------------------------------------------------------
 
 
-def snapshot_s3_object(client: Any, bucket: str, key: str, staging: Path) -> Snapshot:
+def snapshot_s3_object(client: Any, bucket: str, key: str, staging: Path, max_bytes: int | None = None) -> Snapshot:
     """Stream an incoming object into staging, hashing as it goes; the object itself is
     only read, never modified or deleted. Its size, and its `x-sha256` when it has one,
-    must match what arrived."""
+    must match what arrived; one over `max_bytes` (MAX_FILE_BYTES) is refused unread."""
     obj = client.get_object(Bucket=bucket, Key=key)
-    snap = snapshot_stream(obj["Body"], PurePosixPath(key).name, staging)
+    if max_bytes is not None and obj["ContentLength"] > max_bytes:
+        obj["Body"].close()
+        raise UnsafeSourceError(
+            f"s3://{bucket}/{key}: {obj['ContentLength']:,} bytes is over MAX_FILE_BYTES ({max_bytes:,})"
+        )
+    snap = snapshot_stream(obj["Body"], PurePosixPath(key).name, staging, max_bytes)
     if snap.size != obj["ContentLength"]:
         raise ChecksumMismatch(f"s3://{bucket}/{key}: read {snap.size} bytes, object has {obj['ContentLength']}")
     expected = obj.get("Metadata", {}).get("x-sha256")
@@ -197,14 +205,19 @@ def snapshot_s3_object(client: Any, bucket: str, key: str, staging: Path) -> Sna
 
 
 def take_snapshot(
-    source: Source, staging: Path, store: ProgressStore, claimant: Claimant, client: Any = None
+    source: Source,
+    staging: Path,
+    store: ProgressStore,
+    claimant: Claimant,
+    client: Any = None,
+    max_bytes: int | None = None,
 ) -> FileVersion:
     """Copy the file (or stream the object) into staging and hash it in one read, then
-    claim this version."""
+    claim this version. A local file is read without following links out of its root."""
     if source.is_object:
-        snap = snapshot_s3_object(client, source.s3_bucket or "", source.s3_key or "", staging)
+        snap = snapshot_s3_object(client, source.s3_bucket or "", source.s3_key or "", staging, max_bytes)
     else:
-        snap = snapshot(Path(source.uri), staging)
+        snap = snapshot(Path(source.uri), staging, source.roots, max_bytes)
     return record_version(source, snap, store, claimant, staging)
 
 
@@ -334,7 +347,8 @@ def _fetchers(source: Source, origin: Origin, staging: Path) -> list[tuple[str, 
     if source.is_object:
         bucket, key = source.s3_bucket or "", source.s3_key or ""
         return [(source.uri, partial(snapshot_s3_object, origin.client, bucket, key, staging))]
-    return [(str(place), partial(snapshot, place, staging)) for place in origin.candidates(source)]
+    roots = source.roots + ((origin.error_dir,) if origin.error_dir is not None else ())
+    return [(str(place), partial(snapshot, place, staging, roots)) for place in origin.candidates(source)]
 
 
 def staged_items(
@@ -438,6 +452,9 @@ def plan_work(
     items: list[WorkItem] = []
     for entry in entries:
         rel = join_key(version.source.relative_path, entry.relative_path)
+        # an entry lives below its archive's own folder; below that, the source rules hold
+        check_canonical(rel, f"{version.source.name}: entry")
+        check_not_nested(rel, first_folder=len(PurePosixPath(version.source.relative_path).parts))
         try:
             entry_detection = detect(entry.path, PurePosixPath(entry.relative_path).name)
         except UnsupportedFileError as exc:
@@ -927,15 +944,22 @@ def give_up(
             abort_upload(client, task, store)  # if S3 is down, the sweep tries again later
     main = next((r for r in held if r.file_id == file_id), None)
     failed = tuple(r.file_id for r in held)
-    if main is None or "://" in main.file_path or not Path(main.file_path).is_file():
+    if main is None or "://" in main.file_path or not is_regular(main.file_path):
         return GaveUp(failed)
-    if not _holds_version(Path(main.file_path), main):
+    if lexically_below(main.file_path, watch) is None:
+        why = f"it is not under WATCH_PATH, so it stays at {main.file_path}"
+        store.update_file(main.file_id, error_details=f"{reason}; {why}")
+        return GaveUp(failed, None, why)
+    if not _holds_version(Path(main.file_path), main, watch):
         why = f"the original changed since the run started and stays at {main.file_path} for its new version's run"
         store.update_file(main.file_id, error_details=f"{reason}; {why}")
         return GaveUp(failed, None, why)
     note = {"fileId": file_id, "filePath": main.file_path, "error": reason, "runId": run_id}
     try:
         return GaveUp(failed, parking.park(Path(main.file_path), watch, error_dir, note))
+    except UnsafeSourceError as exc:
+        store.update_file(main.file_id, error_details=f"{reason}; {exc}")
+        return GaveUp(failed, None, str(exc))
     except OSError as exc:
         why = (
             f"the original could not be moved to ERROR_DIRECTORY ({type(exc).__name__}: {exc.strerror or exc}) "
@@ -945,15 +969,18 @@ def give_up(
         return GaveUp(failed, None, why)
 
 
-def _holds_version(original: Path, record: FileStatus) -> bool:
+def _holds_version(original: Path, record: FileStatus, watch: Path) -> bool:
     """Whether the original still has the bytes of the version that failed. Only that
     version is parked: a file replaced meanwhile (a fix, or new data) is a new version,
     which its own run processes, so it stays in the watched directory."""
     if not record.checksum:
         return True  # failed before it was recorded: what is there is what failed
     try:
-        if record.file_size is not None and original.stat().st_size != record.file_size:
-            return False
-        return sha256_file(original) == record.checksum
+        with open_regular(original, (watch,)) as readable:
+            if record.file_size is not None and os.fstat(readable.fileno()).st_size != record.file_size:
+                return False
+            return sha256_stream(readable) == record.checksum
+    except UnsupportedFileError:
+        return False  # swapped for a link or a FIFO: not the bytes that failed
     except OSError:
         return True  # unreadable now: it cannot be told apart, so it is parked as before

@@ -32,8 +32,8 @@ from s3proc_dagster.files.staging import Swept
 from s3proc_dagster.logs import get_logger
 from s3proc_dagster.models import FileStatus, FileType, ProcessingStatus, utcnow
 from s3proc_dagster.stores.base import ProgressStore
-from s3proc_dagster.transfer.manifest import is_intact, read_manifest, version_folder
-from s3proc_dagster.transfer.recovery import abort, delete_prefix, open_uploads
+from s3proc_dagster.transfer.manifest import delete_stale_versions, is_intact, read_manifest, version_folder
+from s3proc_dagster.transfer.recovery import abort, open_uploads
 from s3proc_dagster.transfer.verify import head
 
 log = get_logger("recovery")
@@ -80,7 +80,7 @@ def settle(store: ProgressStore, client: Any, bucket: str, status: FileStatus) -
                     if chunk.rejected:
                         keep.add(chunk.rejected.s3_key)
         aborted = _abort_uploads(store, client, bucket, key + "/", set() if complete else resumable)
-        deleted = delete_prefix(client, bucket, key + "/", keep=keep)
+        deleted = delete_stale_versions(client, bucket, key, keep=keep)
     elif key and status.file_type is FileType.REGULAR:
         found = head(client, bucket, key)
         meta = (found or {}).get("Metadata", {})

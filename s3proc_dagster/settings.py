@@ -15,7 +15,7 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from s3proc_dagster.errors import SettingsError
@@ -25,6 +25,8 @@ DEFAULT_RULES_DIR = Path(__file__).resolve().parents[1] / "dbt_like_sql" / "vali
 # DUCKDB_NULL_STRINGS; not imported from there, so reading settings does not load DuckDB).
 CSV_NULL_STRINGS_DEFAULT: tuple[str, ...] = ("",)
 SECRET_FIELDS = {"S3_SECRET_ACCESS_KEY", "S3_ACCESS_KEY_ID", "MONGODB_URI"}
+IMAGE_OUTPUT_FOLDER = "images"  # below S3_PREFIX: `images/<request id>/...`
+STEP_OUTPUTS_FOLDER = "_s3proc/step-outputs"  # below S3_PREFIX, unless S3_STEP_OUTPUTS_PREFIX says otherwise
 
 
 def _config(prefix: str = "") -> SettingsConfigDict:
@@ -52,6 +54,10 @@ class S3Config(BaseSettings):
     public_base_url: str = ""
     incoming_prefix: str = ""
     incoming_bucket: str = ""
+    # Where a shared deployment keeps its steps' outputs (JSON records "Re-execute from
+    # failure" loads back): a key prefix in S3_BUCKET; empty is S3_PREFIX/_s3proc/step-outputs.
+    # Its top folder below S3_PREFIX is reserved: no source's output can land there.
+    step_outputs_prefix: str = ""
 
     @field_validator("access_key_id", "secret_access_key")
     @classmethod
@@ -74,7 +80,7 @@ class S3Config(BaseSettings):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
 
-    @field_validator("prefix", "incoming_prefix")
+    @field_validator("prefix", "incoming_prefix", "step_outputs_prefix")
     @classmethod
     def _clean_prefix(cls, value: str) -> str:
         cleaned = value.strip().strip("/")
@@ -82,9 +88,31 @@ class S3Config(BaseSettings):
             raise ValueError("must not contain '..'")
         return cleaned
 
+    @model_validator(mode="after")
+    def _step_outputs_apart_from_producers(self) -> S3Config:
+        """The default below S3_PREFIX, and never below the incoming prefix, where producers
+        write: step outputs there could be forged."""
+        if not self.step_outputs_prefix:
+            self.step_outputs_prefix = "/".join(p for p in (self.prefix, STEP_OUTPUTS_FOLDER) if p)
+        incoming, value = self.incoming_prefix, self.step_outputs_prefix
+        if incoming and (value == incoming or value.startswith(incoming + "/")):
+            raise ValueError(
+                f"S3_STEP_OUTPUTS_PREFIX={value} must not be below S3_INCOMING_PREFIX={incoming}, where producers write"
+            )
+        return self
+
     @property
     def incoming_bucket_name(self) -> str:
         return self.incoming_bucket or self.bucket
+
+    def reserved_folders(self) -> tuple[str, ...]:
+        """Top folders below S3_PREFIX that hold the product's own objects, where no source
+        may land: image outputs, and step outputs when S3_STEP_OUTPUTS_PREFIX is inside S3_PREFIX."""
+        reserved = [IMAGE_OUTPUT_FOLDER]
+        inside = self.step_outputs_prefix.removeprefix(self.prefix + "/") if self.prefix else self.step_outputs_prefix
+        if inside != self.step_outputs_prefix or not self.prefix:
+            reserved.append(inside.split("/", 1)[0])
+        return tuple(reserved)
 
 
 class MonitoringConfig(BaseSettings):
@@ -117,6 +145,9 @@ class ProcessingConfig(BaseSettings):
     progress_db_path: Path = Path("./progress.db")
     parquet_compression: Literal["ZSTD", "SNAPPY"] = "ZSTD"
     chunk_size: int = Field(50000, gt=0)
+    # The largest file (or object) processed; bigger ones are FAILED unread. 64 GiB stays
+    # under what a multipart upload of 8 MiB parts can hold (10,000 parts, 78 GiB).
+    max_file_bytes: int = Field(64 * 2**30, gt=0)
     mongodb_uri: SecretStr = SecretStr("")
     mongodb_database: str = "s3proc"
     reports_db_path: Path = Path("./data/reports.duckdb")
@@ -139,7 +170,7 @@ class ProcessingConfig(BaseSettings):
     # Comma-separated; `NA,` is ("NA", ""): NA and the empty field. Not JSON (NoDecode).
     csv_null_strings: Annotated[tuple[str, ...], NoDecode] = CSV_NULL_STRINGS_DEFAULT
     # `single`: one machine. `shared`: a run, or its re-execution, may land on any node, so
-    # the steps' outputs go to S3 (under S3_PREFIX/_dagster/) instead of DAGSTER_HOME, and
+    # the steps' outputs go to S3 (under S3_STEP_OUTPUTS_PREFIX) instead of DAGSTER_HOME, and
     # the progress store must be one every node reaches (MongoDB). See the README.
     deployment: Literal["single", "shared"] = "single"
 
@@ -280,6 +311,8 @@ _GROUPS: dict[str, tuple[type[BaseSettings], str]] = {
 
 
 def _describe(prefix: str, error: dict) -> str:
+    if not error["loc"]:  # a check across fields: its message names them, and the input holds secrets
+        return error["msg"].removeprefix("Value error, ")
     field = ".".join(str(p) for p in error["loc"])
     variable = f"{prefix}{field}".upper()
     value = error.get("input")

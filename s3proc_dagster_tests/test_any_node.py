@@ -10,6 +10,7 @@ re-execution. Real SeaweedFS, real faults through the proxy, nothing mocked.
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -247,7 +248,7 @@ def shared_deployment(
     return deployment
 
 
-def test_a_shared_deployment_keeps_step_outputs_under_the_bucket_prefix_and_reexecutes_from_them(
+def test_a_shared_deployment_keeps_step_outputs_as_json_outside_the_data_prefix_and_reexecutes_from_them(
     shared_deployment: Deployment, mongodb_uri: str, mongodb_database: str, tmp_path: Path
 ) -> None:
     deployment = shared_deployment
@@ -256,11 +257,16 @@ def test_a_shared_deployment_keeps_step_outputs_under_the_bucket_prefix_and_reex
     config = {"ops": {"checksum_calculation": {"config": {"path": str(src)}}}}
     mark = len(deployment.proxy.put_keys)
     failed = run_failing_puts(deployment, lambda: run_config(deployment, config), f"/{part_key(dataset, sha, 1)}")
-    outputs = f"{deployment.prefix}/_dagster/storage/"
+    outputs = f"{deployment.prefix}/_s3proc/step-outputs/"  # a folder no source may land in
     before = ["checksum_calculation", "type_detection", "archive_extraction", "parquet_conversion"]
     assert list_keys(deployment, outputs + failed.run_id + "/") == sorted(
-        f"{outputs}{failed.run_id}/{step}/result" for step in before
+        f"{outputs}{failed.run_id}/{step}/result.json" for step in before
     )
+    document = deployment.s3.client().get_object(
+        Bucket=deployment.s3.bucket, Key=f"{outputs}{failed.run_id}/checksum_calculation/result.json"
+    )
+    assert json.loads(document["Body"].read())["sha256"] == sha  # data, not a pickle
+    assert list_keys(deployment, f"{deployment.prefix}/_dagster/") == []
     local = Path(deployment.env["DAGSTER_HOME"]) / "storage"  # where FilesystemIOManager would write
     assert [step for step in before if (local / failed.run_id / step).exists()] == []
 
@@ -283,7 +289,7 @@ def test_a_shared_deployment_keeps_step_outputs_under_the_bucket_prefix_and_reex
     steps = ["streaming", "integrity_verification", "progress_update"]
     assert [step for step in steps if (local / again.run_id / step).exists()] == []
     assert list_keys(deployment, outputs + again.run_id + "/") == [
-        f"{outputs}{again.run_id}/{step}/result" for step in ("integrity_verification", "streaming")
+        f"{outputs}{again.run_id}/{step}/result.json" for step in ("integrity_verification", "streaming")
     ]  # progress_update returns nothing
     bucket_prefix = f"/{deployment.s3.bucket}/{deployment.prefix}/"
     assert [k for k in deployment.proxy.put_keys[mark:] if not k.startswith(bucket_prefix)] == []

@@ -114,7 +114,7 @@ def test_object_with_metadata_ends_completed_with_source_and_priority(deployment
     requests, _ = incoming_tick(deployment, None)
     (request,) = under(requests, folder)
     assert request.tags["dagster/priority"] == "10"
-    assert request.tags["s3proc/campaignId"] == "spring-promo-2024"
+    assert request.tags["s3proc.meta/campaignId"] == "spring-promo-2024"
     result = execute(request, deployment)
     assert result.success
     run = deployment.instance().get_run_by_id(result.run_id)

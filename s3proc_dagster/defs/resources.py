@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-from dagster_aws.s3 import S3PickleIOManager, S3Resource
+from dagster_aws.s3 import S3Resource
 from dagster_duckdb import DuckDBResource
 from pydantic import Field, PrivateAttr
 
@@ -143,28 +143,23 @@ class ReportsDatabase(DuckDBResource):
             yield conn
 
 
-STEP_OUTPUTS_FOLDER = "_dagster"  # below S3_PREFIX: the product never writes outside its prefix
-
-
 class StepOutputs(dg.ConfigurableIOManagerFactory):
-    """Where a run's steps keep their outputs for the next step and for "Re-execute from
-    failure": DAGSTER_HOME's storage on one machine (`DEPLOYMENT=single`), S3 under
-    `S3_PREFIX/_dagster/` when a re-execution may land on another node (`shared`).
-
-    Chosen when a run starts, from the settings, so that importing the code location reads
-    none. The outputs are small records pointing into the staging area; a node that lacks
-    the files behind them derives them again (`pipeline.staged_snapshot`).
-    """
+    """Where a run's steps keep their outputs, as JSON (`step_outputs`): DAGSTER_HOME's
+    storage on one machine (`DEPLOYMENT=single`), S3 under S3_STEP_OUTPUTS_PREFIX when a
+    re-execution may land on another node (`shared`). Chosen when a run starts, from the
+    settings, so that importing the code location reads none. A node that lacks the
+    staged files the outputs point to derives them again (`pipeline.staged_snapshot`)."""
 
     settings: Settings
     s3: S3Storage
 
     def create_io_manager(self, context: dg.InitResourceContext) -> dg.IOManager:
+        from s3proc_dagster.defs.step_outputs import local_outputs, outputs_in_s3
+
         if not self.settings.config.processing.shared:
-            return dg.FilesystemIOManager().create_io_manager(context)
-        return S3PickleIOManager(
-            s3_resource=self.s3, s3_bucket=self.s3.bucket, s3_prefix=self.s3.key(STEP_OUTPUTS_FOLDER)
-        )
+            assert context.instance is not None
+            return local_outputs(Path(context.instance.storage_directory()))
+        return outputs_in_s3(self.s3.get_client(), self.s3.bucket, self.settings.config.s3.step_outputs_prefix)
 
 
 def resources_for(settings: Settings) -> dict[str, Any]:

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from s3proc_dagster.errors import UnsafeSourceError
+from s3proc_dagster.sources.confined import check_size, open_regular
+
 BLOCK_SIZE = 1 << 20  # 1 MiB: large enough for throughput, small enough to never matter for memory
 
 
@@ -35,22 +38,33 @@ def iter_blocks(readable: BinaryIO, block_size: int = BLOCK_SIZE) -> Iterator[by
 
 
 def sha256_file(path: Path) -> str:
+    """The SHA-256 of a file the product wrote itself (a snapshot, a part); a producer's
+    file is hashed through `sha256_stream` on a descriptor `sources.confined` opened."""
     with path.open("rb") as readable:
-        return _copy_and_hash(readable, None)[0]
+        return sha256_stream(readable)
 
 
-def snapshot(source: Path, staging_dir: Path) -> Snapshot:
-    """Stage a local file; the source is only ever opened for reading."""
-    with source.open("rb") as readable:
-        return snapshot_stream(readable, source.name, staging_dir)
+def sha256_stream(readable: BinaryIO) -> str:
+    return _copy_and_hash(readable, None)[0]
 
 
-def snapshot_stream(readable: BinaryIO, name: str, staging_dir: Path) -> Snapshot:
+def snapshot(source: Path, staging_dir: Path, roots: tuple[Path, ...] = (), max_bytes: int | None = None) -> Snapshot:
+    """Stage a local file: opened read-only without following links below `roots`
+    (`sources.confined`), refused over `max_bytes` or when sparse."""
+    with open_regular(source, roots) as readable:
+        if max_bytes is not None:
+            check_size(readable, source.name, max_bytes)
+        return snapshot_stream(readable, source.name, staging_dir, max_bytes)
+
+
+def snapshot_stream(readable: BinaryIO, name: str, staging_dir: Path, max_bytes: int | None = None) -> Snapshot:
     """Stage any binary stream (a local file, an S3 body) under its checksum.
 
     The bytes go to a temporary file in `staging_dir` first, because the checksum, and so
     the final folder, is only known at the end; the rename is atomic, so a reader never
     sees a half-written snapshot and two workers staging the same version cannot clash.
+    `max_bytes` bounds what is copied, whatever the source said its size was (a file can
+    grow while it is read).
     """
     _check_plain_name(name)
     staging_dir.mkdir(parents=True, exist_ok=True)
@@ -58,16 +72,20 @@ def snapshot_stream(readable: BinaryIO, name: str, staging_dir: Path) -> Snapsho
     temp = Path(temp_name)
     try:
         with os.fdopen(fd, "wb") as out:
-            sha256, size = _copy_and_hash(readable, out)
+            sha256, size = _copy_and_hash(readable, out, max_bytes, name)
         return Snapshot(_publish(temp, staging_dir / sha256 / name, sha256), sha256, size)
     finally:
         temp.unlink(missing_ok=True)
 
 
-def _copy_and_hash(readable: BinaryIO, out: BinaryIO | None) -> tuple[str, int]:
+def _copy_and_hash(
+    readable: BinaryIO, out: BinaryIO | None, max_bytes: int | None = None, name: str = ""
+) -> tuple[str, int]:
     digest = hashlib.sha256()
     size = 0
     for block in iter_blocks(readable):
+        if max_bytes is not None and size + len(block) > max_bytes:
+            raise UnsafeSourceError(f"{name}: more than MAX_FILE_BYTES ({max_bytes:,}) bytes")
         digest.update(block)
         if out is not None:
             out.write(block)

@@ -16,6 +16,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from s3proc_dagster.errors import UnsafeSourceError
+from s3proc_dagster.sources.confined import confined_path, is_regular
 from s3proc_dagster.sources.paths import relative_to_watch
 
 NOTE_SUFFIX = ".error.json"
@@ -24,12 +26,21 @@ NOTE_SUFFIX = ".error.json"
 def park(original: Path, watch: Path, error_dir: Path, note: dict[str, Any]) -> Path:
     """Move `original` into the error directory with its note; return where it went.
 
-    Raises OSError (PermissionError, a full disk...) when it cannot: the original is then
-    untouched, since the note is written only after the move succeeded.
+    Only a regular file below WATCH_PATH through real folders is moved, and only to below
+    ERROR_DIRECTORY: a path a link leads out of either is refused (UnsafeSourceError), so
+    no file elsewhere can be moved by naming it. Raises OSError (PermissionError, a full
+    disk...) when the move fails: the original is then untouched, since the note is
+    written only after the move succeeded.
     """
-    target = error_dir / relative_to_watch(original, watch)
+    source = confined_path(original, watch)
+    if source is None or not is_regular(source):
+        raise UnsafeSourceError(f"{original}: not a regular file below WATCH_PATH; it is not moved")
+    rel = source.relative_to(watch).as_posix()
+    target = confined_path(error_dir / rel, error_dir)
+    if target is None:
+        raise UnsafeSourceError(f"{error_dir / rel}: a link in the error directory; {original} is not moved")
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(original), target)
+    shutil.move(source, target)  # a rename, or a copy across filesystems: either way of this very file
     body = {**note, "failedAt": datetime.now(UTC).isoformat()}
     target.with_name(target.name + NOTE_SUFFIX).write_text(json.dumps(body, indent=2))
     return target
@@ -47,10 +58,16 @@ def parked_location(path: Path, watch: Path, error_dir: Path) -> tuple[Path, Pat
 
 
 def unpark(path: Path, watch: Path, error_dir: Path) -> Path:
-    """Bring a parked file back to the watched directory (a no-op if it is not parked)."""
+    """Bring a parked file back to the watched directory (a no-op if it is not parked).
+
+    Both ends are confined as in `park`: a link planted in the watched directory cannot
+    make the file land outside it."""
     parked, home = parked_location(path, watch, error_dir)
     if parked.exists():
-        home.parent.mkdir(parents=True, exist_ok=True)
-        parked.rename(home)
-        parked.with_name(parked.name + NOTE_SUFFIX).unlink(missing_ok=True)
+        source, target = confined_path(parked, error_dir), confined_path(home, watch)
+        if source is None or target is None or not is_regular(source):
+            raise UnsafeSourceError(f"{home}: a link on the way in or out; {parked} stays where it is")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(source, target)
+        source.with_name(source.name + NOTE_SUFFIX).unlink(missing_ok=True)
     return home

@@ -19,6 +19,7 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import dagster as dg
 
@@ -117,24 +118,32 @@ def index_of(key: str) -> int:
 
 @dataclass(frozen=True)
 class RunFile:
-    """A file a run was started for: what the failure hook and crash recovery need of it."""
+    """A file a run was started for, as the run's config names it: what the failure hook
+    and crash recovery act on. Never read from the run's tags, which metadata shares."""
 
     path: str
     relative_path: str
-    file_id: str | None  # None: a process_file_job run killed before its first step tagged it
+    file_id: str
 
 
-def files_of_run(run: dg.DagsterRun) -> list[RunFile]:
-    """The files a run of either file job was started for, in the batch's order."""
+def _run_file(source: dict, watch_path: Path, incoming_prefix: str) -> RunFile:
+    from s3proc_dagster.errors import UnsafeSourceError
+    from s3proc_dagster.sources.resolve import locate
+
+    path, relative = source["path"], source.get("relative_path") or ""
+    try:
+        located = locate(path, watch_path, incoming_prefix, relative)
+    except UnsafeSourceError:  # its run failed on the name: the record keeps the name as given
+        return RunFile(path, relative or path, make_file_id(relative or path))
+    return RunFile(located.uri, located.relative_path, located.file_id)
+
+
+def files_of_run(run: dg.DagsterRun, watch_path: Path, incoming_prefix: str = "") -> list[RunFile]:
+    """The files a run of either file job was started for, in the batch's order, located
+    by the same rule as the run's first step (`sources.resolve.locate`)."""
     ops = (run.run_config or {}).get("ops", {})
     if run.job_name == PROCESS_FILES_JOB:
-        files = []
-        for source in ops.get(BATCH_OP, {}).get("config", {}).get("files", []):
-            relative = source.get("relative_path") or source["path"]
-            files.append(RunFile(source["path"], relative, make_file_id(relative)))
-        return files
-    source = ops.get("checksum_calculation", {}).get("config")
-    if not source:
-        return []
-    relative = source.get("relative_path") or source["path"]
-    return [RunFile(source["path"], relative, run.tags.get(f"{TAG}/file_id"))]
+        sources = ops.get(BATCH_OP, {}).get("config", {}).get("files", [])
+    else:
+        sources = [source] if (source := ops.get("checksum_calculation", {}).get("config")) else []
+    return [_run_file(source, watch_path, incoming_prefix) for source in sources]

@@ -12,10 +12,10 @@ from typing import Any
 
 import dagster as dg
 
-from s3proc_dagster.errors import S3ProcError
 from s3proc_dagster.images.request_csv import looks_like_request_csv
 from s3proc_dagster.models import FileStatus, make_file_id
 from s3proc_dagster.runs.tags import TAG, file_run_tags
+from s3proc_dagster.sources.confined import is_regular
 from s3proc_dagster.sources.metadata import read_sidecar, run_tags
 from s3proc_dagster.sources.resolve import relative_key
 
@@ -32,20 +32,26 @@ def run_request_for(
     run_key: str | None,
     file_id: str | None = None,
     metadata: dict[str, Any] | None = None,
+    roots: tuple[Path, ...] = (),
 ) -> dg.RunRequest:
     """A product CSV (by its header, not its name) goes to image_request_job; any other
-    file to process_file_job. File metadata becomes tags, `priority` the run's priority."""
-    if path.lower().endswith(".csv") and "://" not in path and looks_like_request_csv(Path(path)):
+    file to process_file_job. File metadata becomes tags, `priority` the run's priority.
+
+    Whatever is wrong with the file or its sidecar (a link, an unreadable or hostile
+    sidecar) is left to the file's own run, which fails with the reason: a request is
+    always made, so one bad file never stops a sensor's tick for the others."""
+    local = "://" not in path
+    if path.lower().endswith(".csv") and local and is_regular(path) and looks_like_request_csv(Path(path)):
         return dg.RunRequest(
             run_key=run_key,
             job_name=IMAGE_REQUEST_JOB,
             run_config={"ops": {"validate_request": {"config": {"path": path}}}},
             tags={f"{TAG}/path": relative_path, f"{TAG}/kind": "image_request", **run_tags(metadata or {})},
         )
-    if metadata is None and "://" not in path:
+    if metadata is None and local:
         try:
-            metadata = read_sidecar(Path(path))
-        except S3ProcError:
+            metadata = read_sidecar(Path(path), roots)
+        except Exception:
             metadata = {}  # the run fails on it with a message naming the sidecar
     return dg.RunRequest(
         job_name=PROCESS_FILE_JOB,
@@ -69,7 +75,7 @@ def requeued(store_files: list[FileStatus], root: Path) -> list[dg.RunRequest]:
     out = []
     for status in store_files:
         path = Path(status.file_path)
-        if status.processing_started_at is None or "://" in status.file_path or not path.is_file():
+        if status.processing_started_at is None or "://" in status.file_path or not is_regular(path):
             continue
         try:
             rel = path.relative_to(root).as_posix()
@@ -77,7 +83,7 @@ def requeued(store_files: list[FileStatus], root: Path) -> list[dg.RunRequest]:
             continue
         st = path.stat()
         key = f"{rel}:{st.st_size}:{st.st_mtime_ns}:{_retry_stamp(status)}"
-        out.append(run_request_for(str(path), rel, key, status.file_id))
+        out.append(run_request_for(str(path), rel, key, status.file_id, roots=(root,)))
     return out
 
 

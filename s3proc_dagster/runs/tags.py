@@ -7,18 +7,20 @@ from typing import Any
 
 from s3proc_dagster.sources.metadata import run_tags
 
-TAG = "s3proc"  # s3proc/path, s3proc/source, s3proc/file_id, s3proc/extension, s3proc/<metadata key>
+TAG = "s3proc"  # s3proc/path, s3proc/source, s3proc/file_id, s3proc/extension; metadata: s3proc.meta/<key>
 
 
 def file_run_tags(
     relative_path: str, source: str, file_id: str, metadata: dict[str, Any] | None = None
 ) -> dict[str, str]:
     """A sensor puts these on the runs it requests; a run started another way (`dagster
-    job launch`, the Launchpad) gets them from its first step, so all runs look alike."""
+    job launch`, the Launchpad) gets them from its first step, so all runs look alike.
+    The file's metadata comes first and in its own namespace: the product's tags, which
+    say which file the run is for, are never the producer's to set."""
     return {
+        **run_tags(metadata or {}),
         f"{TAG}/path": relative_path,
         f"{TAG}/source": source,
         f"{TAG}/file_id": file_id,
         f"{TAG}/extension": PurePosixPath(relative_path).suffix.lower().lstrip(".") or "none",
-        **run_tags(metadata or {}),
     }

@@ -1,8 +1,13 @@
-"""File metadata (seed 000's `metadata`: source, campaignId, priority, ...).
+"""File metadata (the file document's `metadata`: source, campaignId, priority, ...).
 
 Local files carry it in a sidecar `<file name>.meta.json`; S3 objects in their user
-metadata. Either way it lands in FileStatus.metadata, in run tags (`s3proc/<key>`), and
-`priority` becomes the run's `dagster/priority`, so the run queue starts urgent files first.
+metadata. Either way it lands in FileStatus.metadata and in run tags of its own
+namespace (`s3proc.meta/<key>`), and `priority` becomes the run's `dagster/priority`, so
+the run queue starts urgent files first. Metadata is the producer's, so it is data and
+never identity: no key can reach the product's own tags (`s3proc/path`, `s3proc/file_id`,
+...), which say where the file is and which the failure hook and recovery rely on. A
+sidecar is bounded (bytes, keys, key length) and read without following links; any
+failure to read it is that file's FAILED reason, never the sensor's.
 """
 
 from __future__ import annotations
@@ -13,9 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from s3proc_dagster.errors import UnsupportedFileError
+from s3proc_dagster.sources.confined import open_regular
 from s3proc_dagster.sources.watch import SIDECAR_SUFFIX
 
 PRIORITIES = {"high": 10, "normal": 0, "low": -10}
+META_TAG = "s3proc.meta"  # s3proc.meta/<key>: a namespace apart from the product's `s3proc/` tags
+SIDECAR_MAX_BYTES = 64 * 1024  # a sidecar is a few fields; 64 KiB also bounds JSON nesting
+MAX_KEYS = 32
+MAX_KEY_CHARS = 64
+MAX_TAG_VALUE_CHARS = 200
 _TAG_KEY = re.compile(r"[^A-Za-z0-9_.\-]")
 
 
@@ -23,19 +34,41 @@ def sidecar_path(path: Path) -> Path:
     return path.with_name(path.name + SIDECAR_SUFFIX)
 
 
-def read_sidecar(path: Path) -> dict[str, Any]:
-    """The sidecar's JSON object, {} when there is none; a malformed one is an error that
-    names it, so the user knows which file to fix."""
+def read_sidecar(path: Path, roots: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The sidecar's JSON object, {} when there is none; anything wrong with it is an
+    UnsupportedFileError that names it, so the user knows which file to fix."""
     sidecar = sidecar_path(path)
-    if not sidecar.is_file():
-        return {}
     try:
-        data = json.loads(sidecar.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UnsupportedFileError(f"{sidecar.name}: metadata sidecar is not valid JSON ({exc})") from None
+        with open_regular(sidecar, roots) as readable:
+            raw = readable.read(SIDECAR_MAX_BYTES + 1)
+    except FileNotFoundError:
+        return {}
+    except UnsupportedFileError as exc:
+        raise UnsupportedFileError(f"metadata sidecar {exc}") from None
+    except OSError as exc:
+        raise UnsupportedFileError(f"{sidecar.name}: metadata sidecar cannot be read ({exc.strerror or exc})") from None
+    if len(raw) > SIDECAR_MAX_BYTES:
+        raise UnsupportedFileError(f"{sidecar.name}: metadata sidecar is over {SIDECAR_MAX_BYTES:,} bytes")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise UnsupportedFileError(f"{sidecar.name}: metadata sidecar is not valid JSON ({reason})") from None
     if not isinstance(data, dict):
         raise UnsupportedFileError(f"{sidecar.name}: metadata sidecar must be a JSON object")
+    check_metadata(data, sidecar.name)
     return data
+
+
+def check_metadata(metadata: dict[str, Any], where: str) -> None:
+    """At most MAX_KEYS keys of at most MAX_KEY_CHARS characters: they become run tags."""
+    if len(metadata) > MAX_KEYS:
+        raise UnsupportedFileError(f"{where}: metadata has {len(metadata)} keys, at most {MAX_KEYS} are accepted")
+    for key in metadata:
+        if len(str(key)) > MAX_KEY_CHARS:
+            raise UnsupportedFileError(
+                f"{where}: metadata key {str(key)[:MAX_KEY_CHARS]!r}... is longer than {MAX_KEY_CHARS} characters"
+            )
 
 
 def priority_value(metadata: dict[str, Any]) -> int:
@@ -49,7 +82,11 @@ def priority_value(metadata: dict[str, Any]) -> int:
 
 
 def run_tags(metadata: dict[str, Any]) -> dict[str, str]:
-    tags = {f"s3proc/{_TAG_KEY.sub('_', str(k))}": str(v)[:200] for k, v in metadata.items()}
+    """`s3proc.meta/<key>` per key (values cut to MAX_TAG_VALUE_CHARS), and the bounded priority."""
+    tags = {
+        f"{META_TAG}/{_TAG_KEY.sub('_', str(k))[:MAX_KEY_CHARS]}": str(v)[:MAX_TAG_VALUE_CHARS]
+        for k, v in list(metadata.items())[:MAX_KEYS]
+    }
     if "priority" in metadata:
         tags["dagster/priority"] = str(priority_value(metadata))
     return tags

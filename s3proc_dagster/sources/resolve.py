@@ -1,34 +1,44 @@
 """What a run is asked to process: a local path or an `s3://` URI, turned into a Source.
 
 One rule for every way a run starts (the sensors, `s3proc process`, `dagster job launch`,
-the Launchpad): the relative path is the path below WATCH_PATH, or the key below
-S3_INCOMING_PREFIX; the file's metadata comes from its sidecar or its object's user
-metadata. The fileId derives from the relative path, so a file has the same id whichever
-way it came.
+the Launchpad) and for everything that later needs the run's file (the failure hook,
+crash recovery): `locate` says where the file is and what it is called, from the run's
+config alone, and `resolve_source` adds its metadata. The relative path is the path
+below WATCH_PATH, or the key below S3_INCOMING_PREFIX; the fileId derives from it, so a
+file has the same id whichever way it came. Nothing a producer controls (a sidecar,
+object metadata, a link) can change where a file is or what it is called.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from s3proc_dagster.errors import RecordNotFound
 from s3proc_dagster.models import make_file_id
+from s3proc_dagster.sources.confined import is_regular, lexically_below
 from s3proc_dagster.sources.metadata import read_sidecar
-from s3proc_dagster.sources.paths import relative_to_watch
+from s3proc_dagster.sources.names import check_canonical, check_source_path
 from s3proc_dagster.sources.s3_incoming import metadata_from_object
 
 
 @dataclass(frozen=True)
 class Source:
-    """Where a file came from: a path under the watched directory, or an S3 object."""
+    """Where a file came from: a path under the watched directory, or an S3 object.
+
+    `root` is the watched directory a local file was found below (opened without
+    following links from there, `sources.confined`); None for an object, or for a file
+    the operator named outside it.
+    """
 
     uri: str  # absolute local path, or s3://bucket/key
     relative_path: str  # below the watched directory or the S3 incoming prefix
     s3_bucket: str | None = None
     s3_key: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    root: str | None = None
 
     @property
     def name(self) -> str:
@@ -42,39 +52,74 @@ class Source:
     def is_object(self) -> bool:
         return self.s3_key is not None
 
+    @property
+    def roots(self) -> tuple[Path, ...]:
+        return (Path(self.root),) if self.root else ()
+
 
 def split_uri(uri: str) -> tuple[str, str]:
+    """`s3://bucket/key` -> (bucket, key): the one parser of the product's S3 URIs."""
     bucket, _, key = uri.removeprefix("s3://").partition("/")
     return bucket, key
 
 
+def prefix_folder(prefix: str) -> str:
+    """A key prefix as the folder it names, `a/b/` (empty for the bucket's top)."""
+    cleaned = prefix.strip("/")
+    return cleaned + "/" if cleaned else ""
+
+
 def relative_key(key: str, incoming_prefix: str) -> str:
     """An object's path below the incoming prefix (the whole key when it is elsewhere)."""
-    root = incoming_prefix.strip("/") + "/" if incoming_prefix.strip("/") else ""
-    return key.removeprefix(root)
+    return key.removeprefix(prefix_folder(incoming_prefix))
 
 
-def resolve_source(
-    target: str, watch_path: Path, incoming_prefix: str = "", client: Any = None, relative_path: str = ""
-) -> Source:
-    """The Source `target` names, with its metadata; `relative_path` overrides the rule.
+def locate(target: str, watch_path: Path, incoming_prefix: str = "", relative_path: str = "") -> Source:
+    """Where `target` is and its relative path, without reading it; `relative_path` overrides the rule.
 
-    Raises RecordNotFound when a local file does not exist (a permanent error: it will
-    not appear by retrying), UnsupportedFileError for a malformed sidecar.
+    A local path is taken as spelled (`..` folded, the last component never resolved), so
+    a link in the watched directory stays a link, which `sources.confined` then refuses to
+    follow. Only the folder above it is resolved when the spelling is not below
+    WATCH_PATH, so a path through a symlinked checkout still finds its watched file. A
+    file outside WATCH_PATH is known by its name alone. The relative path must be one
+    canonical spelling (`sources.names`).
     """
     if target.startswith("s3://"):
         bucket, key = split_uri(target)
-        head = client.head_object(Bucket=bucket, Key=key) if client is not None else {}
-        return Source(
-            uri=target,
-            relative_path=relative_path or relative_key(key, incoming_prefix),
-            s3_bucket=bucket,
-            s3_key=key,
-            metadata=metadata_from_object(head.get("Metadata", {})),
-        )
-    path = Path(target).resolve()
-    if not path.is_file():
-        raise RecordNotFound(f"{target}: no such file")
-    return Source(
-        uri=str(path), relative_path=relative_path or relative_to_watch(path, watch_path), metadata=read_sidecar(path)
-    )
+        rel = check_canonical(relative_path or relative_key(key, incoming_prefix))
+        return Source(uri=target, relative_path=rel, s3_bucket=bucket, s3_key=key)
+    path = Path(os.path.normpath(os.path.abspath(target)))
+    below = lexically_below(path, watch_path)
+    if below is None:
+        through = path.parent.resolve() / path.name
+        below = lexically_below(through, watch_path)
+        path = through if below is not None else path
+    rel = check_canonical(relative_path or below or path.name)
+    return Source(uri=str(path), relative_path=rel, root=str(watch_path) if below is not None else None)
+
+
+def resolve_source(
+    target: str,
+    watch_path: Path,
+    incoming_prefix: str = "",
+    client: Any = None,
+    relative_path: str = "",
+    reserved: tuple[str, ...] = (),
+) -> Source:
+    """`locate`, and the file's metadata from its sidecar or its object's user metadata.
+
+    Raises RecordNotFound when a local file does not exist (a permanent error: it will
+    not appear by retrying), UnsupportedFileError for a malformed sidecar, UnsafeSourceError
+    for a path that is not canonical, would land inside another file's dataset or in the
+    product's `reserved` folders (`sources.names`).
+    """
+    source = locate(target, watch_path, incoming_prefix, relative_path)
+    check_source_path(source.relative_path, reserved)
+    if source.is_object:
+        head = client.head_object(Bucket=source.s3_bucket, Key=source.s3_key) if client is not None else {}
+        metadata = metadata_from_object(head.get("Metadata", {}))
+    else:
+        if not os.path.lexists(source.uri):
+            raise RecordNotFound(f"{target}: no such file")
+        metadata = read_sidecar(Path(source.uri), source.roots) if is_regular(source.uri) else {}
+    return Source(source.uri, source.relative_path, source.s3_bucket, source.s3_key, metadata, source.root)

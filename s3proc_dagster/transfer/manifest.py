@@ -19,6 +19,7 @@ and every part it lists is in S3 with its size and checksum (`is_intact`).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -31,6 +32,8 @@ from s3proc_dagster.transfer.verify import object_matches
 MANIFEST_NAME = "_manifest.json"
 SYMLINK_MANIFEST = "_symlink_format_manifest/manifest"
 VERSION_HEX = 16
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_VERSION_FOLDER = re.compile(rf"v-[0-9a-f]{{{VERSION_HEX}}}/")
 
 
 def version_folder(sha256: str) -> str:
@@ -183,6 +186,8 @@ def commit(client: Any, bucket: str, manifest: Manifest) -> int:
     Returns how many objects of earlier versions (or strays of crashed runs) were deleted.
     The caller holds the file's claim, so no other run writes under the dataset meanwhile.
     """
+    if any(_CONTROL.search(p.key) for p in manifest.chunks):  # one line per part, so no line breaks in keys
+        raise ValueError(f"{manifest.dataset_key}: a part key holds a control character")
     lines = "".join(f"s3://{bucket}/{p.key}\n" for p in manifest.chunks)
     upload_bytes(
         client, bucket, join_key(manifest.dataset_key, SYMLINK_MANIFEST), lines.encode(), content_type="text/plain"
@@ -195,4 +200,16 @@ def commit(client: Any, bucket: str, manifest: Manifest) -> int:
         content_type="application/json",
         metadata={"x-completed": "true", "x-file-sha256": manifest.file_sha256},
     )
-    return delete_prefix(client, bucket, manifest.dataset_key + "/", keep=manifest.vouched_keys())
+    return delete_stale_versions(client, bucket, manifest.dataset_key, keep=manifest.vouched_keys())
+
+
+def delete_stale_versions(client: Any, bucket: str, dataset_key: str, keep: set[str]) -> int:
+    """Delete the dataset's version folders' objects except `keep`; return how many.
+
+    Only `<dataset>/v-<hex>/...` is the dataset's to clean: whatever else sits below its
+    folder (another source's objects, had one ever landed there) is never touched.
+    """
+    folder = dataset_key.rstrip("/") + "/"
+    return delete_prefix(
+        client, bucket, folder, keep=keep, only=lambda key: _VERSION_FOLDER.match(key, len(folder)) is not None
+    )

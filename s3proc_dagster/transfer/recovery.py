@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from s3proc_dagster.errors import s3_error_code
@@ -23,11 +23,18 @@ def abort(client: Any, bucket: str, key: str, upload_id: str) -> None:
             raise
 
 
-def delete_prefix(client: Any, bucket: str, prefix: str, keep: set[str] | frozenset[str] = frozenset()) -> int:
-    """Delete objects under `prefix` except `keep`, 1,000 per request; return how many."""
+def delete_prefix(
+    client: Any,
+    bucket: str,
+    prefix: str,
+    keep: set[str] | frozenset[str] = frozenset(),
+    only: Callable[[str], bool] = lambda _key: True,
+) -> int:
+    """Delete objects under `prefix` that `only` admits, except `keep`, 1,000 per request; return how many."""
     deleted = 0
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        deleted += delete_keys(client, bucket, [o["Key"] for o in page.get("Contents", []) if o["Key"] not in keep])
+        keys = [o["Key"] for o in page.get("Contents", []) if o["Key"] not in keep and only(o["Key"])]
+        deleted += delete_keys(client, bucket, keys)
     return deleted
 
 

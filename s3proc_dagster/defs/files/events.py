@@ -5,21 +5,18 @@ catalog's folders are the watched directory's folders; each chunk is one materia
 (rows, bytes, S3 URI, SHA-256, offsets), and the file one more when it completes.
 """
 
-import re
-
 import dagster as dg
 
 from s3proc_dagster.models import FileStatus
 from s3proc_dagster.pipeline import FileVersion, GaveUp, PreparedItem, UploadedObject
 from s3proc_dagster.stores.base import ClaimOutcome
 
-_KEY_PART = re.compile(r"[^A-Za-z0-9_\-]")
-
 
 def asset_key_for(prefix: str, relative_path: str) -> dg.AssetKey:
-    """Stable per-file asset key: the bucket prefix and relative path, folder by folder."""
-    parts = [p for p in f"{prefix}/{relative_path}".split("/") if p]
-    return dg.AssetKey([_KEY_PART.sub("_", p) for p in parts])
+    """Stable per-file asset key: the bucket prefix and relative path, folder by folder,
+    spelled exactly (Dagster takes any text in a key's parts), so two files never share
+    a key: `promo.csv` and `promo_csv` stay apart."""
+    return dg.AssetKey([p for p in f"{prefix}/{relative_path}".split("/") if p])
 
 
 def object_landed(obj: UploadedObject, prefix: str, uri: str) -> dg.AssetMaterialization:

@@ -75,13 +75,14 @@ def reconcile(
 ) -> None:
     """Fail runs whose worker is gone, then `recovery.reconcile`: their files, abandoned
     uploads and staging no file needs."""
+    cfg = settings.config
     dead = []
     for record in reap_dead_runs(context.instance, PRODUCT_JOBS, exclude_run_id=context.run_id):
         run = record.dagster_run
         context.log.info(f"run {run.run_id}: its worker is gone; reported failed")
         started = record.start_time or record.create_timestamp.timestamp()
-        dead += [recovery.DeadRun(run.run_id, started, f.file_id, f.path) for f in files_of_run(run)]
-    cfg = settings.config
+        files = files_of_run(run, cfg.monitoring.watch_path, cfg.s3.incoming_prefix)
+        dead += [recovery.DeadRun(run.run_id, started, f.file_id, f.path) for f in files]
     incoming = cfg.s3.incoming_prefix.strip("/") + "/" if cfg.s3.incoming_prefix else ""
     report = recovery.reconcile(
         progress_store.open(),

@@ -92,9 +92,15 @@ def _snapshot(
         client = s3.get_client() if path.startswith("s3://") else None
         cfg = settings.config
         source = resolve_source(
-            path, cfg.monitoring.watch_path, cfg.s3.incoming_prefix, client, source_config.relative_path
+            path,
+            cfg.monitoring.watch_path,
+            cfg.s3.incoming_prefix,
+            client,
+            source_config.relative_path,
+            reserved=cfg.s3.reserved_folders(),
         )
-        version = pipeline.take_snapshot(source, settings.staging, progress_store.open(), claimant(context), client)
+        store, max_bytes = progress_store.open(), cfg.processing.max_file_bytes
+        version = pipeline.take_snapshot(source, settings.staging, store, claimant(context), client, max_bytes)
     if version.outcome is not ClaimOutcome.CLAIMED:
         context.log.info(events.skipped(version))
         return
@@ -275,25 +281,24 @@ def progress_update(
 @dg.failure_hook(required_resource_keys={"progress_store", "settings", "s3"})
 def mark_failed(context: dg.HookContext) -> None:
     """After an op's last retry: FAILED with the step and the reason, uploads given up,
-    the original parked in the error directory (`pipeline.give_up`)."""
+    the original parked in the error directory (`pipeline.give_up`). The file is the one
+    the run's config names, located as its first step located it: never a run tag, which
+    a file's metadata could otherwise forge."""
     error = context.op_exception
     message = getattr(error, "description", None) or (str(error) if error else "unknown error")
+    cfg = context.resources.settings.config
     run = context.instance.get_run_by_id(context.run_id)
-    tags = dict(run.tags) if run else {}
+    files = files_of_run(run, cfg.monitoring.watch_path, cfg.s3.incoming_prefix) if run else []
     key = context.step_key.partition("[")[2].rstrip("]")
-    if run is not None and key:  # one file of a batch run: that file, not the batch
-        file = files_of_run(run)[index_of(key)]
-        tags = {f"{TAG}/path": file.relative_path, f"{TAG}/source": file.path, f"{TAG}/file_id": file.file_id or ""}
-    monitoring = context.resources.settings.config.monitoring
-    processing = context.resources.settings.config.processing
+    file = files[index_of(key)] if key and files else (files[0] if files else None)
     gave_up = pipeline.give_up(
         context.resources.progress_store.open(),
         context.resources.s3,  # a hook gets what the resource creates: the boto3 client
         context.run_id,
-        tags.get(f"{TAG}/file_id"),
-        tags.get(f"{TAG}/source"),
+        file.file_id if file else None,
+        file.path if file else None,
         f"{context.op.name}: {message}",
-        monitoring.watch_path,
-        processing.error_directory,
+        cfg.monitoring.watch_path,
+        cfg.processing.error_directory,
     )
-    context.log.error(events.gave_up_message(tags.get(f"{TAG}/path", ""), context.op.name, message, gave_up))
+    context.log.error(events.gave_up_message(file.relative_path if file else "", context.op.name, message, gave_up))

@@ -22,9 +22,11 @@ from s3proc_dagster.runs.liveness import dead_runs, run_is_alive
 from s3proc_dagster.runs.requests import recovery_request, requeued, requeued_objects, run_request_for
 from s3proc_dagster.runs.tags import TAG
 from s3proc_dagster.settings import poll_interval_s
+from s3proc_dagster.sources.resolve import prefix_folder
 from s3proc_dagster.sources.s3_incoming import IncomingCursor, list_incoming, metadata_from_object
 from s3proc_dagster.sources.watch import WatchCursor, evaluate, scan
 from s3proc_dagster.stores.base import ProgressStore
+from s3proc_dagster.transfer import verify
 
 RUN_KEY_TAG = "dagster/run_key"
 
@@ -59,7 +61,9 @@ def watch_directory_sensor(
     requests = requeued(store.list_files(ProcessingStatus.PENDING), root)
     again = {r.tags[f"{TAG}/path"] for r in requests}
     requests += [
-        run_request_for(str(f.path), f.relative_path, f.run_key) for f in ready if f.relative_path not in again
+        run_request_for(str(f.path), f.relative_path, f.run_key, roots=(root,))
+        for f in ready
+        if f.relative_path not in again
     ]
     if cursor.waiting:
         context.log.info(f"{len(cursor.waiting)} file(s) still being written")
@@ -113,13 +117,18 @@ def s3_incoming_sensor(
         IncomingCursor.loads(context.cursor),
         now=datetime.now(UTC),
         ignore_initial=settings.config.monitoring.ignore_initial,
-        exclude_prefixes=(s3.key("") + "/",) if bucket == cfg.bucket else (),
+        # the product's own objects never come back in as input
+        exclude_prefixes=(prefix_folder(cfg.prefix), prefix_folder(cfg.step_outputs_prefix))
+        if bucket == cfg.bucket
+        else (),
     )
     requests = []
     for obj in found:
         if context.instance.get_run_records(dg.RunsFilter(tags={RUN_KEY_TAG: obj.run_key}), limit=1):
             continue  # listed again at a pass boundary, already run
-        head = client.head_object(Bucket=obj.bucket, Key=obj.key)
+        head = verify.head(client, obj.bucket, obj.key)
+        if head is None:
+            continue  # deleted since it was listed
         metadata = metadata_from_object(head.get("Metadata", {}))
         requests.append(run_request_for(obj.uri, obj.relative_path, obj.run_key, metadata=metadata))
     fresh = {r.tags[f"{TAG}/source"] for r in requests}
