@@ -125,21 +125,31 @@ def get_instance() -> dg.DagsterInstance:
 
 def request_for(raw: str, cfg: Configuration) -> dg.RunRequest:
     """The RunRequest the watch or S3 sensor would make for this file: same config, same
-    tags (the file's metadata, `dagster/priority`), so a run started here is one of theirs."""
+    tags (the file's metadata, `dagster/priority`), so a run started here is one of theirs.
+
+    The file is located by the run's own rule (`sources.resolve.locate`: a link is never
+    resolved). A name the run will refuse, or an object whose metadata cannot be read,
+    still gets its run, which records the file FAILED with the reason."""
+    from s3proc_dagster.errors import UnsafeSourceError
     from s3proc_dagster.runs.requests import run_request_for
+    from s3proc_dagster.sources.resolve import locate
     from s3proc_dagster.sources.s3_incoming import metadata_from_object
 
-    if raw.startswith("s3://"):
+    try:
+        source = locate(raw, cfg.monitoring.watch_path, cfg.s3.incoming_prefix)
+    except UnsafeSourceError:
+        return run_request_for(raw if "://" in raw else os.path.abspath(raw), "", run_key="", metadata={})
+    metadata = None
+    if source.is_object:
         from s3proc_dagster.transfer.client import client_for
+        from s3proc_dagster.transfer.verify import head
 
-        bucket, _, key = raw.removeprefix("s3://").partition("/")
-        incoming = cfg.s3.incoming_prefix + "/" if cfg.s3.incoming_prefix else ""
-        head = client_for(cfg.s3).head_object(Bucket=bucket, Key=key)
-        return run_request_for(
-            raw, key.removeprefix(incoming), run_key="", metadata=metadata_from_object(head.get("Metadata", {}))
-        )
-    path = Path(raw).resolve()
-    return run_request_for(str(path), relative_to_watch(path, cfg.monitoring.watch_path), run_key="")
+        try:
+            found = head(client_for(cfg.s3), source.s3_bucket or "", source.s3_key or "") or {}
+        except S3ProcError:
+            found = {}
+        metadata = metadata_from_object(found.get("Metadata", {}))
+    return run_request_for(source.uri, source.relative_path, run_key="", metadata=metadata, roots=source.roots)
 
 
 def _process(args: argparse.Namespace) -> int:
@@ -353,7 +363,16 @@ def build_parser() -> argparse.ArgumentParser:
             "with the same tags as the watch sensor's. Exit status 1 when any run fails."
         ),
     )
-    process.add_argument("paths", nargs="+", metavar="FILE", help="a local file (any path) or an s3:// URI")
+    process.add_argument(
+        "paths",
+        nargs="+",
+        metavar="FILE",
+        help=(
+            "an s3:// URI, or a local file: below WATCH_PATH it is opened without following any link; "
+            "anywhere else it is read as you name it (known by its name alone), but never through a link "
+            "as its last component"
+        ),
+    )
     process.set_defaults(func=_process)
 
     backfill = sub.add_parser(

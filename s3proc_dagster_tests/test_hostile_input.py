@@ -1,0 +1,332 @@
+"""Input that attacks the product itself: whoever drops a file is untrusted.
+
+Each test drops what a hostile producer could drop (a sidecar naming another file, a
+link, a key with a newline, a file inside another's dataset, a sparse file of 10 GB) into
+the real deployment (SeaweedFS behind the product) and checks that the product touches
+nothing outside its zone, writes nothing where it must not, and records the file itself
+FAILED with a reason a user can act on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from s3proc_dagster.defs.files.events import asset_key_for
+from s3proc_dagster.errors import UnsafeSourceError
+from s3proc_dagster.models import ProcessingStatus as S
+from s3proc_dagster.models import make_file_id
+from s3proc_dagster.sources.resolve import locate
+from s3proc_dagster_tests.conftest import Deployment
+from s3proc_dagster_tests.pipeline_helpers import (
+    csv_bytes,
+    execute,
+    list_keys,
+    promo_rows,
+    read_dataset,
+    run_requests_under,
+    sensor_tick,
+    source_rows,
+    start_process,
+    wait_for,
+    write_csv,
+)
+from s3proc_dagster_tests.test_operations import watch_sensor_cursor
+from s3proc_dagster_tests.test_s3_incoming import incoming_tick, put, under
+
+BINARY = b"\x00\x01\x02 this is not a CSV \xff"
+
+
+def folder() -> str:
+    return f"hostile-{uuid.uuid4().hex[:8]}"
+
+
+def process(*paths: str) -> tuple[int, str]:
+    """`s3proc process PATHS` as a user runs it; (exit status, what it printed)."""
+    proc = start_process(*paths)
+    out, err = proc.communicate(timeout=300)
+    return proc.returncode, out + err
+
+
+def objects_under(deployment: Deployment, rel_folder: str) -> list[str]:
+    return list_keys(deployment, f"{deployment.prefix}/{rel_folder}/")
+
+
+# ---- a file's metadata never rewrites its identity ---------------------------------------------
+
+
+def test_a_sidecar_naming_another_file_cannot_make_the_failure_hook_move_it(deployment: Deployment) -> None:
+    victim = deployment.root / f"victim-{uuid.uuid4().hex[:6]}.yaml"
+    victim.write_text("service: do-not-move\n")
+    name = folder()
+    bad = deployment.watch / name / "bad.csv"
+    bad.parent.mkdir()
+    bad.write_bytes(BINARY)
+    forged = {"file_id": "pwn-1", "source": str(victim), "path": "elsewhere.csv", "priority": "high"}
+    (bad.parent / "bad.csv.meta.json").write_text(json.dumps(forged))
+
+    (request,) = run_requests_under(sensor_tick(deployment), name)
+    assert request.tags["s3proc/source"] == str(bad)
+    assert request.tags["s3proc/file_id"] == make_file_id(f"{name}/bad.csv")
+    assert request.tags["s3proc.meta/source"] == str(victim)  # the metadata is kept, as data
+    assert not execute(request, deployment).success
+
+    assert victim.read_text() == "service: do-not-move\n"  # untouched, where it was
+    store = deployment.store()
+    assert store.get("pwn-1") is None and store.get_by_path(str(victim)) is None
+    record = store.get_by_path(str(bad))
+    assert record.status is S.FAILED and "binary" in record.error_details
+    assert (deployment.errors / name / "bad.csv").read_bytes() == BINARY  # the real file is parked
+    run = deployment.instance().get_run_by_id(record.run_id)
+    assert run.tags["s3proc/file_id"] == record.file_id and run.tags["s3proc/path"] == f"{name}/bad.csv"
+
+
+def test_object_metadata_naming_another_file_cannot_make_the_failure_hook_move_it(deployment: Deployment) -> None:
+    victim = deployment.root / f"victim-{uuid.uuid4().hex[:6]}.env"
+    victim.write_text("S3_SECRET_ACCESS_KEY=not-yours\n")
+    name = folder()
+    key = f"incoming/{name}/bad.csv"
+    put(deployment, key, BINARY, {"file_id": "pwn-2", "source": str(victim)})
+    (request,) = under(incoming_tick(deployment, None)[0], name)
+    assert request.tags["s3proc/source"] == f"s3://{deployment.s3.bucket}/{key}"
+    assert not execute(request, deployment).success
+
+    assert victim.read_text() == "S3_SECRET_ACCESS_KEY=not-yours\n"
+    store = deployment.store()
+    assert store.get("pwn-2") is None and store.get_by_path(str(victim)) is None
+    record = store.get_by_path(f"s3://{deployment.s3.bucket}/{key}")
+    assert record.status is S.FAILED and "binary" in record.error_details
+
+
+# ---- the product's own key space is reserved ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "rel",
+    ["_s3proc/step-outputs/{run}/parquet_conversion/result.json", "images/req-{run}/1/1.jpg"],
+    ids=["step-outputs", "image-outputs"],
+)
+def test_no_watched_file_lands_in_the_products_reserved_folders(deployment: Deployment, rel: str) -> None:
+    rel = rel.format(run=uuid.uuid4().hex)
+    planted = deployment.watch / rel
+    planted.parent.mkdir(parents=True)
+    planted.write_bytes(b'{"sha256": "forged", "snapshot_path": "/etc/shadow"}')
+    code, printed = process(str(planted))
+    assert code == 1, printed
+    record = deployment.store().get_by_path(str(planted))
+    assert record.status is S.FAILED and "reserved for the product's own objects" in record.error_details
+    assert list_keys(deployment, f"{deployment.prefix}/{rel}") == []  # nothing landed there
+
+
+# ---- links are never followed -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["secret", "/proc/self/environ"])
+def test_a_link_in_the_watched_directory_is_refused_and_its_target_never_reaches_s3(
+    deployment: Deployment, target: str
+) -> None:
+    secret = deployment.root / f"landing-secret-{uuid.uuid4().hex[:6]}.env"
+    secret.write_text("S3_SECRET_ACCESS_KEY=topsecret-value\n")
+    name = folder()
+    link = deployment.watch / name / "link.txt"
+    link.parent.mkdir()
+    link.symlink_to(secret if target == "secret" else target)
+    code, printed = process(str(link))
+    assert code == 1, printed
+    record = deployment.store().get_by_path(str(link))
+    assert record.status is S.FAILED and "symbolic link" in record.error_details
+    assert objects_under(deployment, name) == []
+    assert link.is_symlink() and secret.read_text() == "S3_SECRET_ACCESS_KEY=topsecret-value\n"
+
+
+def test_a_file_swapped_for_a_link_after_the_tick_is_refused(deployment: Deployment) -> None:
+    secret = deployment.root / f"swap-secret-{uuid.uuid4().hex[:6]}.csv"
+    secret.write_bytes(csv_bytes(promo_rows(5)))
+    name = folder()
+    src = write_csv(deployment.watch / name / "data.csv", promo_rows(5, seed=3))
+    (request,) = run_requests_under(sensor_tick(deployment), name)
+    src.unlink()
+    src.symlink_to(secret)  # between the tick and the run
+    assert not execute(request, deployment).success
+    record = deployment.store().get_by_path(str(src))
+    assert record.status is S.FAILED and "symbolic link" in record.error_details
+    assert objects_under(deployment, name) == []
+
+
+def test_a_folder_linked_out_of_the_watched_directory_is_not_followed(deployment: Deployment) -> None:
+    outside = deployment.root / f"outside-{uuid.uuid4().hex[:6]}"
+    write_csv(outside / "a.csv", promo_rows(4))
+    name = folder()
+    (deployment.watch / name).mkdir()
+    (deployment.watch / name / "linked").symlink_to(outside, target_is_directory=True)
+    through = deployment.watch / name / "linked" / "a.csv"
+    code, printed = process(str(through))
+    assert code == 1, printed
+    record = deployment.store().get_by_path(str(through))
+    assert record.status is S.FAILED and "symbolic link" in record.error_details
+    assert (outside / "a.csv").exists()  # not parked through the link either
+    assert objects_under(deployment, name) == []
+
+
+def test_a_sidecar_linked_to_a_credentials_file_becomes_no_tag_and_fails_its_file(deployment: Deployment) -> None:
+    config = deployment.root / f"docker-config-{uuid.uuid4().hex[:6]}.json"
+    config.write_text(json.dumps({"auths": {"registry": {"auth": "c2VjcmV0LXRva2Vu"}}}))
+    name = folder()
+    src = write_csv(deployment.watch / name / "data.csv", promo_rows(5))
+    (src.parent / "data.csv.meta.json").symlink_to(config)
+    (request,) = run_requests_under(sensor_tick(deployment), name)
+    assert not any("c2VjcmV0" in value or "auths" in key for key, value in request.tags.items())
+    assert not execute(request, deployment).success
+    record = deployment.store().get_by_path(str(src))
+    assert record.status is S.FAILED and "metadata sidecar" in record.error_details
+    assert "symbolic link" in record.error_details
+    run = deployment.instance().get_run_by_id(record.run_id)
+    assert not any("c2VjcmV0" in value for value in run.tags.values())
+
+
+# ---- one bad sidecar fails its file alone --------------------------------------------------------
+
+
+def bad_sidecars(root: Path) -> dict[str, str]:
+    """Files with sidecars that broke every tick, and the reason each must end with."""
+    deep = root / "deep.csv"
+    write_csv(deep, promo_rows(3))
+    (root / "deep.csv.meta.json").write_text("[" * 20_000 + "]" * 20_000)  # 40 KB: nested too deeply
+    huge = root / "huge.csv"
+    write_csv(huge, promo_rows(3))
+    (root / "huge.csv.meta.json").write_text("[" * 100_000 + "]" * 100_000)
+    fifo = root / "fifo.csv"
+    write_csv(fifo, promo_rows(3))
+    os.mkfifo(root / "fifo.csv.meta.json")  # unreadable as a file: opening it would block
+    long_key = root / "longkey.csv"
+    write_csv(long_key, promo_rows(3))
+    (root / "longkey.csv.meta.json").write_text(json.dumps({"k" * 307: "v"}))
+    return {
+        str(deep): "nested too deeply",
+        str(huge): "over 65,536 bytes",
+        str(fifo): "not a regular file",
+        str(long_key): "longer than 64 characters",
+    }
+
+
+def test_bad_sidecars_fail_their_files_while_the_sensor_runs_the_others(
+    deployment: Deployment, request: pytest.FixtureRequest
+) -> None:
+    request.getfixturevalue("dagster_dev")  # its daemon ticks the real sensor and runs the queue
+    instance = deployment.instance()
+    wait_for(lambda: watch_sensor_cursor(instance), "the watch sensor's first tick", timeout=180)
+    root = deployment.watch / folder()
+    root.mkdir()
+    expected = bad_sidecars(root)
+    good = write_csv(root / "good.csv", promo_rows(25))
+    store = deployment.store()
+
+    def settled() -> bool:
+        records = [store.get_by_path(p) for p in [*expected, str(good)]]
+        return all(r is not None and r.status in (S.COMPLETED, S.FAILED) for r in records)
+
+    wait_for(settled, "every file's run", timeout=300)
+    assert store.get_by_path(str(good)).status is S.COMPLETED
+    for path, reason in expected.items():
+        record = store.get_by_path(path)
+        assert record.status is S.FAILED and reason in record.error_details, (path, record.error_details)
+
+
+# ---- names are canonical, and no file lands inside another's dataset -----------------------------
+
+
+def test_a_newline_in_an_incoming_key_fails_the_object_and_adds_no_manifest_line(deployment: Deployment) -> None:
+    name = folder()
+    key = f"incoming/{name}/ok\ns3:/victim-bucket/secret.parquet\n.csv"
+    put(deployment, key, csv_bytes(promo_rows(5)))
+    (request,) = under(incoming_tick(deployment, None)[0], name)
+    assert not execute(request, deployment).success
+    record = deployment.store().get_by_path(f"s3://{deployment.s3.bucket}/{key}")
+    assert record.status is S.FAILED and "control character" in record.error_details
+    assert objects_under(deployment, name) == []  # no dataset, so no symlink manifest with a forged line
+
+
+@pytest.mark.parametrize("rel", ["a/../b.csv", "/lead.csv", "a//b.csv", "./c.csv"])
+def test_a_uri_that_is_not_one_canonical_key_is_refused_with_its_reason(deployment: Deployment, rel: str) -> None:
+    name = folder()
+    put(deployment, f"incoming/{name}/b.csv", csv_bytes(promo_rows(5)))  # what S3 would normalise it to
+    uri = f"s3://{deployment.s3.bucket}/incoming/{name}/{rel}"
+    code, printed = process(uri)
+    assert code == 1, printed
+    record = deployment.store().get_by_path(uri)
+    assert record.status is S.FAILED and f"{name}/{rel}" in record.error_details
+    assert objects_under(deployment, name) == []
+    with pytest.raises(UnsafeSourceError):
+        locate(uri, deployment.watch, "incoming")
+
+
+def test_a_file_inside_another_files_dataset_is_refused_and_both_stay_intact(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    name = folder()
+    outer = csv_bytes(promo_rows(40, seed=4))
+    put(deployment, f"incoming/{name}/x.csv", outer)
+    put(deployment, f"incoming/{name}/x.csv/y.csv", csv_bytes(promo_rows(10, seed=5)))
+    requests = {r.tags["s3proc/path"]: r for r in under(incoming_tick(deployment, None)[0], name)}
+    assert sorted(requests) == [f"{name}/x.csv", f"{name}/x.csv/y.csv"]
+    assert not execute(requests[f"{name}/x.csv/y.csv"], deployment).success
+    assert execute(requests[f"{name}/x.csv"], deployment).success
+    store = deployment.store()
+    inner = store.get_by_path(f"s3://{deployment.s3.bucket}/incoming/{name}/x.csv/y.csv")
+    assert inner.status is S.FAILED and "would land inside the S3 folder of" in inner.error_details
+    (tmp_path / "x.csv").write_bytes(outer)
+    assert read_dataset(deployment, f"{deployment.prefix}/{name}/x.csv", tmp_path) == source_rows(
+        tmp_path / "x.csv", "read_csv"
+    )
+    assert not [k for k in objects_under(deployment, name) if "/y.csv" in k]
+    # the source objects themselves are the producer's and stay as they were
+    assert list_keys(deployment, f"incoming/{name}/") == [f"incoming/{name}/x.csv", f"incoming/{name}/x.csv/y.csv"]
+
+
+def test_file_ids_and_asset_keys_keep_every_spelling_apart() -> None:
+    assert make_file_id("a//b.csv") != make_file_id("a/b.csv") != make_file_id("a_b.csv")
+    assert asset_key_for("deploy", "promo.csv") != asset_key_for("deploy", "promo_csv")
+    assert asset_key_for("deploy", "nyc/flights.csv") == dg.AssetKey(["deploy", "nyc", "flights.csv"])
+
+
+# ---- sizes are bounded ---------------------------------------------------------------------------
+
+
+def test_a_sparse_file_of_ten_gigabytes_is_refused_unread(deployment: Deployment) -> None:
+    name = folder()
+    sparse = deployment.watch / name / "huge.bin"
+    sparse.parent.mkdir()
+    with sparse.open("wb") as f:
+        f.truncate(10 * 2**30)  # 10 GB that cost nothing on disk
+    code, printed = process(str(sparse))
+    assert code == 1, printed
+    record = deployment.store().get_by_path(str(sparse))
+    assert record.status is S.FAILED and "sparse file" in record.error_details
+    staged = Path(deployment.env["STAGING_DIRECTORY"])
+    assert sum(p.stat().st_size for p in staged.rglob("*") if p.is_file()) < 2**30
+    assert objects_under(deployment, name) == []
+
+
+def test_a_file_over_max_file_bytes_is_refused(deployment: Deployment, monkeypatch: pytest.MonkeyPatch) -> None:
+    name = folder()
+    src = write_csv(deployment.watch / name / "big.csv", promo_rows(200))
+    monkeypatch.setenv("MAX_FILE_BYTES", "1000")
+    code, printed = process(str(src))
+    assert code == 1, printed
+    record = deployment.store().get_by_path(str(src))
+    assert record.status is S.FAILED and "over MAX_FILE_BYTES (1,000)" in record.error_details
+
+
+def test_metadata_tags_are_bounded_and_apart_from_the_products_tags(deployment: Deployment) -> None:
+    name = folder()
+    src = write_csv(deployment.watch / name / "tagged.csv", promo_rows(3))
+    (src.parent / "tagged.csv.meta.json").write_text(json.dumps({"campaignId": "c" * 5000, "file_id": "x"}))
+    (request,) = run_requests_under(sensor_tick(deployment), name)
+    assert request.tags["s3proc.meta/campaignId"] == "c" * 200
+    assert request.tags["s3proc/file_id"] == make_file_id(f"{name}/tagged.csv")
+    assert execute(request, deployment).success
