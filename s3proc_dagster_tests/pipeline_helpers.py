@@ -112,12 +112,14 @@ def write_zip(path: Path, members: dict[str, bytes]) -> Path:
     return path
 
 
-def write_tar_gz(path: Path, members: dict[str, bytes]) -> Path:
+def write_tar_gz(path: Path, members: dict[str, bytes], pax_headers: dict[str, str] | None = None) -> Path:
+    """`pax_headers`: PAX records written before every entry (the archive is then POSIX.1-2001)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(path, "w:gz") as tf:
         for name, data in members.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
+            info.pax_headers = pax_headers or {}
             tf.addfile(info, io.BytesIO(data))
     return path
 

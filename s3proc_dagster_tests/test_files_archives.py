@@ -45,6 +45,23 @@ def make_tar(path: Path, members: list[tuple[tarfile.TarInfo, bytes]], mode: str
     return path
 
 
+def make_pax_tar(
+    path: Path,
+    members: list[tuple[str, bytes, dict[str, str]]],
+    mode: str = "w",
+    global_headers: dict[str, str] | None = None,
+) -> Path:
+    """A POSIX.1-2001 tar: each entry (name, data, its PAX records), after an optional global header."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, mode, format=tarfile.PAX_FORMAT, pax_headers=global_headers) as tf:  # type: ignore[call-overload]
+        for name, data, pax in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.pax_headers = pax
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
 def leftovers(folder: Path) -> list[str]:
     """Everything under `folder`: after a failed extraction it must hold nothing new."""
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []
@@ -261,12 +278,13 @@ def test_zip_bomb_fails_on_the_ratio_limit_early_and_leaves_nothing(tmp_path: Pa
 
 
 def test_total_size_limit_counts_bytes_written_across_entries(tmp_path: Path) -> None:
-    archive = make_tar(tmp_path / "t.tgz", [tar_member("a.bin", b"a" * 600), tar_member("b.bin", b"b" * 600)], "w:gz")
+    # a zip: tarfile's reads (headers, padding, 10 KiB records) would trip the limit first
+    archive = make_zip(tmp_path / "t.zip", [("a.bin", b"a" * 600), ("b.bin", b"b" * 600)])
     limits = ExtractionLimits(max_total_bytes=1000)
 
     too_big = r"entry 'b\.bin': archive expands to more than 1,000 bytes \(max_total_bytes\); stopped after 600 "
     with pytest.raises(UnsafeArchiveError, match=too_big):
-        extract(archive, "tar.gz", tmp_path / "out" / "t", limits)
+        extract(archive, "zip", tmp_path / "out" / "t", limits)
 
     assert leftovers(tmp_path / "out") == []
 
@@ -282,6 +300,129 @@ def test_entry_count_limit_allows_exactly_the_limit_and_rejects_one_more(tmp_pat
     assert not (tmp_path / "out" / "eleven").exists()
 
 
+# ---- tar headers: tarfile reads their payload into memory, so they are bounded before it does ---
+
+
+@pytest.mark.parametrize(("name", "kind", "mode"), [("pax.tar", "tar", "w"), ("pax.tar.gz", "tar.gz", "w:gz")])
+def test_a_64_mib_pax_header_is_refused_before_it_is_read(tmp_path: Path, name: str, kind: str, mode: str) -> None:
+    archive = make_pax_tar(tmp_path / "in" / name, [("a.csv", b"a\n1\n", {"comment": "x" * (64 * MiB)})], mode)
+
+    refused = rf"^{re.escape(name)}: PAX extended header \(type 'x'\) at byte 0 declares 67,108,\d\d\d bytes, "
+    with pytest.raises(UnsafeArchiveError, match=refused + r"over the 1,048,576 allowed \(max_header_bytes\)"):
+        extract(archive, kind, tmp_path / "out" / "pax")
+
+    assert leftovers(tmp_path / "out") == []
+
+
+def test_a_gnu_long_name_over_the_cap_is_refused(tmp_path: Path) -> None:
+    archive = tmp_path / "long.tar"
+    with tarfile.open(archive, "w", format=tarfile.GNU_FORMAT) as tf:
+        tf.addfile(tarfile.TarInfo("d/" * 600_000 + "a.csv"))  # a 1.2 MB name
+    assert archive.read_bytes()[:13] == b"././@LongLink"  # the name went into an L header
+
+    with pytest.raises(UnsafeArchiveError, match=r"^long\.tar: GNU long-name header \(type 'L'\) at byte 0 declares"):
+        extract(archive, "tar", tmp_path / "out" / "long")
+
+    assert leftovers(tmp_path / "out") == []
+
+
+def test_headers_held_at_once_count_together_against_the_cap(tmp_path: Path) -> None:
+    """A global header stays in memory to the end, so it and an entry's own header add up."""
+    archive = make_pax_tar(
+        tmp_path / "two.tar",
+        [("a.csv", b"a\n", {"comment": "e" * 600_000})],
+        global_headers={"comment": "g" * 600_000},
+    )
+
+    with pytest.raises(
+        UnsafeArchiveError, match=r"PAX extended header .* headers held at once reach 1,200,0\d\d bytes"
+    ):
+        extract(archive, "tar", tmp_path / "out" / "two")
+
+    assert leftovers(tmp_path / "out") == []
+
+
+def test_header_bytes_count_toward_max_total_bytes(tmp_path: Path) -> None:
+    members = [(f"f{i}.csv", b"a\n", {"comment": "c" * 500_000}) for i in range(12)]  # each well under the cap
+    archive = make_pax_tar(tmp_path / "many.tar.gz", members, "w:gz")
+    limits = ExtractionLimits(max_total_bytes=4 * MiB, max_ratio=10_000)  # 24 bytes of data, 6 MB of headers
+
+    too_long = r"^many\.tar\.gz: tar stream is longer than 4,194,304 bytes \(max_total_bytes, which counts tar headers"
+    with pytest.raises(UnsafeArchiveError, match=too_long):
+        extract(archive, "tar.gz", tmp_path / "out" / "many", limits)
+
+    assert leftovers(tmp_path / "out") == []
+
+
+def test_header_bytes_count_toward_the_ratio_limit(tmp_path: Path) -> None:
+    members = [(f"f{i}.csv", b"a\n", {"comment": "c" * 900_000}) for i in range(4)]
+    archive = make_pax_tar(tmp_path / "pad.tar.gz", members, "w:gz")
+    assert archive.stat().st_size * 200 < 3.6e6  # the headers alone are far past 200 times the archive
+
+    with pytest.raises(UnsafeArchiveError, match=r"^pad\.tar\.gz: tar stream expands to more than 200 times"):
+        extract(archive, "tar.gz", tmp_path / "out" / "pad")
+
+    assert leftovers(tmp_path / "out") == []
+
+
+def sparse_gnu(path: Path) -> Path:
+    return make_tar(path, [tar_member("holes.bin", type=tarfile.GNUTYPE_SPARSE)])
+
+
+def sparse_pax(path: Path) -> Path:
+    sparse = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": "holes.bin"}
+    return make_pax_tar(path, [("GNUSparseFile.0/holes.bin", b"1\n0\n", sparse)])
+
+
+@pytest.mark.parametrize("make", [sparse_gnu, sparse_pax])
+def test_a_sparse_entry_is_refused_because_its_map_is_read_into_memory(tmp_path: Path, make) -> None:
+    archive = make(tmp_path / "sparse.tar")
+
+    with pytest.raises(UnsafeArchiveError, match=r"^sparse\.tar: entry '.*holes\.bin': is a sparse file"):
+        extract(archive, "tar", tmp_path / "out" / "sparse")
+
+    assert leftovers(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize(
+    ("format", "mode"), [(tarfile.PAX_FORMAT, "w"), (tarfile.PAX_FORMAT, "w:gz"), (tarfile.GNU_FORMAT, "w")]
+)
+def test_ordinary_pax_and_gnu_long_names_still_extract(tmp_path: Path, format: int, mode: str) -> None:
+    name = "données/" + "é" * 120 + "/" + "ü" * 100 + ".csv"  # past ustar's 100 and 155 bytes: a PAX path or an L
+    archive = tmp_path / "names.tar"
+    with tarfile.open(archive, mode, format=format) as tf:  # type: ignore[call-overload]
+        info = tarfile.TarInfo(name)
+        info.size = 4
+        info.mtime = 1_700_000_000.25  # fractional: a PAX mtime record too
+        tf.addfile(info, io.BytesIO(b"a\n1\n"))
+    kind = "tar.gz" if mode == "w:gz" else "tar"
+
+    entries = extract(archive, kind, tmp_path / "out")
+
+    assert summary(entries, tmp_path / "out") == [(name, 4, b"a\n1\n")]
+
+
+@pytest.mark.parametrize(("name", "kind"), [("m.tar.gz", "tar.gz"), ("m.zip", "zip"), ("m.csv.gz", "gz")])
+def test_extracted_files_are_readable_by_their_owner_only(tmp_path: Path, name: str, kind: str) -> None:
+    archive = tmp_path / name
+    if kind == "tar.gz":
+        make_tar(archive, [tar_member("a.csv", b"a\n"), tar_member("sub/b.csv", b"b\n")], "w:gz")
+    elif kind == "zip":
+        make_zip(archive, [("a.csv", b"a\n"), ("sub/b.csv", b"b\n")])
+    else:
+        archive.write_bytes(gzip.compress(b"a\n"))
+    previous = os.umask(0o022)  # the usual umask, under which open() makes files 0644
+    try:
+        entries = extract(archive, kind, tmp_path / "out")
+    finally:
+        os.umask(previous)
+
+    assert entries
+    assert {e.relative_path: stat.S_IMODE(e.path.stat().st_mode) for e in entries} == {
+        e.relative_path: 0o600 for e in entries
+    }
+
+
 # ---- unreadable input --------------------------------------------------------------------------
 
 
@@ -292,6 +433,17 @@ def test_a_truncated_tar_gz_is_unsupported_not_half_extracted(tmp_path: Path) ->
 
     with pytest.raises(UnsupportedFileError, match=r"^cut\.tar\.gz: cannot be read as tar\.gz"):
         extract(cut, "tar.gz", tmp_path / "out" / "cut")
+
+    assert leftovers(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize(("name", "kind"), [("fake.tar.gz", "tar.gz"), ("fake.tar", "tar")])
+def test_bytes_that_are_not_a_tar_are_unsupported(tmp_path: Path, name: str, kind: str) -> None:
+    archive = tmp_path / name
+    archive.write_bytes(b"hello, I am not a tar\n" * 100)
+
+    with pytest.raises(UnsupportedFileError, match=rf"^{re.escape(name)}: cannot be read as {re.escape(kind)}"):
+        extract(archive, kind, tmp_path / "out" / "fake")
 
     assert leftovers(tmp_path / "out") == []
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -12,7 +15,17 @@ import pytest
 
 from s3proc_dagster.models import ProcessingStatus as S
 from s3proc_dagster_tests.conftest import Deployment
-from s3proc_dagster_tests.pipeline_helpers import execute, read_dataset, run_requests_under, sensor_tick
+from s3proc_dagster_tests.pipeline_helpers import (
+    ROOT,
+    csv_bytes,
+    execute,
+    list_keys,
+    promo_rows,
+    read_dataset,
+    run_requests_under,
+    sensor_tick,
+    write_tar_gz,
+)
 
 
 def tar_with(path: Path, info: tarfile.TarInfo, data: bytes = b"") -> None:
@@ -32,6 +45,9 @@ def zip_bomb(path: Path) -> None:
         block = b"0" * (1 << 20)
         for _ in range(300):  # 300 MB of one byte: a ratio far beyond any real file
             member.write(block)
+
+
+PAX_BOMB = {"comment": "x" * (64 << 20)}  # 64 MiB of PAX record, which gzip makes 65 KB
 
 
 def abs_tar(path: Path) -> None:
@@ -55,6 +71,7 @@ BAD = {
     "abs.tar.gz": (abs_tar, "s3proc-abs-evil"),
     "symlink.tgz": (symlink_tar, "link"),
     "bomb.zip": (zip_bomb, "ratio"),
+    "paxbomb.tar.gz": (lambda p: write_tar_gz(p, {"a.csv": b"a\n1\n"}, PAX_BOMB), "pax extended header"),
     "xxe.xml": (lambda p: p.write_text(XXE), "entit"),
     "text.zip": (lambda p: p.write_text("hello, I am not a zip"), "not a zip"),
     "empty.csv": (lambda p: p.write_bytes(b""), "empty"),
@@ -82,6 +99,58 @@ def test_bad_file_fails_with_reason_and_original_moved_unchanged(deployment: Dep
     error_json = json.loads(moved.with_name(name + ".error.json").read_text())
     assert error_json["fileId"] == record.file_id and error_json["error"]
     assert not (deployment.root / "evil.csv").exists() and not Path("/tmp/s3proc-abs-evil.csv").exists()
+
+
+def process_measured(path: Path) -> tuple[int, str, int]:
+    """`s3proc process PATH` as a user runs it; its exit status, output, and peak RSS in bytes.
+
+    The command runs under a small Python parent that reports RUSAGE_CHILDREN: the kernel's
+    own high-water mark of that one command and whatever it waited for, so no peak falls
+    between two samples and no earlier child of the test session is counted.
+    """
+    report = (
+        "import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(code)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", report, sys.executable, "-m", "s3proc_dagster.cli", "process", str(path)],
+        cwd=ROOT,
+        env=os.environ.copy(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    *_, peak_kib = done.stderr.split()
+    return done.returncode, done.stdout + done.stderr, int(peak_kib) * 1024  # ru_maxrss is KiB on Linux
+
+
+def test_a_pax_header_bomb_fails_untouched_with_nothing_in_s3_and_costs_no_more_memory_than_its_entries(
+    deployment: Deployment,
+) -> None:
+    entries = {"promo.csv": csv_bytes(promo_rows(2000))}
+    plain = write_tar_gz(deployment.watch / "pax-bomb" / "plain.tar.gz", entries)
+    bomb = write_tar_gz(deployment.watch / "pax-bomb" / "bomb.tar.gz", entries, PAX_BOMB)
+    original = bomb.read_bytes()
+    assert len(original) < 200_000
+
+    plain_code, plain_out, plain_peak = process_measured(plain)
+    bomb_code, bomb_out, bomb_peak = process_measured(bomb)
+
+    store = deployment.store()
+    assert plain_code == 0, plain_out
+    assert store.get_by_path(str(plain)).status is S.COMPLETED
+    assert list_keys(deployment, f"{deployment.prefix}/pax-bomb/plain.tar.gz/")  # it did the real work
+    assert bomb_code == 1, bomb_out
+    record = store.get_by_path(str(bomb))
+    assert record.status is S.FAILED
+    assert "PAX extended header" in record.error_details and "max_header_bytes" in record.error_details
+    assert not bomb.exists() and (deployment.errors / "pax-bomb" / "bomb.tar.gz").read_bytes() == original
+    assert list_keys(deployment, f"{deployment.prefix}/pax-bomb/bomb.tar.gz") == []
+    # The same command, settings and entries, one after the other, differing only in the
+    # header; the plain archive is also converted and uploaded, so its run is an upper
+    # bound on honest work. Reading the 64 MiB header took the bomb's run to 429 MB, 151 MB
+    # over the plain one's 278; refused before reading, it peaks 58 MB under it.
+    assert bomb_peak < plain_peak + 64 * 10**6, (bomb_peak, plain_peak)
 
 
 def test_header_only_csv_completes_as_an_empty_dataset(deployment: Deployment) -> None:

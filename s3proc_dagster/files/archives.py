@@ -13,6 +13,13 @@ An archive is input from strangers, so extraction is written as a filter, not a 
 - Limits (`ExtractionLimits`) are enforced on the bytes actually written, block by block,
   never on sizes declared in headers, which a zip bomb is free to lie about. Extraction
   stops within one 1 MiB block of the limit.
+- A tar is also charged for every byte tarfile reads from its decompressed stream,
+  headers and padding included, not only for entry data. tarfile reads PAX and GNU
+  long-name headers into memory itself, whole: a 115 KB .tar.gz of a 90 KB CSV with a
+  64 MiB PAX comment took `s3proc process` to a peak of 429 MB, against 278 MB for the
+  same CSV without it. Such a header is refused from its declared size before it is
+  read (`max_header_bytes`), and sparse entries are refused outright: tarfile reads
+  their maps into memory the same way.
 - Everything is written to a hidden sibling of `dest` and renamed into place only when the
   whole archive succeeded: a failure leaves no partial files, and a re-run (an op retry)
   replaces the earlier result whole. `dest` therefore belongs to the extraction.
@@ -50,6 +57,13 @@ EntryType = Literal["file", "dir", "link", "special"]
 _DRIVE_LETTER = re.compile(r"^[A-Za-z]:")
 _MACOS_JUNK_FOLDER = "__MACOSX"
 _READ_ERRORS = (zipfile.BadZipFile, tarfile.ReadError, tarfile.CompressionError, EOFError, zlib.error, gzip.BadGzipFile)
+_TAR_HEADER_KINDS = {
+    tarfile.XHDTYPE: "PAX extended header",
+    tarfile.SOLARIS_XHDTYPE: "Solaris extended header",
+    tarfile.XGLTYPE: "PAX global header",
+    tarfile.GNUTYPE_LONGNAME: "GNU long-name header",
+    tarfile.GNUTYPE_LONGLINK: "GNU long-link header",
+}
 
 
 @dataclass(frozen=True)
@@ -65,6 +79,11 @@ class ExtractionLimits:
     max_entries: int = 10_000
     max_ratio: float = 200.0
     ratio_min_bytes: int = 1 * MiB
+    # tarfile holds a PAX or GNU long-name header's payload in memory, whole, for as long as
+    # it takes to read the entry after it. Real ones are a few hundred bytes to a few KB
+    # (a path, times, a uid; `git archive` writes a 52-byte commit id), so 1 MiB refuses
+    # nothing a tar tool writes and bounds what one entry's headers can cost.
+    max_header_bytes: int = 1 * MiB
 
 
 @dataclass(frozen=True)
@@ -93,10 +112,17 @@ class _Progress:
     limits: ExtractionLimits
     entries: int = 0
     bytes_written: int = 0
+    bytes_read: int = 0  # of a tar's decompressed stream, headers and padding included
+    global_header_bytes: int = 0  # PAX global headers stay in memory to the end of the archive
+    entry_header_bytes: int = 0  # the extended headers of the entry being read
     written: list[tuple[str, int]] = field(default_factory=list)
 
     def fail(self, entry: str, why: str) -> UnsafeArchiveError:
         return UnsafeArchiveError(f"{self.archive_name}: entry {entry!r}: {why}")
+
+    def fail_archive(self, why: str) -> UnsafeArchiveError:
+        """For what happens between entries (tar headers, padding), which no entry name covers."""
+        return UnsafeArchiveError(f"{self.archive_name}: {why}")
 
     def count_entry(self, entry: str) -> None:
         self.entries += 1
@@ -120,6 +146,50 @@ class _Progress:
             )
         self.bytes_written = total
 
+    def add_read(self, count: int) -> None:
+        """Called for each read tarfile makes of the decompressed stream, after it, so the
+        limits are overshot by one read (10 KiB) at most, and in memory only."""
+        self.bytes_read = total = self.bytes_read + count
+        if total > self.limits.max_total_bytes:
+            raise self.fail_archive(
+                f"tar stream is longer than {self.limits.max_total_bytes:,} bytes (max_total_bytes, which counts "
+                f"tar headers and padding too); stopped after {self.bytes_read:,} bytes read"
+            )
+        if total > self.limits.ratio_min_bytes and total > self.limits.max_ratio * self.archive_size:
+            raise self.fail_archive(
+                f"tar stream expands to more than {self.limits.max_ratio:g} times the archive's "
+                f"{self.archive_size:,} bytes (max_ratio, possible tar bomb); stopped after {self.bytes_read:,} bytes read"
+            )
+
+    def admit_tar_header(self, info: tarfile.TarInfo) -> None:
+        """Called for each tar header block before tarfile reads what follows it.
+
+        A header's payload is held until the entry it describes has been read, and chained
+        headers (x, then L, then x ...) are held all at once, so the cap applies to their
+        sum, plus the global headers, which are never released.
+        """
+        kind = _TAR_HEADER_KINDS.get(info.type)
+        if kind is None:  # an entry: the headers that described it are released
+            self.entry_header_bytes = 0
+            return
+        cap = self.limits.max_header_bytes
+        where = f"{kind} (type {info.type.decode()!r}) at byte {info.offset:,}"
+        if info.size > cap:
+            raise self.fail_archive(
+                f"{where} declares {info.size:,} bytes, over the {cap:,} allowed (max_header_bytes); real headers "
+                "are a few KB, so the archive is damaged or hostile: recreate it with an ordinary tar tool"
+            )
+        held = self.global_header_bytes + self.entry_header_bytes + info.size
+        if held > cap:
+            raise self.fail_archive(
+                f"{where}: headers held at once reach {held:,} bytes, over the {cap:,} allowed (max_header_bytes); "
+                "real headers are a few KB, so the archive is damaged or hostile: recreate it with an ordinary tar tool"
+            )
+        if info.type == tarfile.XGLTYPE:
+            self.global_header_bytes += info.size
+        else:
+            self.entry_header_bytes += info.size
+
 
 def extract(
     archive: Path, kind: str, dest: Path, limits: ExtractionLimits = ExtractionLimits()
@@ -134,7 +204,7 @@ def extract(
     dest.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
     try:
-        with contextlib.closing(members(archive)) as entries:
+        with contextlib.closing(members(archive, progress)) as entries:
             _extract_members(entries, work, progress)
         _replace_dir(work, dest)
     except _READ_ERRORS as exc:
@@ -144,12 +214,12 @@ def extract(
     return [ExtractedEntry(dest.joinpath(rel), rel, size) for rel, size in progress.written]
 
 
-def _member_reader(kind: str) -> Callable[[Path], Iterator[_Member]]:
-    readers: dict[str, Callable[[Path], Iterator[_Member]]] = {
-        "zip": _zip_members,
-        "tar": lambda archive: _tar_members(archive, "r|"),
-        "tar.gz": lambda archive: _tar_members(archive, "r|gz"),
-        "gz": _gz_members,
+def _member_reader(kind: str) -> Callable[[Path, _Progress], Iterator[_Member]]:
+    readers: dict[str, Callable[[Path, _Progress], Iterator[_Member]]] = {
+        "zip": lambda archive, progress: _zip_members(archive),
+        "tar": lambda archive, progress: _tar_members(archive, progress, gzipped=False),
+        "tar.gz": lambda archive, progress: _tar_members(archive, progress, gzipped=True),
+        "gz": lambda archive, progress: _gz_members(archive),
     }
     if kind not in readers:
         raise ValueError(f"not an archive kind: {kind!r} (expected one of {', '.join(readers)})")
@@ -205,11 +275,16 @@ def _refuse_links_and_devices(member: _Member, root: Path, progress: _Progress) 
 
 
 def _write_file(member: _Member, target: Path, progress: _Progress) -> int:
-    """Stream one entry to disk, charging every block to the limits before writing it."""
+    """Stream one entry to disk, charging every block to the limits before writing it.
+
+    Mode 0600 whatever the umask, as the snapshot it came from: an entry is the sender's
+    data, not something for every account on the machine to read.
+    """
     assert member.open is not None
     target.parent.mkdir(parents=True, exist_ok=True)
     size = 0
-    with member.open() as source, target.open("xb") as out:
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with member.open() as source, os.fdopen(fd, "wb") as out:
         for block in iter_blocks(source):
             progress.add_bytes(member.name, len(block))
             out.write(block)
@@ -255,9 +330,16 @@ def _open_zip_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, archive_name: st
     return zf.open(info)
 
 
-def _tar_members(archive: Path, mode: Literal["r|", "r|gz"]) -> Iterator[_Member]:
-    """Stream mode (`r|`): one forward pass, no seeking back through a gzip stream."""
-    with tarfile.open(archive, mode) as tf:
+def _tar_members(archive: Path, progress: _Progress, gzipped: bool) -> Iterator[_Member]:
+    """Stream mode (`r|`): one forward pass, no seeking back through a gzip stream.
+
+    The gzip layer is opened here, not by tarfile, so that what tarfile reads is the
+    decompressed stream itself and every byte of it passes `_CountedStream`.
+    """
+    with (
+        gzip.open(archive, "rb") if gzipped else archive.open("rb") as raw,
+        tarfile.open(fileobj=_CountedStream(raw, progress), mode="r|", tarinfo=_bounded_tar_info(progress)) as tf,
+    ):
         for info in tf:
             yield _Member(
                 info.name,
@@ -265,6 +347,46 @@ def _tar_members(archive: Path, mode: Literal["r|", "r|gz"]) -> Iterator[_Member
                 lambda info=info: _open_tar_entry(tf, info),
                 lambda root, info=info: tarfile.data_filter(info, str(root)),  # a second opinion
             )
+
+
+class _CountedStream:
+    """The decompressed tar stream, charging each read tarfile makes to the limits."""
+
+    def __init__(self, raw: IO[bytes], progress: _Progress) -> None:
+        self._raw = raw
+        self._progress = progress
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._raw.read(size)
+        self._progress.add_read(len(data))
+        return data
+
+
+def _bounded_tar_info(progress: _Progress) -> type[tarfile.TarInfo]:
+    """A TarInfo class that asks `progress` before tarfile reads a header's payload.
+
+    `_proc_member` is tarfile's documented hook for subclasses; it sees each header block
+    with its declared size before anything after it is read. Sparse entries are refused
+    there too: the GNU sparse header and the PAX sparse formats make tarfile read a map of
+    any length into memory, and a data pipeline has no use for holes in its files.
+    """
+
+    def refuse_sparse(name: str) -> UnsafeArchiveError:
+        return progress.fail(name, "is a sparse file; sparse entries are not extracted")
+
+    class BoundedTarInfo(tarfile.TarInfo):
+        def _proc_member(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
+            if self.type == tarfile.GNUTYPE_SPARSE:
+                raise refuse_sparse(self.name)
+            progress.admit_tar_header(self)
+            return super()._proc_member(tf)
+
+        def _proc_gnusparse_00(self, next: tarfile.TarInfo, *args: object) -> None:
+            raise refuse_sparse(next.name)
+
+        _proc_gnusparse_01 = _proc_gnusparse_10 = _proc_gnusparse_00
+
+    return BoundedTarInfo
 
 
 def _tar_type(info: tarfile.TarInfo) -> EntryType:
