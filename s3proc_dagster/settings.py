@@ -263,8 +263,20 @@ class ImageConfig(BaseSettings):
 
     quality: int = Field(50, ge=1, le=95)
     output_format: Literal["", "JPEG", "PNG", "WEBP"] = ""
+    # Each connect and each read of a fetch; a byte arriving re-arms it, so it catches a
+    # stalled host, not a slow one.
     fetch_timeout_ms: int = Field(15000, gt=0)
+    # The whole fetch of one image: every redirect hop, the headers and the body. 60 s carries
+    # IMAGE_MAX_BYTES (25 MiB) at 3.5 Mbit/s, generous for product images (usually well under
+    # 1 MiB), and caps how long a host dripping bytes holds a row. Not retried when it passes.
+    fetch_deadline_ms: int = Field(60000, gt=0)
     max_bytes: int = Field(25 * 1024 * 1024, gt=0)
+    # The product CSV is read whole and each row becomes a step of the run, so both are capped
+    # for a file whoever can drop one controls. 10,000 rows is a large catalogue and already
+    # 10,000 steps (each several events in Dagster's event log); 16 MiB holds that many rows
+    # with a handful of long URLs each (about 1.6 KB a row). Over either, the request is FAILED.
+    csv_max_bytes: int = Field(16 * 2**20, gt=0)
+    csv_max_rows: int = Field(10_000, gt=0)
     webhook_url: str = ""
     # The CSV's URLs are user input: off, a URL (or a redirect) reaching a loopback,
     # link-local, private, multicast or reserved address is refused (see images/egress.py).

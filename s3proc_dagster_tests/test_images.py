@@ -78,9 +78,16 @@ REDIRECTS = {
 }
 
 
+DRIP_INTERVAL_S = 0.5  # the dripping paths send one byte this often...
+DRIP_BYTES = 120  # ...this many times (a minute), then hang up
+
+
 class ImageServer:
     """Images and redirects on loopback; `seen` records (path, Host header) per request and
-    `sni` the TLS server names clients asked for (with `tls`)."""
+    `sni` the TLS server names clients asked for (with `tls`). `/drip-headers.jpg` and
+    `/drip-body.jpg` send a byte every DRIP_INTERVAL_S, in the headers or in the body, so
+    that no single read ever times out; `/bad-length.jpg` and `/bad-gzip.jpg` are an image
+    with `Content-Length: abc` and a gzip-encoded body that is not gzip."""
 
     def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.seen: list[tuple[str, str]] = []
@@ -102,6 +109,21 @@ class ImageServer:
                 seen.append((self.path, self.headers.get("Host", "")))
                 if self.path == "/slow.jpg":
                     time.sleep(3)  # the server is slow; the client's timeout is what is tested
+                if self.path in ("/drip-headers.jpg", "/drip-body.jpg"):
+                    self.drip(files["/a.jpg"][1])
+                    return
+                if self.path in ("/bad-length.jpg", "/bad-gzip.jpg"):
+                    body = files["/a.jpg"][1] if self.path == "/bad-length.jpg" else b"this is not gzip" * 8
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/jpeg")
+                    if self.path == "/bad-length.jpg":
+                        self.send_header("Content-Length", "abc")
+                    else:
+                        self.send_header("Content-Encoding", "gzip")
+                        self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
                 if self.path in REDIRECTS:
                     self.send_response(302)
                     self.send_header("Location", REDIRECTS[self.path])
@@ -119,6 +141,23 @@ class ImageServer:
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
+
+            def drip(self, image: bytes) -> None:
+                head = b"HTTP/1.0 200 OK\r\nContent-Type: image/jpeg\r\n"
+                if self.path == "/drip-body.jpg":
+                    head += b"Content-Length: %d\r\n\r\n" % len(image)
+                    dripped = image[:DRIP_BYTES]
+                else:
+                    head += b"X-Drip: "
+                    dripped = b"a" * DRIP_BYTES
+                try:
+                    self.wfile.write(head)
+                    for i in range(len(dripped)):
+                        time.sleep(DRIP_INTERVAL_S)  # the server's pace, not a wait for a condition
+                        self.wfile.write(dripped[i : i + 1])
+                except OSError:  # the client hung up: what is tested is that it did
+                    pass
+                self.close_connection = True
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
@@ -310,30 +349,252 @@ def test_image_request_job_runs_from_the_watch_directory(deployment: Deployment,
     assert all(all(u.startswith("s3://") for u in r["outputImageUrls"]) for r in doc["rows"])
 
 
+class WebhookReceiver:
+    """A webhook endpoint on loopback: `received` holds each POST's body; the first answers
+    come from `answers` (status codes), every later one is 200."""
+
+    def __init__(self, answers: tuple[int, ...] = ()) -> None:
+        self.received: list[bytes] = []
+        pending, received = list(answers), self.received
+
+        class Hook(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                received.append(self.rfile.read(int(self.headers["Content-Length"])))
+                self.send_response(pending.pop(0) if pending else 200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def documents(self) -> list[dict]:
+        return [json.loads(body) for body in self.received]
+
+
+@pytest.fixture
+def webhook(monkeypatch: pytest.MonkeyPatch) -> WebhookReceiver:
+    """A receiver, set as IMAGE_WEBHOOK_URL for the runs this test starts."""
+    receiver = WebhookReceiver()
+    monkeypatch.setenv("IMAGE_WEBHOOK_URL", receiver.url)
+    yield receiver
+    receiver.server.shutdown()
+
+
 def test_webhook_is_retried_until_the_receiver_accepts() -> None:
     from s3proc_dagster.images.webhook import post_result
 
-    received: list[bytes] = []
-
-    class Hook(BaseHTTPRequestHandler):
-        def log_message(self, *args) -> None:
-            pass
-
-        def do_POST(self) -> None:
-            received.append(self.rfile.read(int(self.headers["Content-Length"])))
-            self.send_response(503 if len(received) == 1 else 200)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    receiver = WebhookReceiver(answers=(503,))
     try:
-        status = post_result(
-            f"http://127.0.0.1:{server.server_address[1]}/hook", b'{"requestId": "r1"}', attempts=3, delay_s=0.01
-        )
+        status = post_result(receiver.url, b'{"requestId": "r1"}', attempts=3, delay_s=0.01)
     finally:
-        server.shutdown()
-    assert status == 200 and received == [b'{"requestId": "r1"}'] * 2
+        receiver.server.shutdown()
+    assert status == 200 and receiver.received == [b'{"requestId": "r1"}'] * 2
+
+
+def test_webhook_is_not_retried_when_the_receiver_refuses_the_request() -> None:
+    from s3proc_dagster.images.webhook import post_result
+
+    receiver = WebhookReceiver(answers=(404, 404))
+    try:
+        status = post_result(receiver.url, b"{}", attempts=3, delay_s=0.01)
+    finally:
+        receiver.server.shutdown()
+    assert status == 404 and len(receiver.received) == 1  # a 4xx says the same on every attempt
+
+
+# --- Bounds: one overall deadline per fetch, every fetch error the image's, no request left processing ---
+
+
+@pytest.mark.parametrize("path", ["/drip-headers.jpg", "/drip-body.jpg"])
+def test_a_host_dripping_bytes_meets_the_overall_deadline(images: ImageServer, path: str) -> None:
+    """One byte every 0.5 s never lets a 1 s read time out; the 2 s deadline ends the fetch."""
+    from s3proc_dagster.images.fetch import FetchError, fetch_image
+
+    url = f"{images.url}{path}"
+    with pytest.raises(FetchError) as info:
+        fetch_image(url, timeout=(1.0, 1.0), allow_private=True, deadline_s=2.0)
+    assert str(info.value) == f"{url}: no complete response within 2.0 s (overall deadline)"
+    assert info.value.transient is False  # a whole budget spent: not worth another one
+
+
+def test_the_deadline_cuts_a_dripping_body_over_tls_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TLS wraps (and detaches) the socket the deadline registered; shutting its duplicate
+    down must still end the read blocked inside the TLS layer."""
+    from s3proc_dagster.images.fetch import FetchError, fetch_image
+
+    context, ca_file = tls_context_for("cdn.example.test", tmp_path)
+    server = ImageServer(tls=context)
+    try:
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(ca_file))
+        net = FakeNetwork(server.port, {"cdn.example.test": [[PUBLIC_IP]]})
+        url = f"https://cdn.example.test:{server.port}/drip-body.jpg"
+        with pytest.raises(FetchError) as info:
+            fetch_image(url, timeout=(1.0, 1.0), guard=net.guard, deadline_s=2.0)
+    finally:
+        server.server.shutdown()
+    assert str(info.value) == f"{url}: no complete response within 2.0 s (overall deadline)"
+    assert server.sni == ["cdn.example.test"]  # it was the TLS path that was cut
+
+
+def test_a_bad_content_length_or_gzip_body_is_the_images_error_and_the_request_settles(
+    images: ImageServer, s3: S3Endpoint, s3_prefix: str, tmp_path: Path
+) -> None:
+    store = SQLiteProgressStore(tmp_path / "p.db")
+    base = images.url
+    data = (
+        "S. No.,Product Name,Input Image Urls\n"
+        f'1,Shirt,"{base}/a.jpg,{base}/bad-length.jpg"\n'
+        f'2,Mug,"{base}/bad-gzip.jpg"\n'
+    ).encode()
+    done = run_request(store, data, s3, options(s3, s3_prefix), tmp_path)
+    assert done.status is RequestStatus.COMPLETED  # a.jpg succeeded
+    shirt, mug = store.list_request_rows(done.request_id)
+    assert shirt.output_image_urls[0] and shirt.output_image_urls[1] is None
+    assert shirt.errors[1] == f"{base}/bad-length.jpg: Content-Length 'abc' is not a byte count"
+    assert mug.errors == [f"{base}/bad-gzip.jpg: body does not decode as its Content-Encoding 'gzip' says"]
+    assert shirt.completed_at is not None and mug.completed_at is not None
+    assert [e.split(":")[0] for e in done.errors] == ["row 1 image 2", "row 2 image 1"]
+
+    only_bad = run_request(
+        store,
+        f'S. No.,Product Name,Input Image Urls\n1,X,"{base}/bad-gzip.jpg"\n'.encode(),
+        s3,
+        options(s3, s3_prefix),
+        tmp_path,
+    )
+    assert only_bad.status is RequestStatus.FAILED and "Content-Encoding 'gzip'" in only_bad.errors[0]
+
+
+def run_image_job(deployment: Deployment, csv_path: Path, request_id: str) -> dg.ExecuteJobResult:
+    """image_request_job on the deployment's instance for the CSV at `csv_path`, under a
+    request id the test chose (so it can aim the S3 proxy's faults at its keys)."""
+    from s3proc_dagster_tests.pipeline_helpers import image_request_job_with_resources
+
+    return dg.execute_job(
+        dg.reconstructable(image_request_job_with_resources),
+        instance=deployment.instance(),
+        run_config={"ops": {"validate_request": {"config": {"path": str(csv_path), "request_id": request_id}}}},
+        tags={"s3proc/kind": "image_request"},
+    )
+
+
+@pytest.mark.parametrize(
+    "names, status",
+    [(["a.jpg", "drip-body.jpg"], RequestStatus.COMPLETED), (["drip-body.jpg"], RequestStatus.FAILED)],
+)
+def test_a_dripping_host_fails_its_image_at_the_deadline_and_the_request_settles_with_the_webhook(
+    deployment: Deployment,
+    images: ImageServer,
+    webhook: WebhookReceiver,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    names: list[str],
+    status: RequestStatus,
+) -> None:
+    monkeypatch.setenv("IMAGE_FETCH_TIMEOUT_MS", "1000")
+    monkeypatch.setenv("IMAGE_FETCH_DEADLINE_MS", "2000")
+    urls = ",".join(f"{images.url}/{name}" for name in names)
+    csv_path = tmp_path / "products.csv"
+    csv_path.write_text(f'S. No.,Product Name,Input Image Urls\n1,Shirt,"{urls}"\n')
+    request_id = processor.new_request_id()
+    served = len(images.seen)
+    result = run_image_job(deployment, csv_path, request_id)
+    assert result.success is (status is RequestStatus.COMPLETED)  # no image at all fails the run
+    request = deployment.store().require_request(request_id)
+    assert request.status is status
+    (row,) = deployment.store().list_request_rows(request_id)
+    reason = f"{images.url}/drip-body.jpg: no complete response within 2.0 s (overall deadline)"
+    assert row.errors[-1] == reason and row.output_image_urls[-1] is None
+    assert [p for p, _ in images.seen[served:]].count("/drip-body.jpg") == 1  # not retried
+    (doc,) = webhook.documents()
+    assert doc["requestId"] == request_id and doc["status"] == status.value
+    assert doc["rows"][0]["errors"][-1] == reason
+
+
+def test_a_run_whose_step_raises_leaves_the_request_failed_with_the_reason_and_sends_the_webhook(
+    deployment: Deployment, images: ImageServer, webhook: WebhookReceiver, tmp_path: Path
+) -> None:
+    """S3 refusing row 1's uploads is no image's fault: the step raises, the run fails, and
+    the failure hook settles the request (finalize_request never runs)."""
+    csv_path = tmp_path / "products.csv"
+    csv_path.write_text(good_csv(images.url).decode())
+    request_id = processor.new_request_id()
+    deployment.proxy.fail_puts_containing = f"/{request_id}/1/"  # row 1's images; the output CSV still lands
+    try:
+        result = run_image_job(deployment, csv_path, request_id)
+    finally:
+        deployment.proxy.fail_puts_containing = None
+    assert not result.success
+    failed_steps = [e.step_key for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert failed_steps == ["process_image_row[row_1]"]
+    request = deployment.store().require_request(request_id)
+    assert request.status is RequestStatus.FAILED
+    assert request.errors[0].startswith("process_image_row[row_1]: ") and "ServiceUnavailable" in request.errors[0]
+    key = f"{deployment.prefix}/images/{request_id}/output.csv"
+    assert request.output_csv_url == f"s3://{deployment.s3.bucket}/{key}"
+    out_csv = deployment.s3.client().get_object(Bucket=deployment.s3.bucket, Key=key)["Body"].read().decode()
+    assert out_csv.splitlines()[0].endswith("Output Image Urls")
+    (doc,) = webhook.documents()  # once: the other rows' steps succeeded, and nothing settles it twice
+    assert doc["requestId"] == request_id and doc["status"] == "failed" and doc["errors"] == request.errors
+
+
+def _fifo(path: Path) -> None:
+    os.mkfifo(path)
+
+
+def _symlink_to_a_secret(path: Path) -> None:
+    secret = path.with_name("secret.csv")
+    secret.write_text("S. No.,Product Name,Input Image Urls\n1,A,http://x/a.jpg\n")
+    path.symlink_to(secret)
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (
+            lambda p: p.write_text("S. No.,Product Name,Input Image Urls\n" + "1,A,http://x/a.jpg\n" * 40),
+            "file is 797 bytes, over the 512-byte limit (IMAGE_CSV_MAX_BYTES)",
+        ),
+        (
+            lambda p: p.write_text(
+                "S. No.,Product Name,Input Image Urls\n" + "".join(f"{i},A,http://x/a.jpg\n" for i in range(1, 5))
+            ),
+            "more than 3 rows (IMAGE_CSV_MAX_ROWS)",
+        ),
+        (_symlink_to_a_secret, "file is a symlink; only regular files are read"),
+        (_fifo, "file is not a regular file"),
+    ],
+    ids=["over-bytes", "over-rows", "symlink", "fifo"],
+)
+def test_a_csv_over_a_cap_or_not_a_regular_file_is_refused_with_its_reason(tmp_path: Path, make, reason: str) -> None:
+    store = SQLiteProgressStore(tmp_path / "p.db")
+    path = tmp_path / "products.csv"
+    make(path)
+    with pytest.raises(InvalidRequestCsv) as info:
+        processor.submit_file(store, path, "req-capped", max_bytes=512, max_rows=3)
+    assert reason in str(info.value)
+    request = store.require_request("req-capped")
+    assert request.status is RequestStatus.FAILED and request.errors == [reason]
+    assert store.list_request_rows("req-capped") == []
+
+
+def test_the_row_cap_setting_refuses_a_longer_csv_in_the_job(
+    deployment: Deployment, images: ImageServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("IMAGE_CSV_MAX_ROWS", "2")
+    csv_path = tmp_path / "products.csv"
+    csv_path.write_text(good_csv(images.url).decode())  # three rows
+    request_id = processor.new_request_id()
+    served = len(images.seen)
+    result = run_image_job(deployment, csv_path, request_id)
+    assert not result.success
+    request = deployment.store().require_request(request_id)
+    assert request.status is RequestStatus.FAILED and request.errors == ["more than 2 rows (IMAGE_CSV_MAX_ROWS)"]
+    assert len(images.seen) == served  # refused before any image was fetched
 
 
 # --- Private destinations (SSRF): the CSV's URLs are user input -------------------------------

@@ -24,7 +24,9 @@ def _submit(args: argparse.Namespace) -> int:
     path = Path(args.file)
     try:
         try:
-            request = processor.submit(store, path.read_bytes(), path.name)
+            request = processor.submit_file(
+                store, path, max_bytes=cfg.images.csv_max_bytes, max_rows=cfg.images.csv_max_rows
+            )
         except InvalidRequestCsv as exc:
             print(f"FAILED  {exc}", file=sys.stderr)
             return 1

@@ -129,11 +129,15 @@ class DestinationGuard:
     """Resolve once, refuse unless every address is public, connect to a vetted address.
 
     `resolve` and `connect` are the network; tests replace them to stand a public-looking
-    name in front of a loopback server without touching the machine's DNS.
+    name in front of a loopback server without touching the machine's DNS, and a fetch wraps
+    `connect` to keep its deadline (`deadline.py`). `refuse_private=False`
+    (IMAGE_ALLOW_PRIVATE_URLS) vets nothing, so that a fetch's connections are made here
+    either way.
     """
 
     resolve: Resolver = resolve_host
     connect: Connector = create_connection
+    refuse_private: bool = True
 
     def vet(self, host: str, port: int) -> list[str]:
         """The addresses `host` may be reached at; DestinationRefused names the first that may not.
@@ -145,6 +149,8 @@ class DestinationGuard:
         addresses = list(self.resolve(name, port))
         if not addresses:
             raise socket.gaierror(socket.EAI_NONAME, f"{name} resolves to no address")
+        if not self.refuse_private:
+            return addresses
         for address in addresses:
             kind = classify_address(address)
             if kind is not None:
@@ -230,7 +236,8 @@ class GuardedAdapter(HTTPAdapter):
     """A requests transport that connects only to vetted public addresses.
 
     Mount it for http:// and https:// on a session. A proxy is refused rather than used: the
-    proxy would resolve the name itself, out of reach of the check.
+    proxy would resolve the name itself, out of reach of the check. A guard that refuses
+    nothing lets requests use the proxy, as it would without this adapter.
     """
 
     def __init__(self, guard: DestinationGuard | None = None, **kwargs: Any) -> None:
@@ -257,7 +264,7 @@ class GuardedAdapter(HTTPAdapter):
         proxies: Any = None,
     ) -> Any:
         proxy = select_proxy(request.url, proxies or {})
-        if proxy:
+        if proxy and self._guard.refuse_private:
             raise DestinationRefused(
                 f"a proxy ({proxy}) would resolve and reach the host itself, beyond the private-address "
                 f"check; unset HTTP(S)_PROXY for image fetches, or {_ALLOW}"

@@ -1,26 +1,29 @@
 """Fetch one input image: http(s) with bounds on time, size and redirects, or s3://.
 
 Every bound exists because the URLs come from a user's spreadsheet: a slow host, a
-redirect loop or a multi-gigabyte "image" must cost one row an error, not the run; and a
+redirect loop or a multi-gigabyte "image" must cost one image an error, not the row or the
+run; a host that drips bytes meets the overall deadline (`deadline.py`); and a
 URL aimed at this machine or its network (loopback, cloud metadata, private ranges) is
 refused at each hop by `egress.DestinationGuard` unless IMAGE_ALLOW_PRIVATE_URLS is set.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urljoin, urlparse
 
 import requests
 from requests.utils import requote_uri
 
-from s3proc_dagster.errors import ImageRequestError
+from s3proc_dagster.errors import ImageRequestError, is_transient, s3_error_code
+from s3proc_dagster.images.deadline import Deadline
 from s3proc_dagster.images.egress import DestinationGuard, DestinationRefused, GuardedAdapter
 
 MAX_BYTES = 25 * 1024 * 1024
 MAX_REDIRECTS = 3
-TIMEOUT_S = (5.0, 15.0)  # connect, read
+TIMEOUT_S = (5.0, 15.0)  # connect, read: each one, not the whole fetch
+DEADLINE_S = 60.0  # the whole fetch (IMAGE_FETCH_DEADLINE_MS)
 SYSTEM_GUARD = DestinationGuard()  # the machine's resolver, real sockets
 _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"RIFF", b"GIF8")
 
@@ -45,25 +48,39 @@ def _check_magic(url: str, data: bytes) -> None:
         raise FetchError(f"{url}: body is not a JPEG, PNG, WebP or GIF image")
 
 
-def _session(allow_private: bool, guard: DestinationGuard) -> requests.Session:
+def _session(allow_private: bool, guard: DestinationGuard, deadline: Deadline) -> requests.Session:
+    """Every connection through the guard: it vets the destination (unless private ones are
+    allowed) and is where the deadline learns of each socket."""
+    guard = replace(guard, connect=deadline.connector(guard.connect), refuse_private=not allow_private)
     session = requests.Session()
-    if not allow_private:
-        adapter = GuardedAdapter(guard)
-        session.mount("http://", adapter)
-        session.mount("https://", adapter)
+    adapter = GuardedAdapter(guard)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
     return session
 
 
-def _get_following_redirects(session: requests.Session, url: str, timeout: tuple[float, float]) -> requests.Response:
+def _past_deadline(url: str, deadline: Deadline) -> FetchError:
+    """Permanent: the deadline is already the whole fetch's generous budget, and a host that
+    cannot answer within it (or drips bytes to hold the row) would, on a retry, hold the row
+    for another full budget each time; a stalled read (`timed out`) is the transient case."""
+    return FetchError(f"{url}: no complete response within {deadline.seconds:.1f} s (overall deadline)")
+
+
+def _get_following_redirects(
+    session: requests.Session, url: str, timeout: tuple[float, float], deadline: Deadline
+) -> requests.Response:
     """GET `url`, following at most MAX_REDIRECTS redirects one request at a time.
 
     Not requests' own loop: here each hop is a fresh request whose connection the guard
-    vets, only http(s) hops are followed, and a refusal names the hop that was refused.
+    vets, only http(s) hops are followed, a refusal names the hop that was refused, and each
+    hop gets only what is left of the deadline.
     """
     current = url
     for _ in range(MAX_REDIRECTS + 1):
+        if deadline.expired:
+            raise _past_deadline(url, deadline)
         try:
-            response = session.get(current, stream=True, timeout=timeout, allow_redirects=False)
+            response = session.get(current, stream=True, timeout=deadline.bound(timeout), allow_redirects=False)
         except DestinationRefused as exc:
             hop = "" if current == url else f"redirect to {current}: "
             raise FetchError(f"{url}: refused: {hop}{exc}") from None
@@ -77,12 +94,44 @@ def _get_following_redirects(session: requests.Session, url: str, timeout: tuple
     raise FetchError(f"{url}: more than {MAX_REDIRECTS} redirects")
 
 
-def _fetch_http(
-    url: str, max_bytes: int, timeout: tuple[float, float], allow_private: bool, guard: DestinationGuard
-) -> FetchedImage:
-    session = _session(allow_private, guard)
+def _declared_length(url: str, raw: str | None) -> int | None:
+    if raw is None:
+        return None
+    text = raw.strip()
+    if not (text.isascii() and text.isdigit()):
+        raise FetchError(f"{url}: Content-Length {raw!r} is not a byte count")
+    return int(text)
+
+
+def _read_body(url: str, response: requests.Response, max_bytes: int, deadline: Deadline) -> bytes:
+    body = bytearray()
     try:
-        with _get_following_redirects(session, url, timeout) as response:
+        for block in response.iter_content(64 * 1024):
+            body += block
+            if len(body) > max_bytes:
+                raise FetchError(f"{url}: more than {max_bytes} bytes")
+            if deadline.expired:
+                raise _past_deadline(url, deadline)
+    except requests.exceptions.ContentDecodingError:
+        encoding = response.headers.get("Content-Encoding", "")
+        raise FetchError(f"{url}: body does not decode as its Content-Encoding {encoding!r} says") from None
+    if deadline.cut:  # read to a close the deadline caused: the body may be cut short
+        raise _past_deadline(url, deadline)
+    return bytes(body)
+
+
+def _fetch_http(
+    url: str,
+    max_bytes: int,
+    timeout: tuple[float, float],
+    allow_private: bool,
+    guard: DestinationGuard,
+    deadline_s: float,
+) -> FetchedImage:
+    deadline = Deadline(deadline_s)
+    session = _session(allow_private, guard, deadline)
+    try:
+        with deadline, _get_following_redirects(session, url, timeout, deadline) as response:
             if response.status_code >= 500 or response.status_code == 429:
                 raise FetchError(f"{url}: HTTP {response.status_code}", transient=True)
             if response.status_code >= 400:
@@ -90,23 +139,28 @@ def _fetch_http(
             content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
             if not content_type.startswith("image/"):
                 raise FetchError(f"{url}: content type {content_type or 'missing'} is not an image")
-            declared = int(response.headers.get("Content-Length") or 0)
-            if declared > max_bytes:
+            declared = _declared_length(url, response.headers.get("Content-Length"))
+            if declared is not None and declared > max_bytes:
                 raise FetchError(f"{url}: {declared} bytes is over the {max_bytes}-byte limit")
-            body = bytearray()
-            for block in response.iter_content(64 * 1024):
-                body += block
-                if len(body) > max_bytes:
-                    raise FetchError(f"{url}: more than {max_bytes} bytes")
-    except requests.Timeout:
-        raise FetchError(f"{url}: timed out", transient=True) from None
-    except requests.ConnectionError as exc:
-        raise FetchError(f"{url}: connection failed ({type(exc).__name__})", transient=True) from None
+            data = _read_body(url, response, max_bytes, deadline)
+    except FetchError:
+        raise
+    except Exception as exc:  # whatever the transport raises is this image's error, never the row's
+        raise _transport_error(url, exc, deadline) from None
     finally:
         session.close()
-    data = bytes(body)
     _check_magic(url, data)
     return FetchedImage(url, data, content_type)
+
+
+def _transport_error(url: str, exc: Exception, deadline: Deadline) -> FetchError:
+    if deadline.expired:  # the deadline's own cut surfaces as a closed connection or a timeout
+        return _past_deadline(url, deadline)
+    if isinstance(exc, requests.Timeout):
+        return FetchError(f"{url}: timed out", transient=True)
+    if isinstance(exc, requests.ConnectionError):
+        return FetchError(f"{url}: connection failed ({type(exc).__name__})", transient=True)
+    return FetchError(f"{url}: {type(exc).__name__}: {exc}", transient=is_transient(exc))
 
 
 def _fetch_s3(url: str, client: Any, max_bytes: int) -> FetchedImage:
@@ -116,11 +170,17 @@ def _fetch_s3(url: str, client: Any, max_bytes: int) -> FetchedImage:
     except client.exceptions.NoSuchKey:
         raise FetchError(f"{url}: no such object") from None
     except Exception as exc:
-        code = getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
-        raise FetchError(f"{url}: S3 error {code}", transient=code not in ("AccessDenied", "NoSuchBucket")) from None
+        code = s3_error_code(exc) or type(exc).__name__
+        raise FetchError(f"{url}: S3 error {code}", transient=is_transient(exc)) from None
     if obj["ContentLength"] > max_bytes:
+        obj["Body"].close()
         raise FetchError(f"{url}: {obj['ContentLength']} bytes is over the {max_bytes}-byte limit")
-    data = obj["Body"].read()
+    try:
+        data = obj["Body"].read(max_bytes + 1)
+    except Exception as exc:
+        raise FetchError(f"{url}: reading from S3 failed ({type(exc).__name__})", transient=is_transient(exc)) from None
+    if len(data) > max_bytes:
+        raise FetchError(f"{url}: more than {max_bytes} bytes")
     _check_magic(url, data)
     return FetchedImage(url, data, obj.get("ContentType", ""))
 
@@ -132,14 +192,17 @@ def fetch_image(
     timeout: tuple[float, float] = TIMEOUT_S,
     allow_private: bool = False,
     guard: DestinationGuard = SYSTEM_GUARD,
+    deadline_s: float = DEADLINE_S,
 ) -> FetchedImage:
-    """The image at `url`. An http(s) URL, and every redirect hop, must reach a public
-    address unless `allow_private` (IMAGE_ALLOW_PRIVATE_URLS); `guard` is the resolver and
-    connector that check it. s3:// goes through the configured client and is not checked:
-    its endpoint is the operator's, not the CSV's."""
+    """The image at `url`, or FetchError: nothing else escapes, so one bad URL costs its
+    image, not the row. An http(s) URL, and every redirect hop, must reach a public address
+    unless `allow_private` (IMAGE_ALLOW_PRIVATE_URLS); `guard` is the resolver and connector
+    that check it. `timeout` bounds each connect and each read, `deadline_s` the whole fetch
+    (every hop, headers and body). s3:// goes through the configured client and is not
+    checked: its endpoint is the operator's, not the CSV's."""
     scheme = urlparse(url).scheme
     if scheme in ("http", "https"):
-        return _fetch_http(url, max_bytes, timeout, allow_private, guard)
+        return _fetch_http(url, max_bytes, timeout, allow_private, guard, deadline_s)
     if scheme == "s3":
         if s3_client is None:
             raise FetchError(f"{url}: no S3 client configured")

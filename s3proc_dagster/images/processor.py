@@ -17,10 +17,18 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from s3proc_dagster.errors import ChecksumMismatch, ImageRequestError
+from s3proc_dagster.errors import ChecksumMismatch, ImageRequestError, is_transient
 from s3proc_dagster.images.compress import compress
 from s3proc_dagster.images.fetch import FetchError, fetch_image
-from s3proc_dagster.images.request_csv import InvalidRequestCsv, ProductRow, output_csv, parse_request_csv
+from s3proc_dagster.images.request_csv import (
+    MAX_CSV_BYTES,
+    MAX_CSV_ROWS,
+    InvalidRequestCsv,
+    ProductRow,
+    output_csv,
+    parse_request_csv,
+    read_request_csv,
+)
 from s3proc_dagster.models import Request, RequestData, RequestStatus
 from s3proc_dagster.stores.base import ProgressStore
 from s3proc_dagster.transfer.keys import join_key
@@ -35,26 +43,35 @@ class ImageOptions:
     quality: int = 50
     output_format: str | None = None
     public_base_url: str = ""
-    fetch_timeout_s: float = 15.0
+    fetch_timeout_s: float = 15.0  # each connect and each read
+    fetch_deadline_s: float = 60.0  # the whole fetch of one image, redirects and body included
     max_bytes: int = 25 * 1024 * 1024
     retries: int = 2
     retry_delay_s: float = 0.5
     allow_private_urls: bool = False  # IMAGE_ALLOW_PRIVATE_URLS: fetch from loopback/private addresses too
+    csv_max_bytes: int = MAX_CSV_BYTES
+    csv_max_rows: int = MAX_CSV_ROWS
 
 
 def new_request_id() -> str:
     return f"req-{uuid.uuid4().hex[:16]}"
 
 
-def submit(store: ProgressStore, data: bytes, name: str, request_id: str | None = None) -> Request:
+def _record_invalid(store: ProgressStore, request_id: str, name: str, exc: InvalidRequestCsv) -> None:
+    store.create_request(Request(request_id=request_id, file_name=name), [])
+    store.set_request_status(request_id, RequestStatus.FAILED, errors=exc.problems)
+
+
+def submit(
+    store: ProgressStore, data: bytes, name: str, request_id: str | None = None, max_rows: int = MAX_CSV_ROWS
+) -> Request:
     """Validate and record a request. An invalid CSV is recorded FAILED, with every problem
     listed by row, and InvalidRequestCsv is raised: nothing will be fetched for it."""
     request_id = request_id or new_request_id()
     try:
-        rows = parse_request_csv(data, name)
+        rows = parse_request_csv(data, name, max_rows)
     except InvalidRequestCsv as exc:
-        store.create_request(Request(request_id=request_id, file_name=name), [])
-        store.set_request_status(request_id, RequestStatus.FAILED, errors=exc.problems)
+        _record_invalid(store, request_id, name, exc)
         raise
     return store.create_request(
         Request(request_id=request_id, file_name=name),
@@ -72,6 +89,24 @@ def submit(store: ProgressStore, data: bytes, name: str, request_id: str | None 
     )
 
 
+def submit_file(
+    store: ProgressStore,
+    path: Path,
+    request_id: str | None = None,
+    max_bytes: int = MAX_CSV_BYTES,
+    max_rows: int = MAX_CSV_ROWS,
+) -> Request:
+    """`submit` for a CSV on disk; one that cannot be read safely (a symlink, not a regular
+    file, over `max_bytes`) is an invalid request, recorded FAILED like any other."""
+    request_id = request_id or new_request_id()
+    try:
+        data = read_request_csv(path, max_bytes)
+    except InvalidRequestCsv as exc:
+        _record_invalid(store, request_id, path.name, exc)
+        raise
+    return submit(store, data, path.name, request_id, max_rows)
+
+
 def image_key(options: ImageOptions, request_id: str, serial_number: int, n: int, ext: str) -> str:
     return join_key(options.prefix, "images", request_id, str(serial_number), f"{n}.{ext}")
 
@@ -83,13 +118,15 @@ def output_url(options: ImageOptions, key: str) -> str:
 
 
 def _with_retries(fn: Callable[[], Any], options: ImageOptions) -> Any:
-    """Transient fetch errors (timeouts, 5xx) are retried with doubling delays."""
+    """Transient fetch errors (a stalled read, a dropped connection, 5xx) are retried with
+    doubling delays, at most `retries` times; each attempt has its own deadline, and a fetch
+    that used up a whole deadline is not retried (`fetch._past_deadline`)."""
     delay = options.retry_delay_s
     for attempt in range(options.retries + 1):
         try:
             return fn()
         except FetchError as exc:
-            if not exc.transient or attempt == options.retries:
+            if not is_transient(exc) or attempt == options.retries:
                 raise
             time.sleep(delay)  # backoff between attempts, not a wait for a condition
             delay *= 2
@@ -114,6 +151,7 @@ def process_row(
                     options.max_bytes,
                     (options.fetch_timeout_s, options.fetch_timeout_s),
                     allow_private=options.allow_private_urls,
+                    deadline_s=options.fetch_deadline_s,
                 ),
                 options,
             )
@@ -139,9 +177,10 @@ def process_row(
     return next(r for r in store.list_request_rows(row.request_id) if r.serial_number == row.serial_number)
 
 
-def finalize(store: ProgressStore, request_id: str, client: Any, options: ImageOptions, staging: Path) -> Request:
-    """Write the output CSV beside the images and settle the request's status."""
-    rows = store.list_request_rows(request_id)
+def _write_output_csv(
+    request_id: str, rows: list[RequestData], client: Any, options: ImageOptions, staging: Path
+) -> str:
+    """The output CSV beside the images; its URL."""
     products = [ProductRow(r.serial_number, r.product_name, r.input_image_urls) for r in rows]
     body = output_csv(products, {r.serial_number: r.output_image_urls for r in rows})
     key = join_key(options.prefix, "images", request_id, "output.csv")
@@ -152,7 +191,38 @@ def finalize(store: ProgressStore, request_id: str, client: Any, options: ImageO
         upload_file(
             client, options.bucket, key, Path(tmp.name), content_type="text/csv", metadata={"x-completed": "true"}
         )
-    problems = [f"row {r.serial_number} image {i + 1}: {e}" for r in rows for i, e in enumerate(r.errors) if e]
+    return output_url(options, key)
+
+
+def _image_problems(rows: list[RequestData]) -> list[str]:
+    return [f"row {r.serial_number} image {i + 1}: {e}" for r in rows for i, e in enumerate(r.errors) if e]
+
+
+def finalize(store: ProgressStore, request_id: str, client: Any, options: ImageOptions, staging: Path) -> Request:
+    """Write the output CSV beside the images and settle the request's status."""
+    rows = store.list_request_rows(request_id)
+    url = _write_output_csv(request_id, rows, client, options, staging)
     succeeded = any(u for r in rows for u in r.output_image_urls)
     status = RequestStatus.COMPLETED if succeeded else RequestStatus.FAILED
-    return store.set_request_status(request_id, status, errors=problems, output_csv_url=output_url(options, key))
+    return store.set_request_status(request_id, status, errors=_image_problems(rows), output_csv_url=url)
+
+
+def give_up(
+    store: ProgressStore, request_id: str, reason: str, client: Any, options: ImageOptions, staging: Path
+) -> Request | None:
+    """FAILED with `reason` first, when the run failed before `finalize` settled the request;
+    None when it is settled already (finalize ran, or the CSV was refused) or was never
+    recorded. The output CSV, with what did land, is written if S3 takes it: the failure may
+    be S3's, and the request must not stay PROCESSING for want of its CSV."""
+    request = store.get_request(request_id)
+    if request is None or request.status in (RequestStatus.COMPLETED, RequestStatus.FAILED):
+        return None
+    rows = store.list_request_rows(request_id)
+    problems = [reason, *_image_problems(rows)]
+    url = None
+    if rows:
+        try:
+            url = _write_output_csv(request_id, rows, client, options, staging)
+        except Exception as exc:  # whatever failed, only the CSV is left out
+            problems.append(f"output CSV not written: {type(exc).__name__}: {exc}")
+    return store.set_request_status(request_id, RequestStatus.FAILED, errors=problems, output_csv_url=url)

@@ -1,14 +1,19 @@
 """Seed 002's product CSV: `S. No.,Product Name,Input Image Urls`, validated before any work.
 
 Validation collects every problem, by row, before a single image is fetched: a user fixes
-a 500-row file once, not once per error.
+a 500-row file once, not once per error. Whoever drops the CSV is untrusted, so it is read
+within caps on its size and its rows, and never through a symlink.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import io
+import os
 import re
+import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -19,6 +24,9 @@ EXPECTED = ("s. no.", "product name", "input image urls")
 OUTPUT_COLUMN = "Output Image Urls"
 _SPACES = re.compile(r"\s+")
 MAX_SNIFF_BYTES = 4096
+# The defaults of IMAGE_CSV_MAX_BYTES and IMAGE_CSV_MAX_ROWS (settings.py gives the reasons).
+MAX_CSV_BYTES = 16 * 2**20
+MAX_CSV_ROWS = 10_000
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,37 @@ def looks_like_request_csv(path: Path) -> bool:
     return tuple(_norm(h) for h in header) == EXPECTED
 
 
+def read_request_csv(path: Path, max_bytes: int = MAX_CSV_BYTES) -> bytes:
+    """The CSV's bytes, or InvalidRequestCsv saying why it was refused.
+
+    O_NOFOLLOW and fstat on the opened descriptor: the file the sensor saw can be swapped
+    for a symlink to a secret, or for a FIFO or device that never ends, before the run opens
+    it; what is checked is what is read. O_NONBLOCK keeps opening a FIFO from waiting for a
+    writer. Only the last path component is protected: the watch directory is the operator's.
+    """
+    name = path.name
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # what O_NOFOLLOW answers for a symlink
+            raise InvalidRequestCsv(name, ["file is a symlink; only regular files are read"]) from None
+        raise InvalidRequestCsv(name, [f"file cannot be opened: {exc.strerror}"]) from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise InvalidRequestCsv(name, ["file is not a regular file"])
+        if info.st_size > max_bytes:
+            raise InvalidRequestCsv(name, [_too_big(info.st_size, max_bytes)])
+        data = f.read(max_bytes + 1)  # the file may grow after fstat
+    if len(data) > max_bytes:
+        raise InvalidRequestCsv(name, [_too_big(len(data), max_bytes)])
+    return data
+
+
+def _too_big(size: int, max_bytes: int) -> str:
+    return f"file is {size} bytes, over the {max_bytes}-byte limit (IMAGE_CSV_MAX_BYTES)"
+
+
 def _valid_url(url: str) -> bool:
     parsed = urlparse(url)
     if parsed.scheme in ("http", "https"):
@@ -59,16 +98,18 @@ def _valid_url(url: str) -> bool:
     return parsed.scheme == "s3" and bool(parsed.netloc) and bool(parsed.path.strip("/"))
 
 
-def parse_request_csv(data: bytes, name: str = "request.csv") -> list[ProductRow]:
-    """Rows in file order, or InvalidRequestCsv listing every problem by row."""
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise InvalidRequestCsv(name, ["file is not UTF-8 text"]) from None
-    if not text.strip():
-        raise InvalidRequestCsv(name, ["file is empty"])
+def _records(text: str, name: str) -> Iterator[list[str]]:
+    """csv's records; a field over csv's size limit or a NUL byte is the request's problem,
+    not an exception out of validation."""
     reader = csv.reader(io.StringIO(text))
-    header = next(reader)
+    try:
+        yield from reader
+    except csv.Error as exc:
+        raise InvalidRequestCsv(name, [f"line {reader.line_num}: not readable as CSV ({exc})"]) from None
+
+
+def _column_indexes(header: list[str], name: str) -> list[int]:
+    """Where the three columns are, in EXPECTED's order; InvalidRequestCsv when any is missing or extra."""
     problems: list[str] = []
     normalized = [_norm(h) for h in header]
     missing = [e for e in EXPECTED if e not in normalized]
@@ -79,12 +120,31 @@ def parse_request_csv(data: bytes, name: str = "request.csv") -> list[ProductRow
         problems.append(f"header: unexpected column(s) {', '.join(repr(x) for x in extra)}")
     if problems:
         raise InvalidRequestCsv(name, problems)
-    idx = [normalized.index(e) for e in EXPECTED]
+    return [normalized.index(e) for e in EXPECTED]
+
+
+def parse_request_csv(data: bytes, name: str = "request.csv", max_rows: int = MAX_CSV_ROWS) -> list[ProductRow]:
+    """Rows in file order, or InvalidRequestCsv listing every problem by row. Past
+    `max_rows` rows it stops reading: the request is refused whatever the rest holds."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise InvalidRequestCsv(name, ["file is not UTF-8 text"]) from None
+    if not text.strip():
+        raise InvalidRequestCsv(name, ["file is empty"])
+    reader = _records(text, name)
+    header = next(reader)
+    idx = _column_indexes(header, name)
+    problems: list[str] = []
     rows: list[ProductRow] = []
     seen: dict[int, int] = {}
+    counted = 0
     for line_no, record in enumerate(reader, start=2):
         if not any(cell.strip() for cell in record):
             continue
+        counted += 1
+        if counted > max_rows:
+            raise InvalidRequestCsv(name, [f"more than {max_rows} rows (IMAGE_CSV_MAX_ROWS)"])
         if len(record) != len(header):
             problems.append(f"row {line_no}: expected {len(header)} fields, found {len(record)}")
             continue

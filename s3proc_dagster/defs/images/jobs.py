@@ -1,13 +1,18 @@
-"""`image_request_job`: validate the product CSV, fan out one step per row, finalize the request."""
+"""`image_request_job`: validate the product CSV, fan out one step per row, finalize the request.
+
+`settle_failed_request` hooks every step: when one fails, the request is settled FAILED
+there and then, because no step after it will (finalize_request waits for every row).
+"""
 
 import dagster as dg
 
-from s3proc_dagster.defs.images.ops import finalize_request, process_image_row, validate_request
+from s3proc_dagster.defs.images.ops import finalize_request, process_image_row, settle_failed_request, validate_request
 
 
 @dg.job(
     name="image_request_job",
     description="Compress every image listed in a product CSV and record the output URLs.",
+    hooks={settle_failed_request},
     tags={"s3proc/job": "images"},
 )
 def image_request_job() -> None:
