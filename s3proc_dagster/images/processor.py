@@ -30,6 +30,7 @@ from s3proc_dagster.images.request_csv import (
     read_request_csv,
 )
 from s3proc_dagster.models import Request, RequestData, RequestStatus
+from s3proc_dagster.settings import IMAGE_OUTPUT_FOLDER
 from s3proc_dagster.stores.base import ProgressStore
 from s3proc_dagster.transfer.keys import join_key
 from s3proc_dagster.transfer.upload import upload_file
@@ -108,7 +109,7 @@ def submit_file(
 
 
 def image_key(options: ImageOptions, request_id: str, serial_number: int, n: int, ext: str) -> str:
-    return join_key(options.prefix, "images", request_id, str(serial_number), f"{n}.{ext}")
+    return join_key(options.prefix, IMAGE_OUTPUT_FOLDER, request_id, str(serial_number), f"{n}.{ext}")
 
 
 def output_url(options: ImageOptions, key: str) -> str:
@@ -183,7 +184,7 @@ def _write_output_csv(
     """The output CSV beside the images; its URL."""
     products = [ProductRow(r.serial_number, r.product_name, r.input_image_urls) for r in rows]
     body = output_csv(products, {r.serial_number: r.output_image_urls for r in rows})
-    key = join_key(options.prefix, "images", request_id, "output.csv")
+    key = join_key(options.prefix, IMAGE_OUTPUT_FOLDER, request_id, "output.csv")
     staging.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=staging, suffix=".csv") as tmp:
         tmp.write(body)
