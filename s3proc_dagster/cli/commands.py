@@ -445,7 +445,11 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument(
         "--host",
         default=os.environ.get("S3PROC_UI_HOST", "127.0.0.1"),
-        help="interface the Dagster UI listens on (default: $S3PROC_UI_HOST or 127.0.0.1; 0.0.0.0 for every interface)",
+        help=(
+            "interface the Dagster UI listens on (default: $S3PROC_UI_HOST or 127.0.0.1; 0.0.0.0 for every "
+            "interface). The UI has no authentication: anyone who reaches it can start and re-execute runs, "
+            "so expose it only behind a proxy that authenticates (docs/security.md)"
+        ),
     )
     dev.add_argument(
         "--port",
