@@ -49,7 +49,7 @@ from s3proc_dagster.files import staging as staging_area
 from s3proc_dagster.files.archives import extract
 from s3proc_dagster.files.checksum import Snapshot, sha256_file, sha256_stream, snapshot, snapshot_stream
 from s3proc_dagster.files.detect import TABULAR_KINDS, Detection, detect
-from s3proc_dagster.files.staging import work_dir
+from s3proc_dagster.files.staging import private_work_dir
 from s3proc_dagster.files.tabular import DUCKDB_NULL_STRINGS, ChunkFile, ConversionResult, convert_to_parquet_chunks
 from s3proc_dagster.files.validation import as_of_date, rule_set_for
 from s3proc_dagster.logs import get_logger
@@ -363,7 +363,7 @@ def staged_items(
     if all(item.local_path == version.snapshot_path for item in missing):
         return
     detection = detect(snap, version.source.name)
-    extract(snap, detection.kind, work_dir(staging_root(version), version.sha256) / "extracted")
+    extract(snap, detection.kind, private_work_dir(staging_root(version), version.sha256) / "extracted")
     log.info(
         "%s: archive extracted again (its entries were not on this node)",
         version.source.relative_path,
@@ -447,7 +447,7 @@ def plan_work(
                 version.sha256,
             )
         ]
-    dest = work_dir(staging, version.sha256) / "extracted"
+    dest = private_work_dir(staging, version.sha256) / "extracted"
     entries = extract(snap, detection.kind, dest)
     items: list[WorkItem] = []
     for entry in entries:
@@ -591,7 +591,8 @@ def _upload_ahead(
 
 
 def parquet_dir(staging: Path, version: FileVersion, item: WorkItem) -> Path:
-    return work_dir(staging, version.sha256) / "parquet" / make_file_id(item.relative_path)
+    """The item's conversion folder, in its version's work folder (made private if missing)."""
+    return private_work_dir(staging, version.sha256) / "parquet" / make_file_id(item.relative_path)
 
 
 def _convert(

@@ -132,6 +132,16 @@ def s3_prefix() -> str:
     return f"t-{uuid.uuid4().hex[:10]}"
 
 
+@pytest.fixture
+def world_readable_umask() -> Iterator[None]:
+    """The usual umask (022) for one test, whatever the suite was started with: a file the
+    product creates without a mode of its own then comes out 0644, so a test of file modes
+    fails where the product forgot one."""
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
 @pytest.fixture(scope="session")
 def mongodb_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """MONGODB_URI when set (a real MongoDB), otherwise nx-27017 on a free port."""

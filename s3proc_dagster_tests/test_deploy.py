@@ -12,6 +12,11 @@
   over the chart's defaults, against the chart's own `values.schema.json`.
 - `deploy/Dockerfile`'s install lines run in a clean venv standing in for the image, from
   this checkout; its CMD answers `--help` and the module it serves loads.
+- `deploy/networkpolicy.yaml` selects the code location's pods and admits only the
+  webserver, the daemon and run pods to the code server's port: checked against the
+  labels the chart's templates give them (transcribed; read in the chart's templates when
+  DAGSTER_CHART_DIR is set) and the labels dagster-k8s itself builds for a run pod.
+  Whether a cluster enforces it (its network plugin) cannot be checked here.
 - Every pod that runs our code gets every setting `settings.py` cannot do without, and the
   ones a cluster needs (MongoDB, the S3 incoming prefix); the values themselves pass the
   settings' validation.
@@ -19,6 +24,8 @@
 
 from __future__ import annotations
 
+import copy
+import inspect
 import json
 import os
 import re
@@ -36,6 +43,7 @@ from dagster._config import process_config
 from dagster._core.instance.config import dagster_instance_config
 from dagster._core.run_coordinator import QueuedRunCoordinator
 from dagster_k8s import K8sRunLauncher
+from dagster_k8s.job import DagsterK8sJobConfig, UserDefinedDagsterK8sConfig, construct_dagster_k8s_job
 from dagster_k8s.models import k8s_model_from_dict, k8s_snake_case_dict
 from kubernetes import client as k8s
 from pydantic import ValidationError
@@ -601,6 +609,197 @@ def test_the_example_secrets_hold_placeholders_only() -> None:
     for name, data in secrets().items():
         for key, value in data.items():
             assert re.fullmatch(r"<[^>]*>", value), f"{name}.{key} looks like a real value: {value!r}"
+
+
+# --- who may reach the code server ----------------------------------------------------------
+
+#: The chart's pod template labels, transcribed from dagster/dagster 1.13: every pod gets
+#: `dagster.selectorLabels` (`app.kubernetes.io/name`: the (sub)chart's name,
+#: `app.kubernetes.io/instance`: the release) and a `component`; the user deployment also
+#: its `deployment` name (templates/deployment-daemon.yaml,
+#: templates/helpers/_deployment-webserver.tpl,
+#: charts/dagster-user-deployments/templates/deployment-user.yaml).
+#: `test_the_chart_templates_label_the_pods_so` checks them against an unpacked chart.
+CHART_NAME, USER_DEPLOYMENTS_CHART_NAME = "dagster", "dagster-user-deployments"
+
+
+def load_network_policy() -> dict[str, Any]:
+    (policy,) = [d for d in yaml.safe_load_all((DEPLOY / "networkpolicy.yaml").read_text()) if d]
+    return policy
+
+
+def run_pod_labels(location_name: str) -> dict[str, str]:
+    """A run pod's labels, built by dagster-k8s's own job constructor with the labels its
+    K8sRunLauncher adds (`_launch_k8s_job_with_args`: the job, the run id and the code
+    location, which the chart's workspace names after the deployment)."""
+    config = DagsterK8sJobConfig(
+        job_image="registry.example.com/s3proc-dagster:0.1.0",
+        dagster_home=CHART_DAGSTER_HOME,
+        image_pull_policy="IfNotPresent",
+        service_account_name=f"{RELEASE}-dagster",
+        instance_config_map=f"{RELEASE}-dagster-instance",
+    )
+    job = construct_dagster_k8s_job(
+        config,
+        args=["dagster", "api", "execute_run", "{}"],
+        job_name="dagster-run-0",
+        pod_name="dagster-run-0",
+        component="run_worker",
+        user_defined_k8s_config=UserDefinedDagsterK8sConfig(),
+        labels={"dagster/job": "process_file_job", "dagster/run-id": "0", "dagster/code-location": location_name},
+    )
+    return job.spec.template.metadata.labels
+
+
+def pod_labels(values: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """The labels of each kind of pod in the release's namespace, with some that have no
+    business on port 4000: another release's webserver, another location's run pod, a stranger."""
+    location = code_location(values)
+    chart = {"app.kubernetes.io/name": CHART_NAME, "app.kubernetes.io/instance": RELEASE}
+    user_deployment = {"app.kubernetes.io/name": USER_DEPLOYMENTS_CHART_NAME, "app.kubernetes.io/instance": RELEASE}
+    return {
+        "code server": {**user_deployment, "component": "user-deployments", "deployment": location["name"]}
+        | location.get("labels", {}),
+        "webserver": {**chart, "component": "dagster-webserver"},
+        "daemon": {**chart, "component": "dagster-daemon", "deployment": "daemon"},
+        "run pod": run_pod_labels(location["name"]),
+        "another release's webserver": {
+            **chart,
+            "app.kubernetes.io/instance": "other",
+            "component": "dagster-webserver",
+        },
+        "another location's run pod": run_pod_labels("other-location"),
+        "a stranger": {"app": "debug-shell"},
+    }
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Kubernetes' label selector: every matchLabels pair and matchExpressions requirement
+    holds (so an empty selector selects every pod)."""
+    if any(labels.get(key) != value for key, value in selector.get("matchLabels", {}).items()):
+        return False
+    for requirement in selector.get("matchExpressions", []):
+        key, operator, allowed = requirement["key"], requirement["operator"], requirement.get("values", [])
+        holds = {
+            "In": labels.get(key) in allowed,
+            "NotIn": key not in labels or labels[key] not in allowed,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[operator]
+        if not holds:
+            return False
+    return True
+
+
+def _port_matches(rule_port: dict[str, Any], port: int) -> bool:
+    if rule_port.get("protocol", "TCP") != "TCP":
+        return False
+    number = rule_port.get("port")
+    if number is None or isinstance(number, str):  # every port; a named port: assume the worst
+        return True
+    return number <= port <= rule_port.get("endPort", number)
+
+
+def admits(policy: dict[str, Any], source: dict[str, str], port: int) -> bool:
+    """May a pod of the policy's namespace labelled `source` open `port` on the pods it
+    selects? NetworkPolicy's rules: any rule admits; a rule without `ports` admits every
+    port, without `from` every source; a peer with a namespaceSelector or an ipBlock
+    reaches beyond this namespace's pods and counts here as admitting anyone."""
+    spec = policy["spec"]
+    if "Ingress" not in spec.get("policyTypes", ["Ingress"]):
+        return True
+    for rule in spec.get("ingress") or []:
+        if rule.get("ports") and not any(_port_matches(p, port) for p in rule["ports"]):
+            continue
+        peers = rule.get("from")
+        if not peers or any(set(p) != {"podSelector"} for p in peers):
+            return True
+        if any(selects(p["podSelector"], source) for p in peers):
+            return True
+    return False
+
+
+def test_the_network_policy_is_a_kubernetes_network_policy() -> None:
+    policy = load_network_policy()
+    assert (policy["apiVersion"], policy["kind"]) == ("networking.k8s.io/v1", "NetworkPolicy")
+    # as the API's model: a misspelt key is refused (k8s_snake_case_dict raises on it)
+    model = k8s_model_from_dict(k8s.V1NetworkPolicy, k8s_snake_case_dict(k8s.V1NetworkPolicy, policy))
+    assert model.spec.policy_types == ["Ingress"]
+
+
+def test_the_network_policy_selects_the_code_location_pods_and_no_other() -> None:
+    selector = load_network_policy()["spec"]["podSelector"]
+    selected = {name for name, labels in pod_labels(load_values()).items() if selects(selector, labels)}
+    assert selected == {"code server"}
+
+
+def test_only_the_webserver_daemon_and_run_pods_reach_the_code_servers_port() -> None:
+    values = load_values()
+    port = code_location(values)["port"]
+    cmd = json.loads(dict(parse_dockerfile((DEPLOY / "Dockerfile").read_text()))["CMD"])
+    assert cmd[cmd.index("-p") + 1] == str(port), "the image's own CMD serves the same port"
+    policy, pods = load_network_policy(), pod_labels(values)
+    assert {name for name, labels in pods.items() if admits(policy, labels, port)} == {
+        "webserver",
+        "daemon",
+        "run pod",
+    }
+    assert not any(admits(policy, pods[name], port + 1) for name in ("webserver", "daemon", "run pod"))
+
+
+def test_the_admission_check_sees_an_open_rule() -> None:
+    """The check above can fail: a rule that admits everyone is seen as doing so."""
+    stranger = pod_labels(load_values())["a stranger"]
+    port = code_location(load_values())["port"]
+    policy = load_network_policy()
+    assert not admits(policy, stranger, port)
+    for open_rule in ({}, {"from": [{"podSelector": {}}]}, {"from": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}):
+        widened = copy.deepcopy(policy)
+        widened["spec"]["ingress"].append(open_rule)
+        assert admits(widened, stranger, port), open_rule
+
+
+def test_run_pods_are_labelled_by_the_launcher_as_the_policy_expects() -> None:
+    """`run_pod_labels` transcribes what K8sRunLauncher adds; this dagster-k8s still adds it."""
+    source = inspect.getsource(K8sRunLauncher._launch_k8s_job_with_args)
+    assert 'labels["dagster/code-location"]' in source and 'component="run_worker"' in source
+    labels = run_pod_labels(code_location(load_values())["name"])
+    assert labels["app.kubernetes.io/component"] == "run_worker"
+    assert labels["dagster/code-location"] == "s3proc-dagster"
+
+
+@pytest.mark.skipif(
+    not os.environ.get("DAGSTER_CHART_DIR"),
+    reason="set DAGSTER_CHART_DIR to `helm pull dagster/dagster --version 1.13.27 --untar`'s folder",
+)
+def test_the_chart_templates_label_the_pods_so() -> None:
+    """Without `helm template`, the label lines the transcription relies on, read in the
+    chart's own templates: the chart names, the selector labels and each pod's component."""
+    chart = Path(os.environ["DAGSTER_CHART_DIR"])
+    sub = chart / "charts" / USER_DEPLOYMENTS_CHART_NAME
+    assert yaml.safe_load((chart / "Chart.yaml").read_text())["name"] == CHART_NAME
+    assert yaml.safe_load((sub / "Chart.yaml").read_text())["name"] == USER_DEPLOYMENTS_CHART_NAME
+    for root in (chart, sub):
+        helpers = "".join(p.read_text() for p in (root / "templates").rglob("_helpers.tpl"))
+        assert 'app.kubernetes.io/name: {{ include "dagster.name" . }}' in helpers
+        assert "app.kubernetes.io/instance: {{ .Release.Name }}" in helpers
+        assert "default .Chart.Name .Values.nameOverride" in helpers
+    values = load_values()
+    assert "nameOverride" not in values and "nameOverride" not in values["dagster-user-deployments"]
+
+    def pod_template(path: Path) -> str:
+        return path.read_text().split("  template:", 1)[1]
+
+    daemon = pod_template(chart / "templates" / "deployment-daemon.yaml")
+    assert "component: dagster-daemon" in daemon
+    webserver = pod_template(chart / "templates" / "helpers" / "_deployment-webserver.tpl")
+    assert 'component: {{ include "dagster.webserver.componentName" . }}' in webserver
+    helpers = (chart / "templates" / "helpers" / "_helpers.tpl").read_text()
+    assert "dagster-webserver {{- if .webserverReadOnly -}} -read-only" in helpers
+    user = pod_template(sub / "templates" / "deployment-user.yaml")
+    assert "component: user-deployments" in user and "deployment: {{ $deployment.name }}" in user
+    workspace = (chart / "templates" / "configmap-workspace.yaml").read_text()
+    assert "location_name: {{ $deployment.name }}" in workspace
 
 
 # --- the image -----------------------------------------------------------------------------

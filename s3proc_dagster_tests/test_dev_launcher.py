@@ -1,4 +1,4 @@
-"""`s3proc dev` as a user runs it: a signal stops the whole tree, a taken port stops the start.
+"""`s3proc dev` as a user runs it: a signal stops the whole tree, a taken port stops the start, the `.env` it writes is its owner's alone.
 
 Each test runs `s3proc dev` as a subprocess in its own directory (its own `.env`,
 `DAGSTER_HOME`, `./data` and embedded SeaweedFS) on free ports, with SIGINT ignored as
@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from s3proc_dagster.cli.dev import DEV_ENV_HEADER, _write_dev_env
 from s3proc_dagster.cli.embedded import (
     free_port,
     port_in_use,
@@ -128,7 +130,9 @@ def describe(processes: list[psutil.Process]) -> list[str]:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
-def test_signal_stops_dagster_dev_and_seaweedfs_and_frees_both_ports(sig: signal.Signals, tmp_path: Path) -> None:
+def test_signal_stops_dagster_dev_and_seaweedfs_and_frees_both_ports(
+    sig: signal.Signals, tmp_path: Path, world_readable_umask: None
+) -> None:
     ui_port, s3_port = free_port(), free_port(with_grpc=True)
     log = tmp_path / "dev.log"
     with s3proc_dev(tmp_path, ui_port, s3_port) as launcher:
@@ -142,6 +146,9 @@ def test_signal_stops_dagster_dev_and_seaweedfs_and_frees_both_ports(sig: signal
         commands = "\n".join(describe(tree))
         for part in ("weed", "dagster dev", "dagster_webserver", "dagster._daemon"):
             assert part in commands, f"{part} not running under s3proc dev:\n{commands}"
+        # the first start wrote the embedded settings, S3 keys included, for the owner's eyes only
+        assert "S3_SECRET_ACCESS_KEY=" in (tmp_path / ".env").read_text()
+        assert mode(tmp_path / ".env") == 0o600
 
         launcher.send_signal(sig)
         assert launcher.wait(timeout=30) == 0, log.read_text()[-3000:]
@@ -206,6 +213,36 @@ def test_dev_help_describes_host_port_and_the_seaweedfs_port() -> None:
     assert result.returncode == 0, result.stderr
     for word in ("--host", "--port", "S3PROC_UI_PORT", "S3PROC_UI_HOST", "S3PROC_SEAWEEDFS_PORT", "SIGTERM"):
         assert word in result.stdout, result.stdout
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_the_dev_env_holding_the_s3_keys_is_created_0600(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, world_readable_umask: None
+) -> None:
+    monkeypatch.setenv("S3_SECRET_ACCESS_KEY", "dev-secret")
+    _write_dev_env(tmp_path / ".env")
+    assert "S3_SECRET_ACCESS_KEY=dev-secret" in (tmp_path / ".env").read_text()
+    assert mode(tmp_path / ".env") == 0o600
+
+
+def test_a_users_env_is_left_as_it_is_and_an_older_launchers_env_is_made_0600(
+    tmp_path: Path, world_readable_umask: None
+) -> None:
+    users, older = tmp_path / "user" / ".env", tmp_path / "older" / ".env"
+    for path, text, permissions in (
+        (users, "S3_BUCKET=mine\n", 0o640),
+        (older, f"{DEV_ENV_HEADER}\nS3_SECRET_ACCESS_KEY=old\n", 0o644),
+    ):
+        path.parent.mkdir()
+        path.write_text(text)
+        path.chmod(permissions)
+    _write_dev_env(users)
+    _write_dev_env(older)
+    assert users.read_text() == "S3_BUCKET=mine\n" and mode(users) == 0o640
+    assert older.read_text() == f"{DEV_ENV_HEADER}\nS3_SECRET_ACCESS_KEY=old\n" and mode(older) == 0o600
 
 
 STUBBORN = """

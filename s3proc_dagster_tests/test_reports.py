@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
+from html.parser import HTMLParser
 from pathlib import Path
 
 import dagster as dg
 import duckdb
 import pytest
+from markdown_it import MarkdownIt
 
 from s3proc_dagster.defs.resources import Settings, resources_for
 from s3proc_dagster.reports.project import ReportProjectError, load_project
-from s3proc_dagster.reports.runner import ReportModelError, run_model
+from s3proc_dagster.reports.runner import ReportModelError, preview_markdown, run_model
 from s3proc_dagster_tests.conftest import Deployment
 from s3proc_dagster_tests.pipeline_helpers import (
     definitions,
@@ -51,6 +53,61 @@ def test_broken_model_fails_with_its_file_name_and_duckdbs_message(tmp_path: Pat
     (project_dir / "models" / "broken.sql").write_text("select * from {{ ref('nope') }}")
     with pytest.raises(ReportProjectError, match=r"broken\.sql: ref\('nope'\) names no model"):
         load_project(project_dir)
+
+
+class _Cells(HTMLParser):
+    """The tags of an HTML fragment, and the text of each table row's cells."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: set[str] = set()
+        self.rows: list[list[str]] = []
+        self._in_cell = False
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        self.tags.add(tag)
+        if tag == "tr":
+            self.rows.append([])
+        elif tag in ("td", "th"):
+            self.rows[-1].append("")
+            self._in_cell = True
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("td", "th"):
+            self._in_cell = False
+
+    def handle_data(self, data: str) -> None:
+        if self._in_cell:
+            self.rows[-1][-1] += data
+
+
+def rendered_cells(markdown: str) -> _Cells:
+    """`markdown` through a CommonMark renderer with GFM tables and raw HTML passed on, as
+    a Markdown view that trusts its input would show it."""
+    cells = _Cells()
+    cells.feed(MarkdownIt("commonmark", {"html": True}).enable("table").render(markdown))
+    return cells
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "x|<img src=x onerror=alert(1)>[a](javascript:alert(1)).csv",
+        "<script>alert(1)</script>.csv",
+        "two\nlines *em* _em_ `code` \\back & amp; https://example.com/x.csv",
+        "| a | b |\n|---|---|\n| forged | row |",
+    ],
+)
+def test_a_file_name_shows_as_its_text_in_one_preview_cell(name: str) -> None:
+    cells = rendered_cells(preview_markdown(["file_name", "status"], [(name, "failed"), ("plain.csv", 3)]))
+    assert cells.rows == [["file_name", "status"], [name, "failed"], ["plain.csv", "3"]]
+    assert cells.tags <= {"table", "thead", "tbody", "tr", "th", "td"}, "markup from the name was rendered"
+
+
+def test_the_preview_check_sees_an_unescaped_name() -> None:
+    """The check above can fail: a name put in the table as it is breaks the cell and the markup."""
+    cells = rendered_cells("| file_name | status |\n|---|---|\n| x|<img src=x onerror=alert(1)> | failed |\n")
+    assert "img" in cells.tags and cells.rows[1] == ["x", ""]
 
 
 def test_reports_materialize_on_the_instance_and_a_broken_relationship_fails_its_check(deployment: Deployment) -> None:

@@ -11,6 +11,7 @@ import multiprocessing
 import os
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
 import textwrap
@@ -385,6 +386,38 @@ def test_sqlite_schema_is_the_seeds_file_progress_table(tmp_path: Path) -> None:
         conn.execute(
             "INSERT INTO file_progress (file_path, status, created_at, updated_at) VALUES ('x', 'bogus', 1, 1)"
         )
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_sqlite_store_files_are_readable_by_their_owner_only(tmp_path: Path, world_readable_umask: None) -> None:
+    """They hold every file's path, S3 key and error text: 0600 from their creation,
+    the -wal and -shm files too, and an older store's files once it is opened."""
+    store = SQLiteProgressStore(tmp_path / "new" / "p.db")
+    store.record_detected(new_file())
+    assert {p.name: mode(p) for p in (tmp_path / "new").iterdir()} == dict.fromkeys(
+        ("p.db", "p.db-wal", "p.db-shm"), 0o600
+    )
+    store.close()
+
+    older = tmp_path / "older" / "p.db"
+    older.parent.mkdir()
+    conn = sqlite3.connect(older)  # as an older version left it: 0644, in WAL mode, open
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("CREATE TABLE leftover (x)")
+        conn.commit()
+        assert {p.name: mode(p) for p in older.parent.iterdir()} == dict.fromkeys(
+            ("p.db", "p.db-wal", "p.db-shm"), 0o644
+        )
+        SQLiteProgressStore(older).close()
+        assert {p.name: mode(p) for p in older.parent.iterdir()} == dict.fromkeys(
+            ("p.db", "p.db-wal", "p.db-shm"), 0o600
+        )
+    finally:
+        conn.close()
 
 
 def test_mongodb_documents_use_the_seeds_field_names(mongodb_uri: str, mongodb_database: str) -> None:

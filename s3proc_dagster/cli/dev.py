@@ -35,6 +35,7 @@ from s3proc_dagster.cli.embedded import (
     start_seaweedfs,
     stop_process_group,
 )
+from s3proc_dagster.files.private import tighten, write_new_private_file
 
 DEV_ACCESS_KEY = "s3proc-dev"
 DEV_SECRET_KEY = "s3proc-dev-secret"
@@ -150,18 +151,24 @@ DEV_ENV_KEYS = (
 )
 
 
+DEV_ENV_HEADER = "# Written by scripts/dev for the embedded SeaweedFS; see .env.example for every setting."
+
+
 def _write_dev_env(path: Path) -> None:
     """On first use, write the embedded settings to `.env`, so that `s3proc status`,
     `s3proc process` and `dagster job launch` in another terminal reach the same
-    SeaweedFS and store. An existing `.env` is the user's and is never touched."""
-    if path.exists():
-        return
-    lines = [
-        "# Written by scripts/dev for the embedded SeaweedFS; see .env.example for every setting.",
-        "S3_EMBEDDED=true",
-    ]
+    SeaweedFS and store. It holds the S3 keys, so it is 0600 from its creation.
+
+    An existing `.env` is the user's and is never rewritten; one this function wrote
+    before it made them 0600 (its first line says so) loses its group and other
+    permissions."""
+    lines = [DEV_ENV_HEADER, "S3_EMBEDDED=true"]
     lines += [f"{key}={os.environ[key]}" for key in DEV_ENV_KEYS if os.environ.get(key)]
-    path.write_text("\n".join(lines) + "\n")
+    if not write_new_private_file(path, "\n".join(lines) + "\n"):
+        with path.open() as existing:
+            ours = existing.readline().rstrip("\n") == DEV_ENV_HEADER
+        if ours:
+            tighten(path)
 
 
 #: How long `dagster dev` gets to stop its webserver, daemon, code server and run workers

@@ -130,7 +130,13 @@ class ProgressStoreResource(dg.ConfigurableResource):
 
 
 class ReportsDatabase(DuckDBResource):
-    """dagster-duckdb's resource on REPORTS_DB_PATH (or `database`, when given)."""
+    """dagster-duckdb's resource on REPORTS_DB_PATH (or `database`, when given).
+
+    Unlike progress.db, the file gets no mode of its own: it holds no credential, only
+    copies of the store's records that the reports exist to show in the UI, and DuckDB
+    refuses a file created empty and 0600 beforehand (and writes its `.wal` beside it
+    with the umask's mode anyway). Materialised in a run worker, it is 0600 all the
+    same: run workers run under a 077 umask (runs/zygote.py, runs/launch.py)."""
 
     database: str = Field(default="", description="empty: REPORTS_DB_PATH")
     settings: Settings

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from s3proc_dagster.errors import UnsafeSourceError
+from s3proc_dagster.files.private import make_private_dir
 from s3proc_dagster.sources.confined import check_size, open_regular
 
 BLOCK_SIZE = 1 << 20  # 1 MiB: large enough for throughput, small enough to never matter for memory
@@ -67,7 +68,7 @@ def snapshot_stream(readable: BinaryIO, name: str, staging_dir: Path, max_bytes:
     grow while it is read).
     """
     _check_plain_name(name)
-    staging_dir.mkdir(parents=True, exist_ok=True)
+    make_private_dir(staging_dir)
     fd, temp_name = tempfile.mkstemp(dir=staging_dir, prefix=".snapshot-", suffix=".partial")
     temp = Path(temp_name)
     try:
@@ -99,7 +100,7 @@ def _publish(temp: Path, target: Path, sha256: str) -> Path:
     An existing target is re-hashed rather than trusted: a crash or a disk error could
     have left it damaged, and a damaged snapshot would poison every later step.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
+    make_private_dir(target.parent, tighten_existing=True)
     if target.is_file() and sha256_file(target) == sha256:
         return target
     os.replace(temp, target)

@@ -15,6 +15,14 @@ claim, a superseded version, a partial snapshot of a killed run. Staging is a ca
 case, local to each node: a step that finds a version missing takes the snapshot again from
 the source, checked against the recorded SHA-256, and derives the rest from it
 (`pipeline.staged_snapshot`, `staged_items`), so a re-execution may run on any node.
+
+Privacy: the staging area holds copies of the users' files, so only the product's user
+may read it. STAGING_DIRECTORY is created 0700 (an existing one keeps its mode: it may be
+shared, the sweep leaves alone what is not ours), and so is every `<sha256>/` and
+`<sha256>.work/` folder, tightened if an older version left it wider: a version's
+contents are unreachable by others whatever the root's mode and whatever mode their
+writers (pyarrow, DuckDB, the archive extraction) give them. Run workers also run under
+a 077 umask (`runs/zygote.py`, `runs/launch.py`), which makes those files 0600 too.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from s3proc_dagster.files.private import make_private_dir
 from s3proc_dagster.models import ProcessingStatus
 from s3proc_dagster.stores.base import ProgressStore
 
@@ -55,6 +64,11 @@ def work_dir(staging: Path, sha256: str) -> Path:
     """Where a version's extracted entries and Parquet chunks go: beside its snapshot
     (`<staging>/<sha256>/<name>`), never inside it, so no file name can collide."""
     return staging / f"{sha256}{WORK_SUFFIX}"
+
+
+def private_work_dir(staging: Path, sha256: str) -> Path:
+    """`work_dir`, made 0700 before anything is written into it (see Privacy above)."""
+    return make_private_dir(work_dir(staging, sha256), tighten_existing=True)
 
 
 def _size(path: Path) -> int:

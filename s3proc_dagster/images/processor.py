@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from s3proc_dagster.errors import ChecksumMismatch, ImageRequestError, is_transient
+from s3proc_dagster.files.private import make_private_dir
 from s3proc_dagster.images.compress import compress
 from s3proc_dagster.images.fetch import FetchError, fetch_image
 from s3proc_dagster.images.request_csv import (
@@ -158,7 +159,7 @@ def process_row(
             )
             image = compress(fetched.data, options.quality, options.output_format)
             key = image_key(options, row.request_id, row.serial_number, i + 1, image.extension)
-            staging.mkdir(parents=True, exist_ok=True)
+            make_private_dir(staging, tighten_existing=True)
             with tempfile.NamedTemporaryFile(dir=staging, suffix=f".{image.extension}") as tmp:
                 tmp.write(image.data)
                 tmp.flush()
@@ -185,7 +186,7 @@ def _write_output_csv(
     products = [ProductRow(r.serial_number, r.product_name, r.input_image_urls) for r in rows]
     body = output_csv(products, {r.serial_number: r.output_image_urls for r in rows})
     key = join_key(options.prefix, IMAGE_OUTPUT_FOLDER, request_id, "output.csv")
-    staging.mkdir(parents=True, exist_ok=True)
+    make_private_dir(staging, tighten_existing=True)
     with tempfile.NamedTemporaryFile(dir=staging, suffix=".csv") as tmp:
         tmp.write(body)
         tmp.flush()

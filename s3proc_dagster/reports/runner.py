@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import string
+from collections.abc import Iterable
 from typing import Any
 
 import duckdb
@@ -50,6 +52,26 @@ def run_test(conn: duckdb.DuckDBPyConnection, test: ColumnTest) -> int:
     return int(conn.execute(failing_rows_sql(test)).fetchall()[0][0])
 
 
+#: Characters that mean something to an HTML parser, and line breaks (which would end
+#: the table row), as character references: the renderer shows them as the text they are.
+_AS_REFERENCE = {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;", "\n": "&#10;", "\r": "&#13;"}
+#: CommonMark lets a backslash take the meaning away from any ASCII punctuation; escaping
+#: all of it, not a list of the characters that matter today, also covers emphasis, code,
+#: links, a cell's `|` (GFM) and autolinks (`http\://` is no longer one).
+_BACKSLASHED = frozenset(string.punctuation) - set(_AS_REFERENCE)
+
+
+def markdown_text(value: Any) -> str:
+    """`value` as Markdown that renders as exactly its text, in one table cell.
+
+    The previews show file names and error messages, which whoever drops a file
+    chooses: unescaped, `a|b` splits a cell, `[x](javascript:...)` is a link and
+    `<img onerror=...>` HTML in the Dagster UI."""
+    return "".join(_AS_REFERENCE.get(c) or (f"\\{c}" if c in _BACKSLASHED else c) for c in str(value))
+
+
 def preview_markdown(columns: list[str], rows: list[tuple[Any, ...]]) -> str:
-    head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
-    return head + "".join("| " + " | ".join(str(v) for v in row) + " |\n" for row in rows)
+    def line(cells: Iterable[Any]) -> str:
+        return "| " + " | ".join(markdown_text(c) for c in cells) + " |\n"
+
+    return line(columns) + "|" + "---|" * len(columns) + "\n" + "".join(line(row) for row in rows)

@@ -25,6 +25,8 @@ from dagster._core.remote_representation.code_location import CodeLocation
 from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 from dagster._utils.hosted_user_process import recon_job_from_origin
 
+from s3proc_dagster.files.private import private_umask
+
 # Both as in workspace.yaml and [tool.dagster]: the UI finds re-executions by these names.
 LOCATION_NAME = "s3proc_dagster"
 MODULE = "s3proc_dagster.definitions"
@@ -82,5 +84,9 @@ def run_now(instance: dg.DagsterInstance, request: dg.RunRequest) -> RunOutcome:
         run = create_run(instance, location, request)
     job_origin = run.job_code_origin
     assert job_origin is not None
-    result = execute_run(recon_job_from_origin(job_origin), run, instance)
+    # The steps run in this process, as in a forked run worker (runs/zygote.py), and
+    # write the users' data into the staging area: 0600 files and 0700 folders, whoever
+    # writes them; the terminal's umask is back once the run has ended.
+    with private_umask():
+        result = execute_run(recon_job_from_origin(job_origin), run, instance)
     return RunOutcome(run.run_id, result.success)

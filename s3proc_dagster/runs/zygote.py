@@ -45,7 +45,14 @@ def _child(run_id: str, instance_ref: str) -> int:
     from dagster._core.instance import DagsterInstance
     from dagster_shared.serdes import deserialize_value
 
+    from s3proc_dagster.files.private import PRIVATE_UMASK
+
     os.setsid()
+    # The run's files are the users' data: the staged copies, the Parquet parts pyarrow
+    # and DuckDB write, the extracted archive entries. Under this umask every writer makes
+    # them 0600 (folders 0700) without being told; the child is the run's own process,
+    # so the umask is nobody else's (the zygote keeps its own for the next fork).
+    os.umask(PRIVATE_UMASK)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # termination arrives as SIGINT
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)

@@ -21,6 +21,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from s3proc_dagster.errors import DuplicateRecord
+from s3proc_dagster.files.private import ensure_private_file, tighten
 from s3proc_dagster.models import (
     ChunkStatus,
     FileStatus,
@@ -226,6 +227,11 @@ class SQLiteProgressStore(ProgressStore):
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Every file's path, S3 key and error text: 0600 before SQLite opens it, so the
+        # -wal and -shm files, which SQLite creates with the database's own mode, are too.
+        ensure_private_file(self.path)
+        for companion in ("-wal", "-shm"):
+            tighten(Path(f"{self.path}{companion}"))
         self._lock = threading.RLock()
         self._conn = sqlite3.connect(str(self.path), timeout=60, isolation_level=None, check_same_thread=False)
         self._conn.row_factory = sqlite3.Row
