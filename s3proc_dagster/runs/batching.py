@@ -24,7 +24,7 @@ from pathlib import Path
 import dagster as dg
 
 from s3proc_dagster.models import make_file_id
-from s3proc_dagster.runs.requests import PROCESS_FILE_JOB, PROCESS_FILES_JOB
+from s3proc_dagster.runs.requests import CONSOLE_LOGGER, PROCESS_FILE_JOB, PROCESS_FILES_JOB
 from s3proc_dagster.runs.tags import FILE_TAG, TAG
 
 BATCH_OP = "batch_files"
@@ -82,7 +82,7 @@ def batch_request(requests: Sequence[dg.RunRequest]) -> dg.RunRequest:
     return dg.RunRequest(
         run_key=f"batch:{hashlib.sha256(keys.encode()).hexdigest()[:24]}",
         job_name=PROCESS_FILES_JOB,
-        run_config={"ops": {BATCH_OP: {"config": {"files": [source_of(r) for r in requests]}}}},
+        run_config={"ops": {BATCH_OP: {"config": {"files": [source_of(r) for r in requests]}}}, **CONSOLE_LOGGER},
         tags={
             f"{TAG}/batch": str(len(requests)),
             **{k: v for r in requests for k, v in r.tags.items() if k.startswith(FILE_TAG + "/")},
