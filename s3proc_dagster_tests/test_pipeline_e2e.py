@@ -112,9 +112,7 @@ def test_a_column_of_numbers_with_na_says_in_the_files_materialization_how_to_re
     result = execute(request, deployment)
     assert result.success
     (completed,) = [
-        m
-        for m in result.asset_materializations_for_node("progress_update")
-        if m.tags.get("s3proc/kind") == "file"
+        m for m in result.asset_materializations_for_node("progress_update") if m.tags.get("s3proc/kind") == "file"
     ]
     hint = completed.metadata["text_columns_of_numbers"].value
     assert "dep_delay" in hint and "'NA'" in hint and "CSV_NULL_STRINGS=NA," in hint
