@@ -5,9 +5,14 @@ the settings when a run or a sensor tick starts (see `defs/resources.py`).
 """
 
 import functools
+import warnings
 from pathlib import Path
 
 import dagster as dg
+
+# Dagster 1.13 copies every sensor through an internal constructor that passes `owners`
+# (None here) and so warns, on every load, that owners are beta; the product sets none.
+warnings.filterwarnings("ignore", message="Parameter `owners` of initializer", category=dg.BetaWarning)
 
 
 @functools.cache

@@ -1,21 +1,28 @@
-"""The product's own log lines: LOG_LEVEL and LOG_PRETTY (seed LoggingConfig).
+"""The product's own log lines: LOG_LEVEL and LOG_PRETTY (the specification's LoggingConfig).
 
 Pretty is one readable line per event for a terminal; otherwise each line is a JSON
-object, for log shippers. The `s3proc` logger is also a Dagster managed logger (see the
-instance's `python_logs`), so the same lines reach each run's log in the UI. Messages
-never carry secrets: settings are `SecretStr` and errors name variables, not values.
+object (time, level, logger, message, and the file's `fileId` when the line is about a
+file), for log shippers. Every process that runs product code configures the `s3proc`
+logger once, from the settings: the `s3proc` command at start, a run or a sensor tick
+when it first loads the settings (`defs/resources.py:Settings`). The logger is also one
+of the instance's managed Python loggers (`cli/dev.py:instance_config`), so the same
+lines, at the same level, reach each run's log in the UI. Dagster's own per-step event
+lines stay out of the terminal unless LOG_LEVEL=debug (`defs/loggers.py`). Messages never
+carry secrets: settings are `SecretStr` and errors name variables, not values.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
 from datetime import UTC, datetime
 
 from s3proc_dagster.settings import LoggingConfig
 
 LOGGER = "s3proc"
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}
+PRETTY_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 
 class JsonFormatter(logging.Formatter):
@@ -24,7 +31,7 @@ class JsonFormatter(logging.Formatter):
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "message": record.getMessage(),
         }
         payload.update(getattr(record, "fields", {}) or {})
         if record.exc_info:
@@ -32,20 +39,41 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload, default=str)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time of the line, not at the time the
+    handler was made: Dagster swaps it to capture a step's output."""
+
+    _s3proc = True
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def configure_logging(config: LoggingConfig) -> logging.Logger:
-    """Idempotent: the code location may be loaded several times in one process."""
+    """Set the `s3proc` logger's level and format; idempotent, so a process that loads the
+    settings again (a run after a sensor tick in one code server) changes nothing twice.
+
+    The logger does not propagate: its lines are written once, by its own handler, and
+    reach a run's event log through the handler Dagster adds to managed loggers."""
     logger = logging.getLogger(LOGGER)
-    logger.setLevel(_LEVELS[config.level])
+    logger.setLevel(LEVELS[config.level])
+    logger.propagate = False
     handler = next((h for h in logger.handlers if getattr(h, "_s3proc", False)), None)
     if handler is None:
-        handler = logging.StreamHandler()
-        handler._s3proc = True  # type: ignore[attr-defined]
+        handler = _StderrHandler()
         logger.addHandler(handler)
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s") if config.pretty else JsonFormatter()
-    )
+    handler.setFormatter(logging.Formatter(PRETTY_FORMAT) if config.pretty else JsonFormatter())
     return logger
 
 
 def get_logger(name: str) -> logging.Logger:
     return logging.getLogger(f"{LOGGER}.{name}")
+
+
+def about(file_id: str, **fields: object) -> dict[str, dict[str, object]]:
+    """`extra=` for a line about one file: its fileId (and more) as JSON fields."""
+    return {"fields": {"fileId": file_id, **fields}}

@@ -149,6 +149,7 @@ class PreparedItem:
     recipe: ConversionRecipe | None = None  # how `chunks` were made, to make them again
     sent_ahead: frozenset[int] = frozenset()  # chunks that landed during the conversion
     landed_in_run: str = ""  # the run whose conversion landed them
+    numbers_as_text: dict[str, list[str]] = field(default_factory=dict)  # column -> the words that made it text
 
     @property
     def is_dataset(self) -> bool:
@@ -549,7 +550,20 @@ def convert_items(
         store.update_file(item.file_id, **fields)
         count, chunks = conversion.record_count, tuple(conversion.chunks)
         landed_in = claimant.run_id if sent_ahead else ""
-        prepared.append(PreparedItem(item, key, count, compression, chunks, skipped, recipe, sent_ahead, landed_in))
+        prepared.append(
+            PreparedItem(
+                item,
+                key,
+                count,
+                compression,
+                chunks,
+                skipped,
+                recipe,
+                sent_ahead,
+                landed_in,
+                conversion.numbers_as_text,
+            )
+        )
     return prepared
 
 
@@ -620,6 +634,14 @@ def _convert(
             ahead.discard()  # ... locally nor in S3
         raise
     (out_dir / "_done.json").write_text(conversion.to_json())
+    for column, words in conversion.numbers_as_text.items():
+        log.warning(
+            "%s: column %s landed as text, its values are numbers but for %s (CSV_NULL_STRINGS reads those as NULL)",
+            item.relative_path,
+            column,
+            ", ".join(map(repr, words)),
+            extra={"fields": {"fileId": item.file_id}},
+        )
     log.info(
         "%s: %d records in %d chunks (%.2fs)",
         item.relative_path,
@@ -892,11 +914,6 @@ def finish(
     own = [p.key for p in prepared if p.item.file_id == version.file_id]
     output_key = own[0] if own else join_key(prefix, version.source.relative_path)
     done = store.complete(version.file_id, output_key, processed_bytes=version.size, run_id=claimant.run_id)
-    log.info(
-        "%s: COMPLETED",
-        version.source.relative_path,
-        extra={"fields": {"fileId": version.file_id, "s3Key": output_key}},
-    )
     if staging is not None:
         staging_area.release(staging, version.sha256, staging_area.versions_in_use(store))
     return done

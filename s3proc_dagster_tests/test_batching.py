@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import urllib.request
 from pathlib import Path
 
 import dagster as dg
+import pytest
+from dagster_graphql import DagsterGraphQLClient
 
 from s3proc_dagster.defs.files.events import asset_key_for
 from s3proc_dagster.files.checksum import sha256_file
 from s3proc_dagster.models import ProcessingStatus as S
+from s3proc_dagster.models import make_file_id
 from s3proc_dagster.runs.batching import BatchLimits, batch_request, group, under_backlog
 from s3proc_dagster.runs.requests import PROCESS_FILES_JOB, run_request_for
 from s3proc_dagster.transfer.manifest import part_key
@@ -118,3 +123,34 @@ def test_a_batch_run_keeps_each_files_records_assets_and_failure(deployment: Dep
     listed = client.list_objects_v2(Bucket=deployment.s3.bucket, Prefix=flaky_key + "/")
     assert sorted(o["Key"] for o in listed["Contents"]) == dataset_keys(flaky_key, flaky_sha, 1)
     assert store.get_by_path(str(broken)).status is S.FAILED
+
+
+RUNS_BY_TAG = """
+query Runs($tags: [ExecutionTag!]) {
+  runsOrError(filter: {tags: $tags}) { ... on Runs { results { runId jobName tags { key value } } } }
+}
+"""
+
+
+def graphql(ui: str, query: str, variables: dict) -> dict:
+    body = json.dumps({"query": query, "variables": variables}).encode()
+    request = urllib.request.Request(f"{ui}/graphql", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())["data"]
+
+
+def test_a_batched_file_is_found_by_its_file_tag_through_the_uis_run_filter(
+    deployment: Deployment, request: pytest.FixtureRequest
+) -> None:
+    ui = request.getfixturevalue("dagster_dev")
+    files = [write_csv(deployment.watch / "batch-found" / f"f{i}.csv", promo_rows(4, seed=i)) for i in range(3)]
+    rels = [f"batch-found/{f.name}" for f in files]
+    batch = batch_request([run_request_for(str(f), rel, f"{rel}:k") for f, rel in zip(files, rels, strict=True)])
+    run_id = DagsterGraphQLClient("127.0.0.1", port_number=int(ui.rsplit(":", 1)[1])).submit_job_execution(
+        batch.job_name, run_config=batch.run_config, tags=batch.tags
+    )
+    for rel in rels:  # each file leads to the batch run, by its path and its id
+        tag = {"key": f"s3proc/file/{rel}", "value": make_file_id(rel)}
+        found = graphql(ui, RUNS_BY_TAG, {"tags": [tag]})["runsOrError"]["results"]
+        assert [(r["runId"], r["jobName"]) for r in found] == [(run_id, PROCESS_FILES_JOB)]
+        assert tag in found[0]["tags"]  # and the run's page lists every file it holds

@@ -272,3 +272,15 @@ def test_csv_null_strings_do_not_apply_to_xml_values(tmp_path: Path) -> None:
     (tmp_path / "r.xml").write_text("<rows><row><code>NA</code><n>1</n></row><row><code>x</code><n></n></row></rows>")
     result = convert_to_parquet_chunks(tmp_path / "r.xml", "xml", tmp_path / "out", 10, csv_null_strings=("NA",))
     assert rows_of(result) == [{"code": "NA", "n": 1}, {"code": "x", "n": None}]
+
+
+def test_a_numeric_column_made_text_by_na_is_named_with_the_words_and_gone_once_na_is_null(tmp_path: Path) -> None:
+    """What a user of nycflights13 meets: `dep_delay` holds numbers and `NA`, so it lands as text."""
+    rows = ["id,dep_delay,carrier"] + [f"{i},{'NA' if i % 40 == 0 else i % 90 - 10},UA" for i in range(400)]
+    src = tmp_path / "flights.csv"
+    src.write_text("\n".join(rows) + "\n")
+    as_text = convert_to_parquet_chunks(src, "csv", tmp_path / "a", 1000)
+    assert as_text.numbers_as_text == {"dep_delay": ["NA"]}  # `carrier` is text, and not numbers
+    typed = convert_to_parquet_chunks(src, "csv", tmp_path / "b", 1000, csv_null_strings=("NA", ""))
+    assert typed.numbers_as_text == {}
+    assert dict(typed.columns)["dep_delay"] == "BIGINT"

@@ -100,3 +100,19 @@ def test_unchanged_file_is_skipped_and_changed_file_reprocessed(deployment: Depl
     assert changed.run_key != request.run_key
     assert execute(changed, deployment).success
     assert len(read_dataset(deployment, f"{deployment.prefix}/again/p.csv", tmp_path)) == 8
+
+
+def test_a_column_of_numbers_with_na_says_in_the_files_materialization_how_to_read_it_as_numbers(
+    deployment: Deployment,
+) -> None:
+    src = deployment.watch / "na-hint" / "flights.csv"
+    src.parent.mkdir()
+    src.write_text("id,dep_delay\n" + "".join(f"{i},{'NA' if i % 20 == 0 else i}\n" for i in range(100)))
+    (request,) = run_requests_under(sensor_tick(deployment), "na-hint")
+    result = execute(request, deployment)
+    assert result.success
+    (completed,) = [
+        m for m in result.asset_materializations_for_node("progress_update") if m.tags.get("s3proc/kind") == "file"
+    ]
+    hint = completed.metadata["text_columns_of_numbers"].value
+    assert "dep_delay" in hint and "'NA'" in hint and "CSV_NULL_STRINGS=NA," in hint

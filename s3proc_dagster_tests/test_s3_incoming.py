@@ -48,7 +48,7 @@ def put(deployment: Deployment, key: str, body: bytes, metadata: dict[str, str] 
 
 
 def under(requests: list[dg.RunRequest], folder: str) -> list[dg.RunRequest]:
-    return [r for r in requests if r.tags["s3proc/path"].startswith(folder + "/")]
+    return [r for r in requests if any(t.startswith(f"s3proc/file/{folder}/") for t in r.tags)]
 
 
 def test_new_object_once_and_overwritten_object_again(deployment: Deployment) -> None:

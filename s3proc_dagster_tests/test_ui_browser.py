@@ -67,7 +67,7 @@ def test_ui_shows_runs_and_chunk_materializations(deployment: Deployment, dagste
     assert "process_file_job" in runs_dom
     assert all(run_id[:8] in runs_dom for run_id in run_ids)
 
-    asset_url = f"{dagster_dev}/assets/{deployment.prefix}/ui/promo_ui_csv?view=events"
+    asset_url = f"{dagster_dev}/assets/{deployment.prefix}/ui/promo_ui.csv?view=events"
     asset_dom = chromium(asset_url, "--dump-dom")
     chromium(asset_url, f"--screenshot={tmp_path / 'asset.png'}")
     text = visible_text(asset_dom)

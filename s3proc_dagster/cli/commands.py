@@ -8,6 +8,7 @@ the README nor the specification in front of them. File arguments mean what
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -19,8 +20,9 @@ from dotenv import load_dotenv
 
 from s3proc_dagster.errors import S3ProcError
 from s3proc_dagster.files import parking
+from s3proc_dagster.logs import configure_logging
 from s3proc_dagster.models import ChunkStatus, FileStatus, ProcessingStatus
-from s3proc_dagster.settings import Configuration, load_configuration
+from s3proc_dagster.settings import Configuration, LoggingConfig, load_configuration
 from s3proc_dagster.sources.paths import (
     ENTRY_SEPARATOR,
     path_below,
@@ -153,6 +155,8 @@ def request_for(raw: str, cfg: Configuration) -> dg.RunRequest:
 
 
 def _process(args: argparse.Namespace) -> int:
+    """Each file's run, then one outcome line per file on stdout; the product's progress
+    lines go to stderr as it works (LOG_LEVEL, LOG_PRETTY), Dagster's own only at debug."""
     from s3proc_dagster.runs.launch import run_now
 
     cfg = load_configuration()
@@ -162,18 +166,28 @@ def _process(args: argparse.Namespace) -> int:
     try:
         for raw in args.paths:
             request = request_for(raw, cfg)
-            target = request.tags["s3proc/source"]
             outcome = run_now(instance, request)
-            status = store.get_by_path(target)
-            state = status.status.name if status else ("FAILED" if not outcome.success else "SKIPPED")
-            detail = (
-                (status.output_key or "") if status and outcome.success else (status.error_details if status else "")
-            )
+            status = store.get_by_path(request.tags["s3proc/source"])
             failed += not outcome.success
-            print(f"{state:<10} {raw}  {detail or ''}  (run {outcome.run_id[:8]})")
+            print(f"{_outcome(status, outcome.run_id, outcome.success)}  {raw}  (run {outcome.run_id[:8]})")
     finally:
         store.close()
     return 1 if failed else 0
+
+
+def _outcome(status: FileStatus | None, run_id: str, success: bool) -> str:
+    """What this run did to the file: its own result, or why it left the file alone."""
+    if status is None:
+        return "FAILED" if not success else "SKIPPED"
+    if status.run_id != run_id and success:  # another run holds it, or it was already done
+        if status.status is ProcessingStatus.IN_PROGRESS:
+            return f"SKIPPED: held by run {(status.run_id or '')[:8]}"
+        return f"SKIPPED: unchanged since run {(status.run_id or '')[:8]} ({status.status.name})"
+    if status.status is ProcessingStatus.COMPLETED:
+        return f"COMPLETED -> {status.output_key}"
+    if status.status is ProcessingStatus.FAILED:
+        return f"FAILED: {status.error_details}"
+    return status.status.name
 
 
 def _retry_refusal(status: FileStatus, rel: str | None, force: bool) -> str | None:
@@ -478,6 +492,8 @@ def main(argv: list[str] | None = None) -> int:
     # The settings and the resources' `dg.EnvVar`s read one source, the environment, with
     # `.env` filling what is not set: the file `scripts/dev` writes reaches every command.
     load_dotenv(Path.cwd() / ".env", override=False)
+    with contextlib.suppress(ValueError):  # a bad LOG_LEVEL: the settings check names it with the rest
+        configure_logging(LoggingConfig())
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):

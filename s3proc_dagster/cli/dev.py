@@ -38,6 +38,7 @@ from s3proc_dagster.cli.embedded import (
 from s3proc_dagster.files.private import tighten, write_new_private_file
 
 DEV_ACCESS_KEY = "s3proc-dev"
+DAGSTER_LOG_LEVELS = {"debug": "debug", "info": "info", "warn": "warning", "error": "error"}
 DEV_SECRET_KEY = "s3proc-dev-secret"
 
 
@@ -108,8 +109,9 @@ def instance_config(
             "poll_interval_seconds": 30,
             "free_slots_after_run_end_seconds": 30,  # pool slots a crashed step held come back
         },
-        # the product's own `s3proc` log lines show in each run's logs in the UI
-        "python_logs": {"managed_python_loggers": ["s3proc"], "python_log_level": "INFO"},
+        # the product's own `s3proc` log lines show in each run's logs in the UI; DEBUG lets
+        # every one through, the level they are written at is LOG_LEVEL's (logs.py)
+        "python_logs": {"managed_python_loggers": ["s3proc"], "python_log_level": "DEBUG"},
         "telemetry": {"enabled": False},
         "nux": {"enabled": False},
     }
@@ -338,6 +340,9 @@ def run_dev(host: str = "127.0.0.1", port: int = 3000, root: Path | None = None)
             print(f"Watching {cfg.monitoring.watch_path}; DAGSTER_HOME={home}; starting dagster dev", flush=True)
             cmd = [
                 sys.executable,
+                # `dg dev` supersedes it, but `dg` is a developer tool no deployment installs
+                "-W",
+                "ignore:Function `dev_command` is superseded",
                 "-m",
                 "dagster",
                 "dev",
@@ -347,6 +352,11 @@ def run_dev(host: str = "127.0.0.1", port: int = 3000, root: Path | None = None)
                 host,
                 "-p",
                 str(port),
+                # its webserver's and daemon's own lines follow LOG_LEVEL and LOG_PRETTY too
+                "--log-level",
+                DAGSTER_LOG_LEVELS[cfg.logging.level],
+                "--log-format",
+                "colored" if cfg.logging.pretty else "json",
             ]
             dagster = start_in_own_group(cmd, cwd=root)
             _wait_for_ui(dagster, host, port)

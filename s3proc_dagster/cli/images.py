@@ -18,6 +18,7 @@ from s3proc_dagster.stores import open_store
 def _submit(args: argparse.Namespace) -> int:
     from s3proc_dagster.cli.commands import get_instance
     from s3proc_dagster.runs.launch import run_now
+    from s3proc_dagster.runs.requests import CONSOLE_LOGGER
 
     cfg = load_configuration()
     store = open_store(cfg.processing)
@@ -35,7 +36,10 @@ def _submit(args: argparse.Namespace) -> int:
             get_instance(),
             dg.RunRequest(  # the tags the watch sensor gives a product CSV's run
                 job_name="image_request_job",
-                run_config={"ops": {"validate_request": {"config": {"request_id": request.request_id}}}},
+                run_config={
+                    "ops": {"validate_request": {"config": {"request_id": request.request_id}}},
+                    **CONSOLE_LOGGER,
+                },
                 tags={
                     "s3proc/path": path.name,
                     "s3proc/kind": "image_request",

@@ -21,6 +21,8 @@ from dagster_aws.s3 import S3Resource
 from dagster_duckdb import DuckDBResource
 from pydantic import Field, PrivateAttr
 
+from s3proc_dagster.defs.loggers import console
+from s3proc_dagster.logs import configure_logging
 from s3proc_dagster.runs.liveness import Heartbeat
 from s3proc_dagster.settings import Configuration, load_configuration
 from s3proc_dagster.stores import open_store
@@ -42,8 +44,11 @@ class Settings(dg.ConfigurableResource):
 
     @property
     def config(self) -> Configuration:
+        """Loaded and validated on first use; the process's `s3proc` logger follows its
+        LOG_LEVEL and LOG_PRETTY from then on (`logs.configure_logging`)."""
         if self._config is None:
             self._config = load_configuration(self.env_file, self.overrides)
+            configure_logging(self._config.logging)
         return self._config
 
     @property
@@ -186,6 +191,7 @@ def resources_for(settings: Settings) -> dict[str, Any]:
 
 defs = dg.Definitions(
     resources=resources_for(Settings()),
+    loggers={"console": console},
     # One process per run: a file's steps are sequential, and the reports share one DuckDB
     # file, which allows a single writing process at a time.
     executor=dg.in_process_executor,

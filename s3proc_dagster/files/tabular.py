@@ -50,6 +50,7 @@ from s3proc_dagster.errors import ConversionError
 from s3proc_dagster.files.detect import TABULAR_KINDS
 
 WRITER_LANES = 2
+_NUMBER = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
 BATCH_ROWS = 122_880  # a multiple of DuckDB's 2,048-row vector
 RULES_COLUMN = "_rules"
 SCRATCH_DIR = ".scratch"  # DuckDB spill files and XML intermediates; removed at the end
@@ -113,6 +114,8 @@ class ConversionResult:
     duration_s: float
     skipped_rules: dict[str, str] = field(default_factory=dict)
     missing_columns: tuple[str, ...] = ()
+    # text columns that are numbers but for a few words (`NA`): column -> those words
+    numbers_as_text: dict[str, list[str]] = field(default_factory=dict)
 
     def to_json(self) -> str:
         """Kept beside the parts (`_done.json`), so a re-executed step reuses the conversion."""
@@ -578,6 +581,26 @@ def _dictionary_columns(batch: pa.RecordBatch) -> list[str]:
     return chosen
 
 
+def numbers_as_text(batch: pa.RecordBatch, min_share: float = 0.8, max_words: int = 3) -> dict[str, list[str]]:
+    """Text columns whose values are numbers but for a few distinct words, judged on the
+    first batch: DuckDB typed them as text because of a null marker such as `NA`, which
+    CSV_NULL_STRINGS would read as NULL. Said where the user sees the result (the file's
+    materialization), not deep in the docs."""
+    found: dict[str, list[str]] = {}
+    for name, column in zip(batch.schema.names, batch.columns, strict=True):
+        if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
+            continue
+        values = column.drop_null()
+        if not len(values):
+            continue
+        numeric = pc.match_substring_regex(values, _NUMBER)
+        share = pc.sum(numeric).as_py() / len(values)
+        words = pc.unique(values.filter(pc.invert(numeric))).to_pylist()
+        if min_share <= share < 1 and len(words) <= max_words:
+            found[name] = sorted(words)
+    return found
+
+
 def _write_chunks(
     reader: pa.RecordBatchReader,
     source: Path,
@@ -586,6 +609,7 @@ def _write_chunks(
     compression: str,
     with_rules: bool,
     sink: ChunkSink | None = None,
+    first_batch: list[pa.RecordBatch] | None = None,
 ) -> list[ChunkFile]:
     """DuckDB produces the next batch while writer threads encode the previous ones.
 
@@ -612,7 +636,10 @@ def _write_chunks(
             if current is None or current.index != index:
                 if current is not None:
                     pending.append(lanes[current.index % WRITER_LANES].submit(close, current, True))
-                dictionary = _dictionary_columns(piece) if dictionary is None else dictionary
+                if dictionary is None:
+                    dictionary = _dictionary_columns(piece)
+                    if first_batch is not None:
+                        first_batch.append(piece)
                 current = _ChunkWriter(out_dir, index, reader.schema, compression, with_rules, dictionary)
             pending.append(lanes[index % WRITER_LANES].submit(current.write, piece))
             while len(pending) > 2 * WRITER_LANES:
@@ -644,11 +671,13 @@ def _one_pass(
     compression: str,
     whole_file: bool,
     sink: ChunkSink | None,
-) -> tuple[list[ChunkFile], list[tuple[str, str]], _RulePlan]:
+) -> tuple[list[ChunkFile], list[tuple[str, str]], _RulePlan, dict[str, list[str]]]:
     reader, columns, plan = _open_stream(conn, read, whole_file)
+    first: list[pa.RecordBatch] = []
     try:
-        chunks = _write_chunks(reader, read.source, out_dir, chunk_size, compression, plan.validates, sink)
-        return chunks, columns, plan
+        chunks = _write_chunks(reader, read.source, out_dir, chunk_size, compression, plan.validates, sink, first)
+        hints = numbers_as_text(first[0]) if first else {}
+        return chunks, columns, plan, hints
     finally:
         reader.close()
 
@@ -712,13 +741,13 @@ def convert_to_parquet_chunks(
             on_missing_columns=on_missing_columns,
         )
         try:
-            chunks, columns, plan = _one_pass(conn, read, out_dir, chunk_size, compression, False, sink)
+            chunks, columns, plan, hints = _one_pass(conn, read, out_dir, chunk_size, compression, False, sink)
         except _SampledTypeTooNarrow:
             _clear_outputs(out_dir)
             if sink is not None:
                 sink.restart()
             try:
-                chunks, columns, plan = _one_pass(conn, read, out_dir, chunk_size, compression, True, sink)
+                chunks, columns, plan, hints = _one_pass(conn, read, out_dir, chunk_size, compression, True, sink)
             except _SampledTypeTooNarrow as exc:
                 raise ConversionError(f"{source.name}: {exc}") from None
     finally:
@@ -732,4 +761,5 @@ def convert_to_parquet_chunks(
         time.perf_counter() - started,
         skipped_rules=dict(plan.skipped),
         missing_columns=plan.missing_columns,
+        numbers_as_text=hints if kind in ("csv", "tsv") else {},  # CSV_NULL_STRINGS applies to those only
     )

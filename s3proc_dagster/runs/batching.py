@@ -24,8 +24,8 @@ from pathlib import Path
 import dagster as dg
 
 from s3proc_dagster.models import make_file_id
-from s3proc_dagster.runs.requests import PROCESS_FILE_JOB, PROCESS_FILES_JOB
-from s3proc_dagster.runs.tags import TAG
+from s3proc_dagster.runs.requests import CONSOLE_LOGGER, PROCESS_FILE_JOB, PROCESS_FILES_JOB
+from s3proc_dagster.runs.tags import FILE_TAG, TAG
 
 BATCH_OP = "batch_files"
 #: The tags any file's run carries (`tags.file_run_tags`); any other `s3proc/` tag is metadata.
@@ -72,7 +72,7 @@ def batchable(request: dg.RunRequest, size: int | None, limits: BatchLimits) -> 
         request.job_name == PROCESS_FILE_JOB
         and size is not None
         and size <= limits.file_max_bytes
-        and not (set(request.tags) - _PLAIN_TAGS)
+        and not {t for t in request.tags if t not in _PLAIN_TAGS and not t.startswith(FILE_TAG + "/")}
     )
 
 
@@ -82,8 +82,11 @@ def batch_request(requests: Sequence[dg.RunRequest]) -> dg.RunRequest:
     return dg.RunRequest(
         run_key=f"batch:{hashlib.sha256(keys.encode()).hexdigest()[:24]}",
         job_name=PROCESS_FILES_JOB,
-        run_config={"ops": {BATCH_OP: {"config": {"files": [source_of(r) for r in requests]}}}},
-        tags={f"{TAG}/batch": str(len(requests)), f"{TAG}/path": f"{source_of(requests[0])['relative_path']} +"},
+        run_config={"ops": {BATCH_OP: {"config": {"files": [source_of(r) for r in requests]}}}, **CONSOLE_LOGGER},
+        tags={
+            f"{TAG}/batch": str(len(requests)),
+            **{k: v for r in requests for k, v in r.tags.items() if k.startswith(FILE_TAG + "/")},
+        },
     )
 
 

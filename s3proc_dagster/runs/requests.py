@@ -23,6 +23,8 @@ PROCESS_FILE_JOB = "process_file_job"
 PROCESS_FILES_JOB = "process_files_job"  # several small files in one run: runs/batching.py
 IMAGE_REQUEST_JOB = "image_request_job"
 RECONCILE_JOB = "reconcile_job"
+#: In every run config the product makes: the jobs' quiet console logger (`defs/loggers.py`).
+CONSOLE_LOGGER = {"loggers": {"console": {}}}
 UPLOAD_POOL = "s3_uploads"  # the upload step's pool: how many uploads run at once, whatever the runs
 
 
@@ -45,7 +47,7 @@ def run_request_for(
         return dg.RunRequest(
             run_key=run_key,
             job_name=IMAGE_REQUEST_JOB,
-            run_config={"ops": {"validate_request": {"config": {"path": path}}}},
+            run_config={"ops": {"validate_request": {"config": {"path": path}}}, **CONSOLE_LOGGER},
             tags={f"{TAG}/path": relative_path, f"{TAG}/kind": "image_request", **run_tags(metadata or {})},
         )
     if metadata is None and local:
@@ -56,7 +58,10 @@ def run_request_for(
     return dg.RunRequest(
         job_name=PROCESS_FILE_JOB,
         run_key=run_key,
-        run_config={"ops": {"checksum_calculation": {"config": {"path": path, "relative_path": relative_path}}}},
+        run_config={
+            "ops": {"checksum_calculation": {"config": {"path": path, "relative_path": relative_path}}},
+            **CONSOLE_LOGGER,
+        },
         tags=file_run_tags(relative_path, path, file_id or make_file_id(relative_path), metadata),
     )
 
@@ -116,6 +121,7 @@ def recovery_request(dead_claims: list[FileStatus], dead_runs: list[str]) -> dg.
     digest = hashlib.sha256("\n".join(dead).encode()).hexdigest()[:16]
     return dg.RunRequest(
         run_key=f"reconcile:{digest}",
+        run_config=CONSOLE_LOGGER,
         job_name=RECONCILE_JOB,
         tags={f"{TAG}/kind": "recovery", f"{TAG}/dead": str(len(dead))},
     )

@@ -8,6 +8,14 @@ from typing import Any
 from s3proc_dagster.sources.metadata import run_tags
 
 TAG = "s3proc"  # s3proc/path, s3proc/source, s3proc/file_id, s3proc/extension; metadata: s3proc.meta/<key>
+FILE_TAG = f"{TAG}/file"  # s3proc/file/<relative path> = <fileId>, on every run that processed the file
+
+
+def file_tag(relative_path: str, file_id: str) -> dict[str, str]:
+    """The one tag that finds every run of a file, its own or a batch's: a batch run holds
+    one per file (a run tag has one value, so the path is in the key), and a single
+    file's run the same, so one filter finds both (`s3proc/file/nyc/flights.csv`)."""
+    return {f"{FILE_TAG}/{relative_path}": file_id}
 
 
 def file_run_tags(
@@ -23,4 +31,5 @@ def file_run_tags(
         f"{TAG}/source": source,
         f"{TAG}/file_id": file_id,
         f"{TAG}/extension": PurePosixPath(relative_path).suffix.lower().lstrip(".") or "none",
+        **file_tag(relative_path, file_id),
     }

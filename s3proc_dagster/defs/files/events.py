@@ -62,6 +62,14 @@ def file_completed(
     }
     if version.source.metadata:
         metadata["file_metadata"] = version.source.metadata
+    if item.numbers_as_text:
+        metadata["text_columns_of_numbers"] = "; ".join(
+            f"{column}: numbers but for {', '.join(repr(w) for w in words)}"
+            for column, words in item.numbers_as_text.items()
+        ) + (
+            f". These columns landed as text; CSV_NULL_STRINGS={','.join(sorted({w for ws in item.numbers_as_text.values() for w in ws}))},"
+            " reads those words as NULL and the columns as numbers"
+        )
     if item.skipped_rules:
         metadata["skipped_rules"] = "; ".join(f"{rule} ({why})" for rule, why in item.skipped_rules.items())
     return dg.AssetMaterialization(
@@ -80,14 +88,13 @@ def skipped(version: FileVersion) -> str:
 
 
 def conversion_summary(prepared: list[PreparedItem]) -> list[str]:
+    """What the conversion's own line (`pipeline._convert`: records, chunks, time) leaves out:
+    the records validation rejected, per dataset."""
     lines = []
     for item in prepared:
-        if item.is_dataset:
-            failed = sum(c.failed_records for c in item.chunks)
-            rejected = f", {failed} rejected by validation" if failed else ""
-            lines.append(
-                f"{item.item.relative_path}: {item.record_count} records in {len(item.chunks)} chunks{rejected}"
-            )
+        failed = sum(c.failed_records for c in item.chunks)
+        if item.is_dataset and failed:
+            lines.append(f"{item.item.relative_path}: {failed} of {item.record_count} records rejected by validation")
     return lines
 
 

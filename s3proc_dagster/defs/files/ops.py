@@ -12,6 +12,7 @@ from s3proc_dagster.defs.files import events
 from s3proc_dagster.defs.resources import ProgressStoreResource, S3Storage, Settings
 from s3proc_dagster.errors import is_transient
 from s3proc_dagster.files.detect import Detection
+from s3proc_dagster.logs import about, get_logger
 from s3proc_dagster.models import ProcessingStep
 from s3proc_dagster.pipeline import Claimant, FileVersion, PreparedItem, UploadedObject, WorkItem
 from s3proc_dagster.runs.batching import BATCH_OP, files_of_run, index_of, mapping_key
@@ -20,6 +21,8 @@ from s3proc_dagster.runs.requests import UPLOAD_POOL
 from s3proc_dagster.runs.tags import TAG, file_run_tags
 from s3proc_dagster.sources.resolve import resolve_source
 from s3proc_dagster.stores.base import ClaimOutcome
+
+log = get_logger("steps")
 
 
 class SourceConfig(dg.Config):
@@ -102,9 +105,8 @@ def _snapshot(
         store, max_bytes = progress_store.open(), cfg.processing.max_file_bytes
         version = pipeline.take_snapshot(source, settings.staging, store, claimant(context), client, max_bytes)
     if version.outcome is not ClaimOutcome.CLAIMED:
-        context.log.info(events.skipped(version))
+        log.info(events.skipped(version), extra=about(version.file_id))
         return
-    context.log.info(f"{source.relative_path}: {version.size} bytes, sha256 {version.sha256}")
     if context.get_mapping_key() is None:  # a batch run's tags describe the batch, not one file
         tags = file_run_tags(source.relative_path, source.uri, version.file_id, source.metadata)
         tag_run(context, {**tags, f"{TAG}/sha256": version.sha256[:12]})
@@ -160,7 +162,13 @@ def type_detection(
     with failures(context, settings):
         source = origin(settings, s3, version)
         detection = pipeline.detect_type(version, progress_store.open(), claimant(context), source)
-    context.log.info(f"{version.source.relative_path}: {detection.file_type.value} ({detection.kind})")
+    log.info(
+        "%s: %s (%s)",
+        version.source.relative_path,
+        detection.file_type.value,
+        detection.kind,
+        extra=about(version.file_id),
+    )
     if context.get_mapping_key() is None:
         tag_run(context, {f"{TAG}/file_type": detection.kind})
     return detection
@@ -179,7 +187,7 @@ def archive_extraction(
         store, source = progress_store.open(), origin(settings, s3, version)
         items = pipeline.plan_work(version, detection, settings.staging, store, claimant(context), source)
     if len(items) > 1 or items[0].file_id != version.file_id:
-        context.log.info(f"{version.source.relative_path}: {len(items)} entries extracted")
+        log.info("%s: %d entries extracted", version.source.relative_path, len(items), extra=about(version.file_id))
     return items
 
 
@@ -202,7 +210,7 @@ def parquet_conversion(
             client=s3.get_client(), bucket=s3.bucket, on_landed=partial(_landed, context, s3),
         )  # fmt: skip
     for line in events.conversion_summary(prepared):
-        context.log.info(line)
+        log.info(line, extra=about(version.file_id))
     return prepared
 
 
@@ -226,8 +234,13 @@ def streaming(
                 _landed(context, s3, obj)
     ahead = sum(o.ahead for o in uploaded)
     reused = sum(o.reused for o in uploaded) - ahead
-    context.log.info(
-        f"{len(uploaded) - reused - ahead} objects uploaded, {ahead} landed during the conversion, {reused} already in S3"
+    log.info(
+        "%s: %d objects uploaded, %d landed during the conversion, %d already in S3",
+        version.source.relative_path,
+        len(uploaded) - reused - ahead,
+        ahead,
+        reused,
+        extra=about(version.file_id),
     )
     return uploaded
 
@@ -252,7 +265,13 @@ def integrity_verification(
         store, client = progress_store.open(), s3.get_client()
         source = origin(settings, s3, version, client)
         manifests = pipeline.verify_items(prepared, version, client, s3.bucket, store, claimant(context), source)
-    context.log.info(f"{len(uploaded)} objects verified, {len(manifests)} datasets committed")
+    log.info(
+        "%s: %d objects verified, %d datasets committed",
+        version.source.relative_path,
+        len(uploaded),
+        len(manifests),
+        extra=about(version.file_id),
+    )
     return prepared
 
 
@@ -275,7 +294,12 @@ def progress_update(
         context.log_event(
             events.file_completed(item, version, store.require(item.item.file_id), s3.prefix, s3.uri(item.key))
         )
-    context.log.info(f"{version.source.relative_path}: COMPLETED -> {s3.uri(status.output_key or '')}")
+    log.info(
+        "%s: COMPLETED -> %s",
+        version.source.relative_path,
+        s3.uri(status.output_key or ""),
+        extra=about(version.file_id, s3Key=status.output_key),
+    )
 
 
 @dg.failure_hook(required_resource_keys={"progress_store", "settings", "s3"})

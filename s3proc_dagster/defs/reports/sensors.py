@@ -6,6 +6,7 @@ from s3proc_dagster.defs.reports.assets import GROUP
 from s3proc_dagster.defs.resources import ProgressStoreResource, Settings
 from s3proc_dagster.models import ProcessingStatus
 from s3proc_dagster.runs.liveness import IN_FLIGHT
+from s3proc_dagster.runs.requests import CONSOLE_LOGGER
 
 reports_job = dg.define_asset_job("reports_job", selection=dg.AssetSelection.groups(GROUP))
 
@@ -35,4 +36,4 @@ def reports_refresh_sensor(
     if not latest or latest == context.cursor:
         return dg.SkipReason("no file settled since the last refresh")
     context.update_cursor(latest)
-    return dg.RunRequest(run_key=f"reports-{latest}")
+    return dg.RunRequest(run_key=f"reports-{latest}", run_config=CONSOLE_LOGGER)

@@ -1,0 +1,90 @@
+"""LOG_LEVEL and LOG_PRETTY, honoured where a user reads logs: the terminal and a run's logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+import dagster as dg
+import pytest
+
+from s3proc_dagster.models import ProcessingStatus as S
+from s3proc_dagster_tests.conftest import Deployment
+from s3proc_dagster_tests.pipeline_helpers import ROOT, promo_rows, write_csv
+
+
+def process(deployment: Deployment, name: str, **env: str) -> tuple[subprocess.CompletedProcess, dg.DagsterRun]:
+    """`s3proc process` of a fresh CSV with `env`; what it printed, and the run it made."""
+    src = write_csv(deployment.watch / f"logs-{uuid.uuid4().hex[:8]}" / name, promo_rows(20))
+    done = subprocess.run(
+        [sys.executable, "-m", "s3proc_dagster.cli", "process", str(src)],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert deployment.store().get_by_path(str(src)).status is S.COMPLETED
+    (record,) = deployment.instance().get_run_records(dg.RunsFilter(tags={"s3proc/source": str(src)}), limit=1)
+    return done, record.dagster_run
+
+
+def json_lines(text: str) -> list[dict]:
+    out = []
+    for line in text.splitlines():
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            out.append(value)
+    return out
+
+
+def test_log_pretty_false_writes_json_lines_from_the_product_logger(deployment: Deployment) -> None:
+    done, run = process(deployment, "json.csv", LOG_PRETTY="false", LOG_LEVEL="info")
+    lines = json_lines(done.stderr)
+    ours = [line for line in lines if line.get("logger", "").startswith("s3proc")]
+    assert ours, done.stderr
+    assert all({"time", "level", "logger", "message"} <= line.keys() for line in ours)
+    assert any(line.get("fileId") for line in ours)  # a line about a file names it
+    assert any("COMPLETED" in line["message"] for line in ours)
+    # Dagster's own per-step event lines are not the user's terminal at info
+    assert "STEP_SUCCESS" not in done.stderr and "STEP_START" not in done.stderr
+    assert done.stdout.startswith("COMPLETED -> ")
+    # the same lines, as lines, in the run's logs
+    messages = [e.user_message for e in deployment.instance().all_logs(run.run_id) if e.dagster_event is None]
+    assert any("COMPLETED ->" in m for m in messages)
+
+
+def test_log_pretty_true_writes_readable_lines(deployment: Deployment) -> None:
+    done, _ = process(deployment, "pretty.csv", LOG_PRETTY="true", LOG_LEVEL="info")
+    assert json_lines(done.stderr) == []
+    assert " INFO    s3proc." in done.stderr and "COMPLETED ->" in done.stderr
+
+
+def info_lines(text: str) -> list[dict]:
+    return [
+        line for line in json_lines(text) if line.get("logger", "").startswith("s3proc") and line["level"] == "info"
+    ]
+
+
+@pytest.mark.parametrize("level", ["error", "debug"])
+def test_log_level_decides_what_is_written(deployment: Deployment, level: str) -> None:
+    info, info_run = process(deployment, "info.csv", LOG_PRETTY="false", LOG_LEVEL="info")
+    other, other_run = process(deployment, f"{level}.csv", LOG_PRETTY="false", LOG_LEVEL=level)
+    ours = [line for line in json_lines(other.stderr) if line.get("logger", "").startswith("s3proc")]
+    run_lines = [e for e in deployment.instance().all_logs(other_run.run_id) if e.dagster_event is None]
+    info_run_lines = [e for e in deployment.instance().all_logs(info_run.run_id) if e.dagster_event is None]
+    if level == "error":
+        assert [line for line in ours if line["level"] in ("info", "debug")] == []
+        assert not [e for e in run_lines if "COMPLETED ->" in e.user_message]
+    else:
+        assert len(ours) > len(info_lines(info.stderr))
+        assert any(line["level"] == "debug" for line in ours)
+        assert "STEP_SUCCESS" in other.stderr  # Dagster's own event lines, at debug only
+        assert len(run_lines) > len(info_run_lines)
