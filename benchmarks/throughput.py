@@ -553,21 +553,19 @@ def baseline_worker(spec_path: Path) -> int:
     processing, staging, prefix = cfg.processing, cfg.processing.staging_directory, cfg.s3.prefix
     store, client = open_store(processing), client_for(cfg.s3)
     claimant = pipeline.Claimant("baseline", lambda other: other == "baseline")
-    release = None if processing.staging_retention.total_seconds() else staging
+    ctx = pipeline.StepContext(store, claimant, staging, client, cfg.s3.bucket, prefix, processing.error_directory)
+    recipe = pipeline.ConversionRecipe.of(processing)
+    release = not processing.staging_retention.total_seconds()
     usage0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     for path in spec["files"]:
-        version = pipeline.take_snapshot(resolve_source(path, cfg.monitoring.watch_path), staging, store, claimant)
-        detection = pipeline.detect_type(version, store, claimant)
-        items = pipeline.plan_work(version, detection, staging, store, claimant)
-        prepared = pipeline.convert_items(
-            items, version, staging, prefix, processing.chunk_size, processing.parquet_compression, store, claimant,
-            rules_dir=processing.validation_rules_dir, as_of=processing.validation_as_of,
-            csv_null_strings=processing.csv_null_strings,
-        )  # fmt: skip
-        for _ in pipeline.upload_items(prepared, version, client, cfg.s3.bucket, store, claimant):
+        version = pipeline.take_snapshot(ctx, resolve_source(path, cfg.monitoring.watch_path))
+        detection = pipeline.detect_type(ctx, version)
+        items = pipeline.plan_work(ctx, version, detection)
+        prepared = pipeline.convert_items(ctx, version, items, recipe)
+        for _ in pipeline.upload_items(ctx, version, prepared):
             pass
-        pipeline.verify_items(prepared, version, client, cfg.s3.bucket, store, claimant)
-        pipeline.finish(prepared, version, prefix, store, claimant, staging=release)
+        pipeline.verify_items(ctx, version, prepared)
+        pipeline.finish(ctx, version, prepared, release)
     wall, usage = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
     completed = sum(f.status.value == "completed" for f in store.list_files())
     cpu = usage.ru_utime + usage.ru_stime - usage0.ru_utime - usage0.ru_stime

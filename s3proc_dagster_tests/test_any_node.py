@@ -22,7 +22,7 @@ from s3proc_dagster.errors import SourceChanged
 from s3proc_dagster.files.checksum import sha256_file
 from s3proc_dagster.files.parking import unpark
 from s3proc_dagster.models import ProcessingStatus as S
-from s3proc_dagster.pipeline import Claimant, Origin, staged_snapshot, take_snapshot
+from s3proc_dagster.pipeline import Claimant, StepContext, staged_snapshot, take_snapshot
 from s3proc_dagster.sources.resolve import resolve_source
 from s3proc_dagster.stores.mongo import MongoProgressStore
 from s3proc_dagster.stores.sqlite import SQLiteProgressStore
@@ -311,22 +311,22 @@ def test_a_missing_snapshot_is_fetched_from_where_the_file_is_or_was_parked_and_
     src = write_bytes_in(watch / "in" / "a.csv", b"id,name\n1,one\n2,two\n")
     store = SQLiteProgressStore(tmp_path / "progress.db")
     try:
-        version = take_snapshot(resolve_source(str(src), watch), area, store, Claimant("run-1", lambda _: True))
+        ctx = StepContext(store, Claimant("run-1", lambda _: True), area, error_dir=errors)
+        version = take_snapshot(ctx, resolve_source(str(src), watch))
         snap = Path(version.snapshot_path)
-        origin = Origin(error_dir=errors)
 
         shutil.rmtree(area)
-        assert staged_snapshot(version, store, origin) == snap and snap.read_bytes() == src.read_bytes()
+        assert staged_snapshot(ctx, version) == snap and snap.read_bytes() == src.read_bytes()
 
         shutil.rmtree(area)
         parked = write_bytes_in(errors / "in" / "a.csv", src.read_bytes())
         src.write_bytes(b"id,name\n1,uno\n")  # a new version where the file was; the failed one parked
-        assert staged_snapshot(version, store, origin) == snap  # found in the error directory
+        assert staged_snapshot(ctx, version) == snap  # found in the error directory
 
         shutil.rmtree(area)
         parked.unlink()
         with pytest.raises(SourceChanged) as excinfo:
-            staged_snapshot(version, store, origin)
+            staged_snapshot(ctx, version)
         assert str(excinfo.value) == (
             f"in/a.csv: the file changed since the run started: {src} now has sha256 {sha256_file(src)}, "
             f"this run processes {version.sha256}; the new version is left to a run of its own"
@@ -335,7 +335,7 @@ def test_a_missing_snapshot_is_fetched_from_where_the_file_is_or_was_parked_and_
 
         src.unlink()
         with pytest.raises(SourceChanged, match=f"in/a.csv: the file changed since the run started: {src} is gone"):
-            staged_snapshot(version, store, origin)
+            staged_snapshot(ctx, version)
     finally:
         store.close()
 

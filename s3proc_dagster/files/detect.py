@@ -51,8 +51,14 @@ _CONTENT_TYPE = {
 }
 
 ARCHIVE_KINDS = frozenset({"zip", "tar", "tar.gz", "gz"})
-#: The kinds that become Parquet datasets (the specification's "database" files).
-TABULAR_KINDS = frozenset({"csv", "tsv", "json", "jsonl", "xml"})
+#: The kinds that become Parquet datasets: the specification's "database" files
+#: (FileType.DATABASE), called tabular everywhere in the code.
+_TABULAR_KINDS = frozenset({"csv", "tsv", "json", "jsonl", "xml"})
+
+
+def is_tabular(kind: str) -> bool:
+    """Whether a file of this kind becomes a Parquet dataset: the one test of "tabular"."""
+    return kind in _TABULAR_KINDS
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from s3proc_dagster.errors import ConversionError
-from s3proc_dagster.files.detect import TABULAR_KINDS
+from s3proc_dagster.files.detect import is_tabular
 
 WRITER_LANES = 2
 _NUMBER = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
@@ -715,7 +715,7 @@ def convert_to_parquet_chunks(
         raise ValueError(f"on_missing_columns must be one of {', '.join(MISSING_COLUMNS_POLICIES)}")
     if not csv_null_strings:
         raise ValueError("csv_null_strings needs at least one string (DuckDB's default is the empty field)")
-    if kind not in TABULAR_KINDS:
+    if not is_tabular(kind):
         raise ConversionError(f"{source.name}: no tabular reader for kind {kind!r}")
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -93,7 +93,7 @@ def conversion_summary(prepared: list[PreparedItem]) -> list[str]:
     lines = []
     for item in prepared:
         failed = sum(c.failed_records for c in item.chunks)
-        if item.is_dataset and failed:
+        if item.is_tabular and failed:
             lines.append(f"{item.item.relative_path}: {failed} of {item.record_count} records rejected by validation")
     return lines
 

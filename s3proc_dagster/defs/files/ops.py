@@ -14,7 +14,15 @@ from s3proc_dagster.errors import is_transient
 from s3proc_dagster.files.detect import Detection
 from s3proc_dagster.logs import about, get_logger
 from s3proc_dagster.models import ProcessingStep
-from s3proc_dagster.pipeline import Claimant, FileVersion, PreparedItem, UploadedObject, WorkItem
+from s3proc_dagster.pipeline import (
+    Claimant,
+    ConversionRecipe,
+    FileVersion,
+    PreparedItem,
+    StepContext,
+    UploadedObject,
+    WorkItem,
+)
 from s3proc_dagster.runs.batching import BATCH_OP, files_of_run, index_of, mapping_key
 from s3proc_dagster.runs.liveness import run_is_alive
 from s3proc_dagster.runs.requests import UPLOAD_POOL
@@ -71,15 +79,19 @@ def tag_run(context: dg.OpExecutionContext, tags: dict[str, str]) -> None:
         context.log.warning(f"run tags not written ({type(exc).__name__}: {exc}); the file goes on")
 
 
-def claimant(context: dg.OpExecutionContext) -> Claimant:
-    return Claimant(context.run_id, run_is_alive(context.instance))
-
-
-def origin(settings: Settings, s3: S3Storage, version: FileVersion, client: object = None) -> pipeline.Origin:
-    """Where a step fetches the file's snapshot again if this node has none (`pipeline.Origin`)."""
-    if client is None and version.source.is_object:
-        client = s3.get_client()
-    return pipeline.Origin(client, settings.config.processing.error_directory)
+def step_context(
+    context: dg.OpExecutionContext, settings: Settings, progress_store: ProgressStoreResource, s3: S3Storage
+) -> StepContext:
+    """What a step is given, from the op's resources: this run as the claimant."""
+    return StepContext(
+        store=progress_store.open(),
+        claimant=Claimant(context.run_id, run_is_alive(context.instance)),
+        staging=settings.staging,
+        client=s3.get_client(),
+        bucket=s3.bucket,
+        prefix=s3.prefix,
+        error_dir=settings.config.processing.error_directory,
+    )
 
 
 def _snapshot(
@@ -91,19 +103,16 @@ def _snapshot(
 ) -> Iterator[dg.Output]:
     """Snapshot into staging + SHA-256 in one read; an unchanged or busy file stops here."""
     with failures(context, settings):
-        path = source_config.path
-        client = s3.get_client() if path.startswith("s3://") else None
-        cfg = settings.config
+        ctx, cfg = step_context(context, settings, progress_store, s3), settings.config
         source = resolve_source(
-            path,
+            source_config.path,
             cfg.monitoring.watch_path,
             cfg.s3.incoming_prefix,
-            client,
+            ctx.client,
             source_config.relative_path,
             reserved=cfg.s3.reserved_folders(),
         )
-        store, max_bytes = progress_store.open(), cfg.processing.max_file_bytes
-        version = pipeline.take_snapshot(source, settings.staging, store, claimant(context), client, max_bytes)
+        version = pipeline.take_snapshot(ctx, source, cfg.processing.max_file_bytes)
     if version.outcome is not ClaimOutcome.CLAIMED:
         log.info(events.skipped(version), extra=about(version.file_id))
         return
@@ -160,8 +169,7 @@ def type_detection(
     s3: S3Storage,
 ) -> Detection:
     with failures(context, settings):
-        source = origin(settings, s3, version)
-        detection = pipeline.detect_type(version, progress_store.open(), claimant(context), source)
+        detection = pipeline.detect_type(step_context(context, settings, progress_store, s3), version)
     log.info(
         "%s: %s (%s)",
         version.source.relative_path,
@@ -184,8 +192,7 @@ def archive_extraction(
     s3: S3Storage,
 ) -> list[WorkItem]:
     with failures(context, settings):
-        store, source = progress_store.open(), origin(settings, s3, version)
-        items = pipeline.plan_work(version, detection, settings.staging, store, claimant(context), source)
+        items = pipeline.plan_work(step_context(context, settings, progress_store, s3), version, detection)
     if len(items) > 1 or items[0].file_id != version.file_id:
         log.info("%s: %d entries extracted", version.source.relative_path, len(items), extra=about(version.file_id))
     return items
@@ -200,15 +207,10 @@ def parquet_conversion(
     progress_store: ProgressStoreResource,
     s3: S3Storage,
 ) -> list[PreparedItem]:
-    processing = settings.config.processing
     with failures(context, settings):
-        prepared = pipeline.convert_items(
-            items, version, settings.staging, settings.config.s3.prefix, processing.chunk_size,
-            processing.parquet_compression, progress_store.open(), claimant(context),
-            rules_dir=processing.validation_rules_dir, as_of=processing.validation_as_of,
-            csv_null_strings=processing.csv_null_strings, origin=origin(settings, s3, version),
-            client=s3.get_client(), bucket=s3.bucket, on_landed=partial(_landed, context, s3),
-        )  # fmt: skip
+        ctx = step_context(context, settings, progress_store, s3)
+        landing = pipeline.landing(ctx, on_landed=partial(_landed, context, s3))
+        prepared = pipeline.convert_items(ctx, version, items, ConversionRecipe.of(settings.config.processing), landing)
     for line in events.conversion_summary(prepared):
         log.info(line, extra=about(version.file_id))
     return prepared
@@ -226,9 +228,7 @@ def streaming(
     """Upload what the conversion did not land; one materialization per object as it lands."""
     uploaded = []
     with failures(context, settings):
-        store, client = progress_store.open(), s3.get_client()
-        source = origin(settings, s3, version, client)
-        for obj in pipeline.upload_items(prepared, version, client, s3.bucket, store, claimant(context), origin=source):
+        for obj in pipeline.upload_items(step_context(context, settings, progress_store, s3), version, prepared):
             uploaded.append(obj)
             if not obj.ahead:  # the conversion step reported those as they landed
                 _landed(context, s3, obj)
@@ -262,9 +262,7 @@ def integrity_verification(
     s3: S3Storage,
 ) -> list[PreparedItem]:
     with failures(context, settings):
-        store, client = progress_store.open(), s3.get_client()
-        source = origin(settings, s3, version, client)
-        manifests = pipeline.verify_items(prepared, version, client, s3.bucket, store, claimant(context), source)
+        manifests = pipeline.verify_items(step_context(context, settings, progress_store, s3), version, prepared)
     log.info(
         "%s: %d objects verified, %d datasets committed",
         version.source.relative_path,
@@ -285,11 +283,9 @@ def progress_update(
     s3: S3Storage,
 ) -> None:
     store = progress_store.open()
-    retention = settings.config.processing.staging_retention.total_seconds()
+    keep = settings.config.processing.staging_retention.total_seconds() > 0
     with failures(context, settings):
-        status = pipeline.finish(
-            prepared, version, s3.prefix, store, claimant(context), staging=None if retention else settings.staging
-        )
+        status = pipeline.finish(step_context(context, settings, progress_store, s3), version, prepared, not keep)
     for item in prepared:
         context.log_event(
             events.file_completed(item, version, store.require(item.item.file_id), s3.prefix, s3.uri(item.key))
