@@ -32,6 +32,7 @@ from s3proc_dagster.files.staging import Swept
 from s3proc_dagster.logs import get_logger
 from s3proc_dagster.models import FileStatus, FileType, ProcessingStatus, utcnow
 from s3proc_dagster.stores.base import ProgressStore
+from s3proc_dagster.transfer.keys import is_s3_uri, prefix_folder, split_uri
 from s3proc_dagster.transfer.manifest import delete_stale_versions, is_intact, read_manifest, version_folder
 from s3proc_dagster.transfer.recovery import abort, open_uploads
 from s3proc_dagster.transfer.verify import head
@@ -114,7 +115,7 @@ def requeue_abandoned(store: ProgressStore, file_id: str, source: str, run_id: s
     record = store.get(file_id)
     reason = f"crash recovery: run {run_id} died before it could process this file"
     if record is None:
-        bucket, _, key = source.removeprefix("s3://").partition("/") if source.startswith("s3://") else ("", "", "")
+        bucket, key = split_uri(source) if is_s3_uri(source) else ("", "")
         record, _ = store.record_detected(
             FileStatus(
                 file_id=file_id,
@@ -172,7 +173,7 @@ def sweep_uploads(
     users are making into it are theirs, never ours to abort."""
     tasks = {t.upload_id: t for t in store.list_upload_tasks() if t.bucket == bucket}
     aborted = []
-    for upload in open_uploads(client, bucket, prefix.rstrip("/") + "/" if prefix else ""):
+    for upload in open_uploads(client, bucket, prefix_folder(prefix)):
         if any(upload["Key"].startswith(p) for p in exclude_prefixes if p) or upload["Initiated"] >= older_than:
             continue
         task = tasks.get(upload["UploadId"])
@@ -183,7 +184,7 @@ def sweep_uploads(
         if task:
             store.delete_upload_task(task.id)
         aborted.append(upload["Key"])
-    live = {u["UploadId"] for u in open_uploads(client, bucket, prefix.rstrip("/") + "/" if prefix else "")}
+    live = {u["UploadId"] for u in open_uploads(client, bucket, prefix_folder(prefix))}
     for task in tasks.values():  # records of uploads S3 no longer has (completed or aborted elsewhere)
         if task.upload_id not in live and task.updated_at < older_than:
             store.delete_upload_task(task.id)

@@ -14,8 +14,9 @@ from s3proc_dagster.defs.files.events import asset_key_for
 from s3proc_dagster.files.checksum import sha256_file
 from s3proc_dagster.models import ProcessingStatus as S
 from s3proc_dagster.models import make_file_id
+from s3proc_dagster.names import PROCESS_FILES_JOB
 from s3proc_dagster.runs.batching import BatchLimits, batch_request, group, under_backlog
-from s3proc_dagster.runs.requests import PROCESS_FILES_JOB, run_request_for
+from s3proc_dagster.runs.requests import run_request_for
 from s3proc_dagster.transfer.manifest import part_key
 from s3proc_dagster_tests.conftest import Deployment
 from s3proc_dagster_tests.pipeline_helpers import (

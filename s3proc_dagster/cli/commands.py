@@ -22,6 +22,7 @@ from s3proc_dagster.errors import S3ProcError
 from s3proc_dagster.files import parking
 from s3proc_dagster.logs import configure_logging
 from s3proc_dagster.models import ChunkStatus, FileStatus, ProcessingStatus
+from s3proc_dagster.names import BACKFILL_TAG, SOURCE_TAG
 from s3proc_dagster.settings import Configuration, LoggingConfig, load_configuration
 from s3proc_dagster.sources.paths import (
     ENTRY_SEPARATOR,
@@ -167,7 +168,7 @@ def _process(args: argparse.Namespace) -> int:
         for raw in args.paths:
             request = request_for(raw, cfg)
             outcome = run_now(instance, request)
-            status = store.get_by_path(request.tags["s3proc/source"])
+            status = store.get_by_path(request.tags[SOURCE_TAG])
             failed += not outcome.success
             print(f"{_outcome(status, outcome.run_id, outcome.success)}  {raw}  (run {outcome.run_id[:8]})")
     finally:
@@ -292,7 +293,7 @@ def _backfill(args: argparse.Namespace) -> int:
     client = DagsterGraphQLClient(url.hostname or "127.0.0.1", port_number=url.port, use_https=url.scheme == "https")
     for path in paths:
         request = run_request_for(str(path), relative_to_watch(path, cfg.monitoring.watch_path), run_key="")
-        tags = {**request.tags, "s3proc/backfill": "true"}
+        tags = {**request.tags, BACKFILL_TAG: "true"}
         if args.dry_run:
             print(f"would queue  {path}")
             continue

@@ -36,6 +36,7 @@ from s3proc_dagster.cli.embedded import (
     stop_process_group,
 )
 from s3proc_dagster.files.private import tighten, write_new_private_file
+from s3proc_dagster.names import FILE_ID_TAG
 
 DEV_ACCESS_KEY = "s3proc-dev"
 DAGSTER_LOG_LEVELS = {"debug": "debug", "info": "info", "warn": "warning", "error": "error"}
@@ -83,7 +84,7 @@ def instance_config(
             "runs": {
                 "max_concurrent_runs": max_concurrency,
                 "tag_concurrency_limits": [
-                    {"key": "s3proc/file_id", "value": {"applyLimitPerUniqueValue": True}, "limit": 1}
+                    {"key": FILE_ID_TAG, "value": {"applyLimitPerUniqueValue": True}, "limit": 1}
                 ],
             },
             "pools": {"default_limit": upload_pool_limit or max(2, max_concurrency)},
@@ -127,7 +128,7 @@ def prepare_storage(dagster_home: Path) -> None:
     can happen."""
     import dagster as dg
 
-    from s3proc_dagster.runs.requests import UPLOAD_POOL
+    from s3proc_dagster.names import UPLOAD_POOL
 
     with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
         instance.event_log_storage.initialize_concurrency_limit_to_default(UPLOAD_POOL)

@@ -11,6 +11,7 @@ import dagster as dg
 
 from s3proc_dagster.images import processor
 from s3proc_dagster.images.request_csv import InvalidRequestCsv
+from s3proc_dagster.names import IMAGE_REQUEST_JOB, KIND_TAG, PATH_TAG, REQUEST_ID_TAG, VALIDATE_REQUEST_OP
 from s3proc_dagster.settings import load_configuration
 from s3proc_dagster.stores import open_store
 
@@ -35,15 +36,15 @@ def _submit(args: argparse.Namespace) -> int:
         result = run_now(
             get_instance(),
             dg.RunRequest(  # the tags the watch sensor gives a product CSV's run
-                job_name="image_request_job",
+                job_name=IMAGE_REQUEST_JOB,
                 run_config={
-                    "ops": {"validate_request": {"config": {"request_id": request.request_id}}},
+                    "ops": {VALIDATE_REQUEST_OP: {"config": {"request_id": request.request_id}}},
                     **CONSOLE_LOGGER,
                 },
                 tags={
-                    "s3proc/path": path.name,
-                    "s3proc/kind": "image_request",
-                    "s3proc/request_id": request.request_id,
+                    PATH_TAG: path.name,
+                    KIND_TAG: "image_request",
+                    REQUEST_ID_TAG: request.request_id,
                 },
             ),
         )

@@ -18,6 +18,7 @@ from s3proc_dagster.files.checksum import sha256_stream
 from s3proc_dagster.models import FileStatus, ProcessingStatus
 from s3proc_dagster.sources.confined import is_regular, lexically_below, open_regular
 from s3proc_dagster.stores.base import ProgressStore
+from s3proc_dagster.transfer.keys import is_s3_uri
 from s3proc_dagster.transfer.upload import abort_upload
 
 
@@ -57,7 +58,7 @@ def give_up(
             abort_upload(client, task, store)  # if S3 is down, the sweep tries again later
     failed = tuple(r.file_id for r in held)
     main = next((r for r in held if r.file_id == file_id), None)
-    if main is None or "://" in main.file_path or not is_regular(main.file_path):
+    if main is None or is_s3_uri(main.file_path) or not is_regular(main.file_path):
         return GaveUp(failed)
     parked, why = _park(main, reason, run_id, watch, error_dir)
     if why is not None:

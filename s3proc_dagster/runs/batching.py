@@ -24,12 +24,22 @@ from pathlib import Path
 import dagster as dg
 
 from s3proc_dagster.models import make_file_id
-from s3proc_dagster.runs.requests import CONSOLE_LOGGER, PROCESS_FILE_JOB, PROCESS_FILES_JOB
-from s3proc_dagster.runs.tags import FILE_TAG, TAG
+from s3proc_dagster.names import (
+    BATCH_OP,
+    BATCH_TAG,
+    CHECKSUM_OP,
+    EXTENSION_TAG,
+    FILE_ID_TAG,
+    FILE_TAG,
+    PATH_TAG,
+    PROCESS_FILE_JOB,
+    PROCESS_FILES_JOB,
+    SOURCE_TAG,
+)
+from s3proc_dagster.runs.requests import CONSOLE_LOGGER
 
-BATCH_OP = "batch_files"
 #: The tags any file's run carries (`tags.file_run_tags`); any other `s3proc/` tag is metadata.
-_PLAIN_TAGS = {f"{TAG}/path", f"{TAG}/source", f"{TAG}/file_id", f"{TAG}/extension"}
+_PLAIN_TAGS = {PATH_TAG, SOURCE_TAG, FILE_ID_TAG, EXTENSION_TAG}
 
 
 @dataclass(frozen=True)
@@ -64,7 +74,7 @@ def group(sizes: Sequence[int], slots: int, limits: BatchLimits) -> list[list[in
 
 def source_of(request: dg.RunRequest) -> dict[str, str]:
     """The `SourceConfig` of a process_file_job request."""
-    return dict(request.run_config["ops"]["checksum_calculation"]["config"])
+    return dict(request.run_config["ops"][CHECKSUM_OP]["config"])
 
 
 def batchable(request: dg.RunRequest, size: int | None, limits: BatchLimits) -> bool:
@@ -84,7 +94,7 @@ def batch_request(requests: Sequence[dg.RunRequest]) -> dg.RunRequest:
         job_name=PROCESS_FILES_JOB,
         run_config={"ops": {BATCH_OP: {"config": {"files": [source_of(r) for r in requests]}}}, **CONSOLE_LOGGER},
         tags={
-            f"{TAG}/batch": str(len(requests)),
+            BATCH_TAG: str(len(requests)),
             **{k: v for r in requests for k, v in r.tags.items() if k.startswith(FILE_TAG + "/")},
         },
     )
@@ -148,5 +158,5 @@ def files_of_run(run: dg.DagsterRun, watch_path: Path, incoming_prefix: str = ""
     if run.job_name == PROCESS_FILES_JOB:
         sources = ops.get(BATCH_OP, {}).get("config", {}).get("files", [])
     else:
-        sources = [source] if (source := ops.get("checksum_calculation", {}).get("config")) else []
+        sources = [source] if (source := ops.get(CHECKSUM_OP, {}).get("config")) else []
     return [_run_file(source, watch_path, incoming_prefix) for source in sources]

@@ -14,18 +14,24 @@ import dagster as dg
 
 from s3proc_dagster.images.request_csv import looks_like_request_csv
 from s3proc_dagster.models import FileStatus, make_file_id
-from s3proc_dagster.runs.tags import TAG, file_run_tags
+from s3proc_dagster.names import (
+    CHECKSUM_OP,
+    DEAD_TAG,
+    IMAGE_REQUEST_JOB,
+    KIND_TAG,
+    PATH_TAG,
+    PROCESS_FILE_JOB,
+    RECONCILE_JOB,
+    VALIDATE_REQUEST_OP,
+)
+from s3proc_dagster.runs.tags import file_run_tags
 from s3proc_dagster.sources.confined import is_regular
 from s3proc_dagster.sources.metadata import read_sidecar, run_tags
 from s3proc_dagster.sources.resolve import relative_key
+from s3proc_dagster.transfer.keys import is_s3_uri, prefix_folder
 
-PROCESS_FILE_JOB = "process_file_job"
-PROCESS_FILES_JOB = "process_files_job"  # several small files in one run: runs/batching.py
-IMAGE_REQUEST_JOB = "image_request_job"
-RECONCILE_JOB = "reconcile_job"
 #: In every run config the product makes: the jobs' quiet console logger (`defs/loggers.py`).
 CONSOLE_LOGGER = {"loggers": {"console": {}}}
-UPLOAD_POOL = "s3_uploads"  # the upload step's pool: how many uploads run at once, whatever the runs
 
 
 def run_request_for(
@@ -47,8 +53,8 @@ def run_request_for(
         return dg.RunRequest(
             run_key=run_key,
             job_name=IMAGE_REQUEST_JOB,
-            run_config={"ops": {"validate_request": {"config": {"path": path}}}, **CONSOLE_LOGGER},
-            tags={f"{TAG}/path": relative_path, f"{TAG}/kind": "image_request", **run_tags(metadata or {})},
+            run_config={"ops": {VALIDATE_REQUEST_OP: {"config": {"path": path}}}, **CONSOLE_LOGGER},
+            tags={PATH_TAG: relative_path, KIND_TAG: "image_request", **run_tags(metadata or {})},
         )
     if metadata is None and local:
         try:
@@ -59,7 +65,7 @@ def run_request_for(
         job_name=PROCESS_FILE_JOB,
         run_key=run_key,
         run_config={
-            "ops": {"checksum_calculation": {"config": {"path": path, "relative_path": relative_path}}},
+            "ops": {CHECKSUM_OP: {"config": {"path": path, "relative_path": relative_path}}},
             **CONSOLE_LOGGER,
         },
         tags=file_run_tags(relative_path, path, file_id or make_file_id(relative_path), metadata),
@@ -80,7 +86,7 @@ def requeued(store_files: list[FileStatus], root: Path) -> list[dg.RunRequest]:
     out = []
     for status in store_files:
         path = Path(status.file_path)
-        if status.processing_started_at is None or "://" in status.file_path or not is_regular(path):
+        if status.processing_started_at is None or is_s3_uri(status.file_path) or not is_regular(path):
             continue
         try:
             rel = path.relative_to(root).as_posix()
@@ -95,7 +101,7 @@ def requeued(store_files: list[FileStatus], root: Path) -> list[dg.RunRequest]:
 def requeued_objects(store_files: list[FileStatus], bucket: str, prefix: str) -> list[dg.RunRequest]:
     """The same for objects under the S3 incoming prefix: S3 lists an object once per
     version, so a version whose run died would otherwise never be requested again."""
-    root = prefix.strip("/") + "/" if prefix.strip("/") else ""
+    root = prefix_folder(prefix)
     return [
         run_request_for(
             status.file_path,
@@ -123,5 +129,5 @@ def recovery_request(dead_claims: list[FileStatus], dead_runs: list[str]) -> dg.
         run_key=f"reconcile:{digest}",
         run_config=CONSOLE_LOGGER,
         job_name=RECONCILE_JOB,
-        tags={f"{TAG}/kind": "recovery", f"{TAG}/dead": str(len(dead))},
+        tags={KIND_TAG: "recovery", DEAD_TAG: str(len(dead))},
     )

@@ -5,10 +5,8 @@ from __future__ import annotations
 from pathlib import PurePosixPath
 from typing import Any
 
+from s3proc_dagster.names import EXTENSION_TAG, FILE_ID_TAG, FILE_TAG, PATH_TAG, SOURCE_TAG
 from s3proc_dagster.sources.metadata import run_tags
-
-TAG = "s3proc"  # s3proc/path, s3proc/source, s3proc/file_id, s3proc/extension; metadata: s3proc.meta/<key>
-FILE_TAG = f"{TAG}/file"  # s3proc/file/<relative path> = <fileId>, on every run that processed the file
 
 
 def file_tag(relative_path: str, file_id: str) -> dict[str, str]:
@@ -27,9 +25,9 @@ def file_run_tags(
     say which file the run is for, are never the producer's to set."""
     return {
         **run_tags(metadata or {}),
-        f"{TAG}/path": relative_path,
-        f"{TAG}/source": source,
-        f"{TAG}/file_id": file_id,
-        f"{TAG}/extension": PurePosixPath(relative_path).suffix.lower().lstrip(".") or "none",
+        PATH_TAG: relative_path,
+        SOURCE_TAG: source,
+        FILE_ID_TAG: file_id,
+        EXTENSION_TAG: PurePosixPath(relative_path).suffix.lower().lstrip(".") or "none",
         **file_tag(relative_path, file_id),
     }

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from s3proc_dagster.errors import UnsupportedFileError
+from s3proc_dagster.names import META_TAG
 from s3proc_dagster.sources.confined import open_regular
 from s3proc_dagster.sources.watch import SIDECAR_SUFFIX
 
 PRIORITIES = {"high": 10, "normal": 0, "low": -10}
-META_TAG = "s3proc.meta"  # s3proc.meta/<key>: a namespace apart from the product's `s3proc/` tags
 SIDECAR_MAX_BYTES = 64 * 1024  # a sidecar is a few fields; 64 KiB also bounds JSON nesting
 MAX_KEYS = 32
 MAX_KEY_CHARS = 64

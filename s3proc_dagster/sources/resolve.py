@@ -22,6 +22,7 @@ from s3proc_dagster.sources.confined import is_regular, lexically_below
 from s3proc_dagster.sources.metadata import read_sidecar
 from s3proc_dagster.sources.names import check_canonical, check_source_path
 from s3proc_dagster.sources.s3_incoming import metadata_from_object
+from s3proc_dagster.transfer.keys import is_s3_uri, prefix_folder, split_uri
 
 
 @dataclass(frozen=True)
@@ -57,18 +58,6 @@ class Source:
         return (Path(self.root),) if self.root else ()
 
 
-def split_uri(uri: str) -> tuple[str, str]:
-    """`s3://bucket/key` -> (bucket, key): the one parser of the product's S3 URIs."""
-    bucket, _, key = uri.removeprefix("s3://").partition("/")
-    return bucket, key
-
-
-def prefix_folder(prefix: str) -> str:
-    """A key prefix as the folder it names, `a/b/` (empty for the bucket's top)."""
-    cleaned = prefix.strip("/")
-    return cleaned + "/" if cleaned else ""
-
-
 def relative_key(key: str, incoming_prefix: str) -> str:
     """An object's path below the incoming prefix (the whole key when it is elsewhere)."""
     return key.removeprefix(prefix_folder(incoming_prefix))
@@ -84,7 +73,7 @@ def locate(target: str, watch_path: Path, incoming_prefix: str = "", relative_pa
     file outside WATCH_PATH is known by its name alone. The relative path must be one
     canonical spelling (`sources.names`).
     """
-    if target.startswith("s3://"):
+    if is_s3_uri(target):
         bucket, key = split_uri(target)
         rel = check_canonical(relative_path or relative_key(key, incoming_prefix))
         return Source(uri=target, relative_path=rel, s3_bucket=bucket, s3_key=key)

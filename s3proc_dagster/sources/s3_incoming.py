@@ -20,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from s3proc_dagster.sources.watch import is_ignored_name
+from s3proc_dagster.transfer.keys import prefix_folder
 
 CLOCK_SKEW = timedelta(seconds=5)
 
@@ -83,7 +84,7 @@ def list_incoming(
     `exclude_prefixes` holds the product's own output prefix: output written below the
     incoming prefix must never come back in as input.
     """
-    prefix = prefix.rstrip("/") + "/" if prefix else ""
+    prefix = prefix_folder(prefix)
     if cursor is None:
         start = now.isoformat()
         since = (now - CLOCK_SKEW).isoformat() if ignore_initial else datetime.min.replace(tzinfo=UTC).isoformat()

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from s3proc_dagster.models import ChunkStatus
-from s3proc_dagster.transfer.keys import join_key
+from s3proc_dagster.transfer.keys import join_key, prefix_folder
 from s3proc_dagster.transfer.recovery import delete_prefix
 from s3proc_dagster.transfer.upload import upload_bytes
 from s3proc_dagster.transfer.verify import object_matches
@@ -209,7 +209,7 @@ def delete_stale_versions(client: Any, bucket: str, dataset_key: str, keep: set[
     Only `<dataset>/v-<hex>/...` is the dataset's to clean: whatever else sits below its
     folder (another source's objects, had one ever landed there) is never touched.
     """
-    folder = dataset_key.rstrip("/") + "/"
+    folder = prefix_folder(dataset_key)
     return delete_prefix(
         client, bucket, folder, keep=keep, only=lambda key: _VERSION_FOLDER.match(key, len(folder)) is not None
     )

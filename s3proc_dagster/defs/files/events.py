@@ -8,6 +8,7 @@ catalog's folders are the watched directory's folders; each chunk is one materia
 import dagster as dg
 
 from s3proc_dagster.models import FileStatus
+from s3proc_dagster.names import KIND_TAG
 from s3proc_dagster.pipeline import FileVersion, GaveUp, PreparedItem, UploadedObject
 from s3proc_dagster.stores.base import ClaimOutcome
 
@@ -41,7 +42,7 @@ def object_landed(obj: UploadedObject, prefix: str, uri: str) -> dg.AssetMateria
         asset_key=asset_key_for(prefix, obj.relative_path),
         description=f"{label} of {obj.relative_path}",
         metadata=metadata,
-        tags={"s3proc/kind": "chunk" if obj.chunk is not None else "object"},
+        tags={KIND_TAG: "chunk" if obj.chunk is not None else "object"},
     )
 
 
@@ -76,7 +77,7 @@ def file_completed(
         asset_key=asset_key_for(prefix, item.item.relative_path),
         description=f"{item.item.relative_path} completed",
         metadata=metadata,
-        tags={"s3proc/kind": "file"},
+        tags={KIND_TAG: "file"},
     )
 
 

@@ -28,11 +28,19 @@ from s3proc_dagster.defs.files.ops import (
 from s3proc_dagster.defs.resources import ProgressStoreResource, S3Storage, Settings
 from s3proc_dagster.files.staging import SWEEP_GRACE_S
 from s3proc_dagster.models import ProcessingStep
+from s3proc_dagster.names import (
+    IMAGE_REQUEST_JOB,
+    JOB_TAG,
+    PROCESS_FILE_JOB,
+    PROCESS_FILES_JOB,
+    RECONCILE_JOB,
+    REPORTS_JOB,
+)
 from s3proc_dagster.runs.batching import files_of_run
 from s3proc_dagster.runs.liveness import reap_dead_runs, run_is_alive
-from s3proc_dagster.runs.requests import IMAGE_REQUEST_JOB, PROCESS_FILE_JOB, PROCESS_FILES_JOB, RECONCILE_JOB
+from s3proc_dagster.transfer.keys import prefix_folder
 
-PRODUCT_JOBS = [PROCESS_FILE_JOB, PROCESS_FILES_JOB, IMAGE_REQUEST_JOB, RECONCILE_JOB, "reports_job"]
+PRODUCT_JOBS = [PROCESS_FILE_JOB, PROCESS_FILES_JOB, IMAGE_REQUEST_JOB, RECONCILE_JOB, REPORTS_JOB]
 CHECKSUM = ProcessingStep.CHECKSUM_CALCULATION.value
 
 
@@ -50,7 +58,7 @@ def file_steps(version: Any) -> None:
     name=PROCESS_FILE_JOB,
     description="Snapshot, detect, extract, convert, upload, verify and record one file.",
     hooks={mark_failed},
-    tags={"s3proc/job": "files"},
+    tags={JOB_TAG: "files"},
 )
 def process_file_job() -> None:
     file_steps(checksum_calculation())
@@ -63,7 +71,7 @@ def process_file_job() -> None:
         "steps, records, assets and failure. The sensors start it under a backlog (runs/batching.py)."
     ),
     hooks={mark_failed},
-    tags={"s3proc/job": "files"},
+    tags={JOB_TAG: "files"},
 )
 def process_files_job() -> None:
     batch_files().map(lambda source: file_steps(checksum_of_batch_entry.alias(CHECKSUM)(source)))
@@ -83,7 +91,7 @@ def reconcile(
         started = record.start_time or record.create_timestamp.timestamp()
         files = files_of_run(run, cfg.monitoring.watch_path, cfg.s3.incoming_prefix)
         dead += [recovery.DeadRun(run.run_id, started, f.file_id, f.path) for f in files]
-    incoming = cfg.s3.incoming_prefix.strip("/") + "/" if cfg.s3.incoming_prefix else ""
+    incoming = prefix_folder(cfg.s3.incoming_prefix)
     report = recovery.reconcile(
         progress_store.open(),
         s3.get_client(),
@@ -116,7 +124,7 @@ def reconcile(
         "Crash recovery: report dead runs failed, settle the files they held (COMPLETED if S3 proves "
         "the version whole, else back to PENDING), abort abandoned multipart uploads, clean staging."
     ),
-    tags={"s3proc/job": "recovery"},
+    tags={JOB_TAG: "recovery"},
 )
 def reconcile_job() -> None:
     reconcile()

@@ -14,6 +14,7 @@ from s3proc_dagster.errors import is_transient
 from s3proc_dagster.files.detect import Detection
 from s3proc_dagster.logs import about, get_logger
 from s3proc_dagster.models import ProcessingStep
+from s3proc_dagster.names import BATCH_OP, FILE_TYPE_TAG, SHA256_TAG, UPLOAD_POOL
 from s3proc_dagster.pipeline import (
     Claimant,
     ConversionRecipe,
@@ -23,10 +24,9 @@ from s3proc_dagster.pipeline import (
     UploadedObject,
     WorkItem,
 )
-from s3proc_dagster.runs.batching import BATCH_OP, files_of_run, index_of, mapping_key
+from s3proc_dagster.runs.batching import files_of_run, index_of, mapping_key
 from s3proc_dagster.runs.liveness import run_is_alive
-from s3proc_dagster.runs.requests import UPLOAD_POOL
-from s3proc_dagster.runs.tags import TAG, file_run_tags
+from s3proc_dagster.runs.tags import file_run_tags
 from s3proc_dagster.sources.resolve import resolve_source
 from s3proc_dagster.stores.base import ClaimOutcome
 
@@ -118,7 +118,7 @@ def _snapshot(
         return
     if context.get_mapping_key() is None:  # a batch run's tags describe the batch, not one file
         tags = file_run_tags(source.relative_path, source.uri, version.file_id, source.metadata)
-        tag_run(context, {**tags, f"{TAG}/sha256": version.sha256[:12]})
+        tag_run(context, {**tags, SHA256_TAG: version.sha256[:12]})
     yield dg.Output(version, metadata={"sha256": version.sha256, "bytes": version.size, "fileId": version.file_id})
 
 
@@ -178,7 +178,7 @@ def type_detection(
         extra=about(version.file_id),
     )
     if context.get_mapping_key() is None:
-        tag_run(context, {f"{TAG}/file_type": detection.kind})
+        tag_run(context, {FILE_TYPE_TAG: detection.kind})
     return detection
 
 

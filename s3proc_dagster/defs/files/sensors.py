@@ -17,16 +17,16 @@ from s3proc_dagster.defs.files.jobs import PRODUCT_JOBS, process_file_job, proce
 from s3proc_dagster.defs.images.jobs import image_request_job
 from s3proc_dagster.defs.resources import ProgressStoreResource, S3Storage, Settings
 from s3proc_dagster.models import ProcessingStatus
+from s3proc_dagster.names import JOB_TAG, PATH_TAG, SOURCE_TAG
 from s3proc_dagster.runs.batching import BatchLimits, source_of, under_backlog
 from s3proc_dagster.runs.liveness import dead_runs, run_is_alive
 from s3proc_dagster.runs.requests import recovery_request, requeued, requeued_objects, run_request_for
-from s3proc_dagster.runs.tags import TAG
 from s3proc_dagster.settings import poll_interval_s
-from s3proc_dagster.sources.resolve import prefix_folder
 from s3proc_dagster.sources.s3_incoming import IncomingCursor, list_incoming, metadata_from_object
 from s3proc_dagster.sources.watch import WatchCursor, evaluate, scan
 from s3proc_dagster.stores.base import ProgressStore
 from s3proc_dagster.transfer import verify
+from s3proc_dagster.transfer.keys import prefix_folder
 
 RUN_KEY_TAG = "dagster/run_key"
 
@@ -59,7 +59,7 @@ def watch_directory_sensor(
         ignore_initial=cfg.monitoring.ignore_initial,
     )
     requests = requeued(store.list_files(ProcessingStatus.PENDING), root)
-    again = {r.tags[f"{TAG}/path"] for r in requests}
+    again = {r.tags[PATH_TAG] for r in requests}
     requests += [
         run_request_for(str(f.path), f.relative_path, f.run_key, roots=(root,))
         for f in ready
@@ -90,7 +90,7 @@ def _batched(
     if not processing.batch_files or len(requests) < 2:
         return requests
     queued = context.instance.get_runs_count(
-        dg.RunsFilter(statuses=[dg.DagsterRunStatus.QUEUED], tags={f"{TAG}/job": "files"})
+        dg.RunsFilter(statuses=[dg.DagsterRunStatus.QUEUED], tags={JOB_TAG: "files"})
     )
     limits = BatchLimits(processing.batch_max_files, processing.batch_max_bytes, processing.batch_file_max_bytes)
     return under_backlog(requests, size_of, processing.max_concurrency, queued, limits)
@@ -131,11 +131,9 @@ def s3_incoming_sensor(
             continue  # deleted since it was listed
         metadata = metadata_from_object(head.get("Metadata", {}))
         requests.append(run_request_for(obj.uri, obj.relative_path, obj.run_key, metadata=metadata))
-    fresh = {r.tags[f"{TAG}/source"] for r in requests}
+    fresh = {r.tags[SOURCE_TAG] for r in requests}
     pending = progress_store.open().list_files(ProcessingStatus.PENDING)
-    requests += [
-        r for r in requeued_objects(pending, bucket, cfg.incoming_prefix) if r.tags[f"{TAG}/source"] not in fresh
-    ]
+    requests += [r for r in requeued_objects(pending, bucket, cfg.incoming_prefix) if r.tags[SOURCE_TAG] not in fresh]
     sizes = {obj.uri: obj.size for obj in found}
     requests = _batched(context, settings, requests, lambda r: sizes.get(source_of(r)["path"]))
     return dg.SensorResult(run_requests=requests, cursor=cursor.dumps())

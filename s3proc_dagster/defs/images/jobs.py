@@ -7,13 +7,14 @@ there and then, because no step after it will (finalize_request waits for every 
 import dagster as dg
 
 from s3proc_dagster.defs.images.ops import finalize_request, process_image_row, settle_failed_request, validate_request
+from s3proc_dagster.names import IMAGE_REQUEST_JOB, JOB_TAG
 
 
 @dg.job(
-    name="image_request_job",
+    name=IMAGE_REQUEST_JOB,
     description="Compress every image listed in a product CSV and record the output URLs.",
     hooks={settle_failed_request},
-    tags={"s3proc/job": "images"},
+    tags={JOB_TAG: "images"},
 )
 def image_request_job() -> None:
     rows = validate_request().map(process_image_row)

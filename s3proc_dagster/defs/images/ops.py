@@ -10,9 +10,10 @@ from s3proc_dagster.defs.resources import ProgressStoreResource, S3Storage, Sett
 from s3proc_dagster.images import processor
 from s3proc_dagster.images.request_csv import InvalidRequestCsv
 from s3proc_dagster.models import Request, RequestData, RequestStatus
+from s3proc_dagster.names import REQUEST_ID_TAG
 from s3proc_dagster.stores.base import ProgressStore
 
-REQUEST_TAG = "s3proc/request_id"
+REQUEST_TAG = REQUEST_ID_TAG
 
 
 class ImageRequestConfig(dg.Config):

@@ -5,10 +5,11 @@ import dagster as dg
 from s3proc_dagster.defs.reports.assets import GROUP
 from s3proc_dagster.defs.resources import ProgressStoreResource, Settings
 from s3proc_dagster.models import ProcessingStatus
+from s3proc_dagster.names import REPORTS_JOB
 from s3proc_dagster.runs.liveness import IN_FLIGHT
 from s3proc_dagster.runs.requests import CONSOLE_LOGGER
 
-reports_job = dg.define_asset_job("reports_job", selection=dg.AssetSelection.groups(GROUP))
+reports_job = dg.define_asset_job(REPORTS_JOB, selection=dg.AssetSelection.groups(GROUP))
 
 
 @dg.sensor(
