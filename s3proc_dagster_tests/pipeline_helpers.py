@@ -54,7 +54,12 @@ def sensor_tick(deployment: Deployment, **settings: str) -> list[dg.RunRequest]:
 
 def run_requests_under(requests: list[dg.RunRequest], folder: str) -> list[dg.RunRequest]:
     """The file runs a tick requested under `folder` (not the recovery runs it may also request)."""
-    return [r for r in requests if any(t.startswith(f"s3proc/file/{folder}/") for t in r.tags)]
+    return [
+        r
+        for r in requests
+        if r.tags.get("s3proc/path", "").startswith(folder + "/")
+        or any(t.startswith(f"s3proc/file/{folder}/") for t in r.tags)  # a batch run: one tag per file
+    ]
 
 
 def execute(request: dg.RunRequest, deployment: Deployment) -> dg.ExecuteJobResult:
