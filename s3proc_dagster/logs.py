@@ -21,6 +21,10 @@ from datetime import UTC, datetime
 from s3proc_dagster.settings import LoggingConfig
 
 LOGGER = "s3proc"
+# A file's progress through the steps, for the terminal (`s3proc process`, scripts/dev): not
+# a managed logger, so these lines cost no row in a run's event log, where each step's own
+# events already say the same (one row is 10-18 ms on SQLite; see docs/performance.md).
+PROGRESS = "s3proc-progress"
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}
 PRETTY_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
@@ -59,19 +63,26 @@ def configure_logging(config: LoggingConfig) -> logging.Logger:
 
     The logger does not propagate: its lines are written once, by its own handler, and
     reach a run's event log through the handler Dagster adds to managed loggers."""
-    logger = logging.getLogger(LOGGER)
-    logger.setLevel(LEVELS[config.level])
-    logger.propagate = False
-    handler = next((h for h in logger.handlers if getattr(h, "_s3proc", False)), None)
-    if handler is None:
-        handler = _StderrHandler()
-        logger.addHandler(handler)
-    handler.setFormatter(logging.Formatter(PRETTY_FORMAT) if config.pretty else JsonFormatter())
-    return logger
+    for name in (LOGGER, PROGRESS):
+        logger = logging.getLogger(name)
+        logger.setLevel(LEVELS[config.level])
+        logger.propagate = False
+        handler = next((h for h in logger.handlers if getattr(h, "_s3proc", False)), None)
+        if handler is None:
+            handler = _StderrHandler()
+            logger.addHandler(handler)
+        handler.setFormatter(logging.Formatter(PRETTY_FORMAT) if config.pretty else JsonFormatter())
+    return logging.getLogger(LOGGER)
 
 
 def get_logger(name: str) -> logging.Logger:
+    """A product logger whose lines also reach the run's logs in the UI: outcomes, warnings."""
     return logging.getLogger(f"{LOGGER}.{name}")
+
+
+def progress_logger(name: str) -> logging.Logger:
+    """A logger for what a step is doing, shown where the product runs, not kept per run."""
+    return logging.getLogger(f"{PROGRESS}.{name}")
 
 
 def about(file_id: str, **fields: object) -> dict[str, dict[str, object]]:

@@ -13,8 +13,7 @@ REPORTS_JOB = "reports_job"
 FILE_JOBS = (PROCESS_FILE_JOB, PROCESS_FILES_JOB)
 
 # ---- ops a run config names ------------------------------------------------------------------
-CHECKSUM_OP = ProcessingStep.CHECKSUM_CALCULATION.value  # process_file_job's config: the file
-BATCH_OP = "batch_files"  # process_files_job's config: the files
+CHECKSUM_OP = ProcessingStep.CHECKSUM_CALCULATION.value  # the file jobs' config: the file, or a batch's files
 VALIDATE_REQUEST_OP = "validate_request"  # image_request_job's config: the CSV or the request
 
 # ---- pools ---------------------------------------------------------------------------------------
@@ -34,5 +33,6 @@ JOB_TAG = f"{TAG}/job"  # files | images | recovery: which family a job belongs 
 KIND_TAG = f"{TAG}/kind"  # image_request | recovery; on materializations: file | chunk | object
 DEAD_TAG = f"{TAG}/dead"  # how many dead runs and claims a recovery run settles
 BACKFILL_TAG = f"{TAG}/backfill"
+RETRY_TAG = f"{TAG}/retry"  # a file set back to PENDING after it started: runs again, alone
 REQUEST_ID_TAG = f"{TAG}/request_id"
 META_TAG = f"{TAG}.meta"  # s3proc.meta/<key>: a file's metadata, apart from the product's own tags

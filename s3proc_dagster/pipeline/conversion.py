@@ -22,13 +22,14 @@ from s3proc_dagster.errors import ConversionError
 from s3proc_dagster.files.detect import is_tabular
 from s3proc_dagster.files.tabular import ChunkSink, ConversionResult, convert_to_parquet_chunks
 from s3proc_dagster.files.validation import as_of_date, rule_set_for
-from s3proc_dagster.logs import about, get_logger
+from s3proc_dagster.logs import about, get_logger, progress_logger
 from s3proc_dagster.pipeline.cache import parquet_dir, staged_items
 from s3proc_dagster.pipeline.context import StepContext
 from s3proc_dagster.pipeline.records import ConversionRecipe, FileVersion, PreparedItem, WorkItem
 from s3proc_dagster.transfer.keys import join_key
 
 log = get_logger("pipeline")
+progress = progress_logger("pipeline")
 
 
 class ChunkLanding(ChunkSink, Protocol):
@@ -146,7 +147,7 @@ def convert(
             ", ".join(map(repr, words)),
             extra=about(item.file_id),
         )
-    log.info(
+    progress.info(
         "%s: %d records in %d chunks (%.2fs)",
         item.relative_path,
         conversion.record_count,

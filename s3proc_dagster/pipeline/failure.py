@@ -31,6 +31,14 @@ class GaveUp:
     park_error: str | None = None
 
 
+def record_if_missing(store: ProgressStore, run_id: str, file_id: str, source: str) -> None:
+    """A file that failed before it was recorded (unreadable, a bad sidecar, a refused name)
+    is recorded now, as started by the run, so that what happens to it next is on record."""
+    if store.get(file_id) is None:
+        store.record_detected(FileStatus(file_id=file_id, file_path=source, file_name=PurePosixPath(source).name))
+        store.start(file_id, run_id)
+
+
 def give_up(
     store: ProgressStore,
     client: Any,
@@ -42,11 +50,9 @@ def give_up(
     error_dir: Path,
 ) -> GaveUp:
     """Record FAILED what run `run_id` holds of the file (an archive's entries too), abort
-    its uploads, and park the original. A file that failed before it could be recorded
-    (unreadable, a bad sidecar, a refused name) is recorded now."""
-    if file_id and source and store.get(file_id) is None:
-        store.record_detected(FileStatus(file_id=file_id, file_path=source, file_name=PurePosixPath(source).name))
-        store.start(file_id, run_id)
+    its uploads, and park the original."""
+    if file_id and source:
+        record_if_missing(store, run_id, file_id, source)
     held = [
         r
         for r in store.list_files(ProcessingStatus.IN_PROGRESS)

@@ -12,15 +12,15 @@ from pathlib import Path
 from s3proc_dagster.errors import FileBusy
 from s3proc_dagster.files import staging as staging_area
 from s3proc_dagster.files.checksum import Snapshot, snapshot
-from s3proc_dagster.logs import about, get_logger
-from s3proc_dagster.models import FileStatus
+from s3proc_dagster.logs import about, progress_logger
+from s3proc_dagster.models import FileStatus, ProcessingStatus
 from s3proc_dagster.pipeline.cache import snapshot_object
 from s3proc_dagster.pipeline.context import StepContext
 from s3proc_dagster.pipeline.records import FileVersion
 from s3proc_dagster.sources.resolve import Source
 from s3proc_dagster.stores.base import ClaimOutcome
 
-log = get_logger("pipeline")
+progress = progress_logger("pipeline")
 
 _CLAIMED = {
     ClaimOutcome.CLAIMED: "snapshot taken",
@@ -66,7 +66,7 @@ def record_version(ctx: StepContext, source: Source, snap: Snapshot) -> FileVers
             f"{source.relative_path}: run {claim.holder} is processing an earlier version; this version waits for it",
             claim.holder or "",
         )
-    log.info(
+    progress.info(
         "%s: %s",
         source.relative_path,
         _CLAIMED[claim.outcome].format(holder=claim.holder),
@@ -77,3 +77,17 @@ def record_version(ctx: StepContext, source: Source, snap: Snapshot) -> FileVers
     return FileVersion(
         claim.record.file_id, source, str(snap.path), snap.sha256, snap.size, claim.outcome, claim.holder
     )
+
+
+def held_version(ctx: StepContext, source: Source) -> FileVersion | None:
+    """The version this very run claimed in an earlier attempt of the step, if its snapshot
+    is still staged: a retried step goes on from there instead of reading the file again."""
+    record = ctx.store.get(source.file_id)
+    if record is None or record.status is not ProcessingStatus.IN_PROGRESS or not record.checksum:
+        return None
+    if record.run_id != ctx.claimant.run_id:
+        return None
+    path = ctx.staging / record.checksum / source.name
+    if not path.is_file():
+        return None
+    return FileVersion(record.file_id, source, str(path), record.checksum, record.file_size or path.stat().st_size)

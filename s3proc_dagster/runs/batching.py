@@ -2,9 +2,10 @@
 
 A run has a fixed cost (queue, launch, events) that a file of a few KB does not repay, so
 when more files are ready than the run queue can start (`MAX_CONCURRENCY`), small files
-are grouped into runs of `process_files_job`: the same seven steps, mapped over the
-files, so each file keeps its own records, asset materializations, failure and
-"Re-execute from failure". Without a backlog every file gets a run of its own: the
+are grouped into runs of `process_files_job`: the same seven steps, each over all the
+batch's files, so each file keeps its own records, asset materializations and failure,
+and a file that keeps failing leaves the batch for a run of its own
+(`defs/files/steps.py`), where "Re-execute from failure" applies to it. Without a backlog every file gets a run of its own: the
 lowest latency, and a run per file is what a user looks for in the UI.
 
 A file always gets its own run when it is big (its conversion and upload are the cost,
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +25,6 @@ import dagster as dg
 
 from s3proc_dagster.models import make_file_id
 from s3proc_dagster.names import (
-    BATCH_OP,
     BATCH_TAG,
     CHECKSUM_OP,
     EXTENSION_TAG,
@@ -92,7 +91,7 @@ def batch_request(requests: Sequence[dg.RunRequest]) -> dg.RunRequest:
     return dg.RunRequest(
         run_key=f"batch:{hashlib.sha256(keys.encode()).hexdigest()[:24]}",
         job_name=PROCESS_FILES_JOB,
-        run_config={"ops": {BATCH_OP: {"config": {"files": [source_of(r) for r in requests]}}}, **CONSOLE_LOGGER},
+        run_config={"ops": {CHECKSUM_OP: {"config": {"files": [source_of(r) for r in requests]}}}, **CONSOLE_LOGGER},
         tags={
             BATCH_TAG: str(len(requests)),
             **{k: v for r in requests for k, v in r.tags.items() if k.startswith(FILE_TAG + "/")},
@@ -119,16 +118,6 @@ def under_backlog(
     return own + [small[i[0]] if len(i) == 1 else batch_request([small[j] for j in i]) for i in batches]
 
 
-def mapping_key(index: int, relative_path: str) -> str:
-    """The file's key in a batch run's step names, `checksum_calculation[f3_orders_csv]`:
-    its position (unique) and its name (readable in the UI)."""
-    return f"f{index}_{re.sub(r'[^A-Za-z0-9_]', '_', relative_path)[-60:]}"
-
-
-def index_of(key: str) -> int:
-    return int(key[1 : key.index("_")])
-
-
 @dataclass(frozen=True)
 class RunFile:
     """A file a run was started for, as the run's config names it: what the failure hook
@@ -139,7 +128,8 @@ class RunFile:
     file_id: str
 
 
-def _run_file(source: dict, watch_path: Path, incoming_prefix: str) -> RunFile:
+def run_file(source: dict, watch_path: Path, incoming_prefix: str) -> RunFile:
+    """The file one entry of a run's config names, located by the first step's own rule."""
     from s3proc_dagster.errors import UnsafeSourceError
     from s3proc_dagster.sources.resolve import locate
 
@@ -154,9 +144,8 @@ def _run_file(source: dict, watch_path: Path, incoming_prefix: str) -> RunFile:
 def files_of_run(run: dg.DagsterRun, watch_path: Path, incoming_prefix: str = "") -> list[RunFile]:
     """The files a run of either file job was started for, in the batch's order, located
     by the same rule as the run's first step (`sources.resolve.locate`)."""
-    ops = (run.run_config or {}).get("ops", {})
-    if run.job_name == PROCESS_FILES_JOB:
-        sources = ops.get(BATCH_OP, {}).get("config", {}).get("files", [])
-    else:
-        sources = [source] if (source := ops.get(CHECKSUM_OP, {}).get("config")) else []
-    return [_run_file(source, watch_path, incoming_prefix) for source in sources]
+    config = (run.run_config or {}).get("ops", {}).get(CHECKSUM_OP, {}).get("config")
+    if not config:
+        return []
+    sources = config.get("files", []) if run.job_name == PROCESS_FILES_JOB else [config]
+    return [run_file(source, watch_path, incoming_prefix) for source in sources]

@@ -22,6 +22,7 @@ from s3proc_dagster.names import (
     PATH_TAG,
     PROCESS_FILE_JOB,
     RECONCILE_JOB,
+    RETRY_TAG,
     VALIDATE_REQUEST_OP,
 )
 from s3proc_dagster.runs.tags import file_run_tags
@@ -76,6 +77,12 @@ def _retry_stamp(status: FileStatus) -> str:
     return f"retry-{int(status.last_updated_at.timestamp() * 1000)}"
 
 
+def _again(request: dg.RunRequest, status: FileStatus) -> dg.RunRequest:
+    """A file that started before runs again in a run of its own, never in a batch: it was
+    retried, recovered, or left a batch it kept failing in (`runs.batching.batchable`)."""
+    return request.with_replaced_attrs(tags={**request.tags, RETRY_TAG: _retry_stamp(status)})
+
+
 def requeued(store_files: list[FileStatus], root: Path) -> list[dg.RunRequest]:
     """Files under `root` set back to PENDING after having started (manual retry, crash
     recovery, a run that died before it could claim its file).
@@ -94,7 +101,7 @@ def requeued(store_files: list[FileStatus], root: Path) -> list[dg.RunRequest]:
             continue
         st = path.stat()
         key = f"{rel}:{st.st_size}:{st.st_mtime_ns}:{_retry_stamp(status)}"
-        out.append(run_request_for(str(path), rel, key, status.file_id, roots=(root,)))
+        out.append(_again(run_request_for(str(path), rel, key, status.file_id, roots=(root,)), status))
     return out
 
 
@@ -103,12 +110,15 @@ def requeued_objects(store_files: list[FileStatus], bucket: str, prefix: str) ->
     version, so a version whose run died would otherwise never be requested again."""
     root = prefix_folder(prefix)
     return [
-        run_request_for(
-            status.file_path,
-            relative_key(status.s3_key, prefix),
-            f"s3:{status.s3_key}:{_retry_stamp(status)}",
-            status.file_id,
-            metadata=status.metadata,
+        _again(
+            run_request_for(
+                status.file_path,
+                relative_key(status.s3_key, prefix),
+                f"s3:{status.s3_key}:{_retry_stamp(status)}",
+                status.file_id,
+                metadata=status.metadata,
+            ),
+            status,
         )
         for status in store_files
         if status.processing_started_at is not None

@@ -1,8 +1,13 @@
-"""What the UI shows of a file: asset materializations per chunk and per file, and log lines.
+"""What the UI shows of a file: a materialization per file version, per chunk of a big one, and log lines.
 
 Every processed file is an asset keyed by the bucket prefix and its relative path, so the
-catalog's folders are the watched directory's folders; each chunk is one materialization
-(rows, bytes, S3 URI, SHA-256, offsets), and the file one more when it completes.
+catalog's folders are the watched directory's folders. A file's version, once COMPLETED,
+is one materialization holding its chunks as a table (index, rows, offsets, bytes, key);
+a dataset of several chunks also has one materialization per chunk as it lands (rows,
+bytes, S3 URI, SHA-256, offsets), so a big file's progress shows while it uploads. A
+file of one chunk, or one that is not tabular, has no second event saying the same: each
+row of Dagster's event log costs 10-18 ms on SQLite, as much as a small file's work. A
+file that fails for good is an observation of its asset, FAILED with the reason.
 """
 
 import dagster as dg
@@ -10,6 +15,7 @@ import dagster as dg
 from s3proc_dagster.models import FileStatus
 from s3proc_dagster.names import KIND_TAG
 from s3proc_dagster.pipeline import FileVersion, GaveUp, PreparedItem, UploadedObject
+from s3proc_dagster.pipeline.batch import FileInRun
 from s3proc_dagster.stores.base import ClaimOutcome
 
 
@@ -46,6 +52,42 @@ def object_landed(obj: UploadedObject, prefix: str, uri: str) -> dg.AssetMateria
     )
 
 
+def shows_chunks(item: PreparedItem) -> bool:
+    """Whether the item's chunks get materializations of their own: a dataset of several (module docstring)."""
+    return item.is_tabular and len(item.chunks) > 1
+
+
+def chunk_table(item: PreparedItem) -> dg.TableMetadataValue:
+    """The version's chunks as the catalog lists them: which records each holds, where."""
+    return dg.MetadataValue.table(
+        records=[
+            dg.TableRecord(
+                {
+                    "chunk": c.chunk_index,
+                    "rows": c.record_count,
+                    "first_record": c.start_offset,
+                    "last_record": c.end_offset,
+                    "rejected": c.failed_records,
+                    "bytes": c.size_bytes,
+                    "key": item.part_key(c),
+                }
+            )
+            for c in item.chunks
+        ],
+        schema=dg.TableSchema(
+            columns=[
+                dg.TableColumn("chunk", "int"),
+                dg.TableColumn("rows", "int"),
+                dg.TableColumn("first_record", "int"),
+                dg.TableColumn("last_record", "int"),
+                dg.TableColumn("rejected", "int"),
+                dg.TableColumn("bytes", "int"),
+                dg.TableColumn("key", "string"),
+            ]
+        ),
+    )
+
+
 def file_completed(
     item: PreparedItem, version: FileVersion, record: FileStatus, prefix: str, uri: str
 ) -> dg.AssetMaterialization:
@@ -61,6 +103,8 @@ def file_completed(
         "compression": item.compression or "",
         "file_type": item.item.file_type.value,
     }
+    if item.is_tabular:
+        metadata["chunk_list"] = chunk_table(item)
     if version.source.metadata:
         metadata["file_metadata"] = version.source.metadata
     if item.numbers_as_text:
@@ -78,6 +122,22 @@ def file_completed(
         description=f"{item.item.relative_path} completed",
         metadata=metadata,
         tags={KIND_TAG: "file"},
+    )
+
+
+def file_failed(prefix: str, file: FileInRun, reason: str, gave_up: GaveUp) -> dg.AssetObservation:
+    """A file that failed for good, on its asset: the catalog shows it with its reason."""
+    relative = file.version.source.relative_path if file.version else (file.relative_path or file.path)
+    metadata: dict = {"status": "FAILED", "reason": reason, "fileIds": ", ".join(gave_up.failed)}
+    if gave_up.parked:
+        metadata["parked_at"] = str(gave_up.parked)
+    elif gave_up.park_error:
+        metadata["not_parked"] = gave_up.park_error
+    return dg.AssetObservation(
+        asset_key=asset_key_for(prefix, relative),
+        description=f"{relative} FAILED: {reason}",
+        metadata=metadata,
+        tags={KIND_TAG: "failure"},
     )
 
 

@@ -1,11 +1,11 @@
-"""`process_file_job` (one run per file, one op per ProcessingStep) and `reconcile_job` (crash recovery).
+"""The file jobs (one op per ProcessingStep, over one file or a batch) and `reconcile_job` (crash recovery).
 
-A file's steps run in one process (the code location's in-process executor): they are
+A run's steps run in one process (the code location's in-process executor): they are
 sequential by nature, and a process per step would cost about a second and 170 MB each.
-Parallelism comes from running several files at once (the run queue's MAX_CONCURRENCY).
+Parallelism comes from running several runs at once (the run queue's MAX_CONCURRENCY).
 Outputs between steps are persisted by the I/O manager, so "Re-execute from failure"
 reloads them instead of redoing earlier steps. Retries come from the settings at run
-time (`ops.failures`), not from the definitions.
+time (`steps.run_step`), not from the definitions.
 """
 
 from typing import Any
@@ -15,11 +15,8 @@ import dagster as dg
 from s3proc_dagster import recovery
 from s3proc_dagster.defs.files.ops import (
     archive_extraction,
-    batch_files,
     checksum_calculation,
-    checksum_of_batch_entry,
     integrity_verification,
-    mark_failed,
     parquet_conversion,
     progress_update,
     streaming,
@@ -27,7 +24,6 @@ from s3proc_dagster.defs.files.ops import (
 )
 from s3proc_dagster.defs.resources import ProgressStoreResource, S3Storage, Settings
 from s3proc_dagster.files.staging import SWEEP_GRACE_S
-from s3proc_dagster.models import ProcessingStep
 from s3proc_dagster.names import (
     IMAGE_REQUEST_JOB,
     JOB_TAG,
@@ -41,23 +37,16 @@ from s3proc_dagster.runs.liveness import reap_dead_runs, run_is_alive
 from s3proc_dagster.transfer.keys import prefix_folder
 
 PRODUCT_JOBS = [PROCESS_FILE_JOB, PROCESS_FILES_JOB, IMAGE_REQUEST_JOB, RECONCILE_JOB, REPORTS_JOB]
-CHECKSUM = ProcessingStep.CHECKSUM_CALCULATION.value
 
 
-def file_steps(version: Any) -> None:
-    """The six steps after the snapshot, one file's: the same in both jobs."""
-    detection = type_detection(version)
-    items = archive_extraction(version, detection)
-    prepared = parquet_conversion(version, items)
-    uploaded = streaming(version, prepared)
-    verified = integrity_verification(version, prepared, uploaded)
-    progress_update(version, verified)
+def file_steps(files: Any) -> None:
+    """The six steps after the snapshot, each over the run's files: the same in both jobs."""
+    progress_update(integrity_verification(streaming(parquet_conversion(archive_extraction(type_detection(files))))))
 
 
 @dg.job(
     name=PROCESS_FILE_JOB,
     description="Snapshot, detect, extract, convert, upload, verify and record one file.",
-    hooks={mark_failed},
     tags={JOB_TAG: "files"},
 )
 def process_file_job() -> None:
@@ -67,14 +56,14 @@ def process_file_job() -> None:
 @dg.job(
     name=PROCESS_FILES_JOB,
     description=(
-        "process_file_job's steps for each of several small files, mapped: each file has its own "
-        "steps, records, assets and failure. The sensors start it under a backlog (runs/batching.py)."
+        "process_file_job's steps, each over several small files: each file has its own records, "
+        "assets and failure, and one that keeps failing leaves for a run of its own. The sensors "
+        "start it under a backlog (runs/batching.py)."
     ),
-    hooks={mark_failed},
     tags={JOB_TAG: "files"},
 )
 def process_files_job() -> None:
-    batch_files().map(lambda source: file_steps(checksum_of_batch_entry.alias(CHECKSUM)(source)))
+    file_steps(checksum_calculation())
 
 
 @dg.op(tags={"step": "crash_recovery"})
