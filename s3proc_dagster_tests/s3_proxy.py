@@ -22,6 +22,9 @@ class FaultyS3Proxy:
         parsed = urlparse(upstream)
         self.upstream = (parsed.hostname, parsed.port)
         self.fail_puts_containing: str | None = None
+        # substring -> how many more PUTs of a matching key fail (then they pass): a fault that
+        # lasts a number of requests, as boto3 retries each upload itself (its max_attempts)
+        self.fail_puts_first: dict[str, int] = {}
         self.failed_requests = 0
         self.put_keys: list[str] = []
         self.stall_containing: str | None = None  # requests to such paths wait for `release`
@@ -59,6 +62,10 @@ class FaultyS3Proxy:
                     self.close_connection = True  # a held request never reaches S3: its sender is gone
                     return
                 rule = proxy.fail_puts_containing
+                counted = next((k for k, n in proxy.fail_puts_first.items() if n > 0 and k in path), None)
+                if counted and self.command == "PUT":
+                    proxy.fail_puts_first[counted] -= 1
+                    rule = counted
                 if rule and self.command == "PUT" and rule in path:
                     proxy.failed_requests += 1
                     payload = b"<Error><Code>ServiceUnavailable</Code><Message>injected by test</Message></Error>"

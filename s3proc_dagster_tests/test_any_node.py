@@ -23,6 +23,8 @@ from s3proc_dagster.files.checksum import sha256_file
 from s3proc_dagster.files.parking import unpark
 from s3proc_dagster.models import ProcessingStatus as S
 from s3proc_dagster.pipeline import Claimant, StepContext, staged_snapshot, take_snapshot
+from s3proc_dagster.runs.batching import batch_request
+from s3proc_dagster.runs.requests import run_request_for
 from s3proc_dagster.sources.resolve import resolve_source
 from s3proc_dagster.stores.mongo import MongoProgressStore
 from s3proc_dagster.stores.sqlite import SQLiteProgressStore
@@ -34,6 +36,7 @@ from s3proc_dagster_tests.pipeline_helpers import (
     execute,
     list_keys,
     process_file_job_with_resources,
+    process_files_job_with_resources,
     promo_rows,
     read_dataset,
     run_requests_under,
@@ -265,7 +268,7 @@ def test_a_shared_deployment_keeps_step_outputs_as_json_outside_the_data_prefix_
     document = deployment.s3.client().get_object(
         Bucket=deployment.s3.bucket, Key=f"{outputs}{failed.run_id}/checksum_calculation/result.json"
     )
-    assert json.loads(document["Body"].read())["sha256"] == sha  # data, not a pickle
+    assert json.loads(document["Body"].read())[0]["version"]["sha256"] == sha  # data, not a pickle
     assert list_keys(deployment, f"{deployment.prefix}/_dagster/") == []
     local = Path(deployment.env["DAGSTER_HOME"]) / "storage"  # where FilesystemIOManager would write
     assert [step for step in before if (local / failed.run_id / step).exists()] == []
@@ -285,7 +288,7 @@ def test_a_shared_deployment_keeps_step_outputs_as_json_outside_the_data_prefix_
         for e in again.all_events
         if e.event_type is dg.DagsterEventType.LOADED_INPUT and e.step_key == "streaming"
     ]
-    assert sorted(loaded) == ["checksum_calculation", "parquet_conversion"]  # the failed run's, from S3
+    assert sorted(loaded) == ["parquet_conversion"]  # the failed run's, from S3: one input per step
     steps = ["streaming", "integrity_verification", "progress_update"]
     assert [step for step in steps if (local / again.run_id / step).exists()] == []
     assert list_keys(deployment, outputs + again.run_id + "/") == [
@@ -299,6 +302,47 @@ def test_a_shared_deployment_keeps_step_outputs_as_json_outside_the_data_prefix_
     try:
         record = store.get_by_path(str(src))
         assert (record.status, record.checksum, record.processing_stats.completed_chunks) == (S.COMPLETED, sha, 3)
+    finally:
+        store.close()
+
+
+def test_a_batch_run_reexecuted_from_failure_runs_no_finished_files_steps(
+    shared_deployment: Deployment, mongodb_uri: str, mongodb_database: str
+) -> None:
+    """A batch whose upload step did its work for every file but could not keep its output
+    (S3 refused the step-output document): re-executed from failure, the upload step runs
+    again and sends nothing twice, and no earlier step runs at all."""
+    deployment = shared_deployment
+    files = [write_csv(deployment.watch / "anynode-batch" / f"b{i}.csv", promo_rows(9, seed=i)) for i in range(3)]
+    requests = [run_request_for(str(f), f"anynode-batch/{f.name}", f"anynode-batch/{f.name}:k") for f in files]
+    batch = batch_request(requests)
+    mark = len(deployment.proxy.put_keys)
+    failed = run_failing_puts(
+        deployment,
+        lambda: dg.execute_job(
+            dg.reconstructable(process_files_job_with_resources),
+            instance=deployment.instance(),
+            run_config=batch.run_config,
+            tags=batch.tags,
+            raise_on_error=False,
+        ),
+        "/streaming/result.json",
+    )
+    sent = parts_put_since(deployment, mark)
+    assert len(set(sent)) == len(files)  # every file's part landed before the step failed
+    instance = deployment.instance()
+    again = dg.execute_job(
+        dg.reconstructable(process_files_job_with_resources),
+        instance=instance,
+        reexecution_options=dg.ReexecutionOptions.from_failure(failed.run_id, instance),
+    )
+    assert again.success
+    started = {e.step_key for e in again.all_events if e.event_type is dg.DagsterEventType.STEP_START}
+    assert started == {"streaming", "integrity_verification", "progress_update"}
+    assert parts_put_since(deployment, mark) == sent  # nothing sent again
+    store = MongoProgressStore(mongodb_uri, mongodb_database)
+    try:
+        assert [store.get_by_path(str(f)).status for f in files] == [S.COMPLETED] * len(files)
     finally:
         store.close()
 

@@ -11,6 +11,7 @@ import pytest
 from dagster_graphql import DagsterGraphQLClient
 
 from s3proc_dagster.defs.files.events import asset_key_for
+from s3proc_dagster.defs.resources import S3Storage
 from s3proc_dagster.files.checksum import sha256_file
 from s3proc_dagster.models import ProcessingStatus as S
 from s3proc_dagster.models import make_file_id
@@ -21,16 +22,25 @@ from s3proc_dagster.transfer.manifest import part_key
 from s3proc_dagster_tests.conftest import Deployment
 from s3proc_dagster_tests.pipeline_helpers import (
     dataset_keys,
+    execute,
+    list_keys,
     process_files_job_with_resources,
     promo_rows,
     read_dataset,
     run_requests_under,
     sensor_tick,
     source_rows,
+    wait_for,
     write_csv,
 )
+from s3proc_dagster_tests.test_runs_from_anywhere import finished, reexecute_from_failure
 
 LIMITS = BatchLimits(max_files=3, max_bytes=1000, file_max_bytes=400)
+S3_ATTEMPTS = S3Storage.model_fields["max_attempts"].default  # boto3 tries each request this often itself
+# The regression guards on Dagster's bookkeeping, as docs/performance.md states them
+# (benchmarks/throughput.py measures them): event rows per file of a batch of 30, and of a run of one file.
+BATCH_ROWS_PER_FILE = 4
+SINGLE_RUN_ROWS = 48
 
 
 def requests_for(tmp_path: Path, sizes: list[int]) -> list[dg.RunRequest]:
@@ -65,65 +75,106 @@ def test_under_a_backlog_small_files_share_runs_and_big_or_tagged_files_do_not(t
     own = [r for r in planned if r.job_name != PROCESS_FILES_JOB]
     assert [r.run_key for r in own] == ["f2.bin:500", "t"]
     batches = [r for r in planned if r.job_name == PROCESS_FILES_JOB]
-    files = [[f["relative_path"] for f in r.run_config["ops"]["batch_files"]["config"]["files"]] for r in batches]
+    files = [
+        [f["relative_path"] for f in r.run_config["ops"]["checksum_calculation"]["config"]["files"]] for r in batches
+    ]
     assert files == [["f0.bin", "f1.bin"], ["f3.bin", "f4.bin"]]
     assert batches[0].run_key != batches[1].run_key
     assert batches[0].run_key == batch_request(requests[:2]).run_key  # the same files, the same key
 
 
-def test_a_batch_run_keeps_each_files_records_assets_and_failure(deployment: Deployment, tmp_path: Path) -> None:
-    folder = deployment.watch / "batch"
+def batch_run(deployment: Deployment, request: dg.RunRequest) -> dg.ExecuteJobResult:
+    return dg.execute_job(
+        dg.reconstructable(process_files_job_with_resources),
+        instance=deployment.instance(),
+        run_config=request.run_config,
+        tags={**request.tags, "dagster/run_key": request.run_key or ""},
+    )
+
+
+def part_puts(deployment: Deployment, mark: int, dataset: str) -> list[str]:
+    return [k for k in deployment.proxy.put_keys[mark:] if f"/{dataset}/" in k and "/part-" in k]
+
+
+def test_a_batch_fails_each_file_alone_retries_what_a_retry_cures_and_lets_a_stuck_file_leave(
+    deployment: Deployment, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    folder = deployment.watch / "batch-alone"
     good = [write_csv(folder / f"ok{i}.csv", promo_rows(5 + i, seed=i)) for i in range(3)]
-    flaky = write_csv(folder / "flaky.csv", promo_rows(7, seed=9))
+    flaky, stuck = (
+        write_csv(folder / "flaky.csv", promo_rows(7, seed=9)),
+        write_csv(folder / "stuck.csv", promo_rows(6)),
+    )
     broken = folder / "broken.zip"
     broken.write_text("hello, I am not a zip")
-    flaky_rows, flaky_sha = source_rows(flaky, "read_csv"), sha256_file(flaky)  # a file that fails is parked
-    (request,) = run_requests_under(sensor_tick(deployment, BATCH_FILES="true", MAX_CONCURRENCY="1"), "batch")
-    assert request.job_name == PROCESS_FILES_JOB and request.tags["s3proc/batch"] == "5"
+    (batch,) = run_requests_under(sensor_tick(deployment, BATCH_FILES="true", MAX_CONCURRENCY="1"), "batch-alone")
+    mine = [t for t in batch.tags if t.startswith("s3proc/file/batch-alone/")]  # and any other file still waiting
+    assert batch.job_name == PROCESS_FILES_JOB and len(mine) == 6
 
-    instance = deployment.instance()
-    flaky_key = f"{deployment.prefix}/batch/flaky.csv"
-    deployment.proxy.fail_puts_containing = f"/{part_key(flaky_key, flaky_sha, 0)}"
+    dataset = {src: f"{deployment.prefix}/batch-alone/{src.name}" for src in [*good, flaky, stuck]}
+    sha = {src: sha256_file(src) for src in dataset}
+    proxy, mark = deployment.proxy, len(deployment.proxy.put_keys)
+    # flaky: its part is refused for one upload (boto3's own attempts), then S3 answers again
+    proxy.fail_puts_first = {f"/{part_key(dataset[flaky], sha[flaky], 0)}": S3_ATTEMPTS}
+    proxy.fail_puts_containing = f"/{part_key(dataset[stuck], sha[stuck], 0)}"  # stuck: refused until disarmed
     try:
-        first = dg.execute_job(
-            dg.reconstructable(process_files_job_with_resources),
-            instance=instance,
-            run_config=request.run_config,
-            tags={**request.tags, "dagster/run_key": request.run_key or ""},
-        )
+        result = batch_run(deployment, batch)
+        assert result.success  # the batch completes for the rest
+
+        store = deployment.store()
+        for src in [*good, flaky]:
+            assert store.get_by_path(str(src)).status is S.COMPLETED
+            assert list_keys(deployment, dataset[src] + "/") == dataset_keys(dataset[src], sha[src], 1)
+            assert read_dataset(deployment, dataset[src], tmp_path) == source_rows(src, "read_csv")
+        assert [len(set(part_puts(deployment, mark, dataset[src]))) for src in good] == [1, 1, 1]
+        gone = store.get_by_path(str(broken))
+        assert gone.status is S.FAILED and "not a zip archive" in gone.error_details
+        assert (deployment.errors / "batch-alone" / "broken.zip").read_text() == "hello, I am not a zip"
+        (seen,) = [e for e in result.all_events if e.event_type_value == "ASSET_OBSERVATION"]
+        observation = seen.event_specific_data.asset_observation
+        assert observation.asset_key == asset_key_for(deployment.prefix, "batch-alone/broken.zip")
+        assert observation.metadata["status"].value == "FAILED"
+        left = store.get_by_path(str(stuck))
+        assert left.status is S.PENDING and f"left batch run {result.run_id[:8]}" in left.error_details
+
+        # the stuck file's run of its own: the sensor of a running deployment asks for it
+        ui = request.getfixturevalue("dagster_dev")
+        instance = deployment.instance()
+
+        def own_runs() -> list[dg.RunRecord]:
+            found = instance.get_run_records(
+                dg.RunsFilter(job_name="process_file_job", tags={"s3proc/source": str(stuck)})
+            )
+            return [r for r in found if r.dagster_run.is_finished]
+
+        wait_for(own_runs, "the stuck file's own run", timeout=240)
+        (own,) = own_runs()
+        assert own.dagster_run.status == dg.DagsterRunStatus.FAILURE  # S3 still refuses it
+        assert store.get_by_path(str(stuck)).status is S.FAILED
     finally:
-        deployment.proxy.fail_puts_containing = None
-    assert not first.success  # two of its files failed; the other three are done
+        proxy.fail_puts_containing, proxy.fail_puts_first = None, {}
+    again = finished(deployment, reexecute_from_failure(ui, own.dagster_run.run_id))  # as the UI's button
+    assert again.status == dg.DagsterRunStatus.SUCCESS
+    assert store.get_by_path(str(stuck)).status is S.COMPLETED
+    assert list_keys(deployment, dataset[stuck] + "/") == dataset_keys(dataset[stuck], sha[stuck], 1)
 
-    store = deployment.store()
-    for src in good:
-        record = store.get_by_path(str(src))
-        assert record.status is S.COMPLETED, record
-        dataset = f"{deployment.prefix}/batch/{src.name}"
-        assert read_dataset(deployment, dataset, tmp_path) == source_rows(src, "read_csv")
-    assert store.get_by_path(str(flaky)).status is S.FAILED
-    assert "streaming" in store.get_by_path(str(flaky)).error_details
-    assert store.get_by_path(str(broken)).status is S.FAILED
-    materialized = {e.asset_key for e in first.all_events if e.event_type == dg.DagsterEventType.ASSET_MATERIALIZATION}
-    key = {src: asset_key_for(deployment.prefix, f"batch/{src.name}") for src in [*good, flaky, broken]}
-    assert {key[src] for src in good} <= materialized  # each file its own asset, as in a run of its own
-    assert key[flaky] not in materialized and key[broken] not in materialized
-    failed_steps = {e.step_key for e in first.all_events if e.is_step_failure}
-    assert failed_steps and all("flaky" in key or "broken" in key for key in failed_steps)
 
-    again = dg.execute_job(
-        dg.reconstructable(process_files_job_with_resources),
-        instance=instance,
-        reexecution_options=dg.ReexecutionOptions.from_failure(first.run_id, instance),
-    )
-    started = {e.step_key for e in again.all_events if e.event_type == dg.DagsterEventType.STEP_START}
-    assert started and all("flaky" in key or "broken" in key for key in started)  # the others are not redone
-    assert store.get_by_path(str(flaky)).status is S.COMPLETED
-    assert read_dataset(deployment, flaky_key, tmp_path) == flaky_rows
-    client = deployment.s3.client()
-    listed = client.list_objects_v2(Bucket=deployment.s3.bucket, Prefix=flaky_key + "/")
-    assert sorted(o["Key"] for o in listed["Contents"]) == dataset_keys(flaky_key, flaky_sha, 1)
-    assert store.get_by_path(str(broken)).status is S.FAILED
+def event_rows(deployment: Deployment, run_id: str) -> int:
+    return len(deployment.instance().all_logs(run_id))
+
+
+def test_event_rows_per_batched_file_and_per_single_run_stay_within_the_documented_figures(
+    deployment: Deployment,
+) -> None:
+    files = [write_csv(deployment.watch / "batch-rows" / f"r{i}.csv", promo_rows(10, seed=i)) for i in range(30)]
+    (batch,) = run_requests_under(sensor_tick(deployment, BATCH_FILES="true", MAX_CONCURRENCY="1"), "batch-rows")
+    result = batch_run(deployment, batch)
+    assert result.success
+    assert event_rows(deployment, result.run_id) / len(files) <= BATCH_ROWS_PER_FILE  # docs/performance.md
+    write_csv(deployment.watch / "single-rows" / "one.csv", promo_rows(10))
+    (single,) = run_requests_under(sensor_tick(deployment), "single-rows")
+    alone = execute(single, deployment)
+    assert alone.success and event_rows(deployment, alone.run_id) <= SINGLE_RUN_ROWS
 
 
 RUNS_BY_TAG = """
