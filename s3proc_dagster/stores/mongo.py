@@ -44,7 +44,9 @@ from s3proc_dagster.models import (
     success_rate,
     utcnow,
 )
-from s3proc_dagster.stores.base import ANY_HOLDER, ChunkGroup, ProgressStore, totals_of_groups
+from s3proc_dagster.stores.base import ProgressStore
+from s3proc_dagster.stores.cas import ANY_HOLDER
+from s3proc_dagster.stores.chunks import ChunkGroup, totals_of_groups
 from s3proc_dagster.stores.lifecycle import stat_delta
 
 T = TypeVar("T")
