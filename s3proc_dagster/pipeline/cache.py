@@ -113,7 +113,7 @@ def _fetchers(ctx: StepContext, source: Source, staging: Path) -> list[tuple[str
     """Where a snapshot can come from again, in order: the object, or the file where it was
     found and where a failed run parked it (each opened without following links)."""
     if source.is_object:
-        bucket, key = source.s3_bucket or "", source.s3_key or ""
+        bucket, key = source.bucket or "", source.key or ""
         return [(source.uri, partial(snapshot_object, ctx.client, bucket, key, staging))]
     places = [Path(source.uri)]
     roots = source.roots

@@ -45,8 +45,8 @@ def _version_fields(new: FileStatus, existing: FileStatus) -> dict[str, Any]:
         "checksum": new.checksum,
         "file_size": new.file_size,
         "metadata": new.metadata or existing.metadata,
-        "s3_bucket": new.s3_bucket,
-        "s3_key": new.s3_key,
+        "source_bucket": new.source_bucket,
+        "source_key": new.source_key,
     }
 
 

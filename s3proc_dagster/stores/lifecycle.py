@@ -7,9 +7,10 @@ Files and chunks follow the specification's processing lifecycle:
                     v
                   FAILED -> PENDING (manual retry)
 
-Two edges the specification implies without drawing: COMPLETED -> PENDING when a changed
-file is reprocessed ("checksum required ... to re-process modified files"), and IN_PROGRESS ->
-PENDING when crash recovery finds no completion marker ("set status='pending'").
+Two edges the specification implies without drawing: COMPLETED -> PENDING when a
+changed file is reprocessed ("checksum required ... to re-process modified files"), and
+IN_PROGRESS -> PENDING when crash recovery finds no completion marker ("set
+status='pending'").
 Chunks follow the same machine, plus FAILED -> IN_PROGRESS for a chunk retried in place
 and COMPLETED -> COMPLETED, so re-uploading a finished chunk is idempotent.
 

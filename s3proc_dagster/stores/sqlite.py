@@ -82,6 +82,9 @@ _PROGRESS_COLUMNS = {
     "checksum": "checksum",
     "output_key": "s3_key",
 }
+# FileStatus fields the `file_status` table names otherwise: the FileStatus document's names.
+_STATUS_COLUMNS = {"source_bucket": "s3_bucket", "source_key": "s3_key"}
+_STATUS_FIELDS = {column: field for field, column in _STATUS_COLUMNS.items()}
 _JSON_FIELDS = {"metadata", "error_summary", "errors", "input_image_urls", "output_image_urls", "rejected"}
 
 
@@ -161,7 +164,7 @@ class SQLiteProgressStore(ProgressStore):
 
     @staticmethod
     def _to_file(row: sqlite3.Row) -> FileStatus:
-        data = _decode(row)
+        data = {_STATUS_FIELDS.get(k, k): v for k, v in _decode(row).items()}
         data["processing_stats"] = {k: data.pop(k) for k in _COUNTER_COLUMNS}
         data.pop("progress_id", None)
         return FileStatus.model_validate(data)
@@ -185,7 +188,8 @@ class SQLiteProgressStore(ProgressStore):
                         now,
                     ),
                 )
-                doc = status.model_dump(exclude={"processing_stats", *_PROGRESS_COLUMNS})
+                fields = status.model_dump(exclude={"processing_stats", *_PROGRESS_COLUMNS})
+                doc = {_STATUS_COLUMNS.get(k, k): v for k, v in fields.items()}
                 doc["progress_id"] = cur.lastrowid
                 cols = list(doc)
                 conn.execute(
@@ -215,7 +219,7 @@ class SQLiteProgressStore(ProgressStore):
         progress = {_PROGRESS_COLUMNS[k]: v for k, v in fields.items() if k in _PROGRESS_COLUMNS}
         if "error_details" in fields:
             progress["error_message"] = fields["error_details"]
-        status_cols = {k: v for k, v in fields.items() if k not in _PROGRESS_COLUMNS}
+        status_cols = {_STATUS_COLUMNS.get(k, k): v for k, v in fields.items() if k not in _PROGRESS_COLUMNS}
         status_cols["last_updated_at"] = utcnow()
         progress["updated_at"] = int(time.time())
         conn.execute(
