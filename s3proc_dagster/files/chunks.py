@@ -189,7 +189,8 @@ def write_chunks(
     Each chunk stays on one writer ("lane"), so its records keep their order; neighbouring
     chunks are encoded in parallel, and at most a few batches are in flight. `sink` gets
     each chunk that closed while the pass goes on (every chunk but the last, which is
-    only known to be whole when the source ends).
+    only known to be whole when the source ends). `schema` is the stream's, `__rules`
+    included when `with_rules`: the pieces are written as they come.
     """
     chunks: list[ChunkFile] = []
     current: _ChunkWriter | None = None

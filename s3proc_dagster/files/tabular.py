@@ -298,6 +298,20 @@ def _check_arguments(
         raise ConversionError(f"{source.name}: no tabular reader for kind {kind!r}")
 
 
+def _readable(conn: duckdb.DuckDBPyConnection, source: Path, kind: str, scratch: Path) -> tuple[Path, str] | None:
+    """What DuckDB reads for a file, and as which kind: the source, or an XML's CSV rewrite
+    (None: the XML has no records). A truncated JSON array is refused here, before DuckDB
+    would read it as whole."""
+    if kind == "json":
+        _check_json_array_closed(source)
+    if kind == "xml":
+        path = xml_as_csv(conn, source, scratch)
+        return None if path is None else (path, "csv")
+    return source, kind
+
+
+# Over 60 lines with its twelve parameters and their docstring; the body is the
+# conversion's outline, each step a function above.
 def convert_to_parquet_chunks(
     source: Path,
     kind: str,
@@ -333,13 +347,10 @@ def convert_to_parquet_chunks(
     scratch.mkdir(exist_ok=True)
     conn = _connect(memory_limit, threads, scratch)
     try:
-        path, read_as = source, kind
-        if kind == "json":
-            _check_json_array_closed(source)
-        if kind == "xml":
-            path, read_as = xml_as_csv(conn, source, scratch), "csv"
-            if path is None:
-                return ConversionResult(0, [], [], time.perf_counter() - started)
+        readable = _readable(conn, source, kind, scratch)
+        if readable is None:
+            return ConversionResult(0, [], [], time.perf_counter() - started)
+        path, read_as = readable
         read = _Read(
             source=source,
             path=path,
