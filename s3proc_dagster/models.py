@@ -37,7 +37,7 @@ class ProcessingStatus(str, enum.Enum):
 
     @property
     def storage_name(self) -> str:
-        """Seed 000's spelling (`IN_PROGRESS`), used by the MongoDB documents."""
+        """The FileStatus document's spelling (`IN_PROGRESS`), used by the MongoDB documents."""
         return self.name
 
     @classmethod
@@ -64,7 +64,7 @@ class UploadStatus(str, enum.Enum):
 
 
 class RequestStatus(str, enum.Enum):
-    """Seed 002's request lifecycle: pending -> processing -> completed | failed."""
+    """The image processing design's request lifecycle: pending -> processing -> completed | failed."""
 
     PENDING = "pending"
     PROCESSING = "processing"
@@ -91,7 +91,7 @@ class Document(BaseModel):
 
 
 def success_rate(successful: int, failed: int) -> float:
-    """Seed 000's successRate: percent of processed records that passed (100 when none yet)."""
+    """The FileStatus document's successRate: percent of processed records that passed (100 when none yet)."""
     total = successful + failed
     return round(successful / total * 100, 2) if total else 100.0
 
@@ -107,7 +107,7 @@ class ChunkProcessingStats(Document):
 
 
 class FileProcessingStats(Document):
-    """Seed 000's file-level stats; the counters always equal the chunk records."""
+    """The FileStatus document's processingStats; the counters always equal the chunk records."""
 
     completed_chunks: int = 0
     failed_chunks: int = 0
@@ -127,11 +127,12 @@ def empty_error_summary() -> dict[str, dict[str, int]]:
 
 
 class FileStatus(Document):
-    """One file version's lifecycle: seed 001's ProgressRecord joined with seed 000's FileStatus.
+    """One file version's lifecycle: the data model's ProgressRecord joined with the FileStatus document.
 
-    `s3_bucket`/`s3_key` are seed 000's source object (set when the file arrived in S3);
-    `output_key` is seed 001's `s3_key`, where the result was written, required for
-    COMPLETED.
+    `source_bucket`/`source_key` are the object the file came from (set when it arrived
+    in S3 incoming; the document's `s3Bucket`/`s3Key`); `output_key` is where the result
+    was written (the ProgressRecord's `s3_key`), required for COMPLETED. Every other
+    `s3_key` in the code is an output object: a chunk's, a rejected part's, an upload's.
     """
 
     file_id: str
@@ -143,8 +144,9 @@ class FileStatus(Document):
     file_size: int | None = None
     processed_bytes: int | None = None
     checksum: str | None = None
-    s3_bucket: str | None = None
-    s3_key: str | None = None
+    # Stored under the FileStatus document's own names, which call the source object s3Bucket/s3Key.
+    source_bucket: str | None = Field(default=None, alias="s3Bucket")
+    source_key: str | None = Field(default=None, alias="s3Key")
     output_key: str | None = None
     estimated_record_count: int | None = None
     chunk_size: int | None = None
@@ -173,7 +175,7 @@ class RejectedPart(Document):
 
 
 class ChunkStatus(Document):
-    """Seed 000's ChunkStatus: records [start_offset, end_offset] of one file, one Parquet object."""
+    """The specification's ChunkStatus document: records [start_offset, end_offset] of one file, one Parquet object."""
 
     chunk_id: str
     file_id: str
@@ -224,7 +226,7 @@ class S3UploadTask(Document):
 
 
 class Request(Document):
-    """Seed 002's Requests document, plus what a user needs to act on it."""
+    """The image processing design's Requests document, plus what a user needs to act on it."""
 
     request_id: str
     status: RequestStatus = RequestStatus.PENDING
@@ -236,7 +238,7 @@ class Request(Document):
 
 
 class RequestData(Document):
-    """Seed 002's RequestData document: one CSV row and its images, in input order."""
+    """The image processing design's RequestData document: one CSV row and its images, in input order."""
 
     request_id: str
     serial_number: int

@@ -121,8 +121,8 @@ def requeue_abandoned(store: ProgressStore, file_id: str, source: str, run_id: s
                 file_id=file_id,
                 file_path=source,
                 file_name=source.rstrip("/").rsplit("/", 1)[-1],
-                s3_bucket=bucket or None,
-                s3_key=key or None,
+                source_bucket=bucket or None,
+                source_key=key or None,
             )
         )
     elif record.status is ProcessingStatus.IN_PROGRESS or record.last_updated_at.timestamp() > run_started:

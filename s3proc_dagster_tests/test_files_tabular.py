@@ -11,7 +11,7 @@ import pytest
 
 from s3proc_dagster.errors import ConversionError
 from s3proc_dagster.files.tabular import ConversionResult, convert_to_parquet_chunks
-from s3proc_dagster.stores.base import plan_offsets
+from s3proc_dagster.stores.chunks import plan_offsets
 
 PAST_SAMPLE = 25_000  # more rows than DuckDB's 20,480-row type and dialect sample
 

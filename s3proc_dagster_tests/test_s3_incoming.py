@@ -122,7 +122,7 @@ def test_object_with_metadata_ends_completed_with_source_and_priority(deployment
 
     record = deployment.store().get_by_path(f"s3://{deployment.s3.bucket}/{key}")
     assert record.status is S.COMPLETED
-    assert (record.s3_bucket, record.s3_key) == (deployment.s3.bucket, key)
+    assert (record.source_bucket, record.source_key) == (deployment.s3.bucket, key)
     assert record.metadata == {"source": "campaign-manager", "campaignId": "spring-promo-2024", "priority": "high"}
     assert record.file_id == make_file_id(f"{folder}/march2024/promo_batch_123.csv")  # same rule as from disk
     local = tmp_path / "src.csv"

@@ -148,7 +148,7 @@ def request_for(raw: str, cfg: Configuration) -> dg.RunRequest:
         from s3proc_dagster.transfer.verify import head
 
         try:
-            found = head(client_for(cfg.s3), source.s3_bucket or "", source.s3_key or "") or {}
+            found = head(client_for(cfg.s3), source.bucket or "", source.key or "") or {}
         except S3ProcError:
             found = {}
         metadata = metadata_from_object(found.get("Metadata", {}))

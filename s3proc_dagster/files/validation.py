@@ -2,7 +2,7 @@
 
 A rule set selects files by path glob and names rules; each rule is one DuckDB boolean
 over a record's columns, TRUE for a bad record, evaluated inside the conversion's single
-pass (see `tabular.py`). Rule SQL is rendered with Jinja (`{{ as_of }}`), the way dbt
+pass (see `rules.py`). Rule SQL is rendered with Jinja (`{{ as_of }}`), the way dbt
 users write their models. A rule set that does not parse fails the file with a message
 naming the rule file; so does a rule that does not bind for any reason but a missing
 declared column.
@@ -25,7 +25,7 @@ import yaml
 
 from s3proc_dagster.errors import ConversionError
 from s3proc_dagster.files.globs import path_matches
-from s3proc_dagster.files.tabular import (
+from s3proc_dagster.files.rules import (
     DEFAULT_MISSING_COLUMNS,
     MISSING_COLUMNS_POLICIES,
     MISSING_COLUMNS_RULE,

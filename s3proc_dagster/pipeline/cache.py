@@ -19,9 +19,9 @@ from s3proc_dagster.errors import ChecksumMismatch, SourceChanged, UnsafeSourceE
 from s3proc_dagster.files import staging as staging_area
 from s3proc_dagster.files.archives import extract
 from s3proc_dagster.files.checksum import Snapshot, snapshot, snapshot_stream
+from s3proc_dagster.files.chunks import ChunkFile
 from s3proc_dagster.files.detect import detect
 from s3proc_dagster.files.staging import private_work_dir
-from s3proc_dagster.files.tabular import ChunkFile
 from s3proc_dagster.logs import about, get_logger
 from s3proc_dagster.models import make_file_id
 from s3proc_dagster.pipeline.context import StepContext
@@ -113,7 +113,7 @@ def _fetchers(ctx: StepContext, source: Source, staging: Path) -> list[tuple[str
     """Where a snapshot can come from again, in order: the object, or the file where it was
     found and where a failed run parked it (each opened without following links)."""
     if source.is_object:
-        bucket, key = source.s3_bucket or "", source.s3_key or ""
+        bucket, key = source.bucket or "", source.key or ""
         return [(source.uri, partial(snapshot_object, ctx.client, bucket, key, staging))]
     places = [Path(source.uri)]
     roots = source.roots

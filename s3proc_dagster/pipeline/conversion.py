@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from s3proc_dagster.errors import ConversionError
+from s3proc_dagster.files.chunks import ChunkSink
 from s3proc_dagster.files.detect import is_tabular
-from s3proc_dagster.files.tabular import ChunkSink, ConversionResult, convert_to_parquet_chunks
+from s3proc_dagster.files.tabular import ConversionResult, convert_to_parquet_chunks
 from s3proc_dagster.files.validation import as_of_date, rule_set_for
 from s3proc_dagster.logs import about, get_logger, progress_logger
 from s3proc_dagster.pipeline.cache import parquet_dir, staged_items

@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
+from s3proc_dagster.files.chunks import ChunkFile
 from s3proc_dagster.files.detect import is_tabular
-from s3proc_dagster.files.tabular import DUCKDB_NULL_STRINGS, ChunkFile
+from s3proc_dagster.files.tabular import DUCKDB_NULL_STRINGS
 from s3proc_dagster.models import FileType, chunk_id
 from s3proc_dagster.settings import ProcessingConfig
 from s3proc_dagster.sources.resolve import Source

@@ -33,7 +33,7 @@ def take_snapshot(ctx: StepContext, source: Source, max_bytes: int | None = None
     """Copy the file (or stream the object) into staging and hash it in one read, then
     claim this version. A local file is read without following links out of its root."""
     if source.is_object:
-        snap = snapshot_object(ctx.client, source.s3_bucket or "", source.s3_key or "", ctx.staging, max_bytes)
+        snap = snapshot_object(ctx.client, source.bucket or "", source.key or "", ctx.staging, max_bytes)
     else:
         snap = snapshot(Path(source.uri), ctx.staging, source.roots, max_bytes)
     return record_version(ctx, source, snap)
@@ -54,8 +54,8 @@ def record_version(ctx: StepContext, source: Source, snap: Snapshot) -> FileVers
             file_name=source.name,
             checksum=snap.sha256,
             file_size=snap.size,
-            s3_bucket=source.s3_bucket,
-            s3_key=source.s3_key,
+            source_bucket=source.bucket,
+            source_key=source.key,
             metadata=source.metadata,
         ),
         ctx.claimant.run_id,

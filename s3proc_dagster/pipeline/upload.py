@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
-from s3proc_dagster.files.tabular import ChunkFile
+from s3proc_dagster.files.chunks import ChunkFile
 from s3proc_dagster.logs import get_logger
 from s3proc_dagster.models import ChunkStatus, ProcessingStatus, RejectedPart
 from s3proc_dagster.pipeline.cache import chunks_on_disk, staged_items

@@ -113,8 +113,8 @@ def requeued_objects(store_files: list[FileStatus], bucket: str, prefix: str) ->
         _again(
             run_request_for(
                 status.file_path,
-                relative_key(status.s3_key, prefix),
-                f"s3:{status.s3_key}:{_retry_stamp(status)}",
+                relative_key(status.source_key, prefix),
+                f"s3:{status.source_key}:{_retry_stamp(status)}",
                 status.file_id,
                 metadata=status.metadata,
             ),
@@ -122,9 +122,9 @@ def requeued_objects(store_files: list[FileStatus], bucket: str, prefix: str) ->
         )
         for status in store_files
         if status.processing_started_at is not None
-        and status.s3_bucket == bucket
-        and status.s3_key
-        and status.s3_key.startswith(root)
+        and status.source_bucket == bucket
+        and status.source_key
+        and status.source_key.startswith(root)
     ]
 
 

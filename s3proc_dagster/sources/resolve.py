@@ -36,8 +36,8 @@ class Source:
 
     uri: str  # absolute local path, or s3://bucket/key
     relative_path: str  # below the watched directory or the S3 incoming prefix
-    s3_bucket: str | None = None
-    s3_key: str | None = None
+    bucket: str | None = None  # the object's, for an S3 object
+    key: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     root: str | None = None
 
@@ -51,7 +51,7 @@ class Source:
 
     @property
     def is_object(self) -> bool:
-        return self.s3_key is not None
+        return self.key is not None
 
     @property
     def roots(self) -> tuple[Path, ...]:
@@ -76,7 +76,7 @@ def locate(target: str, watch_path: Path, incoming_prefix: str = "", relative_pa
     if is_s3_uri(target):
         bucket, key = split_uri(target)
         rel = check_canonical(relative_path or relative_key(key, incoming_prefix))
-        return Source(uri=target, relative_path=rel, s3_bucket=bucket, s3_key=key)
+        return Source(uri=target, relative_path=rel, bucket=bucket, key=key)
     path = Path(os.path.normpath(os.path.abspath(target)))
     below = lexically_below(path, watch_path)
     if below is None:
@@ -105,10 +105,10 @@ def resolve_source(
     source = locate(target, watch_path, incoming_prefix, relative_path)
     check_source_path(source.relative_path, reserved)
     if source.is_object:
-        head = client.head_object(Bucket=source.s3_bucket, Key=source.s3_key) if client is not None else {}
+        head = client.head_object(Bucket=source.bucket, Key=source.key) if client is not None else {}
         metadata = metadata_from_object(head.get("Metadata", {}))
     else:
         if not os.path.lexists(source.uri):
             raise RecordNotFound(f"{target}: no such file")
         metadata = read_sidecar(Path(source.uri), source.roots) if is_regular(source.uri) else {}
-    return Source(source.uri, source.relative_path, source.s3_bucket, source.s3_key, metadata, source.root)
+    return Source(source.uri, source.relative_path, source.bucket, source.key, metadata, source.root)

@@ -1,21 +1,28 @@
-"""The seed's state machine, in the one place both stores consult.
+"""Every state machine of the store contract, as data, in the one place both stores consult.
+
+Files and chunks follow the specification's processing lifecycle:
 
     PENDING -> IN_PROGRESS -> COMPLETED
                     |
                     v
                   FAILED -> PENDING (manual retry)
 
-Two edges the seed implies without drawing: COMPLETED -> PENDING when a changed file is
-reprocessed ("checksum required ... to re-process modified files"), and IN_PROGRESS ->
-PENDING when crash recovery finds no completion marker ("set status='pending'").
+Two edges the specification implies without drawing: COMPLETED -> PENDING when a
+changed file is reprocessed ("checksum required ... to re-process modified files"), and
+IN_PROGRESS -> PENDING when crash recovery finds no completion marker ("set
+status='pending'").
 Chunks follow the same machine, plus FAILED -> IN_PROGRESS for a chunk retried in place
 and COMPLETED -> COMPLETED, so re-uploading a finished chunk is idempotent.
+
+An image request follows the image processing design's lifecycle, pending -> processing
+-> completed | failed, plus PENDING -> FAILED (a request whose CSV is refused before any
+image is fetched) and FAILED -> PENDING; setting the status a request has is no move.
 """
 
 from __future__ import annotations
 
 from s3proc_dagster.errors import IllegalTransition
-from s3proc_dagster.models import ProcessingStatus
+from s3proc_dagster.models import ProcessingStatus, RequestStatus
 
 FILE_TRANSITIONS: dict[ProcessingStatus, frozenset[ProcessingStatus]] = {
     ProcessingStatus.PENDING: frozenset({ProcessingStatus.IN_PROGRESS}),
@@ -33,6 +40,13 @@ CHUNK_TRANSITIONS: dict[ProcessingStatus, frozenset[ProcessingStatus]] = {
     ),
     ProcessingStatus.COMPLETED: frozenset({ProcessingStatus.COMPLETED, ProcessingStatus.IN_PROGRESS}),
     ProcessingStatus.FAILED: frozenset({ProcessingStatus.IN_PROGRESS}),
+}
+
+REQUEST_TRANSITIONS: dict[RequestStatus, frozenset[RequestStatus]] = {
+    RequestStatus.PENDING: frozenset({RequestStatus.PROCESSING, RequestStatus.FAILED}),
+    RequestStatus.PROCESSING: frozenset({RequestStatus.COMPLETED, RequestStatus.FAILED}),
+    RequestStatus.COMPLETED: frozenset(),
+    RequestStatus.FAILED: frozenset({RequestStatus.PENDING}),
 }
 
 STAT_FIELD: dict[ProcessingStatus, str] = {
@@ -54,6 +68,11 @@ def check_file_transition(what: str, current: ProcessingStatus, new: ProcessingS
 def check_chunk_transition(what: str, current: ProcessingStatus, new: ProcessingStatus) -> None:
     if new not in CHUNK_TRANSITIONS[current]:
         raise IllegalTransition(f"{what}: chunk cannot go from {current.name} to {new.name}")
+
+
+def check_request_transition(what: str, current: RequestStatus, new: RequestStatus) -> None:
+    if new is not current and new not in REQUEST_TRANSITIONS[current]:
+        raise IllegalTransition(f"{what}: cannot go from {current.value} to {new.value}")
 
 
 def stat_delta(old: ProcessingStatus | None, new: ProcessingStatus) -> dict[str, int]:

@@ -1,9 +1,10 @@
 """MongoDB backend: collections `FileStatus`, `ChunkStatus`, `Requests`, `RequestData`.
 
-Documents use the seeds' field names and spellings (seed 000's upper-case statuses,
-seed 002's lower-case ones). Nested counters are created at insert (`processingStats`
-skeleton), the form that works on every server, since some wire-compatible servers
-mishandle a dotted `$inc` that has to create its parents.
+Documents use the specification's field names and spellings (the FileStatus and
+ChunkStatus documents' upper-case statuses, the image requests' lower-case ones).
+Nested counters are created at insert (`processingStats` skeleton), the form that works
+on every server, since some wire-compatible servers mishandle a dotted `$inc` that has
+to create its parents.
 
 A chunk's move touches two documents: the chunk, and its file's counters. How they stay
 exact depends on what the server can do, asked once per client (`supports_transactions`):
@@ -44,7 +45,9 @@ from s3proc_dagster.models import (
     success_rate,
     utcnow,
 )
-from s3proc_dagster.stores.base import ANY_HOLDER, ChunkGroup, ProgressStore, totals_of_groups
+from s3proc_dagster.stores.base import ProgressStore
+from s3proc_dagster.stores.cas import ANY_HOLDER
+from s3proc_dagster.stores.chunks import ChunkGroup, totals_of_groups
 from s3proc_dagster.stores.lifecycle import stat_delta
 
 T = TypeVar("T")
@@ -59,10 +62,17 @@ def _value(value: Any) -> Any:
     return value
 
 
-def _set(fields: dict[str, Any]) -> dict[str, Any]:
-    """snake_case FileStatus/ChunkStatus fields to a `$set` document. User dicts
-    (`metadata`, `errorSummary` rule names) keep their keys as given."""
-    out = {to_camel(k): _doc(v) if isinstance(v, BaseModel) else _value(v) for k, v in fields.items()}
+def _stored_name(model: type[BaseModel], field: str) -> str:
+    """A field's name in `model`'s documents: camelCase, or the name the document gives it
+    (FileStatus's `source_key` is `s3Key`)."""
+    info = model.model_fields.get(field)
+    return info.serialization_alias if info is not None and info.serialization_alias else to_camel(field)
+
+
+def _set(model: type[BaseModel], fields: dict[str, Any]) -> dict[str, Any]:
+    """snake_case fields of `model` to a `$set` document. User dicts (`metadata`,
+    `errorSummary` rule names) keep their keys as given."""
+    out = {_stored_name(model, k): _doc(v) if isinstance(v, BaseModel) else _value(v) for k, v in fields.items()}
     if isinstance(out.get("processingStats"), dict):
         out["processingStats"] = {to_camel(k): v for k, v in out["processingStats"].items()}
     return out
@@ -178,7 +188,7 @@ class MongoProgressStore(ProgressStore):
         query: dict[str, Any] = {"fileId": file_id, "status": expected.storage_name}
         if expected_run_id is not ANY_HOLDER:
             query["runId"] = expected_run_id  # None also matches a record written before runId existed
-        result = self.files.update_one(query, {"$set": {**_set(fields), "lastUpdatedAt": utcnow()}})
+        result = self.files.update_one(query, {"$set": {**_set(FileStatus, fields), "lastUpdatedAt": utcnow()}})
         return result.matched_count == 1
 
     # ---- chunks --------------------------------------------------------------------------
@@ -189,7 +199,9 @@ class MongoProgressStore(ProgressStore):
             if chunks:
                 self.chunks.insert_many([_doc(c) for c in chunks], session=session)
             self.files.update_one(
-                {"fileId": file_id}, {"$set": {**_set(file_fields), "lastUpdatedAt": utcnow()}}, session=session
+                {"fileId": file_id},
+                {"$set": {**_set(FileStatus, file_fields), "lastUpdatedAt": utcnow()}},
+                session=session,
             )
             self._recount_once(file_id, session, guarded=False)
 
@@ -201,7 +213,9 @@ class MongoProgressStore(ProgressStore):
             self.chunks.delete_many({"fileId": file_id})
             if chunks:
                 self.chunks.insert_many([_doc(c) for c in chunks])
-            self.files.update_one({"fileId": file_id}, {"$set": {**_set(file_fields), "lastUpdatedAt": utcnow()}})
+            self.files.update_one(
+                {"fileId": file_id}, {"$set": {**_set(FileStatus, file_fields), "lastUpdatedAt": utcnow()}}
+            )
             self._recount(file_id)
 
     def _add_chunk(self, chunk: ChunkStatus) -> bool:
@@ -234,7 +248,7 @@ class MongoProgressStore(ProgressStore):
         fields: dict[str, Any],
         file_delta: dict[str, int],
     ) -> bool:
-        updates = _set(fields)
+        updates = _set(ChunkStatus, fields)
         if "processingStats" in updates:
             stats = updates["processingStats"]
             stats["successRate"] = success_rate(stats["successfulRecords"], stats["failedRecords"])
@@ -362,11 +376,15 @@ class MongoProgressStore(ProgressStore):
         return [_load(RequestData, d) for d in cursor]
 
     def _cas_request(self, request_id: str, expected: RequestStatus, fields: dict[str, Any]) -> bool:
-        result = self.requests.update_one({"requestId": request_id, "status": expected.value}, {"$set": _set(fields)})
+        result = self.requests.update_one(
+            {"requestId": request_id, "status": expected.value}, {"$set": _set(Request, fields)}
+        )
         return result.matched_count == 1
 
     def _update_row(self, request_id: str, serial_number: int, fields: dict[str, Any]) -> bool:
-        result = self.rows.update_one({"requestId": request_id, "serialNumber": serial_number}, {"$set": _set(fields)})
+        result = self.rows.update_one(
+            {"requestId": request_id, "serialNumber": serial_number}, {"$set": _set(RequestData, fields)}
+        )
         return result.matched_count == 1
 
     # ---- multipart uploads (S3UploadTask) -------------------------------------------------

@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from s3proc_dagster.files.tabular import ChunkFile
+from s3proc_dagster.files.chunks import ChunkFile
 from s3proc_dagster.logs import get_logger
 
 log = get_logger("transfer")
