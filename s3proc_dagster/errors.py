@@ -98,6 +98,11 @@ class ObjectUnreadable(S3ProcError):
     transient = True
 
 
+class NotReadable(S3ProcError):
+    """A recorded file has no output `s3proc read` can give back: not COMPLETED yet, an
+    archive (its entries are the files), or a dataset without its committed manifest."""
+
+
 class ImageRequestError(S3ProcError):
     """A product CSV or one of its images cannot be processed."""
 

@@ -241,7 +241,7 @@ def test_s3proc_alone_prints_the_full_help_and_exits_2(tmp_path: Path) -> None:
     result = s3proc(env={}, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.startswith("usage: s3proc")
-    for command in ("status", "process", "backfill", "retry", "images", "dev"):
+    for command in ("status", "read", "process", "backfill", "retry", "images", "dev"):
         assert f"\n    {command} " in result.stderr, command
     assert "the following arguments are required" not in result.stderr
 
@@ -259,7 +259,7 @@ def test_every_help_text_stands_alone_and_describes_every_option() -> None:
     from s3proc_dagster.cli.commands import build_parser
 
     parsers = every_parser(build_parser())
-    assert len(parsers) == 9  # s3proc, status, process, backfill, retry, images, submit, status, dev
+    assert len(parsers) == 10  # s3proc, status, read, process, backfill, retry, images, submit, status, dev
     for parser in parsers:
         text = parser.format_help()
         assert "README" not in text and "seed" not in text.lower(), parser.prog

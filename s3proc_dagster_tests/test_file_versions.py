@@ -159,7 +159,7 @@ def test_a_pass_run_again_for_a_late_wide_value_replaces_the_chunks_that_landed(
 
 
 def test_the_manifest_is_how_a_reader_finds_the_current_version(deployment: Deployment, tmp_path) -> None:
-    """The README's DuckDB recipe, run: the manifest lists the current version's parts."""
+    """docs/reading-data.md's DuckDB recipe, run: the manifest lists the current version's parts."""
     import duckdb
 
     src = write_csv(deployment.watch / "reader" / "promo.csv", promo_rows(60_000, seed=61))

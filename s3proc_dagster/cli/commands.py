@@ -1,4 +1,4 @@
-"""The `s3proc` command: status, process, retry, backfill, images, and `dev`.
+"""The `s3proc` command: status, read, process, retry, backfill, images, and `dev`.
 
 Every help text has to stand alone: the user reading `s3proc retry --help` has neither
 the README nor the specification in front of them. File arguments mean what
@@ -314,6 +314,7 @@ examples:
   s3proc status                                 every file: status, chunks done/total, output, error
   s3proc status nyc/flights.csv --chunks        one file (path as in run tags) and its chunks
   s3proc status --json                          the same as JSON, for scripts
+  s3proc read nyc/flights.csv --limit 10        a file's records back from S3, as CSV
   s3proc process data/incoming/promo.csv        process a file now and wait
   s3proc backfill --status failed --dry-run     list the files a backfill would queue
   s3proc retry data/errors/promo.csv            reprocess a FAILED file
@@ -334,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="s3proc",
         description=(
             "Files from a watched directory (WATCH_PATH) or an S3 prefix to Parquet in S3, tracked in a\n"
-            "progress store: see what was processed, process or retry files, start a local deployment."
+            "progress store: see what was processed, read it back, process or retry files, start a local\n"
+            "deployment."
         ),
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -368,6 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     status.set_defaults(func=_status)
+
+    from s3proc_dagster.cli.read import register as register_read
+
+    register_read(sub)
 
     process = sub.add_parser(
         "process",

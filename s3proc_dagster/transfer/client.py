@@ -1,4 +1,5 @@
-"""One way to make the boto3 S3 client, for the Dagster resource and the command line alike."""
+"""One way to make the boto3 S3 client, for the Dagster resource and the command line alike,
+and pyarrow's S3 filesystem from the same settings for reading Parquet back."""
 
 from __future__ import annotations
 
@@ -84,4 +85,28 @@ def client_for(config: S3Config) -> Any:
         config.access_key_id.get_secret_value(),
         config.secret_access_key.get_secret_value(),
         config.force_path_style,
+    )
+
+
+def filesystem_for(config: S3Config) -> Any:
+    """pyarrow's S3 filesystem on the same endpoint, credentials and addressing as `client_for`.
+
+    Reading Parquet through it fetches byte ranges (the footer, then one row group at a
+    time), so a part is never held whole in memory the way a boto3 GET would hold it.
+    The timeouts are the boto3 client's, so an unreachable S3 fails instead of hanging.
+    """
+    from urllib.parse import urlparse
+
+    from pyarrow import fs
+
+    endpoint = urlparse(config.endpoint) if config.endpoint else None
+    return fs.S3FileSystem(
+        access_key=config.access_key_id.get_secret_value(),
+        secret_key=config.secret_access_key.get_secret_value(),
+        region=config.region,
+        endpoint_override=endpoint.netloc if endpoint else None,
+        scheme=endpoint.scheme if endpoint else "https",
+        force_virtual_addressing=not config.force_path_style,
+        connect_timeout=10,
+        request_timeout=60,
     )
