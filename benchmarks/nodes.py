@@ -1,4 +1,4 @@
-"""Benchmark (issue 15, part 5): files/s with 1, 2 and 4 run workers ("nodes") at once, over
+"""Benchmark: files/s with 1, 2 and 4 run workers ("nodes") at once, over
 the shared stores a multi-node deployment uses.
 
     .venv/bin/python benchmarks/nodes.py                       # 24 files of 2000 rows, 1,2,4 nodes

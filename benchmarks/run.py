@@ -50,7 +50,7 @@ def parse_size(text: str) -> tuple[int | None, int | None]:
 
 
 def generate(path: Path, rows: int | None, target_bytes: int | None) -> int:
-    """Promotions shaped like seed 000's file: random ids, codes, dates and amounts.
+    """Promotions shaped like the specification's example file: random ids, codes, dates and amounts.
 
     Some records are invalid on purpose (blank userId, lower-case code, past expiry), so
     that the validation figures are not measured on clean data only.

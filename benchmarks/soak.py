@@ -1,4 +1,4 @@
-"""Fault-injection soak (issue 11): kill -9 at random points, S3 faults, and checks after each.
+"""Fault-injection soak: kill -9 at random points, S3 faults, and checks after each.
 
     .venv/bin/python benchmarks/soak.py                          # 10 trials, 600,000 rows, a 2 GiB file
     .venv/bin/python benchmarks/soak.py --trials 3 --rows 200000 --big-mib 256

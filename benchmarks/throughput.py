@@ -1,4 +1,4 @@
-"""Benchmark (issue 14): many small files through `dagster dev` as users run it, against the
+"""Benchmark: many small files through `dagster dev` as users run it, against the
 same files through the domain functions (`pipeline.py`) in one process, in one invocation.
 
     .venv/bin/python benchmarks/throughput.py                              # 300 files, warm launcher
@@ -127,7 +127,7 @@ def load() -> str:
 
 
 def promo_csv(rng: random.Random) -> bytes:
-    """Seed 000's promotions shape; `promo_*.csv` is validated by the promotions rule set,
+    """The promotions files' shape; `promo_*.csv` is validated by the promotions rule set,
     as users' promo files are. About 1 record in 50 breaks a rule."""
     lines = ["userId,promoCode,offerExpiry,amount,seq"]
     for i in range(rng.randint(40, 120)):

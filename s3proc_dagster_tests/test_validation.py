@@ -21,7 +21,7 @@ from s3proc_dagster_tests.pipeline_helpers import execute, run_requests_under, s
 
 RULES = ("invalidUserId", "invalidPromoCode", "expiredOffer")
 AS_OF = date(2026, 1, 1)
-# Named like a promotions file, but without offerExpiry (issue 12 item 6); rows 1 and 4
+# Named like a promotions file, but without offerExpiry (a file a user met); rows 1 and 4
 # break invalidUserId, rows 2 and 4 invalidPromoCode.
 NO_EXPIRY = "userId,promoCode,amount\nu0,CODE0001,1\n ,CODE0002,2\nu2,bad-2,3\nu3,CODE0004,4\n,bad-4,5\nu5,CODE0006,6\n"
 NO_EXPIRY_USERS = ["u0", " ", "u2", "u3", None, "u5"]
@@ -123,7 +123,7 @@ def test_file_no_rule_set_selects_has_no_rejected_output(deployment: Deployment)
 
 
 def test_promo_named_file_without_offer_expiry_completes_in_the_pipeline(deployment: Deployment) -> None:
-    """Issue 12 item 6: this file failed with `promotions.yml needs column(s) offerExpiry`."""
+    """A file a user met: it failed with `promotions.yml needs column(s) offerExpiry`."""
     path = deployment.watch / "no_expiry" / "promo_batch_123.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(NO_EXPIRY)

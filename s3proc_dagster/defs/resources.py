@@ -82,18 +82,6 @@ class S3Storage(S3Resource):
     def prefix(self) -> str:
         return self.settings.config.s3.prefix
 
-    @property
-    def incoming_bucket(self) -> str:
-        return self.settings.config.s3.incoming_bucket_name
-
-    @property
-    def incoming_prefix(self) -> str:
-        return self.settings.config.s3.incoming_prefix
-
-    @property
-    def public_base_url(self) -> str:
-        return self.settings.config.s3.public_base_url
-
     def key(self, *parts: str) -> str:
         """A key under the configured prefix."""
         return join_key(self.prefix, *parts)

@@ -1,1 +1,1 @@
-"""Seed 002's image requests: parse the product CSV, fetch, compress, upload."""
+"""Image requests (the specification's Requests and RequestData): parse the product CSV, fetch, compress, upload."""

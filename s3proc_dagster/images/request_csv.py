@@ -1,4 +1,4 @@
-"""Seed 002's product CSV: `S. No.,Product Name,Input Image Urls`, validated before any work.
+"""The product CSV of an image request: `S. No.,Product Name,Input Image Urls`, validated before any work.
 
 Validation collects every problem, by row, before a single image is fetched: a user fixes
 a 500-row file once, not once per error. Whoever drops the CSV is untrusted, so it is read

@@ -121,6 +121,8 @@ def upload_file(
                 if journal and number % PROGRESS_EVERY_PARTS == 0:
                     journal.save_upload_task(task)
                 number += 1
+        if journal:  # every part is in S3: what is left is S3 assembling and checking them
+            journal.save_upload_task(task.model_copy(update={"status": UploadStatus.VERIFYING}))
         response = client.complete_multipart_upload(
             Bucket=bucket, Key=key, UploadId=task.upload_id, MultipartUpload={"Parts": completed}
         )

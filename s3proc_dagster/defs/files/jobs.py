@@ -97,7 +97,7 @@ def reconcile(
         context.log.info(f"{source}: its run died before processing it; PENDING again for the sensor")
     for item in report.settled:
         context.log.info(
-            f"{item.file_path}: {item.outcome} (aborted {item.aborted_uploads} uploads, deleted {item.deleted_objects} objects)"
+            f"{item.file_path}: {item.outcome.name} (aborted {item.aborted_uploads} uploads, deleted {item.deleted_objects} objects)"
         )
     for key in report.aborted_uploads:
         context.log.info(f"s3://{cfg.s3.bucket}/{key}: abandoned multipart upload aborted")

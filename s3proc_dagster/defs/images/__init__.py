@@ -1,1 +1,1 @@
-"""Seed 002 in Dagster: `image_request_job`."""
+"""Image requests in Dagster: `image_request_job`."""
