@@ -1,7 +1,9 @@
 """The code location: everything under `defs/`, found and merged by Dagster's loader.
 
-Importing it reads no setting, makes no directory and contacts no server: resources load
-the settings when a run or a sensor tick starts (see `defs/resources.py`).
+Importing it makes no directory and contacts no server, and reads one setting only:
+POLL_INTERVAL_MS, leniently, because a sensor's interval is part of its definition
+(`settings.poll_interval_s`). Resources load and check every other setting when a run or
+a sensor tick starts (`defs/resources.py`).
 """
 
 import functools

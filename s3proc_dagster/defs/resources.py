@@ -3,8 +3,8 @@
 One configuration schema: `settings.py` (pydantic-settings) names, defaults and checks
 every variable, and the `settings` resource loads it from the environment (and `.env`)
 when a run, a sensor tick or a schedule starts. Importing the code location therefore
-reads nothing, makes no directory and contacts no server (`dg check defs` works with an
-empty environment), and a bad setting fails the run with every bad variable named. The
+makes no directory and contacts no server (`dg check defs` works with an empty
+environment), and a bad setting fails the run with every bad variable named. The
 S3 credentials alone are fields, given as `dg.EnvVar`, so the UI shows the variables'
 names, never their values; no op reads a credential itself.
 """
