@@ -14,12 +14,13 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 
 from s3proc_dagster.files.chunks import ChunkFile
 from s3proc_dagster.logs import get_logger
-from s3proc_dagster.models import ChunkStatus, ProcessingStatus, RejectedPart
+from s3proc_dagster.models import ChunkStatus, ProcessingStatus, RejectedPart, utcnow
 from s3proc_dagster.pipeline.cache import chunks_on_disk, staged_items
 from s3proc_dagster.pipeline.context import StepContext, worker_name
 from s3proc_dagster.pipeline.conversion import Landing, convert_again
@@ -73,8 +74,7 @@ def _land_ahead(
         store.plan_chunks(item.file_id, 0, chunk_size, version=item.version)  # an older version's plan goes
 
     def land(chunk: ChunkFile) -> None:
-        record = store.plan_chunk(item.file_id, chunk.chunk_index, chunk_size, item.version)
-        landed = _upload_chunk(ctx, target, chunk, records={chunk.chunk_index: record})
+        landed = _upload_chunk(ctx, target, chunk, records={}, chunk_size=chunk_size)
         if on_landed is not None:
             on_landed(landed)
 
@@ -121,11 +121,19 @@ def _already_uploaded(
 
 
 def _upload_chunk(
-    ctx: StepContext, item: PreparedItem, chunk: ChunkFile, *, records: dict[int, ChunkStatus], run: str = ""
+    ctx: StepContext,
+    item: PreparedItem,
+    chunk: ChunkFile,
+    *,
+    records: dict[int, ChunkStatus],
+    run: str = "",
+    chunk_size: int = 0,
 ) -> UploadedObject:
-    """One chunk (and its rejected records) to S3, unless it is there already; recorded
-    IN_PROGRESS, then COMPLETED with what landed, or FAILED with why."""
-    current = records[chunk.chunk_index]
+    """One chunk (and its rejected records) to S3, unless it is there already, recorded in
+    one write once it landed (COMPLETED with what landed) or failed (FAILED with why). A
+    chunk not recorded yet (`records` lacks it: it lands while the conversion goes on, in a
+    plan of `chunk_size`) gets its record with that write."""
+    current = records.get(chunk.chunk_index)
     # landed by this very run's conversion, which reported it; a re-execution reports it again
     ahead = chunk.chunk_index in item.sent_ahead and item.landed_in_run == run != ""
     landed = partial(
@@ -136,18 +144,17 @@ def _upload_chunk(
         chunk=chunk,
         compression=item.compression,
     )
-    if _already_uploaded(ctx, item, chunk, current, trust_record=ahead):
+    if current is not None and _already_uploaded(ctx, item, chunk, current, trust_record=ahead):
         size, sha256, duration = current.size_bytes or 0, current.sha256 or "", current.duration or 0.0
         return landed(size=size, sha256=sha256, duration_s=duration, reused=True, ahead=ahead)
-    ctx.store.chunk_started(item.chunk_id(chunk), worker_name())
-    started = time.monotonic()
+    started, at = time.monotonic(), utcnow()
     try:
         result, rejected = _send_chunk(ctx, item, chunk)
     except Exception as exc:
-        ctx.store.chunk_failed(item.chunk_id(chunk), f"{type(exc).__name__}: {exc}", error_kind="s3UploadFailure")
+        _record_chunk(ctx, item, chunk, current, chunk_size, started_at=at, error=f"{type(exc).__name__}: {exc}")
         raise
     duration = time.monotonic() - started
-    log.debug(  # debug: each chunk already has its asset materialization in the run
+    log.debug(  # debug: each chunk is a row of its file's materialization
         "%s: chunk %d uploaded (%d bytes, %.2fs)",
         item.item.relative_path,
         chunk.chunk_index,
@@ -155,18 +162,63 @@ def _upload_chunk(
         duration,
         extra={"fields": {"chunkId": item.chunk_id(chunk), "s3Key": result.key, "sha256": result.sha256}},
     )
-    ctx.store.chunk_completed(
-        item.chunk_id(chunk),
-        s3_key=result.key,
-        size_bytes=result.size,
-        sha256=result.sha256,
-        duration=duration,
-        successful_records=chunk.record_count - chunk.failed_records,
-        failed_records=chunk.failed_records,
-        validation_errors=chunk.rule_counts,
-        rejected=rejected,
-    )
+    landing = {"s3_key": result.key, "size_bytes": result.size, "sha256": result.sha256, "duration": duration}
+    _record_chunk(ctx, item, chunk, current, chunk_size, started_at=at, landed=landing, rejected=rejected)
     return landed(size=result.size, sha256=result.sha256, duration_s=duration, reused=False)
+
+
+def _record_chunk(
+    ctx: StepContext,
+    item: PreparedItem,
+    chunk: ChunkFile,
+    current: ChunkStatus | None,
+    chunk_size: int,
+    *,
+    started_at: datetime,
+    landed: dict | None = None,
+    rejected: RejectedPart | None = None,
+    error: str = "",
+) -> None:
+    """How the chunk's upload ended, in one store write (`stores.chunks`)."""
+    store, chunk_id = ctx.store, item.chunk_id(chunk)
+    ok = chunk.record_count - chunk.failed_records
+    if current is None:
+        start = chunk.chunk_index * chunk_size
+        record = ChunkStatus(
+            chunk_id=chunk_id,
+            file_id=item.item.file_id,
+            chunk_index=chunk.chunk_index,
+            start_offset=start,
+            end_offset=start + chunk_size - 1,
+            record_count=chunk_size,
+            version=item.item.version,
+            processing_thread=worker_name(),
+            started_at=started_at,
+            completed_at=utcnow(),
+            status=ProcessingStatus.COMPLETED if landed else ProcessingStatus.FAILED,
+            error_details=error or None,
+            processing_stats={"successful_records": ok, "failed_records": chunk.failed_records} if landed else {},
+            error_summary={
+                "validation": dict(chunk.rule_counts) if landed else {},
+                "processing": {} if landed else {"s3UploadFailure": 1},
+            },
+            rejected=rejected,
+            **(landed or {}),
+        )
+        store.add_landed_chunk(record)
+    elif landed:
+        store.chunk_completed(
+            chunk_id,
+            **landed,
+            successful_records=ok,
+            failed_records=chunk.failed_records,
+            validation_errors=chunk.rule_counts,
+            rejected=rejected,
+            processing_thread=worker_name(),
+            started_at=started_at,
+        )
+    else:
+        store.chunk_failed(chunk_id, error, error_kind="s3UploadFailure")
 
 
 def _send_chunk(ctx: StepContext, item: PreparedItem, chunk: ChunkFile) -> tuple[UploadResult, RejectedPart | None]:

@@ -14,6 +14,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from s3proc_dagster.errors import ConcurrencyConflict, RecordNotFound
@@ -99,6 +100,15 @@ def _planned(file_id: str, index: int, start: int, end: int, version: str | None
     )
 
 
+def counts_of(chunk: ChunkStatus) -> dict[str, int]:
+    """What a chunk counts for in its file's counters when it is first recorded: its status,
+    and, COMPLETED, its records; its processing failures whatever its status."""
+    out = {**stat_delta(None, chunk.status), **chunk_contribution(chunk)}
+    for kind, n in chunk.error_summary.get("processing", {}).items():
+        out[f"processing.{kind}"] = n
+    return out
+
+
 def diff_counts(old: dict[str, int], new: dict[str, int]) -> dict[str, int]:
     keys = set(old) | set(new)
     return {k: new.get(k, 0) - old.get(k, 0) for k in keys if new.get(k, 0) != old.get(k, 0)}
@@ -120,9 +130,9 @@ class ChunkStore(ABC):
         """Drop the file's chunk plan, store `chunks`, reset its counters to match."""
 
     @abstractmethod
-    def _add_chunk(self, chunk: ChunkStatus) -> bool:
-        """Store a new PENDING chunk and count it in its file's `pending_chunks`; False
-        (and nothing written) when a chunk with its id exists."""
+    def _add_chunk(self, chunk: ChunkStatus, file_delta: dict[str, int]) -> bool:
+        """Store a new chunk and add `file_delta` (what it counts for, `counts_of`) to its
+        file's counters, in one write; False (and nothing written) when its id exists."""
 
     @abstractmethod
     def _load_chunks(self, file_id: str) -> list[ChunkStatus]: ...
@@ -185,8 +195,31 @@ class ChunkStore(ABC):
         [i*size, (i+1)*size - 1] in every plan with more records than that, so the final
         `plan_chunks` keeps it with whatever happened to it meanwhile."""
         start = chunk_index * chunk_size
-        self._add_chunk(_planned(file_id, chunk_index, start, start + chunk_size - 1, version))
+        chunk = _planned(file_id, chunk_index, start, start + chunk_size - 1, version)
+        self._add_chunk(chunk, counts_of(chunk))
         return self.get_chunk(chunk_id(file_id, chunk_index))
+
+    def add_landed_chunk(self, chunk: ChunkStatus) -> ChunkStatus:
+        """Record a whole chunk that landed (COMPLETED) or could not (FAILED) while its plan
+        was still being made, in one write: no PENDING or IN_PROGRESS record comes first,
+        since crash recovery deletes every object no COMPLETED chunk vouches for. A chunk
+        already recorded (a landing tried again) moves by the state machine instead."""
+        if self._add_chunk(chunk, counts_of(chunk)):
+            return chunk
+        if chunk.status is ProcessingStatus.COMPLETED:
+            return self.chunk_completed(
+                chunk.chunk_id,
+                s3_key=chunk.s3_key or "",
+                size_bytes=chunk.size_bytes or 0,
+                sha256=chunk.sha256 or "",
+                duration=chunk.duration or 0.0,
+                successful_records=chunk.processing_stats.successful_records,
+                failed_records=chunk.processing_stats.failed_records,
+                validation_errors=chunk.error_summary.get("validation", {}),
+                rejected=chunk.rejected,
+            )
+        (kind, *_) = chunk.error_summary.get("processing") or {"processingError": 1}
+        return self.chunk_failed(chunk.chunk_id, chunk.error_details or "", error_kind=kind)
 
     def list_chunks(self, file_id: str) -> list[ChunkStatus]:
         return self._load_chunks(file_id)
@@ -216,7 +249,7 @@ class ChunkStore(ABC):
             current = self.get_chunk(chunk_id_)
             check_chunk_transition(f"chunk {chunk_id_}", current.status, new)
             updates = dict(fields)
-            if current.status is ProcessingStatus.FAILED and new is ProcessingStatus.IN_PROGRESS:
+            if current.status is ProcessingStatus.FAILED:  # tried again, however it ends
                 updates["retry_count"] = current.retry_count + 1
             if processing_error:
                 summary = {k: dict(v) for k, v in current.error_summary.items()}
@@ -256,7 +289,11 @@ class ChunkStore(ABC):
         failed_records: int = 0,
         validation_errors: dict[str, int] | None = None,
         rejected: RejectedPart | None = None,
+        processing_thread: str | None = None,
+        started_at: datetime | None = None,
     ) -> ChunkStatus:
+        """COMPLETED with what landed, from any state but COMPLETED of another landing: the
+        one write an upload makes (`processing_thread`, `started_at` with it)."""
         current = self.get_chunk(chunk_id_)
         ok = current.record_count - failed_records if successful_records is None else successful_records
         summary = {
@@ -276,6 +313,8 @@ class ChunkStore(ABC):
                 "processing_stats": {"successful_records": ok, "failed_records": failed_records},
                 "error_summary": summary,
                 "rejected": rejected,
+                **({"processing_thread": processing_thread} if processing_thread else {}),
+                **({"started_at": started_at} if started_at else {}),
             },
         )
 

@@ -12,7 +12,10 @@ changed file is reprocessed ("checksum required ... to re-process modified files
 IN_PROGRESS -> PENDING when crash recovery finds no completion marker ("set
 status='pending'").
 Chunks follow the same machine, plus FAILED -> IN_PROGRESS for a chunk retried in place
-and COMPLETED -> COMPLETED, so re-uploading a finished chunk is idempotent.
+and COMPLETED -> COMPLETED, so re-uploading a finished chunk is idempotent; and a chunk may
+go from PENDING or FAILED straight to COMPLETED or FAILED: the upload records only how it
+ended, one write, because crash recovery deletes every object no COMPLETED chunk vouches
+for, so an IN_PROGRESS record would tell it nothing.
 
 An image request follows the image processing design's lifecycle, pending -> processing
 -> completed | failed, plus PENDING -> FAILED (a request whose CSV is refused before any
@@ -34,12 +37,16 @@ FILE_TRANSITIONS: dict[ProcessingStatus, frozenset[ProcessingStatus]] = {
 }
 
 CHUNK_TRANSITIONS: dict[ProcessingStatus, frozenset[ProcessingStatus]] = {
-    ProcessingStatus.PENDING: frozenset({ProcessingStatus.IN_PROGRESS}),
+    ProcessingStatus.PENDING: frozenset(
+        {ProcessingStatus.IN_PROGRESS, ProcessingStatus.COMPLETED, ProcessingStatus.FAILED}
+    ),
     ProcessingStatus.IN_PROGRESS: frozenset(
         {ProcessingStatus.COMPLETED, ProcessingStatus.FAILED, ProcessingStatus.IN_PROGRESS}
     ),
     ProcessingStatus.COMPLETED: frozenset({ProcessingStatus.COMPLETED, ProcessingStatus.IN_PROGRESS}),
-    ProcessingStatus.FAILED: frozenset({ProcessingStatus.IN_PROGRESS}),
+    ProcessingStatus.FAILED: frozenset(
+        {ProcessingStatus.IN_PROGRESS, ProcessingStatus.COMPLETED, ProcessingStatus.FAILED}
+    ),
 }
 
 REQUEST_TRANSITIONS: dict[RequestStatus, frozenset[RequestStatus]] = {

@@ -48,7 +48,6 @@ from s3proc_dagster.models import (
 from s3proc_dagster.stores.base import ProgressStore
 from s3proc_dagster.stores.cas import ANY_HOLDER
 from s3proc_dagster.stores.chunks import ChunkGroup, totals_of_groups
-from s3proc_dagster.stores.lifecycle import stat_delta
 
 T = TypeVar("T")
 _RECOUNT_ATTEMPTS = 50
@@ -218,13 +217,13 @@ class MongoProgressStore(ProgressStore):
             )
             self._recount(file_id)
 
-    def _add_chunk(self, chunk: ChunkStatus) -> bool:
+    def _add_chunk(self, chunk: ChunkStatus, file_delta: dict[str, int]) -> bool:
         def add(session: ClientSession | None) -> bool:
             try:
                 self.chunks.insert_one(_doc(chunk), session=session)
             except DuplicateKeyError:
                 return False
-            self._add_to_counters(chunk.file_id, stat_delta(None, chunk.status), session)
+            self._add_to_counters(chunk.file_id, file_delta, session)
             return True
 
         return self._atomically(add)

@@ -37,7 +37,6 @@ from s3proc_dagster.models import (
 from s3proc_dagster.stores.base import ProgressStore
 from s3proc_dagster.stores.cas import ANY_HOLDER
 from s3proc_dagster.stores.chunks import totals_from_chunks
-from s3proc_dagster.stores.lifecycle import stat_delta
 from s3proc_dagster.stores.sqlite_schema import create_schema
 
 _COUNTER_COLUMNS = (
@@ -266,11 +265,11 @@ class SQLiteProgressStore(ProgressStore):
                 _insert_chunk(conn, chunk)
             self._set_file(conn, file_id, {**file_fields, **_counters(chunks)})
 
-    def _add_chunk(self, chunk: ChunkStatus) -> bool:
+    def _add_chunk(self, chunk: ChunkStatus, file_delta: dict[str, int]) -> bool:
         with self._write() as conn:
             if not _insert_chunk(conn, chunk, "OR IGNORE"):
                 return False
-            self._add_to_counters(conn, chunk.file_id, stat_delta(None, chunk.status))
+            self._add_to_counters(conn, chunk.file_id, file_delta)
             return True
 
     def _load_chunks(self, file_id: str) -> list[ChunkStatus]:
