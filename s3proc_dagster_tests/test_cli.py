@@ -9,6 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from s3proc_dagster.cli.dev import record_ui_url, record_ui_url_in_dotenv, write_dev_env
+from s3proc_dagster.cli.embedded import free_port
 from s3proc_dagster.models import FileStatus, make_file_id
 from s3proc_dagster.stores.sqlite import SQLiteProgressStore
 
@@ -135,6 +139,68 @@ def test_status_of_a_path_no_record_has_says_no_file_matches_and_exits_1(
     assert as_json.returncode == 1 and json.loads(as_json.stdout) == []
 
 
+def failed_and_parked(store: SQLiteProgressStore, watch: Path, errors: Path, rel: str, **fields: object) -> FileStatus:
+    """A FAILED record whose original the pipeline moved to the error directory, note beside it."""
+    (errors / rel).parent.mkdir(parents=True, exist_ok=True)
+    (errors / rel).write_text("a,b\n1\n")
+    (errors / f"{rel}.error.json").write_text("{}")
+    status = record_file(store, watch, rel, checksum="1", **fields)
+    store.start(status.file_id)
+    return store.fail(status.file_id, "ragged CSV")
+
+
+def test_status_of_a_failed_file_names_where_it_is_parked_and_shows_no_output(
+    pipeline_env: dict[str, str], tmp_path: Path
+) -> None:
+    watch, errors = Path(pipeline_env["WATCH_PATH"]), Path(pipeline_env["ERROR_DIRECTORY"])
+    store = SQLiteProgressStore(pipeline_env["PROGRESS_DB_PATH"])
+    broken = failed_and_parked(store, watch, errors, "bad/broken.csv", output_key="p/bad/broken.csv")
+    kept = record_file(store, watch, "bad/kept.csv", checksum="2")  # FAILED, but its move failed: still there
+    (watch / "bad" / "kept.csv").parent.mkdir(parents=True, exist_ok=True)
+    (watch / "bad" / "kept.csv").write_text("a\n")
+    store.start(kept.file_id)
+    store.fail(kept.file_id, "ragged CSV; the original could not be moved to ERROR_DIRECTORY")
+    ok = record_file(store, watch, "ok.csv", checksum="3")
+    store.start(ok.file_id)
+    store.complete(ok.file_id, "p/ok.csv")
+    store.close()
+
+    text = s3proc("status", env=pipeline_env, cwd=tmp_path)
+    assert text.returncode == 0, text.stderr
+    (broken_line,) = [line for line in text.stdout.splitlines() if "broken.csv" in line]
+    assert f"{errors}/bad/broken.csv" in broken_line and "->" not in broken_line
+    assert "p/bad/broken.csv" not in broken_line
+    (kept_line,) = [line for line in text.stdout.splitlines() if "kept.csv" in line]
+    assert f"{watch}/bad/kept.csv" in kept_line and str(errors) not in kept_line and "->" not in kept_line
+    (ok_line,) = [line for line in text.stdout.splitlines() if "ok.csv" in line]
+    assert "->  p/ok.csv" in ok_line
+
+    docs = {d["fileId"]: d for d in json.loads(s3proc("status", "--json", env=pipeline_env, cwd=tmp_path).stdout)}
+    assert docs[broken.file_id]["parkedPath"] == f"{errors}/bad/broken.csv"
+    assert docs[broken.file_id]["filePath"] == f"{watch}/bad/broken.csv"  # the stored fields keep their meaning
+    assert docs[broken.file_id]["outputKey"] == "p/bad/broken.csv"
+    assert docs[kept.file_id]["parkedPath"] is None and docs[ok.file_id]["parkedPath"] is None
+
+
+def test_status_of_a_file_without_a_dagster_instance_says_so_in_one_line(
+    pipeline_env: dict[str, str], tmp_path: Path
+) -> None:
+    store = SQLiteProgressStore(pipeline_env["PROGRESS_DB_PATH"])
+    record_file(store, Path(pipeline_env["WATCH_PATH"]), "nyc/flights.csv", checksum="1")
+    store.close()
+    env = {**pipeline_env, "DAGSTER_HOME": str(tmp_path / "no-instance")}
+
+    text = s3proc("status", "nyc/flights.csv", env=env, cwd=tmp_path)
+    assert text.returncode == 0, text.stderr
+    (line,) = [line for line in text.stdout.splitlines() if "runs" in line]
+    assert f"no Dagster instance at {tmp_path / 'no-instance'}" in line
+    as_json = s3proc("status", "nyc/flights.csv", "--json", env=env, cwd=tmp_path)
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout)[0]["runs"] is None
+    assert len(as_json.stderr.splitlines()) == 1 and "no Dagster instance" in as_json.stderr
+    assert not (tmp_path / "no-instance").exists() and not (tmp_path / ".dagster_home").exists()  # none was made
+
+
 def test_status_chunks_without_json_prints_a_table_row_per_chunk(pipeline_env: dict[str, str], tmp_path: Path) -> None:
     store = SQLiteProgressStore(pipeline_env["PROGRESS_DB_PATH"])
     status = record_file(store, Path(pipeline_env["WATCH_PATH"]), "nyc/flights.csv", checksum="1")
@@ -155,7 +221,7 @@ def test_status_chunks_without_json_prints_a_table_row_per_chunk(pipeline_env: d
     assert "nyc/flights.csv" in lines[0]
     header = lines[1].split()
     assert header[:6] == ["index", "status", "records", "offsets", "bytes", "retries"] and "key" in header
-    rows = [line.split(None, 6) for line in lines[2:]]
+    rows = [line.split(None, 6) for line in lines[2:5]]  # then the file's runs
     assert [r[:4] for r in rows] == [
         ["0", "COMPLETED", "10", "0-9"],
         ["1", "FAILED", "10", "10-19"],
@@ -231,6 +297,121 @@ def test_retry_brings_a_failed_file_back_from_the_error_directory(pipeline_env: 
     assert (watch / "nyc" / "bad.csv").read_text() == "a,b\n1\n"
     assert not (errors / "nyc" / "bad.csv").exists() and not (errors / "nyc" / "bad.csv.error.json").exists()
     assert store.require(status.file_id).status.name == "PENDING"
+    store.close()
+
+
+def test_retry_of_an_archive_entry_or_an_s3_object_gives_one_advice_with_or_without_force(
+    pipeline_env: dict[str, str], tmp_path: Path
+) -> None:
+    watch = Path(pipeline_env["WATCH_PATH"])
+    (watch / "archives").mkdir()
+    (watch / "archives" / "two_csvs.zip").write_bytes(b"PK")
+    store = SQLiteProgressStore(pipeline_env["PROGRESS_DB_PATH"])
+    for rel in ("archives/two_csvs.zip", "archives/two_csvs.zip!/planes.csv"):
+        status = record_file(store, watch, rel, checksum=rel)
+        store.start(status.file_id)
+        store.complete(status.file_id, f"p/{rel}")
+    obj, _ = store.record_detected(
+        FileStatus(file_id=make_file_id("in/o.csv"), file_path="s3://b/in/o.csv", file_name="o.csv", checksum="o")
+    )
+    store.start(obj.file_id)
+    store.complete(obj.file_id, "p/in/o.csv")
+    store.close()
+
+    for force in ([], ["--force"]):
+        entry = s3proc("retry", *force, "archives/two_csvs.zip!/planes.csv", env=pipeline_env, cwd=tmp_path)
+        assert entry.returncode == 1
+        assert f"retry the archive, {watch}/archives/two_csvs.zip" in entry.stderr, entry.stderr
+        assert "--force" not in entry.stderr and "COMPLETED" not in entry.stderr
+        from_s3 = s3proc("retry", *force, "s3://b/in/o.csv", env=pipeline_env, cwd=tmp_path)
+        assert from_s3.returncode == 1
+        assert "run `s3proc process s3://b/in/o.csv`" in from_s3.stderr and "--force" not in from_s3.stderr
+    store = SQLiteProgressStore(pipeline_env["PROGRESS_DB_PATH"])
+    assert {f.status.name for f in store.list_files()} == {"COMPLETED"}  # nothing was reset
+    store.close()
+
+
+# ---- backfill -----------------------------------------------------------------------------------
+
+
+def test_backfill_status_failed_dry_run_lists_parked_files_and_changes_nothing(
+    pipeline_env: dict[str, str], tmp_path: Path
+) -> None:
+    watch, errors = Path(pipeline_env["WATCH_PATH"]), Path(pipeline_env["ERROR_DIRECTORY"])
+    store = SQLiteProgressStore(pipeline_env["PROGRESS_DB_PATH"])
+    parked = failed_and_parked(store, watch, errors, "nyc/bad.csv")
+    gone = record_file(store, watch, "nyc/gone.csv", checksum="2")  # FAILED, and nowhere any more
+    store.start(gone.file_id)
+    store.fail(gone.file_id, "ragged CSV")
+    entry = record_file(store, watch, "nyc/bundle.zip!/a.csv", checksum="3")  # runs with its archive
+    store.start(entry.file_id)
+    store.fail(entry.file_id, "ragged CSV")
+    obj, _ = store.record_detected(
+        FileStatus(file_id=make_file_id("in/o.csv"), file_path="s3://b/in/o.csv", file_name="o.csv", checksum="o")
+    )
+    store.start(obj.file_id)
+    store.fail(obj.file_id, "ragged CSV")
+    done = record_file(store, watch, "nyc/done.csv", checksum="4")
+    (watch / "nyc").mkdir()
+    (watch / "nyc" / "done.csv").write_text("a\n1\n")
+    store.start(done.file_id)
+    store.complete(done.file_id, "p/nyc/done.csv")
+    store.close()
+    nobody = f"http://127.0.0.1:{free_port()}"  # a dry run asks no webserver
+
+    listed = s3proc("backfill", "--status", "failed", "--dry-run", "--url", nobody, env=pipeline_env, cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert lines == [  # by relative path: in/o.csv, nyc/bad.csv
+        "would queue  s3://b/in/o.csv  (FAILED: PENDING first, as `s3proc retry`)",
+        f"would queue  {errors}/nyc/bad.csv  (FAILED: back to {watch}/nyc/bad.csv and PENDING first, as `s3proc retry`)",
+        "2 file(s) selected",
+    ], listed.stdout
+    only_nyc = s3proc("backfill", "--status", "failed", "--glob", "nyc/**", "--dry-run", env=pipeline_env, cwd=tmp_path)
+    assert only_nyc.returncode == 0 and only_nyc.stdout.splitlines()[-1] == "1 file(s) selected", only_nyc.stdout
+    completed = s3proc("backfill", "--status", "completed", "--dry-run", env=pipeline_env, cwd=tmp_path)
+    assert completed.stdout.splitlines() == [f"would queue  {watch}/nyc/done.csv", "1 file(s) selected"]
+
+    assert (errors / "nyc" / "bad.csv").exists() and not (watch / "nyc" / "bad.csv").exists()
+    store = SQLiteProgressStore(pipeline_env["PROGRESS_DB_PATH"])
+    assert store.require(parked.file_id).status.name == "FAILED" and store.require(obj.file_id).status.name == "FAILED"
+    store.close()
+
+
+@pytest.mark.parametrize("named_by", ["dotenv", "dagster_home", "url_option"])
+def test_backfill_against_a_ui_that_does_not_answer_fails_in_one_line_naming_the_url(
+    named_by: str, pipeline_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The URL comes from where `s3proc dev` records it (the `.env` it wrote, DAGSTER_HOME) or
+    from --url; each is tried before anything is changed, and named when nothing answers."""
+    monkeypatch.delenv("S3PROC_UI_URL", raising=False)
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    watch, errors = Path(pipeline_env["WATCH_PATH"]), Path(pipeline_env["ERROR_DIRECTORY"])
+    store = SQLiteProgressStore(pipeline_env["PROGRESS_DB_PATH"])
+    parked = failed_and_parked(store, watch, errors, "nyc/bad.csv")
+    store.close()
+    down = f"http://127.0.0.1:{free_port()}"
+    options: list[str] = []
+    if named_by == "dotenv":
+        write_dev_env(tmp_path / ".env")
+        assert record_ui_url_in_dotenv(tmp_path / ".env", down)
+    elif named_by == "dagster_home":
+        record_ui_url(home, down)
+    else:
+        options = ["--url", down]
+
+    result = s3proc(
+        "backfill", "--status", "failed", *options, env={**pipeline_env, "DAGSTER_HOME": str(home)}, cwd=tmp_path
+    )
+    assert result.returncode == 1
+    assert result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"s3proc: no Dagster UI answers at {down} (") and "--url" in line, line
+    assert {"dotenv": str(tmp_path / ".env"), "dagster_home": str(home), "url_option": "--url"}[named_by] in line
+    assert (errors / "nyc" / "bad.csv").exists()  # nothing was changed before the UI answered
+    store = SQLiteProgressStore(pipeline_env["PROGRESS_DB_PATH"])
+    assert store.require(parked.file_id).status.name == "FAILED"
     store.close()
 
 

@@ -1,9 +1,10 @@
 """`s3proc dev` as a user runs it: a signal stops the whole tree, a taken port stops the start, the `.env` it writes is its owner's alone.
 
-Each test runs `s3proc dev` as a subprocess in its own directory (its own `.env`,
-`DAGSTER_HOME`, `./data` and embedded SeaweedFS) on free ports, with SIGINT ignored as
-a job started with `&` by a non-interactive shell has it: the case in which Dagster also
-ignores SIGTERM, and in which `dagster dev` and `weed` used to outlive the launcher.
+Each test runs `s3proc dev` (or `scripts/dev`) as a subprocess in its own directory (its
+own `.env`, `DAGSTER_HOME`, `./data` and embedded SeaweedFS) on free ports, with SIGINT
+ignored as a job started with `&` by a non-interactive shell has it: the case in which
+Dagster also ignores SIGTERM, and in which `dagster dev` and `weed` used to outlive the
+launcher.
 """
 
 from __future__ import annotations
@@ -24,7 +25,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from s3proc_dagster.cli.dev import DEV_ENV_HEADER, _write_dev_env
+from s3proc_dagster.cli.dev import (
+    DAGSTER_STOP_DEADLINE_S,
+    DEV_ENV_HEADER,
+    UI_URL_ENV,
+    UI_URL_FILE,
+    record_ui_url_in_dotenv,
+    write_dev_env,
+)
 from s3proc_dagster.cli.embedded import (
     free_port,
     port_in_use,
@@ -89,14 +97,38 @@ def wait_until(condition, deadline_s: float, what: str) -> None:
         time.sleep(0.1)  # polling interval, bounded by the deadline
 
 
+LAUNCHER = [sys.executable, "-m", "s3proc_dagster.cli", "dev"]
+
+
+def as_checkout(directory: Path) -> list[str]:
+    """`directory` laid out as a checkout for `scripts/dev`, which runs in the directory it
+    lives in: its scripts, `pyproject.toml` and a `.venv` whose `python` and `s3proc` are the
+    project's, stamped as installed after `pyproject.toml`, so `scripts/bootstrap` has
+    nothing to do (and could never reinstall the project's environment from here).
+    Returns the command that starts it there."""
+    (directory / "scripts").mkdir()
+    for script in ("dev", "bootstrap"):
+        shutil.copy2(ROOT / "scripts" / script, directory / "scripts" / script)
+    shutil.copy2(ROOT / "pyproject.toml", directory / "pyproject.toml")
+    bin_dir = directory / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    for name in ("python", "s3proc"):
+        (bin_dir / name).symlink_to(Path(sys.executable).parent / name)
+    (directory / ".venv" / ".s3proc-installed").touch()
+    return [str(directory / "scripts" / "dev")]
+
+
 @contextmanager
-def s3proc_dev(directory: Path, ui_port: int, s3_port: int) -> Iterator[subprocess.Popen]:
-    """`s3proc dev` in `directory` with SIGINT ignored; whatever happens in the test, it
-    and everything it started are gone afterwards."""
+def s3proc_dev(
+    directory: Path, ui_port: int, s3_port: int, command: list[str] = LAUNCHER
+) -> Iterator[subprocess.Popen]:
+    """`command` in `directory` with SIGINT ignored and in a session of its own, as
+    `setsid scripts/dev &` starts it; whatever happens in the test, it and everything it
+    started are gone afterwards (a deadline, then SIGKILL of its process group)."""
     shutil.copy(ROOT / "workspace.yaml", directory / "workspace.yaml")
     with (directory / "dev.log").open("w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "s3proc_dagster.cli", "dev"],
+            command,
             cwd=directory,
             env=dev_env(ui_port, s3_port),
             stdout=log,
@@ -129,6 +161,15 @@ def describe(processes: list[psutil.Process]) -> list[str]:
     return out
 
 
+def wait_for_ui(launcher: subprocess.Popen, ui_port: int, log: Path) -> None:
+    deadline = time.monotonic() + 120
+    while not ui_answers(ui_port):
+        assert launcher.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "the UI did not answer:\n" + log.read_text()[-3000:]
+        time.sleep(0.2)  # polling interval, bounded by the deadline
+    wait_until(lambda: f"UI on http://127.0.0.1:{ui_port}" in log.read_text(), 10, "no 'UI on' line")
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_signal_stops_dagster_dev_and_seaweedfs_and_frees_both_ports(
     sig: signal.Signals, tmp_path: Path, world_readable_umask: None
@@ -136,12 +177,7 @@ def test_signal_stops_dagster_dev_and_seaweedfs_and_frees_both_ports(
     ui_port, s3_port = free_port(), free_port(with_grpc=True)
     log = tmp_path / "dev.log"
     with s3proc_dev(tmp_path, ui_port, s3_port) as launcher:
-        deadline = time.monotonic() + 120
-        while not ui_answers(ui_port):
-            assert launcher.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "the UI did not answer:\n" + log.read_text()[-3000:]
-            time.sleep(0.2)  # polling interval, bounded by the deadline
-        wait_until(lambda: f"UI on http://127.0.0.1:{ui_port}" in log.read_text(), 10, "no 'UI on' line")
+        wait_for_ui(launcher, ui_port, log)
         tree = psutil.Process(launcher.pid).children(recursive=True)
         commands = "\n".join(describe(tree))
         for part in ("weed", "dagster dev", "dagster_webserver", "dagster._daemon"):
@@ -155,6 +191,48 @@ def test_signal_stops_dagster_dev_and_seaweedfs_and_frees_both_ports(
         wait_until(lambda: not alive(tree), 5, "still running:\n" + "\n".join(describe(alive(tree))))
         assert not alive(processes_under(tmp_path)), describe(alive(processes_under(tmp_path)))
         wait_until(lambda: not port_in_use(ui_port) and not port_in_use(s3_port), 10, "a port is still taken")
+
+
+def test_sigint_to_a_backgrounded_scripts_dev_stops_it_and_dagster_dev_cleanly(tmp_path: Path) -> None:
+    """`setsid scripts/dev &`, then `kill -INT -PGID`: SIGINT arrives at a process that
+    started with it ignored, and is an explicit request to stop all the same."""
+    ui_port, s3_port = free_port(), free_port(with_grpc=True)
+    log = tmp_path / "dev.log"
+    with s3proc_dev(tmp_path, ui_port, s3_port, command=as_checkout(tmp_path)) as launcher:
+        wait_for_ui(launcher, ui_port, log)
+        tree = psutil.Process(launcher.pid).children(recursive=True)
+        assert "dagster dev" in "\n".join(describe(tree)), describe(tree)
+        url = f"http://127.0.0.1:{ui_port}"  # where `s3proc backfill` finds it: the .env it wrote, DAGSTER_HOME
+        assert f"{UI_URL_ENV}={url}" in (tmp_path / ".env").read_text().splitlines()
+        assert (tmp_path / ".dagster_home" / UI_URL_FILE).read_text().strip() == url
+
+        os.killpg(launcher.pid, signal.SIGINT)
+        stopped = time.monotonic()
+        assert launcher.wait(timeout=DAGSTER_STOP_DEADLINE_S + 30) == 0, log.read_text()[-3000:]
+        # dagster dev stopped on its SIGINT, before the deadline at which it would be killed
+        assert time.monotonic() - stopped < DAGSTER_STOP_DEADLINE_S, log.read_text()[-3000:]
+        assert "SIGINT: stopping dagster dev and SeaweedFS" in log.read_text()
+        assert "killed with its group" not in log.read_text()
+        wait_until(lambda: not alive(tree), 5, "still running:\n" + "\n".join(describe(alive(tree))))
+        assert not alive(processes_under(tmp_path)), describe(alive(processes_under(tmp_path)))
+        wait_until(lambda: not port_in_use(ui_port) and not port_in_use(s3_port), 10, "a port is still taken")
+
+
+def test_the_ui_url_goes_only_into_a_dotenv_s3proc_dev_wrote(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WATCH_PATH", str(tmp_path / "incoming"))
+    ours, users = tmp_path / "ours.env", tmp_path / "users.env"
+    write_dev_env(ours)
+    users.write_text("# my settings\nS3_BUCKET=mine\n")
+
+    assert record_ui_url_in_dotenv(ours, "http://127.0.0.1:3001")
+    assert record_ui_url_in_dotenv(ours, "http://127.0.0.1:3002")  # a later start on another port
+    lines = ours.read_text().splitlines()
+    assert lines[0].startswith("# Written by scripts/dev") and f"WATCH_PATH={tmp_path / 'incoming'}" in lines
+    assert [line for line in lines if line.startswith(f"{UI_URL_ENV}=")] == [f"{UI_URL_ENV}=http://127.0.0.1:3002"]
+    assert not record_ui_url_in_dotenv(users, "http://127.0.0.1:3001")
+    assert users.read_text() == "# my settings\nS3_BUCKET=mine\n"
+    assert not record_ui_url_in_dotenv(tmp_path / "missing.env", "http://127.0.0.1:3001")
+    assert not (tmp_path / "missing.env").exists()
 
 
 @contextmanager
@@ -223,7 +301,7 @@ def test_the_dev_env_holding_the_s3_keys_is_created_0600(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, world_readable_umask: None
 ) -> None:
     monkeypatch.setenv("S3_SECRET_ACCESS_KEY", "dev-secret")
-    _write_dev_env(tmp_path / ".env")
+    write_dev_env(tmp_path / ".env")
     assert "S3_SECRET_ACCESS_KEY=dev-secret" in (tmp_path / ".env").read_text()
     assert mode(tmp_path / ".env") == 0o600
 
@@ -239,8 +317,8 @@ def test_a_users_env_is_left_as_it_is_and_an_older_launchers_env_is_made_0600(
         path.parent.mkdir()
         path.write_text(text)
         path.chmod(permissions)
-    _write_dev_env(users)
-    _write_dev_env(older)
+    write_dev_env(users)
+    write_dev_env(older)
     assert users.read_text() == "S3_BUCKET=mine\n" and mode(users) == 0o640
     assert older.read_text() == f"{DEV_ENV_HEADER}\nS3_SECRET_ACCESS_KEY=old\n" and mode(older) == 0o600
 

@@ -3,6 +3,7 @@ launch`, backfills, run tags; each on SQLite and on PostgreSQL storage (`instanc
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,15 +14,18 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from s3proc_dagster.cli.dev import record_ui_url_in_dotenv, write_dev_env
 from s3proc_dagster.cli.embedded import start_in_own_group, stop_process_group
 from s3proc_dagster.files.checksum import sha256_file
 from s3proc_dagster.models import ProcessingStatus as S
+from s3proc_dagster.runs.batching import batch_request
 from s3proc_dagster.transfer.manifest import part_key
 from s3proc_dagster_tests.conftest import Deployment, InstanceStorage
 from s3proc_dagster_tests.pipeline_helpers import (
     dataset_keys,
     execute,
     launch,
+    process_files_job_with_resources,
     promo_rows,
     read_dataset,
     run_requests_under,
@@ -234,3 +238,107 @@ def test_s3proc_backfill_queues_one_run_per_matching_file_and_the_queue_runs_the
     assert all(store.get_by_path(str(src)).status is S.COMPLETED for src in sources)
     assert store.get_by_path(str(deployment.watch / folder / "skipped.tsv")) is None
     assert {r.dagster_run.run_id for r in runs} <= instance_storage.run_ids()
+
+
+def s3proc(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "s3proc_dagster.cli", *args],
+        cwd=cwd,
+        env=env or os.environ.copy(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_backfill_status_failed_brings_a_parked_file_back_and_its_run_completes(
+    deployment: Deployment, instance_storage: InstanceStorage, request: pytest.FixtureRequest
+) -> None:
+    folder = f"refail-{instance_storage.kind}"
+    src = write_csv(deployment.watch / folder / "f.csv", promo_rows(40))
+    parked = deployment.errors / folder / "f.csv"
+    (first,) = run_requests_under(sensor_tick(deployment), folder)
+    deployment.proxy.fail_puts_containing = f"/{deployment.prefix}/{folder}/f.csv/"  # S3 refuses its uploads
+    try:
+        assert not execute(first, deployment).success
+    finally:
+        deployment.proxy.fail_puts_containing = None
+    store = deployment.store()
+    assert store.get_by_path(str(src)).status is S.FAILED
+    assert parked.exists() and not src.exists()  # where every failed file goes, and no scan of WATCH_PATH looks
+
+    listed = s3proc("backfill", "--status", "failed", "--glob", f"{folder}/*", "--dry-run")
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    assert listed.stdout.splitlines()[0].startswith(f"would queue  {parked}  (FAILED: back to {src}")
+    assert listed.stdout.splitlines()[-1] == "1 file(s) selected"
+
+    ui = request.getfixturevalue("dagster_dev")
+    done = s3proc("backfill", "--status", "failed", "--glob", f"{folder}/*", "--url", ui)
+    assert done.returncode == 0 and "1 file(s) queued" in done.stdout, done.stdout + done.stderr
+    assert src.exists() and not parked.exists()  # back where its run reads it, as `s3proc retry` brings it
+
+    instance = deployment.instance()
+    tags = {"s3proc/backfill": "true", "s3proc/source": str(src)}
+    wait_for(lambda: finished_file_runs(instance, **tags), "the backfill's run", timeout=240)
+    (run,) = finished_file_runs(instance, **tags)
+    assert run.dagster_run.status == dg.DagsterRunStatus.SUCCESS
+    record = store.get_by_path(str(src))
+    assert record.status is S.COMPLETED and record.processing_stats.successful_records == 40
+    assert run.dagster_run.run_id in instance_storage.run_ids()
+    sensor_tick(deployment)  # it is back with a new change time: seen, so no later tick asks for it
+
+
+def test_backfill_finds_a_ui_on_another_port_from_the_dotenv_s3proc_dev_wrote(
+    deployment: Deployment, instance_storage: InstanceStorage, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    folder = f"dotenv-{instance_storage.kind}"
+    src = write_csv(deployment.watch / folder / "d.csv", promo_rows(10))
+    assert len(run_requests_under(sensor_tick(deployment), folder)) == 1  # seen: the backfill runs it
+    ui = request.getfixturevalue("dagster_dev")  # on a free port, never 3000
+    write_dev_env(tmp_path / ".env")  # what `s3proc dev` writes on its first start, then the UI's URL
+    assert record_ui_url_in_dotenv(tmp_path / ".env", ui)
+    env = {k: v for k, v in os.environ.items() if k != "S3PROC_UI_URL"}
+
+    done = s3proc("backfill", "--glob", f"{folder}/*.csv", cwd=tmp_path, env=env)
+    assert done.returncode == 0 and "1 file(s) queued" in done.stdout, done.stdout + done.stderr
+
+    instance = deployment.instance()
+    tags = {"s3proc/backfill": "true", "s3proc/source": str(src)}
+    wait_for(lambda: finished_file_runs(instance, **tags), "the backfill's run", timeout=240)
+    (run,) = finished_file_runs(instance, **tags)
+    assert run.dagster_run.status == dg.DagsterRunStatus.SUCCESS
+    assert deployment.store().get_by_path(str(src)).status is S.COMPLETED
+
+
+def test_status_of_a_file_lists_its_own_run_and_the_batch_run_that_processed_it(
+    deployment: Deployment, instance_storage: InstanceStorage, tmp_path: Path
+) -> None:
+    folder = f"runs-{instance_storage.kind}"
+    for i, name in enumerate("ab"):
+        write_csv(deployment.watch / folder / f"{name}.csv", promo_rows(5 + i))
+    # the sensor's requests (`run_request_for`'s), each file's and the two in one batch run
+    requests = sorted(run_requests_under(sensor_tick(deployment), folder), key=lambda r: r.tags["s3proc/path"])
+    assert [r.tags["s3proc/path"] for r in requests] == [f"{folder}/a.csv", f"{folder}/b.csv"]
+    own = execute(requests[0], deployment)
+    assert own.success
+    batch = batch_request(requests)
+    batched = dg.execute_job(
+        dg.reconstructable(process_files_job_with_resources),
+        instance=deployment.instance(),
+        run_config=batch.run_config,
+        tags={**batch.tags, "dagster/run_key": batch.run_key or ""},
+    )
+    assert batched.success  # a is unchanged since its own run, so the batch processes b only
+
+    text = s3proc("status", f"{folder}/a.csv", cwd=tmp_path)
+    assert text.returncode == 0, text.stderr
+    rows = {line.split()[0]: line.split()[1:3] for line in text.stdout.splitlines()[3:]}
+    assert rows == {
+        own.run_id[:8]: ["process_file_job", "SUCCESS"],
+        batched.run_id[:8]: ["process_files_job", "SUCCESS"],
+    }, text.stdout
+    (doc,) = json.loads(s3proc("status", f"{folder}/b.csv", "--json", cwd=tmp_path).stdout)
+    assert [(r["runId"], r["job"], r["status"]) for r in doc["runs"]] == [
+        (batched.run_id, "process_files_job", "SUCCESS")
+    ]
+    assert doc["runs"][0]["startTime"]

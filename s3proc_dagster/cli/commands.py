@@ -13,8 +13,10 @@ import json
 import os
 import signal
 import sys
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dotenv import load_dotenv
 
@@ -22,15 +24,15 @@ from s3proc_dagster.errors import S3ProcError
 from s3proc_dagster.files import parking
 from s3proc_dagster.logs import configure_logging
 from s3proc_dagster.models import ChunkStatus, FileStatus, ProcessingStatus
-from s3proc_dagster.names import BACKFILL_TAG, SOURCE_TAG
+from s3proc_dagster.names import SOURCE_TAG
 from s3proc_dagster.settings import Configuration, LoggingConfig, load_configuration
 from s3proc_dagster.sources.paths import (
     ENTRY_SEPARATOR,
     path_below,
-    relative_to_watch,
     resolve_user_path,
 )
 from s3proc_dagster.stores import open_store
+from s3proc_dagster.stores.base import ProgressStore
 
 if TYPE_CHECKING:
     import dagster as dg
@@ -72,38 +74,105 @@ def _chunk_lines(chunks: list[ChunkStatus]) -> list[str]:
     return _table(headers, rows, right={0, 2, 4, 5})
 
 
+def dagster_home() -> Path:
+    """DAGSTER_HOME, or the checkout's `.dagster_home` where `scripts/dev` writes the instance."""
+    return Path(os.environ.get("DAGSTER_HOME") or Path.cwd() / ".dagster_home")
+
+
+def _started(timestamp: float | None) -> str | None:
+    return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
+
+
+def _file_runs(files: list[FileStatus], cfg: Configuration) -> tuple[dict[str, list[dict[str, Any]]] | None, str]:
+    """Each file's runs, newest first, found by the tag every run of a file carries, its
+    own or a batch's (`runs.tags.recorded_file_tag`); or None and why they cannot be listed.
+
+    Read-only: unlike `get_instance`, no instance is written where there is none, and an
+    instance that does not open (its PostgreSQL down) costs the listing, not the command."""
+    import dagster as dg
+
+    from s3proc_dagster.runs.tags import recorded_file_tag
+
+    home = dagster_home()
+    if not ((home / "dagster.yaml").is_file() or (home / "storage").is_dir()):
+        return None, f"no Dagster instance at {home} (DAGSTER_HOME), so its runs are not listed"
+    watch, error_dir = cfg.monitoring.watch_path, cfg.processing.error_directory
+    found: dict[str, list[dict[str, Any]]] = {}
+    try:
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            for f in files:
+                tag = recorded_file_tag(f, watch, error_dir, cfg.s3.incoming_prefix)
+                found[f.file_id] = [
+                    {
+                        "runId": r.dagster_run.run_id,
+                        "job": r.dagster_run.job_name,
+                        "status": r.dagster_run.status.value,
+                        "startTime": _started(r.start_time),
+                    }
+                    for r in instance.get_run_records(dg.RunsFilter(tags=tag))
+                ]
+    except Exception as exc:  # whatever the storage raises, the records above are still worth showing
+        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        return (
+            None,
+            f"the Dagster instance at {home} did not open ({type(exc).__name__}: {reason}), so runs are not listed",
+        )
+    return found, ""
+
+
+def _run_lines(runs: list[dict[str, Any]]) -> list[str]:
+    if not runs:
+        return ["    runs: none on the Dagster instance"]
+    rows = [[r["runId"][:8], r["job"], r["status"], r["startTime"] or "-"] for r in runs]
+    return ["    runs, newest first:", *_table(["run", "job", "status", "started (UTC)"], rows, right=set())]
+
+
 def _status(args: argparse.Namespace) -> int:
     cfg = load_configuration()
+    watch, error_dir = cfg.monitoring.watch_path, cfg.processing.error_directory
     store = open_store(cfg.processing)
     try:
         files = store.list_files()
         recorded = bool(files)
         if args.path:
-            ref = resolve_user_path(args.path, cfg.monitoring.watch_path, Path.cwd(), cfg.processing.error_directory)
+            ref = resolve_user_path(args.path, watch, Path.cwd(), error_dir)
             files = [f for f in files if ref.matches(f)]
         chunks = {f.file_id: store.list_chunks(f.file_id) for f in files} if args.chunks else {}
     finally:
         store.close()
+    parked = {f.file_id: parking.parked_path(f, watch, error_dir) for f in files}
+    runs, no_runs = _file_runs(files, cfg) if args.path and files else ({}, "")
     if args.json:
         out = []
         for f in files:
             doc = f.to_document()
+            doc["parkedPath"] = parked[f.file_id]
             if args.chunks:
                 doc["chunks"] = [c.to_document() for c in chunks[f.file_id]]
+            if args.path:
+                doc["runs"] = None if runs is None else runs.get(f.file_id, [])
             out.append(doc)
         json.dump(out, sys.stdout, indent=2)
         sys.stdout.write("\n")
+        if no_runs:
+            print(f"s3proc: {no_runs}", file=sys.stderr)
     else:
         if not recorded and not args.path:
             print("no files recorded yet")
         for f in files:
             stats = f.processing_stats
+            # where the file is now; an output only once there is one (COMPLETED)
+            where = parked[f.file_id] or f.file_path
+            output = f"  ->  {f.output_key}" if f.status is ProcessingStatus.COMPLETED and f.output_key else ""
+            moved = f"  (parked in the error directory; read from {f.file_path})" if parked[f.file_id] else ""
             print(
-                f"{f.status.name:<11} {stats.completed_chunks:>4}/{f.total_chunks:<4} chunks  "
-                f"{f.file_path}  ->  {f.output_key or '-'}" + (f"  error: {f.error_details}" if f.error_details else "")
+                f"{f.status.name:<11} {stats.completed_chunks:>4}/{f.total_chunks:<4} chunks  {where}{output}{moved}"
+                + (f"  error: {f.error_details}" if f.error_details else "")
             )
             if args.chunks:
                 print("\n".join(_chunk_lines(chunks[f.file_id])))
+            if args.path:
+                print("\n".join(_run_lines(runs[f.file_id])) if runs is not None else f"    runs: {no_runs}")
     if args.path and not files:
         empty = "" if recorded else " (no files recorded yet)"
         print(f"s3proc: no file matches {args.path}{empty}", file=sys.stderr)
@@ -119,7 +188,7 @@ def get_instance() -> dg.DagsterInstance:
     from s3proc_dagster.cli.dev import write_instance
 
     if not os.environ.get("DAGSTER_HOME"):
-        home = Path.cwd() / ".dagster_home"
+        home = dagster_home()
         if not (home / "dagster.yaml").exists():
             write_instance(home, int(os.environ.get("MAX_CONCURRENCY", "4")))
         os.environ["DAGSTER_HOME"] = str(home)
@@ -194,8 +263,19 @@ def _outcome(status: FileStatus | None, run_id: str, success: bool) -> str:
 def _retry_refusal(status: FileStatus, rel: str | None, force: bool) -> str | None:
     """Why `retry` will not reset this record, or None. Each refusal is a case where a
     reset would either undo finished work unasked or leave the file PENDING with
-    nothing to pick it up (the watch sensor re-runs only files on disk under WATCH_PATH)."""
+    nothing to pick it up (the watch sensor re-runs only files on disk under WATCH_PATH).
+
+    What no option changes comes first (an archive entry, an S3 object, a file outside
+    WATCH_PATH), then what the file's state decides: so the advice given is never one a
+    second try refuses (`--force` on an entry would only be told to retry the archive).
+    """
     path = status.file_path
+    if ENTRY_SEPARATOR in path:
+        return f"is an entry of an archive: retry the archive, {path.partition(ENTRY_SEPARATOR)[0]}"
+    if "://" in path:
+        return f"came from S3, which the watch sensor does not re-read: run `s3proc process {path}`"
+    if rel is None:
+        return f"is not under WATCH_PATH, so the watch sensor would not see it: run `s3proc process {path}`"
     if status.status is ProcessingStatus.IN_PROGRESS:
         return "is IN_PROGRESS: a run is processing it (if that run died, crash recovery sets it back to PENDING)"
     if status.status is ProcessingStatus.COMPLETED and not force:
@@ -203,13 +283,16 @@ def _retry_refusal(status: FileStatus, rel: str | None, force: bool) -> str | No
             "is COMPLETED, not FAILED: nothing to retry. To process it again, "
             "`s3proc retry --force` sets it back to PENDING and the watch sensor runs it again"
         )
-    if ENTRY_SEPARATOR in path:
-        return f"is an entry of an archive: retry the archive, {path.partition(ENTRY_SEPARATOR)[0]}"
-    if "://" in path:
-        return f"came from S3, which the watch sensor does not re-read: run `s3proc process {path}`"
-    if rel is None:
-        return f"is not under WATCH_PATH, so the watch sensor would not see it: run `s3proc process {path}`"
     return None
+
+
+def back_to_pending(store: ProgressStore, status: FileStatus, watch: Path, error_dir: Path) -> None:
+    """The manual retry's two moves: a local original comes back from the error directory
+    (unless a file is at its path again: that one is run, the parked copy left alone), and
+    the record goes back to PENDING. `retry` and `backfill --status failed` both use it."""
+    if "://" not in status.file_path and not Path(status.file_path).exists():
+        parking.unpark(Path(status.file_path), watch, error_dir)
+    store.reset_to_pending(status.file_id, None)
 
 
 def _retry(args: argparse.Namespace) -> int:
@@ -245,61 +328,193 @@ def _retry(args: argparse.Namespace) -> int:
                     print(f"s3proc: {status.file_path}: {problem}", file=sys.stderr)
                     refused += 1
                     continue
-                if not path.exists():
-                    parking.unpark(path, watch, error_dir)
                 was = status.status.name
-                store.reset_to_pending(status.file_id, None)
+                back_to_pending(store, status, watch, error_dir)
                 print(f"PENDING    {path}  (was {was}; the watch sensor will run it again)")
     finally:
         store.close()
     return 1 if refused else 0
 
 
-def select_backfill(cfg, store, since: str | None, status: str | None, pattern: str | None) -> list[Path]:
-    """Files under WATCH_PATH matching every given filter (glob, mtime since, store status)."""
-    from datetime import datetime
+@dataclass(frozen=True)
+class BackfillFile:
+    """A file a backfill queues a run for, and where it is until then."""
 
+    path: str  # what its run reads: a path below WATCH_PATH, or an s3:// URI
+    relative_path: str
+    record: FileStatus | None = None
+    parked: str | None = None  # a FAILED file in the error directory: brought back to `path` first
+
+    @property
+    def now(self) -> str:
+        return self.parked or self.path
+
+
+def _recorded_where(record: FileStatus, watch: Path, error_dir: Path, incoming_prefix: str) -> BackfillFile | None:
+    """A record's file where a run can read it again, or None (gone, or an archive entry,
+    which its archive's run processes, or read from outside WATCH_PATH: `s3proc process`)."""
+    from s3proc_dagster.sources.confined import is_regular
+    from s3proc_dagster.sources.resolve import relative_key
+    from s3proc_dagster.transfer.keys import split_uri
+
+    path = record.file_path
+    if ENTRY_SEPARATOR in path:
+        return None
+    if "://" in path:
+        return BackfillFile(path, relative_key(split_uri(path)[1], incoming_prefix), record)
+    rel = path_below(path, watch)
+    if rel is None:
+        return None
+    if is_regular(path):
+        return BackfillFile(path, rel, record)
+    parked = parking.parked_path(record, watch, error_dir)
+    return BackfillFile(path, rel, record, parked) if parked else None
+
+
+def _modified_ns(file: BackfillFile, cfg: Configuration) -> int | None:
+    """When the file where it is now was last modified (a parked file keeps its mtime)."""
+    if "://" not in file.now:
+        try:
+            return os.stat(file.now).st_mtime_ns
+        except FileNotFoundError:
+            return None  # gone since it was found
+    from s3proc_dagster.transfer.client import client_for
+    from s3proc_dagster.transfer.keys import split_uri
+    from s3proc_dagster.transfer.verify import head
+
+    found = head(client_for(cfg.s3), *split_uri(file.now))
+    return None if found is None else int(found["LastModified"].timestamp() * 1e9)
+
+
+def select_backfill(
+    cfg: Configuration, store: ProgressStore, since: str | None, status: str | None, pattern: str | None
+) -> list[BackfillFile]:
+    """The files matching every given filter (glob on the relative path, mtime since, status).
+
+    Without a status: the files under WATCH_PATH, as the watch sensor sees them. With one:
+    the records of that status, each found where it is now, which for a FAILED file is the
+    error directory (it was moved there, so no scan of WATCH_PATH finds it), and for an
+    object from S3 the object itself (a run reads it again)."""
     from s3proc_dagster.files.globs import path_matches
     from s3proc_dagster.sources.watch import scan
 
-    root = cfg.monitoring.watch_path
-    files = scan(root, skip_dirs=(cfg.processing.error_directory, cfg.processing.staging_directory))
+    watch, error_dir = cfg.monitoring.watch_path, cfg.processing.error_directory
     if status:
-        wanted = {f.file_path for f in store.list_files(ProcessingStatus.parse(status))}
-        files = [f for f in files if str(f.path) in wanted]
+        records = store.list_files(ProcessingStatus.parse(status))
+        located = (_recorded_where(r, watch, error_dir, cfg.s3.incoming_prefix) for r in records)
+        files = [f for f in located if f is not None]
+    else:
+        seen = scan(watch, skip_dirs=(error_dir, cfg.processing.staging_directory))
+        files = [BackfillFile(str(f.path), f.relative_path) for f in seen]
     if pattern:
         files = [f for f in files if path_matches(f.relative_path, pattern)]
     if since:
         cutoff = datetime.fromisoformat(since).timestamp() * 1e9
-        files = [f for f in files if f.mtime_ns >= cutoff]
-    return [f.path for f in sorted(files, key=lambda f: f.relative_path)]
+        files = [f for f in files if (modified := _modified_ns(f, cfg)) is not None and modified >= cutoff]
+    return sorted({f.path: f for f in files}.values(), key=lambda f: f.relative_path)
+
+
+DEFAULT_UI_URL = "http://127.0.0.1:3000"
+
+
+def ui_url(given: str | None) -> tuple[str, str]:
+    """The webserver `backfill` queues on, and where that came from (for the error message):
+    --url; else S3PROC_UI_URL, from the environment or `.env` (where `s3proc dev` writes
+    it into the `.env` it wrote itself); else what `s3proc dev` recorded in DAGSTER_HOME;
+    else where `scripts/dev` serves it by default."""
+    from dotenv import dotenv_values
+
+    from s3proc_dagster.cli.dev import UI_URL_ENV, UI_URL_FILE, recorded_ui_url
+
+    if given:
+        return given, "--url"
+    if url := os.environ.get(UI_URL_ENV):
+        dotenv = Path.cwd() / ".env"
+        in_dotenv = dotenv.is_file() and dotenv_values(dotenv).get(UI_URL_ENV) == url
+        return url, f"{UI_URL_ENV} in {dotenv}" if in_dotenv else f"{UI_URL_ENV} in the environment"
+    if url := recorded_ui_url(dagster_home()):
+        return url, f"recorded by s3proc dev in {dagster_home() / UI_URL_FILE}"
+    return DEFAULT_UI_URL, "the default"
+
+
+class UiUnreachable(Exception):
+    """No Dagster webserver answers where `backfill` would queue its runs."""
+
+
+def _ui_client(url: str, origin: str) -> Any:
+    """A GraphQL client on the webserver at `url`, once it has answered: a backfill against a
+    UI that is not there stops before it changes anything, in one line naming the URL."""
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    from dagster_graphql import DagsterGraphQLClient, DagsterGraphQLClientError
+
+    advice = "start it (scripts/dev), or name the webserver with --url"
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UiUnreachable(f"{url} ({origin}) is not an http:// or https:// URL: {advice}")
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/server_info", timeout=10):
+            pass
+    except OSError as exc:  # URLError, HTTPError, a timeout: all "not a UI we can use"
+        reason = getattr(exc, "reason", None) or exc
+        raise UiUnreachable(f"no Dagster UI answers at {url} ({origin}; {reason}): {advice}") from None
+    try:
+        return DagsterGraphQLClient(
+            parts.hostname,
+            port_number=parts.port,
+            use_https=parts.scheme == "https",
+            path_prefix=parts.path.rstrip("/"),
+        )
+    except DagsterGraphQLClientError as exc:
+        raise UiUnreachable(f"the Dagster UI at {url} ({origin}) did not take a client ({exc}): {advice}") from None
 
 
 def _backfill(args: argparse.Namespace) -> int:
-    """One queued run per matching file, through a running Dagster webserver's run queue."""
-    from urllib.parse import urlparse
+    """One queued run per matching file, through a running Dagster webserver's run queue.
 
-    from dagster_graphql import DagsterGraphQLClient
-
-    from s3proc_dagster.runs.requests import run_request_for
+    A FAILED file is first retried as `s3proc retry` does (`back_to_pending`), so its run
+    finds it where the run reads it, PENDING. Should the watch sensor tick in between, it
+    may request the file too (it re-runs PENDING files): the tag concurrency limit keeps
+    the two runs apart, and the later one finds the file COMPLETED and skips it.
+    """
+    from dagster_graphql import DagsterGraphQLClientError
 
     cfg = load_configuration()
+    watch, error_dir = cfg.monitoring.watch_path, cfg.processing.error_directory
+    url, origin = ui_url(args.url)
+    try:
+        client = None if args.dry_run else _ui_client(url, origin)
+    except UiUnreachable as exc:
+        print(f"s3proc: {exc}", file=sys.stderr)
+        return 1
     store = open_store(cfg.processing)
     try:
-        paths = select_backfill(cfg, store, args.since, args.status, args.glob)
+        files = select_backfill(cfg, store, args.since, args.status, args.glob)
+        for f in files:
+            failed = f.record is not None and f.record.status is ProcessingStatus.FAILED
+            if args.dry_run:
+                back = f"back to {f.path} and " if f.parked else ""
+                print(
+                    f"would queue  {f.now}" + (f"  (FAILED: {back}PENDING first, as `s3proc retry`)" if failed else "")
+                )
+                continue
+            if failed:
+                back_to_pending(store, f.record, watch, error_dir)
+            request = request_for(f.path, cfg)
+            tags = {**request.tags, "s3proc/backfill": "true"}
+            try:
+                run_id = client.submit_job_execution(request.job_name, run_config=request.run_config, tags=tags)
+            except DagsterGraphQLClientError as exc:
+                reason = (str(exc).strip().splitlines() or [""])[0][:200]
+                pending = "; it is PENDING now, so a sensor runs it again once a daemon runs" if failed else ""
+                print(f"s3proc: {f.path}: not queued on {url} ({reason}){pending}", file=sys.stderr)
+                return 1
+            back = f"; back from {f.parked}" if f.parked else ""
+            print(f"queued {run_id[:8]}  {f.path}" + (f"  (was FAILED{back})" if failed else ""))
     finally:
         store.close()
-    url = urlparse(args.url)
-    client = DagsterGraphQLClient(url.hostname or "127.0.0.1", port_number=url.port, use_https=url.scheme == "https")
-    for path in paths:
-        request = run_request_for(str(path), relative_to_watch(path, cfg.monitoring.watch_path), run_key="")
-        tags = {**request.tags, BACKFILL_TAG: "true"}
-        if args.dry_run:
-            print(f"would queue  {path}")
-            continue
-        run_id = client.submit_job_execution(request.job_name, run_config=request.run_config, tags=tags)
-        print(f"queued {run_id[:8]}  {path}")
-    print(f"{len(paths)} file(s) {'selected' if args.dry_run else 'queued'}")
+    print(f"{len(files)} file(s) {'selected' if args.dry_run else 'queued'}")
     return 0
 
 
@@ -316,7 +531,7 @@ examples:
   s3proc status --json                          the same as JSON, for scripts
   s3proc read nyc/flights.csv --limit 10        a file's records back from S3, as CSV
   s3proc process data/incoming/promo.csv        process a file now and wait
-  s3proc backfill --status failed --dry-run     list the files a backfill would queue
+  s3proc backfill --status failed --dry-run     list the FAILED files a backfill would run again
   s3proc retry data/errors/promo.csv            reprocess a FAILED file
   s3proc dev --port 3001                        run everything locally, Dagster UI on port 3001
 
@@ -348,8 +563,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="every recorded file with its status, chunks, output and error",
         description=(
             "Every file in the progress store (PROGRESS_DB_PATH or MONGODB_URI) with its status, "
-            "chunks done/total, where its output was written and the error if it failed. "
-            "Exit status 1 when PATH is given and no file matches it."
+            "chunks done/total, where it is now (a FAILED file is parked in the error directory), where "
+            "its output was written (COMPLETED files only) and the error if it failed. With PATH, also "
+            "the runs that processed the file, its own and batch runs, from the Dagster instance at "
+            "DAGSTER_HOME (default ./.dagster_home). Exit status 1 when PATH is given and no file matches it."
         ),
     )
     status.add_argument("path", nargs="?", metavar="PATH", help=f"show only this file: {FILE_ARGUMENT}")
@@ -358,7 +575,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help=(
             "print a JSON list with the stored field names (fileId, filePath, status, outputKey, "
-            "s3Bucket/s3Key of a source object in S3, processingStats, errorSummary, errorDetails ...)"
+            "s3Bucket/s3Key of a source object in S3, processingStats, errorSummary, errorDetails ...), "
+            "plus parkedPath (where a FAILED file waits in the error directory now, else null) and, "
+            'with PATH, "runs" (runId, job, status, startTime of each run that processed it)'
         ),
     )
     status.add_argument(
@@ -398,15 +617,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     backfill = sub.add_parser(
         "backfill",
-        help="queue one run per matching file under WATCH_PATH, through the Dagster webserver",
+        help="queue one run per matching file, through the Dagster webserver",
         description=(
-            "Queue one process_file_job run per file under WATCH_PATH that matches every filter "
-            "given, through a running Dagster webserver (`s3proc dev` or scripts/dev runs one); "
-            "the instance's run queue then runs them, at most MAX_CONCURRENCY at once."
+            "Queue one process_file_job run per file that matches every filter given, through a "
+            "running Dagster webserver (`s3proc dev` or scripts/dev runs one); the instance's run "
+            "queue then runs them, at most MAX_CONCURRENCY at once. Without --status the files are "
+            "those under WATCH_PATH; with it, the recorded files of that status wherever they are now: "
+            "under WATCH_PATH, parked in the error directory (FAILED files), or in S3. A FAILED file is "
+            "first retried as `s3proc retry` does: moved back to WATCH_PATH and set PENDING. An archive's "
+            "entries run with their archive. Exit status 1 when no webserver answers."
         ),
     )
     backfill.add_argument(
-        "--glob", help="path pattern relative to WATCH_PATH, ** for any folders, e.g. 'march2024/**/*.csv'"
+        "--glob",
+        help=(
+            "path pattern relative to WATCH_PATH (or to S3_INCOMING_PREFIX for an object), "
+            "** for any folders, e.g. 'march2024/**/*.csv'"
+        ),
     )
     backfill.add_argument(
         "--since", help="only files modified at or after this ISO date or time, e.g. 2026-11-01 or 2026-11-01T08:00"
@@ -414,14 +641,24 @@ def build_parser() -> argparse.ArgumentParser:
     backfill.add_argument(
         "--status",
         choices=["pending", "in_progress", "completed", "failed"],
-        help="only files whose recorded status is this",
+        help=(
+            "only files whose recorded status is this; `failed` finds them in the error directory "
+            "and brings each back before its run is queued"
+        ),
     )
     backfill.add_argument(
         "--url",
-        default="http://127.0.0.1:3000",
-        help="the Dagster webserver to queue the runs on (default: %(default)s, where scripts/dev serves it)",
+        help=(
+            "the Dagster webserver to queue the runs on (default: $S3PROC_UI_URL, which `s3proc dev` writes "
+            "into the .env it wrote; else the URL `s3proc dev` last recorded in DAGSTER_HOME; else "
+            f"{DEFAULT_UI_URL}, where scripts/dev serves it by default)"
+        ),
     )
-    backfill.add_argument("--dry-run", action="store_true", help="list the files that would be queued; queue nothing")
+    backfill.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list the files that would be queued, where they are now; change nothing and contact no webserver",
+    )
     backfill.set_defaults(func=_backfill)
 
     retry = sub.add_parser(

@@ -154,10 +154,16 @@ DEV_ENV_KEYS = (
 )
 
 
-DEV_ENV_HEADER = "# Written by scripts/dev for the embedded SeaweedFS; see .env.example for every setting."
+#: The first line of a `.env` that `s3proc dev` wrote: only such a file is ever updated.
+DEV_ENV_MARKER = "# Written by scripts/dev"
+DEV_ENV_HEADER = f"{DEV_ENV_MARKER} for the embedded SeaweedFS; see .env.example for every setting."
+#: The Dagster UI's URL, which `s3proc backfill` queues runs on.
+UI_URL_ENV = "S3PROC_UI_URL"
+#: The UI's URL as `s3proc dev` last served it, in DAGSTER_HOME beside dagster.yaml.
+UI_URL_FILE = "s3proc-ui-url"
 
 
-def _write_dev_env(path: Path) -> None:
+def write_dev_env(path: Path) -> None:
     """On first use, write the embedded settings to `.env`, so that `s3proc status`,
     `s3proc process` and `dagster job launch` in another terminal reach the same
     SeaweedFS and store. It holds the S3 keys, so it is 0600 from its creation.
@@ -172,6 +178,41 @@ def _write_dev_env(path: Path) -> None:
             ours = existing.readline().rstrip("\n") == DEV_ENV_HEADER
         if ours:
             tighten(path)
+
+
+def record_ui_url_in_dotenv(path: Path, url: str) -> bool:
+    """Add or update the one `S3PROC_UI_URL=` line of a `.env` that `s3proc dev` wrote (its
+    first line is DEV_ENV_MARKER), so `s3proc backfill` reaches a UI on another port from
+    `.env` alone. A `.env` without the marker is the user's: left alone (False)."""
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return False
+    if not lines or not lines[0].startswith(DEV_ENV_MARKER):
+        return False
+    line = f"{UI_URL_ENV}={url}"
+    kept = [other for other in lines if not other.startswith(f"{UI_URL_ENV}=")]
+    path.write_text("\n".join([*kept, line]) + "\n")
+    return True
+
+
+def record_ui_url(dagster_home: Path, url: str) -> None:
+    """The UI's URL in the instance directory, for a `.env` that is the user's (or none):
+    `s3proc backfill` finds it through DAGSTER_HOME."""
+    (dagster_home / UI_URL_FILE).write_text(url + "\n")
+
+
+def recorded_ui_url(dagster_home: Path) -> str | None:
+    try:
+        return (dagster_home / UI_URL_FILE).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def ui_url(host: str, port: int) -> str:
+    """The URL a client on this machine reaches the UI at (0.0.0.0 listens on loopback too)."""
+    probe_host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://{f'[{probe_host}]' if ':' in probe_host else probe_host}:{port}"
 
 
 #: How long `dagster dev` gets to stop its webserver, daemon, code server and run workers
@@ -195,9 +236,17 @@ class _StopSignals:
     Installed before anything starts, so a signal during start-up also stops what has
     started. The first signal raises; later ones, and any that arrive once `stopping` is
     set, are ignored, so a second Ctrl-C cannot cut the shutdown short and leave a server
-    behind (the shutdown has its own deadline and SIGKILL fallback). SIGINT that was
-    ignored when we started (`&` in a non-interactive shell) stays ignored, as the shell
-    asked; SIGTERM and SIGHUP still work.
+    behind (the shutdown has its own deadline and SIGKILL fallback).
+
+    SIGINT is honoured even when it was ignored when we started. A shell ignores it for
+    a job it starts with `&` without job control, so that a Ctrl-C meant for the
+    foreground does not also stop the background; but SIGINT reaches us by other ways
+    than a terminal too (`kill -INT`, a supervisor, `setsid scripts/dev &` then
+    `kill -INT -PGID`), and each is an explicit request to stop. Keeping it ignored made
+    such a request do nothing, silently, for good. The cost: a Ctrl-C typed at a script
+    that started us with `&` stops us too, which is what it usually means. Our servers
+    are in sessions of their own (`start_in_own_group`), so the SIGINT reaches only us,
+    and `dagster dev` still gets its one SIGINT from `stop_process_group`, as on Ctrl-C.
     """
 
     def __init__(self) -> None:
@@ -213,8 +262,6 @@ class _StopSignals:
     def __enter__(self) -> Self:
         for sig in STOP_SIGNALS:
             self._saved[sig] = signal.getsignal(sig)
-            if sig == signal.SIGINT and self._saved[sig] == signal.SIG_IGN:
-                continue
             signal.signal(sig, self._handle)
         return self
 
@@ -275,8 +322,7 @@ def check_ports(host: str, port: int, s3_port: int | None, s3_setting: str) -> N
 
 def _wait_for_ui(dagster: subprocess.Popen, host: str, port: int, deadline_s: float = UI_START_DEADLINE_S) -> None:
     """Until the webserver answers /server_info: before that, "UI on ..." would be a promise."""
-    probe_host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
-    url = f"http://{f'[{probe_host}]' if ':' in probe_host else probe_host}:{port}/server_info"
+    url = f"{ui_url(host, port)}/server_info"
     deadline = time.monotonic() + deadline_s
     while True:
         if dagster.poll() is not None:
@@ -331,7 +377,7 @@ def run_dev(host: str = "127.0.0.1", port: int = 3000, root: Path | None = None)
                     s3_port=s3_port,
                 )
                 os.environ["S3_ENDPOINT"] = seaweed.url
-                _write_dev_env(root / ".env")
+                write_dev_env(root / ".env")
                 print(f"SeaweedFS S3 endpoint: {seaweed.url} (data in {data / 'seaweedfs'})", flush=True)
 
             cfg = load_configuration()  # fail here, with every bad variable named, not inside dagster
@@ -361,6 +407,8 @@ def run_dev(host: str = "127.0.0.1", port: int = 3000, root: Path | None = None)
             ]
             dagster = start_in_own_group(cmd, cwd=root)
             _wait_for_ui(dagster, host, port)
+            record_ui_url(home, ui_url(host, port))
+            record_ui_url_in_dotenv(root / ".env", ui_url(host, port))
             print(f"UI on http://{host}:{port} (Ctrl-C, SIGTERM or SIGHUP stops everything)", flush=True)
             return dagster.wait()
         except StopRequested as stop:
@@ -369,6 +417,12 @@ def run_dev(host: str = "127.0.0.1", port: int = 3000, root: Path | None = None)
         finally:
             signals.stopping = True
             if dagster is not None:
-                stop_process_group(dagster, DAGSTER_STOP_DEADLINE_S, signal.SIGINT)
+                code = stop_process_group(dagster, DAGSTER_STOP_DEADLINE_S, signal.SIGINT)
+                if code == -signal.SIGKILL:
+                    print(
+                        f"dagster dev did not stop within {DAGSTER_STOP_DEADLINE_S:.0f}s of SIGINT: killed with its group",
+                        file=sys.stderr,
+                        flush=True,
+                    )
             if seaweed is not None:
                 seaweed.stop()

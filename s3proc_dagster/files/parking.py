@@ -11,14 +11,16 @@ caller records why on the file's record, so the user learns it from `s3proc stat
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from s3proc_dagster.errors import UnsafeSourceError
+from s3proc_dagster.models import FileStatus, ProcessingStatus
 from s3proc_dagster.sources.confined import confined_path, is_regular
-from s3proc_dagster.sources.paths import relative_to_watch
+from s3proc_dagster.sources.paths import ENTRY_SEPARATOR, path_below, relative_to_watch
 
 NOTE_SUFFIX = ".error.json"
 
@@ -55,6 +57,25 @@ def parked_location(path: Path, watch: Path, error_dir: Path) -> tuple[Path, Pat
     else:
         rel = relative_to_watch(resolved, watch)
     return error_dir / rel, watch / rel
+
+
+def parked_path(record: FileStatus, watch: Path, error_dir: Path) -> str | None:
+    """Where a FAILED record's file waits in the error directory now, or None when it is not
+    parked (not FAILED, not from below WATCH_PATH, or left in place because the move failed).
+
+    The record keeps the path the file was read from, which is where a retry brings it
+    back; this is where it is meanwhile. An archive entry is parked with its archive
+    (`<parked archive>!/<entry>`). Only a FAILED record, and only while nothing is back at
+    its path: a file there is the one a retry runs, leaving the parked copy alone (a new
+    version dropped at the same path must not be overwritten by the old one).
+    """
+    if record.status is not ProcessingStatus.FAILED:
+        return None
+    archive, sep, entry = record.file_path.partition(ENTRY_SEPARATOR)
+    rel = None if "://" in archive else path_below(archive, watch)
+    if rel is None or os.path.lexists(archive) or not is_regular(error_dir / rel):
+        return None
+    return f"{error_dir / rel}{sep}{entry}"
 
 
 def unpark(path: Path, watch: Path, error_dir: Path) -> Path:

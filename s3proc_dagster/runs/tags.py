@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
+from s3proc_dagster.models import FileStatus, make_file_id
 from s3proc_dagster.names import EXTENSION_TAG, FILE_ID_TAG, FILE_TAG, PATH_TAG, SOURCE_TAG
 from s3proc_dagster.sources.metadata import run_tags
+from s3proc_dagster.sources.paths import ENTRY_SEPARATOR, path_below
+from s3proc_dagster.sources.resolve import relative_key
+from s3proc_dagster.transfer.keys import split_uri
 
 
 def file_tag(relative_path: str, file_id: str) -> dict[str, str]:
@@ -14,6 +18,23 @@ def file_tag(relative_path: str, file_id: str) -> dict[str, str]:
     one per file (a run tag has one value, so the path is in the key), and a single
     file's run the same, so one filter finds both (`s3proc/file/nyc/flights.csv`)."""
     return {f"{FILE_TAG}/{relative_path}": file_id}
+
+
+def recorded_file_tag(record: FileStatus, watch: Path, error_dir: Path, incoming_prefix: str) -> dict[str, str]:
+    """The `file_tag` on the runs that processed a recorded file, from its record alone.
+
+    Its relative path is the runs': below WATCH_PATH (or below ERROR_DIRECTORY for a file
+    named there), the key below S3_INCOMING_PREFIX for an object, the name alone for a
+    file from elsewhere. An archive entry is processed by its archive's runs, so it has
+    the archive's tag.
+    """
+    source, in_archive, _ = record.file_path.partition(ENTRY_SEPARATOR)
+    if "://" in source:
+        rel = relative_key(split_uri(source)[1], incoming_prefix)
+    else:
+        rel = path_below(source, watch) or path_below(source, error_dir) or PurePosixPath(source).name
+    file_id = (record.metadata.get("archiveFileId") or make_file_id(rel)) if in_archive else record.file_id
+    return file_tag(rel, file_id)
 
 
 def file_run_tags(
