@@ -25,6 +25,10 @@ class FaultyS3Proxy:
         # substring -> how many more PUTs of a matching key fail (then they pass): a fault that
         # lasts a number of requests, as boto3 retries each upload itself (its max_attempts)
         self.fail_puts_first: dict[str, int] = {}
+        # what those counted failures answer: 409 OperationAborted is an S3 answer boto3 does
+        # not retry by itself, so one failure is one failed upload call, whatever boto3's
+        # retry budget left over from earlier faults (the product retries it: not permanent)
+        self.counted_failure = (409, "OperationAborted")
         self.failed_requests = 0
         self.put_keys: list[str] = []
         self.stall_containing: str | None = None  # requests to such paths wait for `release`
@@ -63,13 +67,14 @@ class FaultyS3Proxy:
                     return
                 rule = proxy.fail_puts_containing
                 counted = next((k for k, n in proxy.fail_puts_first.items() if n > 0 and k in path), None)
+                status, code = 503, "ServiceUnavailable"
                 if counted and self.command == "PUT":
                     proxy.fail_puts_first[counted] -= 1
-                    rule = counted
+                    rule, (status, code) = counted, proxy.counted_failure
                 if rule and self.command == "PUT" and rule in path:
                     proxy.failed_requests += 1
-                    payload = b"<Error><Code>ServiceUnavailable</Code><Message>injected by test</Message></Error>"
-                    self.send_response(503)
+                    payload = f"<Error><Code>{code}</Code><Message>injected by test</Message></Error>".encode()
+                    self.send_response(status)
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
                     self.wfile.write(payload)
