@@ -554,7 +554,7 @@ def baseline_worker(spec_path: Path) -> int:
     store, client = open_store(processing), client_for(cfg.s3)
     claimant = pipeline.Claimant("baseline", lambda other: other == "baseline")
     ctx = pipeline.StepContext(store, claimant, staging, client, cfg.s3.bucket, prefix, processing.error_directory)
-    recipe = pipeline.ConversionRecipe.of(processing)
+    recipe = pipeline.ConversionRecipe.of(cfg)
     release = not processing.staging_retention.total_seconds()
     usage0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     for path in spec["files"]:

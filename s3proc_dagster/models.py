@@ -163,6 +163,10 @@ class FileStatus(Document):
     # The Dagster run that holds the file while IN_PROGRESS (and the last one that did):
     # a claim is only as good as that run's liveness, so a killed run never blocks a file.
     run_id: str | None = None
+    # A zone's after_success on the original once the version is COMPLETED: `delete (pending)`
+    # or `move:<where> (pending)` with the COMPLETED write, then what was done (`deleted`,
+    # `moved to <where>`, or why not): a crash between the two is finished by recovery.
+    after_success: str | None = None
 
 
 class RejectedPart(Document):
@@ -257,7 +261,7 @@ def chunk_id(file_id: str, chunk_index: int) -> str:
 _SLUG = re.compile(r"[^a-z0-9]+")
 
 
-def make_file_id(relative_path: str) -> str:
+def make_file_id(relative_path: str, zone: str = "") -> str:
     """`<name>-<hash>`: readable like the specification's example, unique and stable per source path.
 
     It depends only on the path below the watched directory (or below the S3 incoming
@@ -266,6 +270,8 @@ def make_file_id(relative_path: str) -> str:
     `a_b.csv`, `a//b.csv` all differ), with a first collision expected only after
     billions of paths.
     """
+    if zone:  # a declared landing zone's files: the same path in two zones is two files
+        relative_path = f"{zone}:{relative_path}"
     name = relative_path.rsplit("/", 1)[-1]
     stem = relative_path.rsplit(".", 1)[0] if "." in name else relative_path
     slug = _SLUG.sub("-", stem.lower()).strip("-")[:80] or "file"

@@ -35,4 +35,6 @@ DEAD_TAG = f"{TAG}/dead"  # how many dead runs and claims a recovery run settles
 BACKFILL_TAG = f"{TAG}/backfill"
 RETRY_TAG = f"{TAG}/retry"  # a file set back to PENDING after it started: runs again, alone
 REQUEST_ID_TAG = f"{TAG}/request_id"
+ZONE_TAG = f"{TAG}/zone"  # the declared landing zone a run's files came from
+DEFAULT_PRIORITY_TAG = "dagster/priority"  # a zone's priority; a file's own `priority` metadata wins
 META_TAG = f"{TAG}.meta"  # s3proc.meta/<key>: a file's metadata, apart from the product's own tags

@@ -295,8 +295,43 @@ class ImageConfig(BaseSettings):
         return value
 
 
+class ZoneConfig(BaseSettings):
+    """Which landing zone a run's files belong to, and what the zone adds to the settings
+    above (its source, destination, chunking and rules are WATCH_PATH or
+    S3_INCOMING_PREFIX, S3_PREFIX, CHUNK_SIZE... given for the zone's runs). Empty NAME
+    is the default zone: the settings alone, as without any zone declared."""
+
+    model_config = _config("ZONE_")
+
+    name: str = ""
+    include: Annotated[tuple[str, ...], NoDecode] = ("**",)  # comma-separated globs below the source
+    exclude: Annotated[tuple[str, ...], NoDecode] = ()
+    priority: int = Field(0, ge=-100, le=100)  # the zone's runs' dagster/priority
+    # keep | delete | move:<directory or s3://bucket/prefix>, once a version is COMPLETED and committed
+    after_success: str = "keep"
+    # _source_file, _source_row, _file_sha256 and _landed_at on every Parquet row
+    lineage_columns: bool = False
+    # a file whose columns differ from the zone's last landing: off, warn, or blocking (FAILED)
+    schema_drift: Literal["off", "warn", "blocking"] = "off"
+
+    @field_validator("include", "exclude", mode="before")
+    @classmethod
+    def _globs(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(g.strip() for g in value.split(",") if g.strip())
+        return value
+
+    @field_validator("after_success")
+    @classmethod
+    def _action(cls, value: str) -> str:
+        action, _, target = value.strip().partition(":")
+        if not ((action in ("keep", "delete") and not target) or (action == "move" and target)):
+            raise ValueError("must be keep, delete or move:<directory or s3://bucket/prefix>")
+        return value.strip()
+
+
 class Configuration:
-    """All four groups, loaded and validated together."""
+    """All the groups, loaded and validated together."""
 
     def __init__(
         self,
@@ -305,12 +340,14 @@ class Configuration:
         processing: ProcessingConfig,
         logging: LoggingConfig,
         images: ImageConfig,
+        zone: ZoneConfig | None = None,
     ) -> None:
         self.s3 = s3
         self.monitoring = monitoring
         self.processing = processing
         self.logging = logging
         self.images = images
+        self.zone = zone or ZoneConfig()
 
 
 _GROUPS: dict[str, tuple[type[BaseSettings], str]] = {
@@ -319,6 +356,7 @@ _GROUPS: dict[str, tuple[type[BaseSettings], str]] = {
     "processing": (ProcessingConfig, ""),
     "logging": (LoggingConfig, "LOG_"),
     "images": (ImageConfig, "IMAGE_"),
+    "zone": (ZoneConfig, "ZONE_"),
 }
 
 

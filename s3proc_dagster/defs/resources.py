@@ -11,7 +11,8 @@ names, never their values; no op reads a credential itself.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,23 @@ class Settings(dg.ConfigurableResource):
     @property
     def staging(self) -> Path:
         return self.config.processing.staging_directory
+
+    def for_zone(self, overrides: Mapping[str, str]) -> Settings:
+        """These settings as a landing zone's runs see them: its own variables (its source,
+        destination, chunking, rules...) over these, its failed files parked in a folder of
+        the error directory named after it. No overrides: these settings, the default zone."""
+        if not overrides:
+            return self
+        merged = {**self.overrides, **overrides}
+        if "ZONE_NAME" in overrides and "ERROR_DIRECTORY" not in overrides:
+            merged["ERROR_DIRECTORY"] = str(self.config.processing.error_directory / overrides["ZONE_NAME"])
+        return _zone_settings(self.env_file, tuple(sorted(merged.items())))
+
+
+@functools.cache
+def _zone_settings(env_file: str, overrides: tuple[tuple[str, str], ...]) -> Settings:
+    """One settings object per zone and process: a run's steps load the zone's settings once."""
+    return Settings(env_file=env_file, overrides=dict(overrides))
 
 
 class S3Storage(S3Resource):

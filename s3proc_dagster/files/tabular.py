@@ -25,7 +25,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +35,7 @@ import pyarrow as pa
 from s3proc_dagster.errors import ConversionError
 from s3proc_dagster.files.chunks import ChunkFile, ChunkSink, clear_chunks, numbers_as_text, write_chunks
 from s3proc_dagster.files.detect import is_tabular
+from s3proc_dagster.files.lineage import Lineage
 from s3proc_dagster.files.rules import (
     DEFAULT_MISSING_COLUMNS,
     MISSING_COLUMNS_POLICIES,
@@ -195,6 +196,8 @@ class _Read:
     rules: list[Rule]
     required_columns: tuple[str, ...]
     on_missing_columns: MissingColumnsPolicy
+    lineage: Lineage | None = None
+    check_columns: Callable[[list[tuple[str, str]]], None] | None = None
 
 
 def _open_stream(
@@ -250,9 +253,12 @@ def _one_pass(
     reader, columns, plan = _open_stream(conn, read, whole_file)
     first: list[pa.RecordBatch] = []
     try:
-        chunks = write_chunks(
-            _batches(reader, read.source), reader.schema, out_dir, chunk_size, compression, plan.validates, sink, first
-        )
+        if read.check_columns is not None:  # before a single row is written (or lands)
+            read.check_columns(columns)
+        batches, schema = _batches(reader, read.source), reader.schema
+        if read.lineage is not None:
+            batches, schema = read.lineage.apply(batches), read.lineage.schema(schema)
+        chunks = write_chunks(batches, schema, out_dir, chunk_size, compression, plan.validates, sink, first)
         hints = numbers_as_text(first[0]) if first else {}
         return chunks, columns, plan, hints
     finally:
@@ -325,6 +331,8 @@ def convert_to_parquet_chunks(
     on_missing_columns: MissingColumnsPolicy = DEFAULT_MISSING_COLUMNS,
     csv_null_strings: Sequence[str] = DUCKDB_NULL_STRINGS,
     sink: ChunkSink | None = None,
+    lineage: Lineage | None = None,
+    check_columns: Callable[[list[tuple[str, str]]], None] | None = None,
 ) -> ConversionResult:
     """Convert in one pass; chunk i holds source records [i*size, min((i+1)*size, n) - 1].
 
@@ -359,6 +367,8 @@ def convert_to_parquet_chunks(
             rules=list(rules or []),
             required_columns=tuple(required_columns),
             on_missing_columns=on_missing_columns,
+            lineage=lineage,
+            check_columns=check_columns,
         )
         chunks, columns, plan, hints = _passes(conn, read, out_dir, chunk_size, compression, sink)
     finally:

@@ -14,20 +14,25 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
 from s3proc_dagster.errors import ConversionError
 from s3proc_dagster.files.chunks import ChunkSink
 from s3proc_dagster.files.detect import is_tabular
+from s3proc_dagster.files.lineage import Lineage
 from s3proc_dagster.files.tabular import ConversionResult, convert_to_parquet_chunks
 from s3proc_dagster.files.validation import as_of_date, rule_set_for
 from s3proc_dagster.logs import about, get_logger, progress_logger
+from s3proc_dagster.models import utcnow
 from s3proc_dagster.pipeline.cache import parquet_dir, staged_items
 from s3proc_dagster.pipeline.context import StepContext
 from s3proc_dagster.pipeline.records import ConversionRecipe, FileVersion, PreparedItem, WorkItem
+from s3proc_dagster.sources.paths import ENTRY_SEPARATOR
 from s3proc_dagster.transfer.keys import join_key
+from s3proc_dagster.zones.drift import guard
 
 log = get_logger("pipeline")
 progress = progress_logger("pipeline")
@@ -53,10 +58,19 @@ def convert_items(
     items: list[WorkItem],
     recipe: ConversionRecipe,
     landing: Landing | None = None,
+    columns_before: Sequence[tuple[str, str]] | None = None,
+    blocking_drift: bool = False,
 ) -> list[PreparedItem]:
-    """Tabular items become Parquet chunks; other items pass through, ready to upload."""
+    """Tabular items become Parquet chunks; other items pass through, ready to upload.
+
+    `columns_before` are the zone's last landing's: a file whose columns differ carries
+    the difference (`PreparedItem.schema_drift`), or is refused before anything is
+    written when `blocking_drift` (`zones.drift`)."""
     ctx.hold(version.file_id, version.sha256)
-    recipe = dataclasses.replace(recipe, as_of=recipe.as_of or as_of_date(None))
+    landed_at = recipe.landed_at or (utcnow() if recipe.lineage_columns else None)
+    recipe = dataclasses.replace(recipe, as_of=recipe.as_of or as_of_date(None), landed_at=landed_at)
+    drift: dict[str, str] = {}
+    check = partial(guard, columns_before, blocking_drift, drift) if columns_before else None
     prepared: list[PreparedItem] = []
     for item in items:
         key = join_key(ctx.prefix, item.relative_path)
@@ -65,7 +79,9 @@ def convert_items(
         if not is_tabular(item.kind):
             prepared.append(PreparedItem(item, key))
             continue
-        prepared.append(_convert_item(ctx, version, item, key, recipe, landing))
+        item_check = partial(check, item.relative_path) if check else None
+        converted = _convert_item(ctx, version, item, key, recipe, landing, item_check)
+        prepared.append(dataclasses.replace(converted, schema_drift=drift.get(item.relative_path, "")))
     return prepared
 
 
@@ -76,6 +92,7 @@ def _convert_item(
     key: str,
     recipe: ConversionRecipe,
     landing: Landing | None,
+    check_columns: Callable[[list[tuple[str, str]]], None] | None = None,
 ) -> PreparedItem:
     done = parquet_dir(version, item) / "_done.json"
     sent_ahead: frozenset[int] = frozenset()
@@ -84,7 +101,8 @@ def _convert_item(
     else:
         staged_items(ctx, version, [item])
         ahead = landing(PreparedItem(item, key, compression=recipe.compression), recipe.chunk_size) if landing else None
-        conversion = convert(item, parquet_dir(version, item), recipe, ahead)
+        lineage = _lineage(version, item, recipe)
+        conversion = convert(item, parquet_dir(version, item), recipe, ahead, lineage, check_columns)
         sent_ahead = ahead.landed() if ahead else frozenset()
     ctx.store.plan_chunks(item.file_id, conversion.record_count, recipe.chunk_size, version=item.version)
     fields: dict[str, Any] = {"content_type": item.content_type, "file_type": item.file_type}
@@ -112,11 +130,30 @@ def _convert_item(
         sent_ahead,
         ctx.claimant.run_id if sent_ahead else "",
         conversion.numbers_as_text,
+        tuple(conversion.columns),
     )
 
 
+def _lineage(version: FileVersion, item: WorkItem, recipe: ConversionRecipe) -> Lineage | None:
+    """Where rows come from, on every row, when the zone asks (`files.lineage`): the
+    zone-relative path, or the URI of the object it arrived as (an entry's: `<uri>!/<entry>`)."""
+    if not recipe.lineage_columns or recipe.landed_at is None:
+        return None
+    source = version.source
+    origin = item.relative_path
+    if source.is_object:
+        entry = item.relative_path.removeprefix(source.relative_path + "/")
+        origin = source.uri if item.file_id == version.file_id else f"{source.uri}{ENTRY_SEPARATOR}{entry}"
+    return Lineage(origin, version.sha256, recipe.landed_at)
+
+
 def convert(
-    item: WorkItem, out_dir: Path, recipe: ConversionRecipe, sink: ChunkLanding | None = None
+    item: WorkItem,
+    out_dir: Path,
+    recipe: ConversionRecipe,
+    sink: ChunkLanding | None = None,
+    lineage: Lineage | None = None,
+    check_columns: Callable[[list[tuple[str, str]]], None] | None = None,
 ) -> ConversionResult:
     """One conversion pass into `out_dir`, its result kept beside the parts (`_done.json`);
     with `sink`, each whole chunk lands while the pass goes on."""
@@ -133,6 +170,8 @@ def convert(
             on_missing_columns=rule_set.on_missing_columns if rule_set else "skip_rules",
             csv_null_strings=recipe.csv_null_strings,
             sink=sink,
+            lineage=lineage,
+            check_columns=check_columns,
         )
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)  # a failed pass leaves no partial parts
@@ -165,7 +204,8 @@ def convert_again(ctx: StepContext, version: FileVersion, item: PreparedItem) ->
     if item.recipe is None:
         raise ConversionError(f"{item.item.relative_path}: chunk files missing and no recipe to convert them again")
     staged_items(ctx, version, [item.item])
-    conversion = convert(item.item, parquet_dir(version, item.item), item.recipe)
+    lineage = _lineage(version, item.item, item.recipe)
+    conversion = convert(item.item, parquet_dir(version, item.item), item.recipe, None, lineage)
     bounds = [(c.chunk_index, c.start_offset, c.end_offset) for c in item.chunks]
     if [(c.chunk_index, c.start_offset, c.end_offset) for c in conversion.chunks] != bounds:
         raise ConversionError(

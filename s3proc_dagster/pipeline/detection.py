@@ -78,7 +78,7 @@ def _claim_entry(
     entry_version = f"{version.sha256}:{rel}"
     claim = ctx.store.claim(
         FileStatus(
-            file_id=make_file_id(rel),
+            file_id=make_file_id(rel, version.source.zone),
             file_path=f"{version.source.uri}{ENTRY_SEPARATOR}{entry_path}",
             file_name=PurePosixPath(rel).name,
             checksum=entry_version,

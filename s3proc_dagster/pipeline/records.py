@@ -8,14 +8,14 @@ them again (`pipeline.cache`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import date, datetime
 from pathlib import Path
 
 from s3proc_dagster.files.chunks import ChunkFile
 from s3proc_dagster.files.detect import is_tabular
 from s3proc_dagster.files.tabular import DUCKDB_NULL_STRINGS
 from s3proc_dagster.models import FileType, chunk_id
-from s3proc_dagster.settings import ProcessingConfig
+from s3proc_dagster.settings import Configuration
 from s3proc_dagster.sources.resolve import Source
 from s3proc_dagster.stores.base import ClaimOutcome
 from s3proc_dagster.transfer import manifest as manifests
@@ -66,16 +66,20 @@ class ConversionRecipe:
     rules_dir: Path | None = None
     as_of: date | None = None
     csv_null_strings: tuple[str, ...] = DUCKDB_NULL_STRINGS
+    lineage_columns: bool = False  # a zone's `lineage_columns` (files.lineage)
+    landed_at: datetime | None = None  # the first conversion's time: its lineage's `_landed_at`
 
     @classmethod
-    def of(cls, processing: ProcessingConfig) -> ConversionRecipe:
+    def of(cls, cfg: Configuration) -> ConversionRecipe:
         """The recipe the settings give (CHUNK_SIZE, PARQUET_COMPRESSION, the rule sets...)."""
+        processing = cfg.processing
         return cls(
             processing.chunk_size,
             processing.parquet_compression,
             processing.validation_rules_dir,
             processing.validation_as_of,
             tuple(processing.csv_null_strings),
+            cfg.zone.lineage_columns,
         )
 
 

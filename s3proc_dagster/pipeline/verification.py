@@ -14,6 +14,7 @@ from s3proc_dagster.files import staging as staging_area
 from s3proc_dagster.files.checksum import sha256_file
 from s3proc_dagster.logs import about, get_logger
 from s3proc_dagster.models import FileStatus
+from s3proc_dagster.pipeline.after_success import planned
 from s3proc_dagster.pipeline.cache import staged_items
 from s3proc_dagster.pipeline.context import StepContext
 from s3proc_dagster.pipeline.records import FileVersion, PreparedItem
@@ -63,8 +64,15 @@ def _commit(ctx: StepContext, item: PreparedItem, threads: int) -> manifests.Man
     return manifest
 
 
-def finish(ctx: StepContext, version: FileVersion, prepared: list[PreparedItem], release_staging: bool) -> FileStatus:
-    """Mark every entry and then the file COMPLETED with where its output lives; with
+def finish(
+    ctx: StepContext,
+    version: FileVersion,
+    prepared: list[PreparedItem],
+    release_staging: bool,
+    after_success: str = "keep",
+) -> FileStatus:
+    """Mark every entry and then the file COMPLETED with where its output lives, and the
+    zone's `after_success` still to take on the original (`pipeline.after_success`); with
     `release_staging`, remove the version's staging unless another file still needs it."""
     store, run_id = ctx.store, ctx.claimant.run_id
     ctx.hold(version.file_id, version.sha256)
@@ -75,7 +83,9 @@ def finish(ctx: StepContext, version: FileVersion, prepared: list[PreparedItem],
             store.complete(item.item.file_id, item.key, processed_bytes=entry.file_size, run_id=run_id)
     own = [p.key for p in prepared if p.item.file_id == version.file_id]
     output_key = own[0] if own else join_key(ctx.prefix, version.source.relative_path)
-    done = store.complete(version.file_id, output_key, processed_bytes=version.size, run_id=run_id)
+    done = store.complete(
+        version.file_id, output_key, processed_bytes=version.size, run_id=run_id, after_success=planned(after_success)
+    )
     if release_staging:
         staging_area.release(ctx.staging, version.sha256, staging_area.versions_in_use(store))
     return done

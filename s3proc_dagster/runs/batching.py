@@ -27,6 +27,7 @@ from s3proc_dagster.models import make_file_id
 from s3proc_dagster.names import (
     BATCH_TAG,
     CHECKSUM_OP,
+    DEFAULT_PRIORITY_TAG,
     EXTENSION_TAG,
     FILE_ID_TAG,
     FILE_TAG,
@@ -34,11 +35,14 @@ from s3proc_dagster.names import (
     PROCESS_FILE_JOB,
     PROCESS_FILES_JOB,
     SOURCE_TAG,
+    ZONE_TAG,
 )
 from s3proc_dagster.runs.requests import CONSOLE_LOGGER
 
 #: The tags any file's run carries (`tags.file_run_tags`); any other `s3proc/` tag is metadata.
-_PLAIN_TAGS = {PATH_TAG, SOURCE_TAG, FILE_ID_TAG, EXTENSION_TAG}
+# (a zone's name and priority too: the same for every file of its sensor's requests; a
+# file's own `priority` comes with its metadata tags, which keep it out of batches)
+_PLAIN_TAGS = {PATH_TAG, SOURCE_TAG, FILE_ID_TAG, EXTENSION_TAG, ZONE_TAG, DEFAULT_PRIORITY_TAG}
 
 
 @dataclass(frozen=True)
@@ -72,8 +76,18 @@ def group(sizes: Sequence[int], slots: int, limits: BatchLimits) -> list[list[in
 
 
 def source_of(request: dg.RunRequest) -> dict[str, str]:
-    """The `SourceConfig` of a process_file_job request."""
-    return dict(request.run_config["ops"][CHECKSUM_OP]["config"])
+    """The `SourceConfig` of a process_file_job request: its file."""
+    config = request.run_config["ops"][CHECKSUM_OP]["config"]
+    return {"path": config["path"], "relative_path": config.get("relative_path", "")}
+
+
+def _batch_config(requests: Sequence[dg.RunRequest]) -> dict:
+    """The files, and their zone's settings: a sensor batches only its own zone's files."""
+    config: dict = {"files": [source_of(r) for r in requests]}
+    zone = requests[0].run_config["ops"][CHECKSUM_OP]["config"].get("zone")
+    if zone:
+        config["zone"] = zone
+    return config
 
 
 def batchable(request: dg.RunRequest, size: int | None, limits: BatchLimits) -> bool:
@@ -91,8 +105,9 @@ def batch_request(requests: Sequence[dg.RunRequest]) -> dg.RunRequest:
     return dg.RunRequest(
         run_key=f"batch:{hashlib.sha256(keys.encode()).hexdigest()[:24]}",
         job_name=PROCESS_FILES_JOB,
-        run_config={"ops": {CHECKSUM_OP: {"config": {"files": [source_of(r) for r in requests]}}}, **CONSOLE_LOGGER},
+        run_config={"ops": {CHECKSUM_OP: {"config": _batch_config(requests)}}, **CONSOLE_LOGGER},
         tags={
+            **{k: v for k, v in requests[0].tags.items() if k in (ZONE_TAG, DEFAULT_PRIORITY_TAG)},
             BATCH_TAG: str(len(requests)),
             **{k: v for r in requests for k, v in r.tags.items() if k.startswith(FILE_TAG + "/")},
         },
@@ -128,24 +143,34 @@ class RunFile:
     file_id: str
 
 
-def run_file(source: dict, watch_path: Path, incoming_prefix: str) -> RunFile:
+def run_file(source: dict, watch_path: Path, incoming_prefix: str, zone: str = "") -> RunFile:
     """The file one entry of a run's config names, located by the first step's own rule."""
     from s3proc_dagster.errors import UnsafeSourceError
     from s3proc_dagster.sources.resolve import locate
 
     path, relative = source["path"], source.get("relative_path") or ""
     try:
-        located = locate(path, watch_path, incoming_prefix, relative)
+        located = locate(path, watch_path, incoming_prefix, relative, zone)
     except UnsafeSourceError:  # its run failed on the name: the record keeps the name as given
-        return RunFile(path, relative or path, make_file_id(relative or path))
+        return RunFile(path, relative or path, make_file_id(relative or path, zone))
     return RunFile(located.uri, located.relative_path, located.file_id)
+
+
+def zone_of_run(run_config: dict | None) -> dict[str, str]:
+    """The settings of the landing zone a run's files belong to ({} for the default zone),
+    as its sensor put them in the run's config (`zones`)."""
+    config = (run_config or {}).get("ops", {}).get(CHECKSUM_OP, {}).get("config") or {}
+    return dict(config.get("zone") or {})
 
 
 def files_of_run(run: dg.DagsterRun, watch_path: Path, incoming_prefix: str = "") -> list[RunFile]:
     """The files a run of either file job was started for, in the batch's order, located
-    by the same rule as the run's first step (`sources.resolve.locate`)."""
+    by the same rule as the run's first step (`sources.resolve.locate`), in the run's zone."""
     config = (run.run_config or {}).get("ops", {}).get(CHECKSUM_OP, {}).get("config")
     if not config:
         return []
     sources = config.get("files", []) if run.job_name == PROCESS_FILES_JOB else [config]
-    return [run_file(source, watch_path, incoming_prefix) for source in sources]
+    zone = zone_of_run(run.run_config)  # a declared zone's runs: its source, its names
+    watch = Path(zone.get("WATCH_PATH") or watch_path)
+    incoming = zone.get("S3_INCOMING_PREFIX", incoming_prefix)
+    return [run_file(source, watch, incoming, zone.get("ZONE_NAME", "")) for source in sources]

@@ -7,6 +7,7 @@ a sensor's (same job, config and tags) and the UI treats them alike.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from s3proc_dagster.models import FileStatus, make_file_id
 from s3proc_dagster.names import (
     CHECKSUM_OP,
     DEAD_TAG,
+    DEFAULT_PRIORITY_TAG,
     IMAGE_REQUEST_JOB,
     KIND_TAG,
     PATH_TAG,
@@ -24,6 +26,7 @@ from s3proc_dagster.names import (
     RECONCILE_JOB,
     RETRY_TAG,
     VALIDATE_REQUEST_OP,
+    ZONE_TAG,
 )
 from s3proc_dagster.runs.tags import file_run_tags
 from s3proc_dagster.sources.confined import is_regular
@@ -42,9 +45,12 @@ def run_request_for(
     file_id: str | None = None,
     metadata: dict[str, Any] | None = None,
     roots: tuple[Path, ...] = (),
+    zone: Mapping[str, str] | None = None,
 ) -> dg.RunRequest:
     """A product CSV (by its header, not its name) goes to image_request_job; any other
     file to process_file_job. File metadata becomes tags, `priority` the run's priority.
+    A declared landing zone's file (`zone`: its settings by variable name) carries the
+    zone's settings in its run's config, the zone's name in a tag and its priority.
 
     Whatever is wrong with the file or its sidecar (a link, an unreadable or hostile
     sidecar) is left to the file's own run, which fails with the reason: a request is
@@ -62,14 +68,18 @@ def run_request_for(
             metadata = read_sidecar(Path(path), roots)
         except Exception:
             metadata = {}  # the run fails on it with a message naming the sidecar
+    zone = dict(zone or {})
+    name = zone.get("ZONE_NAME", "")
+    tags = file_run_tags(relative_path, path, file_id or make_file_id(relative_path, name), metadata)
+    config: dict[str, Any] = {"path": path, "relative_path": relative_path}
+    if name:
+        config["zone"] = zone
+        tags = {DEFAULT_PRIORITY_TAG: zone.get("ZONE_PRIORITY", "0"), **tags, ZONE_TAG: name}
     return dg.RunRequest(
         job_name=PROCESS_FILE_JOB,
         run_key=run_key,
-        run_config={
-            "ops": {CHECKSUM_OP: {"config": {"path": path, "relative_path": relative_path}}},
-            **CONSOLE_LOGGER,
-        },
-        tags=file_run_tags(relative_path, path, file_id or make_file_id(relative_path), metadata),
+        run_config={"ops": {CHECKSUM_OP: {"config": config}}, **CONSOLE_LOGGER},
+        tags=tags,
     )
 
 
@@ -83,7 +93,7 @@ def _again(request: dg.RunRequest, status: FileStatus) -> dg.RunRequest:
     return request.with_replaced_attrs(tags={**request.tags, RETRY_TAG: _retry_stamp(status)})
 
 
-def requeued(store_files: list[FileStatus], root: Path) -> list[dg.RunRequest]:
+def requeued(store_files: list[FileStatus], root: Path, zone: Mapping[str, str] | None = None) -> list[dg.RunRequest]:
     """Files under `root` set back to PENDING after having started (manual retry, crash
     recovery, a run that died before it could claim its file).
 
@@ -101,11 +111,13 @@ def requeued(store_files: list[FileStatus], root: Path) -> list[dg.RunRequest]:
             continue
         st = path.stat()
         key = f"{rel}:{st.st_size}:{st.st_mtime_ns}:{_retry_stamp(status)}"
-        out.append(_again(run_request_for(str(path), rel, key, status.file_id, roots=(root,)), status))
+        out.append(_again(run_request_for(str(path), rel, key, status.file_id, roots=(root,), zone=zone), status))
     return out
 
 
-def requeued_objects(store_files: list[FileStatus], bucket: str, prefix: str) -> list[dg.RunRequest]:
+def requeued_objects(
+    store_files: list[FileStatus], bucket: str, prefix: str, zone: Mapping[str, str] | None = None
+) -> list[dg.RunRequest]:
     """The same for objects under the S3 incoming prefix: S3 lists an object once per
     version, so a version whose run died would otherwise never be requested again."""
     root = prefix_folder(prefix)
@@ -117,6 +129,7 @@ def requeued_objects(store_files: list[FileStatus], bucket: str, prefix: str) ->
                 f"s3:{status.source_key}:{_retry_stamp(status)}",
                 status.file_id,
                 metadata=status.metadata,
+                zone=zone,
             ),
             status,
         )

@@ -12,7 +12,7 @@ object metadata, a link) can change where a file is or what it is called.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -40,6 +40,7 @@ class Source:
     key: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     root: str | None = None
+    zone: str = ""  # the declared landing zone it came from; "" for the default zone
 
     @property
     def name(self) -> str:
@@ -47,7 +48,7 @@ class Source:
 
     @property
     def file_id(self) -> str:
-        return make_file_id(self.relative_path)
+        return make_file_id(self.relative_path, self.zone)
 
     @property
     def is_object(self) -> bool:
@@ -63,7 +64,7 @@ def relative_key(key: str, incoming_prefix: str) -> str:
     return key.removeprefix(prefix_folder(incoming_prefix))
 
 
-def locate(target: str, watch_path: Path, incoming_prefix: str = "", relative_path: str = "") -> Source:
+def locate(target: str, watch_path: Path, incoming_prefix: str = "", relative_path: str = "", zone: str = "") -> Source:
     """Where `target` is and its relative path, without reading it; `relative_path` overrides the rule.
 
     A local path is taken as spelled (`..` folded, the last component never resolved), so
@@ -76,7 +77,7 @@ def locate(target: str, watch_path: Path, incoming_prefix: str = "", relative_pa
     if is_s3_uri(target):
         bucket, key = split_uri(target)
         rel = check_canonical(relative_path or relative_key(key, incoming_prefix))
-        return Source(uri=target, relative_path=rel, bucket=bucket, key=key)
+        return Source(uri=target, relative_path=rel, bucket=bucket, key=key, zone=zone)
     path = Path(os.path.normpath(os.path.abspath(target)))
     below = lexically_below(path, watch_path)
     if below is None:
@@ -84,7 +85,7 @@ def locate(target: str, watch_path: Path, incoming_prefix: str = "", relative_pa
         below = lexically_below(through, watch_path)
         path = through if below is not None else path
     rel = check_canonical(relative_path or below or path.name)
-    return Source(uri=str(path), relative_path=rel, root=str(watch_path) if below is not None else None)
+    return Source(uri=str(path), relative_path=rel, root=str(watch_path) if below is not None else None, zone=zone)
 
 
 def resolve_source(
@@ -94,6 +95,7 @@ def resolve_source(
     client: Any = None,
     relative_path: str = "",
     reserved: tuple[str, ...] = (),
+    zone: str = "",
 ) -> Source:
     """`locate`, and the file's metadata from its sidecar or its object's user metadata.
 
@@ -102,7 +104,7 @@ def resolve_source(
     for a path that is not canonical, would land inside another file's dataset or in the
     product's `reserved` folders (`sources.names`).
     """
-    source = locate(target, watch_path, incoming_prefix, relative_path)
+    source = locate(target, watch_path, incoming_prefix, relative_path, zone)
     check_source_path(source.relative_path, reserved)
     if source.is_object:
         head = client.head_object(Bucket=source.bucket, Key=source.key) if client is not None else {}
@@ -111,4 +113,4 @@ def resolve_source(
         if not os.path.lexists(source.uri):
             raise RecordNotFound(f"{target}: no such file")
         metadata = read_sidecar(Path(source.uri), source.roots) if is_regular(source.uri) else {}
-    return Source(source.uri, source.relative_path, source.bucket, source.key, metadata, source.root)
+    return replace(source, metadata=metadata)

@@ -240,12 +240,23 @@ class FileStore(ABC):
         )
 
     def complete(
-        self, file_id: str, output_key: str, processed_bytes: int | None = None, run_id: Any = ANY_HOLDER
+        self,
+        file_id: str,
+        output_key: str,
+        processed_bytes: int | None = None,
+        run_id: Any = ANY_HOLDER,
+        after_success: str | None = None,
     ) -> FileStatus:
-        """COMPLETED with where the output lives; with `run_id`, only while that run holds it."""
+        """COMPLETED with where the output lives; with `run_id`, only while that run holds it;
+        with `after_success`, the action still to take on the original, in the same write."""
         if not output_key:
             raise IllegalTransition(f"file {file_id}: COMPLETED requires an s3Key")
-        fields: dict[str, Any] = {"output_key": output_key, "completed_at": utcnow(), "error_details": None}
+        fields: dict[str, Any] = {
+            "output_key": output_key,
+            "completed_at": utcnow(),
+            "error_details": None,
+            "after_success": after_success,
+        }
         if processed_bytes is not None:
             fields["processed_bytes"] = processed_bytes
         return self._transition(file_id, ProcessingStatus.COMPLETED, fields, expected_run_id=run_id)

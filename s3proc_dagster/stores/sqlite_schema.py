@@ -14,7 +14,7 @@ import sqlite3
 # Columns added after the first release: a store created by an older version gains them
 # at open (ALTER TABLE ... ADD COLUMN is instant in SQLite), so upgrading keeps the data.
 _ADDED_COLUMNS = {
-    "file_status": {"run_id": "TEXT"},
+    "file_status": {"run_id": "TEXT", "after_success": "TEXT"},
     "chunk_status": {"version": "TEXT", "rejected": "TEXT"},
 }
 
@@ -61,7 +61,8 @@ CREATE TABLE IF NOT EXISTS file_status (
   successful_records INTEGER NOT NULL DEFAULT 0,
   failed_records INTEGER NOT NULL DEFAULT 0,
   error_summary TEXT NOT NULL DEFAULT '{"validation": {}, "processing": {}}',
-  run_id TEXT
+  run_id TEXT,
+  after_success TEXT
 );
 
 CREATE TABLE IF NOT EXISTS chunk_status (

@@ -10,25 +10,62 @@ row of Dagster's event log costs 10-18 ms on SQLite, as much as a small file's w
 file that fails for good is an observation of its asset, FAILED with the reason.
 """
 
+from __future__ import annotations
+
+from dataclasses import dataclass
+
 import dagster as dg
 
 from s3proc_dagster.models import FileStatus
 from s3proc_dagster.names import KIND_TAG
 from s3proc_dagster.pipeline import FileVersion, GaveUp, PreparedItem, UploadedObject
 from s3proc_dagster.pipeline.batch import FileInRun
+from s3proc_dagster.settings import Configuration
 from s3proc_dagster.stores.base import ClaimOutcome
+
+ZONES_KEY = "zones"  # a declared zone's asset: zones/<name>, one partition per file
+LANDED_CHECK = "landed"  # per partition: the file's latest version landed, or why it did not
+SCHEMA_CHECK = "schema_drift"  # per partition: the file's columns against the zone's last landing
 
 
 def asset_key_for(prefix: str, relative_path: str) -> dg.AssetKey:
-    """Stable per-file asset key: the bucket prefix and relative path, folder by folder,
-    spelled exactly (Dagster takes any text in a key's parts), so two files never share
-    a key: `promo.csv` and `promo_csv` stay apart."""
+    """Stable per-file asset key of the default zone: the bucket prefix and relative path,
+    folder by folder, spelled exactly (Dagster takes any text in a key's parts), so two
+    files never share a key: `promo.csv` and `promo_csv` stay apart."""
     return dg.AssetKey([p for p in f"{prefix}/{relative_path}".split("/") if p])
 
 
-def object_landed(obj: UploadedObject, prefix: str, uri: str) -> dg.AssetMaterialization:
+def zone_asset_key(zone: str) -> dg.AssetKey:
+    return dg.AssetKey([ZONES_KEY, zone])
+
+
+def zone_partitions(zone: str) -> str:
+    """The name of a zone's DynamicPartitionsDefinition: one partition per file path."""
+    return f"s3proc_zone_{zone}"
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """Where a file's events go: its own asset key in the default zone (as before zones),
+    its zone's declared asset, partitioned by file path, in a declared zone."""
+
+    prefix: str
+    zone: str = ""
+
+    @classmethod
+    def of(cls, cfg: Configuration) -> Catalog:
+        return cls(cfg.s3.prefix, cfg.zone.name)
+
+    def place(self, relative_path: str) -> tuple[dg.AssetKey, str | None]:
+        if self.zone:
+            return zone_asset_key(self.zone), relative_path
+        return asset_key_for(self.prefix, relative_path), None
+
+
+def object_landed(obj: UploadedObject, catalog: Catalog, uri: str) -> dg.AssetMaterialization:
+    """A chunk as it lands. Its key is text, not a link: the next version deletes it."""
     metadata: dict = {
-        "s3_uri": dg.MetadataValue.url(uri),
+        "s3_key": dg.MetadataValue.text(uri),
         "bytes": obj.size,
         "sha256": obj.sha256,
         "duration_s": round(obj.duration_s, 3),
@@ -44,8 +81,10 @@ def object_landed(obj: UploadedObject, prefix: str, uri: str) -> dg.AssetMateria
             compression=obj.compression or "",
         )
     label = f"chunk {obj.chunk.chunk_index}" if obj.chunk is not None else "object"
+    key, partition = catalog.place(obj.relative_path)
     return dg.AssetMaterialization(
-        asset_key=asset_key_for(prefix, obj.relative_path),
+        asset_key=key,
+        partition=partition,
         description=f"{label} of {obj.relative_path}",
         metadata=metadata,
         tags={KIND_TAG: "chunk" if obj.chunk is not None else "object"},
@@ -89,10 +128,13 @@ def chunk_table(item: PreparedItem) -> dg.TableMetadataValue:
 
 
 def file_completed(
-    item: PreparedItem, version: FileVersion, record: FileStatus, prefix: str, uri: str
+    item: PreparedItem, version: FileVersion, record: FileStatus, catalog: Catalog, uri: str
 ) -> dg.AssetMaterialization:
+    """A file version landed: where to read it (the dataset's folder, which later versions
+    keep), rows, chunks (a table), bytes and version."""
     metadata: dict = {
         "s3_uri": dg.MetadataValue.url(uri),
+        "read_with": f"s3proc read {uri}",
         "fileId": record.file_id,
         "status": record.status.name,
         "rows": item.record_count or 0,
@@ -105,6 +147,10 @@ def file_completed(
     }
     if item.is_tabular:
         metadata["chunk_list"] = chunk_table(item)
+    if item.columns:  # the standard key: the catalog shows the columns, and drift is judged by them
+        metadata["dagster/column_schema"] = dg.TableSchema(
+            columns=[dg.TableColumn(name, kind) for name, kind in item.columns]
+        )
     if version.source.metadata:
         metadata["file_metadata"] = version.source.metadata
     if item.numbers_as_text:
@@ -117,27 +163,70 @@ def file_completed(
         )
     if item.skipped_rules:
         metadata["skipped_rules"] = "; ".join(f"{rule} ({why})" for rule, why in item.skipped_rules.items())
+    key, partition = catalog.place(item.item.relative_path)
     return dg.AssetMaterialization(
-        asset_key=asset_key_for(prefix, item.item.relative_path),
+        asset_key=key,
+        partition=partition,
         description=f"{item.item.relative_path} completed",
         metadata=metadata,
         tags={KIND_TAG: "file"},
     )
 
 
-def file_failed(prefix: str, file: FileInRun, reason: str, gave_up: GaveUp) -> dg.AssetObservation:
-    """A file that failed for good, on its asset: the catalog shows it with its reason."""
+def file_failed(
+    catalog: Catalog, file: FileInRun, reason: str, gave_up: GaveUp
+) -> dg.AssetObservation | dg.AssetCheckEvaluation:
+    """A file that failed for good, on its asset: the catalog shows it with its reason (a
+    failed `landed` check of its partition in a declared zone, an observation otherwise)."""
     relative = file.version.source.relative_path if file.version else (file.relative_path or file.path)
     metadata: dict = {"status": "FAILED", "reason": reason, "fileIds": ", ".join(gave_up.failed)}
     if gave_up.parked:
         metadata["parked_at"] = str(gave_up.parked)
     elif gave_up.park_error:
         metadata["not_parked"] = gave_up.park_error
+    key, partition = catalog.place(relative)
+    if partition is not None:
+        return landed_check(key, partition, passed=False, description=f"{relative} FAILED: {reason}", metadata=metadata)
     return dg.AssetObservation(
-        asset_key=asset_key_for(prefix, relative),
-        description=f"{relative} FAILED: {reason}",
-        metadata=metadata,
-        tags={KIND_TAG: "failure"},
+        asset_key=key, description=f"{relative} FAILED: {reason}", metadata=metadata, tags={KIND_TAG: "failure"}
+    )
+
+
+def zone_columns(instance: dg.DagsterInstance, zone: str) -> list[tuple[str, str]] | None:
+    """The columns of the zone's last landing, as its materialization recorded them."""
+    event = instance.get_latest_materialization_event(zone_asset_key(zone))
+    return columns_of(event.asset_materialization if event else None) or None
+
+
+def columns_of(materialization: dg.AssetMaterialization | None) -> list[tuple[str, str]]:
+    """(name, type) of the columns a file's materialization recorded (`dagster/column_schema`)."""
+    schema = materialization.metadata.get("dagster/column_schema") if materialization else None
+    return [(c.name, c.type) for c in schema.value.columns] if schema else []
+
+
+def drift_check(key: dg.AssetKey, partition: str, item: PreparedItem) -> dg.AssetCheckEvaluation:
+    """The file's columns against the zone's last landing: WARN when they differ."""
+    return dg.AssetCheckEvaluation(
+        asset_key=key,
+        check_name=SCHEMA_CHECK,
+        passed=not item.schema_drift,
+        partition=partition,
+        severity=dg.AssetCheckSeverity.WARN,
+        description=item.schema_drift or "the same columns as the zone's last landing",
+        metadata={"difference": item.schema_drift} if item.schema_drift else {},
+    )
+
+
+def landed_check(
+    key: dg.AssetKey, partition: str, passed: bool, description: str, metadata: dict | None = None
+) -> dg.AssetCheckEvaluation:
+    return dg.AssetCheckEvaluation(
+        asset_key=key,
+        check_name=LANDED_CHECK,
+        passed=passed,
+        partition=partition,
+        description=description,
+        metadata=metadata or {},
     )
 
 

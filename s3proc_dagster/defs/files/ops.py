@@ -6,7 +6,7 @@ Each body is resources in, one `pipeline` call per file (`steps.run_step` sorts 
 a failure costs the file), events out.
 """
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from functools import partial
 
@@ -14,15 +14,16 @@ import dagster as dg
 
 from s3proc_dagster import pipeline
 from s3proc_dagster.defs.files import events
-from s3proc_dagster.defs.files.steps import FilesConfig, in_batch, run_step, tag_run
+from s3proc_dagster.defs.files.steps import FilesConfig, in_batch, run_settings, run_step, tag_run
 from s3proc_dagster.defs.resources import ProgressStoreResource, S3Storage, Settings
 from s3proc_dagster.logs import about, get_logger, progress_logger
 from s3proc_dagster.models import ProcessingStep
 from s3proc_dagster.names import FILE_TYPE_TAG, SHA256_TAG, UPLOAD_POOL
-from s3proc_dagster.pipeline import ConversionRecipe, StepContext, UploadedObject
+from s3proc_dagster.pipeline import ConversionRecipe, StepContext, UploadedObject, after_success
 from s3proc_dagster.pipeline.batch import FileInRun, Outcome
 from s3proc_dagster.pipeline.snapshot import held_version
 from s3proc_dagster.runs.tags import file_run_tags
+from s3proc_dagster.settings import Configuration
 from s3proc_dagster.sources.resolve import resolve_source
 from s3proc_dagster.stores.base import ClaimOutcome
 
@@ -40,6 +41,7 @@ def _snapshot(context: dg.OpExecutionContext, settings: Settings, ctx: StepConte
         ctx.client,
         file.relative_path,
         reserved=cfg.s3.reserved_folders(),
+        zone=cfg.zone.name,
     )
     version = held_version(ctx, source) or pipeline.take_snapshot(ctx, source, cfg.processing.max_file_bytes)
     if version.outcome is not ClaimOutcome.CLAIMED:
@@ -60,6 +62,7 @@ def checksum_calculation(
     s3: S3Storage,
 ) -> Iterator[dg.Output]:
     """Snapshot into staging + SHA-256 in one read, then the claim; an unchanged or busy file stops here."""
+    settings = run_settings(context, settings)
     files = [FileInRun(source.path, source.relative_path) for source in config.sources()]
     done = run_step(context, settings, progress_store, s3, files, partial(_snapshot, context, settings))
     if any(f.in_run for f in done):  # otherwise every later step has nothing to do: they are skipped
@@ -83,6 +86,7 @@ def type_detection(
     progress_store: ProgressStoreResource,
     s3: S3Storage,
 ) -> Files:
+    settings = run_settings(context, settings)
     done = run_step(context, settings, progress_store, s3, files, _detect)
     if not in_batch(context) and done[0].detection is not None:
         tag_run(context, {FILE_TYPE_TAG: done[0].detection.kind})
@@ -105,15 +109,21 @@ def archive_extraction(
     progress_store: ProgressStoreResource,
     s3: S3Storage,
 ) -> Files:
+    settings = run_settings(context, settings)
     return run_step(context, settings, progress_store, s3, files, _extract)
 
 
 def _convert(
-    context: dg.OpExecutionContext, s3: S3Storage, recipe: ConversionRecipe, ctx: StepContext, file: FileInRun
+    context: dg.OpExecutionContext,
+    landed: Callable,
+    recipe: ConversionRecipe,
+    drift: tuple[list[tuple[str, str]] | None, bool],
+    ctx: StepContext,
+    file: FileInRun,
 ) -> FileInRun:
     assert file.version is not None
-    landing = pipeline.landing(ctx, on_landed=partial(_landed, context, s3))
-    prepared = pipeline.convert_items(ctx, file.version, list(file.items), recipe, landing)
+    landing = pipeline.landing(ctx, on_landed=landed)
+    prepared = pipeline.convert_items(ctx, file.version, list(file.items), recipe, landing, *drift)
     for line in events.conversion_summary(prepared):
         log.info(line, extra=about(file.version.file_id))
     return replace(file, prepared=tuple(prepared))
@@ -127,17 +137,22 @@ def parquet_conversion(
     progress_store: ProgressStoreResource,
     s3: S3Storage,
 ) -> Files:
-    recipe = ConversionRecipe.of(settings.config.processing)
-    return run_step(context, settings, progress_store, s3, files, partial(_convert, context, s3, recipe))
+    settings = run_settings(context, settings)
+    recipe = ConversionRecipe.of(settings.config)
+    landed = partial(_landed, context, s3, events.Catalog.of(settings.config))
+    zone = settings.config.zone
+    before = events.zone_columns(context.instance, zone.name) if zone.name and zone.schema_drift != "off" else None
+    drift = (before, zone.schema_drift == "blocking")
+    return run_step(context, settings, progress_store, s3, files, partial(_convert, context, landed, recipe, drift))
 
 
-def _upload(context: dg.OpExecutionContext, s3: S3Storage, ctx: StepContext, file: FileInRun) -> FileInRun:
+def _upload(context: dg.OpExecutionContext, landed: Callable, ctx: StepContext, file: FileInRun) -> FileInRun:
     assert file.version is not None
     uploaded, items = [], {p.item.file_id: p for p in file.prepared}
     for obj in pipeline.upload_items(ctx, file.version, list(file.prepared)):
         uploaded.append(obj)
         if not obj.ahead and events.shows_chunks(items[obj.file_id]):  # those that landed ahead are reported
-            _landed(context, s3, obj)
+            landed(obj)
     ahead = sum(o.ahead for o in uploaded)
     reused = sum(o.reused for o in uploaded) - ahead
     progress.info(
@@ -160,13 +175,15 @@ def streaming(
     s3: S3Storage,
 ) -> Files:
     """Upload what the conversion did not land; a materialization per chunk of a dataset of several."""
-    return run_step(context, settings, progress_store, s3, files, partial(_upload, context, s3))
+    settings = run_settings(context, settings)
+    landed = partial(_landed, context, s3, events.Catalog.of(settings.config))
+    return run_step(context, settings, progress_store, s3, files, partial(_upload, context, landed))
 
 
-def _landed(context: dg.OpExecutionContext, s3: S3Storage, obj: UploadedObject) -> None:
+def _landed(context: dg.OpExecutionContext, s3: S3Storage, catalog: events.Catalog, obj: UploadedObject) -> None:
     """One materialization per chunk in S3; called from upload threads too (Dagster's event
     log takes events from any thread of the step)."""
-    context.log_event(events.object_landed(obj, s3.prefix, s3.uri(obj.key)))
+    context.log_event(events.object_landed(obj, catalog, s3.uri(obj.key)))
 
 
 def _verify(ctx: StepContext, file: FileInRun) -> FileInRun:
@@ -190,17 +207,37 @@ def integrity_verification(
     progress_store: ProgressStoreResource,
     s3: S3Storage,
 ) -> Files:
+    settings = run_settings(context, settings)
     return run_step(context, settings, progress_store, s3, files, _verify)
 
 
 def _finish(
-    context: dg.OpExecutionContext, s3: S3Storage, release: bool, ctx: StepContext, file: FileInRun
+    context: dg.OpExecutionContext,
+    s3: S3Storage,
+    catalog: events.Catalog,
+    release: bool,
+    drift: bool,
+    cfg: Configuration,
+    ctx: StepContext,
+    file: FileInRun,
 ) -> FileInRun:
     assert file.version is not None
-    status = pipeline.finish(ctx, file.version, list(file.prepared), release)
+    zone = cfg.zone
+    status = pipeline.finish(ctx, file.version, list(file.prepared), release, zone.after_success)
+    if status.after_success:  # delete or move the original, now that its version is committed
+        status = ctx.store.require(status.file_id)
+        after_success.apply(ctx.store, ctx.client, ctx.bucket, status, (cfg.monitoring.watch_path,))
     for item in file.prepared:
         record = ctx.store.require(item.item.file_id)
-        context.log_event(events.file_completed(item, file.version, record, s3.prefix, s3.uri(item.key)))
+        context.log_event(events.file_completed(item, file.version, record, catalog, s3.uri(item.key)))
+        key, partition = catalog.place(item.item.relative_path)
+        if partition is not None:
+            passed = f"{item.item.relative_path}: version {file.version.sha256[:12]} landed"
+            context.log_event(events.landed_check(key, partition, passed=True, description=passed))
+            if drift and item.is_tabular:
+                context.log_event(events.drift_check(key, partition, item))
+    if catalog.zone:  # the zone's log is its materializations and checks
+        return file
     log.info(
         "%s: COMPLETED -> %s",
         file.name,
@@ -218,5 +255,12 @@ def progress_update(
     progress_store: ProgressStoreResource,
     s3: S3Storage,
 ) -> None:
+    settings = run_settings(context, settings)
     release = not settings.config.processing.staging_retention.total_seconds()
-    run_step(context, settings, progress_store, s3, files, partial(_finish, context, s3, release))
+    catalog = events.Catalog.of(settings.config)
+    if catalog.zone:  # a zone's partitions are its files' paths, registered as they land
+        paths = [p.item.relative_path for f in files if f.in_run for p in f.prepared]
+        context.instance.add_dynamic_partitions(events.zone_partitions(catalog.zone), paths)
+    drift = settings.config.zone.schema_drift != "off"
+    finish = partial(_finish, context, s3, catalog, release, drift, settings.config)
+    run_step(context, settings, progress_store, s3, files, finish)

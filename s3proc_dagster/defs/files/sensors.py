@@ -8,25 +8,29 @@ sensor only looks; recovery runs as a run of its own, visible and retryable in t
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
 import dagster as dg
 
 from s3proc_dagster.defs.files.jobs import PRODUCT_JOBS, process_file_job, process_files_job, reconcile_job
 from s3proc_dagster.defs.images.jobs import image_request_job
 from s3proc_dagster.defs.resources import ProgressStoreResource, S3Storage, Settings
+from s3proc_dagster.files.globs import path_matches
 from s3proc_dagster.models import ProcessingStatus
 from s3proc_dagster.names import JOB_TAG, PATH_TAG, SOURCE_TAG
 from s3proc_dagster.runs.batching import BatchLimits, source_of, under_backlog
 from s3proc_dagster.runs.liveness import dead_runs, run_is_alive
 from s3proc_dagster.runs.requests import recovery_request, requeued, requeued_objects, run_request_for
-from s3proc_dagster.settings import poll_interval_s
+from s3proc_dagster.settings import Configuration, poll_interval_s
 from s3proc_dagster.sources.s3_incoming import IncomingCursor, list_incoming, metadata_from_object
 from s3proc_dagster.sources.watch import WatchCursor, evaluate, scan
 from s3proc_dagster.stores.base import ProgressStore
 from s3proc_dagster.transfer import verify
 from s3proc_dagster.transfer.keys import prefix_folder
+from s3proc_dagster.zones.declared import DeclaredZone, declared, declared_directories
 
 RUN_KEY_TAG = "dagster/run_key"
 
@@ -36,6 +40,47 @@ def _recovery(context: dg.SensorEvaluationContext, store: ProgressStore) -> list
     held_by_dead = [f for f in store.list_files(ProcessingStatus.IN_PROGRESS) if not (f.run_id and alive(f.run_id))]
     request = recovery_request(held_by_dead, dead_runs(context.instance, PRODUCT_JOBS))
     return [request] if request else []
+
+
+def watch_tick(
+    context: dg.SensorEvaluationContext,
+    settings: Settings,
+    store: ProgressStore,
+    zone: Mapping[str, str] | None = None,
+    skip: tuple[Path, ...] = (),
+) -> tuple[list[dg.RunRequest], str]:
+    """One tick of a watched directory: WATCH_PATH of `settings` (a zone's, or the
+    deployment's); the run requests and the next cursor."""
+    cfg = settings.config
+    root = cfg.monitoring.watch_path
+    skip_dirs = (cfg.processing.error_directory, cfg.processing.staging_directory, *skip)
+    files = [f for f in scan(root, skip_dirs=skip_dirs) if zone_admits(cfg, f.relative_path)]
+    ready, cursor = evaluate(
+        files,
+        WatchCursor.loads(context.cursor),
+        now_ms=int(time.time() * 1000),
+        stability_threshold_ms=cfg.monitoring.stability_threshold_ms,
+        ignore_initial=cfg.monitoring.ignore_initial,
+    )
+    requests = requeued(store.list_files(ProcessingStatus.PENDING), root, zone)
+    again = {r.tags[PATH_TAG] for r in requests}
+    requests += [
+        run_request_for(str(f.path), f.relative_path, f.run_key, roots=(root,), zone=zone)
+        for f in ready
+        if f.relative_path not in again
+    ]
+    if cursor.waiting:
+        context.log.info(f"{len(cursor.waiting)} file(s) still being written")
+    sizes = {str(f.path): f.size for f in ready}
+    requests = _batched(context, settings, requests, lambda r: sizes.get(source_of(r)["path"]) or _size(r))
+    return requests, cursor.dumps()
+
+
+def zone_admits(cfg: Configuration, relative_path: str) -> bool:
+    """A declared zone takes the files its `include` globs match and its `exclude` globs do not."""
+    zone = cfg.zone
+    included = any(path_matches(relative_path, pattern) for pattern in zone.include)
+    return included and not any(path_matches(relative_path, pattern) for pattern in zone.exclude)
 
 
 @dg.sensor(
@@ -48,28 +93,9 @@ def _recovery(context: dg.SensorEvaluationContext, store: ProgressStore) -> list
 def watch_directory_sensor(
     context: dg.SensorEvaluationContext, settings: Settings, progress_store: ProgressStoreResource
 ) -> dg.SensorResult:
-    cfg = settings.config
-    root, store = cfg.monitoring.watch_path, progress_store.open()
-    files = scan(root, skip_dirs=(cfg.processing.error_directory, cfg.processing.staging_directory))
-    ready, cursor = evaluate(
-        files,
-        WatchCursor.loads(context.cursor),
-        now_ms=int(time.time() * 1000),
-        stability_threshold_ms=cfg.monitoring.stability_threshold_ms,
-        ignore_initial=cfg.monitoring.ignore_initial,
-    )
-    requests = requeued(store.list_files(ProcessingStatus.PENDING), root)
-    again = {r.tags[PATH_TAG] for r in requests}
-    requests += [
-        run_request_for(str(f.path), f.relative_path, f.run_key, roots=(root,))
-        for f in ready
-        if f.relative_path not in again
-    ]
-    if cursor.waiting:
-        context.log.info(f"{len(cursor.waiting)} file(s) still being written")
-    sizes = {str(f.path): f.size for f in ready}
-    requests = _batched(context, settings, requests, lambda r: sizes.get(source_of(r)["path"]) or _size(r))
-    return dg.SensorResult(run_requests=requests + _recovery(context, store), cursor=cursor.dumps())
+    store = progress_store.open()
+    requests, cursor = watch_tick(context, settings, store, skip=declared_directories())
+    return dg.SensorResult(run_requests=requests + _recovery(context, store), cursor=cursor)
 
 
 def _size(request: dg.RunRequest) -> int | None:
@@ -96,20 +122,17 @@ def _batched(
     return under_backlog(requests, size_of, processing.max_concurrency, queued, limits)
 
 
-@dg.sensor(
-    name="s3_incoming_sensor",
-    jobs=[process_file_job, process_files_job],
-    minimum_interval_seconds=poll_interval_s(),
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    description="A run per new or changed object under S3_INCOMING_PREFIX, when set (small ones share runs under a backlog).",
-)
-def s3_incoming_sensor(
-    context: dg.SensorEvaluationContext, settings: Settings, s3: S3Storage, progress_store: ProgressStoreResource
-) -> dg.SensorResult | dg.SkipReason:
+def incoming_tick(
+    context: dg.SensorEvaluationContext,
+    settings: Settings,
+    client: Any,
+    store: ProgressStore,
+    zone: Mapping[str, str] | None = None,
+) -> tuple[list[dg.RunRequest], str]:
+    """One tick of an incoming prefix: S3_INCOMING_PREFIX (and bucket) of `settings`; the
+    run requests and the next cursor."""
     cfg = settings.config.s3
-    if not cfg.incoming_prefix:
-        return dg.SkipReason("S3_INCOMING_PREFIX is not set")
-    client, bucket = s3.get_client(), cfg.incoming_bucket_name
+    bucket = cfg.incoming_bucket_name
     found, cursor = list_incoming(
         client,
         bucket,
@@ -124,16 +147,64 @@ def s3_incoming_sensor(
     )
     requests = []
     for obj in found:
+        if not zone_admits(settings.config, obj.relative_path):
+            continue
         if context.instance.get_run_records(dg.RunsFilter(tags={RUN_KEY_TAG: obj.run_key}), limit=1):
             continue  # listed again at a pass boundary, already run
         head = verify.head(client, obj.bucket, obj.key)
         if head is None:
             continue  # deleted since it was listed
         metadata = metadata_from_object(head.get("Metadata", {}))
-        requests.append(run_request_for(obj.uri, obj.relative_path, obj.run_key, metadata=metadata))
+        requests.append(run_request_for(obj.uri, obj.relative_path, obj.run_key, metadata=metadata, zone=zone))
     fresh = {r.tags[SOURCE_TAG] for r in requests}
-    pending = progress_store.open().list_files(ProcessingStatus.PENDING)
-    requests += [r for r in requeued_objects(pending, bucket, cfg.incoming_prefix) if r.tags[SOURCE_TAG] not in fresh]
+    pending = store.list_files(ProcessingStatus.PENDING)
+    requeue = requeued_objects(pending, bucket, cfg.incoming_prefix, zone)
+    requests += [r for r in requeue if r.tags[SOURCE_TAG] not in fresh]
     sizes = {obj.uri: obj.size for obj in found}
-    requests = _batched(context, settings, requests, lambda r: sizes.get(source_of(r)["path"]))
-    return dg.SensorResult(run_requests=requests, cursor=cursor.dumps())
+    return _batched(context, settings, requests, lambda r: sizes.get(source_of(r)["path"])), cursor.dumps()
+
+
+@dg.sensor(
+    name="s3_incoming_sensor",
+    jobs=[process_file_job, process_files_job],
+    minimum_interval_seconds=poll_interval_s(),
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="A run per new or changed object under S3_INCOMING_PREFIX, when set (small ones share runs under a backlog).",
+)
+def s3_incoming_sensor(
+    context: dg.SensorEvaluationContext, settings: Settings, s3: S3Storage, progress_store: ProgressStoreResource
+) -> dg.SensorResult | dg.SkipReason:
+    if not settings.config.s3.incoming_prefix:
+        return dg.SkipReason("S3_INCOMING_PREFIX is not set")
+    requests, cursor = incoming_tick(context, settings, s3.get_client(), progress_store.open())
+    return dg.SensorResult(run_requests=requests, cursor=cursor)
+
+
+def zone_sensor(zone: DeclaredZone) -> dg.SensorDefinition:
+    """A declared landing zone's sensor: the default zone's ticks on the zone's settings,
+    its requests carrying them (`runs.requests.run_request_for`)."""
+    settings_of_zone = dict(zone.settings)
+
+    @dg.sensor(
+        name=f"{zone.name}_zone_sensor",
+        jobs=[process_file_job, process_files_job],
+        minimum_interval_seconds=poll_interval_s(),
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description=f"A run per new or changed file of landing zone {zone.name} ({zone.source or 'the deployment source'}).",
+    )
+    def sensor(
+        context: dg.SensorEvaluationContext, settings: Settings, progress_store: ProgressStoreResource, s3: S3Storage
+    ) -> dg.SensorResult:
+        mine, store = settings.for_zone(settings_of_zone), progress_store.open()
+        if zone.directory is None:
+            requests, cursor = incoming_tick(context, mine, s3.get_client(), store, settings_of_zone)
+        else:
+            requests, cursor = watch_tick(context, mine, store, settings_of_zone)
+        return dg.SensorResult(run_requests=requests, cursor=cursor)
+
+    return sensor
+
+
+def zone_sensors() -> list[dg.SensorDefinition]:
+    """The sensors of every declared, enabled zone, once the components have loaded."""
+    return [zone_sensor(zone) for zone in declared() if zone.enabled]

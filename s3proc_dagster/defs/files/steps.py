@@ -32,7 +32,7 @@ from s3proc_dagster.models import ProcessingStatus
 from s3proc_dagster.names import PROCESS_FILES_JOB
 from s3proc_dagster.pipeline import Claimant, StepContext
 from s3proc_dagster.pipeline.batch import Attempt, FileInRun, Outcome, each_file, leave_run, reason_of
-from s3proc_dagster.runs.batching import run_file
+from s3proc_dagster.runs.batching import run_file, zone_of_run
 from s3proc_dagster.runs.liveness import run_is_alive
 
 log = get_logger("steps")
@@ -56,6 +56,10 @@ class FilesConfig(dg.Config):
         default="", description="one file: its path below WATCH_PATH or S3_INCOMING_PREFIX (derived when empty)"
     )
     files: list[SourceConfig] = Field(default_factory=list, description="several files, in order (a batch)")
+    zone: dict[str, str] = Field(
+        default_factory=dict,
+        description="the landing zone's settings by variable name (its sensor sets them); empty: the default zone",
+    )
 
     def sources(self) -> list[SourceConfig]:
         if bool(self.path) == bool(self.files):
@@ -63,6 +67,11 @@ class FilesConfig(dg.Config):
                 description="the run's config names no file, or both `path` and `files`", allow_retries=False
             )
         return list(self.files) or [SourceConfig(path=self.path, relative_path=self.relative_path)]
+
+
+def run_settings(context: dg.OpExecutionContext, settings: Settings) -> Settings:
+    """The settings of the run's landing zone: the zone's own variables over the deployment's."""
+    return settings.for_zone(zone_of_run(context.run_config))
 
 
 def in_batch(context: dg.OpExecutionContext) -> bool:
@@ -88,7 +97,7 @@ def step_context(
         staging=settings.staging,
         client=s3.get_client(),
         bucket=s3.bucket,
-        prefix=s3.prefix,
+        prefix=settings.config.s3.prefix,
         error_dir=settings.config.processing.error_directory,
     )
 
@@ -148,7 +157,10 @@ def _identity(settings: Settings, file: FileInRun) -> tuple[str, str]:
         return file.version.file_id, file.version.source.uri
     cfg = settings.config
     located = run_file(
-        {"path": file.path, "relative_path": file.relative_path}, cfg.monitoring.watch_path, cfg.s3.incoming_prefix
+        {"path": file.path, "relative_path": file.relative_path},
+        cfg.monitoring.watch_path,
+        cfg.s3.incoming_prefix,
+        cfg.zone.name,
     )
     return located.file_id, located.path
 
@@ -170,7 +182,10 @@ def _give_up(
         cfg.processing.error_directory,
     )
     log.error(events.gave_up_message(file.name, context.op.name, reason_of(exc), gave_up), extra=about(file_id))
-    context.log_event(events.file_failed(ctx.prefix, file, reason, gave_up))
+    catalog = events.Catalog.of(cfg)
+    if catalog.zone:
+        context.instance.add_dynamic_partitions(events.zone_partitions(catalog.zone), [file.name])
+    context.log_event(events.file_failed(catalog, file, reason, gave_up))
     return file.out(Outcome.FAILED, reason)
 
 

@@ -1,0 +1,113 @@
+"""After success: what a zone does with a file's original once its version is COMPLETED.
+
+`keep` (the default) leaves it. `delete` and `move:<directory or s3://bucket/prefix>` act
+only on a COMPLETED version whose output S3 proves whole (the dataset's committed manifest
+names this version and every part it lists is there; a plain object carries this
+version's `x-sha256`), and only on an original that still is that version: a file
+replaced meanwhile is a newer version, its own run's, and is never deleted or moved for
+the old one. The action is written `(pending)` with the COMPLETED record itself, then
+replaced by what was done, so a crash between the two is finished by crash recovery
+(`recovery.reconcile` calls `finish_pending`), never applied twice. A FAILED file is
+never touched: it is parked, as always.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from s3proc_dagster.files.checksum import sha256_stream
+from s3proc_dagster.logs import about, get_logger
+from s3proc_dagster.models import FileStatus, FileType, ProcessingStatus
+from s3proc_dagster.sources.confined import confined_path, lexically_below, open_regular
+from s3proc_dagster.stores.base import ProgressStore
+from s3proc_dagster.transfer.keys import is_s3_uri, join_key, split_uri
+from s3proc_dagster.transfer.manifest import is_intact, read_manifest
+from s3proc_dagster.transfer.verify import head
+
+log = get_logger("pipeline")
+PENDING = " (pending)"
+
+
+def planned(action: str) -> str | None:
+    """What to write with the COMPLETED record: the action still to take, or nothing for keep."""
+    return None if action == "keep" else f"{action}{PENDING}"
+
+
+def finish_pending(store: ProgressStore, client: Any, bucket: str, roots: tuple[Path, ...]) -> list[str]:
+    """Every COMPLETED file whose after_success is still pending (a crash came between):
+    take the action now, by the same checks. What was done, one line per file."""
+    done = []
+    for record in store.list_files(ProcessingStatus.COMPLETED):
+        if record.after_success and record.after_success.endswith(PENDING):
+            done.append(f"{record.file_path}: {apply(store, client, bucket, record, roots)}")
+    return done
+
+
+def apply(store: ProgressStore, client: Any, bucket: str, record: FileStatus, roots: tuple[Path, ...]) -> str:
+    """Take the record's pending action on its original; record and return what was done."""
+    action = (record.after_success or "").removesuffix(PENDING)
+    outcome = _outcome(client, bucket, record, action, roots)
+    store.update_file(record.file_id, after_success=outcome)
+    log.info("%s: after success: %s", record.file_path, outcome, extra=about(record.file_id))
+    return outcome
+
+
+def _outcome(client: Any, bucket: str, record: FileStatus, action: str, roots: tuple[Path, ...]) -> str:
+    if not _output_proven(client, bucket, record):
+        return f"not {action}d: S3 does not hold this version's output whole"
+    if is_s3_uri(record.file_path):
+        return _on_object(client, record, action)
+    root = next((r for r in roots if lexically_below(record.file_path, r)), None)
+    original = confined_path(record.file_path, root) if root else None
+    if original is None or not _still(original, record, root):
+        return f"not {action}d: the original is gone, not below its zone's source, or a newer version"
+    if action == "delete":
+        original.unlink()
+        return "deleted"
+    place = Path(action.removeprefix("move:"))
+    target = confined_path(place / original.relative_to(root), place)
+    if target is None:
+        return f"not moved: a link in {place}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(original, target)
+    return f"moved to {target}"
+
+
+def _output_proven(client: Any, bucket: str, record: FileStatus) -> bool:
+    key = record.output_key or ""
+    if record.file_type is FileType.DATABASE:
+        manifest = read_manifest(client, bucket, key)
+        return bool(manifest and manifest.file_sha256 == record.checksum and is_intact(client, bucket, manifest))
+    if record.file_type is FileType.ARCHIVE:
+        return True  # its entries' records were each COMPLETED against their own outputs first
+    found = head(client, bucket, key)
+    return bool(found and found.get("Metadata", {}).get("x-sha256") == record.checksum)
+
+
+def _still(original: Path, record: FileStatus, root: Path) -> bool:
+    """The original has the bytes of the version that completed."""
+    try:
+        with open_regular(original, (root,)) as readable:
+            return sha256_stream(readable) == record.checksum
+    except OSError:
+        return False
+
+
+def _on_object(client: Any, record: FileStatus, action: str) -> str:
+    """An incoming object: acted on only while it is the object of that version (its size,
+    and no write to it since the version's run claimed it)."""
+    bucket, key = split_uri(record.file_path)
+    found = head(client, bucket, key)
+    started = record.processing_started_at
+    if found is None or found["ContentLength"] != record.file_size or (started and found["LastModified"] > started):
+        return f"not {action}d: the object is gone or a newer version"
+    if action.startswith("move:"):
+        target_bucket, target_prefix = split_uri(action.removeprefix("move:"))
+        target = join_key(target_prefix, record.source_key or key)
+        client.copy_object(Bucket=target_bucket, Key=target, CopySource={"Bucket": bucket, "Key": key})
+        client.delete_object(Bucket=bucket, Key=key)
+        return f"moved to s3://{target_bucket}/{target}"
+    client.delete_object(Bucket=bucket, Key=key)
+    return "deleted"

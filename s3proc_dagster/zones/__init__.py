@@ -1,0 +1,1 @@
+"""Landing zones: the sources a deployment serves, each declared as a `LandingZone` component."""

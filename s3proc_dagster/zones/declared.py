@@ -1,0 +1,78 @@
+"""The landing zones the code location declares, as their components built them.
+
+A zone is a named set of settings (its source, destination, chunking, rules...) over the
+deployment's, which its sensor puts in each run's config (`FilesConfig.zone`). The
+components register themselves here when the definitions load, which every process of a
+deployment does the same way from the same `defs.yaml` files, so this is a view of the
+definitions, not state: the default zone's sensor leaves the zones' directories alone,
+`s3proc process` finds the zone of a path, and two zones claiming one source are refused
+with both names before anything runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from s3proc_dagster.errors import SettingsError
+from s3proc_dagster.sources.confined import lexically_below
+from s3proc_dagster.transfer.keys import is_s3_uri, split_uri
+
+
+@dataclass(frozen=True)
+class DeclaredZone:
+    name: str
+    source: str  # a directory, or s3://bucket/prefix
+    settings: Mapping[str, str]  # its settings by variable name, over the deployment's
+    enabled: bool = True  # false: declared, its asset and history kept, not watched
+
+    @property
+    def directory(self) -> Path | None:
+        return None if is_s3_uri(self.source) else Path(self.source).expanduser().resolve()
+
+    def claims(self, other: DeclaredZone) -> bool:
+        """One source is the other's or inside it: a file would get two zones' runs."""
+        a, b = _spelled(self.source), _spelled(other.source)
+        return a == b or a.startswith(b + "/") or b.startswith(a + "/")
+
+
+_DECLARED: dict[str, DeclaredZone] = {}
+
+
+def _spelled(source: str) -> str:
+    if is_s3_uri(source):
+        bucket, prefix = split_uri(source)
+        return f"s3://{bucket}/{prefix.strip('/')}".rstrip("/")
+    return str(Path(source).expanduser().resolve())
+
+
+def declare(zone: DeclaredZone) -> None:
+    """Register a zone as its component builds; a zone that claims another's source is refused."""
+    for other in _DECLARED.values():
+        if other.name != zone.name and zone.claims(other):
+            raise SettingsError(
+                f"landing zones {other.name!r} and {zone.name!r} claim the same source "
+                f"({other.source} and {zone.source}); give each zone a source of its own"
+            )
+    _DECLARED[zone.name] = zone
+
+
+def declared() -> list[DeclaredZone]:
+    return sorted(_DECLARED.values(), key=lambda z: z.name)
+
+
+def declared_directories() -> tuple[Path, ...]:
+    """The directories declared zones watch: the default zone's sensor does not."""
+    return tuple(d for z in _DECLARED.values() if (d := z.directory) is not None)
+
+
+def zone_of_path(target: str) -> DeclaredZone | None:
+    """The declared zone whose source holds `target` (a path or an s3:// URI), if any."""
+    for zone in _DECLARED.values():
+        if is_s3_uri(target) and is_s3_uri(zone.source):
+            if _spelled(target).startswith(_spelled(zone.source) + "/"):
+                return zone
+        elif zone.directory is not None and not is_s3_uri(target) and lexically_below(target, zone.directory):
+            return zone
+    return None
