@@ -192,10 +192,11 @@ def graphql(ui: str, query: str, variables: dict) -> dict:
 
 
 def test_a_batched_file_is_found_by_its_file_tag_through_the_uis_run_filter(
-    deployment: Deployment, request: pytest.FixtureRequest
+    deployment: Deployment, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     ui = request.getfixturevalue("dagster_dev")
-    files = [write_csv(deployment.watch / "batch-found" / f"f{i}.csv", promo_rows(4, seed=i)) for i in range(3)]
+    # outside WATCH_PATH: the running deployment's own sensor must not start runs of them too
+    files = [write_csv(tmp_path / "batch-found" / f"f{i}.csv", promo_rows(4, seed=i)) for i in range(3)]
     rels = [f"batch-found/{f.name}" for f in files]
     batch = batch_request([run_request_for(str(f), rel, f"{rel}:k") for f, rel in zip(files, rels, strict=True)])
     run_id = DagsterGraphQLClient("127.0.0.1", port_number=int(ui.rsplit(":", 1)[1])).submit_job_execution(
