@@ -97,6 +97,8 @@ class PreparedItem:
     sent_ahead: frozenset[int] = frozenset()  # chunks that landed during the conversion
     landed_in_run: str = ""  # the run whose conversion landed them
     numbers_as_text: dict[str, list[str]] = field(default_factory=dict)  # column -> the words that made it text
+    columns: tuple[tuple[str, str], ...] = ()  # (name, DuckDB type) of a dataset's columns
+    schema_drift: str = ""  # how the columns differ from the zone's last landing, when they do
 
     @property
     def is_tabular(self) -> bool:

@@ -62,8 +62,12 @@ class Catalog:
         return asset_key_for(self.prefix, relative_path), None
 
 
-def object_landed(obj: UploadedObject, catalog: Catalog, uri: str) -> dg.AssetMaterialization:
-    """A chunk as it lands. Its key is text, not a link: the next version deletes it."""
+def object_landed(
+    obj: UploadedObject, catalog: Catalog, uri: str
+) -> dg.AssetMaterialization | dg.AssetObservation:
+    """A chunk as it lands. Its key is text, not a link: the next version deletes it. On a
+    zone's partition it is an observation: the partition is materialized once the whole
+    version has landed (`file_completed`), not at its first chunk."""
     metadata: dict = {
         "s3_key": dg.MetadataValue.text(uri),
         "bytes": obj.size,
@@ -82,7 +86,8 @@ def object_landed(obj: UploadedObject, catalog: Catalog, uri: str) -> dg.AssetMa
         )
     label = f"chunk {obj.chunk.chunk_index}" if obj.chunk is not None else "object"
     key, partition = catalog.place(obj.relative_path)
-    return dg.AssetMaterialization(
+    event = dg.AssetMaterialization if partition is None else dg.AssetObservation
+    return event(
         asset_key=key,
         partition=partition,
         description=f"{label} of {obj.relative_path}",

@@ -29,8 +29,8 @@ from s3proc_dagster.sources.s3_incoming import IncomingCursor, list_incoming, me
 from s3proc_dagster.sources.watch import WatchCursor, evaluate, scan
 from s3proc_dagster.stores.base import ProgressStore
 from s3proc_dagster.transfer import verify
-from s3proc_dagster.transfer.keys import prefix_folder
-from s3proc_dagster.zones.declared import DeclaredZone, declared, declared_directories
+from s3proc_dagster.transfer.keys import prefix_folder, split_uri
+from s3proc_dagster.zones.declared import DeclaredZone, declared, declared_directories, zone_of_path
 
 RUN_KEY_TAG = "dagster/run_key"
 
@@ -63,6 +63,8 @@ def watch_tick(
         ignore_initial=cfg.monitoring.ignore_initial,
     )
     requests = requeued(store.list_files(ProcessingStatus.PENDING), root, zone)
+    if zone is None:  # the default zone's: a declared zone's files are its own sensor's
+        requests = [r for r in requests if zone_of_path(source_of(r)["path"]) is None]
     again = {r.tags[PATH_TAG] for r in requests}
     requests += [
         run_request_for(str(f.path), f.relative_path, f.run_key, roots=(root,), zone=zone)
@@ -141,9 +143,7 @@ def incoming_tick(
         now=datetime.now(UTC),
         ignore_initial=settings.config.monitoring.ignore_initial,
         # the product's own objects never come back in as input
-        exclude_prefixes=(prefix_folder(cfg.prefix), prefix_folder(cfg.step_outputs_prefix))
-        if bucket == cfg.bucket
-        else (),
+        exclude_prefixes=_not_incoming(settings.config, bucket, zone is None),
     )
     requests = []
     for obj in found:
@@ -159,9 +159,23 @@ def incoming_tick(
     fresh = {r.tags[SOURCE_TAG] for r in requests}
     pending = store.list_files(ProcessingStatus.PENDING)
     requeue = requeued_objects(pending, bucket, cfg.incoming_prefix, zone)
+    if zone is None:
+        requeue = [r for r in requeue if zone_of_path(r.tags[SOURCE_TAG]) is None]
     requests += [r for r in requeue if r.tags[SOURCE_TAG] not in fresh]
     sizes = {obj.uri: obj.size for obj in found}
     return _batched(context, settings, requests, lambda r: sizes.get(source_of(r)["path"])), cursor.dumps()
+
+
+def _not_incoming(cfg: Configuration, bucket: str, default_zone: bool) -> tuple[str, ...]:
+    """Prefixes an incoming listing skips: the product's own objects never come back in as
+    input, and the default zone leaves declared zones' prefixes to their sensors."""
+    own = (prefix_folder(cfg.s3.prefix), prefix_folder(cfg.s3.step_outputs_prefix)) if bucket == cfg.s3.bucket else ()
+    zones = tuple(
+        prefix_folder(split_uri(z.source)[1])
+        for z in declared()
+        if default_zone and z.directory is None and split_uri(z.source)[0] == bucket
+    )
+    return own + zones
 
 
 @dg.sensor(

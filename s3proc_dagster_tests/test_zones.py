@@ -1,0 +1,354 @@
+"""Landing zones: sources declared as LandingZone components, each with its own rules and catalog entry."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import urllib.request
+import uuid
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+import pytest
+
+from s3proc_dagster.components.landing_zone import LandingZone
+from s3proc_dagster.defs.files.sensors import zone_sensor
+from s3proc_dagster.errors import SettingsError
+from s3proc_dagster.files.checksum import sha256_file
+from s3proc_dagster.models import ProcessingStatus as S
+from s3proc_dagster.models import make_file_id
+from s3proc_dagster.transfer.manifest import read_manifest
+from s3proc_dagster.zones.declared import DeclaredZone, declare
+from s3proc_dagster_tests.conftest import Deployment
+from s3proc_dagster_tests.pipeline_helpers import (
+    ROOT,
+    csv_bytes,
+    definitions,
+    execute,
+    list_keys,
+    promo_rows,
+    read_dataset,
+    source_rows,
+    wait_for,
+    write_csv,
+)
+from s3proc_dagster_tests.test_s3_incoming import put
+
+_CURSORS: dict[str, str | None] = {}
+
+
+def zone_of(name: str, **attributes: object) -> DeclaredZone:
+    """A zone as its defs.yaml declares it, registered as loading the definitions would."""
+    component = LandingZone.model_validate(attributes)
+    zone = DeclaredZone(name, component.source or "", component.zone_settings(name, ROOT))
+    declare(zone)
+    return zone
+
+
+def tick(deployment: Deployment, zone: DeclaredZone) -> list[dg.RunRequest]:
+    """One evaluation of the zone's sensor on the real instance, its cursor carried over."""
+    sensor = zone_sensor(zone)
+    with dg.build_sensor_context(
+        instance=deployment.instance(), cursor=_CURSORS.get(zone.name), resources=definitions().resources
+    ) as context:
+        result = sensor.evaluate_tick(context)
+    _CURSORS[zone.name] = result.cursor
+    return list(result.run_requests or [])
+
+
+def write_text(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:6]}"
+
+
+def test_two_zones_land_each_file_under_their_own_destination_with_their_own_rules(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    drop = tmp_path / "partner"
+    drop.mkdir()
+    no_rules = tmp_path / "no-rules"
+    no_rules.mkdir()
+    local = zone_of(
+        unique("partner"), source=str(drop), destination="partner/orders", chunk_size=40, rules=str(no_rules)
+    )
+    remote_prefix = f"zones-{uuid.uuid4().hex[:6]}/campaign"
+    remote = zone_of(
+        unique("campaign"),
+        source=f"s3://{deployment.s3.bucket}/{remote_prefix}",
+        destination="campaign/exports",
+        chunk_size=25,
+        rules=str(ROOT / "dbt_like_sql" / "validations"),
+    )
+    ours, their_rows = promo_rows(100, seed=3), promo_rows(60, seed=4)
+    ours[0][1] = their_rows[0][1] = "bad code"  # only a zone with the rule set rejects it
+    src = write_csv(drop / "day1" / "promo_orders.csv", ours)
+    put(deployment, f"{remote_prefix}/promo_1.csv", csv_bytes(their_rows))
+
+    (from_dir,) = tick(deployment, local)
+    (from_s3,) = tick(deployment, remote)
+    assert from_dir.tags["s3proc/zone"] == local.name and from_s3.tags["s3proc/zone"] == remote.name
+    for request in (from_dir, from_s3):
+        assert execute(request, deployment).success
+
+    store = deployment.store()
+    mine = store.get(make_file_id("day1/promo_orders.csv", local.name))
+    assert mine.status is S.COMPLETED and mine.output_key == "partner/orders/day1/promo_orders.csv"
+    assert [c.record_count for c in store.list_chunks(mine.file_id)] == [40, 40, 20]  # the zone's chunk size
+    assert read_dataset(deployment, "partner/orders/day1/promo_orders.csv", tmp_path) == source_rows(src, "read_csv")
+    theirs = store.get(make_file_id("promo_1.csv", remote.name))
+    assert theirs.status is S.COMPLETED and theirs.output_key == "campaign/exports/promo_1.csv"
+    assert [c.record_count for c in store.list_chunks(theirs.file_id)] == [25, 25, 10]
+    assert theirs.error_summary["validation"] == {"invalidPromoCode": 1}  # the zone's rule set ran on it
+    assert not mine.error_summary.get("validation")  # its zone has no rule set: the bad code landed
+    assert list_keys(deployment, f"{deployment.prefix}/day1/") == []  # nothing under the default destination
+
+
+def test_two_zones_may_not_claim_one_source_and_the_error_names_both(tmp_path: Path) -> None:
+    zone_of("first_claim", source=str(tmp_path))
+    with pytest.raises(SettingsError, match="'first_claim' and 'second_claim' claim the same source"):
+        zone_of("second_claim", source=str(tmp_path / "inside"))
+
+
+def test_lineage_columns_give_each_row_its_source_and_index_matching_the_chunks_offsets(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    drop = tmp_path / "lineage"
+    src = write_csv(drop / "big.csv", promo_rows(120_001, seed=5))
+    zone = zone_of(unique("lineage"), source=str(drop), destination="lineage/out", lineage_columns=True)
+    (request,) = tick(deployment, zone)
+    assert execute(request, deployment).success
+    store = deployment.store()
+    record = store.get(make_file_id("big.csv", zone.name))
+    manifest = read_manifest(deployment.s3.client(), deployment.s3.bucket, "lineage/out/big.csv")
+    client = deployment.s3.client()
+    for chunk in store.list_chunks(record.file_id):
+        local = tmp_path / f"part-{chunk.chunk_index}.parquet"
+        client.download_file(deployment.s3.bucket, chunk.s3_key, str(local))
+        rows = duckdb.sql(
+            f"SELECT min(_source_row), max(_source_row), count(*), count(DISTINCT _source_row), "
+            f"any_value(_source_file), any_value(_file_sha256) FROM read_parquet('{local}')"
+        ).fetchall()
+        assert rows == [
+            (chunk.start_offset, chunk.end_offset, chunk.record_count, chunk.record_count, "big.csv", sha256_file(src))
+        ]
+    assert manifest.total_rows == 120_001
+
+
+def test_a_default_zone_file_has_no_lineage_columns(deployment: Deployment, tmp_path: Path) -> None:
+    from s3proc_dagster_tests.pipeline_helpers import run_requests_under, sensor_tick
+
+    write_csv(deployment.watch / "plain-zone" / "p.csv", promo_rows(10))
+    (request,) = run_requests_under(sensor_tick(deployment), "plain-zone")
+    assert execute(request, deployment).success
+    (part,) = [k for k in list_keys(deployment, f"{deployment.prefix}/plain-zone/p.csv/") if k.endswith(".parquet")]
+    local = tmp_path / "p.parquet"
+    deployment.s3.client().download_file(deployment.s3.bucket, part, str(local))
+    columns = [row[0] for row in duckdb.sql(f"DESCRIBE SELECT * FROM read_parquet('{local}')").fetchall()]
+    assert not [c for c in columns if c.startswith("_source") or c in ("_file_sha256", "_landed_at")]
+
+
+@pytest.mark.parametrize("action", ["delete", "move"])
+def test_after_success_acts_on_the_original_only_once_committed_and_never_on_a_failed_file(
+    deployment: Deployment, tmp_path: Path, action: str
+) -> None:
+    drop, done = tmp_path / "drop", tmp_path / "done"
+    good = write_csv(drop / "good.csv", promo_rows(8))
+    bad = drop / "bad.zip"
+    bad.parent.mkdir(exist_ok=True)
+    bad.write_text("not a zip")
+    setting = "delete" if action == "delete" else f"move:{done}"
+    zone = zone_of(unique("after"), source=str(drop), destination="after/out", after_success=setting)
+    requests = tick(deployment, zone)
+    assert len(requests) == 2
+    for request in requests:
+        execute(request, deployment)
+    store = deployment.store()
+    record = store.get(make_file_id("good.csv", zone.name))
+    assert record.status is S.COMPLETED
+    assert not good.exists()
+    if action == "move":
+        assert (done / "good.csv").read_bytes() == csv_bytes(promo_rows(8))
+        assert record.after_success == f"moved to {done / 'good.csv'}"
+    else:
+        assert record.after_success == "deleted"
+    failed = store.get(make_file_id("bad.zip", zone.name))
+    assert failed.status is S.FAILED and failed.after_success is None
+    assert not (done / "bad.zip").exists()  # parked in the error directory, as always, not moved
+    parked = Path(deployment.env["ERROR_DIRECTORY"]) / zone.name / "bad.zip"
+    assert parked.read_text() == "not a zip"
+
+
+def test_a_crash_between_the_commit_and_the_action_is_finished_by_recovery(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    from s3proc_dagster_tests.pipeline_helpers import reconcile
+
+    drop = tmp_path / "crash-after"
+    src = write_csv(drop / "c.csv", promo_rows(8))
+    zone = zone_of(unique("crash_after"), source=str(drop), destination="crash/after", after_success="delete")
+    (request,) = tick(deployment, zone)
+    assert execute(request, deployment).success
+    store = deployment.store()
+    record = store.get(make_file_id("c.csv", zone.name))
+    # as if the worker died right after the COMPLETED write: the action still pending, the file back
+    src.parent.mkdir(parents=True, exist_ok=True)
+    src.write_bytes(csv_bytes(promo_rows(8)))
+    store.update_file(record.file_id, after_success="delete (pending)")
+    assert reconcile(deployment).success
+    assert not src.exists()
+    assert store.get(record.file_id).after_success == "deleted"
+    # a newer version at that path is never deleted for the old one
+    newer = write_csv(src, promo_rows(9))
+    store.update_file(record.file_id, after_success="delete (pending)")
+    assert reconcile(deployment).success
+    assert newer.exists() and "newer version" in store.get(record.file_id).after_success
+
+
+def test_a_retyped_column_is_reported_by_the_check_and_blocking_fails_the_file_before_it_lands(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    drop = tmp_path / "drift"
+    zone = zone_of(unique("drift"), source=str(drop), destination="drift/out")
+    write_text(drop / "a.csv", "id,amount\n1,10\n2,20\n")
+    (first,) = tick(deployment, zone)
+    assert execute(first, deployment).success
+    write_text(drop / "b.csv", "id,amount\n1,ten\n2,twenty\n")
+    (second,) = tick(deployment, zone)
+    result = execute(second, deployment)
+    assert result.success  # warn: the file lands, the check says how it differs
+    (evaluation,) = [
+        e.event_specific_data
+        for e in result.all_events
+        if e.event_type_value == "ASSET_CHECK_EVALUATION" and e.event_specific_data.check_name == "schema_drift"
+    ]
+    assert not evaluation.passed and "retyped amount: BIGINT -> VARCHAR" in evaluation.description
+
+    blocking = zone_of(
+        unique("drift_block"), source=str(tmp_path / "block"), destination="drift/block", schema_drift="blocking"
+    )
+    write_text(tmp_path / "block" / "a.csv", "id,amount\n1,10\n")
+    (first,) = tick(deployment, blocking)
+    assert execute(first, deployment).success
+    write_text(tmp_path / "block" / "b.csv", "id,amount,extra\n1,x,y\n")
+    (second,) = tick(deployment, blocking)
+    assert not execute(second, deployment).success
+    record = deployment.store().get(make_file_id("b.csv", blocking.name))
+    assert record.status is S.FAILED and "added extra (VARCHAR)" in record.error_details
+    assert "retyped amount: BIGINT -> VARCHAR" in record.error_details
+    assert list_keys(deployment, "drift/block/b.csv/") == []  # nothing landed
+
+
+GRAPHQL_ASSET = """
+query Asset($key: AssetKeyInput!) {
+  assetNodeOrError(assetKey: $key) {
+    ... on AssetNode { groupName description kinds isPartitioned hasAssetChecks
+      assetMaterializations(limit: 5) { partition metadataEntries { label ... on TableMetadataEntry { table { records } } } } }
+  }
+}
+"""
+
+
+def graphql(ui: str, query: str, variables: dict) -> dict:
+    body = json.dumps({"query": query, "variables": variables}).encode()
+    request = urllib.request.Request(f"{ui}/graphql", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())["data"]
+
+
+def test_a_zone_is_a_defined_asset_in_the_catalog_with_its_chunks_and_its_failures(
+    deployment: Deployment, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    name = unique("catalog")
+    zones = tmp_path / "zones"
+    (zones / name).mkdir(parents=True)
+    drop = tmp_path / "catalog-drop"
+    (zones / name / "defs.yaml").write_text(
+        "type: s3proc_dagster.LandingZone\nattributes:\n"
+        f"  source: {drop}\n  destination: catalog/out\n  chunk_size: 30\n  group: partners\n"
+        "  description: Orders from the partner's SFTP drop.\n  owners: [team:data-platform]\n"
+    )
+    drop.mkdir()
+    monkeypatch.setenv("S3PROC_ZONES_DIR", str(zones))
+    ui = request.getfixturevalue("dagster_dev")
+    instance = deployment.instance()
+    write_csv(drop / "orders.csv", promo_rows(70, seed=8))
+    (drop / "broken.zip").write_text("not a zip")
+    store = deployment.store()
+
+    def settled() -> bool:
+        records = [store.get(make_file_id(p, name)) for p in ("orders.csv", "broken.zip")]
+        return all(r is not None and r.status in (S.COMPLETED, S.FAILED) for r in records)
+
+    wait_for(settled, "the zone's files", timeout=300)
+    node = graphql(ui, GRAPHQL_ASSET, {"key": {"path": ["zones", name]}})["assetNodeOrError"]
+    assert node["groupName"] == "partners" and node["description"] == "Orders from the partner's SFTP drop."
+    assert set(node["kinds"]) >= {"s3", "parquet"} and node["isPartitioned"] and node["hasAssetChecks"]
+    (landing,) = [m for m in node["assetMaterializations"] if m["partition"] == "orders.csv"]
+    (table,) = [e for e in landing["metadataEntries"] if e["label"] == "chunk_list"]
+    chunks = [json.loads(r) for r in table["table"]["records"]]
+    assert [(c["chunk"], c["rows"], c["first_record"], c["last_record"]) for c in chunks] == [
+        (0, 30, 0, 29),
+        (1, 30, 30, 59),
+        (2, 10, 60, 69),
+    ]
+    evaluations = [
+        e.dagster_event.event_specific_data
+        for e in instance.all_logs(store.get(make_file_id("broken.zip", name)).run_id)
+        if e.dagster_event and e.dagster_event.event_type_value == "ASSET_CHECK_EVALUATION"
+    ]
+    assert [(ev.partition, ev.passed) for ev in evaluations] == [("broken.zip", False)]
+    assert "not a zip archive" in evaluations[0].description
+
+
+def test_dg_lists_the_component_scaffolds_a_zone_and_checks_the_definitions(tmp_path: Path) -> None:
+    env = {**os.environ, "S3PROC_ZONES_DIR": ""}
+    dg_cli = str(Path(sys.executable).parent / "dg")
+    listed = subprocess.run(
+        [dg_cli, "list", "components"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert listed.returncode == 0 and "s3proc_dagster.LandingZone" in listed.stdout, listed.stderr[-2000:]
+    checked = subprocess.run([dg_cli, "check", "defs"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert checked.returncode == 0, checked.stdout[-2000:] + checked.stderr[-2000:]  # no zone declared
+    scaffolded = ROOT / "s3proc_dagster" / "defs" / "zones" / unique("scaffolded")
+    second_name = unique("second")
+    try:
+        done = subprocess.run(
+            [dg_cli, "scaffold", "defs", "s3proc_dagster.LandingZone", f"zones/{scaffolded.name}"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        text = (scaffolded / "defs.yaml").read_text()
+        assert text.startswith("type: s3proc_dagster.LandingZone") and "# after_success: keep, delete, or move:" in text
+        (tmp_path / "data" / "partner_orders").mkdir(parents=True)
+        second = ROOT / "s3proc_dagster" / "defs" / "zones" / second_name
+        second.mkdir()
+        (second / "defs.yaml").write_text(
+            f"type: s3proc_dagster.LandingZone\nattributes:\n  source: s3://bucket/{second.name}\n"
+        )
+        text = text.replace("source: data/partner_orders", f"source: {tmp_path / 'data' / 'partner_orders'}")
+        (scaffolded / "defs.yaml").write_text(text)
+        two = subprocess.run([dg_cli, "check", "defs"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
+        listed = subprocess.run(
+            [dg_cli, "list", "defs"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        )
+        assert f"{scaffolded.name}_zone_sensor" in listed.stdout and f"{second.name}_zone_sensor" in listed.stdout
+    finally:  # only what this test made: a zone someone declared there stays
+        for made in (scaffolded, ROOT / "s3proc_dagster" / "defs" / "zones" / second_name):
+            shutil.rmtree(made, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            (ROOT / "s3proc_dagster" / "defs" / "zones").rmdir()  # when empty
