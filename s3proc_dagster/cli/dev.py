@@ -10,6 +10,7 @@ run workers, and SeaweedFS) within a deadline.
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
@@ -18,7 +19,7 @@ import time
 import urllib.request
 from pathlib import Path
 from types import FrameType
-from typing import Self
+from typing import TYPE_CHECKING, Self
 from urllib.parse import urlsplit
 
 import psutil
@@ -37,6 +38,9 @@ from s3proc_dagster.cli.embedded import (
 )
 from s3proc_dagster.files.private import tighten, write_new_private_file
 from s3proc_dagster.names import FILE_ID_TAG
+
+if TYPE_CHECKING:
+    from s3proc_dagster.settings import Configuration
 
 DEV_ACCESS_KEY = "s3proc-dev"
 DAGSTER_LOG_LEVELS = {"debug": "debug", "info": "info", "warn": "warning", "error": "error"}
@@ -340,20 +344,17 @@ def _wait_for_ui(dagster: subprocess.Popen, host: str, port: int, deadline_s: fl
         time.sleep(0.2)  # polling interval, bounded by the deadline
 
 
-def run_dev(host: str = "127.0.0.1", port: int = 3000, root: Path | None = None) -> int:
-    """Start SeaweedFS (unless S3_ENDPOINT names another S3) and `dagster dev`; stop both
-    on Ctrl-C, SIGTERM or SIGHUP. Returns 0 on a requested stop, else dagster dev's code."""
-    from s3proc_dagster.settings import load_configuration
-
-    root = (root or Path.cwd()).resolve()
-    load_dotenv(root / ".env", override=False)  # `s3proc` has done it already for its cwd
+def _s3_plan(root: Path) -> tuple[bool, int | None, str]:
+    """Whether SeaweedFS starts here, its S3 port and the setting that moves it: known before
+    anything starts, so `check_ports` can refuse a taken port first."""
     endpoint = os.environ.get("S3_ENDPOINT")
     endpoint_from_dotenv = endpoint is not None and dotenv_values(root / ".env").get("S3_ENDPOINT") == endpoint
     embedded = not os.environ.get("S3_ENDPOINT") or os.environ.get("S3_EMBEDDED") == "true"
     s3_port, s3_setting = _seaweedfs_port(root, endpoint_from_dotenv) if embedded else (None, "")
-    check_ports(host, port, s3_port, s3_setting)
+    return embedded, s3_port, s3_setting
 
-    data = root / "data"
+
+def _default_directories(data: Path) -> None:
     os.environ.setdefault("WATCH_PATH", str(data / "incoming"))
     os.environ.setdefault("ERROR_DIRECTORY", str(data / "errors"))
     os.environ.setdefault("STAGING_DIRECTORY", str(data / "staging"))
@@ -361,21 +362,80 @@ def run_dev(host: str = "127.0.0.1", port: int = 3000, root: Path | None = None)
     os.environ.setdefault("REPORTS_DB_PATH", str(data / "reports.duckdb"))
     Path(os.environ["WATCH_PATH"]).mkdir(parents=True, exist_ok=True)
 
+
+def _start_embedded_s3(data: Path, s3_port: int | None) -> Server:
+    """The dev keys and bucket only where the environment (or .env) names none: `write_dev_env`
+    then records whichever were used."""
+    os.environ.setdefault("S3_ACCESS_KEY_ID", DEV_ACCESS_KEY)
+    os.environ.setdefault("S3_SECRET_ACCESS_KEY", DEV_SECRET_KEY)
+    os.environ.setdefault("S3_BUCKET", "s3proc")
+    return start_seaweedfs(
+        data / "seaweedfs",
+        os.environ["S3_ACCESS_KEY_ID"],
+        os.environ["S3_SECRET_ACCESS_KEY"],
+        bucket=os.environ["S3_BUCKET"],
+        s3_port=s3_port,
+    )
+
+
+def _dagster_dev_command(root: Path, host: str, port: int, cfg: Configuration) -> list[str]:
+    return [
+        sys.executable,
+        # `dg dev` supersedes it, but `dg` is a developer tool no deployment installs
+        "-W",
+        "ignore:Function `dev_command` is superseded",
+        "-m",
+        "dagster",
+        "dev",
+        "-w",
+        str(root / "workspace.yaml"),
+        "-h",
+        host,
+        "-p",
+        str(port),
+        # its webserver's and daemon's own lines follow LOG_LEVEL and LOG_PRETTY too
+        "--log-level",
+        DAGSTER_LOG_LEVELS[cfg.logging.level],
+        "--log-format",
+        "colored" if cfg.logging.pretty else "json",
+    ]
+
+
+def _stop_all(dagster: subprocess.Popen | None, seaweed: Server | None) -> None:
+    if dagster is not None:
+        code = stop_process_group(dagster, DAGSTER_STOP_DEADLINE_S, signal.SIGINT)
+        if code == -signal.SIGKILL:
+            print(
+                f"dagster dev did not stop within {DAGSTER_STOP_DEADLINE_S:.0f}s of SIGINT: killed with its group",
+                file=sys.stderr,
+                flush=True,
+            )
+    if seaweed is not None:
+        seaweed.stop()
+
+
+def run_dev(host: str = "127.0.0.1", port: int = 3000, root: Path | None = None) -> int:
+    """Start SeaweedFS (unless S3_ENDPOINT names another S3) and `dagster dev`; stop both
+    on Ctrl-C, SIGTERM or SIGHUP. Returns 0 on a requested stop, else dagster dev's code.
+
+    Each server is assigned here as its start returns, and what follows a start (the .env,
+    the UI's URL) stays here too: a stop signal raised in a helper after a start would
+    leave that server running with nothing in `finally` that knows of it."""
+    from s3proc_dagster.settings import load_configuration
+
+    root = (root or Path.cwd()).resolve()
+    load_dotenv(root / ".env", override=False)  # `s3proc` has done it already for its cwd
+    embedded, s3_port, s3_setting = _s3_plan(root)
+    check_ports(host, port, s3_port, s3_setting)
+    data = root / "data"
+    _default_directories(data)
+
     seaweed: Server | None = None
     dagster: subprocess.Popen | None = None
     with _StopSignals() as signals:
         try:
             if embedded:
-                os.environ.setdefault("S3_ACCESS_KEY_ID", DEV_ACCESS_KEY)
-                os.environ.setdefault("S3_SECRET_ACCESS_KEY", DEV_SECRET_KEY)
-                os.environ.setdefault("S3_BUCKET", "s3proc")
-                seaweed = start_seaweedfs(
-                    data / "seaweedfs",
-                    os.environ["S3_ACCESS_KEY_ID"],
-                    os.environ["S3_SECRET_ACCESS_KEY"],
-                    bucket=os.environ["S3_BUCKET"],
-                    s3_port=s3_port,
-                )
+                seaweed = _start_embedded_s3(data, s3_port)
                 os.environ["S3_ENDPOINT"] = seaweed.url
                 write_dev_env(root / ".env")
                 print(f"SeaweedFS S3 endpoint: {seaweed.url} (data in {data / 'seaweedfs'})", flush=True)
@@ -385,27 +445,7 @@ def run_dev(host: str = "127.0.0.1", port: int = 3000, root: Path | None = None)
             write_instance(home, cfg.processing.max_concurrency)
             prepare_storage(home)
             print(f"Watching {cfg.monitoring.watch_path}; DAGSTER_HOME={home}; starting dagster dev", flush=True)
-            cmd = [
-                sys.executable,
-                # `dg dev` supersedes it, but `dg` is a developer tool no deployment installs
-                "-W",
-                "ignore:Function `dev_command` is superseded",
-                "-m",
-                "dagster",
-                "dev",
-                "-w",
-                str(root / "workspace.yaml"),
-                "-h",
-                host,
-                "-p",
-                str(port),
-                # its webserver's and daemon's own lines follow LOG_LEVEL and LOG_PRETTY too
-                "--log-level",
-                DAGSTER_LOG_LEVELS[cfg.logging.level],
-                "--log-format",
-                "colored" if cfg.logging.pretty else "json",
-            ]
-            dagster = start_in_own_group(cmd, cwd=root)
+            dagster = start_in_own_group(_dagster_dev_command(root, host, port, cfg), cwd=root)
             _wait_for_ui(dagster, host, port)
             record_ui_url(home, ui_url(host, port))
             record_ui_url_in_dotenv(root / ".env", ui_url(host, port))
@@ -416,13 +456,40 @@ def run_dev(host: str = "127.0.0.1", port: int = 3000, root: Path | None = None)
             return 0
         finally:
             signals.stopping = True
-            if dagster is not None:
-                code = stop_process_group(dagster, DAGSTER_STOP_DEADLINE_S, signal.SIGINT)
-                if code == -signal.SIGKILL:
-                    print(
-                        f"dagster dev did not stop within {DAGSTER_STOP_DEADLINE_S:.0f}s of SIGINT: killed with its group",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-            if seaweed is not None:
-                seaweed.stop()
+            _stop_all(dagster, seaweed)
+
+
+def _dev(args: argparse.Namespace) -> int:
+    return run_dev(host=args.host, port=args.port)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "dev",
+        help="run it all locally: SeaweedFS as S3, the watch sensor and the Dagster UI",
+        description=(
+            "Start SeaweedFS as a local S3 (unless S3_ENDPOINT names another one; its S3 port is "
+            "S3PROC_SEAWEEDFS_PORT, default 8333, or the port inside S3_ENDPOINT once .env holds it), "
+            "write the Dagster instance to DAGSTER_HOME (default ./.dagster_home) and run `dagster dev`: "
+            "the Dagster UI, the daemon and the sensors, with WATCH_PATH (default ./data/incoming) watched. "
+            "On first start it writes its settings to .env (an existing .env is left alone) so other s3proc "
+            "commands reach the same S3 and store. Ctrl-C, SIGTERM or SIGHUP stops all of it; a port "
+            "already in use stops the start at once, naming the setting to change."
+        ),
+    )
+    parser.add_argument(
+        "--host",
+        default=os.environ.get("S3PROC_UI_HOST", "127.0.0.1"),
+        help=(
+            "interface the Dagster UI listens on (default: $S3PROC_UI_HOST or 127.0.0.1; 0.0.0.0 for every "
+            "interface). The UI has no authentication: anyone who reaches it can start and re-execute runs, "
+            "so expose it only behind a proxy that authenticates (docs/security.md)"
+        ),
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("S3PROC_UI_PORT", "3000")),
+        help="port of the Dagster UI (default: $S3PROC_UI_PORT or 3000)",
+    )
+    parser.set_defaults(func=_dev)

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -268,6 +268,47 @@ def _wait(server: Server, ready, what: str, timeout: float) -> Server:
         raise
 
 
+def _seaweedfs_ports(s3_port: int | None) -> tuple[int, int, int, int, int]:
+    """S3, master, volume, filer and admin ports, none another's gRPC port: `weed mini`
+    refuses a port that is another component's gRPC port (port + 10000)."""
+    ports: list[int] = []
+    taken = {s3_port, s3_port + GRPC_PORT_OFFSET} if s3_port else set()
+    while len(ports) < 5 - bool(s3_port):
+        port = free_port(with_grpc=True)
+        if not {port, port + GRPC_PORT_OFFSET} & taken:
+            ports.append(port)
+            taken |= {port, port + GRPC_PORT_OFFSET}
+    s3_port = s3_port or ports.pop()
+    master, volume, filer, admin = ports
+    return s3_port, master, volume, filer, admin
+
+
+def _seaweedfs_ready(url: str, access_key: str, secret_key: str, bucket: str | None) -> Callable[[], None]:
+    """A check that passes once S3 answers and, with `bucket`, the bucket takes a write."""
+    import boto3
+    from botocore.config import Config
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=url,
+        aws_access_key_id=access_key,
+        aws_secret_access_key=secret_key,
+        region_name="us-east-1",
+        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}, connect_timeout=2, read_timeout=5),
+    )
+
+    def ready() -> None:
+        client.list_buckets()
+        if bucket:
+            existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+            if bucket not in existing:
+                client.create_bucket(Bucket=bucket)
+            client.put_object(Bucket=bucket, Key=".s3proc-ready", Body=b"")
+            client.delete_object(Bucket=bucket, Key=".s3proc-ready")
+
+    return ready
+
+
 def start_seaweedfs(
     data_dir: Path,
     access_key: str,
@@ -278,16 +319,7 @@ def start_seaweedfs(
 ) -> Server:
     """`weed mini` (master, volume, filer, S3 in one process) with its data under `data_dir`."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    ports: list[int] = []
-    taken = {s3_port, s3_port + GRPC_PORT_OFFSET} if s3_port else set()
-    while len(ports) < 5 - bool(s3_port):
-        # `weed mini` refuses a port that is another component's gRPC port (port + 10000)
-        port = free_port(with_grpc=True)
-        if not {port, port + GRPC_PORT_OFFSET} & taken:
-            ports.append(port)
-            taken |= {port, port + GRPC_PORT_OFFSET}
-    s3_port = s3_port or ports.pop()
-    master, volume, filer, admin = ports
+    s3_port, master, volume, filer, admin = _seaweedfs_ports(s3_port)
     log_path = data_dir / "weed.log"
     cmd = [
         _binary("weed"),
@@ -311,29 +343,7 @@ def start_seaweedfs(
         process = start_in_own_group(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{s3_port}"
     server = Server(process, log_path, url)
-
-    import boto3
-    from botocore.config import Config
-
-    client = boto3.client(
-        "s3",
-        endpoint_url=url,
-        aws_access_key_id=access_key,
-        aws_secret_access_key=secret_key,
-        region_name="us-east-1",
-        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}, connect_timeout=2, read_timeout=5),
-    )
-
-    def ready() -> None:
-        client.list_buckets()
-        if bucket:
-            existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
-            if bucket not in existing:
-                client.create_bucket(Bucket=bucket)
-            client.put_object(Bucket=bucket, Key=".s3proc-ready", Body=b"")
-            client.delete_object(Bucket=bucket, Key=".s3proc-ready")
-
-    return _wait(server, ready, "SeaweedFS", timeout)
+    return _wait(server, _seaweedfs_ready(url, access_key, secret_key, bucket), "SeaweedFS", timeout)
 
 
 def start_nx27017(data_dir: Path, timeout: float = 30) -> Server:
@@ -411,36 +421,27 @@ class PostgresServer(Server):
         shutil.rmtree(self.extra["cluster_dir"], ignore_errors=True)
 
 
-def start_postgres(log_dir: Path, timeout: float = 60) -> PostgresServer:
-    """PostgreSQL (Debian's `postgresql` package) on a free loopback port, for Dagster's storage in the tests.
+def _as_postgres() -> list[str]:
+    """The prefix that runs a PostgreSQL program as the `postgres` user when we are root,
+    which PostgreSQL refuses to run as; else nothing.
 
-    A fresh cluster (`initdb`, about 1.3 s) in a temporary directory, the `postgres`
-    superuser trusted on loopback (no password), its unix socket in that directory. The
-    server runs in the foreground under `start_in_own_group`, rather than detached by
-    `pg_ctl start` into a session of its own, so that it stops as every other server here
-    does: SIGINT to its group is PostgreSQL's "fast" shutdown (about 0.2 s), and at the
-    deadline the group and every backend (each leads a group of its own) get SIGKILL.
+    `setpriv` execs the program as that user (keeping the environment, and so the test
+    session's marker); `runuser` would stay in between as a watching parent that answers a
+    stop signal with SIGTERM (PostgreSQL's "smart" shutdown, which waits for clients), then
+    2 s of sleep and SIGKILL."""
+    return ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups", "--"] if os.geteuid() == 0 else []
 
-    PostgreSQL refuses to run as root: as root, `initdb` and the server run as the
-    `postgres` user, and the cluster lives outside pytest's temporary directories, which
-    only root may enter. `setpriv` execs the server as that user (keeping the environment,
-    and so the test session's marker); `runuser` would stay in between as a watching
-    parent that answers a stop signal with SIGTERM (PostgreSQL's "smart" shutdown, which
-    waits for clients), then 2 s of sleep and SIGKILL. Durability is not under test, so
-    fsync is off.
-    """
-    as_postgres = (
-        ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups", "--"] if os.geteuid() == 0 else []
-    )
+
+def _init_cluster(as_postgres: list[str], timeout: float) -> Path:
+    """A fresh cluster (`initdb`, about 1.3 s), its data in `data/` of the directory returned:
+    a temporary directory of its own, not one of pytest's, which only root may enter and
+    so the `postgres` user that runs it as root (`_as_postgres`) could not."""
     cluster_dir = Path(tempfile.mkdtemp(prefix="s3proc-postgres-"))
     if as_postgres:
         shutil.chown(cluster_dir, "postgres", "postgres")
-    data = cluster_dir / "data"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / "postgres.log"
     options = ["--auth=trust", "--username=postgres", "--encoding=UTF8", "--locale=C", "--no-sync"]
     initdb = subprocess.run(
-        [*as_postgres, _postgres_binary("initdb"), "-D", str(data), *options],
+        [*as_postgres, _postgres_binary("initdb"), "-D", str(cluster_dir / "data"), *options],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -448,12 +449,31 @@ def start_postgres(log_dir: Path, timeout: float = 60) -> PostgresServer:
     if initdb.returncode != 0:
         shutil.rmtree(cluster_dir, ignore_errors=True)
         raise ServerStartError(f"initdb exited with {initdb.returncode}:\n{initdb.stdout}{initdb.stderr}")
+    return cluster_dir
+
+
+def start_postgres(log_dir: Path, timeout: float = 60) -> PostgresServer:
+    """PostgreSQL (Debian's `postgresql` package) on a free loopback port, for Dagster's storage in the tests.
+
+    A fresh cluster (`_init_cluster`), the `postgres` superuser trusted on loopback (no
+    password), its unix socket in the cluster's directory. The server runs in the
+    foreground under `start_in_own_group`, rather than detached by `pg_ctl start` into a
+    session of its own, so that it stops as every other server here does: SIGINT to its
+    group is PostgreSQL's "fast" shutdown (about 0.2 s), and at the deadline the group and
+    every backend (each leads a group of its own) get SIGKILL. As root, `initdb` and the
+    server run as the `postgres` user (`_as_postgres`). Durability is not under test, so
+    fsync is off.
+    """
+    as_postgres = _as_postgres()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / "postgres.log"
+    cluster_dir = _init_cluster(as_postgres, timeout)
     port = free_port()
     cmd = [
         *as_postgres,
         _postgres_binary("postgres"),
         "-D",
-        str(data),
+        str(cluster_dir / "data"),
         "-p",
         str(port),
         "-k",

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from s3proc_dagster.cli.common import get_instance
 from s3proc_dagster.images import processor
 from s3proc_dagster.images.request_csv import InvalidRequestCsv
 from s3proc_dagster.names import IMAGE_REQUEST_JOB, KIND_TAG, PATH_TAG, REQUEST_ID_TAG, VALIDATE_REQUEST_OP
@@ -17,7 +18,6 @@ from s3proc_dagster.stores import open_store
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from s3proc_dagster.cli.commands import get_instance
     from s3proc_dagster.runs.launch import run_now
     from s3proc_dagster.runs.requests import CONSOLE_LOGGER
 

@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from s3proc_dagster.cli.common import FILE_ARGUMENT
 from s3proc_dagster.errors import ChecksumMismatch, NotReadable, ObjectUnreadable, RecordNotFound
 from s3proc_dagster.settings import Configuration, load_configuration
 from s3proc_dagster.sources.paths import resolve_user_path
@@ -102,28 +103,30 @@ def _emit_object(args: argparse.Namespace, output: read.Output, cfg: Configurati
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    from s3proc_dagster.cli.commands import FILE_ARGUMENT
+DESCRIPTION = (
+    "Read a processed file back from S3: the records of its dataset's current version, the one\n"
+    f"its {MANIFEST_NAME} names (never a mix of two versions, even while a new one is committed),\n"
+    "streamed from the Parquet parts one row group at a time. S3 and the progress store are the\n"
+    "other commands' (S3_ENDPOINT, S3_BUCKET, S3_ACCESS_KEY_ID, PROGRESS_DB_PATH or MONGODB_URI).\n"
+    "Exit status 1, with the reason on one line, when no file matches, the file is not COMPLETED\n"
+    f"yet (its status is said), or its dataset has no {MANIFEST_NAME}; 2 when options contradict."
+)
+EXAMPLES = (
+    "examples:\n"
+    "  s3proc read nyc/flights.csv                            the records as CSV, header first\n"
+    "  s3proc read nyc/flights.csv --limit 5 --format jsonl   the first five, a JSON object each\n"
+    "  s3proc read s3://s3proc/nyc/flights.csv/ --format parts   the parts, for Spark, DuckDB, Athena\n"
+    "  s3proc read nyc/flights.csv --output flights.parquet   the version as one Parquet file\n"
+    "  s3proc read nyc/flights.csv --rejected                 the records that failed validation\n"
+)
 
+
+def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "read",
         help="print a file's data from S3 (CSV, JSON lines), or its Parquet parts' URIs",
-        description=(
-            "Read a processed file back from S3: the records of its dataset's current version, the one\n"
-            f"its {MANIFEST_NAME} names (never a mix of two versions, even while a new one is committed),\n"
-            "streamed from the Parquet parts one row group at a time. S3 and the progress store are the\n"
-            "other commands' (S3_ENDPOINT, S3_BUCKET, S3_ACCESS_KEY_ID, PROGRESS_DB_PATH or MONGODB_URI).\n"
-            "Exit status 1, with the reason on one line, when no file matches, the file is not COMPLETED\n"
-            f"yet (its status is said), or its dataset has no {MANIFEST_NAME}; 2 when options contradict."
-        ),
-        epilog=(
-            "examples:\n"
-            "  s3proc read nyc/flights.csv                            the records as CSV, header first\n"
-            "  s3proc read nyc/flights.csv --limit 5 --format jsonl   the first five, a JSON object each\n"
-            "  s3proc read s3://s3proc/nyc/flights.csv/ --format parts   the parts, for Spark, DuckDB, Athena\n"
-            "  s3proc read nyc/flights.csv --output flights.parquet   the version as one Parquet file\n"
-            "  s3proc read nyc/flights.csv --rejected                 the records that failed validation\n"
-        ),
+        description=DESCRIPTION,
+        epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(

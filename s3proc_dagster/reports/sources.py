@@ -12,6 +12,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from s3proc_dagster.models import ChunkStatus, FileStatus, Request, RequestData
 from s3proc_dagster.stores.base import ProgressStore
 from s3proc_dagster.transfer.manifest import MANIFEST_NAME, Manifest
 
@@ -88,72 +89,82 @@ DATASET_SCHEMA = pa.schema(
 )
 
 
+def _file_row(f: FileStatus) -> dict[str, Any]:
+    s = f.processing_stats
+    return {
+        "file_id": f.file_id,
+        "file_path": f.file_path,
+        "file_name": f.file_name,
+        "status": f.status.value,
+        "file_type": f.file_type.value if f.file_type else None,
+        "file_size": f.file_size,
+        "total_chunks": f.total_chunks,
+        "completed_chunks": s.completed_chunks,
+        "failed_chunks": s.failed_chunks,
+        "successful_records": s.successful_records,
+        "failed_records": s.failed_records,
+        "success_rate": s.success_rate,
+        "output_key": f.output_key,
+        "error_details": f.error_details,
+        "created_at": f.created_at,
+        "completed_at": f.completed_at,
+        "metadata": json.dumps(f.metadata),
+    }
+
+
+def _error_rows(f: FileStatus) -> list[dict[str, Any]]:
+    """The error summary's nested counts, flat: a row per (kind, rule), which SQL can group by."""
+    return [
+        {"file_id": f.file_id, "kind": kind, "rule": r, "count": n}
+        for kind, counts in f.error_summary.items()
+        for r, n in counts.items()
+    ]
+
+
+def _chunk_row(c: ChunkStatus) -> dict[str, Any]:
+    return {
+        "chunk_id": c.chunk_id,
+        "file_id": c.file_id,
+        "chunk_index": c.chunk_index,
+        "record_count": c.record_count,
+        "status": c.status.value,
+        "duration": c.duration,
+        "size_bytes": c.size_bytes,
+        "retry_count": c.retry_count,
+        "successful_records": c.processing_stats.successful_records,
+        "failed_records": c.processing_stats.failed_records,
+    }
+
+
+def _request_row(r: Request) -> dict[str, Any]:
+    return {
+        "request_id": r.request_id,
+        "status": r.status.value,
+        "file_name": r.file_name,
+        "output_csv_url": r.output_csv_url,
+        "errors": len(r.errors),
+    }
+
+
+def _request_data_row(d: RequestData) -> dict[str, Any]:
+    return {
+        "request_id": d.request_id,
+        "serial_number": d.serial_number,
+        "product_name": d.product_name,
+        "images": len(d.input_image_urls),
+        "done": sum(1 for u in d.output_image_urls if u),
+        "completed_at": d.completed_at,
+    }
+
+
 def progress_tables(store: ProgressStore) -> dict[str, pa.Table]:
     files = store.list_files()
-    file_rows, chunk_rows, error_rows = [], [], []
-    for f in files:
-        s = f.processing_stats
-        file_rows.append(
-            {
-                "file_id": f.file_id,
-                "file_path": f.file_path,
-                "file_name": f.file_name,
-                "status": f.status.value,
-                "file_type": f.file_type.value if f.file_type else None,
-                "file_size": f.file_size,
-                "total_chunks": f.total_chunks,
-                "completed_chunks": s.completed_chunks,
-                "failed_chunks": s.failed_chunks,
-                "successful_records": s.successful_records,
-                "failed_records": s.failed_records,
-                "success_rate": s.success_rate,
-                "output_key": f.output_key,
-                "error_details": f.error_details,
-                "created_at": f.created_at,
-                "completed_at": f.completed_at,
-                "metadata": json.dumps(f.metadata),
-            }
-        )
-        for kind, counts in f.error_summary.items():
-            error_rows += [{"file_id": f.file_id, "kind": kind, "rule": r, "count": n} for r, n in counts.items()]
-    for c in store.list_all_chunks():
-        chunk_rows.append(
-            {
-                "chunk_id": c.chunk_id,
-                "file_id": c.file_id,
-                "chunk_index": c.chunk_index,
-                "record_count": c.record_count,
-                "status": c.status.value,
-                "duration": c.duration,
-                "size_bytes": c.size_bytes,
-                "retry_count": c.retry_count,
-                "successful_records": c.processing_stats.successful_records,
-                "failed_records": c.processing_stats.failed_records,
-            }
-        )
+    file_rows = [_file_row(f) for f in files]
+    error_rows = [row for f in files for row in _error_rows(f)]
+    chunk_rows = [_chunk_row(c) for c in store.list_all_chunks()]
     requests = store.list_requests()
-    request_rows, data_rows = [], []
-    for r in requests:
-        request_rows.append(
-            {
-                "request_id": r.request_id,
-                "status": r.status.value,
-                "file_name": r.file_name,
-                "output_csv_url": r.output_csv_url,
-                "errors": len(r.errors),
-            }
-        )
-        for d in store.list_request_rows(r.request_id):
-            data_rows.append(
-                {
-                    "request_id": d.request_id,
-                    "serial_number": d.serial_number,
-                    "product_name": d.product_name,
-                    "images": len(d.input_image_urls),
-                    "done": sum(1 for u in d.output_image_urls if u),
-                    "completed_at": d.completed_at,
-                }
-            )
+    request_rows = [_request_row(r) for r in requests]
+    data_rows = [_request_data_row(d) for r in requests for d in store.list_request_rows(r.request_id)]
     return {
         "file_status": _table(file_rows, FILE_SCHEMA),
         "chunk_status": _table(chunk_rows, CHUNK_SCHEMA),

@@ -73,30 +73,76 @@ def upload_file(
         with path.open("rb") as body:
             response = client.put_object(Bucket=bucket, Key=key, Body=body, ContentType=content_type, Metadata=meta)
         return UploadResult(key, size, sha256, response["ETag"].strip('"'), 1, 1)
+    task, have = _resume_or_create(
+        client,
+        journal,
+        bucket,
+        key,
+        path=path,
+        size=size,
+        sha256=sha256,
+        content_type=content_type,
+        meta=meta,
+        file_id=file_id,
+    )
+    etag, parts, sent = _send_parts(client, path, task, have, part_size, journal)
+    return UploadResult(key, size, sha256, etag, parts, sent)
 
+
+def _resume_or_create(
+    client: Any,
+    journal: UploadJournal | None,
+    bucket: str,
+    key: str,
+    *,
+    path: Path,
+    size: int,
+    sha256: str,
+    content_type: str,
+    meta: dict[str, str],
+    file_id: str | None,
+) -> tuple[S3UploadTask, dict[int, tuple[str, int]]]:
+    """The journal's upload of these bytes to this key and the parts S3 holds of it; or, when
+    there is none or S3 no longer has it, a new upload (under the journal's id, if any),
+    recorded as soon as S3 hands out its UploadId."""
     task = journal.find_upload_task(bucket, key, sha256) if journal else None
     have = _parts_in_s3(client, bucket, key, task.upload_id) if task and task.upload_id else None
-    if task is None or have is None:
-        upload_id = client.create_multipart_upload(Bucket=bucket, Key=key, ContentType=content_type, Metadata=meta)[
-            "UploadId"
-        ]
-        task = S3UploadTask(
-            id=task.id if task else uuid.uuid4().hex,
-            source_file_path=str(path),
-            s3_key=key,
-            bucket=bucket,
-            content_type=content_type,
-            size=size,
-            upload_id=upload_id,
-            checksum=sha256,
-            metadata=meta,
-            status=UploadStatus.UPLOADING,
-            file_id=file_id,
-        )
-        have = {}
-        if journal:
-            journal.save_upload_task(task)
+    if task is not None and have is not None:
+        return task, have
+    upload_id = client.create_multipart_upload(Bucket=bucket, Key=key, ContentType=content_type, Metadata=meta)[
+        "UploadId"
+    ]
+    task = S3UploadTask(
+        id=task.id if task else uuid.uuid4().hex,
+        source_file_path=str(path),
+        s3_key=key,
+        bucket=bucket,
+        content_type=content_type,
+        size=size,
+        upload_id=upload_id,
+        checksum=sha256,
+        metadata=meta,
+        status=UploadStatus.UPLOADING,
+        file_id=file_id,
+    )
+    if journal:
+        journal.save_upload_task(task)
+    return task, {}
+
+
+def _send_parts(
+    client: Any,
+    path: Path,
+    task: S3UploadTask,
+    have: dict[int, tuple[str, int]],
+    part_size: int,
+    journal: UploadJournal | None,
+) -> tuple[str, int, int]:
+    """Send the parts S3 does not hold yet (size and MD5 tell), then complete the upload: its
+    ETag, its parts, the parts sent. A failure is recorded in the journal with the progress
+    made and the upload left in place, for the retry to resume."""
     assert task.upload_id is not None
+    bucket, key = task.bucket, task.s3_key
     completed, sent = [], 0
     try:
         with path.open("rb") as source:
@@ -136,7 +182,7 @@ def upload_file(
         raise
     if journal:
         journal.delete_upload_task(task.id)
-    return UploadResult(key, size, sha256, response["ETag"].strip('"'), len(completed), sent)
+    return response["ETag"].strip('"'), len(completed), sent
 
 
 def _parts_in_s3(client: Any, bucket: str, key: str, upload_id: str) -> dict[int, tuple[str, int]] | None:

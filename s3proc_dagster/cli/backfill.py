@@ -1,0 +1,254 @@
+"""`s3proc backfill`: one run per matching file, queued through a running Dagster webserver.
+
+Through the webserver, not in this process as `process` does, so the instance's run
+queue (MAX_CONCURRENCY, the per-file tag limit) paces a thousand files as it paces the
+sensors' runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from s3proc_dagster.cli.common import back_to_pending, dagster_home, request_for
+from s3proc_dagster.files import parking
+from s3proc_dagster.models import FileStatus, ProcessingStatus
+from s3proc_dagster.settings import Configuration, load_configuration
+from s3proc_dagster.sources.paths import ENTRY_SEPARATOR, path_below
+from s3proc_dagster.stores import open_store
+from s3proc_dagster.stores.base import ProgressStore
+
+
+@dataclass(frozen=True)
+class BackfillFile:
+    """A file a backfill queues a run for, and where it is until then."""
+
+    path: str  # what its run reads: a path below WATCH_PATH, or an s3:// URI
+    relative_path: str
+    record: FileStatus | None = None
+    parked: str | None = None  # a FAILED file in the error directory: brought back to `path` first
+
+    @property
+    def now(self) -> str:
+        return self.parked or self.path
+
+
+def _recorded_where(record: FileStatus, watch: Path, error_dir: Path, incoming_prefix: str) -> BackfillFile | None:
+    """A record's file where a run can read it again, or None (gone, or an archive entry,
+    which its archive's run processes, or read from outside WATCH_PATH: `s3proc process`)."""
+    from s3proc_dagster.sources.confined import is_regular
+    from s3proc_dagster.sources.resolve import relative_key
+    from s3proc_dagster.transfer.keys import split_uri
+
+    path = record.file_path
+    if ENTRY_SEPARATOR in path:
+        return None
+    if "://" in path:
+        return BackfillFile(path, relative_key(split_uri(path)[1], incoming_prefix), record)
+    rel = path_below(path, watch)
+    if rel is None:
+        return None
+    if is_regular(path):
+        return BackfillFile(path, rel, record)
+    parked = parking.parked_path(record, watch, error_dir)
+    return BackfillFile(path, rel, record, parked) if parked else None
+
+
+def _modified_ns(file: BackfillFile, cfg: Configuration) -> int | None:
+    """When the file where it is now was last modified (a parked file keeps its mtime)."""
+    if "://" not in file.now:
+        try:
+            return os.stat(file.now).st_mtime_ns
+        except FileNotFoundError:
+            return None  # gone since it was found
+    from s3proc_dagster.transfer.client import client_for
+    from s3proc_dagster.transfer.keys import split_uri
+    from s3proc_dagster.transfer.verify import head
+
+    found = head(client_for(cfg.s3), *split_uri(file.now))
+    return None if found is None else int(found["LastModified"].timestamp() * 1e9)
+
+
+def select_backfill(
+    cfg: Configuration, store: ProgressStore, since: str | None, status: str | None, pattern: str | None
+) -> list[BackfillFile]:
+    """The files matching every given filter (glob on the relative path, mtime since, status).
+
+    Without a status: the files under WATCH_PATH, as the watch sensor sees them. With one:
+    the records of that status, each found where it is now, which for a FAILED file is the
+    error directory (it was moved there, so no scan of WATCH_PATH finds it), and for an
+    object from S3 the object itself (a run reads it again)."""
+    from s3proc_dagster.files.globs import path_matches
+    from s3proc_dagster.sources.watch import scan
+
+    watch, error_dir = cfg.monitoring.watch_path, cfg.processing.error_directory
+    if status:
+        records = store.list_files(ProcessingStatus.parse(status))
+        located = (_recorded_where(r, watch, error_dir, cfg.s3.incoming_prefix) for r in records)
+        files = [f for f in located if f is not None]
+    else:
+        seen = scan(watch, skip_dirs=(error_dir, cfg.processing.staging_directory))
+        files = [BackfillFile(str(f.path), f.relative_path) for f in seen]
+    if pattern:
+        files = [f for f in files if path_matches(f.relative_path, pattern)]
+    if since:
+        cutoff = datetime.fromisoformat(since).timestamp() * 1e9
+        files = [f for f in files if (modified := _modified_ns(f, cfg)) is not None and modified >= cutoff]
+    return sorted({f.path: f for f in files}.values(), key=lambda f: f.relative_path)
+
+
+DEFAULT_UI_URL = "http://127.0.0.1:3000"
+
+
+def ui_url(given: str | None) -> tuple[str, str]:
+    """The webserver `backfill` queues on, and where that came from (for the error message):
+    --url; else S3PROC_UI_URL, from the environment or `.env` (where `s3proc dev` writes
+    it into the `.env` it wrote itself); else what `s3proc dev` recorded in DAGSTER_HOME;
+    else where `scripts/dev` serves it by default."""
+    from dotenv import dotenv_values
+
+    from s3proc_dagster.cli.dev import UI_URL_ENV, UI_URL_FILE, recorded_ui_url
+
+    if given:
+        return given, "--url"
+    if url := os.environ.get(UI_URL_ENV):
+        dotenv = Path.cwd() / ".env"
+        in_dotenv = dotenv.is_file() and dotenv_values(dotenv).get(UI_URL_ENV) == url
+        return url, f"{UI_URL_ENV} in {dotenv}" if in_dotenv else f"{UI_URL_ENV} in the environment"
+    if url := recorded_ui_url(dagster_home()):
+        return url, f"recorded by s3proc dev in {dagster_home() / UI_URL_FILE}"
+    return DEFAULT_UI_URL, "the default"
+
+
+class UiUnreachable(Exception):
+    """No Dagster webserver answers where `backfill` would queue its runs."""
+
+
+def _ui_client(url: str, origin: str) -> Any:
+    """A GraphQL client on the webserver at `url`, once it has answered: a backfill against a
+    UI that is not there stops before it changes anything, in one line naming the URL."""
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    from dagster_graphql import DagsterGraphQLClient, DagsterGraphQLClientError
+
+    advice = "start it (scripts/dev), or name the webserver with --url"
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UiUnreachable(f"{url} ({origin}) is not an http:// or https:// URL: {advice}")
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/server_info", timeout=10):
+            pass
+    except OSError as exc:  # URLError, HTTPError, a timeout: all "not a UI we can use"
+        reason = getattr(exc, "reason", None) or exc
+        raise UiUnreachable(f"no Dagster UI answers at {url} ({origin}; {reason}): {advice}") from None
+    try:
+        return DagsterGraphQLClient(
+            parts.hostname,
+            port_number=parts.port,
+            use_https=parts.scheme == "https",
+            path_prefix=parts.path.rstrip("/"),
+        )
+    except DagsterGraphQLClientError as exc:
+        raise UiUnreachable(f"the Dagster UI at {url} ({origin}) did not take a client ({exc}): {advice}") from None
+
+
+def _backfill(args: argparse.Namespace) -> int:
+    """One queued run per matching file, through a running Dagster webserver's run queue.
+
+    A FAILED file is first retried as `s3proc retry` does (`back_to_pending`), so its run
+    finds it where the run reads it, PENDING. Should the watch sensor tick in between, it
+    may request the file too (it re-runs PENDING files): the tag concurrency limit keeps
+    the two runs apart, and the later one finds the file COMPLETED and skips it.
+    """
+    from dagster_graphql import DagsterGraphQLClientError
+
+    cfg = load_configuration()
+    watch, error_dir = cfg.monitoring.watch_path, cfg.processing.error_directory
+    url, origin = ui_url(args.url)
+    try:
+        client = None if args.dry_run else _ui_client(url, origin)
+    except UiUnreachable as exc:
+        print(f"s3proc: {exc}", file=sys.stderr)
+        return 1
+    store = open_store(cfg.processing)
+    try:
+        files = select_backfill(cfg, store, args.since, args.status, args.glob)
+        for f in files:
+            failed = f.record is not None and f.record.status is ProcessingStatus.FAILED
+            if args.dry_run:
+                back = f"back to {f.path} and " if f.parked else ""
+                print(
+                    f"would queue  {f.now}" + (f"  (FAILED: {back}PENDING first, as `s3proc retry`)" if failed else "")
+                )
+                continue
+            if failed:
+                back_to_pending(store, f.record, watch, error_dir)
+            request = request_for(f.path, cfg)
+            tags = {**request.tags, "s3proc/backfill": "true"}
+            try:
+                run_id = client.submit_job_execution(request.job_name, run_config=request.run_config, tags=tags)
+            except DagsterGraphQLClientError as exc:
+                reason = (str(exc).strip().splitlines() or [""])[0][:200]
+                pending = "; it is PENDING now, so a sensor runs it again once a daemon runs" if failed else ""
+                print(f"s3proc: {f.path}: not queued on {url} ({reason}){pending}", file=sys.stderr)
+                return 1
+            back = f"; back from {f.parked}" if f.parked else ""
+            print(f"queued {run_id[:8]}  {f.path}" + (f"  (was FAILED{back})" if failed else ""))
+    finally:
+        store.close()
+    print(f"{len(files)} file(s) {'selected' if args.dry_run else 'queued'}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "backfill",
+        help="queue one run per matching file, through the Dagster webserver",
+        description=(
+            "Queue one process_file_job run per file that matches every filter given, through a "
+            "running Dagster webserver (`s3proc dev` or scripts/dev runs one); the instance's run "
+            "queue then runs them, at most MAX_CONCURRENCY at once. Without --status the files are "
+            "those under WATCH_PATH; with it, the recorded files of that status wherever they are now: "
+            "under WATCH_PATH, parked in the error directory (FAILED files), or in S3. A FAILED file is "
+            "first retried as `s3proc retry` does: moved back to WATCH_PATH and set PENDING. An archive's "
+            "entries run with their archive. Exit status 1 when no webserver answers."
+        ),
+    )
+    parser.add_argument(
+        "--glob",
+        help=(
+            "path pattern relative to WATCH_PATH (or to S3_INCOMING_PREFIX for an object), "
+            "** for any folders, e.g. 'march2024/**/*.csv'"
+        ),
+    )
+    parser.add_argument(
+        "--since", help="only files modified at or after this ISO date or time, e.g. 2026-11-01 or 2026-11-01T08:00"
+    )
+    parser.add_argument(
+        "--status",
+        choices=["pending", "in_progress", "completed", "failed"],
+        help=(
+            "only files whose recorded status is this; `failed` finds them in the error directory "
+            "and brings each back before its run is queued"
+        ),
+    )
+    parser.add_argument(
+        "--url",
+        help=(
+            "the Dagster webserver to queue the runs on (default: $S3PROC_UI_URL, which `s3proc dev` writes "
+            "into the .env it wrote; else the URL `s3proc dev` last recorded in DAGSTER_HOME; else "
+            f"{DEFAULT_UI_URL}, where scripts/dev serves it by default)"
+        ),
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list the files that would be queued, where they are now; change nothing and contact no webserver",
+    )
+    parser.set_defaults(func=_backfill)

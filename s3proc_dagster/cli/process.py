@@ -1,0 +1,70 @@
+"""`s3proc process FILE...`: each file's run now, in this process, as the sensors would request it."""
+
+from __future__ import annotations
+
+import argparse
+
+from s3proc_dagster.cli.common import get_instance, request_for
+from s3proc_dagster.models import FileStatus, ProcessingStatus
+from s3proc_dagster.names import SOURCE_TAG
+from s3proc_dagster.settings import load_configuration
+from s3proc_dagster.stores import open_store
+
+
+def _process(args: argparse.Namespace) -> int:
+    """Each file's run, then one outcome line per file on stdout; the product's progress
+    lines go to stderr as it works (LOG_LEVEL, LOG_PRETTY), Dagster's own only at debug."""
+    from s3proc_dagster.runs.launch import run_now
+
+    cfg = load_configuration()
+    instance = get_instance()
+    store = open_store(cfg.processing)
+    failed = 0
+    try:
+        for raw in args.paths:
+            request = request_for(raw, cfg)
+            outcome = run_now(instance, request)
+            status = store.get_by_path(request.tags[SOURCE_TAG])
+            failed += not outcome.success
+            print(f"{_outcome(status, outcome.run_id, outcome.success)}  {raw}  (run {outcome.run_id[:8]})")
+    finally:
+        store.close()
+    return 1 if failed else 0
+
+
+def _outcome(status: FileStatus | None, run_id: str, success: bool) -> str:
+    """What this run did to the file: its own result, or why it left the file alone."""
+    if status is None:
+        return "FAILED" if not success else "SKIPPED"
+    if status.run_id != run_id and success:  # another run holds it, or it was already done
+        if status.status is ProcessingStatus.IN_PROGRESS:
+            return f"SKIPPED: held by run {(status.run_id or '')[:8]}"
+        return f"SKIPPED: unchanged since run {(status.run_id or '')[:8]} ({status.status.name})"
+    if status.status is ProcessingStatus.COMPLETED:
+        return f"COMPLETED -> {status.output_key}"
+    if status.status is ProcessingStatus.FAILED:
+        return f"FAILED: {status.error_details}"
+    return status.status.name
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "process",
+        help="process files now, in this process, and wait for each",
+        description=(
+            "Run process_file_job for each file now, in this process, on the Dagster instance at "
+            "DAGSTER_HOME (default ./.dagster_home), and wait for it. The runs show in the Dagster UI "
+            "with the same tags as the watch sensor's. Exit status 1 when any run fails."
+        ),
+    )
+    parser.add_argument(
+        "paths",
+        nargs="+",
+        metavar="FILE",
+        help=(
+            "an s3:// URI, or a local file: below WATCH_PATH it is opened without following any link; "
+            "anywhere else it is read as you name it (known by its name alone), but never through a link "
+            "as its last component"
+        ),
+    )
+    parser.set_defaults(func=_process)

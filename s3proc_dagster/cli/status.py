@@ -1,0 +1,189 @@
+"""`s3proc status [PATH] [--chunks] [--json]`: what the progress store recorded, and with
+PATH the runs of that file from the Dagster instance, read without writing one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from s3proc_dagster.cli.common import FILE_ARGUMENT, dagster_home
+from s3proc_dagster.files import parking
+from s3proc_dagster.models import ChunkStatus, FileStatus, ProcessingStatus
+from s3proc_dagster.settings import Configuration, load_configuration
+from s3proc_dagster.sources.paths import resolve_user_path
+from s3proc_dagster.stores import open_store
+
+
+def _table(headers: list[str], rows: list[list[str]], right: set[int], indent: str = "    ") -> list[str]:
+    """Columns as wide as their widest cell; numbers right-aligned so digits line up."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
+    def line(cells: list[str]) -> str:
+        padded = [
+            cell.rjust(width) if i in right else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(cells, widths, strict=True))
+        ]
+        return (indent + "  ".join(padded)).rstrip()
+
+    return [line(headers), *(line(r) for r in rows)]
+
+
+def _chunk_lines(chunks: list[ChunkStatus]) -> list[str]:
+    """A file's chunks as the table `status --chunks` prints under it: which records each
+    holds, where it landed, and why it failed, without reaching for --json."""
+    if not chunks:
+        return ["    (no chunks: not converted yet, or not a tabular file)"]
+    rows = [
+        [
+            str(c.chunk_index),
+            c.status.name,
+            str(c.record_count),
+            f"{c.start_offset}-{c.end_offset}",
+            "-" if c.size_bytes is None else str(c.size_bytes),
+            str(c.retry_count),
+            c.s3_key or "-",
+            c.error_details or "",
+        ]
+        for c in chunks
+    ]
+    headers = ["index", "status", "records", "offsets", "bytes", "retries", "S3 key", "error"]
+    return _table(headers, rows, right={0, 2, 4, 5})
+
+
+def _started(timestamp: float | None) -> str | None:
+    return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
+
+
+def _file_runs(files: list[FileStatus], cfg: Configuration) -> tuple[dict[str, list[dict[str, Any]]] | None, str]:
+    """Each file's runs, newest first, found by the tag every run of a file carries, its
+    own or a batch's (`runs.tags.recorded_file_tag`); or None and why they cannot be listed.
+
+    Read-only: unlike `get_instance`, no instance is written where there is none, and an
+    instance that does not open (its PostgreSQL down) costs the listing, not the command."""
+    import dagster as dg
+
+    from s3proc_dagster.runs.tags import recorded_file_tag
+
+    home = dagster_home()
+    if not ((home / "dagster.yaml").is_file() or (home / "storage").is_dir()):
+        return None, f"no Dagster instance at {home} (DAGSTER_HOME), so its runs are not listed"
+    watch, error_dir = cfg.monitoring.watch_path, cfg.processing.error_directory
+    found: dict[str, list[dict[str, Any]]] = {}
+    try:
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            for f in files:
+                tag = recorded_file_tag(f, watch, error_dir, cfg.s3.incoming_prefix)
+                found[f.file_id] = [
+                    {
+                        "runId": r.dagster_run.run_id,
+                        "job": r.dagster_run.job_name,
+                        "status": r.dagster_run.status.value,
+                        "startTime": _started(r.start_time),
+                    }
+                    for r in instance.get_run_records(dg.RunsFilter(tags=tag))
+                ]
+    except Exception as exc:  # whatever the storage raises, the records above are still worth showing
+        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        return (
+            None,
+            f"the Dagster instance at {home} did not open ({type(exc).__name__}: {reason}), so runs are not listed",
+        )
+    return found, ""
+
+
+def _run_lines(runs: list[dict[str, Any]]) -> list[str]:
+    if not runs:
+        return ["    runs: none on the Dagster instance"]
+    rows = [[r["runId"][:8], r["job"], r["status"], r["startTime"] or "-"] for r in runs]
+    return ["    runs, newest first:", *_table(["run", "job", "status", "started (UTC)"], rows, right=set())]
+
+
+def _status(args: argparse.Namespace) -> int:
+    cfg = load_configuration()
+    watch, error_dir = cfg.monitoring.watch_path, cfg.processing.error_directory
+    store = open_store(cfg.processing)
+    try:
+        files = store.list_files()
+        recorded = bool(files)
+        if args.path:
+            ref = resolve_user_path(args.path, watch, Path.cwd(), error_dir)
+            files = [f for f in files if ref.matches(f)]
+        chunks = {f.file_id: store.list_chunks(f.file_id) for f in files} if args.chunks else {}
+    finally:
+        store.close()
+    parked = {f.file_id: parking.parked_path(f, watch, error_dir) for f in files}
+    runs, no_runs = _file_runs(files, cfg) if args.path and files else ({}, "")
+    if args.json:
+        out = []
+        for f in files:
+            doc = f.to_document()
+            doc["parkedPath"] = parked[f.file_id]
+            if args.chunks:
+                doc["chunks"] = [c.to_document() for c in chunks[f.file_id]]
+            if args.path:
+                doc["runs"] = None if runs is None else runs.get(f.file_id, [])
+            out.append(doc)
+        json.dump(out, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        if no_runs:
+            print(f"s3proc: {no_runs}", file=sys.stderr)
+    else:
+        if not recorded and not args.path:
+            print("no files recorded yet")
+        for f in files:
+            stats = f.processing_stats
+            # where the file is now; an output only once there is one (COMPLETED)
+            where = parked[f.file_id] or f.file_path
+            output = f"  ->  {f.output_key}" if f.status is ProcessingStatus.COMPLETED and f.output_key else ""
+            moved = f"  (parked in the error directory; read from {f.file_path})" if parked[f.file_id] else ""
+            print(
+                f"{f.status.name:<11} {stats.completed_chunks:>4}/{f.total_chunks:<4} chunks  {where}{output}{moved}"
+                + (f"  error: {f.error_details}" if f.error_details else "")
+            )
+            if args.chunks:
+                print("\n".join(_chunk_lines(chunks[f.file_id])))
+            if args.path:
+                print("\n".join(_run_lines(runs[f.file_id])) if runs is not None else f"    runs: {no_runs}")
+    if args.path and not files:
+        empty = "" if recorded else " (no files recorded yet)"
+        print(f"s3proc: no file matches {args.path}{empty}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "status",
+        help="every recorded file with its status, chunks, output and error",
+        description=(
+            "Every file in the progress store (PROGRESS_DB_PATH or MONGODB_URI) with its status, "
+            "chunks done/total, where it is now (a FAILED file is parked in the error directory), where "
+            "its output was written (COMPLETED files only) and the error if it failed. With PATH, also "
+            "the runs that processed the file, its own and batch runs, from the Dagster instance at "
+            "DAGSTER_HOME (default ./.dagster_home). Exit status 1 when PATH is given and no file matches it."
+        ),
+    )
+    parser.add_argument("path", nargs="?", metavar="PATH", help=f"show only this file: {FILE_ARGUMENT}")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help=(
+            "print a JSON list with the stored field names (fileId, filePath, status, outputKey, "
+            "s3Bucket/s3Key of a source object in S3, processingStats, errorSummary, errorDetails ...), "
+            "plus parkedPath (where a FAILED file waits in the error directory now, else null) and, "
+            'with PATH, "runs" (runId, job, status, startTime of each run that processed it)'
+        ),
+    )
+    parser.add_argument(
+        "--chunks",
+        action="store_true",
+        help=(
+            "also show each file's chunks: a table (index, status, records, offsets, bytes, retries, "
+            'S3 key, error), or with --json a "chunks" list in each file'
+        ),
+    )
+    parser.set_defaults(func=_status)
