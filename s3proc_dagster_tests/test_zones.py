@@ -33,6 +33,8 @@ from s3proc_dagster_tests.pipeline_helpers import (
     list_keys,
     promo_rows,
     read_dataset,
+    run_requests_under,
+    sensor_tick,
     source_rows,
     wait_for,
     write_csv,
@@ -117,6 +119,24 @@ def test_two_zones_may_not_claim_one_source_and_the_error_names_both(tmp_path: P
     zone_of("first_claim", source=str(tmp_path))
     with pytest.raises(SettingsError, match="'first_claim' and 'second_claim' claim the same source"):
         zone_of("second_claim", source=str(tmp_path / "inside"))
+
+
+def test_a_zone_inside_watch_path_is_its_own_sensors_alone_even_when_a_file_is_requeued(
+    deployment: Deployment,
+) -> None:
+    folder = unique("zone_in_watch")
+    zone = zone_of(folder, source=str(deployment.watch / folder), destination=f"{folder}/out")
+    write_csv(deployment.watch / folder / "a.csv", promo_rows(5))
+    assert run_requests_under(sensor_tick(deployment), folder) == []  # the default zone's sensor
+    (request,) = tick(deployment, zone)
+    assert request.tags["s3proc/zone"] == folder
+    assert execute(request, deployment).success
+    store = deployment.store()
+    record = store.get(make_file_id("a.csv", folder))
+    store.reset_to_pending(record.file_id, None)  # as `s3proc retry --force` does
+    assert run_requests_under(sensor_tick(deployment), folder) == []
+    (again,) = tick(deployment, zone)
+    assert again.tags["s3proc/zone"] == folder and again.run_config["ops"]["checksum_calculation"]["config"]["zone"]
 
 
 def test_lineage_columns_give_each_row_its_source_and_index_matching_the_chunks_offsets(

@@ -62,9 +62,7 @@ class Catalog:
         return asset_key_for(self.prefix, relative_path), None
 
 
-def object_landed(
-    obj: UploadedObject, catalog: Catalog, uri: str
-) -> dg.AssetMaterialization | dg.AssetObservation:
+def object_landed(obj: UploadedObject, catalog: Catalog, uri: str) -> dg.AssetMaterialization | dg.AssetObservation:
     """A chunk as it lands. Its key is text, not a link: the next version deletes it. On a
     zone's partition it is an observation: the partition is materialized once the whole
     version has landed (`file_completed`), not at its first chunk."""
