@@ -396,6 +396,17 @@ def load_configuration(
     return Configuration(**loaded)  # type: ignore[arg-type]
 
 
+def zone_overrides(zone: Mapping[str, str], error_directory: Path) -> dict[str, str]:
+    """A landing zone's settings as its runs load them: its own variables, and its failed
+    files parked apart from the other zones' (`ERROR_DIRECTORY/<zone name>`), so a retry
+    of one zone's file never picks up another's. Runs and the CLI both use this, so
+    `s3proc status` looks for a parked file where the run put it."""
+    merged = dict(zone)
+    if (name := merged.get("ZONE_NAME")) and "ERROR_DIRECTORY" not in merged:
+        merged["ERROR_DIRECTORY"] = str(error_directory / name)
+    return merged
+
+
 def poll_interval_s(environ: dict[str, str] | None = None) -> int:
     """How often the sensors tick, for their definitions: POLL_INTERVAL_MS in whole seconds
     (Dagster ticks a sensor at most once a second). Read leniently, because definitions are

@@ -25,7 +25,7 @@ from pydantic import Field, PrivateAttr
 from s3proc_dagster.defs.loggers import console
 from s3proc_dagster.logs import configure_logging
 from s3proc_dagster.runs.liveness import Heartbeat
-from s3proc_dagster.settings import Configuration, load_configuration
+from s3proc_dagster.settings import Configuration, load_configuration, zone_overrides
 from s3proc_dagster.stores import open_store
 from s3proc_dagster.stores.base import ProgressStore
 from s3proc_dagster.transfer.client import make_client
@@ -62,9 +62,7 @@ class Settings(dg.ConfigurableResource):
         the error directory named after it. No overrides: these settings, the default zone."""
         if not overrides:
             return self
-        merged = {**self.overrides, **overrides}
-        if "ZONE_NAME" in overrides and "ERROR_DIRECTORY" not in overrides:
-            merged["ERROR_DIRECTORY"] = str(self.config.processing.error_directory / overrides["ZONE_NAME"])
+        merged = {**self.overrides, **zone_overrides(overrides, self.config.processing.error_directory)}
         return _zone_settings(self.env_file, tuple(sorted(merged.items())))
 
 
