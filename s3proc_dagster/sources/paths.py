@@ -84,7 +84,9 @@ def _local_readings(
     return readings
 
 
-def resolve_user_path(arg: str, watch_path: Path, cwd: Path, error_directory: Path | None = None) -> FileRef:
+def resolve_user_path(
+    arg: str, watch_path: Path, cwd: Path, error_directory: Path | None = None, zone: str = ""
+) -> FileRef:
     """The records a command-line argument names.
 
     Accepted: a fileId; an `s3://` URI; an absolute path; a path relative to `cwd`;
@@ -92,6 +94,10 @@ def resolve_user_path(arg: str, watch_path: Path, cwd: Path, error_directory: Pa
     finds a file that came by the S3 incoming prefix, since its fileId is derived from
     the same relative path); a path in `error_directory`, naming the file parked there;
     and any of these followed by `!/<entry path>` for an archive entry.
+
+    `zone` is the landing zone `watch_path` and `error_directory` are those of: its
+    files' ids carry its name (`make_file_id`), so the same relative path in two zones
+    names two files, each found only through its own zone's reading.
     """
     file_paths: set[str] = {arg}
     file_ids: set[str] = {arg}
@@ -107,5 +113,5 @@ def resolve_user_path(arg: str, watch_path: Path, cwd: Path, error_directory: Pa
             for spelling in {str(absolute), str(absolute.resolve())}:
                 file_paths.add(f"{spelling}{ENTRY_SEPARATOR}{inner}" if inner else spelling)
             if rel is not None:
-                file_ids.add(make_file_id(f"{rel}/{inner}" if inner else rel))
+                file_ids.add(make_file_id(f"{rel}/{inner}" if inner else rel, zone))
     return FileRef(arg, frozenset(file_paths), frozenset(file_ids))
