@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 from s3proc_dagster.cli.common import FILE_ARGUMENT
+from s3proc_dagster.cli.zones import load_zones
 from s3proc_dagster.errors import ChecksumMismatch, NotReadable, ObjectUnreadable, RecordNotFound
-from s3proc_dagster.settings import Configuration, load_configuration
-from s3proc_dagster.sources.paths import resolve_user_path
+from s3proc_dagster.settings import Configuration
 from s3proc_dagster.stores import open_store
 from s3proc_dagster.transfer import read
 from s3proc_dagster.transfer.client import client_for, filesystem_for
@@ -43,13 +43,14 @@ def _read(args: argparse.Namespace) -> int:
     if problem:
         print(f"s3proc read: {problem}", file=sys.stderr)
         return 2
-    cfg = load_configuration()
+    zones = load_zones()
+    cfg = zones.default.cfg
     store = open_store(cfg.processing)
     try:
         files = store.list_files()
     finally:
         store.close()
-    ref = resolve_user_path(args.target, cfg.monitoring.watch_path, Path.cwd(), cfg.processing.error_directory)
+    ref = zones.file_ref(args.target, Path.cwd())  # a declared zone's file by its zone's paths too
     try:
         output = read.locate(args.target, ref, files, client_for(cfg.s3), cfg.s3.bucket)
         return _emit(args, output, cfg)

@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 
 from s3proc_dagster.cli.common import FILE_ARGUMENT, back_to_pending
+from s3proc_dagster.cli.zones import load_zones
 from s3proc_dagster.files import parking
 from s3proc_dagster.models import FileStatus, ProcessingStatus
-from s3proc_dagster.settings import load_configuration
-from s3proc_dagster.sources.paths import ENTRY_SEPARATOR, path_below, resolve_user_path
+from s3proc_dagster.sources.paths import ENTRY_SEPARATOR, path_below
 from s3proc_dagster.stores import open_store
 
 
@@ -47,14 +47,13 @@ def _retry(args: argparse.Namespace) -> int:
     Only FAILED files by default, as the help says: a COMPLETED file is reprocessed
     only with --force, so a mistyped path cannot redo finished work.
     """
-    cfg = load_configuration()
-    watch, error_dir = cfg.monitoring.watch_path, cfg.processing.error_directory
-    store = open_store(cfg.processing)
+    zones = load_zones()
+    store = open_store(zones.default.cfg.processing)
     refused = 0
     try:
         files = store.list_files()
         for raw in args.paths:
-            ref = resolve_user_path(raw, watch, Path.cwd(), error_dir)
+            ref = zones.file_ref(raw, Path.cwd())
             matched = [f for f in files if ref.matches(f)]
             if not matched:
                 print(f"s3proc: no file matches {raw}", file=sys.stderr)
@@ -63,6 +62,8 @@ def _retry(args: argparse.Namespace) -> int:
                 if status.status is ProcessingStatus.PENDING:
                     print(f"PENDING    {status.file_path}  (already; the watch sensor will run it)")
                     continue
+                zone = zones.of_record(status)  # its own source and error folder, a declared zone's or the default's
+                watch, error_dir = zone.watch, zone.error_dir
                 path = Path(status.file_path)
                 rel = path_below(path, watch) if "://" not in status.file_path else None
                 problem = _retry_refusal(status, rel, args.force)
@@ -88,7 +89,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "Set a FAILED file back to PENDING, moving it back from the error directory (ERROR_DIRECTORY) "
             "to where it was under WATCH_PATH, so the watch sensor processes it again; `s3proc dev` or a "
-            "Dagster daemon must be running for that. An IN_PROGRESS file, a COMPLETED one (unless --force) "
+            "Dagster daemon must be running for that. A declared landing zone's file comes back from "
+            "ERROR_DIRECTORY/<zone> to its zone's source, for the zone's sensor. An IN_PROGRESS file, a COMPLETED one (unless --force) "
             "and one the watch sensor cannot pick up (an archive entry, an S3 object, a file outside "
             "WATCH_PATH) are left alone, with the reason and what to do instead (exit status 1)."
         ),

@@ -6,15 +6,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from s3proc_dagster.cli.common import FILE_ARGUMENT, dagster_home
+from s3proc_dagster.cli.zones import Zone, Zones, load_zones
 from s3proc_dagster.files import parking
 from s3proc_dagster.models import ChunkStatus, FileStatus, ProcessingStatus
-from s3proc_dagster.settings import Configuration, load_configuration
-from s3proc_dagster.sources.paths import resolve_user_path
 from s3proc_dagster.stores import open_store
 
 
@@ -58,7 +58,7 @@ def _started(timestamp: float | None) -> str | None:
     return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
 
 
-def _file_runs(files: list[FileStatus], cfg: Configuration) -> tuple[dict[str, list[dict[str, Any]]] | None, str]:
+def _file_runs(files: list[FileStatus], zones: Zones) -> tuple[dict[str, list[dict[str, Any]]] | None, str]:
     """Each file's runs, newest first, found by the tag every run of a file carries, its
     own or a batch's (`runs.tags.recorded_file_tag`); or None and why they cannot be listed.
 
@@ -71,12 +71,12 @@ def _file_runs(files: list[FileStatus], cfg: Configuration) -> tuple[dict[str, l
     home = dagster_home()
     if not ((home / "dagster.yaml").is_file() or (home / "storage").is_dir()):
         return None, f"no Dagster instance at {home} (DAGSTER_HOME), so its runs are not listed"
-    watch, error_dir = cfg.monitoring.watch_path, cfg.processing.error_directory
     found: dict[str, list[dict[str, Any]]] = {}
     try:
         with dg.DagsterInstance.from_config(str(home)) as instance:
             for f in files:
-                tag = recorded_file_tag(f, watch, error_dir, cfg.s3.incoming_prefix)
+                zone = zones.of_record(f)  # its runs' relative path is below its zone's source
+                tag = recorded_file_tag(f, zone.watch, zone.error_dir, zone.incoming_prefix)
                 found[f.file_id] = [
                     {
                         "runId": r.dagster_run.run_id,
@@ -103,56 +103,82 @@ def _run_lines(runs: list[dict[str, Any]]) -> list[str]:
 
 
 def _status(args: argparse.Namespace) -> int:
-    cfg = load_configuration()
-    watch, error_dir = cfg.monitoring.watch_path, cfg.processing.error_directory
-    store = open_store(cfg.processing)
+    """Each record is shown by its own zone's settings: a FAILED zone file waits in
+    ERROR_DIRECTORY/<zone>, and its zone is named, so the user knows whose rules ran it."""
+    zones = load_zones()
+    store = open_store(zones.default.cfg.processing)
     try:
         files = store.list_files()
         recorded = bool(files)
         if args.path:
-            ref = resolve_user_path(args.path, watch, Path.cwd(), error_dir)
+            ref = zones.file_ref(args.path, Path.cwd())
             files = [f for f in files if ref.matches(f)]
         chunks = {f.file_id: store.list_chunks(f.file_id) for f in files} if args.chunks else {}
     finally:
         store.close()
-    parked = {f.file_id: parking.parked_path(f, watch, error_dir) for f in files}
-    runs, no_runs = _file_runs(files, cfg) if args.path and files else ({}, "")
+    zone_of = {f.file_id: zones.of_record(f) for f in files}
+    parked = {f.file_id: parking.parked_path(f, zone_of[f.file_id].watch, zone_of[f.file_id].error_dir) for f in files}
+    runs, no_runs = _file_runs(files, zones) if args.path and files else ({}, "")
+    shown = _Shown(files, zone_of, parked, chunks, runs, no_runs)
     if args.json:
-        out = []
-        for f in files:
-            doc = f.to_document()
-            doc["parkedPath"] = parked[f.file_id]
-            if args.chunks:
-                doc["chunks"] = [c.to_document() for c in chunks[f.file_id]]
-            if args.path:
-                doc["runs"] = None if runs is None else runs.get(f.file_id, [])
-            out.append(doc)
-        json.dump(out, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-        if no_runs:
-            print(f"s3proc: {no_runs}", file=sys.stderr)
+        _print_json(args, shown)
     else:
         if not recorded and not args.path:
             print("no files recorded yet")
-        for f in files:
-            stats = f.processing_stats
-            # where the file is now; an output only once there is one (COMPLETED)
-            where = parked[f.file_id] or f.file_path
-            output = f"  ->  {f.output_key}" if f.status is ProcessingStatus.COMPLETED and f.output_key else ""
-            moved = f"  (parked in the error directory; read from {f.file_path})" if parked[f.file_id] else ""
-            print(
-                f"{f.status.name:<11} {stats.completed_chunks:>4}/{f.total_chunks:<4} chunks  {where}{output}{moved}"
-                + (f"  error: {f.error_details}" if f.error_details else "")
-            )
-            if args.chunks:
-                print("\n".join(_chunk_lines(chunks[f.file_id])))
-            if args.path:
-                print("\n".join(_run_lines(runs[f.file_id])) if runs is not None else f"    runs: {no_runs}")
+        _print_text(args, shown)
     if args.path and not files:
         empty = "" if recorded else " (no files recorded yet)"
         print(f"s3proc: no file matches {args.path}{empty}", file=sys.stderr)
         return 1
     return 0
+
+
+@dataclass(frozen=True)
+class _Shown:
+    """What `status` found, for either of its two outputs."""
+
+    files: list[FileStatus]
+    zone_of: dict[str, Zone]
+    parked: dict[str, str | None]
+    chunks: dict[str, list[ChunkStatus]]
+    runs: dict[str, list[dict[str, Any]]] | None
+    no_runs: str
+
+
+def _print_json(args: argparse.Namespace, shown: _Shown) -> None:
+    out = []
+    for f in shown.files:
+        doc = f.to_document()
+        doc["parkedPath"] = shown.parked[f.file_id]
+        if zone := shown.zone_of[f.file_id].name:  # the default zone's files keep the document as it was
+            doc["zone"] = zone
+        if args.chunks:
+            doc["chunks"] = [c.to_document() for c in shown.chunks[f.file_id]]
+        if args.path:
+            doc["runs"] = None if shown.runs is None else shown.runs.get(f.file_id, [])
+        out.append(doc)
+    json.dump(out, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    if shown.no_runs:
+        print(f"s3proc: {shown.no_runs}", file=sys.stderr)
+
+
+def _print_text(args: argparse.Namespace, shown: _Shown) -> None:
+    for f in shown.files:
+        stats, parked = f.processing_stats, shown.parked[f.file_id]
+        # where the file is now; an output only once there is one (COMPLETED)
+        where = (parked or f.file_path) + shown.zone_of[f.file_id].marker
+        output = f"  ->  {f.output_key}" if f.status is ProcessingStatus.COMPLETED and f.output_key else ""
+        moved = f"  (parked in the error directory; read from {f.file_path})" if parked else ""
+        print(
+            f"{f.status.name:<11} {stats.completed_chunks:>4}/{f.total_chunks:<4} chunks  {where}{output}{moved}"
+            + (f"  error: {f.error_details}" if f.error_details else "")
+        )
+        if args.chunks:
+            print("\n".join(_chunk_lines(shown.chunks[f.file_id])))
+        if args.path:
+            runs = shown.runs
+            print("\n".join(_run_lines(runs[f.file_id])) if runs is not None else f"    runs: {shown.no_runs}")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -162,7 +188,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "Every file in the progress store (PROGRESS_DB_PATH or MONGODB_URI) with its status, "
             "chunks done/total, where it is now (a FAILED file is parked in the error directory), where "
-            "its output was written (COMPLETED files only) and the error if it failed. With PATH, also "
+            "its output was written (COMPLETED files only) and the error if it failed; a declared landing "
+            "zone's file is marked [zone NAME] and parked in ERROR_DIRECTORY/NAME. With PATH, also "
             "the runs that processed the file, its own and batch runs, from the Dagster instance at "
             "DAGSTER_HOME (default ./.dagster_home). Exit status 1 when PATH is given and no file matches it."
         ),
@@ -174,7 +201,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help=(
             "print a JSON list with the stored field names (fileId, filePath, status, outputKey, "
             "s3Bucket/s3Key of a source object in S3, processingStats, errorSummary, errorDetails ...), "
-            "plus parkedPath (where a FAILED file waits in the error directory now, else null) and, "
+            "plus parkedPath (where a FAILED file waits in the error directory now, else null), zone "
+            "(the landing zone of a declared zone's file; absent for the default zone's) and, "
             'with PATH, "runs" (runId, job, status, startTime of each run that processed it)'
         ),
     )
