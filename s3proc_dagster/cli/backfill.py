@@ -16,31 +16,35 @@ from pathlib import Path
 from typing import Any
 
 from s3proc_dagster.cli.common import back_to_pending, dagster_home, request_for
+from s3proc_dagster.cli.zones import Zone, Zones, load_zones
+from s3proc_dagster.errors import SettingsError
 from s3proc_dagster.files import parking
 from s3proc_dagster.models import FileStatus, ProcessingStatus
-from s3proc_dagster.settings import Configuration, load_configuration
+from s3proc_dagster.settings import Configuration
 from s3proc_dagster.sources.paths import ENTRY_SEPARATOR, path_below
 from s3proc_dagster.stores import open_store
 from s3proc_dagster.stores.base import ProgressStore
+from s3proc_dagster.zones.declared import declared_directories
 
 
 @dataclass(frozen=True)
 class BackfillFile:
     """A file a backfill queues a run for, and where it is until then."""
 
-    path: str  # what its run reads: a path below WATCH_PATH, or an s3:// URI
+    path: str  # what its run reads: a path below WATCH_PATH (or its zone's source), or an s3:// URI
     relative_path: str
     record: FileStatus | None = None
     parked: str | None = None  # a FAILED file in the error directory: brought back to `path` first
+    zone: Zone | None = None  # the landing zone it belongs to; None until selected
 
     @property
     def now(self) -> str:
         return self.parked or self.path
 
 
-def _recorded_where(record: FileStatus, watch: Path, error_dir: Path, incoming_prefix: str) -> BackfillFile | None:
+def _recorded_where(record: FileStatus, zone: Zone) -> BackfillFile | None:
     """A record's file where a run can read it again, or None (gone, or an archive entry,
-    which its archive's run processes, or read from outside WATCH_PATH: `s3proc process`)."""
+    which its archive's run processes, or read from outside its zone's source: `s3proc process`)."""
     from s3proc_dagster.sources.confined import is_regular
     from s3proc_dagster.sources.resolve import relative_key
     from s3proc_dagster.transfer.keys import split_uri
@@ -49,14 +53,14 @@ def _recorded_where(record: FileStatus, watch: Path, error_dir: Path, incoming_p
     if ENTRY_SEPARATOR in path:
         return None
     if "://" in path:
-        return BackfillFile(path, relative_key(split_uri(path)[1], incoming_prefix), record)
-    rel = path_below(path, watch)
+        return BackfillFile(path, relative_key(split_uri(path)[1], zone.incoming_prefix), record, zone=zone)
+    rel = path_below(path, zone.watch)
     if rel is None:
         return None
     if is_regular(path):
-        return BackfillFile(path, rel, record)
-    parked = parking.parked_path(record, watch, error_dir)
-    return BackfillFile(path, rel, record, parked) if parked else None
+        return BackfillFile(path, rel, record, zone=zone)
+    parked = parking.parked_path(record, zone.watch, zone.error_dir)
+    return BackfillFile(path, rel, record, parked, zone) if parked else None
 
 
 def _modified_ns(file: BackfillFile, cfg: Configuration) -> int | None:
@@ -75,31 +79,70 @@ def _modified_ns(file: BackfillFile, cfg: Configuration) -> int | None:
 
 
 def select_backfill(
-    cfg: Configuration, store: ProgressStore, since: str | None, status: str | None, pattern: str | None
+    zones: Zones,
+    store: ProgressStore,
+    since: str | None,
+    status: str | None,
+    pattern: str | None,
+    zone: str | None = None,
 ) -> list[BackfillFile]:
-    """The files matching every given filter (glob on the relative path, mtime since, status).
+    """The files matching every given filter (glob on the relative path, mtime since, status),
+    in every enabled zone, or in the one named (`--zone`, which may name a disabled one).
 
-    Without a status: the files under WATCH_PATH, as the watch sensor sees them. With one:
-    the records of that status, each found where it is now, which for a FAILED file is the
-    error directory (it was moved there, so no scan of WATCH_PATH finds it), and for an
-    object from S3 the object itself (a run reads it again)."""
+    Without a status: the files under each zone's directory, as its sensor sees them. With
+    one: the records of that status, each found where it is now, which for a FAILED file is
+    its zone's error directory (it was moved there, so no scan of its source finds it), and
+    for an object from S3 the object itself (a run reads it again)."""
     from s3proc_dagster.files.globs import path_matches
-    from s3proc_dagster.sources.watch import scan
 
-    watch, error_dir = cfg.monitoring.watch_path, cfg.processing.error_directory
+    chosen = _chosen_zones(zones, zone)
     if status:
-        records = store.list_files(ProcessingStatus.parse(status))
-        located = (_recorded_where(r, watch, error_dir, cfg.s3.incoming_prefix) for r in records)
-        files = [f for f in located if f is not None]
+        files = []
+        for record in store.list_files(ProcessingStatus.parse(status)):
+            mine = zones.of_record(record)
+            if mine.name in chosen and (found := _recorded_where(record, mine)) is not None:
+                files.append(found)
     else:
-        seen = scan(watch, skip_dirs=(error_dir, cfg.processing.staging_directory))
-        files = [BackfillFile(str(f.path), f.relative_path) for f in seen]
+        files = [f for z in zones.all() if z.name in chosen and z.is_directory for f in _scanned(z)]
     if pattern:
         files = [f for f in files if path_matches(f.relative_path, pattern)]
     if since:
         cutoff = datetime.fromisoformat(since).timestamp() * 1e9
+        cfg = zones.default.cfg
         files = [f for f in files if (modified := _modified_ns(f, cfg)) is not None and modified >= cutoff]
-    return sorted({f.path: f for f in files}.values(), key=lambda f: f.relative_path)
+    return sorted({f.path: f for f in files}.values(), key=lambda f: (_zone_name(f), f.relative_path))
+
+
+def _zone_name(file: BackfillFile) -> str:
+    return file.zone.name if file.zone is not None else ""
+
+
+def _chosen_zones(zones: Zones, name: str | None) -> set[str]:
+    """The zones a backfill selects in: a disabled zone only when named, since it was
+    paused on purpose; an unknown name stops the backfill before anything is queued."""
+    if name is None:
+        return {z.name for z in zones.all() if z.enabled}
+    if zones.named(name) is None or not name:
+        problem = (zones.left_out or {}).get(name)
+        known = ", ".join(z.name for z in zones.declared) or "none"
+        reason = f"its settings do not load: {problem}" if problem else f"no such landing zone (declared: {known})"
+        raise SettingsError(f"--zone {name}: {reason}")
+    return {name}
+
+
+def _scanned(zone: Zone) -> list[BackfillFile]:
+    """A zone's directory as its sensor scans it: the default zone's without the declared
+    zones' directories (their files are their sensors'), a declared zone's through its globs."""
+    from s3proc_dagster.defs.files.sensors import zone_admits
+    from s3proc_dagster.sources.watch import scan
+
+    processing = zone.cfg.processing
+    skip = (processing.error_directory, processing.staging_directory)
+    if zone.declared is None:
+        seen = scan(zone.watch, skip_dirs=(*skip, *declared_directories()))
+    else:
+        seen = [f for f in scan(zone.watch, skip_dirs=skip) if zone_admits(zone.cfg, f.relative_path)]
+    return [BackfillFile(str(f.path), f.relative_path, zone=zone) for f in seen]
 
 
 DEFAULT_UI_URL = "http://127.0.0.1:3000"
@@ -166,44 +209,55 @@ def _backfill(args: argparse.Namespace) -> int:
     may request the file too (it re-runs PENDING files): the tag concurrency limit keeps
     the two runs apart, and the later one finds the file COMPLETED and skips it.
     """
-    from dagster_graphql import DagsterGraphQLClientError
-
-    cfg = load_configuration()
-    watch, error_dir = cfg.monitoring.watch_path, cfg.processing.error_directory
+    zones = load_zones()
     url, origin = ui_url(args.url)
     try:
         client = None if args.dry_run else _ui_client(url, origin)
     except UiUnreachable as exc:
         print(f"s3proc: {exc}", file=sys.stderr)
         return 1
-    store = open_store(cfg.processing)
+    store = open_store(zones.default.cfg.processing)
     try:
-        files = select_backfill(cfg, store, args.since, args.status, args.glob)
+        files = select_backfill(zones, store, args.since, args.status, args.glob, args.zone)
         for f in files:
             failed = f.record is not None and f.record.status is ProcessingStatus.FAILED
+            marker = f.zone.marker if f.zone is not None else ""
             if args.dry_run:
                 back = f"back to {f.path} and " if f.parked else ""
                 print(
-                    f"would queue  {f.now}" + (f"  (FAILED: {back}PENDING first, as `s3proc retry`)" if failed else "")
+                    f"would queue  {f.now}{marker}"
+                    + (f"  (FAILED: {back}PENDING first, as `s3proc retry`)" if failed else "")
                 )
                 continue
-            if failed:
-                back_to_pending(store, f.record, watch, error_dir)
-            request = request_for(f.path, cfg)
-            tags = {**request.tags, "s3proc/backfill": "true"}
-            try:
-                run_id = client.submit_job_execution(request.job_name, run_config=request.run_config, tags=tags)
-            except DagsterGraphQLClientError as exc:
-                reason = (str(exc).strip().splitlines() or [""])[0][:200]
-                pending = "; it is PENDING now, so a sensor runs it again once a daemon runs" if failed else ""
-                print(f"s3proc: {f.path}: not queued on {url} ({reason}){pending}", file=sys.stderr)
+            run_id = _queue(client, store, zones, f, url)
+            if run_id is None:
                 return 1
             back = f"; back from {f.parked}" if f.parked else ""
-            print(f"queued {run_id[:8]}  {f.path}" + (f"  (was FAILED{back})" if failed else ""))
+            print(f"queued {run_id[:8]}  {f.path}{marker}" + (f"  (was FAILED{back})" if failed else ""))
     finally:
         store.close()
     print(f"{len(files)} file(s) {'selected' if args.dry_run else 'queued'}")
     return 0
+
+
+def _queue(client: Any, store: ProgressStore, zones: Zones, f: BackfillFile, url: str) -> str | None:
+    """One file's run queued, as its zone's sensor would request it; None, said on stderr, when
+    the webserver refuses it (a FAILED file is PENDING by then, for a sensor to pick up)."""
+    from dagster_graphql import DagsterGraphQLClientError
+
+    failed = f.record is not None and f.record.status is ProcessingStatus.FAILED
+    if failed:
+        zone = f.zone or zones.default
+        back_to_pending(store, f.record, zone.watch, zone.error_dir)
+    request = request_for(f.path, zones)
+    tags = {**request.tags, "s3proc/backfill": "true"}
+    try:
+        return client.submit_job_execution(request.job_name, run_config=request.run_config, tags=tags)
+    except DagsterGraphQLClientError as exc:
+        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        pending = "; it is PENDING now, so a sensor runs it again once a daemon runs" if failed else ""
+        print(f"s3proc: {f.path}: not queued on {url} ({reason}){pending}", file=sys.stderr)
+        return None
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -214,7 +268,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Queue one process_file_job run per file that matches every filter given, through a "
             "running Dagster webserver (`s3proc dev` or scripts/dev runs one); the instance's run "
             "queue then runs them, at most MAX_CONCURRENCY at once. Without --status the files are "
-            "those under WATCH_PATH; with it, the recorded files of that status wherever they are now: "
+            "those under WATCH_PATH and under each declared landing zone's directory; with it, the recorded files of that status wherever they are now: "
             "under WATCH_PATH, parked in the error directory (FAILED files), or in S3. A FAILED file is "
             "first retried as `s3proc retry` does: moved back to WATCH_PATH and set PENDING. An archive's "
             "entries run with their archive. Exit status 1 when no webserver answers."
@@ -223,7 +277,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--glob",
         help=(
-            "path pattern relative to WATCH_PATH (or to S3_INCOMING_PREFIX for an object), "
+            "path pattern relative to WATCH_PATH (or to S3_INCOMING_PREFIX for an object, or to its "
+            "landing zone's source), "
             "** for any folders, e.g. 'march2024/**/*.csv'"
         ),
     )
@@ -236,6 +291,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         help=(
             "only files whose recorded status is this; `failed` finds them in the error directory "
             "and brings each back before its run is queued"
+        ),
+    )
+    parser.add_argument(
+        "--zone",
+        metavar="NAME",
+        help=(
+            "only the files of this declared landing zone (its source, its error directory "
+            "ERROR_DIRECTORY/NAME); without it, the files of every enabled zone and of WATCH_PATH, "
+            "each run with its own zone's settings"
         ),
     )
     parser.add_argument(

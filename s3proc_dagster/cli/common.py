@@ -1,5 +1,6 @@
 """What several `s3proc` commands share: the file argument's wording, the Dagster instance
 a run started here goes to, the run request a sensor would make, the manual retry's reset.
+Which zone a file belongs to, and its settings, is `zones.py`.
 
 One definition each, so that `process` and `backfill` start the same run for a file, and
 `retry` and `backfill --status failed` reset a FAILED file the same way.
@@ -14,17 +15,19 @@ from typing import TYPE_CHECKING
 from s3proc_dagster.errors import S3ProcError
 from s3proc_dagster.files import parking
 from s3proc_dagster.models import FileStatus
-from s3proc_dagster.settings import Configuration
 from s3proc_dagster.stores.base import ProgressStore
 
 if TYPE_CHECKING:
     import dagster as dg
 
+    from s3proc_dagster.cli.zones import Zones
+
 
 FILE_ARGUMENT = (
-    "a path (absolute, relative to the current directory, or relative to WATCH_PATH as run tags "
-    "show it), a path in the error directory, an s3:// URI, <archive>!/<entry path> for a file "
-    "inside an archive, or a fileId"
+    "a path (absolute, relative to the current directory, or relative to WATCH_PATH or to its "
+    "landing zone's source as run tags show it), a path in the error directory (a zone's files "
+    "wait in ERROR_DIRECTORY/<zone>), an s3:// URI, <archive>!/<entry path> for a file inside an "
+    "archive, or a fileId"
 )
 
 
@@ -48,22 +51,28 @@ def get_instance() -> dg.DagsterInstance:
     return dg.DagsterInstance.get()
 
 
-def request_for(raw: str, cfg: Configuration) -> dg.RunRequest:
-    """The RunRequest the watch or S3 sensor would make for this file: same config, same
-    tags (the file's metadata, `dagster/priority`), so a run started here is one of theirs.
+def request_for(raw: str, zones: Zones) -> dg.RunRequest:
+    """The RunRequest the watch, S3 or zone sensor would make for this file: same config,
+    same tags (the file's metadata, `dagster/priority`, a declared zone's name and
+    settings), so a run started here is one of theirs.
 
-    The file is located by the run's own rule (`sources.resolve.locate`: a link is never
-    resolved). A name the run will refuse, or an object whose metadata cannot be read,
-    still gets its run, which records the file FAILED with the reason."""
+    The file belongs to the zone whose source holds it, and is located against that
+    zone's source by the run's own rule (`sources.resolve.locate`: a link is never
+    resolved), so it gets the zone's destination, rules and file id. A name the run will
+    refuse, or an object whose metadata cannot be read, still gets its run, which records
+    the file FAILED with the reason."""
     from s3proc_dagster.errors import UnsafeSourceError
     from s3proc_dagster.runs.requests import run_request_for
     from s3proc_dagster.sources.resolve import locate
     from s3proc_dagster.sources.s3_incoming import metadata_from_object
 
+    zone = zones.of_argument(raw)
+    cfg = zone.cfg
     try:
         source = locate(raw, cfg.monitoring.watch_path, cfg.s3.incoming_prefix)
     except UnsafeSourceError:
-        return run_request_for(raw if "://" in raw else os.path.abspath(raw), "", run_key="", metadata={})
+        named = raw if "://" in raw else os.path.abspath(raw)
+        return run_request_for(named, "", run_key="", metadata={}, zone=zone.settings)
     metadata = None
     if source.is_object:
         from s3proc_dagster.transfer.client import client_for
@@ -74,7 +83,9 @@ def request_for(raw: str, cfg: Configuration) -> dg.RunRequest:
         except S3ProcError:
             found = {}
         metadata = metadata_from_object(found.get("Metadata", {}))
-    return run_request_for(source.uri, source.relative_path, run_key="", metadata=metadata, roots=source.roots)
+    return run_request_for(
+        source.uri, source.relative_path, run_key="", metadata=metadata, roots=source.roots, zone=zone.settings
+    )
 
 
 def back_to_pending(store: ProgressStore, status: FileStatus, watch: Path, error_dir: Path) -> None:

@@ -5,24 +5,26 @@ from __future__ import annotations
 import argparse
 
 from s3proc_dagster.cli.common import get_instance, request_for
+from s3proc_dagster.cli.zones import load_zones
 from s3proc_dagster.models import FileStatus, ProcessingStatus
 from s3proc_dagster.names import SOURCE_TAG
-from s3proc_dagster.settings import load_configuration
 from s3proc_dagster.stores import open_store
 
 
 def _process(args: argparse.Namespace) -> int:
     """Each file's run, then one outcome line per file on stdout; the product's progress
-    lines go to stderr as it works (LOG_LEVEL, LOG_PRETTY), Dagster's own only at debug."""
+    lines go to stderr as it works (LOG_LEVEL, LOG_PRETTY), Dagster's own only at debug.
+    A declared landing zone's file runs with its zone's settings, as its zone's sensor
+    would run it."""
     from s3proc_dagster.runs.launch import run_now
 
-    cfg = load_configuration()
+    zones = load_zones()
     instance = get_instance()
-    store = open_store(cfg.processing)
+    store = open_store(zones.default.cfg.processing)
     failed = 0
     try:
         for raw in args.paths:
-            request = request_for(raw, cfg)
+            request = request_for(raw, zones)
             outcome = run_now(instance, request)
             status = store.get_by_path(request.tags[SOURCE_TAG])
             failed += not outcome.success
@@ -62,9 +64,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         nargs="+",
         metavar="FILE",
         help=(
-            "an s3:// URI, or a local file: below WATCH_PATH it is opened without following any link; "
-            "anywhere else it is read as you name it (known by its name alone), but never through a link "
-            "as its last component"
+            "an s3:// URI, or a local file: below WATCH_PATH (or a landing zone's source, whose settings "
+            "its run then takes) it is opened without following any link; anywhere else it is read as you "
+            "name it (known by its name alone), but never through a link as its last component"
         ),
     )
     parser.set_defaults(func=_process)
