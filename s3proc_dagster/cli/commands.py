@@ -4,7 +4,8 @@ its own (`status.py`, `read.py`, `process.py`, `backfill.py`, `retry.py`, `image
 
 Every help text has to stand alone: the user reading `s3proc retry --help` has neither
 the README nor the specification in front of them. File arguments mean what
-`sources.paths.resolve_user_path` says, the same for every command.
+`sources.paths.resolve_user_path` says, the same for every command, read against each
+declared landing zone too (`zones.py`).
 """
 
 from __future__ import annotations
