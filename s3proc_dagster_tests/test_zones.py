@@ -131,6 +131,8 @@ def test_a_zone_may_not_move_its_landed_files_into_a_watched_source(tmp_path: Pa
     zone_of("watched", source=str(tmp_path / "other"))
     with pytest.raises(SettingsError, match="which zone 'watched' watches"):
         zone_of("feeds", source=str(tmp_path / "feeds"), after_success=f"move:{tmp_path / 'other'}")
+    with pytest.raises(SettingsError, match="a directory source moves to a directory"):
+        zone_of("crosses", source=str(tmp_path / "crosses"), after_success="move:s3://bucket/done")
     zone_of("moves_aside", source=str(tmp_path / "aside"), after_success=f"move:{tmp_path / 'done'}")
 
 

@@ -64,6 +64,11 @@ def declare(zone: DeclaredZone) -> None:
                 f"({other.source} and {zone.source}); give each zone a source of its own"
             )
     target = zone.move_target
+    if target and zone.source and is_s3_uri(target) != is_s3_uri(zone.source):
+        raise SettingsError(
+            f"landing zone {zone.name!r} moves landed files to {target}: a directory source moves "
+            "to a directory, an S3 source to an s3://bucket/prefix"
+        )
     if target:
         for other in (zone, *(z for z in _DECLARED.values() if z.name != zone.name)):
             if other.source and DeclaredZone(zone.name, target, {}).claims(other):
