@@ -273,7 +273,7 @@ def check_ports(host: str, port: int, s3_port: int | None, s3_setting: str) -> N
         raise ServerStartError("cannot start: " + "; ".join(problems))
 
 
-def _wait_for_ui(dagster: subprocess.Popen, host: str, port: int, deadline_s: float = UI_START_DEADLINE_S) -> None:
+def wait_for_ui(dagster: subprocess.Popen, host: str, port: int, deadline_s: float = UI_START_DEADLINE_S) -> None:
     """Until the webserver answers /server_info: before that, "UI on ..." would be a promise."""
     probe_host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
     url = f"http://{f'[{probe_host}]' if ':' in probe_host else probe_host}:{port}/server_info"
@@ -360,7 +360,7 @@ def run_dev(host: str = "127.0.0.1", port: int = 3000, root: Path | None = None)
                 "colored" if cfg.logging.pretty else "json",
             ]
             dagster = start_in_own_group(cmd, cwd=root)
-            _wait_for_ui(dagster, host, port)
+            wait_for_ui(dagster, host, port)
             print(f"UI on http://{host}:{port} (Ctrl-C, SIGTERM or SIGHUP stops everything)", flush=True)
             return dagster.wait()
         except StopRequested as stop:
