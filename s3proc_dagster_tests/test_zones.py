@@ -16,6 +16,7 @@ import dagster as dg
 import duckdb
 import pytest
 
+from benchmarks.support import Deployment, csv_bytes, list_keys, promo_rows, wait_for, write_csv
 from s3proc_dagster.components.landing_zone import LandingZone
 from s3proc_dagster.defs.files.sensors import zone_sensor
 from s3proc_dagster.defs.resources import Settings, resources_for
@@ -23,22 +24,17 @@ from s3proc_dagster.errors import SettingsError
 from s3proc_dagster.files.checksum import sha256_file
 from s3proc_dagster.models import ProcessingStatus as S
 from s3proc_dagster.models import make_file_id
+from s3proc_dagster.runs.reconstructable import definitions
 from s3proc_dagster.transfer.manifest import read_manifest
 from s3proc_dagster.zones.declared import DeclaredZone, declare
-from s3proc_dagster_tests.conftest import Deployment
 from s3proc_dagster_tests.pipeline_helpers import (
     ROOT,
-    csv_bytes,
-    definitions,
     execute,
-    list_keys,
-    promo_rows,
     read_dataset,
+    reconcile,
     run_requests_under,
     sensor_tick,
     source_rows,
-    wait_for,
-    write_csv,
 )
 from s3proc_dagster_tests.test_batching import BATCH_ROWS_PER_FILE, SINGLE_RUN_ROWS, batch_run, event_rows
 from s3proc_dagster_tests.test_s3_incoming import put
@@ -226,7 +222,6 @@ def test_after_success_acts_on_the_original_only_once_committed_and_never_on_a_f
 def test_a_crash_between_the_commit_and_the_action_is_finished_by_recovery(
     deployment: Deployment, tmp_path: Path
 ) -> None:
-    from s3proc_dagster_tests.pipeline_helpers import reconcile
 
     drop = tmp_path / "crash-after"
     src = write_csv(drop / "c.csv", promo_rows(8))
