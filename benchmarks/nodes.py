@@ -51,8 +51,8 @@ from s3proc_dagster.cli.embedded import (
     start_seaweedfs,
     stop_process_group,
 )
+from s3proc_dagster.cli.leftovers import SESSION_ENV, describe, find_leftovers, kill
 from s3proc_dagster.defs.files.ops import UPLOAD_POOL
-from s3proc_dagster_tests.leftovers import SESSION_ENV, describe, find_leftovers, kill
 
 ACCESS_KEY, SECRET_KEY, BUCKET = "s3proc-bench", "s3proc-bench-secret", "s3proc-bench"
 READY_DEADLINE_S = 180  # imports on a busy machine
@@ -63,7 +63,7 @@ def worker(results: str, go: str, paths: list[str]) -> None:
     """One node: warm up, say ready, wait for `go`, run each file, one JSON line per run."""
     import dagster as dg
 
-    from s3proc_dagster_tests.pipeline_helpers import definitions, process_file_job_with_resources
+    from s3proc_dagster.runs.reconstructable import definitions, process_file_job_with_resources
 
     definitions()
     job = dg.reconstructable(process_file_job_with_resources)

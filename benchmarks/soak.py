@@ -5,9 +5,9 @@
     .venv/bin/python benchmarks/soak.py --scenarios 1,4 --seed 7 --keep
 
 Everything runs against a throwaway deployment that the script starts and stops itself:
-SeaweedFS (`embedded.start_seaweedfs`) in a temporary directory, the tests' fault-injecting
-proxy in front of it (`FaultyS3Proxy`), a product environment shaped like the tests'
-`product_env` and a `DAGSTER_HOME` written by `launcher.write_instance`. The product is
+SeaweedFS (`embedded.start_seaweedfs`) in a temporary directory, the fault-injecting proxy
+the tests use too in front of it (`s3_proxy.FaultyS3Proxy`), the tests' own product
+environment (`support.product_env`) and a `DAGSTER_HOME` written by `dev.write_instance`. The product is
 driven the way users drive it: `python -m s3proc_dagster.cli process FILE` in processes
 of their own (killed with SIGKILL, never asked to stop), `python -m dagster job execute
 -m s3proc_dagster.definitions -j reconcile_job` for crash recovery, `s3proc status --json`
@@ -63,12 +63,25 @@ sys.path.insert(0, str(ROOT))
 import dagster as dg
 import duckdb
 
+from benchmarks.s3_proxy import FaultyS3Proxy
+from benchmarks.support import (
+    Deployment,
+    S3Endpoint,
+    dataset_keys,
+    list_keys,
+    open_uploads,
+    product_env,
+    promo_rows,
+    wait_for,
+    write_csv,
+)
 from s3proc_dagster.cli.dev import write_instance
 from s3proc_dagster.cli.embedded import (
     start_in_own_group,
     start_seaweedfs,
     stop_process_group,
 )
+from s3proc_dagster.cli.leftovers import SESSION_ENV, describe, find_leftovers, kill
 from s3proc_dagster.files.checksum import sha256_file
 from s3proc_dagster.runs.liveness import IN_FLIGHT, START_GRACE_S, last_beat
 from s3proc_dagster.stores.sqlite import SQLiteProgressStore
@@ -79,17 +92,6 @@ from s3proc_dagster.transfer.manifest import (
     version_folder,
 )
 from s3proc_dagster.transfer.upload import PART_SIZE
-from s3proc_dagster_tests.conftest import Deployment, S3Endpoint, product_env
-from s3proc_dagster_tests.leftovers import SESSION_ENV, describe, find_leftovers, kill
-from s3proc_dagster_tests.pipeline_helpers import (
-    dataset_keys,
-    list_keys,
-    open_uploads,
-    promo_rows,
-    wait_for,
-    write_csv,
-)
-from s3proc_dagster_tests.s3_proxy import FaultyS3Proxy
 
 ACCESS_KEY, SECRET_KEY, BUCKET, PREFIX = "soak", "soak-secret-do-not-log", "soak", "soak"
 CHUNK_SIZE = 50_000

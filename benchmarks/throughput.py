@@ -71,7 +71,7 @@ import yaml
 
 # Light imports only: the one-process baseline re-runs this file, and its peak RSS must be
 # the domain's; Dagster is imported where it is needed.
-from s3proc_dagster.cli.dev import DAGSTER_STOP_DEADLINE_S, _wait_for_ui, instance_config
+from s3proc_dagster.cli.dev import DAGSTER_STOP_DEADLINE_S, instance_config, wait_for_ui
 from s3proc_dagster.cli.embedded import (
     ServerStartError,
     free_port,
@@ -79,6 +79,7 @@ from s3proc_dagster.cli.embedded import (
     start_seaweedfs,
     stop_process_group,
 )
+from s3proc_dagster.cli.leftovers import SESSION_ENV, describe, find_leftovers, kill
 
 ACCESS_KEY, SECRET_KEY, BUCKET = "throughput", "throughput-secret", "throughput"
 MAX_CONCURRENCY = 4
@@ -86,7 +87,6 @@ LAUNCHERS = ("warm", "default", "batch")  # batch: warm, and small files share r
 SAMPLE_S, PSS_EVERY = 0.1, 5  # CPU and RSS every 0.1 s, PSS every 5th sample
 IDLE_S = 5.0  # the deployment idles this long before the drop (its idle CPU is reported)
 SECONDS_PER_FILE, DEADLINE_BASE_S = 60.0, 180.0  # at load 15 on 2 cores: 0.025-0.09 files/s
-SESSION_ENV = "S3PROC_TEST_SESSION"  # the marker `s3proc_dagster_tests.leftovers` looks for
 WATCH_SENSOR = "watch_directory_sensor"
 STEPS = (
     "checksum_calculation",
@@ -324,7 +324,7 @@ class Deployment:
             self.proc = start_in_own_group(cmd, cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT)
         stack.callback(self.stop)
         try:
-            _wait_for_ui(self.proc, "127.0.0.1", port)
+            wait_for_ui(self.proc, "127.0.0.1", port)
         except ServerStartError as exc:
             raise BenchmarkError(f"{exc}; see {self.log} (--keep keeps it)") from None
         self.sampler = TreeSampler(self.proc.pid)
@@ -753,8 +753,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # still look for leftovers, then say what broke
         error = exc
         say(f"\nFAILED: {exc}" if isinstance(exc, BenchmarkError) else f"\nERROR:\n{traceback.format_exc()}")
-    from s3proc_dagster_tests.leftovers import describe, find_leftovers, kill
-
     left = find_leftovers(session, grace_s=10.0)
     if left:
         say("still running after the cleanup (now killed):\n  " + "\n  ".join(describe(p) for p in left))

@@ -12,7 +12,9 @@ every other byte through, so the store's transaction path runs against it.
 
 Every server stops through `embedded.stop_process_group` (a deadline, then SIGKILL of
 its process group), and the session fails if any process it started is still running
-at the end (`leftovers.py`), so a leak shows up as a red run, not as a busy port later.
+at the end (`s3proc_dagster.cli.leftovers`), so a leak shows up as a red run, not as a
+busy port later. Every test that uses a server is marked `servers`, by the fixtures it
+uses (`pytest_collection_modifyitems`): `-m "not servers"` is the fast loop.
 """
 
 from __future__ import annotations
@@ -25,23 +27,19 @@ import struct
 import subprocess
 import sys
 import threading
-import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-import boto3
 import bson
 import pytest
-from botocore.config import Config
 
-from s3proc_dagster.cli.dev import UI_START_DEADLINE_S
+from benchmarks.support import Deployment, S3Endpoint, product_env
+from s3proc_dagster.cli.dev import wait_for_ui
 from s3proc_dagster.cli.embedded import (
     PostgresServer,
-    Server,
+    ServerStartError,
     free_port,
     start_in_own_group,
     start_nx27017,
@@ -49,10 +47,7 @@ from s3proc_dagster.cli.embedded import (
     start_seaweedfs,
     stop_process_group,
 )
-from s3proc_dagster_tests.leftovers import SESSION_ENV, describe, find_leftovers, kill
-
-if TYPE_CHECKING:
-    from s3proc_dagster_tests.s3_proxy import FaultyS3Proxy
+from s3proc_dagster.cli.leftovers import SESSION_ENV, describe, find_leftovers, kill
 
 ACCESS_KEY = "s3proc-test-key"
 SECRET_KEY = "s3proc-test-secret-do-not-log"
@@ -62,8 +57,73 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def pytest_configure(config: pytest.Config) -> None:
     """Mark every process this session starts (`.ci/run` may already have), so the check
-    at the end finds our leftovers even once they are re-parented, and only ours."""
+    at the end finds our leftovers even once they are re-parented, and only ours; and
+    check that no test gets a server unmarked (`ServerMarkCheck`)."""
     os.environ.setdefault(SESSION_ENV, f"pytest-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    config.pluginmanager.register(ServerMarkCheck(), "s3proc-server-mark-check")
+
+
+#: The fixtures that start a server: a process (SeaweedFS, nx-27017, PostgreSQL, `dagster
+#: dev`) or a socket listening on loopback (the deployment's S3 proxy, the replica-set
+#: relay). A test module adds its own as a module-level `SERVER_FIXTURES` (test_images.py).
+#: Whatever is built on one of them needs no entry: `item.fixturenames` is the closure of
+#: what a test uses, so `pipeline_env` (on `s3`) or `landed` (on `deployment`) is caught.
+SERVER_FIXTURES = frozenset(
+    {
+        "s3",
+        "deployment",
+        "mongodb_uri",
+        "mongodb_replset_uri",
+        "postgres",
+        "dagster_dev",
+        "instance_storage",
+    }
+)
+
+
+def server_fixtures(item: pytest.Item) -> frozenset[str]:
+    """Ours and those of the item's module."""
+    module = getattr(item, "module", None)
+    return SERVER_FIXTURES | frozenset(getattr(module, "SERVER_FIXTURES", ()))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`servers` on every test that uses a server fixture, so `-m "not servers"` is the fast
+    loop. A fixture that asks for a server at run time (`request.getfixturevalue`, as the
+    stores' `backend` does for MongoDB) is not in the closure: the params that do so carry
+    the mark themselves (`pytest.param(..., marks=pytest.mark.servers)`), and
+    `ServerMarkCheck` fails a test that gets a server without it."""
+    for item in items:
+        if server_fixtures(item) & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.servers)
+
+
+class ServerMarkCheck:
+    """Fails a test whose setup starts a server fixture while it lacks the `servers` mark: a
+    hole in the fast loop. Under `-m "not servers"` no marked test has started the session's
+    servers before, so every such test is caught there.
+
+    A plugin of its own, not hooks of this conftest: those see only nodes under this
+    directory, and a session-scoped fixture (`s3`, `mongodb_uri`) is set up for the session."""
+
+    def __init__(self) -> None:
+        self.running: pytest.Item | None = None
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_setup(self, item: pytest.Item) -> None:
+        self.running = item
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_fixture_setup(self, fixturedef: pytest.FixtureDef, request: pytest.FixtureRequest) -> None:
+        item = self.running
+        if item is None or fixturedef.argname not in server_fixtures(item):
+            return
+        if item.get_closest_marker("servers") is None:
+            pytest.fail(
+                f"{item.nodeid} starts a server ({fixturedef.argname}) but is not marked `servers`: "
+                "mark the param or the test that asks for it at run time",
+                pytrace=False,
+            )
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -86,36 +146,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             print(f"  {describe(proc)}", file=sys.stderr)
     kill(leftovers)
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
-
-
-@dataclass
-class S3Endpoint:
-    url: str
-    access_key: str
-    secret_key: str
-    bucket: str
-    server: Server | None = None
-
-    def client(self):
-        return boto3.client(
-            "s3",
-            endpoint_url=self.url,
-            aws_access_key_id=self.access_key,
-            aws_secret_access_key=self.secret_key,
-            region_name="us-east-1",
-            config=Config(s3={"addressing_style": "path"}),
-        )
-
-    def env(self) -> dict[str, str]:
-        """The settings a pipeline process needs to talk to this endpoint."""
-        return {
-            "S3_ENDPOINT": self.url,
-            "S3_ACCESS_KEY_ID": self.access_key,
-            "S3_SECRET_ACCESS_KEY": self.secret_key,
-            "S3_BUCKET": self.bucket,
-            "S3_REGION": "us-east-1",
-            "S3_FORCE_PATH_STYLE": "true",
-        }
 
 
 @pytest.fixture(scope="session")
@@ -303,28 +333,6 @@ def mongodb_database() -> str:
     return f"s3proc_test_{uuid.uuid4().hex[:10]}"
 
 
-def product_env(root: Path, s3: S3Endpoint, prefix: str) -> dict[str, str]:
-    """A complete, valid environment for the product with its directories under `root`."""
-    (root / "incoming").mkdir(parents=True, exist_ok=True)
-    return {
-        **s3.env(),
-        "S3_PREFIX": prefix,
-        "WATCH_PATH": str(root / "incoming"),
-        "ERROR_DIRECTORY": str(root / "errors"),
-        "STAGING_DIRECTORY": str(root / "staging"),
-        "PROGRESS_DB_PATH": str(root / "progress.db"),
-        "REPORTS_DB_PATH": str(root / "reports.duckdb"),
-        "STABILITY_THRESHOLD_MS": "0",
-        "MAX_RETRIES": "1",
-        # A test that drops several files runs each file's request itself; batches under a
-        # backlog are test_batching.py's, which turns them on for its ticks.
-        "BATCH_FILES": "false",
-        "RETRY_DELAY_MS": "10",
-        "LOG_PRETTY": "false",
-        "MONGODB_URI": "",
-    }
-
-
 @pytest.fixture
 def pipeline_env(tmp_path: Path, s3: S3Endpoint, s3_prefix: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """`product_env` in `tmp_path`, applied to os.environ for one test."""
@@ -335,46 +343,10 @@ def pipeline_env(tmp_path: Path, s3: S3Endpoint, s3_prefix: str, monkeypatch: py
     return env
 
 
-@dataclass
-class Deployment:
-    """One running deployment for the session: settings, directories, store and instance.
-
-    The code location reads its settings once, at import, as in production; so the
-    pipeline tests share one deployment and keep apart by sub-directory of the watch path.
-    """
-
-    root: Path
-    env: dict[str, str]
-    s3: S3Endpoint
-    proxy: FaultyS3Proxy
-
-    @property
-    def watch(self) -> Path:
-        return Path(self.env["WATCH_PATH"])
-
-    @property
-    def errors(self) -> Path:
-        return Path(self.env["ERROR_DIRECTORY"])
-
-    @property
-    def prefix(self) -> str:
-        return self.env["S3_PREFIX"]
-
-    def store(self):
-        from s3proc_dagster.stores.sqlite import SQLiteProgressStore
-
-        return SQLiteProgressStore(self.env["PROGRESS_DB_PATH"])
-
-    def instance(self):
-        import dagster as dg
-
-        return dg.DagsterInstance.get()
-
-
 @pytest.fixture(scope="session")
 def deployment(tmp_path_factory: pytest.TempPathFactory, s3: S3Endpoint) -> Iterator[Deployment]:
+    from benchmarks.s3_proxy import FaultyS3Proxy
     from s3proc_dagster.cli.dev import write_instance
-    from s3proc_dagster_tests.s3_proxy import FaultyS3Proxy
 
     root = tmp_path_factory.mktemp("deployment")
     proxy = FaultyS3Proxy(s3.url)  # the pipeline reaches SeaweedFS through it
@@ -426,19 +398,11 @@ def dagster_dev(deployment: Deployment, tmp_path: Path) -> Iterator[str]:
         stderr=subprocess.STDOUT,
     )
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + UI_START_DEADLINE_S  # about 5 s here when idle, 90 s and more when busy
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/server_info", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, (tmp_path / "dagster-dev.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "dagster dev did not answer"
-            time.sleep(0.2)  # polling interval, bounded by the deadline
-        yield url
+        try:  # as `s3proc dev` waits: about 5 s here when idle, 90 s and more when busy
+            wait_for_ui(proc, "127.0.0.1", port)
+        except ServerStartError as error:
+            pytest.fail(f"{error}\n{(tmp_path / 'dagster-dev.log').read_text()[-3000:]}", pytrace=False)
+        yield f"http://127.0.0.1:{port}"
     finally:
         # SIGINT to its group, as Ctrl-C: dagster dev, webserver, daemon and code server
         stop_process_group(proc, deadline_s=20, sig=signal.SIGINT)

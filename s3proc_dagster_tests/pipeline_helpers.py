@@ -1,36 +1,34 @@
-"""Driving the deployment as its users do: drop files, tick the sensor, run what it asks for."""
+"""Driving the deployment as its users do: drop files, tick the sensor, run what it asks for.
+
+The deployment itself, S3 listings and the promotions data are `benchmarks/support.py`'s,
+shared with the soak; the jobs `dg.reconstructable` runs are the product's
+(`s3proc_dagster.runs.reconstructable`), so a run worker imports nothing of the tests.
+"""
 
 from __future__ import annotations
 
-import csv
-import functools
 import gzip
 import io
 import json
 import os
-import random
-import string
 import subprocess
 import sys
 import tarfile
-import time
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dagster as dg
 import duckdb
 
-from s3proc_dagster_tests.conftest import Deployment
+from s3proc_dagster.runs.reconstructable import (
+    definitions,
+    process_file_job_with_resources,
+    reconcile_job_with_resources,
+)
 
-
-@functools.cache
-def definitions() -> dg.Definitions:
-    """The code location's definitions, loaded as Dagster loads them. Cached: they hold no
-    setting (resources read the environment when a run or a tick starts)."""
-    from s3proc_dagster.definitions import defs
-
-    return defs()
-
+if TYPE_CHECKING:
+    from benchmarks.support import Deployment
 
 _CURSOR: dict[str, str | None] = {}
 
@@ -69,44 +67,6 @@ def execute(request: dg.RunRequest, deployment: Deployment) -> dg.ExecuteJobResu
         run_config=request.run_config,
         tags={**request.tags, "dagster/run_key": request.run_key or ""},
     )
-
-
-def promo_rows(n: int, seed: int = 7) -> list[list[str]]:
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        user = "".join(rng.choices(string.ascii_lowercase + string.digits, k=10))
-        code = "".join(rng.choices(string.ascii_uppercase + string.digits, k=8))
-        rows.append(
-            [
-                f"u-{user}",
-                code,
-                f"2027-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}",
-                f"{rng.uniform(1, 500):.2f}",
-                str(i),
-            ]
-        )
-    return rows
-
-
-HEADER = ["userId", "promoCode", "offerExpiry", "amount", "seq"]
-
-
-def write_csv(path: Path, rows: list[list[str]], delimiter: str = ",") -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as out:
-        writer = csv.writer(out, delimiter=delimiter)
-        writer.writerow(HEADER)
-        writer.writerows(rows)
-    return path
-
-
-def csv_bytes(rows: list[list[str]]) -> bytes:
-    out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow(HEADER)
-    writer.writerows(rows)
-    return out.getvalue().encode()
 
 
 def write_zip(path: Path, members: dict[str, bytes]) -> Path:
@@ -150,18 +110,6 @@ def read_dataset(deployment: Deployment, dataset_key: str, tmp: Path) -> list[tu
     return duckdb.sql(f"SELECT * FROM read_parquet({local!r})").fetchall()
 
 
-def list_keys(deployment: Deployment, prefix: str) -> list[str]:
-    client = deployment.s3.client()
-    pages = client.get_paginator("list_objects_v2").paginate(Bucket=deployment.s3.bucket, Prefix=prefix)
-    return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
-
-
-def open_uploads(deployment: Deployment, prefix: str) -> list[dict]:
-    client = deployment.s3.client()
-    pages = client.get_paginator("list_multipart_uploads").paginate(Bucket=deployment.s3.bucket, Prefix=prefix)
-    return [u for page in pages for u in page.get("Uploads", [])]
-
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -188,40 +136,6 @@ def launch(job: str, run_config: dict, tags: dict[str, str] | None = None, env: 
 def reconcile(deployment: Deployment) -> dg.ExecuteJobResult:
     """One run of reconcile_job, as the sensor or the schedule would start it."""
     return dg.execute_job(dg.reconstructable(reconcile_job_with_resources), instance=deployment.instance())
-
-
-def reconcile_job_with_resources() -> dg.JobDefinition:
-    return definitions().resolve_job_def("reconcile_job")
-
-
-def process_file_job_with_resources() -> dg.JobDefinition:
-    """Module-level, so that `dg.reconstructable` can rebuild the job in a run worker."""
-    return definitions().resolve_job_def("process_file_job")
-
-
-def process_files_job_with_resources() -> dg.JobDefinition:
-    return definitions().resolve_job_def("process_files_job")
-
-
-def image_request_job_with_resources() -> dg.JobDefinition:
-    return definitions().resolve_job_def("image_request_job")
-
-
-def wait_for(condition, what: str, timeout: float = 120) -> None:
-    """Poll `condition` until it holds; fail naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)  # polling interval, bounded by the deadline
-
-
-def dataset_keys(dataset_key: str, sha: str, chunks: int) -> list[str]:
-    """Every object a committed dataset consists of, sorted as S3 lists them: its manifest,
-    its symlink manifest and the parts of the version whose SHA-256 is `sha`."""
-    from s3proc_dagster.transfer.manifest import part_key
-
-    parts = [part_key(dataset_key, sha, i) for i in range(chunks)]
-    return [f"{dataset_key}/_manifest.json", f"{dataset_key}/_symlink_format_manifest/manifest", *parts]
 
 
 def chunk_materializations(result: dg.ExecuteJobResult) -> list[tuple[str, int]]:

@@ -18,31 +18,25 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from benchmarks.support import Deployment, csv_bytes, dataset_keys, list_keys, promo_rows, write_csv
 from s3proc_dagster.errors import SourceChanged
 from s3proc_dagster.files.checksum import sha256_file
 from s3proc_dagster.files.parking import unpark
 from s3proc_dagster.models import ProcessingStatus as S
 from s3proc_dagster.pipeline import Claimant, StepContext, staged_snapshot, take_snapshot
 from s3proc_dagster.runs.batching import batch_request
+from s3proc_dagster.runs.reconstructable import process_file_job_with_resources, process_files_job_with_resources
 from s3proc_dagster.runs.requests import run_request_for
 from s3proc_dagster.sources.resolve import resolve_source
 from s3proc_dagster.stores.mongo import MongoProgressStore
 from s3proc_dagster.stores.sqlite import SQLiteProgressStore
 from s3proc_dagster.transfer.manifest import part_key
-from s3proc_dagster_tests.conftest import Deployment
 from s3proc_dagster_tests.pipeline_helpers import (
-    csv_bytes,
-    dataset_keys,
     execute,
-    list_keys,
-    process_file_job_with_resources,
-    process_files_job_with_resources,
-    promo_rows,
     read_dataset,
     run_requests_under,
     sensor_tick,
     source_rows,
-    write_csv,
     write_zip,
 )
 

@@ -10,28 +10,17 @@ import dagster as dg
 import pytest
 from dagster_graphql import DagsterGraphQLClient
 
+from benchmarks.support import Deployment, dataset_keys, list_keys, promo_rows, wait_for, write_csv
 from s3proc_dagster.defs.files.events import asset_key_for
 from s3proc_dagster.files.checksum import sha256_file
 from s3proc_dagster.models import ProcessingStatus as S
 from s3proc_dagster.models import make_file_id
 from s3proc_dagster.names import PROCESS_FILES_JOB
 from s3proc_dagster.runs.batching import BatchLimits, batch_request, group, under_backlog
+from s3proc_dagster.runs.reconstructable import process_files_job_with_resources
 from s3proc_dagster.runs.requests import run_request_for
 from s3proc_dagster.transfer.manifest import part_key
-from s3proc_dagster_tests.conftest import Deployment
-from s3proc_dagster_tests.pipeline_helpers import (
-    dataset_keys,
-    execute,
-    list_keys,
-    process_files_job_with_resources,
-    promo_rows,
-    read_dataset,
-    run_requests_under,
-    sensor_tick,
-    source_rows,
-    wait_for,
-    write_csv,
-)
+from s3proc_dagster_tests.pipeline_helpers import execute, read_dataset, run_requests_under, sensor_tick, source_rows
 from s3proc_dagster_tests.test_runs_from_anywhere import finished, reexecute_from_failure
 
 LIMITS = BatchLimits(max_files=3, max_bytes=1000, file_max_bytes=400)

@@ -14,26 +14,20 @@ import signal
 
 import dagster as dg
 
+from benchmarks.support import Deployment, dataset_keys, list_keys, open_uploads, promo_rows, wait_for, write_csv
 from s3proc_dagster.defs.resources import Settings, resources_for
 from s3proc_dagster.files.checksum import sha256_file
 from s3proc_dagster.models import ProcessingStatus as S
+from s3proc_dagster.runs.reconstructable import definitions
 from s3proc_dagster.transfer.manifest import part_key, read_manifest
-from s3proc_dagster_tests.conftest import Deployment
 from s3proc_dagster_tests.pipeline_helpers import (
-    dataset_keys,
-    definitions,
     execute,
-    list_keys,
-    open_uploads,
-    promo_rows,
     read_dataset,
     reconcile,
     run_requests_under,
     sensor_tick,
     source_rows,
     start_process,
-    wait_for,
-    write_csv,
 )
 
 

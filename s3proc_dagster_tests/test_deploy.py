@@ -871,6 +871,9 @@ def build_in_sandbox(tmp_path: Path) -> tuple[dict[str, str], Path, list[str]]:
     return env, workdir, cmd
 
 
+# No fixture of ours, but a server all the same: its install lines ask the package index
+# (PyPI, by pip and uv) for ~100 wheels, which is also why it is not in the fast loop.
+@pytest.mark.servers
 def test_the_dockerfile_installs_and_serves_the_code_location(tmp_path: Path) -> None:
     """The image's install lines, run in a clean venv from this checkout; then its CMD.
 

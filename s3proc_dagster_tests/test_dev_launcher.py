@@ -40,7 +40,7 @@ from s3proc_dagster.cli.embedded import (
     start_in_own_group,
     stop_process_group,
 )
-from s3proc_dagster_tests.leftovers import SESSION_ENV
+from s3proc_dagster.cli.leftovers import SESSION_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The launcher gets only these from our environment: the session fixtures put the shared
@@ -171,6 +171,8 @@ def wait_for_ui(launcher: subprocess.Popen, ui_port: int, log: Path) -> None:
     wait_until(lambda: f"UI on http://127.0.0.1:{ui_port}" in log.read_text(), 10, "no 'UI on' line")
 
 
+# `s3proc dev` started by the test itself (SeaweedFS, dagster dev), not by a fixture.
+@pytest.mark.servers
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_signal_stops_dagster_dev_and_seaweedfs_and_frees_both_ports(
     sig: signal.Signals, tmp_path: Path, world_readable_umask: None
@@ -245,6 +247,8 @@ def socket_listening_on(port: int) -> Iterator[None]:
         yield
 
 
+# `s3proc dev` and a listening socket, both started by the test itself, not by a fixture.
+@pytest.mark.servers
 @pytest.mark.parametrize("taken", ["ui", "seaweedfs", "s3_endpoint_in_dotenv"])
 def test_a_taken_port_stops_the_start_at_once_naming_the_setting(taken: str, tmp_path: Path) -> None:
     ui_port, s3_port = free_port(), free_port(with_grpc=True)

@@ -6,23 +6,19 @@ import json
 import subprocess
 import sys
 
+from benchmarks.support import Deployment, dataset_keys, list_keys, promo_rows, write_csv
 from s3proc_dagster.files.checksum import sha256_file
 from s3proc_dagster.models import ProcessingStatus as S
 from s3proc_dagster.transfer.manifest import read_manifest
-from s3proc_dagster_tests.conftest import Deployment
 from s3proc_dagster_tests.pipeline_helpers import (
     ROOT,
     chunk_materializations,
-    dataset_keys,
     execute,
-    list_keys,
-    promo_rows,
     read_dataset,
     run_requests_under,
     sensor_tick,
     source_rows,
     start_process,
-    write_csv,
 )
 
 

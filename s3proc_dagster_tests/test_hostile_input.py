@@ -17,24 +17,19 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from benchmarks.support import Deployment, csv_bytes, list_keys, promo_rows, wait_for, write_csv
 from s3proc_dagster.defs.files.events import asset_key_for
 from s3proc_dagster.errors import UnsafeSourceError
 from s3proc_dagster.models import ProcessingStatus as S
 from s3proc_dagster.models import make_file_id
 from s3proc_dagster.sources.resolve import locate
-from s3proc_dagster_tests.conftest import Deployment
 from s3proc_dagster_tests.pipeline_helpers import (
-    csv_bytes,
     execute,
-    list_keys,
-    promo_rows,
     read_dataset,
     run_requests_under,
     sensor_tick,
     source_rows,
     start_process,
-    wait_for,
-    write_csv,
 )
 from s3proc_dagster_tests.test_operations import watch_sensor_cursor
 from s3proc_dagster_tests.test_s3_incoming import incoming_tick, put, under

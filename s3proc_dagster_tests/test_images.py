@@ -19,15 +19,17 @@ import dagster as dg
 import pytest
 from PIL import Image
 
+from benchmarks.support import Deployment, S3Endpoint
 from s3proc_dagster.images import processor
 from s3proc_dagster.images.request_csv import InvalidRequestCsv, looks_like_request_csv, parse_request_csv
 from s3proc_dagster.models import RequestStatus
 from s3proc_dagster.stores.base import ProgressStore
 from s3proc_dagster.stores.mongo import MongoProgressStore
 from s3proc_dagster.stores.sqlite import SQLiteProgressStore
-from s3proc_dagster_tests.conftest import Deployment, S3Endpoint
 
 ROOT = Path(__file__).resolve().parents[1]
+#: This module's fixtures that listen on loopback (conftest.py marks their tests `servers`).
+SERVER_FIXTURES = {"images", "webhook"}
 
 
 def jpeg_rotated() -> bytes:
@@ -202,7 +204,8 @@ def run_request(store: ProgressStore, data: bytes, s3: S3Endpoint, opts: process
     return processor.finalize(store, request.request_id, s3.client(), opts, tmp)
 
 
-@pytest.fixture(params=["sqlite", "mongodb"])
+# MongoDB is asked for at run time, out of sight of conftest's fixture rule: the param is marked.
+@pytest.fixture(params=["sqlite", pytest.param("mongodb", marks=pytest.mark.servers)])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> ProgressStore:
     if request.param == "sqlite":
         opened: ProgressStore = SQLiteProgressStore(tmp_path / "p.db")
@@ -322,7 +325,7 @@ def test_image_request_job_runs_from_the_watch_directory(deployment: Deployment,
     path.write_bytes(good_csv(images.url))
     (request,) = run_requests_under(sensor_tick(deployment), "img")
     assert request.job_name == "image_request_job"  # routed by header, not by name
-    from s3proc_dagster_tests.pipeline_helpers import image_request_job_with_resources
+    from s3proc_dagster.runs.reconstructable import image_request_job_with_resources
 
     result = dg.execute_job(
         dg.reconstructable(image_request_job_with_resources),
@@ -384,6 +387,7 @@ def webhook(monkeypatch: pytest.MonkeyPatch) -> WebhookReceiver:
     receiver.server.shutdown()
 
 
+@pytest.mark.servers  # its own receiver, started in the test: no fixture to mark it by
 def test_webhook_is_retried_until_the_receiver_accepts() -> None:
     from s3proc_dagster.images.webhook import post_result
 
@@ -395,6 +399,7 @@ def test_webhook_is_retried_until_the_receiver_accepts() -> None:
     assert status == 200 and receiver.received == [b'{"requestId": "r1"}'] * 2
 
 
+@pytest.mark.servers  # its own receiver, started in the test
 def test_webhook_is_not_retried_when_the_receiver_refuses_the_request() -> None:
     from s3proc_dagster.images.webhook import post_result
 
@@ -421,6 +426,7 @@ def test_a_host_dripping_bytes_meets_the_overall_deadline(images: ImageServer, p
     assert info.value.transient is False  # a whole budget spent: not worth another one
 
 
+@pytest.mark.servers  # its own TLS server, started in the test
 def test_the_deadline_cuts_a_dripping_body_over_tls_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """TLS wraps (and detaches) the socket the deadline registered; shutting its duplicate
     down must still end the read blocked inside the TLS layer."""
@@ -472,7 +478,7 @@ def test_a_bad_content_length_or_gzip_body_is_the_images_error_and_the_request_s
 def run_image_job(deployment: Deployment, csv_path: Path, request_id: str) -> dg.ExecuteJobResult:
     """image_request_job on the deployment's instance for the CSV at `csv_path`, under a
     request id the test chose (so it can aim the S3 proxy's faults at its keys)."""
-    from s3proc_dagster_tests.pipeline_helpers import image_request_job_with_resources
+    from s3proc_dagster.runs.reconstructable import image_request_job_with_resources
 
     return dg.execute_job(
         dg.reconstructable(image_request_job_with_resources),
@@ -834,6 +840,7 @@ def tls_context_for(hostname: str, directory: Path) -> tuple[ssl.SSLContext, Pat
     return context, ca_file
 
 
+@pytest.mark.servers  # its own TLS server, started in the test
 def test_https_to_a_pinned_address_keeps_sni_and_checks_the_certificate_against_the_name(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

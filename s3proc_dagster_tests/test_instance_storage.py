@@ -56,6 +56,7 @@ def test_without_a_postgres_url_the_instance_stays_on_sqlite_in_dagster_home(
     assert result.run_id in InstanceStorage("sqlite", tmp_path).run_ids()
 
 
+@pytest.mark.servers  # initdb and postgres, started by the test itself through embedded.start_postgres
 def test_a_postgres_that_cannot_start_fails_with_its_log_and_leaves_no_cluster(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -11,9 +11,9 @@ import uuid
 import dagster as dg
 import pytest
 
+from benchmarks.support import Deployment, promo_rows, write_csv
 from s3proc_dagster.models import ProcessingStatus as S
-from s3proc_dagster_tests.conftest import Deployment
-from s3proc_dagster_tests.pipeline_helpers import ROOT, promo_rows, write_csv
+from s3proc_dagster_tests.pipeline_helpers import ROOT
 
 
 def process(deployment: Deployment, name: str, **env: str) -> tuple[subprocess.CompletedProcess, dg.DagsterRun]:

@@ -14,25 +14,22 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from benchmarks.support import Deployment, dataset_keys, promo_rows, wait_for, write_csv
 from s3proc_dagster.cli.dev import record_ui_url_in_dotenv, write_dev_env
 from s3proc_dagster.cli.embedded import start_in_own_group, stop_process_group
 from s3proc_dagster.files.checksum import sha256_file
 from s3proc_dagster.models import ProcessingStatus as S
 from s3proc_dagster.runs.batching import batch_request
+from s3proc_dagster.runs.reconstructable import process_files_job_with_resources
 from s3proc_dagster.transfer.manifest import part_key
-from s3proc_dagster_tests.conftest import Deployment, InstanceStorage
+from s3proc_dagster_tests.conftest import InstanceStorage
 from s3proc_dagster_tests.pipeline_helpers import (
-    dataset_keys,
     execute,
     launch,
-    process_files_job_with_resources,
-    promo_rows,
     read_dataset,
     run_requests_under,
     sensor_tick,
     source_rows,
-    wait_for,
-    write_csv,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +66,8 @@ def test_reexecute_from_failure_uploads_only_what_is_missing(
     landed = {c.chunk_index for c in chunks if c.status is S.COMPLETED}  # chunks upload on threads
 
     puts_before = len(deployment.proxy.put_keys)
-    from s3proc_dagster_tests.pipeline_helpers import chunk_materializations, process_file_job_with_resources
+    from s3proc_dagster.runs.reconstructable import process_file_job_with_resources
+    from s3proc_dagster_tests.pipeline_helpers import chunk_materializations
 
     instance = deployment.instance()
     again = dg.execute_job(
@@ -104,7 +102,7 @@ def test_reexecuting_a_successful_run_is_harmless(deployment: Deployment) -> Non
     dataset = f"{deployment.prefix}/idem/p.csv"
     client = deployment.s3.client()
     before = client.get_object(Bucket=deployment.s3.bucket, Key=f"{dataset}/_manifest.json")["Body"].read()
-    from s3proc_dagster_tests.pipeline_helpers import process_file_job_with_resources
+    from s3proc_dagster.runs.reconstructable import process_file_job_with_resources
 
     instance = deployment.instance()
     again = dg.execute_job(

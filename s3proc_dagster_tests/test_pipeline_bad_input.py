@@ -13,14 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.support import Deployment, csv_bytes, list_keys, promo_rows
 from s3proc_dagster.models import ProcessingStatus as S
-from s3proc_dagster_tests.conftest import Deployment
 from s3proc_dagster_tests.pipeline_helpers import (
     ROOT,
-    csv_bytes,
     execute,
-    list_keys,
-    promo_rows,
     read_dataset,
     run_requests_under,
     sensor_tick,

@@ -5,17 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from benchmarks.support import Deployment, csv_bytes, promo_rows, write_csv
 from s3proc_dagster.models import ProcessingStatus as S
-from s3proc_dagster_tests.conftest import Deployment
 from s3proc_dagster_tests.pipeline_helpers import (
-    csv_bytes,
     execute,
-    promo_rows,
     read_dataset,
     run_requests_under,
     sensor_tick,
     source_rows,
-    write_csv,
     write_gz,
     write_tar_gz,
     write_zip,

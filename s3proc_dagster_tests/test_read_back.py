@@ -17,20 +17,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from benchmarks.support import HEADER, Deployment, csv_bytes, promo_rows, write_csv
 from s3proc_dagster.models import ProcessingStatus as S
 from s3proc_dagster.transfer import read
-from s3proc_dagster_tests.conftest import Deployment
-from s3proc_dagster_tests.pipeline_helpers import (
-    HEADER,
-    csv_bytes,
-    execute,
-    promo_rows,
-    run_requests_under,
-    sensor_tick,
-    source_rows,
-    write_csv,
-    write_zip,
-)
+from s3proc_dagster_tests.pipeline_helpers import execute, run_requests_under, sensor_tick, source_rows, write_zip
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDER = "readback"

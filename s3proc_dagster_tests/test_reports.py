@@ -12,18 +12,12 @@ import duckdb
 import pytest
 from markdown_it import MarkdownIt
 
+from benchmarks.support import Deployment, promo_rows, write_csv
 from s3proc_dagster.defs.resources import Settings, resources_for
 from s3proc_dagster.reports.project import ReportProjectError, load_project
 from s3proc_dagster.reports.runner import ReportModelError, preview_markdown, run_model
-from s3proc_dagster_tests.conftest import Deployment
-from s3proc_dagster_tests.pipeline_helpers import (
-    definitions,
-    execute,
-    promo_rows,
-    run_requests_under,
-    sensor_tick,
-    write_csv,
-)
+from s3proc_dagster.runs.reconstructable import definitions
+from s3proc_dagster_tests.pipeline_helpers import execute, run_requests_under, sensor_tick
 
 PROJECT = Path(__file__).resolve().parents[1] / "dbt_like_sql"
 

@@ -14,21 +14,21 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from s3proc_dagster.files.checksum import sha256_file
-from s3proc_dagster.models import ProcessingStatus as S
-from s3proc_dagster.transfer.manifest import part_key
-from s3proc_dagster_tests.conftest import ROOT, Deployment, InstanceStorage, S3Endpoint, product_env
-from s3proc_dagster_tests.pipeline_helpers import (
+from benchmarks.support import (
+    Deployment,
+    S3Endpoint,
     dataset_keys,
-    launch,
     list_keys,
+    product_env,
     promo_rows,
-    run_requests_under,
-    sensor_tick,
-    start_process,
     wait_for,
     write_csv,
 )
+from s3proc_dagster.files.checksum import sha256_file
+from s3proc_dagster.models import ProcessingStatus as S
+from s3proc_dagster.transfer.manifest import part_key
+from s3proc_dagster_tests.conftest import ROOT, InstanceStorage
+from s3proc_dagster_tests.pipeline_helpers import launch, run_requests_under, sensor_tick, start_process
 
 FINISHED = (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
 REEXECUTE = """

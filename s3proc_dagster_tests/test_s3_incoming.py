@@ -15,22 +15,16 @@ from pathlib import Path
 
 import dagster as dg
 
+from benchmarks.support import Deployment, csv_bytes, promo_rows
 from s3proc_dagster.cli.dev import write_instance
 from s3proc_dagster.cli.embedded import start_in_own_group, stop_process_group
 from s3proc_dagster.models import ProcessingStatus as S
 from s3proc_dagster.models import make_file_id
+from s3proc_dagster.runs.reconstructable import definitions
 from s3proc_dagster.sources.s3_incoming import list_incoming
 from s3proc_dagster.transfer.recovery import delete_prefix
-from s3proc_dagster_tests.conftest import Deployment, InstanceStorage
-from s3proc_dagster_tests.pipeline_helpers import (
-    csv_bytes,
-    definitions,
-    execute,
-    launch,
-    promo_rows,
-    read_dataset,
-    source_rows,
-)
+from s3proc_dagster_tests.conftest import InstanceStorage
+from s3proc_dagster_tests.pipeline_helpers import execute, launch, read_dataset, source_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,7 +129,8 @@ def test_object_with_metadata_ends_completed_with_source_and_priority(deployment
 
 
 def test_sidecar_metadata_lands_in_the_record_and_a_bad_one_fails_the_file(deployment: Deployment) -> None:
-    from s3proc_dagster_tests.pipeline_helpers import run_requests_under, sensor_tick, write_csv
+    from benchmarks.support import write_csv
+    from s3proc_dagster_tests.pipeline_helpers import run_requests_under, sensor_tick
 
     good = write_csv(deployment.watch / "sidecar" / "p.csv", promo_rows(5))
     good.with_name("p.csv.meta.json").write_text(json.dumps({"source": "sftp", "priority": "low"}))

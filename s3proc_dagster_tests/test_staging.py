@@ -10,23 +10,19 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from benchmarks.support import Deployment, csv_bytes, promo_rows, wait_for, write_csv
 from s3proc_dagster.files import staging as staging_area
 from s3proc_dagster.files.checksum import sha256_file
 from s3proc_dagster.models import ProcessingStatus as S
 from s3proc_dagster.runs.launch import code_location, create_run
+from s3proc_dagster.runs.reconstructable import process_file_job_with_resources
 from s3proc_dagster.transfer.manifest import part_key
-from s3proc_dagster_tests.conftest import Deployment
 from s3proc_dagster_tests.pipeline_helpers import (
-    csv_bytes,
     execute,
-    process_file_job_with_resources,
-    promo_rows,
     reconcile,
     run_requests_under,
     sensor_tick,
     start_process,
-    wait_for,
-    write_csv,
     write_zip,
 )
 

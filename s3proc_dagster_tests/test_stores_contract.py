@@ -43,7 +43,14 @@ from s3proc_dagster.stores.mongo import MongoProgressStore
 from s3proc_dagster.stores.sqlite import SQLiteProgressStore
 
 
-@pytest.fixture(params=["sqlite", "mongodb", "mongodb-replset"])
+# The MongoDB servers are asked for at run time, out of sight of conftest's fixture rule.
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("mongodb", marks=pytest.mark.servers),
+        pytest.param("mongodb-replset", marks=pytest.mark.servers),
+    ]
+)
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, dict]:
     if request.param == "sqlite":
         return "sqlite", {"path": str(tmp_path / "progress.db")}
@@ -718,6 +725,7 @@ def test_after_a_crash_between_the_two_writes_recovery_makes_the_counters_exact(
     assert counters(store.recount(after.file_id)) == counters(file)  # a recount of exact counters changes nothing
 
 
+@pytest.mark.servers  # its server is asked for at run time, out of sight of conftest's fixture rule
 @pytest.mark.parametrize("kind", ["mongodb", "mongodb-replset"])
 def test_mongodb_uses_a_transaction_exactly_when_the_server_has_them(
     kind: str, request: pytest.FixtureRequest, mongodb_database: str

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from benchmarks.support import S3Endpoint
 from s3proc_dagster.errors import ChecksumMismatch, ObjectMissing
 from s3proc_dagster.files.checksum import sha256_file
 from s3proc_dagster.models import UploadStatus, utcnow
@@ -19,7 +20,6 @@ from s3proc_dagster.transfer.manifest import Manifest, ManifestPart, commit, is_
 from s3proc_dagster.transfer.recovery import delete_prefix, open_uploads
 from s3proc_dagster.transfer.upload import PART_SIZE, abort_upload, upload_bytes, upload_file
 from s3proc_dagster.transfer.verify import object_matches, verify_object
-from s3proc_dagster_tests.conftest import S3Endpoint
 
 
 def blob(path: Path, size: int) -> Path:

@@ -28,28 +28,20 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from benchmarks.s3_proxy import FaultyS3Proxy
+from benchmarks.support import Deployment, S3Endpoint, dataset_keys, list_keys, promo_rows, wait_for, write_csv
 from s3proc_dagster.cli.dev import POSTGRES_URL_ENV, write_instance
 from s3proc_dagster.cli.embedded import PostgresServer, start_in_own_group, stop_process_group
+from s3proc_dagster.cli.leftovers import SESSION_ENV
 from s3proc_dagster.defs.files.ops import UPLOAD_POOL
 from s3proc_dagster.files.checksum import sha256_file
 from s3proc_dagster.models import ChunkStatus
 from s3proc_dagster.models import ProcessingStatus as S
 from s3proc_dagster.runs.liveness import reap_dead_runs
+from s3proc_dagster.runs.reconstructable import process_file_job_with_resources
 from s3proc_dagster.stores.mongo import MongoProgressStore
 from s3proc_dagster.transfer.manifest import part_key
-from s3proc_dagster_tests.conftest import Deployment, S3Endpoint
-from s3proc_dagster_tests.leftovers import SESSION_ENV
-from s3proc_dagster_tests.pipeline_helpers import (
-    dataset_keys,
-    list_keys,
-    process_file_job_with_resources,
-    promo_rows,
-    read_dataset,
-    source_rows,
-    wait_for,
-    write_csv,
-)
-from s3proc_dagster_tests.s3_proxy import FaultyS3Proxy
+from s3proc_dagster_tests.pipeline_helpers import read_dataset, source_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 BIG_ROWS = 120_001  # three chunks at CHUNK_SIZE=50000

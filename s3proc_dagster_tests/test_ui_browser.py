@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from s3proc_dagster_tests.conftest import Deployment
-from s3proc_dagster_tests.pipeline_helpers import execute, promo_rows, run_requests_under, sensor_tick, write_csv
+from benchmarks.support import Deployment, promo_rows, write_csv
+from s3proc_dagster_tests.pipeline_helpers import execute, run_requests_under, sensor_tick
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

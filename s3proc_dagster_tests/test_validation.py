@@ -11,12 +11,12 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
+from benchmarks.support import Deployment
 from s3proc_dagster.errors import ConversionError
 from s3proc_dagster.files.tabular import ConversionResult, convert_to_parquet_chunks
 from s3proc_dagster.files.validation import RuleSet, RuleSetError, rule_set_for
 from s3proc_dagster.models import ProcessingStatus as S
 from s3proc_dagster.settings import DEFAULT_RULES_DIR
-from s3proc_dagster_tests.conftest import Deployment
 from s3proc_dagster_tests.pipeline_helpers import execute, run_requests_under, sensor_tick
 
 RULES = ("invalidUserId", "invalidPromoCode", "expiredOffer")

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import dagster as dg
 
+from benchmarks.support import Deployment
 from s3proc_dagster.defs.files.sensors import watch_directory_sensor
 from s3proc_dagster.defs.resources import Settings, resources_for
-from s3proc_dagster_tests.conftest import Deployment
 
 
 class Watcher:

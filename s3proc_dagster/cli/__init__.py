@@ -1,6 +1,6 @@
-"""The `s3proc` command (`commands.py`, a module per subcommand), its dev launcher (`dev.py`)
-and the embedded servers it starts (`embedded.py`): tooling around the code location, never
-imported by it."""
+"""The `s3proc` command (`commands.py`, a module per subcommand), its dev launcher (`dev.py`),
+the embedded servers it starts (`embedded.py`) and the check for any a test run left
+running (`leftovers.py`): tooling around the code location, never imported by it."""
 
 from s3proc_dagster.cli.commands import main
 

@@ -324,7 +324,7 @@ def check_ports(host: str, port: int, s3_port: int | None, s3_setting: str) -> N
         raise ServerStartError("cannot start: " + "; ".join(problems))
 
 
-def _wait_for_ui(dagster: subprocess.Popen, host: str, port: int, deadline_s: float = UI_START_DEADLINE_S) -> None:
+def wait_for_ui(dagster: subprocess.Popen, host: str, port: int, deadline_s: float = UI_START_DEADLINE_S) -> None:
     """Until the webserver answers /server_info: before that, "UI on ..." would be a promise."""
     url = f"{ui_url(host, port)}/server_info"
     deadline = time.monotonic() + deadline_s
@@ -446,7 +446,7 @@ def run_dev(host: str = "127.0.0.1", port: int = 3000, root: Path | None = None)
             prepare_storage(home)
             print(f"Watching {cfg.monitoring.watch_path}; DAGSTER_HOME={home}; starting dagster dev", flush=True)
             dagster = start_in_own_group(_dagster_dev_command(root, host, port, cfg), cwd=root)
-            _wait_for_ui(dagster, host, port)
+            wait_for_ui(dagster, host, port)
             record_ui_url(home, ui_url(host, port))
             record_ui_url_in_dotenv(root / ".env", ui_url(host, port))
             print(f"UI on http://{host}:{port} (Ctrl-C, SIGTERM or SIGHUP stops everything)", flush=True)

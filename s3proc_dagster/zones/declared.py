@@ -31,6 +31,12 @@ class DeclaredZone:
     def directory(self) -> Path | None:
         return None if is_s3_uri(self.source) else Path(self.source).expanduser().resolve()
 
+    @property
+    def move_target(self) -> str:
+        """Where `after_success: move:<target>` puts landed originals, or ""."""
+        action = self.settings.get("ZONE_AFTER_SUCCESS", "")
+        return action.removeprefix("move:") if action.startswith("move:") else ""
+
     def claims(self, other: DeclaredZone) -> bool:
         """One source is the other's or inside it: a file would get two zones' runs."""
         a, b = _spelled(self.source), _spelled(other.source)
@@ -48,13 +54,28 @@ def _spelled(source: str) -> str:
 
 
 def declare(zone: DeclaredZone) -> None:
-    """Register a zone as its component builds; a zone that claims another's source is refused."""
+    """Register a zone as its component builds; a zone that claims another's source is
+    refused, and so is one that would move its landed files into a watched source (they
+    would come back as new files, its own or another zone's)."""
     for other in _DECLARED.values():
         if other.name != zone.name and zone.claims(other):
             raise SettingsError(
                 f"landing zones {other.name!r} and {zone.name!r} claim the same source "
                 f"({other.source} and {zone.source}); give each zone a source of its own"
             )
+    target = zone.move_target
+    if target and zone.source and is_s3_uri(target) != is_s3_uri(zone.source):
+        raise SettingsError(
+            f"landing zone {zone.name!r} moves landed files to {target}: a directory source moves "
+            "to a directory, an S3 source to an s3://bucket/prefix"
+        )
+    if target:
+        for other in (zone, *(z for z in _DECLARED.values() if z.name != zone.name)):
+            if other.source and DeclaredZone(zone.name, target, {}).claims(other):
+                raise SettingsError(
+                    f"landing zone {zone.name!r} moves landed files to {target}, which zone "
+                    f"{other.name!r} watches ({other.source}): they would land again; move them elsewhere"
+                )
     _DECLARED[zone.name] = zone
 
 

@@ -181,7 +181,7 @@ def file_failed(
 ) -> dg.AssetObservation | dg.AssetCheckEvaluation:
     """A file that failed for good, on its asset: the catalog shows it with its reason (a
     failed `landed` check of its partition in a declared zone, an observation otherwise)."""
-    relative = file.version.source.relative_path if file.version else (file.relative_path or file.path)
+    relative = file.name
     metadata: dict = {"status": "FAILED", "reason": reason, "fileIds": ", ".join(gave_up.failed)}
     if gave_up.parked:
         metadata["parked_at"] = str(gave_up.parked)

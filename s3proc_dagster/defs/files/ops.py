@@ -236,9 +236,9 @@ def _finish(
             context.log_event(events.landed_check(key, partition, passed=True, description=passed))
             if drift and item.is_tabular:
                 context.log_event(events.drift_check(key, partition, item))
-    if catalog.zone:  # the zone's log is its materializations and checks
-        return file
-    log.info(
+    # a zone's run log already holds the landing as its materialization and checks: the line
+    # goes to the product's log only (`logs.progress_logger`), not a row more a file
+    (progress if catalog.zone else log).info(
         "%s: COMPLETED -> %s",
         file.name,
         s3.uri(status.output_key or ""),

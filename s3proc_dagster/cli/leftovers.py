@@ -5,9 +5,11 @@ whole CI run; conftest sets it for a plain `pytest`), and keeps it when its pare
 and it is re-parented to PID 1, where its ancestry no longer says whose it is. So "ours"
 is exactly "carries our marker": another checkout's or another worker's servers on the
 same machine are never listed, let alone killed. A process that a test starts with an
-environment of its own must pass the marker on (test_dev_launcher.py does).
+environment of its own must pass the marker on (test_dev_launcher.py does). The test suite,
+`.ci/run` and the benchmarks all look through this module, which is why it lives with the
+servers it looks for (`embedded.py`) rather than among the tests.
 
-    python -m s3proc_dagster_tests.leftovers "$S3PROC_TEST_SESSION"   # exit 1 and list them
+    python -m s3proc_dagster.cli.leftovers "$S3PROC_TEST_SESSION"   # exit 1 and list them
 """
 
 from __future__ import annotations

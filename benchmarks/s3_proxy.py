@@ -5,7 +5,8 @@ forwarded untouched). A test arms a rule ("PUTs to keys containing part-00001 an
 503") to make one chunk's upload fail for real, then disarms it to let a re-execution
 succeed; holds requests to a key ("stall") to catch a run at a chosen point and kill it
 there; or takes S3 away altogether for a while ("outage"). Nothing is mocked: every
-other request reaches the real server.
+other request reaches the real server. The soak (soak.py) and the test suite (the
+`deployment` fixture, test_two_nodes.py) both put it in front of SeaweedFS.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class FaultyS3Proxy:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def log_message(self, *args) -> None:  # keep pytest output clean
+            def log_message(self, *args) -> None:  # keep the tests' and the soak's output clean
                 pass
 
             def _forward(self) -> None:
