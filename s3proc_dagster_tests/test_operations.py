@@ -174,10 +174,10 @@ def test_dagster_job_launch_processes_a_named_file(deployment: Deployment, insta
     assert runs[0].dagster_run.run_id in instance_storage.run_ids()
 
 
-def watch_sensor_cursor(instance: dg.DagsterInstance) -> str | None:
-    """The watch sensor's cursor as the daemon stored it: set once the sensor has ticked."""
+def watch_sensor_cursor(instance: dg.DagsterInstance, sensor: str = "watch_directory_sensor") -> str | None:
+    """A watch sensor's cursor as the daemon stored it: set once the sensor has ticked."""
     for state in instance.all_instigator_state():
-        if state.instigator_name == "watch_directory_sensor" and state.instigator_data is not None:
+        if state.instigator_name == sensor and state.instigator_data is not None:
             return state.instigator_data.cursor
     return None
 

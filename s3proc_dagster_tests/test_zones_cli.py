@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.support import Deployment, csv_bytes, list_keys, promo_rows, write_csv
 from s3proc_dagster.models import ProcessingStatus as S
 from s3proc_dagster.models import make_file_id
 from s3proc_dagster.settings import zone_overrides
-from s3proc_dagster_tests.conftest import Deployment
-from s3proc_dagster_tests.pipeline_helpers import csv_bytes, execute, list_keys, promo_rows, write_csv
+from s3proc_dagster_tests.pipeline_helpers import execute
 from s3proc_dagster_tests.test_s3_incoming import put
 from s3proc_dagster_tests.test_zones import tick, zone_of
 
