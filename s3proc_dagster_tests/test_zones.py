@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from s3proc_dagster_tests.pipeline_helpers import (
     sensor_tick,
     source_rows,
 )
-from s3proc_dagster_tests.test_batching import BATCH_ROWS_PER_FILE, SINGLE_RUN_ROWS, batch_run, event_rows
+from s3proc_dagster_tests.test_batching import BATCH_ROWS_PER_FILE, SINGLE_RUN_ROWS, batch_run, event_rows, graphql
 from s3proc_dagster_tests.test_operations import watch_sensor_cursor
 from s3proc_dagster_tests.test_s3_incoming import put
 
@@ -287,13 +286,6 @@ query Asset($key: AssetKeyInput!) {
   }
 }
 """
-
-
-def graphql(ui: str, query: str, variables: dict) -> dict:
-    body = json.dumps({"query": query, "variables": variables}).encode()
-    request = urllib.request.Request(f"{ui}/graphql", body, {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        return json.loads(response.read())["data"]
 
 
 def test_a_zone_is_a_defined_asset_in_the_catalog_with_its_chunks_and_its_failures(
