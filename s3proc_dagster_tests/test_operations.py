@@ -3,6 +3,7 @@ launch`, backfills, run tags; each on SQLite and on PostgreSQL storage (`instanc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import dagster as dg
+import psutil
 import pytest
 
 from benchmarks.support import Deployment, dataset_keys, promo_rows, wait_for, write_csv
@@ -33,6 +35,7 @@ from s3proc_dagster_tests.pipeline_helpers import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+ZYGOTE = "s3proc_dagster.runs.zygote"  # the module the warm run process runs (runs/launcher.py)
 
 
 def list_keys(deployment: Deployment, prefix: str) -> list[str]:
@@ -182,6 +185,18 @@ def watch_sensor_cursor(instance: dg.DagsterInstance, sensor: str = "watch_direc
     return None
 
 
+def run_zygotes(dagster_home: str) -> list[int]:
+    """The pids of the warm run processes (`runs/zygote.py`) of the instance in `dagster_home`;
+    not the run workers they forked, which carry the same command line."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            mine = ZYGOTE in (proc.info["cmdline"] or []) and proc.environ().get("DAGSTER_HOME") == dagster_home
+            if mine and ZYGOTE not in psutil.Process(proc.ppid()).cmdline():
+                found.append(proc.pid)
+    return found
+
+
 def finished_file_runs(instance: dg.DagsterInstance, **tags: str) -> list[dg.RunRecord]:
     """process_file_job runs with `tags`, once every one of them has ended."""
     runs = instance.get_run_records(dg.RunsFilter(job_name="process_file_job", tags=tags))
@@ -195,10 +210,14 @@ def test_a_file_dropped_while_dagster_runs_is_started_by_the_watch_sensor(
     instance = deployment.instance()
     # IGNORE_INITIAL: the first tick takes what is there as seen; only files after it run.
     wait_for(lambda: watch_sensor_cursor(instance), "the watch sensor's first tick", timeout=120)
+    # The daemon's warm process is up before any run asks for it (runs/launcher.py).
+    wait_for(lambda: run_zygotes(os.environ["DAGSTER_HOME"]), "the daemon's warm run process", timeout=120)
+    (zygote,) = run_zygotes(os.environ["DAGSTER_HOME"])
     src = write_csv(deployment.watch / f"sensed-{instance_storage.kind}" / "s.csv", promo_rows(30))
     wait_for(lambda: finished_file_runs(instance, **{"s3proc/source": str(src)}), "the sensor's run", timeout=180)
     (run,) = finished_file_runs(instance, **{"s3proc/source": str(src)})
     assert run.dagster_run.status == dg.DagsterRunStatus.SUCCESS
+    assert run_zygotes(os.environ["DAGSTER_HOME"]) == [zygote]  # the run was forked from it, none started for it
     assert run.dagster_run.tags["dagster/sensor_name"] == "watch_directory_sensor"
     record = deployment.store().get_by_path(str(src))
     assert record.status is S.COMPLETED and record.processing_stats.successful_records == 30

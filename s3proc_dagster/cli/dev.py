@@ -94,8 +94,12 @@ def instance_config(
             "pools": {"default_limit": upload_pool_limit or max(2, max_concurrency)},
         },
         "run_coordinator": {
-            "module": "dagster._core.run_coordinator",
-            "class": "QueuedRunCoordinator",
+            # the warm one also starts the launcher's warm process as the daemon starts
+            **(
+                {"module": "s3proc_dagster.runs.launcher", "class": "WarmQueuedRunCoordinator"}
+                if warm_runs
+                else {"module": "dagster._core.run_coordinator", "class": "QueuedRunCoordinator"}
+            ),
             "config": {
                 "dequeue_interval_seconds": 1,
                 "dequeue_use_threads": True,

@@ -5,6 +5,9 @@ Configured in the instance's `dagster.yaml` (`cli/dev.py` writes it):
     run_launcher:
       module: s3proc_dagster.runs.launcher
       class: WarmRunLauncher
+    run_coordinator:            # Dagster's queue, which also warms the launcher up (below)
+      module: s3proc_dagster.runs.launcher
+      class: WarmQueuedRunCoordinator
 
 It does what the default launcher does (one process per run, the run's events and
 status in the instance), with two differences:
@@ -13,7 +16,8 @@ status in the instance), with two differences:
   location once, instead of spawned into a fresh interpreter that imports them again:
   the fixed cost of a run drops from seconds to milliseconds, which is what makes one run
   per small file affordable. The zygote is restarted when the code location's files
-  change, so an edit is picked up by the next run as with `dagster dev`'s reload.
+  change, so an edit is picked up by the next run as with `dagster dev`'s reload, and
+  started as the daemon starts, so the first run does not wait for it either.
 - **Worker health.** `check_run_worker_health` answers from the run's heartbeat
   (`runs.liveness`), so Dagster's own run monitoring marks a SIGKILLed or OOM-killed run
   failed, which the default launcher cannot see.
@@ -25,6 +29,7 @@ working there.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -37,6 +42,7 @@ from typing import Any
 
 import dagster as dg
 from dagster._core.launcher import CheckRunHealthResult, LaunchRunContext, RunLauncher, WorkerStatus
+from dagster._core.run_coordinator import QueuedRunCoordinator
 from dagster._serdes import ConfigurableClass, ConfigurableClassData
 from dagster_shared.serdes import serialize_value
 
@@ -55,6 +61,35 @@ def code_fingerprint() -> int:
                 if name.endswith((".py", ".sql", ".yml", ".yaml")):
                     newest = max(newest, os.stat(os.path.join(path, name)).st_mtime_ns)
     return newest
+
+
+class WarmQueuedRunCoordinator(QueuedRunCoordinator):
+    """Dagster's `QueuedRunCoordinator`, which also has the daemon warm its run launcher up.
+
+    The daemon builds its coordinator as it starts (it reads the dequeue interval), but its
+    launcher only at the first launch: without this the first run after a start waits for
+    the zygote's imports (about 2.7 s here), a lone small file's largest delay."""
+
+    def register_instance(self, instance: dg.DagsterInstance) -> None:
+        super().register_instance(instance)
+        if _in_daemon():
+            threading.Thread(target=_warm_up, args=(instance,), name="s3proc-zygote-warm-up", daemon=True).start()
+
+
+def _warm_up(instance: dg.DagsterInstance) -> None:
+    with contextlib.suppress(Exception):  # the first launch builds the launcher again and says why not
+        launcher = instance.run_launcher
+        if isinstance(launcher, WarmRunLauncher):
+            launcher.warm_up()
+
+
+def _in_daemon() -> bool:
+    """Whether this process is Dagster's daemon (`dagster-daemon run`, or `python -m
+    dagster._daemon` as `dagster dev` starts it): with the queued run coordinator only the
+    daemon launches runs. The webserver and code servers build the launcher too (the UI
+    shows its name), and a warm process of their own would only hold memory."""
+    entry = Path(sys.argv[0])
+    return entry.name == "dagster-daemon" or (entry.parent.name == "_daemon" and entry.parent.parent.name == "dagster")
 
 
 class _Zygote:
@@ -116,15 +151,25 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
     def from_config_value(cls, inst_data: ConfigurableClassData, config_value: dict) -> WarmRunLauncher:
         return cls(inst_data=inst_data, **config_value)
 
+    def warm_up(self) -> None:
+        """Start the zygote now, so the first run does not wait for its imports. A failure
+        here is not the caller's: the first launch starts the zygote again and says why not."""
+        with contextlib.suppress(Exception), self._lock:
+            self._ready_zygote()
+
+    def _ready_zygote(self) -> _Zygote:
+        """The zygote forks come from, started or restarted when missing, dead or stale; under `_lock`."""
+        if self._zygote is None or not self._zygote.alive() or self._zygote.fingerprint != code_fingerprint():
+            if self._zygote is not None:
+                self._zygote.stop()
+            self._zygote = _Zygote()
+        return self._zygote
+
     def launch_run(self, context: LaunchRunContext) -> None:
         run = context.dagster_run
         instance_ref = serialize_value(self._instance.get_ref())
         with self._lock:
-            if self._zygote is None or not self._zygote.alive() or self._zygote.fingerprint != code_fingerprint():
-                if self._zygote is not None:
-                    self._zygote.stop()
-                self._zygote = _Zygote()
-            pid = self._zygote.fork(run.run_id, instance_ref)
+            pid = self._ready_zygote().fork(run.run_id, instance_ref)
         self._instance.report_engine_event(f"Run forked from the warm run zygote (pid {pid}).", run, cls=self.__class__)
 
     def terminate(self, run_id: str) -> bool:
