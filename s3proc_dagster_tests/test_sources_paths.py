@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from s3proc_dagster.files.globs import path_matches
 from s3proc_dagster.models import FileStatus, make_file_id
 from s3proc_dagster.sources.paths import (
     path_below,
@@ -106,3 +107,20 @@ def test_a_file_processed_from_outside_the_watched_directory_is_found_by_its_pat
     outside = record(str(tmp_path / "elsewhere" / "x.csv"), "x.csv")
     assert resolve_user_path("elsewhere/x.csv", watch, tmp_path).matches(outside)
     assert resolve_user_path(str(tmp_path / "elsewhere" / "x.csv"), watch, Path("/")).matches(outside)
+
+
+@pytest.mark.parametrize(
+    ("path", "pattern", "matches"),
+    [
+        ("march/promo.csv", "**/promo*.csv", True),
+        ("promo.csv", "**/promo*.csv", True),
+        ("march/promo.csv", "*.csv", False),  # `*` stays within one folder
+        ("a/b/c.tsv", "**", True),
+        ("ok\ns3:/victim/x\n.csv", "**", True),  # a newline in a name: matched, then refused by name
+        ("in/ok\nx.csv", "in/*.csv", True),
+    ],
+)
+def test_a_glob_matches_folders_as_users_write_them_and_names_with_any_character(
+    path: str, pattern: str, matches: bool
+) -> None:
+    assert path_matches(path, pattern) is matches

@@ -26,7 +26,8 @@ def _compile(pattern: str) -> re.Pattern[str]:
         else:
             out.append(re.escape(pattern[i]))
             i += 1
-    return re.compile("".join(out) + r"\Z")
+    # DOTALL: a name with a newline is still matched, so it meets the refusal that names it
+    return re.compile("".join(out) + r"\Z", re.DOTALL)
 
 
 def path_matches(relative_path: str, pattern: str) -> bool:
