@@ -206,6 +206,7 @@ class TreeSampler(threading.Thread):
         self.pid = pid
         self.cpu: dict[tuple[int, float], list] = {}  # (pid, create time) -> [role, CPU-s]
         self.peak = {"rss": 0, "pss": 0, "processes": 0}
+        self.pss_by_role_at_peak: dict[str, int] = {}  # what each role held when the tree's PSS peaked
         self._done = threading.Event()
 
     def run(self) -> None:
@@ -221,6 +222,7 @@ class TreeSampler(threading.Thread):
         except psutil.Error:
             return
         rss = pss_sum = live = 0
+        pss_by_role: Counter = Counter()
         for process in processes:
             with suppress(psutil.Error), process.oneshot():
                 key = (process.pid, process.create_time())
@@ -230,10 +232,14 @@ class TreeSampler(threading.Thread):
                 self.cpu[key][1] = max(self.cpu[key][1], times.user + times.system)
                 if process.status() != psutil.STATUS_ZOMBIE:
                     rss += process.memory_info().rss
-                    pss_sum += process.memory_full_info().pss if pss else 0
+                    if pss:
+                        held = process.memory_full_info().pss
+                        pss_sum += held
+                        pss_by_role[role(process)] += held
                     live += 1
         self.peak["rss"], self.peak["processes"] = max(self.peak["rss"], rss), max(self.peak["processes"], live)
-        self.peak["pss"] = max(self.peak["pss"], pss_sum)
+        if pss_sum > self.peak["pss"]:
+            self.peak["pss"], self.pss_by_role_at_peak = pss_sum, dict(pss_by_role)
 
     def by_role(self) -> Counter:
         out: Counter = Counter()
@@ -286,6 +292,7 @@ class Variant:
     cpu_s: dict[str, float]  # by role, drop → every run ended
     idle_cpu_per_s: float
     peak: dict[str, int]
+    pss_by_role: dict[str, dict[str, int]]  # "idle" (before the drop) and "at_peak": bytes by role
     runs: list[RunTimes]
     other_runs: Counter
     load: str
@@ -396,7 +403,8 @@ class Deployment:
         time.sleep(IDLE_S)
         before, load_before = self.sampler.by_role(), load()
         idle_cpu = (before.total() - idle) / (time.monotonic() - idle_at)
-        self.sampler.peak = dict.fromkeys(self.sampler.peak, 0)
+        idle_pss = dict(self.sampler.pss_by_role_at_peak)  # started and idle, before any run
+        self.sampler.peak, self.sampler.pss_by_role_at_peak = dict.fromkeys(self.sampler.peak, 0), {}
         say(f"{self.launcher}: dropping {len(relative)} files (idle: {idle_cpu:.2f} CPU-s/s; load {load_before})")
         arrivals = {}
         for rel in relative:
@@ -427,6 +435,7 @@ class Deployment:
             cpu_s={name: after[name] - before[name] for name in after if after[name] - before[name] > 0.005},
             idle_cpu_per_s=idle_cpu,
             peak=dict(self.sampler.peak),
+            pss_by_role={"idle": idle_pss, "at_peak": dict(self.sampler.pss_by_role_at_peak)},
             runs=runs,
             other_runs=self.run_counts(first, exclude=set(run_ids)),
             load=f"{load_before} → {load()}",
@@ -630,6 +639,10 @@ def figures(v: Variant, baseline: dict[str, Any] | None) -> dict[str, Any]:
         "peak_rss_mb": round(v.peak["rss"] / 2**20),
         "peak_pss_mb": round(v.peak["pss"] / 2**20),
         "peak_processes": v.peak["processes"],
+        "pss_mb_by_role": {
+            when: {k: round(b / 2**20) for k, b in sorted(held.items(), key=lambda x: -x[1])}
+            for when, held in v.pss_by_role.items()
+        },
         "events_per_run_p50": pct(events, 50),
         "events_per_run_max": max(events),
         "runs": len(once),
@@ -671,6 +684,8 @@ def print_report(results: list[dict[str, Any]], baseline: dict[str, Any] | None,
     for r in results:
         print(f"\n{r['launcher']} launcher: CPU-s per file by role: " + ", ".join(
             f"{k} {c}" for k, c in r["cpu_s_per_file_by_role"].items()))  # fmt: skip
+        for when, held in r["pss_mb_by_role"].items():
+            print(f"PSS by role, {when} (MB): " + ", ".join(f"{k} {mb}" for k, mb in held.items()))
         print("events per run by type: " + ", ".join(f"{k} {n}" for k, n in r["events_per_run_by_type"].items()))
         print(f"sensor ticks that requested the runs: {r['sensor_ticks']}; other runs meanwhile: {r['other_runs']}")
     print("\n| per run, p50 / p95 s | " + " | ".join(r["launcher"] for r in results) + " |")
