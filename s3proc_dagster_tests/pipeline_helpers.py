@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import urllib.request
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -131,6 +132,14 @@ def launch(job: str, run_config: dict, tags: dict[str, str] | None = None, env: 
     command += ["--config-json", json.dumps(run_config)] + (["--tags", json.dumps(tags)] if tags else [])
     done = subprocess.run(command, cwd=ROOT, env=env or os.environ.copy(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+
+
+def graphql(ui: str, query: str, variables: dict) -> dict:
+    """A query or mutation to the webserver's GraphQL endpoint, as the UI sends it; its data."""
+    body = json.dumps({"query": query, "variables": variables}).encode()
+    request = urllib.request.Request(f"{ui}/graphql", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())["data"]
 
 
 def reconcile(deployment: Deployment) -> dg.ExecuteJobResult:

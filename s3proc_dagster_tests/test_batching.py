@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import urllib.request
 from pathlib import Path
 
 import dagster as dg
@@ -20,7 +18,14 @@ from s3proc_dagster.runs.batching import BatchLimits, batch_request, group, unde
 from s3proc_dagster.runs.reconstructable import process_files_job_with_resources
 from s3proc_dagster.runs.requests import run_request_for
 from s3proc_dagster.transfer.manifest import part_key
-from s3proc_dagster_tests.pipeline_helpers import execute, read_dataset, run_requests_under, sensor_tick, source_rows
+from s3proc_dagster_tests.pipeline_helpers import (
+    execute,
+    graphql,
+    read_dataset,
+    run_requests_under,
+    sensor_tick,
+    source_rows,
+)
 from s3proc_dagster_tests.test_runs_from_anywhere import finished, reexecute_from_failure
 
 LIMITS = BatchLimits(max_files=3, max_bytes=1000, file_max_bytes=400)
@@ -171,13 +176,6 @@ query Runs($tags: [ExecutionTag!]) {
   runsOrError(filter: {tags: $tags}) { ... on Runs { results { runId jobName tags { key value } } } }
 }
 """
-
-
-def graphql(ui: str, query: str, variables: dict) -> dict:
-    body = json.dumps({"query": query, "variables": variables}).encode()
-    request = urllib.request.Request(f"{ui}/graphql", body, {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        return json.loads(response.read())["data"]
 
 
 def test_a_batched_file_is_found_by_its_file_tag_through_the_uis_run_filter(

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import dagster as dg
@@ -28,7 +27,7 @@ from s3proc_dagster.files.checksum import sha256_file
 from s3proc_dagster.models import ProcessingStatus as S
 from s3proc_dagster.transfer.manifest import part_key
 from s3proc_dagster_tests.conftest import ROOT, InstanceStorage
-from s3proc_dagster_tests.pipeline_helpers import launch, run_requests_under, sensor_tick, start_process
+from s3proc_dagster_tests.pipeline_helpers import graphql, launch, run_requests_under, sensor_tick, start_process
 
 FINISHED = (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
 REEXECUTE = """
@@ -44,12 +43,8 @@ mutation Reexecute($params: ReexecutionParams!) {
 
 def reexecute_from_failure(ui: str, run_id: str) -> str:
     """What the UI's "Re-execute from failure" button sends; the new run's id."""
-    body = json.dumps(
-        {"query": REEXECUTE, "variables": {"params": {"parentRunId": run_id, "strategy": "FROM_FAILURE"}}}
-    )
-    request = urllib.request.Request(f"{ui}/graphql", body.encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        answer = json.loads(response.read())["data"]["launchPipelineReexecution"]
+    params = {"parentRunId": run_id, "strategy": "FROM_FAILURE"}
+    answer = graphql(ui, REEXECUTE, {"params": params})["launchPipelineReexecution"]
     assert answer["__typename"] == "LaunchRunSuccess", answer
     return answer["run"]["runId"]
 

@@ -29,13 +29,14 @@ from s3proc_dagster.zones.declared import DeclaredZone, declare
 from s3proc_dagster_tests.pipeline_helpers import (
     ROOT,
     execute,
+    graphql,
     read_dataset,
     reconcile,
     run_requests_under,
     sensor_tick,
     source_rows,
 )
-from s3proc_dagster_tests.test_batching import BATCH_ROWS_PER_FILE, SINGLE_RUN_ROWS, batch_run, event_rows, graphql
+from s3proc_dagster_tests.test_batching import BATCH_ROWS_PER_FILE, SINGLE_RUN_ROWS, batch_run, event_rows
 from s3proc_dagster_tests.test_operations import watch_sensor_cursor
 from s3proc_dagster_tests.test_s3_incoming import put
 

@@ -148,7 +148,7 @@ def _scanned(zone: Zone) -> list[BackfillFile]:
 DEFAULT_UI_URL = "http://127.0.0.1:3000"
 
 
-def ui_url(given: str | None) -> tuple[str, str]:
+def find_ui(given: str | None) -> tuple[str, str]:
     """The webserver `backfill` queues on, and where that came from (for the error message):
     --url; else S3PROC_UI_URL, from the environment or `.env` (where `s3proc dev` writes
     it into the `.env` it wrote itself); else what `s3proc dev` recorded in DAGSTER_HOME;
@@ -210,7 +210,7 @@ def _backfill(args: argparse.Namespace) -> int:
     the two runs apart, and the later one finds the file COMPLETED and skips it.
     """
     zones = load_zones()
-    url, origin = ui_url(args.url)
+    url, origin = find_ui(args.url)
     try:
         client = None if args.dry_run else _ui_client(url, origin)
     except UiUnreachable as exc:

@@ -152,9 +152,8 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
         return cls(inst_data=inst_data, **config_value)
 
     def warm_up(self) -> None:
-        """Start the zygote now, so the first run does not wait for its imports. A failure
-        here is not the caller's: the first launch starts the zygote again and says why not."""
-        with contextlib.suppress(Exception), self._lock:
+        """Start the zygote now, so the first run does not wait for its imports."""
+        with self._lock:
             self._ready_zygote()
 
     def _ready_zygote(self) -> _Zygote:
