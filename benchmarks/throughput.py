@@ -235,7 +235,7 @@ class TreeSampler(threading.Thread):
                     if pss:
                         held = process.memory_full_info().pss
                         pss_sum += held
-                        pss_by_role[role(process)] += held
+                        pss_by_role[self.cpu[key][0]] += held  # its role, found at its first sample
                     live += 1
         self.peak["rss"], self.peak["processes"] = max(self.peak["rss"], rss), max(self.peak["processes"], live)
         if pss_sum > self.peak["pss"]:
