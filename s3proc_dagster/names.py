@@ -11,6 +11,11 @@ IMAGE_REQUEST_JOB = "image_request_job"
 RECONCILE_JOB = "reconcile_job"  # crash recovery
 REPORTS_JOB = "reports_job"
 FILE_JOBS = (PROCESS_FILE_JOB, PROCESS_FILES_JOB)
+ASSET_JOB = "__ASSET_JOB"  # Dagster's own job for assets materialized from the catalog
+
+# ---- assets --------------------------------------------------------------------------------------
+ZONES_KEY = "zones"  # a declared zone's asset: zones/<name>, one partition per file
+PARTITION_TAG = "dagster/partition"  # Dagster's: the partition a run materializes
 
 # ---- ops a run config names ------------------------------------------------------------------
 CHECKSUM_OP = ProcessingStep.CHECKSUM_CALCULATION.value  # the file jobs' config: the file, or a batch's files

@@ -282,7 +282,7 @@ def test_a_retyped_column_is_reported_by_the_check_and_blocking_fails_the_file_b
 GRAPHQL_ASSET = """
 query Asset($key: AssetKeyInput!) {
   assetNodeOrError(assetKey: $key) {
-    ... on AssetNode { groupName description kinds isPartitioned hasAssetChecks
+    ... on AssetNode { groupName description kinds isPartitioned hasAssetChecks isExecutable isMaterializable
       assetMaterializations(limit: 5) { partition metadataEntries { label ... on TableMetadataEntry { table { records } } } } }
   }
 }
@@ -302,6 +302,13 @@ def test_a_zone_is_a_defined_asset_in_the_catalog_with_its_chunks_and_its_failur
         "  description: Orders from the partner's SFTP drop.\n  owners: [team:data-platform]\n"
     )
     drop.mkdir()
+    on_demand, on_demand_drop = f"{name}_od", tmp_path / "on-demand-drop"  # landed from the catalog only
+    (zones / on_demand).mkdir()
+    (zones / on_demand / "defs.yaml").write_text(
+        "type: s3proc_dagster.LandingZone\nattributes:\n"
+        f"  source: {on_demand_drop}\n  destination: on_demand/out\n  chunk_size: 25\n  enabled: false\n"
+    )
+    write_csv(on_demand_drop / "picked.csv", promo_rows(40, seed=3))
     monkeypatch.setenv("S3PROC_ZONES_DIR", str(zones))
     ui = request.getfixturevalue("dagster_dev")
     instance = deployment.instance()
@@ -334,6 +341,65 @@ def test_a_zone_is_a_defined_asset_in_the_catalog_with_its_chunks_and_its_failur
     ]
     assert [(ev.partition, ev.passed) for ev in evaluations] == [("broken.zip", False)]
     assert "not a zip archive" in evaluations[0].description
+    assert node["isExecutable"] and node["isMaterializable"]  # no "External Asset" page
+
+    # Materialize of a partition in the catalog, as the UI launches it: that file lands by
+    # its zone's rules in a run of Dagster's asset job; a file no longer there fails alone
+    instance.add_dynamic_partitions(f"s3proc_zone_{on_demand}", ["picked.csv", "gone.csv"])
+    landed = materialize(ui, ["zones", on_demand], "picked.csv")
+    gone = materialize(ui, ["zones", on_demand], "gone.csv")
+    for run_id in (landed, gone):
+        wait_for(lambda run_id=run_id: instance.get_run_by_id(run_id).is_finished, f"run {run_id}", timeout=300)
+    assert instance.get_run_by_id(landed).status is dg.DagsterRunStatus.SUCCESS
+    record = store.get(make_file_id("picked.csv", on_demand))
+    assert record is not None and record.status is S.COMPLETED and record.run_id == landed
+    rows = read_dataset(deployment, "on_demand/out/picked.csv", tmp_path)
+    assert rows == source_rows(on_demand_drop / "picked.csv", "read_csv")
+    materialized = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(["zones", on_demand]), asset_partitions=["picked.csv"]), limit=5
+    ).records
+    assert [m.run_id for m in materialized] == [landed]  # the file's own, not a second one from Dagster
+    checks = instance.event_log_storage.get_asset_check_execution_history(
+        dg.AssetCheckKey(dg.AssetKey(["zones", on_demand]), "landed"), limit=5
+    )
+    assert [(c.run_id, c.status.value) for c in checks if c.partition == "picked.csv"] == [(landed, "SUCCEEDED")]
+    assert instance.get_run_by_id(gone).status is dg.DagsterRunStatus.FAILURE
+    (failure,) = [
+        e.dagster_event for e in instance.all_logs(gone) if e.dagster_event and e.dagster_event.is_step_failure
+    ]
+    assert "gone.csv is no longer at" in failure.step_failure_data.user_failure_data.description
+    assert store.get(make_file_id("gone.csv", on_demand)) is None  # nothing recorded, nothing parked
+
+
+LAUNCH = """
+mutation Launch($params: ExecutionParams!) {
+  launchRun(executionParams: $params) {
+    __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message } ... on InvalidSubsetError { message }
+  }
+}
+"""
+
+
+def materialize(ui: str, key: list[str], partition: str) -> str:
+    """What the catalog's Materialize sends for one partition of an asset: its run id."""
+    (location,) = graphql(ui, "{ workspaceOrError { ... on Workspace { locationEntries { name } } } }", {})[
+        "workspaceOrError"
+    ]["locationEntries"]
+    params = {
+        "selector": {
+            "repositoryLocationName": location["name"],
+            "repositoryName": "__repository__",
+            "pipelineName": "__ASSET_JOB",
+            "assetSelection": [{"path": key}],  # and its checks, as the UI selects them
+            "assetCheckSelection": [{"assetKey": {"path": key}, "name": c} for c in ("landed", "schema_drift")],
+        },
+        "runConfigData": {},
+        "mode": "default",
+        "executionMetadata": {"tags": [{"key": "dagster/partition", "value": partition}]},
+    }
+    launched = graphql(ui, LAUNCH, {"params": params})["launchRun"]
+    assert launched["__typename"] == "LaunchRunSuccess", launched
+    return launched["run"]["runId"]
 
 
 def test_dg_lists_the_component_scaffolds_a_zone_and_checks_the_definitions(tmp_path: Path) -> None:

@@ -10,8 +10,9 @@ zones share the jobs, the run queue, the stores and the S3 resource, and a run p
 its files by its zone's rules as they were when it started.
 
 Its sensor, `<name>_zone_sensor`, is made with the file jobs it starts
-(`defs/files/sensors.py:zone_sensor`). In the catalog a zone is one declared asset, `zones/<name>`, with its group, owners,
-kinds and description and its destination as metadata, partitioned by file path (one
+(`defs/files/sensors.py:zone_sensor`). In the catalog a zone is one asset, `zones/<name>`, with its group, owners,
+kinds and description and its destination as metadata, defined by the file jobs' seven
+ops (materializing a partition lands that file), partitioned by file path (one
 dynamic partition per path, each version a new materialization of it, its chunks a
 table in the materialization's metadata), and two checks per partition: `landed` (the
 file's latest version landed, or FAILED with the reason) and `schema_drift`.
@@ -21,13 +22,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import dagster as dg
 import yaml
 from pydantic import Field
 
 from s3proc_dagster.defs.files import events
+from s3proc_dagster.defs.files.jobs import file_steps
+from s3proc_dagster.defs.files.ops import checksum_calculation
 from s3proc_dagster.defs.resources import ProgressStoreResource
 from s3proc_dagster.models import ProcessingStatus, make_file_id
 from s3proc_dagster.transfer.keys import is_s3_uri, split_uri
@@ -111,17 +114,24 @@ class LandingZone(dg.Component, dg.Resolvable, dg.Model):
         """The zone's asset and checks, the zone declared (`zones.declared`)."""
         settings = self.zone_settings(name, project_root)
         declare(DeclaredZone(name, self.source or "", settings, self.enabled))
-        spec = dg.AssetSpec(
+        partitions = dg.DynamicPartitionsDefinition(name=events.zone_partitions(name))
+
+        @dg.graph_asset(
             key=events.zone_asset_key(name),
             group_name=self.group or "landing_zones",
             owners=self.owners or [],
             description=self.description or f"Files landing from {self.source or 'the deployment source'}.",
             kinds=KINDS,
             metadata={"source": self.source or "", "destination": self.destination or "S3_PREFIX"},
-            partitions_def=dg.DynamicPartitionsDefinition(name=events.zone_partitions(name)),
+            partitions_def=partitions,
         )
+        def zone() -> Any:
+            # the file jobs' seven ops: materializing a partition lands that file as its
+            # sensor's run would (`batching.zone_materialized` names it from the partition)
+            return file_steps(checksum_calculation())
+
         # its sensor joins the code location's with the jobs it starts (`definitions.py`)
-        return dg.Definitions(assets=[spec], asset_checks=[_checks(name, spec)])
+        return dg.Definitions(assets=[zone], asset_checks=[_checks(name, zone.key, partitions)])
 
     def zone_settings(self, name: str, project_root: Path | None = None) -> dict[str, str]:
         """The zone as settings over the deployment's, by variable name."""
@@ -174,22 +184,21 @@ def _schema_result(instance: dg.DagsterInstance, key: dg.AssetKey, path: str) ->
     )
 
 
-def _checks(name: str, spec: dg.AssetSpec) -> dg.AssetChecksDefinition:
+def _checks(name: str, key: dg.AssetKey, partitions: dg.PartitionsDefinition) -> dg.AssetChecksDefinition:
     """The zone's two checks, evaluated per partition by the runs that land its files;
     run from the UI, `landed` reads the file's record again."""
-    partitions = spec.partitions_def
 
     @dg.multi_asset_check(
         specs=[
             dg.AssetCheckSpec(
                 events.LANDED_CHECK,
-                asset=spec.key,
+                asset=key,
                 partitions_def=partitions,
                 description="the file's latest version landed (COMPLETED), or FAILED with the reason",
             ),
             dg.AssetCheckSpec(
                 events.SCHEMA_CHECK,
-                asset=spec.key,
+                asset=key,
                 partitions_def=partitions,
                 description="the file's columns against the zone's last landing (added, removed, retyped)",
             ),
@@ -205,13 +214,13 @@ def _checks(name: str, spec: dg.AssetSpec) -> dg.AssetChecksDefinition:
             status = record.status.name if record else "not recorded"
             yield dg.AssetCheckResult(
                 check_name=events.LANDED_CHECK,
-                asset_key=spec.key,
+                asset_key=key,
                 passed=record is not None and record.status is ProcessingStatus.COMPLETED,
                 description=f"{path}: {status}"
                 + (f": {record.error_details}" if record and record.error_details else ""),
             )
         if events.SCHEMA_CHECK in selected:
-            yield _schema_result(context.instance, spec.key, path)
+            yield _schema_result(context.instance, key, path)
 
     return zone_checks
 

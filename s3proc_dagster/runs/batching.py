@@ -31,13 +31,16 @@ from s3proc_dagster.names import (
     EXTENSION_TAG,
     FILE_ID_TAG,
     FILE_TAG,
+    PARTITION_TAG,
     PATH_TAG,
     PROCESS_FILE_JOB,
     PROCESS_FILES_JOB,
     SOURCE_TAG,
     ZONE_TAG,
+    ZONES_KEY,
 )
 from s3proc_dagster.runs.requests import CONSOLE_LOGGER
+from s3proc_dagster.zones.declared import DeclaredZone, zone_named
 
 #: The tags any file's run carries (`tags.file_run_tags`); any other `s3proc/` tag is metadata.
 # (a zone's name and priority too: the same for every file of its sensor's requests; a
@@ -156,21 +159,41 @@ def run_file(source: dict, watch_path: Path, incoming_prefix: str, zone: str = "
     return RunFile(located.uri, located.relative_path, located.file_id)
 
 
-def zone_of_run(run_config: dict | None) -> dict[str, str]:
-    """The settings of the landing zone a run's files belong to ({} for the default zone),
-    as its sensor put them in the run's config (`zones`)."""
-    config = (run_config or {}).get("ops", {}).get(CHECKSUM_OP, {}).get("config") or {}
-    return dict(config.get("zone") or {})
+def zone_of_run(run: dg.DagsterRun) -> dict[str, str]:
+    """The settings of the landing zone a run's files belong to ({} for the default zone):
+    as its sensor put them in the run's config, or the zone whose asset the run materializes."""
+    config = (run.run_config or {}).get("ops", {}).get(CHECKSUM_OP, {}).get("config") or {}
+    if config.get("zone"):
+        return dict(config["zone"])
+    materialized = zone_materialized(run)
+    return dict(materialized[0].settings) if materialized else {}
+
+
+def zone_materialized(run: dg.DagsterRun) -> tuple[DeclaredZone, dict] | None:
+    """(the zone, its file as a run config names one) of a run that materializes a file's
+    partition of a zone's asset (the catalog's Materialize), whose config names no file."""
+    partition = run.tags.get(PARTITION_TAG)
+    for key in run.asset_selection or ():
+        if partition and len(key.path) == 2 and key.path[0] == ZONES_KEY:
+            zone = zone_named(key.path[1])
+            if zone is not None:
+                return zone, {"path": zone.source_of(partition), "relative_path": partition}
+    return None
 
 
 def files_of_run(run: dg.DagsterRun, watch_path: Path, incoming_prefix: str = "") -> list[RunFile]:
-    """The files a run of either file job was started for, in the batch's order, located
-    by the same rule as the run's first step (`sources.resolve.locate`), in the run's zone."""
+    """The files a run of either file job (or of a zone's asset) was started for, in the
+    batch's order, located by the same rule as the run's first step
+    (`sources.resolve.locate`), in the run's zone."""
     config = (run.run_config or {}).get("ops", {}).get(CHECKSUM_OP, {}).get("config")
-    if not config:
+    materialized = None if config else zone_materialized(run)
+    if materialized:
+        sources = [materialized[1]]
+    elif config:
+        sources = config.get("files", []) if run.job_name == PROCESS_FILES_JOB else [config]
+    else:
         return []
-    sources = config.get("files", []) if run.job_name == PROCESS_FILES_JOB else [config]
-    zone = zone_of_run(run.run_config)  # a declared zone's runs: its source, its names
+    zone = zone_of_run(run)  # a declared zone's runs: its source, its names
     watch = Path(zone.get("WATCH_PATH") or watch_path)
     incoming = zone.get("S3_INCOMING_PREFIX", incoming_prefix)
     return [run_file(source, watch, incoming, zone.get("ZONE_NAME", "")) for source in sources]

@@ -37,6 +37,13 @@ class DeclaredZone:
         action = self.settings.get("ZONE_AFTER_SUCCESS", "")
         return action.removeprefix("move:") if action.startswith("move:") else ""
 
+    def source_of(self, relative_path: str) -> str:
+        """Where its file `relative_path` is: a path below its directory, or an s3:// URI.
+        Not confined here: the run's first step refuses what is not below the source."""
+        if self.directory is None:
+            return f"{self.source.rstrip('/')}/{relative_path}"
+        return str(self.directory / relative_path)
+
     def claims(self, other: DeclaredZone) -> bool:
         """One source is the other's or inside it: a file would get two zones' runs."""
         a, b = _spelled(self.source), _spelled(other.source)
@@ -81,6 +88,10 @@ def declare(zone: DeclaredZone) -> None:
 
 def declared() -> list[DeclaredZone]:
     return sorted(_DECLARED.values(), key=lambda z: z.name)
+
+
+def zone_named(name: str) -> DeclaredZone | None:
+    return _DECLARED.get(name)
 
 
 def declared_directories() -> tuple[Path, ...]:

@@ -17,13 +17,12 @@ from dataclasses import dataclass
 import dagster as dg
 
 from s3proc_dagster.models import FileStatus
-from s3proc_dagster.names import KIND_TAG
+from s3proc_dagster.names import KIND_TAG, ZONES_KEY
 from s3proc_dagster.pipeline import FileVersion, GaveUp, PreparedItem, UploadedObject
 from s3proc_dagster.pipeline.batch import FileInRun
 from s3proc_dagster.settings import Configuration
 from s3proc_dagster.stores.base import ClaimOutcome
 
-ZONES_KEY = "zones"  # a declared zone's asset: zones/<name>, one partition per file
 LANDED_CHECK = "landed"  # per partition: the file's latest version landed, or why it did not
 SCHEMA_CHECK = "schema_drift"  # per partition: the file's columns against the zone's last landing
 

@@ -25,6 +25,7 @@ from s3proc_dagster.defs.files.ops import (
 from s3proc_dagster.defs.resources import ProgressStoreResource, S3Storage, Settings
 from s3proc_dagster.files.staging import SWEEP_GRACE_S
 from s3proc_dagster.names import (
+    ASSET_JOB,
     IMAGE_REQUEST_JOB,
     JOB_TAG,
     PROCESS_FILE_JOB,
@@ -38,12 +39,16 @@ from s3proc_dagster.runs.liveness import reap_dead_runs, run_is_alive
 from s3proc_dagster.transfer.keys import prefix_folder
 from s3proc_dagster.zones.declared import declared_directories
 
-PRODUCT_JOBS = [PROCESS_FILE_JOB, PROCESS_FILES_JOB, IMAGE_REQUEST_JOB, RECONCILE_JOB, REPORTS_JOB]
+# (ASSET_JOB: a zone's file materialized from the catalog, and the reports)
+PRODUCT_JOBS = [PROCESS_FILE_JOB, PROCESS_FILES_JOB, ASSET_JOB, IMAGE_REQUEST_JOB, RECONCILE_JOB, REPORTS_JOB]
 
 
-def file_steps(files: Any) -> None:
-    """The six steps after the snapshot, each over the run's files: the same in both jobs."""
-    progress_update(integrity_verification(streaming(parquet_conversion(archive_extraction(type_detection(files))))))
+def file_steps(files: Any) -> Any:
+    """The six steps after the snapshot, each over the run's files: the same in both jobs
+    and in a zone's asset."""
+    return progress_update(
+        integrity_verification(streaming(parquet_conversion(archive_extraction(type_detection(files)))))
+    )
 
 
 @dg.job(

@@ -6,6 +6,7 @@ Each body is resources in, one `pipeline` call per file (`steps.run_step` sorts 
 a failure costs the file), events out.
 """
 
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from functools import partial
@@ -22,10 +23,13 @@ from s3proc_dagster.names import FILE_TYPE_TAG, SHA256_TAG, UPLOAD_POOL
 from s3proc_dagster.pipeline import ConversionRecipe, StepContext, UploadedObject, after_success
 from s3proc_dagster.pipeline.batch import FileInRun, Outcome
 from s3proc_dagster.pipeline.snapshot import held_version
+from s3proc_dagster.runs.batching import zone_materialized
 from s3proc_dagster.runs.tags import file_run_tags
 from s3proc_dagster.settings import Configuration
 from s3proc_dagster.sources.resolve import resolve_source
 from s3proc_dagster.stores.base import ClaimOutcome
+from s3proc_dagster.transfer.keys import is_s3_uri, split_uri
+from s3proc_dagster.transfer.verify import head
 
 log = get_logger("steps")
 progress = progress_logger("steps")
@@ -63,10 +67,32 @@ def checksum_calculation(
 ) -> Iterator[dg.Output]:
     """Snapshot into staging + SHA-256 in one read, then the claim; an unchanged or busy file stops here."""
     settings = run_settings(context, settings)
-    files = [FileInRun(source.path, source.relative_path) for source in config.sources()]
+    materialized = None if config.path or config.files else zone_materialized(context.dagster_run)
+    if materialized:
+        _still_there(materialized[0].name, materialized[1]["relative_path"], materialized[1]["path"], s3)
+    files = [
+        FileInRun(source.path, source.relative_path) for source in config.sources(materialized and materialized[1])
+    ]
     done = run_step(context, settings, progress_store, s3, files, partial(_snapshot, context, settings))
     if any(f.in_run for f in done):  # otherwise every later step has nothing to do: they are skipped
         yield dg.Output(done, metadata={"files": len(done), "to process": sum(f.in_run for f in done)})
+
+
+def _still_there(zone: str, relative_path: str, where: str, s3: S3Storage) -> None:
+    """A file's partition materialized from the catalog once the file is gone (deleted or
+    moved after success, or by its producer) fails here, before anything of it is touched:
+    its landings stay as they are, and nothing is FAILED or parked."""
+    if is_s3_uri(where):
+        bucket, key = split_uri(where)
+        present = head(s3.get_client(), bucket, key) is not None
+    else:
+        present = os.path.lexists(where)
+    if not present:
+        raise dg.Failure(
+            description=f"zone {zone}: {relative_path} is no longer at {where}, so there is nothing to land; "
+            "its landings stay as they are. Put the file back (or a new version) to land it again.",
+            allow_retries=False,
+        )
 
 
 def _detect(ctx: StepContext, file: FileInRun) -> FileInRun:
@@ -247,14 +273,17 @@ def _finish(
     return file
 
 
-@dg.op(name=ProcessingStep.PROGRESS_UPDATE.value)
+@dg.op(name=ProcessingStep.PROGRESS_UPDATE.value, out=dg.Out(dg.Nothing, is_required=False))
 def progress_update(
     context: dg.OpExecutionContext,
     files: Files,
     settings: Settings,
     progress_store: ProgressStoreResource,
     s3: S3Storage,
-) -> None:
+) -> Iterator[dg.Output]:
+    """Record each file COMPLETED, and its materializations. Its output is never yielded:
+    in a zone's asset (`components.landing_zone`) it stands for the asset, whose
+    materializations are the files' own (`events.file_completed`), not one more from Dagster."""
     settings = run_settings(context, settings)
     release = not settings.config.processing.staging_retention.total_seconds()
     catalog = events.Catalog.of(settings.config)
@@ -264,3 +293,4 @@ def progress_update(
     drift = settings.config.zone.schema_drift != "off"
     finish = partial(_finish, context, s3, catalog, release, drift, settings.config)
     run_step(context, settings, progress_store, s3, files, finish)
+    yield from ()

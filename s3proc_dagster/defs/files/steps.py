@@ -61,7 +61,11 @@ class FilesConfig(dg.Config):
         description="the landing zone's settings by variable name (its sensor sets them); empty: the default zone",
     )
 
-    def sources(self) -> list[SourceConfig]:
+    def sources(self, materialized: dict | None = None) -> list[SourceConfig]:
+        """The run's files; `materialized`, the file of a zone asset's partition
+        (`batching.zone_materialized`), when the config names none."""
+        if materialized and not self.path and not self.files:
+            return [SourceConfig(**materialized)]
         if bool(self.path) == bool(self.files):
             raise dg.Failure(
                 description="the run's config names no file, or both `path` and `files`", allow_retries=False
@@ -71,7 +75,7 @@ class FilesConfig(dg.Config):
 
 def run_settings(context: dg.OpExecutionContext, settings: Settings) -> Settings:
     """The settings of the run's landing zone: the zone's own variables over the deployment's."""
-    return settings.for_zone(zone_of_run(context.run_config))
+    return settings.for_zone(zone_of_run(context.dagster_run))
 
 
 def in_batch(context: dg.OpExecutionContext) -> bool:
