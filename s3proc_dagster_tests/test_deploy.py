@@ -267,6 +267,7 @@ def test_run_queue_pools_and_retries_are_the_ones_instance_config_gives_one_mach
     expected_dequeue = {k: v for k, v in expected["run_coordinator"]["config"].items() if k.startswith("dequeue_")}
     assert rendered["run_coordinator"]["config"] == expected_dequeue
     assert rendered["run_retries"] == expected["run_retries"]
+    assert rendered["sensors"] == expected["sensors"]  # the watch sensors' ticks wait in threads
     assert rendered["python_logs"]["managed_python_loggers"] == expected["python_logs"]["managed_python_loggers"]
     assert rendered["run_monitoring"]["free_slots_after_run_end_seconds"] == 30
 

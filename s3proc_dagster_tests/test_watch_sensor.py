@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
 import os
+import threading
 import time
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from benchmarks.support import Deployment
 from s3proc_dagster.defs.files.sensors import watch_directory_sensor
 from s3proc_dagster.defs.resources import Settings, resources_for
+from s3proc_dagster.sources.watch import wait_for_ready
 
 
 class Watcher:
@@ -31,10 +35,23 @@ class Watcher:
         self.resources = resources_for(settings)
         self.cursor: str | None = None
 
-    def tick(self) -> list[str]:
-        with dg.build_sensor_context(
-            instance=self.deployment.instance(), cursor=self.cursor, resources=self.resources
-        ) as context:
+    def tick(self, as_the_daemon: bool = False) -> list[str]:
+        """`as_the_daemon`: the context a code server builds for the daemon's tick (with the
+        instance's ref), not `build_sensor_context`'s."""
+        if as_the_daemon:
+            context = dg.SensorEvaluationContext(
+                instance_ref=self.deployment.instance().get_ref(),
+                last_tick_completion_time=None,
+                last_run_key=None,
+                cursor=self.cursor,
+                repository_name=None,
+                resources=self.resources,
+            )
+        else:
+            context = dg.build_sensor_context(
+                instance=self.deployment.instance(), cursor=self.cursor, resources=self.resources
+            )
+        with context:
             result = self.sensor.evaluate_tick(context)
         self.cursor = result.cursor
         return [r.run_key for r in result.run_requests or [] if r.job_name != "reconcile_job"]
@@ -88,3 +105,46 @@ def test_ignore_initial_temp_names_and_error_directory(deployment: Deployment, t
     (root / "new.csv").write_text("a\n1\n")
     keys = watcher.tick()
     assert [k.split(":")[0] for k in keys] == ["new.csv"]
+
+
+def test_a_daemon_tick_waits_for_a_file_that_arrives_during_it_and_requests_it(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """Dagster ticks a sensor once per 5-s daemon loop at most; a tick the daemon evaluates in
+    threads (the project's instance) looks again every POLL_INTERVAL_MS for up to 4 s, so a
+    file written during it is requested by it, not by the next one."""
+    root = tmp_path / "watch"
+    (root / "errors").mkdir(parents=True)
+    watcher = Watcher(deployment, root, threshold_ms=0)
+    assert deployment.instance().get_settings("sensors")["use_threads"] is True
+    assert watcher.tick() == []  # in-process (no instance ref): one look, nothing there
+    arrived = threading.Timer(1.0, lambda: (root / "late.csv").write_text("a\n1\n"))
+    arrived.start()
+    try:
+        keys = watcher.tick(as_the_daemon=True)
+    finally:
+        arrived.join()
+    assert [k.split(":")[0] for k in keys] == ["late.csv"]
+    assert watcher.tick(as_the_daemon=False) == []  # requested once
+
+
+def test_a_wait_ends_at_its_budget_and_looks_less_often_when_a_look_is_slow() -> None:
+    now = [0.0]
+    looks: list[float] = []
+
+    def look() -> list:
+        looks.append(now[0])
+        now[0] += 0.05  # one look costs 50 ms: the next comes no sooner than 500 ms after
+        return []
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    assert wait_for_ready(look, budget_s=4.0, interval_s=0.1, clock=lambda: now[0], sleep=sleep) == []
+    assert now[0] == pytest.approx(4.0, abs=0.06)
+    gaps = [b - a for a, b in itertools.pairwise(looks)]
+    assert looks[0] == pytest.approx(0.1) and all(g == pytest.approx(0.55) for g in gaps)
+    # a drop arriving over several looks is asked for together, once a look finds no more
+    found = iter([[], ["a"], ["b", "c"], [], ["late"]])
+    got = wait_for_ready(lambda: next(found), budget_s=4.0, interval_s=0.1, clock=lambda: now[0], sleep=sleep)
+    assert got == ["a", "b", "c"]

@@ -79,6 +79,7 @@ def instance_config(
       `s3proc/file_id`), so a backfill or a double click cannot start duplicates; the
       store's claim makes the same true for runs that skip the queue;
     - the `s3_uploads` pool bounds concurrent upload steps across all runs;
+    - sensors tick in the daemon's threads, so a watch sensor's tick can wait for arrivals;
     - run retries stay off for op failures (`retry_on_asset_or_op_failure: false`): ops
       already retry with backoff, and the two would multiply.
     """
@@ -111,6 +112,9 @@ def instance_config(
             if warm_runs
             else {}
         ),
+        # sensors in the daemon's threads: a watch sensor's tick then waits for arrivals for
+        # most of the daemon's 5-s loop (`defs/files/sensors.py`) without holding the others back
+        "sensors": {"use_threads": True, "num_workers": 4},
         "run_retries": {"enabled": True, "max_retries": 1, "retry_on_asset_or_op_failure": False},
         "run_monitoring": {
             "enabled": True,

@@ -7,6 +7,7 @@ sensor only looks; recovery runs as a run of its own, visible and retryable in t
 """
 
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -26,13 +27,17 @@ from s3proc_dagster.runs.liveness import dead_runs, run_is_alive
 from s3proc_dagster.runs.requests import recovery_request, requeued, requeued_objects, run_request_for
 from s3proc_dagster.settings import Configuration, poll_interval_s
 from s3proc_dagster.sources.s3_incoming import IncomingCursor, list_incoming, metadata_from_object
-from s3proc_dagster.sources.watch import WatchCursor, evaluate, scan
+from s3proc_dagster.sources.watch import SeenFile, WatchCursor, evaluate, scan, wait_for_ready
 from s3proc_dagster.stores.base import ProgressStore
 from s3proc_dagster.transfer import verify
 from s3proc_dagster.transfer.keys import prefix_folder, split_uri
 from s3proc_dagster.zones.declared import DeclaredZone, declared, declared_directories, zone_of_path
 
 RUN_KEY_TAG = "dagster/run_key"
+TICK_WAIT_S = 4.0  # below the daemon's 5-s loop, so the next tick starts about as this one ends
+# ticks waiting at once in one code server: each holds one of its gRPC threads (6 on 2 cores),
+# which the webserver and the daemon's other calls need too; a tick that finds none taken looks once
+_WAITING = threading.BoundedSemaphore(2)
 
 
 def _recovery(context: dg.SensorEvaluationContext, store: ProgressStore) -> list[dg.RunRequest]:
@@ -54,17 +59,29 @@ def watch_tick(
     cfg = settings.config
     root = cfg.monitoring.watch_path
     skip_dirs = (cfg.processing.error_directory, cfg.processing.staging_directory, *skip)
-    files = [f for f in scan(root, skip_dirs=skip_dirs) if zone_admits(cfg, f.relative_path)]
-    ready, cursor = evaluate(
-        files,
-        WatchCursor.loads(context.cursor),
-        now_ms=int(time.time() * 1000),
-        stability_threshold_ms=cfg.monitoring.stability_threshold_ms,
-        ignore_initial=cfg.monitoring.ignore_initial,
-    )
+    cursor = WatchCursor.loads(context.cursor)
+
+    def look() -> list[SeenFile]:
+        nonlocal cursor
+        files = [f for f in scan(root, skip_dirs=skip_dirs) if zone_admits(cfg, f.relative_path)]
+        ready, cursor = evaluate(
+            files,
+            cursor,
+            now_ms=int(time.time() * 1000),
+            stability_threshold_ms=cfg.monitoring.stability_threshold_ms,
+            ignore_initial=cfg.monitoring.ignore_initial,
+        )
+        return ready
+
+    ready = look()
     requests = requeued(store.list_files(ProcessingStatus.PENDING), root, zone)
     if zone is None:  # the default zone's: a declared zone's files are its own sensor's
         requests = [r for r in requests if zone_of_path(source_of(r)["path"]) is None]
+    if not ready and not requests and _may_wait(context) and _WAITING.acquire(blocking=False):
+        try:  # nothing to do yet: look again every POLL_INTERVAL_MS for most of the daemon's loop
+            ready = wait_for_ready(look, TICK_WAIT_S, max(cfg.monitoring.poll_interval_ms, 50) / 1000)
+        finally:
+            _WAITING.release()
     again = {r.tags[PATH_TAG] for r in requests}
     requests += [
         run_request_for(str(f.path), f.relative_path, f.run_key, roots=(root,), zone=zone)
@@ -76,6 +93,14 @@ def watch_tick(
     sizes = {str(f.path): f.size for f in ready}
     requests = _batched(context, settings, requests, lambda r: sizes.get(source_of(r)["path"]) or _size(r))
     return requests, cursor.dumps()
+
+
+def _may_wait(context: dg.SensorEvaluationContext) -> bool:
+    """A tick waits for arrivals only when the daemon evaluates sensors in threads (the
+    project's instance, `cli/dev.py`): a daemon evaluating them one by one would hold every
+    other sensor back for it. A tick built in-process (`build_sensor_context`, no instance
+    ref) looks once."""
+    return context.instance_ref is not None and bool(context.instance.get_settings("sensors").get("use_threads"))
 
 
 def zone_admits(cfg: Configuration, relative_path: str) -> bool:
