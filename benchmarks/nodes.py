@@ -43,7 +43,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from s3proc_dagster.cli.dev import POSTGRES_URL_ENV, write_instance
 from s3proc_dagster.cli.embedded import (
     start_in_own_group,
     start_nx27017,
@@ -53,6 +52,7 @@ from s3proc_dagster.cli.embedded import (
 )
 from s3proc_dagster.cli.leftovers import SESSION_ENV, describe, find_leftovers, kill
 from s3proc_dagster.defs.files.ops import UPLOAD_POOL
+from s3proc_dagster.runs.instance import POSTGRES_URL_ENV, write_instance
 
 ACCESS_KEY, SECRET_KEY, BUCKET = "s3proc-bench", "s3proc-bench-secret", "s3proc-bench"
 READY_DEADLINE_S = 180  # imports on a busy machine

@@ -215,7 +215,7 @@ def main() -> int:
         }
         if not args.validate:
             env["VALIDATION_RULES_DIR"] = str(work / "no-rules")
-        from s3proc_dagster.cli.dev import write_instance
+        from s3proc_dagster.runs.instance import write_instance
 
         write_instance(Path(env["DAGSTER_HOME"]), 1)
         s3proc = [PY, "-m", "s3proc_dagster.cli", "process"]

@@ -75,7 +75,6 @@ from benchmarks.support import (
     wait_for,
     write_csv,
 )
-from s3proc_dagster.cli.dev import write_instance
 from s3proc_dagster.cli.embedded import (
     start_in_own_group,
     start_seaweedfs,
@@ -83,6 +82,7 @@ from s3proc_dagster.cli.embedded import (
 )
 from s3proc_dagster.cli.leftovers import SESSION_ENV, describe, find_leftovers, kill
 from s3proc_dagster.files.checksum import sha256_file
+from s3proc_dagster.runs.instance import write_instance
 from s3proc_dagster.runs.liveness import IN_FLIGHT, START_GRACE_S, last_beat
 from s3proc_dagster.stores.sqlite import SQLiteProgressStore
 from s3proc_dagster.transfer.manifest import (

@@ -6,7 +6,7 @@ same files through the domain functions (`pipeline.py`) in one process, in one i
     .venv/bin/python benchmarks/throughput.py --launcher warm,default:60 --json   # 300 warm, 60 default
 
 For each `--launcher` variant: a fresh DAGSTER_HOME whose `dagster.yaml` is the project's
-`cli.dev.instance_config` (`warm`: the WarmRunLauncher, as `s3proc dev` writes it;
+`runs.instance.instance_config` (`warm`: the WarmRunLauncher, as `s3proc dev` writes it;
 `default`: `warm_runs=False`, Dagster's launcher, a fresh interpreter per run), a fresh
 store and S3 prefix, the settings a user leaves alone (STABILITY_THRESHOLD_MS 2000,
 MAX_CONCURRENCY 4, validation and reports refresh on), SeaweedFS on loopback, and
@@ -71,7 +71,7 @@ import yaml
 
 # Light imports only: the one-process baseline re-runs this file, and its peak RSS must be
 # the domain's; Dagster is imported where it is needed.
-from s3proc_dagster.cli.dev import DAGSTER_STOP_DEADLINE_S, instance_config, wait_for_ui
+from s3proc_dagster.cli.dev import DAGSTER_STOP_DEADLINE_S, wait_for_ui
 from s3proc_dagster.cli.embedded import (
     ServerStartError,
     free_port,
@@ -80,6 +80,7 @@ from s3proc_dagster.cli.embedded import (
     stop_process_group,
 )
 from s3proc_dagster.cli.leftovers import SESSION_ENV, describe, find_leftovers, kill
+from s3proc_dagster.runs.instance import instance_config
 
 ACCESS_KEY, SECRET_KEY, BUCKET = "throughput", "throughput-secret", "throughput"
 MAX_CONCURRENCY = 4

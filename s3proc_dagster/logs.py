@@ -5,7 +5,7 @@ object (time, level, logger, message, and the file's `fileId` when the line is a
 file), for log shippers. Every process that runs product code configures the `s3proc`
 logger once, from the settings: the `s3proc` command at start, a run or a sensor tick
 when it first loads the settings (`defs/resources.py:Settings`). The logger is also one
-of the instance's managed Python loggers (`cli/dev.py:instance_config`), so the same
+of the instance's managed Python loggers (`runs/instance.py:instance_config`), so the same
 lines, at the same level, reach each run's log in the UI. Dagster's own per-step event
 lines stay out of the terminal unless LOG_LEVEL=debug (`defs/loggers.py`). Messages never
 carry secrets: settings are `SecretStr` and errors name variables, not values.

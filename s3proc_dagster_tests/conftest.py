@@ -346,7 +346,7 @@ def pipeline_env(tmp_path: Path, s3: S3Endpoint, s3_prefix: str, monkeypatch: py
 @pytest.fixture(scope="session")
 def deployment(tmp_path_factory: pytest.TempPathFactory, s3: S3Endpoint) -> Iterator[Deployment]:
     from benchmarks.s3_proxy import FaultyS3Proxy
-    from s3proc_dagster.cli.dev import write_instance
+    from s3proc_dagster.runs.instance import write_instance
 
     root = tmp_path_factory.mktemp("deployment")
     proxy = FaultyS3Proxy(s3.url)  # the pipeline reaches SeaweedFS through it
@@ -451,7 +451,7 @@ def instance_storage(
     calls, `dagster dev`, the daemon, `dagster job launch` and `s3proc` all use it."""
     import dagster as dg
 
-    from s3proc_dagster.cli.dev import POSTGRES_URL_ENV, prepare_storage, write_instance
+    from s3proc_dagster.runs.instance import POSTGRES_URL_ENV, prepare_storage, write_instance
 
     home = tmp_path / f"dagster_home_{request.param}"
     database_url = None

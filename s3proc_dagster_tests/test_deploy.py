@@ -48,7 +48,7 @@ from dagster_k8s.models import k8s_model_from_dict, k8s_snake_case_dict
 from kubernetes import client as k8s
 from pydantic import ValidationError
 
-from s3proc_dagster.cli.dev import instance_config
+from s3proc_dagster.runs.instance import instance_config
 from s3proc_dagster.settings import _GROUPS, load_configuration
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -186,7 +186,7 @@ def test_the_manifest_is_how_a_reader_finds_the_current_version(deployment: Depl
 def test_the_run_queue_starts_one_run_per_file_at_a_time(tmp_path) -> None:
     import dagster as dg
 
-    from s3proc_dagster.cli.dev import write_instance
+    from s3proc_dagster.runs.instance import write_instance
 
     write_instance(tmp_path, max_concurrency=4)
     with dg.DagsterInstance.from_config(str(tmp_path)) as instance:  # the dagster.yaml written above

@@ -8,8 +8,8 @@ import dagster as dg
 import pytest
 import yaml
 
-from s3proc_dagster.cli.dev import POSTGRES_URL_ENV, write_instance
 from s3proc_dagster.cli.embedded import PostgresServer
+from s3proc_dagster.runs.instance import POSTGRES_URL_ENV, write_instance
 from s3proc_dagster_tests.conftest import InstanceStorage
 
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import dagster as dg
 
 from benchmarks.support import Deployment, csv_bytes, promo_rows
-from s3proc_dagster.cli.dev import write_instance
 from s3proc_dagster.cli.embedded import start_in_own_group, stop_process_group
 from s3proc_dagster.models import ProcessingStatus as S
 from s3proc_dagster.models import make_file_id
+from s3proc_dagster.runs.instance import write_instance
 from s3proc_dagster.runs.reconstructable import definitions
 from s3proc_dagster.sources.s3_incoming import list_incoming
 from s3proc_dagster.transfer.recovery import delete_prefix

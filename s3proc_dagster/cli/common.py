@@ -41,7 +41,7 @@ def get_instance() -> dg.DagsterInstance:
     as `scripts/dev` writes it), so the runs show in the same UI."""
     import dagster as dg
 
-    from s3proc_dagster.cli.dev import write_instance
+    from s3proc_dagster.runs.instance import write_instance
 
     if not os.environ.get("DAGSTER_HOME"):
         home = dagster_home()

@@ -1,6 +1,6 @@
 """`WarmRunLauncher`: Dagster's run launcher for this code location, with warm starts and health checks.
 
-Configured in the instance's `dagster.yaml` (`cli/dev.py` writes it):
+Configured in the instance's `dagster.yaml` (`runs/instance.py`, which `s3proc dev` writes):
 
     run_launcher:
       module: s3proc_dagster.runs.launcher

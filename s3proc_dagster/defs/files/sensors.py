@@ -97,7 +97,7 @@ def watch_tick(
 
 def _may_wait(context: dg.SensorEvaluationContext) -> bool:
     """A tick waits for arrivals only when the daemon evaluates sensors in threads (the
-    project's instance, `cli/dev.py`): a daemon evaluating them one by one would hold every
+    project's instance, `runs/instance.py`): a daemon evaluating them one by one would hold every
     other sensor back for it. A tick built in-process (`build_sensor_context`, no instance
     ref) looks once."""
     return context.instance_ref is not None and bool(context.instance.get_settings("sensors").get("use_threads"))
