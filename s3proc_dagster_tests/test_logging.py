@@ -7,12 +7,14 @@ import os
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import dagster as dg
 import pytest
 
 from benchmarks.support import Deployment, promo_rows, write_csv
 from s3proc_dagster.models import ProcessingStatus as S
+from s3proc_dagster.runs.compute_logs import MirroringComputeLogManager
 from s3proc_dagster_tests.pipeline_helpers import ROOT
 
 
@@ -88,3 +90,30 @@ def test_log_level_decides_what_is_written(deployment: Deployment, level: str) -
         assert any(line["level"] == "debug" for line in ours)
         assert "STEP_SUCCESS" in other.stderr  # Dagster's own event lines, at debug only
         assert len(run_lines) > len(info_run_lines)
+
+
+def test_a_runs_output_is_kept_for_the_ui_and_mirrored_back_by_a_thread_not_by_processes(tmp_path: Path) -> None:
+    """What a run prints (itself or a process it starts) lands in the compute log files the
+    UI reads and still reaches the worker's own stdout and stderr; Dagster's own manager
+    starts four processes a run for the second part, this one none. In a process of its
+    own, as a run worker, whose stdout and stderr are descriptors 1 and 2."""
+    worker = f"""
+import os, subprocess, sys, psutil
+from s3proc_dagster.runs.compute_logs import MirroringComputeLogManager
+manager = MirroringComputeLogManager(base_dir={str(tmp_path / "logs")!r})
+with manager.capture_logs(["run-1", "compute_logs", "abc"]):
+    helpers = len(psutil.Process().children())
+    print("printed by the run", flush=True)
+    os.write(2, b"written to fd 2\\n")
+    subprocess.run([sys.executable, "-c", "print('from a child process')"], check=True)
+print(f"helpers={{helpers}} complete={{manager.is_capture_complete(['run-1', 'compute_logs', 'abc'])}}")
+"""
+    done = subprocess.run([sys.executable, "-c", worker], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    manager = MirroringComputeLogManager(base_dir=str(tmp_path / "logs"))
+    key = ["run-1", "compute_logs", "abc"]
+    stdout = Path(manager.get_captured_local_path(key, "out")).read_text()
+    stderr = Path(manager.get_captured_local_path(key, "err")).read_text()
+    assert stdout == "printed by the run\nfrom a child process\n" and stderr == "written to fd 2\n"
+    assert done.stdout == stdout + "helpers=0 complete=True\n"  # mirrored whole, in order, no helper
+    assert done.stderr == stderr

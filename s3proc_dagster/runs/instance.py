@@ -46,6 +46,8 @@ def instance_config(
       store's claim makes the same true for runs that skip the queue;
     - the `s3_uploads` pool bounds concurrent upload steps across all runs;
     - sensors tick in the daemon's threads, so a watch sensor's tick can wait for arrivals;
+    - the runs' stdout and stderr are kept for the UI and mirrored back by a thread
+      (`runs.compute_logs`), not by four helper processes a run;
     - run retries stay off for op failures (`retry_on_asset_or_op_failure: false`): ops
       already retry with backoff, and the two would multiply.
     """
@@ -91,6 +93,13 @@ def instance_config(
         # the product's own `s3proc` log lines show in each run's logs in the UI; DEBUG lets
         # every one through, the level they are written at is LOG_LEVEL's (logs.py)
         "python_logs": {"managed_python_loggers": ["s3proc"], "python_log_level": "DEBUG"},
+        # the runs' stdout and stderr in files for the UI, mirrored back by a thread, not by
+        # four processes a run (`runs/compute_logs.py`)
+        "compute_logs": {
+            "module": "s3proc_dagster.runs.compute_logs",
+            "class": "MirroringComputeLogManager",
+            "config": {"base_dir": str(storage_dir)},
+        },
         "telemetry": {"enabled": False},
         "nux": {"enabled": False},
     }
