@@ -15,6 +15,7 @@ import pytest
 from benchmarks.support import Deployment, promo_rows, write_csv
 from s3proc_dagster.models import ProcessingStatus as S
 from s3proc_dagster.runs.compute_logs import MirroringComputeLogManager
+from s3proc_dagster.runs.instance import write_instance
 from s3proc_dagster_tests.pipeline_helpers import ROOT
 
 
@@ -100,6 +101,7 @@ def test_a_runs_output_is_kept_for_the_ui_and_mirrored_back_by_a_thread_not_by_p
     worker = f"""
 import os, subprocess, sys, psutil
 from s3proc_dagster.runs.compute_logs import MirroringComputeLogManager
+from s3proc_dagster.runs.instance import write_instance
 manager = MirroringComputeLogManager(base_dir={str(tmp_path / "logs")!r})
 with manager.capture_logs(["run-1", "compute_logs", "abc"]):
     helpers = len(psutil.Process().children())
@@ -117,3 +119,6 @@ print(f"helpers={{helpers}} complete={{manager.is_capture_complete(['run-1', 'co
     assert stdout == "printed by the run\nfrom a child process\n" and stderr == "written to fd 2\n"
     assert done.stdout == stdout + "helpers=0 complete=True\n"  # mirrored whole, in order, no helper
     assert done.stderr == stderr
+    write_instance(tmp_path / "home", max_concurrency=2)  # and it is the project's instance's
+    with dg.DagsterInstance.from_config(str(tmp_path / "home")) as instance:
+        assert type(instance.compute_log_manager) is MirroringComputeLogManager

@@ -14,9 +14,9 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import IO
+from typing import IO, Any
 
 from dagster._core.execution.compute_logs import redirect_to_file
 from dagster._core.storage.compute_log_manager import CapturedLogContext, ComputeIOType
@@ -24,10 +24,15 @@ from dagster._core.storage.local_compute_log_manager import IO_TYPE_EXTENSION, L
 from dagster._utils import ensure_file, touch_file
 
 POLL_S = 0.1  # how soon a line written to the file reaches the terminal
+JOIN_TIMEOUT_S = 10.0  # how long the end of a run waits for a terminal that does not read
 
 
 class MirroringComputeLogManager(LocalComputeLogManager):
     """`LocalComputeLogManager`, its files and configuration unchanged, mirrored by threads."""
+
+    @classmethod
+    def from_config_value(cls, inst_data: Any, config_value: Mapping[str, Any]) -> MirroringComputeLogManager:
+        return cls(inst_data=inst_data, **config_value)  # the parent's names its own class
 
     @contextmanager
     def capture_logs(self, log_key: Sequence[str]) -> Generator[CapturedLogContext, None, None]:
@@ -53,8 +58,9 @@ def mirrored(stream: IO, path: str) -> Generator[None, None, None]:
             yield
     finally:
         done.set()
-        copier.join()
-        os.close(original)
+        copier.join(timeout=JOIN_TIMEOUT_S)
+        if not copier.is_alive():  # else a stalled terminal keeps it: the file has everything
+            os.close(original)
 
 
 def _copy(path: str, target: int, done: threading.Event) -> None:

@@ -68,11 +68,10 @@ def checksum_calculation(
     """Snapshot into staging + SHA-256 in one read, then the claim; an unchanged or busy file stops here."""
     settings = run_settings(context, settings)
     materialized = None if config.path or config.files else zone_materialized(context.dagster_run)
-    if materialized:
-        _still_there(materialized[0].name, materialized[1]["relative_path"], materialized[1]["path"], s3)
-    files = [
-        FileInRun(source.path, source.relative_path) for source in config.sources(materialized and materialized[1])
-    ]
+    if materialized:  # a zone's partition, from the catalog's Materialize
+        zone, source = materialized
+        _still_there(zone.name, source["relative_path"], source["path"], s3)
+    files = [FileInRun(s.path, s.relative_path) for s in config.sources(materialized[1] if materialized else None)]
     done = run_step(context, settings, progress_store, s3, files, partial(_snapshot, context, settings))
     if any(f.in_run for f in done):  # otherwise every later step has nothing to do: they are skipped
         yield dg.Output(done, metadata={"files": len(done), "to process": sum(f.in_run for f in done)})
