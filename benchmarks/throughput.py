@@ -1,4 +1,4 @@
-"""Benchmark: many small files through `dagster dev` as users run it, against the
+"""Benchmark: many small files through the deployment as users run it, against the
 same files through the domain functions (`pipeline.py`) in one process, in one invocation.
 
     .venv/bin/python benchmarks/throughput.py                              # 300 files, warm launcher
@@ -9,19 +9,19 @@ For each `--launcher` variant: a fresh DAGSTER_HOME whose `dagster.yaml` is the 
 `runs.instance.instance_config` (`warm`: the WarmRunLauncher, as `s3proc dev` writes it;
 `default`: `warm_runs=False`, Dagster's launcher, a fresh interpreter per run), a fresh
 store and S3 prefix, the settings a user leaves alone (STABILITY_THRESHOLD_MS 2000,
-MAX_CONCURRENCY 4, validation and reports refresh on), SeaweedFS on loopback, and
-`dagster dev -w workspace.yaml` run from a temporary directory (so no developer `.env`
+MAX_CONCURRENCY 4, validation and reports refresh on), SeaweedFS on loopback, and what
+`scripts/dev` runs (`s3proc dev`: Dagster's code server, webserver and daemon; `default`:
+`dagster dev -w workspace.yaml`) from a temporary directory (so no developer `.env`
 counts). N files of a few KB (promo CSV, orders JSONL, random .bin, shuffled) are renamed
 into the watched directory at once; a file's arrival is its rename, its completion the
 store's `completed_at`. The per-run breakdown and the event counts are read from the
-instance (the sensor's ticks, run records, each run's event log). Then, with dagster dev
-stopped, the same files (fresh copies, store and prefix) go through `pipeline.py`'s steps
+instance (the sensor's ticks, run records, each run's event log). Then, with it stopped, the same files (fresh copies, store and prefix) go through `pipeline.py`'s steps
 in one child process.
 
 How it counts:
   - files/s: N / (last COMPLETED - first arrival); one process: N / its loop's wall time.
-  - CPU-s per file: CPU of dagster dev's process tree (webserver, daemon, code server, run
-    zygote, run workers) from the drop until every run has ended, divided by N, split by
+  - CPU-s per file: CPU of the deployment's process tree (`s3proc dev` or `dagster dev`,
+    webserver, daemon, code server, run zygote, run workers) from the drop until every run has ended, divided by N, split by
     role. Each process's own user + system time is sampled every 0.1 s and the last value
     kept, also for processes that have exited: the run zygote ignores SIGCHLD, so its
     children's times never reach anyone's "children" times. A process loses what it ran
@@ -33,7 +33,7 @@ How it counts:
     every figure next to it.
 
 Everything started here is stopped with a deadline and a SIGKILL fallback for its process
-group (SIGINT for dagster dev, SIGTERM for SeaweedFS), also on Ctrl-C, SIGTERM or an
+group (SIGINT for the deployment, SIGTERM for SeaweedFS), also on Ctrl-C, SIGTERM or an
 error; every process carries a session marker, and the script lists, kills and fails on
 any still running at its end. The temporary directory goes too, unless `--keep`.
 """
@@ -108,6 +108,8 @@ ROLES = (
     ("api grpc", "code server"),
     ("code-server", "code server"),
     ("dagster dev", "dagster dev"),
+    ("s3proc_dagster.cli dev", "s3proc dev"),
+    ("resource_tracker", "s3proc dev"),
 )
 
 
@@ -264,7 +266,7 @@ def role(process: psutil.Process) -> str:
     return name
 
 
-# ---- one variant: dagster dev, the drop, the instance ---------------------------------------------------
+# ---- one variant: the deployment, the drop, the instance ---------------------------------------------------
 
 
 @dataclass
@@ -300,7 +302,7 @@ class Variant:
 
 
 class Deployment:
-    """`dagster dev` on a fresh instance, store and prefix, and the means to read them."""
+    """The deployment on a fresh instance, store and prefix, and the means to read them."""
 
     def __init__(self, root: Path, s3_url: str, launcher: str) -> None:
         self.root, self.launcher = root, launcher
@@ -327,7 +329,11 @@ class Deployment:
 
         port = free_port()
         env = {**os.environ, **self.env, "DAGSTER_HOME": str(self.home), "PYTHONPATH": str(ROOT)}
-        cmd = [sys.executable, "-m", "dagster", "dev", "-w", str(ROOT / "workspace.yaml"), "-p", str(port)]
+        if self.launcher == "default":  # Dagster's own launcher, under Dagster's own `dagster dev`
+            cmd = [sys.executable, "-m", "dagster", "dev", "-w", str(ROOT / "workspace.yaml"), "-p", str(port)]
+        else:  # what `scripts/dev` runs: `s3proc dev`, its Dagster services without `dagster dev`
+            shutil.copy(ROOT / "workspace.yaml", self.root / "workspace.yaml")
+            cmd = [sys.executable, "-m", "s3proc_dagster.cli", "dev", "--port", str(port)]
         with self.log.open("ab") as log:
             self.proc = start_in_own_group(cmd, cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT)
         stack.callback(self.stop)
@@ -355,7 +361,7 @@ class Deployment:
         started = last_said = time.monotonic()
         while not (result := done()):
             if self.proc is None or self.proc.poll() is not None:
-                raise BenchmarkError(f"dagster dev exited; see {self.log} (--keep keeps it)")
+                raise BenchmarkError(f"the deployment exited; see {self.log} (--keep keeps it)")
             now = time.monotonic()
             if now - started > deadline_s:
                 raise BenchmarkError(f"no {what} within {deadline_s:.0f} s; runs: {dict(self.run_counts(0))}")
@@ -733,7 +739,7 @@ def measure(args: argparse.Namespace, root: Path, stack: ExitStack) -> tuple[lis
     for i, (launcher, count) in enumerate(args.variants):
         with ExitStack() as deployment_stack:
             deployment = Deployment(root / f"{i}-{launcher}", seaweed.url, launcher)
-            say(f"{launcher}: starting dagster dev (load {load()})")
+            say(f"{launcher}: starting the deployment (load {load()})")
             deployment.start(deployment_stack)
             results.append(deployment.drop(generated, relative[:count]))
         say(json.dumps(figures(results[-1], None)))  # an interrupted comparison keeps what it measured

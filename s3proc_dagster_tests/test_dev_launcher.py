@@ -171,10 +171,10 @@ def wait_for_ui(launcher: subprocess.Popen, ui_port: int, log: Path) -> None:
     wait_until(lambda: f"UI on http://127.0.0.1:{ui_port}" in log.read_text(), 10, "no 'UI on' line")
 
 
-# `s3proc dev` started by the test itself (SeaweedFS, dagster dev), not by a fixture.
+# `s3proc dev` started by the test itself (SeaweedFS, Dagster's services), not by a fixture.
 @pytest.mark.servers
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
-def test_signal_stops_dagster_dev_and_seaweedfs_and_frees_both_ports(
+def test_signal_stops_dagster_and_seaweedfs_and_frees_both_ports(
     sig: signal.Signals, tmp_path: Path, world_readable_umask: None
 ) -> None:
     ui_port, s3_port = free_port(), free_port(with_grpc=True)
@@ -183,8 +183,10 @@ def test_signal_stops_dagster_dev_and_seaweedfs_and_frees_both_ports(
         wait_for_ui(launcher, ui_port, log)
         tree = psutil.Process(launcher.pid).children(recursive=True)
         commands = "\n".join(describe(tree))
-        for part in ("weed", "dagster dev", "dagster_webserver", "dagster._daemon"):
+        for part in ("weed", "dagster code-server", "dagster api grpc", "dagster_webserver", "dagster._daemon"):
             assert part in commands, f"{part} not running under s3proc dev:\n{commands}"
+        # and no `dagster dev` beside them, which only watches them (100 MB: services.py)
+        assert "dagster dev" not in commands
         # the first start wrote the embedded settings, S3 keys included, for the owner's eyes only
         assert "S3_SECRET_ACCESS_KEY=" in (tmp_path / ".env").read_text()
         assert mode(tmp_path / ".env") == 0o600
@@ -196,7 +198,7 @@ def test_signal_stops_dagster_dev_and_seaweedfs_and_frees_both_ports(
         wait_until(lambda: not port_in_use(ui_port) and not port_in_use(s3_port), 10, "a port is still taken")
 
 
-def test_sigint_to_a_backgrounded_scripts_dev_stops_it_and_dagster_dev_cleanly(tmp_path: Path) -> None:
+def test_sigint_to_a_backgrounded_scripts_dev_stops_it_and_dagster_cleanly(tmp_path: Path) -> None:
     """`setsid scripts/dev &`, then `kill -INT -PGID`: SIGINT arrives at a process that
     started with it ignored, and is an explicit request to stop all the same."""
     ui_port, s3_port = free_port(), free_port(with_grpc=True)
@@ -204,7 +206,7 @@ def test_sigint_to_a_backgrounded_scripts_dev_stops_it_and_dagster_dev_cleanly(t
     with s3proc_dev(tmp_path, ui_port, s3_port, command=as_checkout(tmp_path)) as launcher:
         wait_for_ui(launcher, ui_port, log)
         tree = psutil.Process(launcher.pid).children(recursive=True)
-        assert "dagster dev" in "\n".join(describe(tree)), describe(tree)
+        assert "dagster._daemon" in "\n".join(describe(tree)), describe(tree)
         url = f"http://127.0.0.1:{ui_port}"  # where `s3proc backfill` finds it: the .env it wrote, DAGSTER_HOME
         assert f"{UI_URL_ENV}={url}" in (tmp_path / ".env").read_text().splitlines()
         assert (tmp_path / ".dagster_home" / UI_URL_FILE).read_text().strip() == url
@@ -212,9 +214,9 @@ def test_sigint_to_a_backgrounded_scripts_dev_stops_it_and_dagster_dev_cleanly(t
         os.killpg(launcher.pid, signal.SIGINT)
         stopped = time.monotonic()
         assert launcher.wait(timeout=DAGSTER_STOP_DEADLINE_S + 30) == 0, log.read_text()[-3000:]
-        # dagster dev stopped on its SIGINT, before the deadline at which it would be killed
+        # each Dagster service stopped on its SIGINT, before the deadline at which it would be killed
         assert time.monotonic() - stopped < DAGSTER_STOP_DEADLINE_S, log.read_text()[-3000:]
-        assert "SIGINT: stopping dagster dev and SeaweedFS" in log.read_text()
+        assert "SIGINT: stopping Dagster and SeaweedFS" in log.read_text()
         assert "killed with its group" not in log.read_text()
         wait_until(lambda: not alive(tree), 5, "still running:\n" + "\n".join(describe(alive(tree))))
         assert not alive(processes_under(tmp_path)), describe(alive(processes_under(tmp_path)))

