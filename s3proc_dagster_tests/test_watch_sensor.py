@@ -111,7 +111,7 @@ def test_a_daemon_tick_waits_for_a_file_that_arrives_during_it_and_requests_it(
     deployment: Deployment, tmp_path: Path
 ) -> None:
     """Dagster ticks a sensor once per 5-s daemon loop at most; a tick the daemon evaluates in
-    threads (the project's instance) looks again every POLL_INTERVAL_MS for up to 4 s, so a
+    threads (the project's instance) looks again every POLL_INTERVAL_MS until 3.5 s after it began, so a
     file written during it is requested by it, not by the next one."""
     root = tmp_path / "watch"
     (root / "errors").mkdir(parents=True)

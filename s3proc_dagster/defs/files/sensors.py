@@ -34,7 +34,10 @@ from s3proc_dagster.transfer.keys import prefix_folder, split_uri
 from s3proc_dagster.zones.declared import DeclaredZone, declared, declared_directories, zone_of_path
 
 RUN_KEY_TAG = "dagster/run_key"
-TICK_WAIT_S = 4.0  # below the daemon's 5-s loop, so the next tick starts about as this one ends
+# how long a tick may look, from its start: the daemon's loop is 5 s, and what Dagster does
+# around a tick (its gRPC call, the resources, writing the tick) takes up to a second or so
+# more under load; a tick still running when the loop comes round waits a whole loop more
+TICK_WAIT_S = 3.5
 # ticks waiting at once in one code server: each holds one of its gRPC threads (6 on 2 cores),
 # which the webserver and the daemon's other calls need too; a tick that finds none taken looks once
 _WAITING = threading.BoundedSemaphore(2)
@@ -56,6 +59,7 @@ def watch_tick(
 ) -> tuple[list[dg.RunRequest], str]:
     """One tick of a watched directory: WATCH_PATH of `settings` (a zone's, or the
     deployment's); the run requests and the next cursor."""
+    started = time.monotonic()
     cfg = settings.config
     root = cfg.monitoring.watch_path
     skip_dirs = (cfg.processing.error_directory, cfg.processing.staging_directory, *skip)
@@ -79,7 +83,8 @@ def watch_tick(
         requests = [r for r in requests if zone_of_path(source_of(r)["path"]) is None]
     if not ready and not requests and _may_wait(context) and _WAITING.acquire(blocking=False):
         try:  # nothing to do yet: look again every POLL_INTERVAL_MS for most of the daemon's loop
-            ready = wait_for_ready(look, TICK_WAIT_S, max(cfg.monitoring.poll_interval_ms, 50) / 1000)
+            budget = TICK_WAIT_S - (time.monotonic() - started)
+            ready = wait_for_ready(look, budget, max(cfg.monitoring.poll_interval_ms, 50) / 1000)
         finally:
             _WAITING.release()
     again = {r.tags[PATH_TAG] for r in requests}
