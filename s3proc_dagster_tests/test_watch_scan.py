@@ -6,7 +6,7 @@ import os
 import time
 from pathlib import Path
 
-from s3proc_dagster.sources.watch import WatchCursor, evaluate, scan
+from s3proc_dagster.sources.watch import SeenFile, WatchCursor, evaluate, scan
 
 
 def write(path: Path, data: bytes = b"a,b\n1,2\n") -> Path:
@@ -85,9 +85,9 @@ def test_cursor_stays_small_over_ten_thousand_files(tmp_path: Path) -> None:
     assert len(ready) == 10_000
     again, cur2 = tick(tmp_path, cur, 10)
     assert again == []
-    # the cursor holds the mark and the files at it, never the 10,000 names
-    assert len(cur2.dumps()) < 2_000 + 40 * len(cur2.at_mark)
-    assert len(cur2.at_mark) < 10_000
+    # the cursor holds the mark and the files at or above it, never the 10,000 names
+    assert len(cur2.dumps()) < 2_000 + 60 * len(cur2.recent)
+    assert len(cur2.recent) < 10_000
     print(f"10,000-file tick: {elapsed:.2f}s, cursor {len(cur2.dumps())} bytes")
 
 
@@ -101,3 +101,39 @@ def test_a_file_unchanged_for_longer_than_the_threshold_is_ready_at_first_sight(
     assert list(cur.waiting) == ["fresh.csv"]
     ready, cur = tick(tmp_path, cur, now_ms=now_ms + 2500, threshold=2000)
     assert ready == ["fresh.csv"] and cur.waiting == {}
+
+
+def seen(name: str, change_ns: int) -> SeenFile:
+    return SeenFile(Path("/w") / name, name, 1, change_ns, change_ns)
+
+
+def test_a_file_a_walk_missed_while_it_was_renamed_in_is_requested_by_the_next_look() -> None:
+    """readdir promises nothing about entries added during a walk: one walk can see `b.csv`
+    (renamed in later) and miss `a.csv` (renamed in earlier). The mark trails a look
+    behind, so `a.csv`, older than what that walk saw, is still new to the next one."""
+    _, cursor = evaluate([], None, 0, 0, False)
+    first, cursor = evaluate([seen("b.csv", 200)], cursor, 0, 0, False)
+    second, cursor = evaluate([seen("a.csv", 100), seen("b.csv", 200)], cursor, 0, 0, False)
+    third, cursor = evaluate([seen("a.csv", 100), seen("b.csv", 200)], cursor, 0, 0, False)
+    assert [f.relative_path for f in first] == ["b.csv"]
+    assert [f.relative_path for f in second] == ["a.csv"] and third == []  # each once
+    assert cursor.high_water_ns == 200 and cursor.recent == {"b.csv": 200}
+
+
+def test_an_mtime_set_far_ahead_does_not_blind_the_watch(tmp_path: Path) -> None:
+    """A producer can set any mtime (`touch -d 3000-01-01`); the change time is the ctime,
+    which it cannot, so the mark never jumps past the files that come after it."""
+    future = write(tmp_path / "future.csv")
+    os.utime(future, (32_503_680_000, 32_503_680_000))  # the year 3000
+    first, cur = tick(tmp_path, None, 0)
+    write(tmp_path / "next.csv")
+    second, cur = tick(tmp_path, cur, 10)
+    third, cur = tick(tmp_path, cur, 20)
+    assert first == ["future.csv"] and second == ["next.csv"] and third == []
+
+
+def test_a_cursor_from_before_recent_still_knows_the_files_at_its_mark() -> None:
+    old = WatchCursor.loads('{"hwm":200,"at":["b.csv"],"wait":{}}')
+    assert old is not None and old.recent == {"b.csv": 200} and old.seen_ns == 200
+    again, _ = evaluate([seen("b.csv", 200), seen("c.csv", 200)], old, 0, 0, False)
+    assert [f.relative_path for f in again] == ["c.csv"]
