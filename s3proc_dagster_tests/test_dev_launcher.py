@@ -185,8 +185,11 @@ def test_signal_stops_dagster_and_seaweedfs_and_frees_both_ports(
         commands = "\n".join(describe(tree))
         for part in ("weed", "dagster code-server", "dagster api grpc", "dagster_webserver", "dagster._daemon"):
             assert part in commands, f"{part} not running under s3proc dev:\n{commands}"
-        # and no `dagster dev` beside them, which only watches them (100 MB: services.py)
+        # and no `dagster dev` beside them, which only watches them (100 MB: services.py);
+        # nor, in the launcher, the libraries of the commands it is not (cli/commands.py)
         assert "dagster dev" not in commands
+        libraries = [m.path for m in psutil.Process(launcher.pid).memory_maps() if "-packages/" in m.path]
+        assert not [p for p in libraries if "/pyarrow/" in p or "/PIL/" in p or "/duckdb" in p], libraries
         # the first start wrote the embedded settings, S3 keys included, for the owner's eyes only
         assert "S3_SECRET_ACCESS_KEY=" in (tmp_path / ".env").read_text()
         assert mode(tmp_path / ".env") == 0o600
