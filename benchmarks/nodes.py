@@ -43,14 +43,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from s3proc_dagster.cli.embedded import (
-    start_in_own_group,
-    start_nx27017,
-    start_postgres,
-    start_seaweedfs,
-    stop_process_group,
-)
+from s3proc_dagster.cli.embedded import start_nx27017, start_postgres, start_seaweedfs
 from s3proc_dagster.cli.leftovers import SESSION_ENV, describe, find_leftovers, kill
+from s3proc_dagster.cli.processes import start_in_own_group, stop_process_group
 from s3proc_dagster.defs.files.ops import UPLOAD_POOL
 from s3proc_dagster.runs.instance import POSTGRES_URL_ENV, write_instance
 

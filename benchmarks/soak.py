@@ -75,12 +75,9 @@ from benchmarks.support import (
     wait_for,
     write_csv,
 )
-from s3proc_dagster.cli.embedded import (
-    start_in_own_group,
-    start_seaweedfs,
-    stop_process_group,
-)
+from s3proc_dagster.cli.embedded import start_seaweedfs
 from s3proc_dagster.cli.leftovers import SESSION_ENV, describe, find_leftovers, kill
+from s3proc_dagster.cli.processes import start_in_own_group, stop_process_group
 from s3proc_dagster.files.checksum import sha256_file
 from s3proc_dagster.runs.instance import write_instance
 from s3proc_dagster.runs.liveness import IN_FLIGHT, START_GRACE_S, last_beat

@@ -72,14 +72,9 @@ import yaml
 # Light imports only: the one-process baseline re-runs this file, and its peak RSS must be
 # the domain's; Dagster is imported where it is needed.
 from s3proc_dagster.cli.dev import DAGSTER_STOP_DEADLINE_S, wait_for_ui
-from s3proc_dagster.cli.embedded import (
-    ServerStartError,
-    free_port,
-    start_in_own_group,
-    start_seaweedfs,
-    stop_process_group,
-)
+from s3proc_dagster.cli.embedded import start_seaweedfs
 from s3proc_dagster.cli.leftovers import SESSION_ENV, describe, find_leftovers, kill
+from s3proc_dagster.cli.processes import ServerStartError, free_port, start_in_own_group, stop_process_group
 from s3proc_dagster.runs.instance import instance_config
 
 ACCESS_KEY, SECRET_KEY, BUCKET = "throughput", "throughput-secret", "throughput"

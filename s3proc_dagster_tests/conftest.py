@@ -37,17 +37,9 @@ import pytest
 
 from benchmarks.support import Deployment, S3Endpoint, product_env
 from s3proc_dagster.cli.dev import wait_for_ui
-from s3proc_dagster.cli.embedded import (
-    PostgresServer,
-    ServerStartError,
-    free_port,
-    start_in_own_group,
-    start_nx27017,
-    start_postgres,
-    start_seaweedfs,
-    stop_process_group,
-)
+from s3proc_dagster.cli.embedded import PostgresServer, start_nx27017, start_postgres, start_seaweedfs
 from s3proc_dagster.cli.leftovers import SESSION_ENV, describe, find_leftovers, kill
+from s3proc_dagster.cli.processes import ServerStartError, free_port, start_in_own_group, stop_process_group
 
 ACCESS_KEY = "s3proc-test-key"
 SECRET_KEY = "s3proc-test-secret-do-not-log"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from s3proc_dagster.cli.dev import record_ui_url, record_ui_url_in_dotenv, write_dev_env
-from s3proc_dagster.cli.embedded import free_port
+from s3proc_dagster.cli.processes import free_port
 from s3proc_dagster.models import FileStatus, make_file_id
 from s3proc_dagster.stores.sqlite import SQLiteProgressStore
 

@@ -34,13 +34,8 @@ from s3proc_dagster.cli.dev import (
     record_ui_url_in_dotenv,
     write_dev_env,
 )
-from s3proc_dagster.cli.embedded import (
-    free_port,
-    port_in_use,
-    start_in_own_group,
-    stop_process_group,
-)
 from s3proc_dagster.cli.leftovers import SESSION_ENV
+from s3proc_dagster.cli.processes import alive, free_port, port_in_use, start_in_own_group, stop_process_group
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The launcher gets only these from our environment: the session fixtures put the shared
@@ -77,18 +72,6 @@ def processes_under(directory: Path) -> list[psutil.Process]:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return found
-
-
-def alive(processes: list[psutil.Process]) -> list[psutil.Process]:
-    """Not zombies: nobody reaps an orphan here (PID 1 does not), and a zombie holds nothing."""
-    out = []
-    for proc in processes:
-        try:
-            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                out.append(proc)
-        except psutil.NoSuchProcess:
-            pass
-    return out
 
 
 def wait_until(condition, deadline_s: float, what: str) -> None:

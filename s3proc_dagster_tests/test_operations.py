@@ -18,7 +18,7 @@ import pytest
 
 from benchmarks.support import Deployment, dataset_keys, promo_rows, wait_for, write_csv
 from s3proc_dagster.cli.dev import record_ui_url_in_dotenv, write_dev_env
-from s3proc_dagster.cli.embedded import start_in_own_group, stop_process_group
+from s3proc_dagster.cli.processes import start_in_own_group, stop_process_group
 from s3proc_dagster.files.checksum import sha256_file
 from s3proc_dagster.models import ProcessingStatus as S
 from s3proc_dagster.runs.batching import batch_request

@@ -16,7 +16,7 @@ from pathlib import Path
 import dagster as dg
 
 from benchmarks.support import Deployment, csv_bytes, promo_rows
-from s3proc_dagster.cli.embedded import start_in_own_group, stop_process_group
+from s3proc_dagster.cli.processes import start_in_own_group, stop_process_group
 from s3proc_dagster.models import ProcessingStatus as S
 from s3proc_dagster.models import make_file_id
 from s3proc_dagster.runs.instance import write_instance

@@ -207,7 +207,7 @@ def test_an_upload_given_up_during_an_outage_is_aborted_by_the_sweep(
     import boto3
     from botocore.config import Config
 
-    from s3proc_dagster.cli.embedded import free_port
+    from s3proc_dagster.cli.processes import free_port
 
     store = SQLiteProgressStore(tmp_path / "p.db")
     src = blob(tmp_path / "o.bin", 2 * PART_SIZE + 1)

@@ -30,8 +30,9 @@ import pytest
 
 from benchmarks.s3_proxy import FaultyS3Proxy
 from benchmarks.support import Deployment, S3Endpoint, dataset_keys, list_keys, promo_rows, wait_for, write_csv
-from s3proc_dagster.cli.embedded import PostgresServer, start_in_own_group, stop_process_group
+from s3proc_dagster.cli.embedded import PostgresServer
 from s3proc_dagster.cli.leftovers import SESSION_ENV
+from s3proc_dagster.cli.processes import start_in_own_group, stop_process_group
 from s3proc_dagster.defs.files.ops import UPLOAD_POOL
 from s3proc_dagster.files.checksum import sha256_file
 from s3proc_dagster.models import ChunkStatus

@@ -25,17 +25,11 @@ from urllib.parse import urlsplit
 import psutil
 from dotenv import dotenv_values, load_dotenv
 
-from s3proc_dagster.cli.embedded import (
-    GRPC_PORT_OFFSET,
-    STOP_SIGNALS,
-    Server,
-    ServerStartError,
-    port_in_use,
-    start_seaweedfs,
-)
+from s3proc_dagster.cli.embedded import Server, start_seaweedfs
+from s3proc_dagster.cli.processes import GRPC_PORT_OFFSET, STOP_SIGNALS, ServerStartError, apart, port_in_use
 from s3proc_dagster.cli.services import DagsterServices, start_services
 from s3proc_dagster.files.private import tighten, write_new_private_file
-from s3proc_dagster.runs.instance import prepare_storage_apart, write_instance
+from s3proc_dagster.runs.instance import prepare_storage, write_instance
 
 
 class Polled(Protocol):
@@ -323,7 +317,8 @@ def run_dev(host: str = "127.0.0.1", port: int = 3000, root: Path | None = None)
             cfg = load_configuration()  # fail here, with every bad variable named, not inside dagster
             home = Path(os.environ.setdefault("DAGSTER_HOME", str(root / ".dagster_home")))
             write_instance(home, cfg.processing.max_concurrency)
-            prepare_storage_apart(home)
+            with apart() as worker:  # Dagster imported there: this process only supervises
+                worker.submit(prepare_storage, home).result()
             print(f"Watching {cfg.monitoring.watch_path}; DAGSTER_HOME={home}; starting Dagster", flush=True)
             # its webserver's and daemon's own lines follow LOG_LEVEL and LOG_PRETTY too
             log_format = "colored" if cfg.logging.pretty else "json"

@@ -7,7 +7,7 @@ is exactly "carries our marker": another checkout's or another worker's servers 
 same machine are never listed, let alone killed. A process that a test starts with an
 environment of its own must pass the marker on (test_dev_launcher.py does). The test suite,
 `.ci/run` and the benchmarks all look through this module, which is why it lives with the
-servers it looks for (`embedded.py`) rather than among the tests.
+servers it looks for (`embedded.py`, `processes.py`) rather than among the tests.
 
     python -m s3proc_dagster.cli.leftovers "$S3PROC_TEST_SESSION"   # exit 1 and list them
 """

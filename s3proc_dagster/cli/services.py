@@ -25,7 +25,13 @@ from pathlib import Path
 
 import yaml
 
-from s3proc_dagster.cli.embedded import ServerStartError, free_port, port_in_use, start_in_own_group, stop_process_group
+from s3proc_dagster.cli.processes import (
+    ServerStartError,
+    free_port,
+    port_in_use,
+    start_in_own_group,
+    stop_process_group,
+)
 
 #: Written beside dagster.yaml: the code server's address, for the webserver and the daemon.
 WORKSPACE_FILE = "s3proc-dev-workspace.yaml"

@@ -121,16 +121,6 @@ def prepare_storage(dagster_home: Path) -> None:
         instance.event_log_storage.initialize_concurrency_limit_to_default(UPLOAD_POOL)
 
 
-def prepare_storage_apart(dagster_home: Path) -> None:
-    """`prepare_storage` in a process of its own: this one only supervises, and having
-    imported Dagster would keep 140 MB of it for as long as `s3proc dev` runs."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as apart:
-        apart.submit(prepare_storage, dagster_home).result()
-
-
 def write_instance(dagster_home: Path, max_concurrency: int) -> Path:
     dagster_home.mkdir(parents=True, exist_ok=True)
     path = dagster_home / "dagster.yaml"
