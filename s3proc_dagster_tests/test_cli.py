@@ -487,3 +487,13 @@ def test_dg_checks_and_lists_the_code_location_in_an_empty_environment(tmp_path:
     ):
         assert name in names
     assert _tree(ROOT) - before == set()  # importing the code location made nothing
+
+
+def test_a_free_port_is_never_one_promised_to_a_server_that_has_not_bound_it() -> None:
+    # s3proc dev picks the code server's port before the webserver binds the UI port: the
+    # kernel would hand the UI port out again (CI saw the webserver fail on "address in use")
+    promised = {free_port() for _ in range(50)}
+    picked = {free_port(avoid=promised) for _ in range(200)}
+    assert not picked & promised
+    pairs = {free_port(with_grpc=True, avoid=promised) for _ in range(50)}
+    assert not (pairs | {port + 10000 for port in pairs}) & promised

@@ -260,7 +260,7 @@ def _default_directories(data: Path) -> None:
     Path(os.environ["WATCH_PATH"]).mkdir(parents=True, exist_ok=True)
 
 
-def _start_embedded_s3(data: Path, s3_port: int | None) -> Server:
+def _start_embedded_s3(data: Path, s3_port: int | None, ui_port: int) -> Server:
     """The dev keys and bucket only where the environment (or .env) names none: `write_dev_env`
     then records whichever were used."""
     os.environ.setdefault("S3_ACCESS_KEY_ID", DEV_ACCESS_KEY)
@@ -273,6 +273,7 @@ def _start_embedded_s3(data: Path, s3_port: int | None) -> Server:
         bucket=os.environ["S3_BUCKET"],
         s3_port=s3_port,
         check_apart=True,
+        avoid={ui_port},
     )
 
 
@@ -309,7 +310,7 @@ def run_dev(host: str = "127.0.0.1", port: int = 3000, root: Path | None = None)
     with _StopSignals() as signals:
         try:
             if embedded:
-                seaweed = _start_embedded_s3(data, s3_port)
+                seaweed = _start_embedded_s3(data, s3_port, ui_port=port)
                 os.environ["S3_ENDPOINT"] = seaweed.url
                 write_dev_env(root / ".env")
                 print(f"SeaweedFS S3 endpoint: {seaweed.url} (data in {data / 'seaweedfs'})", flush=True)

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,13 +79,13 @@ def _wait(server: Server, ready, what: str, timeout: float) -> Server:
         raise
 
 
-def _seaweedfs_ports(s3_port: int | None) -> tuple[int, int, int, int, int]:
+def _seaweedfs_ports(s3_port: int | None, avoid: Collection[int]) -> tuple[int, int, int, int, int]:
     """S3, master, volume, filer and admin ports, none another's gRPC port: `weed mini`
     refuses a port that is another component's gRPC port (port + 10000)."""
     ports: list[int] = []
     taken = {s3_port, s3_port + GRPC_PORT_OFFSET} if s3_port else set()
     while len(ports) < 5 - bool(s3_port):
-        port = free_port(with_grpc=True)
+        port = free_port(with_grpc=True, avoid=avoid)
         if not {port, port + GRPC_PORT_OFFSET} & taken:
             ports.append(port)
             taken |= {port, port + GRPC_PORT_OFFSET}
@@ -128,11 +129,13 @@ def start_seaweedfs(
     s3_port: int | None = None,
     timeout: float = 60,
     check_apart: bool = False,
+    avoid: Collection[int] = (),
 ) -> Server:
     """`weed mini` (master, volume, filer, S3 in one process) with its data under `data_dir`;
-    `check_apart`: its readiness checked from a process of its own (`s3proc dev`)."""
+    `check_apart`: its readiness checked from a process of its own (`s3proc dev`); `avoid`:
+    ports another server will bind later (the UI's)."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    s3_port, master, volume, filer, admin = _seaweedfs_ports(s3_port)
+    s3_port, master, volume, filer, admin = _seaweedfs_ports(s3_port, avoid)
     log_path = data_dir / "weed.log"
     cmd = [
         _binary("weed"),

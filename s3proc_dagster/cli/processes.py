@@ -15,7 +15,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
@@ -48,17 +48,26 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
         return False
 
 
-def free_port(with_grpc: bool = False) -> int:
-    """A free loopback port; with `with_grpc`, port + GRPC_PORT_OFFSET is free too (SeaweedFS's gRPC)."""
+def free_port(with_grpc: bool = False, avoid: Collection[int] = ()) -> int:
+    """A free loopback port; with `with_grpc`, port + GRPC_PORT_OFFSET is free too (SeaweedFS's gRPC).
+
+    `avoid`: ports promised to a server that has not bound them yet (the UI's, while the code
+    server starts first): the kernel hands a free port out again, so it could hand out those.
+    """
     for _ in range(200):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
+        wanted = {port, port + GRPC_PORT_OFFSET} if with_grpc else {port}
+        if wanted & set(avoid):
+            continue
         if not with_grpc:
             return port
         if port + GRPC_PORT_OFFSET < 65535 and not port_in_use(port + GRPC_PORT_OFFSET):
             return port
         port = 20000 + int.from_bytes(os.urandom(2), "big") % 20000
+        if {port, port + GRPC_PORT_OFFSET} & set(avoid):
+            continue
         if not port_in_use(port) and not port_in_use(port + GRPC_PORT_OFFSET):
             return port
     raise ServerStartError("no free port pair found")

@@ -87,7 +87,7 @@ def start_services(
     """The code server, then (once it listens) the webserver and the daemon, each added to
     `services` as it starts, so that a stop during the start stops what has started."""
     location = _location(root / "workspace.yaml")
-    grpc_port = free_port()
+    grpc_port = free_port(avoid={port})  # the webserver binds `port` only later
     env = {**os.environ, "DAGSTER_IS_DEV_CLI": "1"}  # as `dagster dev` gives its services
     module, name = location["module_name"], location["location_name"]
     level = "debug" if log_level == "debug" else "warning"  # as `dagster dev` has its code servers log
