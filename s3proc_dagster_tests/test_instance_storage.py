@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import dagster as dg
 import pytest
 import yaml
+from dagster._core.events import DagsterEvent
+from dagster._core.events.log import EventLogEntry
 
 from s3proc_dagster.cli.embedded import PostgresServer
 from s3proc_dagster.runs.instance import POSTGRES_URL_ENV, write_instance
+from s3proc_dagster.runs.sqlite_storage import KEPT_ENGINES, KeptEngineEventLogStorage
 from s3proc_dagster_tests.conftest import InstanceStorage
 
 
@@ -50,10 +54,18 @@ def test_without_a_postgres_url_the_instance_stays_on_sqlite_in_dagster_home(
 ) -> None:
     monkeypatch.delenv(POSTGRES_URL_ENV, raising=False)
     config = yaml.safe_load(write_instance(tmp_path, max_concurrency=2).read_text())
-    assert config["storage"] == {"sqlite": {"base_dir": str(tmp_path / "storage")}}
+    assert config["storage"]["custom"]["config"] == {"base_dir": str(tmp_path / "storage")}
     with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+        assert type(instance.event_log_storage).__name__ == "KeptEngineEventLogStorage"
         result = hello_job.execute_in_process(instance=instance)
+        events = instance.all_logs(result.run_id)
+    # Dagster's own SQLite layout: its tools (`dagster run wipe`, `dagster instance migrate`) still apply
     assert result.run_id in InstanceStorage("sqlite", tmp_path).run_ids()
+    assert (tmp_path / "storage" / "history" / "runs" / f"{result.run_id}.db").is_file()
+    assert {e.dagster_event_type for e in events if e.dagster_event} >= {
+        dg.DagsterEventType.RUN_SUCCESS,
+        dg.DagsterEventType.STEP_SUCCESS,
+    }
 
 
 @pytest.mark.servers  # initdb and postgres, started by the test itself through embedded.start_postgres
@@ -74,3 +86,33 @@ def test_a_postgres_that_cannot_start_fails_with_its_log_and_leaves_no_cluster(
         with pytest.raises(embedded.ServerStartError, match="could not create any TCP/IP sockets"):
             embedded.start_postgres(tmp_path)
     assert made and not Path(made[0]).exists()
+
+
+def _step_start(run_id: str) -> EventLogEntry:
+    event = DagsterEvent(event_type_value=dg.DagsterEventType.STEP_START.value, job_name="j", step_key="s")
+    return EventLogEntry(
+        error_info=None, level=20, user_message="", run_id=run_id, timestamp=time.time(), dagster_event=event
+    )
+
+
+def test_the_kept_engine_event_log_still_wakes_a_watcher_in_another_process_and_keeps_few_engines(
+    tmp_path: Path,
+) -> None:
+    # the UI follows a run on SQLite by watching the run's .db file change: each write must
+    # still reach the file itself (its connection closed, the WAL checkpointed), not only the WAL
+    watcher, writer = KeptEngineEventLogStorage(str(tmp_path)), KeptEngineEventLogStorage(str(tmp_path))
+    writer.store_event(_step_start("run-a"))  # the run's database exists, as when the UI opens a run
+    seen: list[object] = []
+    watcher.watch("run-a", None, lambda event, cursor: seen.append(event))
+    try:
+        writer.store_event(_step_start("run-a"))
+        deadline = time.monotonic() + 20
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert seen, "the watcher never saw the event written by the other storage"
+    finally:
+        watcher.dispose()
+    for index in range(KEPT_ENGINES + 8):
+        writer.store_event(_step_start(f"run-{index}"))
+    assert len(writer._engines) == KEPT_ENGINES
+    assert len(writer.get_logs_for_run("run-3")) == 1  # an evicted engine's database still reads

@@ -22,10 +22,13 @@ def instance_storage(storage_dir: Path) -> dict:
     """Where the instance keeps runs, event logs and schedules: PostgreSQL (dagster-postgres)
     when DAGSTER_POSTGRES_URL is set, the production setting, which every webserver, daemon
     and run worker of a deployment share; otherwise SQLite files in `storage_dir`, for one
-    machine. Dagster reads the URL when the instance loads (`env:`), in each process."""
+    machine, laid out as Dagster's `sqlite` storage lays them out, with an event log that
+    keeps its engines (`runs.sqlite_storage`). Dagster reads the URL when the instance loads
+    (`env:`), in each process."""
     if os.environ.get(POSTGRES_URL_ENV):
         return {"postgres": {"postgres_url": {"env": POSTGRES_URL_ENV}}}
-    return {"sqlite": {"base_dir": str(storage_dir)}}
+    sqlite = {"module": "s3proc_dagster.runs.sqlite_storage", "class": "SqliteStorage"}
+    return {"custom": {**sqlite, "config": {"base_dir": str(storage_dir)}}}
 
 
 def instance_config(
