@@ -184,6 +184,7 @@ def test_signal_stops_dagster_and_seaweedfs_and_frees_both_ports(
         wait_until(lambda: not port_in_use(ui_port) and not port_in_use(s3_port), 10, "a port is still taken")
 
 
+@pytest.mark.servers  # starts SeaweedFS and Dagster's processes (scripts/dev)
 def test_sigint_to_a_backgrounded_scripts_dev_stops_it_and_dagster_cleanly(tmp_path: Path) -> None:
     """`setsid scripts/dev &`, then `kill -INT -PGID`: SIGINT arrives at a process that
     started with it ignored, and is an explicit request to stop all the same."""

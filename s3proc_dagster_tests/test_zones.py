@@ -402,6 +402,7 @@ def materialize(ui: str, key: list[str], partition: str) -> str:
     return launched["run"]["runId"]
 
 
+@pytest.mark.servers  # a fresh virtualenv and Dagster's CLI (dg) in subprocesses, 10-20 s
 def test_dg_lists_the_component_scaffolds_a_zone_and_checks_the_definitions(tmp_path: Path) -> None:
     env = {**os.environ, "S3PROC_ZONES_DIR": ""}
     dg_cli = str(Path(sys.executable).parent / "dg")
