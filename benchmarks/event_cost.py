@@ -1,6 +1,6 @@
 """Benchmark: what one chunk materialization costs in Dagster's event log.
 
-    .venv/bin/python benchmarks/event_cost.py               # SQLite storage (the default instance)
+    .venv/bin/python benchmarks/event_cost.py               # SQLite: Dagster's storage and the product's
     .venv/bin/python benchmarks/event_cost.py --postgres    # also PostgreSQL storage (Debian's postgresql)
 
 A one-op job logs N materializations shaped like the pipeline's chunk materializations
@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import dagster as dg
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -67,9 +68,16 @@ def main() -> int:
     parser.add_argument("--postgres", action="store_true", help="also measure PostgreSQL storage")
     args = parser.parse_args()
 
+    from s3proc_dagster.runs.instance import instance_storage
+
     rows = []
     with tempfile.TemporaryDirectory() as home:
-        rows.append(("SQLite (default instance)", per_event_ms(dg.DagsterInstance.local_temp(home), args.events)))
+        rows.append(("SQLite, Dagster's storage", per_event_ms(dg.DagsterInstance.local_temp(home), args.events)))
+    with tempfile.TemporaryDirectory() as home:
+        storage = {"storage": instance_storage(Path(home) / "storage")}
+        (Path(home) / "dagster.yaml").write_text(yaml.safe_dump(storage))
+        with dg.DagsterInstance.from_config(home) as instance:
+            rows.append(("SQLite, the product's instance (engines kept)", per_event_ms(instance, args.events)))
     if args.postgres:
         from s3proc_dagster.cli.embedded import start_postgres
 

@@ -118,9 +118,16 @@ class ServerMarkCheck:
             )
 
 
+@pytest.hookimpl(trylast=True)  # after pytest-xdist has stopped its workers
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Fail the session when a process it started outlives it (servers are stopped by the
-    fixtures' teardown, which has run by now), list them, and kill them by pid."""
+    fixtures' teardown, which has run by now), list them, and kill them by pid.
+
+    Under pytest-xdist only the controller looks, once every worker has ended: a worker
+    carries the session's marker too, and one finishing first would take the other for a
+    leftover."""
+    if hasattr(session.config, "workerinput"):
+        return
     leftovers = find_leftovers(os.environ[SESSION_ENV])
     if not leftovers:
         return
