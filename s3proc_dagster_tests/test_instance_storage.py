@@ -98,8 +98,8 @@ def _step_start(run_id: str) -> EventLogEntry:
 def test_the_kept_engine_event_log_still_wakes_a_watcher_in_another_process_and_keeps_few_engines(
     tmp_path: Path,
 ) -> None:
-    # the UI follows a run on SQLite by watching the run's .db file change: each write must
-    # still reach the file itself (its connection closed, the WAL checkpointed), not only the WAL
+    # the UI follows a run on SQLite by watching the run's database change; the writer keeps
+    # its connection open, so a write changes only the WAL until a checkpoint: the watch sees it
     watcher, writer = KeptEngineEventLogStorage(str(tmp_path)), KeptEngineEventLogStorage(str(tmp_path))
     writer.store_event(_step_start("run-a"))  # the run's database exists, as when the UI opens a run
     seen: list[object] = []

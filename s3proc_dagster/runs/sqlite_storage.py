@@ -4,23 +4,23 @@ Dagster's `SqliteEventLogStorage` builds a new engine for every event it writes,
 an asset event (the run's database, then the index shard), and disposes of it after. So
 each write pays the engine's creation, compiles its statements again (SQLAlchemy caches
 compiled SQL per engine), and closes the database's last connection, which makes SQLite
-checkpoint its WAL into the file with two fsyncs; every commit fsyncs too. A chunk of a big
-file is one such event, a step of a small file several: measured, 8.5-10 ms a
-materialization (`benchmarks/event_cost.py`), written one at a time under Dagster's lock
-while the landing threads wait. Here:
+checkpoint its WAL into the file, with two fsyncs; every commit fsyncs too. A chunk of a
+big file is one such event, a step of a small file several, written one at a time under
+Dagster's lock while the landing threads wait, and the fsyncs queue behind the chunk files
+the conversion and SeaweedFS write to the same disk. Here:
 
-- each database keeps its engine (the most recently used `KEPT_ENGINES` of them);
-- the index shard, which every asset event is mirrored to, keeps one open connection: no
-  checkpoint at every write, SQLite checkpoints every 1,000 pages on its own;
-- a run's own database still closes its connection after each write, as Dagster's does:
-  the UI follows a running run by watching that file change (`watch`), and only the
-  checkpoint at close changes it;
-- `synchronous=NORMAL`, SQLite's recommended setting for WAL: a commit is not fsynced, the
+- each database keeps its engine and one open connection (the most recently used
+  `KEPT_ENGINES` of them): no checkpoint at every write, SQLite checkpoints every 1,000
+  pages on its own, and when the process ends;
+- `synchronous=NORMAL`, SQLite's recommended setting for WAL: a commit is not fsynced, a
   checkpoint is. A database is never corrupted by a crash; an OS crash or a power cut may
-  lose the last events written before it, a process crash (`kill -9`) loses none.
+  lose the last events written before it, a process crash (`kill -9`) loses none;
+- the UI follows a running run by watching its database file change (`watch`); a commit
+  now changes the file's WAL, so a watch looks at both.
 
-Measured: 3.6-4.9 ms a materialization, 2.4-2.8 ms a step event. PostgreSQL deployments
-keep Dagster's own storage (its engine is made once already).
+Measured (`benchmarks/event_cost.py`): about 4 ms a materialization, where Dagster's
+storage takes 8.5-10. PostgreSQL deployments keep Dagster's own storage (its engine is made
+once already).
 """
 
 from __future__ import annotations
@@ -32,26 +32,29 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from dagster._core.storage.event_log.base import EventHandlerFn
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import (
-    INDEX_SHARD_NAME,
     SQLITE_BUSY_TIMEOUT_SECONDS,
     SqliteEventLogStorage,
+    SqliteEventLogStorageWatchdog,
 )
 from dagster._core.storage.sqlite_storage import DagsterSqliteStorage, _event_logs_directory
 from dagster._serdes import ConfigurableClassData
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import NullPool, QueuePool
+from watchdog.events import FileSystemEvent
+from watchdog.observers import Observer
 
-#: Engines kept per process: a run writes to two (its own database and the index shard);
-#: a webserver reading thousands of runs must not keep an engine and its cache for each.
+#: Engines (each with one open connection) kept per process: a run writes to two, its own
+#: database and the index shard; a webserver reading thousands of runs keeps the latest.
 KEPT_ENGINES = 32
 
 _LIVE: weakref.WeakSet[KeptEngineEventLogStorage] = weakref.WeakSet()
 
 
 class KeptEngineEventLogStorage(SqliteEventLogStorage):
-    """The event log whose databases keep their engines, the index shard its connection."""
+    """The event log whose databases keep their engines and an open connection each."""
 
     def __init__(self, base_dir: str, inst_data: ConfigurableClassData | None = None) -> None:
         # set before Dagster's constructor, which may connect already (to reindex)
@@ -64,37 +67,51 @@ class KeptEngineEventLogStorage(SqliteEventLogStorage):
         # as Dagster's, but the engine is kept; `_db_lock` serializes this process's use of
         # the engines (as SQLite would its writers anyway), so one is never evicted in use
         with self._db_lock:
-            engine = self._engine(shard)
             if shard not in self._initialized_dbs:
-                self._initdb(engine)
+                # a throwaway engine, as Dagster's: creating the tables takes two connections
+                self._initdb(self._new_engine(shard, poolclass=NullPool))
                 self._initialized_dbs.add(shard)
+            engine = self._engine(shard)
             with engine.connect() as conn, conn.begin():
                 yield conn
 
     def _engine(self, shard: str) -> Engine:
         engine = self._engines.get(shard)
         if engine is None:
-            # one connection kept for the index (used under `_db_lock` only, so by one
-            # thread at a time); none for a run's database, so its file changes at each write
-            pool: dict[str, Any] = (
-                {"poolclass": QueuePool, "pool_size": 1, "max_overflow": 0}
-                if shard == INDEX_SHARD_NAME
-                else {"poolclass": NullPool}
-            )
-            engine = create_engine(
-                self.conn_string_for_shard(shard),
-                connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS, "check_same_thread": False},
-                **pool,
-            )
-            event.listen(engine, "connect", _synchronous_normal)
+            # one connection, used under `_db_lock` only, so by one thread at a time
+            engine = self._new_engine(shard, poolclass=QueuePool, pool_size=1, max_overflow=0)
             self._engines[shard] = engine
             if len(self._engines) > KEPT_ENGINES:
                 self._engines.popitem(last=False)[1].dispose()
         self._engines.move_to_end(shard)
         return engine
 
+    def _new_engine(self, shard: str, **pool: Any) -> Engine:
+        engine = create_engine(
+            self.conn_string_for_shard(shard),
+            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS, "check_same_thread": False},
+            **pool,
+        )
+        event.listen(engine, "connect", _synchronous_normal)
+        return engine
+
+    def watch(self, run_id: str, cursor: str | None, callback: EventHandlerFn) -> None:
+        # as Dagster's, with a watchdog that also wakes on the run's WAL
+        if not self._obs:
+            self._obs = Observer()
+            self._obs.start()
+        watchdog = _RunLogWatchdog(self, run_id, callback, cursor)
+        self._watchers[run_id][callback] = (watchdog, self._obs.schedule(watchdog, self._base_dir, recursive=True))
+
+    def wipe(self) -> None:
+        self._close_all()  # the run databases' files go: no connection may stay open on them
+        super().wipe()
+
     def dispose(self) -> None:
         super().dispose()
+        self._close_all()
+
+    def _close_all(self) -> None:
         with self._db_lock:
             for engine in self._engines.values():
                 engine.dispose()
@@ -105,6 +122,18 @@ class KeptEngineEventLogStorage(SqliteEventLogStorage):
         to it, as SQLAlchemy advises; the child opens its own when it first writes."""
         for engine in self._engines.values():
             engine.dispose(close=False)
+
+
+class _RunLogWatchdog(SqliteEventLogStorageWatchdog):
+    """Dagster's watch of a run's database, woken by its WAL too: with the writer's
+    connection kept open, a commit changes only the WAL until the next checkpoint."""
+
+    def __init__(self, storage: KeptEngineEventLogStorage, run_id: str, callback: EventHandlerFn, cursor: str | None):
+        super().__init__(storage, run_id, callback, cursor)
+        self._patterns = [self._log_path, f"{self._log_path}-wal"]  # watchdog keeps no setter for them
+
+    def on_modified(self, event: FileSystemEvent) -> None:
+        self._process_log()
 
 
 def _synchronous_normal(dbapi_connection: Any, _record: Any) -> None:
