@@ -1,7 +1,8 @@
-"""Snapshot: one read of the source gives both the staged copy and its SHA-256."""
+"""Snapshot: the staged copy and its SHA-256, a local file copied by the kernel, a stream in one read."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from s3proc_dagster.errors import UnsafeSourceError
 from s3proc_dagster.files import checksum
 from s3proc_dagster.files.checksum import Snapshot, sha256_file, snapshot, snapshot_stream
 
@@ -38,6 +40,49 @@ def test_snapshot_copies_into_a_folder_named_by_checksum_and_matches_hashlib(tmp
     assert snap == Snapshot(tmp_path / "staging" / expected / "data.csv", expected, len(data))
     assert snap.path.read_bytes() == data
     assert sha256_file(snap.path) == expected
+
+
+def test_a_local_file_is_copied_by_the_kernel_and_python_copies_where_it_cannot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = os.urandom(checksum.BLOCK_SIZE + 5)
+    source = tmp_path / "data.bin"
+    source.write_bytes(data)
+    calls: list[int] = []
+    kernel_copy = os.copy_file_range
+
+    def counted(*args: int) -> int:
+        calls.append(args[2])
+        return kernel_copy(*args)
+
+    monkeypatch.setattr(checksum.os, "copy_file_range", counted)
+    snap = snapshot(source, tmp_path / "staging")
+    assert calls and snap.sha256 == hashlib.sha256(data).hexdigest() and snap.path.read_bytes() == data
+
+    def unsupported(*args: int) -> int:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")  # another filesystem, an older kernel
+
+    monkeypatch.setattr(checksum.os, "copy_file_range", unsupported)
+    snap = snapshot(source, tmp_path / "staging-2")
+    assert snap.sha256 == hashlib.sha256(data).hexdigest() and snap.path.read_bytes() == data
+
+
+def test_a_file_larger_than_max_bytes_while_the_kernel_copies_it_is_refused_and_nothing_is_staged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = tmp_path / "growing.bin"
+    source.write_bytes(b"x" * 1000)
+    kernel_copy = os.copy_file_range
+
+    def grows(src: int, dst: int, count: int) -> int:  # the producer appends after the size check
+        with source.open("ab") as more:
+            more.write(b"y" * 1000)
+        return kernel_copy(src, dst, count)
+
+    monkeypatch.setattr(checksum.os, "copy_file_range", grows)
+    with pytest.raises(UnsafeSourceError, match="more than MAX_FILE_BYTES"):
+        snapshot(source, tmp_path / "staging", max_bytes=1500)
+    assert [p.name for p in (tmp_path / "staging").iterdir()] == []
 
 
 def test_snapshot_reads_the_stream_exactly_once(tmp_path: Path) -> None:

@@ -1,15 +1,19 @@
 """Snapshot a file into the staging area and hash it in the same single read.
 
 Every later step reads the snapshot, never the source: the original may change, be
-moved to the error directory or vanish from S3 without breaking a retry. Copying and
-hashing in one pass halves the I/O of the first step, and keying the staging folder by
-the checksum makes a re-run of the same version land on the same path.
+moved to the error directory or vanish from S3 without breaking a retry. A local file is
+copied by the kernel (`copy_file_range`: no trip through Python, a reflink where the
+filesystem has them), then the copy, which no producer can touch, is hashed; a stream (an
+S3 body) is copied and hashed in one pass. Keying the staging folder by the checksum makes
+a re-run of the same version land on the same path.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +25,9 @@ from s3proc_dagster.files.private import make_private_dir
 from s3proc_dagster.sources.confined import check_size, open_regular
 
 BLOCK_SIZE = 1 << 20  # 1 MiB: large enough for throughput, small enough to never matter for memory
+KERNEL_COPY_BYTES = 64 << 20  # per copy_file_range call
+# where the kernel cannot copy between these two files; nothing was copied yet, so Python does
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF, errno.EPERM}
 
 
 @dataclass(frozen=True)
@@ -42,7 +49,7 @@ def sha256_file(path: Path) -> str:
     """The SHA-256 of a file the product wrote itself (a snapshot, a part); a producer's
     file is hashed through `sha256_stream` on a descriptor `sources.confined` opened."""
     with path.open("rb") as readable:
-        return sha256_stream(readable)
+        return hashlib.file_digest(readable, "sha256").hexdigest()
 
 
 def sha256_stream(readable: BinaryIO) -> str:
@@ -73,10 +80,38 @@ def snapshot_stream(readable: BinaryIO, name: str, staging_dir: Path, max_bytes:
     temp = Path(temp_name)
     try:
         with os.fdopen(fd, "wb") as out:
-            sha256, size = _copy_and_hash(readable, out, max_bytes, name)
+            copied = _kernel_copy(readable, out, max_bytes, name)
+            if copied is None:
+                sha256, size = _copy_and_hash(readable, out, max_bytes, name)
+        if copied is not None:
+            sha256, size = sha256_file(temp), copied
         return Snapshot(_publish(temp, staging_dir / sha256 / name, sha256), sha256, size)
     finally:
         temp.unlink(missing_ok=True)
+
+
+def _kernel_copy(readable: BinaryIO, out: BinaryIO, max_bytes: int | None, name: str) -> int | None:
+    """The bytes `copy_file_range` copied from a file to the snapshot; None where it cannot
+    (a stream without a descriptor, another filesystem on an older kernel), before any byte."""
+    try:
+        source, target = readable.fileno(), out.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+    if not stat.S_ISREG(os.fstat(source).st_mode):  # an HTTP body's socket goes through its reader
+        return None
+    size = 0
+    while True:
+        try:
+            copied = os.copy_file_range(source, target, KERNEL_COPY_BYTES)
+        except OSError as error:
+            if size == 0 and error.errno in _NO_KERNEL_COPY:
+                return None
+            raise
+        if copied == 0:
+            return size
+        size += copied
+        if max_bytes is not None and size > max_bytes:
+            raise UnsafeSourceError(f"{name}: more than MAX_FILE_BYTES ({max_bytes:,}) bytes")
 
 
 def _copy_and_hash(
