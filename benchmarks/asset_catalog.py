@@ -1,4 +1,4 @@
-"""How far one asset key per file goes on Dagster's default SQLite storage.
+"""How far one asset key per file goes on the project's SQLite instance storage.
 
     .venv/bin/python benchmarks/asset_catalog.py --files 20000 --chunks 3
 
@@ -16,6 +16,9 @@ import time
 from pathlib import Path
 
 import dagster as dg
+import yaml
+
+from s3proc_dagster.runs.instance import instance_storage
 
 
 def main() -> int:
@@ -25,7 +28,9 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as home:
         os.environ["DAGSTER_HOME"] = home
-        Path(home, "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+        # the project's SQLite instance storage (`runs.instance.instance_storage`)
+        storage = instance_storage(Path(home) / "storage")
+        Path(home, "dagster.yaml").write_text(yaml.safe_dump({"storage": storage, "telemetry": {"enabled": False}}))
         instance = dg.DagsterInstance.get()
         started = time.perf_counter()
         for i in range(args.files):
