@@ -67,6 +67,16 @@ def test_a_local_file_is_copied_by_the_kernel_and_python_copies_where_it_cannot(
     assert snap.sha256 == hashlib.sha256(data).hexdigest() and snap.path.read_bytes() == data
 
 
+def test_a_reader_that_has_buffered_bytes_is_copied_from_where_it_stands(tmp_path: Path) -> None:
+    data = os.urandom(100_000)
+    source = tmp_path / "data.bin"
+    source.write_bytes(data)
+    with source.open("rb") as readable:
+        assert readable.read(3) == data[:3]  # the reader holds the next 8 KiB in its buffer
+        snap = snapshot_stream(readable, "rest.bin", tmp_path / "staging")
+    assert snap.path.read_bytes() == data[3:] and snap.sha256 == hashlib.sha256(data[3:]).hexdigest()
+
+
 def test_a_file_larger_than_max_bytes_while_the_kernel_copies_it_is_refused_and_nothing_is_staged(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1,4 +1,4 @@
-"""Snapshot a file into the staging area and hash it in the same single read.
+"""Snapshot a file into the staging area, under the SHA-256 of what was staged.
 
 Every later step reads the snapshot, never the source: the original may change, be
 moved to the error directory or vanish from S3 without breaking a retry. A local file is
@@ -98,6 +98,8 @@ def _kernel_copy(readable: BinaryIO, out: BinaryIO, max_bytes: int | None, name:
     except (AttributeError, OSError, ValueError):
         return None
     if not stat.S_ISREG(os.fstat(source).st_mode):  # an HTTP body's socket goes through its reader
+        return None
+    if readable.tell() != os.lseek(source, 0, os.SEEK_CUR):  # bytes already buffered by the reader
         return None
     size = 0
     while True:
