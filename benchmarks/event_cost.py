@@ -77,7 +77,9 @@ def main() -> int:
         storage = {"storage": instance_storage(Path(home) / "storage")}
         (Path(home) / "dagster.yaml").write_text(yaml.safe_dump(storage))
         with dg.DagsterInstance.from_config(home) as instance:
-            rows.append(("SQLite, the product's instance (engines kept)", per_event_ms(instance, args.events)))
+            rows.append(
+                ("SQLite, the product's instance (runs/sqlite_storage.py)", per_event_ms(instance, args.events))
+            )
     if args.postgres:
         from s3proc_dagster.cli.embedded import start_postgres
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from s3proc_dagster.cli.dev import record_ui_url, record_ui_url_in_dotenv, write_dev_env
-from s3proc_dagster.cli.processes import free_port
+from s3proc_dagster.cli.processes import GRPC_PORT_OFFSET, free_port
 from s3proc_dagster.models import FileStatus, make_file_id
 from s3proc_dagster.stores.sqlite import SQLiteProgressStore
 
@@ -497,4 +497,4 @@ def test_a_free_port_is_never_one_promised_to_a_server_that_has_not_bound_it() -
     picked = {free_port(avoid=promised) for _ in range(200)}
     assert not picked & promised
     pairs = {free_port(with_grpc=True, avoid=promised) for _ in range(50)}
-    assert not (pairs | {port + 10000 for port in pairs}) & promised
+    assert not (pairs | {port + GRPC_PORT_OFFSET for port in pairs}) & promised

@@ -54,19 +54,19 @@ def free_port(with_grpc: bool = False, avoid: Collection[int] = ()) -> int:
     `avoid`: ports promised to a server that has not bound them yet (the UI's, while the code
     server starts first): the kernel hands a free port out again, so it could hand out those.
     """
+    avoid = set(avoid)
     for _ in range(200):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        wanted = {port, port + GRPC_PORT_OFFSET} if with_grpc else {port}
-        if wanted & set(avoid):
+        if ({port, port + GRPC_PORT_OFFSET} if with_grpc else {port}) & avoid:
             continue
         if not with_grpc:
             return port
         if port + GRPC_PORT_OFFSET < 65535 and not port_in_use(port + GRPC_PORT_OFFSET):
             return port
         port = 20000 + int.from_bytes(os.urandom(2), "big") % 20000
-        if {port, port + GRPC_PORT_OFFSET} & set(avoid):
+        if {port, port + GRPC_PORT_OFFSET} & avoid:
             continue
         if not port_in_use(port) and not port_in_use(port + GRPC_PORT_OFFSET):
             return port

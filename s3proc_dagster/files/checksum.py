@@ -49,7 +49,7 @@ def sha256_file(path: Path) -> str:
     """The SHA-256 of a file the product wrote itself (a snapshot, a part); a producer's
     file is hashed through `sha256_stream` on a descriptor `sources.confined` opened."""
     with path.open("rb") as readable:
-        return hashlib.file_digest(readable, "sha256").hexdigest()
+        return sha256_stream(readable)
 
 
 def sha256_stream(readable: BinaryIO) -> str:
@@ -83,8 +83,8 @@ def snapshot_stream(readable: BinaryIO, name: str, staging_dir: Path, max_bytes:
             copied = _kernel_copy(readable, out, max_bytes, name)
             if copied is None:
                 sha256, size = _copy_and_hash(readable, out, max_bytes, name)
-        if copied is not None:
-            sha256, size = sha256_file(temp), copied
+            else:  # the kernel wrote to the file itself, past `out`: hash what landed there
+                sha256, size = sha256_file(temp), copied
         return Snapshot(_publish(temp, staging_dir / sha256 / name, sha256), sha256, size)
     finally:
         temp.unlink(missing_ok=True)

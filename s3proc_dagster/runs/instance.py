@@ -23,12 +23,17 @@ def instance_storage(storage_dir: Path) -> dict:
     when DAGSTER_POSTGRES_URL is set, the production setting, which every webserver, daemon
     and run worker of a deployment share; otherwise SQLite files in `storage_dir`, for one
     machine, laid out as Dagster's `sqlite` storage lays them out, with an event log that
-    keeps its engines (`runs.sqlite_storage`). Dagster reads the URL when the instance loads
+    keeps its connections (`runs.sqlite_storage`). Dagster reads the URL when the instance loads
     (`env:`), in each process."""
     if os.environ.get(POSTGRES_URL_ENV):
         return {"postgres": {"postgres_url": {"env": POSTGRES_URL_ENV}}}
-    sqlite = {"module": "s3proc_dagster.runs.sqlite_storage", "class": "SqliteStorage"}
-    return {"custom": {**sqlite, "config": {"base_dir": str(storage_dir)}}}
+    return {
+        "custom": {
+            "module": "s3proc_dagster.runs.sqlite_storage",
+            "class": "SqliteStorage",
+            "config": {"base_dir": str(storage_dir)},
+        }
+    }
 
 
 def instance_config(
