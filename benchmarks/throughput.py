@@ -663,7 +663,7 @@ def figures(v: Variant, baseline: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def print_report(results: list[dict[str, Any]], baseline: dict[str, Any] | None, command: str) -> None:
-    """Markdown, ready for the README."""
+    """Markdown, ready for docs/performance.md."""
     print(f"\n`{command}` ({os.cpu_count()} cores, MAX_CONCURRENCY={MAX_CONCURRENCY})\n")
     cols = [f"{r['launcher']} launcher, {r['files']} files" for r in results]
     print("| | " + " | ".join(cols) + (f" | one process, {baseline['files']} files |" if baseline else " |"))

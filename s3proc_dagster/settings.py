@@ -171,7 +171,7 @@ class ProcessingConfig(BaseSettings):
     csv_null_strings: Annotated[tuple[str, ...], NoDecode] = CSV_NULL_STRINGS_DEFAULT
     # `single`: one machine. `shared`: a run, or its re-execution, may land on any node, so
     # the steps' outputs go to S3 (under S3_STEP_OUTPUTS_PREFIX) instead of DAGSTER_HOME, and
-    # the progress store must be one every node reaches (MongoDB). See the README.
+    # the progress store must be one every node reaches (MongoDB). See docs/scaling.md.
     deployment: Literal["single", "shared"] = "single"
 
     @field_validator("parquet_compression", mode="before")

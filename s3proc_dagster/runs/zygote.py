@@ -2,7 +2,7 @@
 
 Dagster's default launcher starts every run in a fresh interpreter that imports Dagster
 and the code location again: about 2.3 CPU-s and 2-3 s before the first step, per run,
-which for small files is most of the work (see the README's throughput figures). The
+which for small files is most of the work (docs/performance.md, "Many small files"). The
 zygote imports all of that once; for each run it forks a child (copy-on-write: the
 imported modules are shared, not copied) that executes the run exactly as `dagster api
 execute_run` does (`_execute_run_command_body`: the "Started process" event, the

@@ -3,7 +3,7 @@
 Memory is one part buffer (8 MiB by default) whatever the file size. The file's SHA-256
 travels as `x-sha256` user metadata, which a multipart upload must declare when it is
 created, so the hash is computed in a first read; the file is a local snapshot in page
-cache, so that read costs far less than the network (measured in the README's benchmark).
+cache, so that read costs far less than the network (measured by benchmarks/run.py, docs/performance.md).
 
 A multipart upload is recorded (`S3UploadTask`: bucket, key, the content's SHA-256 and
 the UploadId) in a journal, the progress store, as soon as S3 hands out its UploadId.
