@@ -168,6 +168,21 @@ def test_a_folder_linked_out_of_the_watched_directory_is_not_followed(deployment
     assert objects_under(deployment, name) == []
 
 
+def test_a_hard_link_to_a_file_outside_the_watched_directory_is_refused(deployment: Deployment) -> None:
+    outside = deployment.root / f"hard-secret-{uuid.uuid4().hex[:6]}.csv"
+    write_csv(outside, promo_rows(4))
+    name = folder()
+    linked = deployment.watch / name / "data.csv"
+    linked.parent.mkdir()
+    os.link(outside, linked)  # the same file under a second name, inside the watched directory
+    code, printed = process(str(linked))
+    assert code == 1, printed
+    record = deployment.store().get_by_path(str(linked))
+    assert record.status is S.FAILED and "hard links" in record.error_details
+    assert objects_under(deployment, name) == []
+    assert outside.read_bytes() == csv_bytes(promo_rows(4))  # the other name untouched
+
+
 def test_a_sidecar_linked_to_a_credentials_file_becomes_no_tag_and_fails_its_file(deployment: Deployment) -> None:
     config = deployment.root / f"docker-config-{uuid.uuid4().hex[:6]}.json"
     config.write_text(json.dumps({"auths": {"registry": {"auth": "c2VjcmV0LXRva2Vu"}}}))

@@ -7,7 +7,8 @@ tick and its run would be followed by a plain `open()`. So a file below a root (
 watched directory, the error directory) is opened by walking from the root one
 component at a time with `O_NOFOLLOW`: a link anywhere on the way, or a final name that
 is not a regular file (a FIFO, a device), fails that file with the reason. What is read
-is then the opened descriptor, so the check and the read are the same file.
+is then the opened descriptor, so the check and the read are the same file. A file with
+a second hard link is refused as well: its other name may be anywhere on the file system.
 
 A path outside every root was named by the operator on the command line (`s3proc
 process /tmp/x.csv`): it is read as named, but its last component is still never a link.
@@ -79,11 +80,11 @@ def open_fd(path: Path | str, roots: tuple[Path, ...] = ()) -> int:
     is not there (the callers tell "gone" from "refused").
     """
     display = str(path)
-    fd = -1
+    fd, below_root = -1, False
     for root in roots:
         rel = lexically_below(path, root)
         if rel is not None:
-            fd = _open_below(Path(root), rel, display)
+            fd, below_root = _open_below(Path(root), rel, display), True
             break
     else:
         try:
@@ -94,6 +95,14 @@ def open_fd(path: Path | str, roots: tuple[Path, ...] = ()) -> int:
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise UnsafeSourceError(f"{display}: not a regular file (only regular files are processed)")
+    if below_root and st.st_nlink > 1:
+        # A hard link is the same file under another name, which may be anywhere on the
+        # same file system (a producer's link to a file it may read but should not ship).
+        os.close(fd)
+        raise UnsafeSourceError(
+            f"{display}: has {st.st_nlink} hard links, and another name may lie outside the watched "
+            "directory; hard links are refused (copy the file in instead)"
+        )
     return fd
 
 
