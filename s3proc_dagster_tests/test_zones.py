@@ -220,6 +220,22 @@ def test_after_success_acts_on_the_original_only_once_committed_and_never_on_a_f
     assert parked.read_text() == "not a zip"
 
 
+def test_a_move_never_replaces_an_earlier_version_already_at_its_target(deployment: Deployment, tmp_path: Path) -> None:
+    drop, done = tmp_path / "daily", tmp_path / "daily-done"
+    zone = zone_of(unique("daily"), source=str(drop), destination="daily/out", after_success=f"move:{done}")
+    first, second = csv_bytes(promo_rows(5)), csv_bytes(promo_rows(7, seed=2))
+    for content in (first, second):  # the same name dropped on two days
+        (drop / "daily.csv").parent.mkdir(exist_ok=True)
+        (drop / "daily.csv").write_bytes(content)
+        (request,) = tick(deployment, zone)
+        assert execute(request, deployment).success
+    record = deployment.store().get(make_file_id("daily.csv", zone.name))
+    beside = done / f"daily.v-{record.checksum[:16]}.csv"
+    assert record.status is S.COMPLETED and record.after_success == f"moved to {beside}"
+    assert (done / "daily.csv").read_bytes() == first and beside.read_bytes() == second
+    assert not (drop / "daily.csv").exists()
+
+
 def test_a_crash_between_the_commit_and_the_action_is_finished_by_recovery(
     deployment: Deployment, tmp_path: Path
 ) -> None:

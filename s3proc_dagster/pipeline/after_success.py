@@ -5,14 +5,18 @@ only on a COMPLETED version whose output S3 proves whole (the dataset's committe
 names this version and every part it lists is there; a plain object carries this
 version's `x-sha256`), and only on an original that still is that version: a file
 replaced meanwhile is a newer version, its own run's, and is never deleted or moved for
-the old one. The action is written `(pending)` with the COMPLETED record itself, then
-replaced by what was done, so a crash between the two is finished by crash recovery
-(`recovery.reconcile` calls `finish_pending`), never applied twice. A FAILED file is
-never touched: it is parked, as always.
+the old one. A move never replaces what is at its target: a file already there (an
+earlier version of the same name) stays, and the new one goes beside it as
+`<name>.v-<sha16>.<ext>`. The action is written `(pending)` with the COMPLETED record
+itself, then replaced by what was done, so a crash between the two is finished by crash
+recovery (`recovery.reconcile` calls `finish_pending`), never applied twice. A FAILED
+file is never touched: it is parked, as always.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -70,9 +74,34 @@ def _outcome(client: Any, bucket: str, record: FileStatus, action: str, roots: t
     target = confined_path(place / original.relative_to(root), place)
     if target is None:
         return f"not moved: a link in {place}"
+    if os.path.lexists(target):  # an earlier version moved there: kept, this one beside it
+        target = target.with_name(versioned_name(target.name, record.checksum))
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(original, target)
+    _move_file(original, target)
     return f"moved to {target}"
+
+
+def versioned_name(name: str, checksum: str | None) -> str:
+    """`daily.csv` as `daily.v-<sha16>.csv`: where a version goes when an earlier one
+    already stands at its name in the move target (a daily drop of one name keeps them all)."""
+    lead = "." if name.startswith(".") else ""
+    stem, dot, suffix = name[len(lead) :].partition(".")
+    return f"{lead}{stem}.v-{(checksum or '')[:16]}{dot}{suffix}"
+
+
+def _move_file(original: Path, target: Path) -> None:
+    """A rename where it can be; across file systems a copy under a temporary name renamed
+    into place before the original goes, so a crash leaves the original, never half a file."""
+    try:
+        os.rename(original, target)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    partial = target.with_name(f".{target.name}.s3proc-partial")
+    shutil.copy2(original, partial)
+    os.replace(partial, target)
+    original.unlink()
 
 
 def _output_proven(client: Any, bucket: str, record: FileStatus) -> bool:
@@ -106,6 +135,9 @@ def _on_object(client: Any, record: FileStatus, action: str) -> str:
     if action.startswith("move:"):
         target_bucket, target_prefix = split_uri(action.removeprefix("move:"))
         target = join_key(target_prefix, record.source_key or key)
+        if head(client, target_bucket, target) is not None:  # an earlier version moved there: kept
+            folder, _, name = target.rpartition("/")
+            target = join_key(folder, versioned_name(name, record.checksum))
         client.copy_object(Bucket=target_bucket, Key=target, CopySource={"Bucket": bucket, "Key": key})
         client.delete_object(Bucket=bucket, Key=key)
         return f"moved to s3://{target_bucket}/{target}"
