@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
@@ -290,6 +291,7 @@ def test_backfill_status_failed_brings_a_parked_file_back_and_its_run_completes(
     assert listed.stdout.splitlines()[-1] == "1 file(s) selected"
 
     ui = request.getfixturevalue("dagster_dev")
+    queued_at = datetime.now(UTC)
     done = s3proc("backfill", "--status", "failed", "--glob", f"{folder}/*", "--url", ui)
     assert done.returncode == 0 and "1 file(s) queued" in done.stdout, done.stdout + done.stderr
     assert src.exists() and not parked.exists()  # back where its run reads it, as `s3proc retry` brings it
@@ -299,6 +301,11 @@ def test_backfill_status_failed_brings_a_parked_file_back_and_its_run_completes(
     wait_for(lambda: finished_file_runs(instance, **tags), "the backfill's run", timeout=240)
     (run,) = finished_file_runs(instance, **tags)
     assert run.dagster_run.status == dg.DagsterRunStatus.SUCCESS
+    since = [r for r in finished_file_runs(instance, **{"s3proc/source": str(src)}) if r.create_timestamp >= queued_at]
+    assert not [
+        r for r in since if "s3proc/retry" in r.dagster_run.tags
+    ]  # the sensor's requeue left it to the backfill
+    assert all(r.dagster_run.status == dg.DagsterRunStatus.SUCCESS for r in since)
     record = store.get_by_path(str(src))
     assert record.status is S.COMPLETED and record.processing_stats.successful_records == 40
     assert run.dagster_run.run_id in instance_storage.run_ids()

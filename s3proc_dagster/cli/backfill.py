@@ -205,9 +205,10 @@ def _backfill(args: argparse.Namespace) -> int:
     """One queued run per matching file, through a running Dagster webserver's run queue.
 
     A FAILED file is first retried as `s3proc retry` does (`back_to_pending`), so its run
-    finds it where the run reads it, PENDING. Should the watch sensor tick in between, it
-    may request the file too (it re-runs PENDING files): the tag concurrency limit keeps
-    the two runs apart, and the later one finds the file COMPLETED and skips it.
+    finds it where the run reads it, PENDING. The watch sensor, which re-runs PENDING
+    files, leaves one alone while a run for it is queued or running; should it tick in the
+    moment between the two, the tag concurrency limit keeps the runs apart, and the later
+    one finds the file COMPLETED (or FAILED and parked again) and skips it.
     """
     zones = load_zones()
     url, origin = find_ui(args.url)

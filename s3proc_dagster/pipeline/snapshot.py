@@ -7,6 +7,7 @@ one that works on this version of the file.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 from s3proc_dagster.errors import FileBusy
@@ -91,3 +92,16 @@ def held_version(ctx: StepContext, source: Source) -> FileVersion | None:
     if not path.is_file():
         return None
     return FileVersion(record.file_id, source, str(path), record.checksum, record.file_size or path.stat().st_size)
+
+
+def settled_since(ctx: StepContext, file_id: str, since: datetime) -> FileStatus | None:
+    """The file's record if another run settled it (COMPLETED or FAILED) after `since`, when
+    this run was requested: a file two requests raced for (a backfill and the sensor's
+    requeue of the same retried file) is then gone from its path for the later run, which
+    skips it rather than fail on a file that is parked, moved or done."""
+    record = ctx.store.get(file_id)
+    if record is None or record.run_id in (None, ctx.claimant.run_id):
+        return None
+    settled = record.status in (ProcessingStatus.COMPLETED, ProcessingStatus.FAILED)
+    updated = record.last_updated_at if record.last_updated_at.tzinfo else record.last_updated_at.replace(tzinfo=UTC)
+    return record if settled and updated >= since else None

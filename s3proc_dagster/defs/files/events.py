@@ -239,6 +239,13 @@ def skipped(version: FileVersion) -> str:
     return f"{rel}: unchanged (sha256 {sha}), skipped"
 
 
+def settled_elsewhere(relative_path: str, record: FileStatus) -> str:
+    return (
+        f"{relative_path}: gone from its path, {record.status.name} by run {(record.run_id or '')[:8]} "
+        "since this run was requested; this run skips it"
+    )
+
+
 def conversion_summary(prepared: list[PreparedItem]) -> list[str]:
     """What the conversion's own line (`pipeline._convert`: records, chunks, time) leaves out:
     the records validation rejected, per dataset."""

@@ -17,12 +17,13 @@ from s3proc_dagster import pipeline
 from s3proc_dagster.defs.files import events
 from s3proc_dagster.defs.files.steps import FilesConfig, in_batch, run_settings, run_step, tag_run
 from s3proc_dagster.defs.resources import ProgressStoreResource, S3Storage, Settings
+from s3proc_dagster.errors import s3_error_code
 from s3proc_dagster.logs import about, get_logger, progress_logger
 from s3proc_dagster.models import ProcessingStep
 from s3proc_dagster.names import FILE_TYPE_TAG, SHA256_TAG, UPLOAD_POOL
 from s3proc_dagster.pipeline import ConversionRecipe, StepContext, UploadedObject, after_success
 from s3proc_dagster.pipeline.batch import FileInRun, Outcome
-from s3proc_dagster.pipeline.snapshot import held_version
+from s3proc_dagster.pipeline.snapshot import held_version, settled_since
 from s3proc_dagster.runs.batching import zone_materialized
 from s3proc_dagster.runs.tags import file_run_tags
 from s3proc_dagster.settings import Configuration
@@ -47,7 +48,17 @@ def _snapshot(context: dg.OpExecutionContext, settings: Settings, ctx: StepConte
         reserved=cfg.s3.reserved_folders(),
         zone=cfg.zone.name,
     )
-    version = held_version(ctx, source) or pipeline.take_snapshot(ctx, source, cfg.processing.max_file_bytes)
+    try:
+        version = held_version(ctx, source) or pipeline.take_snapshot(ctx, source, cfg.processing.max_file_bytes)
+    except Exception as exc:
+        if not (isinstance(exc, FileNotFoundError) or s3_error_code(exc) in ("NoSuchKey", "404")):
+            raise
+        requested = context.instance.get_run_record_by_id(context.run_id)
+        settled = requested and settled_since(ctx, source.file_id, requested.create_timestamp)
+        if not settled:
+            raise
+        log.info(events.settled_elsewhere(source.relative_path, settled), extra=about(source.file_id))
+        return file.out(Outcome.SKIPPED)
     if version.outcome is not ClaimOutcome.CLAIMED:
         log.info(events.skipped(version), extra=about(version.file_id))
         return replace(file, version=version).out(Outcome.SKIPPED)

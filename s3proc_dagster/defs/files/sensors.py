@@ -21,7 +21,7 @@ from s3proc_dagster.defs.images.jobs import image_request_job
 from s3proc_dagster.defs.resources import ProgressStoreResource, S3Storage, Settings
 from s3proc_dagster.files.globs import path_matches
 from s3proc_dagster.models import ProcessingStatus
-from s3proc_dagster.names import JOB_TAG, PATH_TAG, SOURCE_TAG
+from s3proc_dagster.names import FILE_ID_TAG, JOB_TAG, PATH_TAG, SOURCE_TAG
 from s3proc_dagster.runs.batching import BatchLimits, source_of, under_backlog
 from s3proc_dagster.runs.liveness import dead_runs, run_is_alive
 from s3proc_dagster.runs.requests import recovery_request, requeued, requeued_objects, run_request_for
@@ -34,6 +34,12 @@ from s3proc_dagster.transfer.keys import prefix_folder, split_uri
 from s3proc_dagster.zones.declared import DeclaredZone, declared, declared_directories, zone_of_path
 
 RUN_KEY_TAG = "dagster/run_key"
+IN_FLIGHT = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+]
 # how long a tick may look, from its start: the daemon's loop is 5 s, and what Dagster does
 # around a tick (its gRPC call, the resources, writing the tick) takes up to a second or so
 # more under load; a tick still running when the loop comes round waits a whole loop more
@@ -88,6 +94,7 @@ def watch_tick(
         finally:
             _WAITING.release()
     again = {r.tags[PATH_TAG] for r in requests}
+    requests = _not_in_flight(context, requests)
     requests += [
         run_request_for(str(f.path), f.relative_path, f.run_key, roots=(root,), zone=zone)
         for f in ready
@@ -98,6 +105,17 @@ def watch_tick(
     sizes = {str(f.path): f.size for f in ready}
     requests = _batched(context, settings, requests, lambda r: sizes.get(source_of(r)["path"]) or _size(r))
     return requests, cursor.dumps()
+
+
+def _not_in_flight(context: dg.SensorEvaluationContext, requeued: list[dg.RunRequest]) -> list[dg.RunRequest]:
+    """The requeued files no run is already queued or running for: `s3proc backfill` sets a
+    FAILED file back to PENDING and queues its run itself, which the requeue would double."""
+    if not requeued:
+        return requeued
+    ids = [r.tags[FILE_ID_TAG] for r in requeued]
+    records = context.instance.get_run_records(dg.RunsFilter(tags={FILE_ID_TAG: ids}, statuses=IN_FLIGHT))
+    busy = {record.dagster_run.tags.get(FILE_ID_TAG) for record in records}
+    return [r for r in requeued if r.tags[FILE_ID_TAG] not in busy]
 
 
 def _may_wait(context: dg.SensorEvaluationContext) -> bool:
@@ -191,7 +209,7 @@ def incoming_tick(
     requeue = requeued_objects(pending, bucket, cfg.incoming_prefix, zone)
     if zone is None:
         requeue = [r for r in requeue if zone_of_path(r.tags[SOURCE_TAG]) is None]
-    requests += [r for r in requeue if r.tags[SOURCE_TAG] not in fresh]
+    requests += _not_in_flight(context, [r for r in requeue if r.tags[SOURCE_TAG] not in fresh])
     sizes = {obj.uri: obj.size for obj in found}
     return _batched(context, settings, requests, lambda r: sizes.get(source_of(r)["path"])), cursor.dumps()
 
