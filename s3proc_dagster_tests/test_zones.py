@@ -117,20 +117,51 @@ def test_two_zones_land_each_file_under_their_own_destination_with_their_own_rul
 
 
 def test_two_zones_may_not_claim_one_source_and_the_error_names_both(tmp_path: Path) -> None:
-    zone_of("first_claim", source=str(tmp_path))
+    zone_of("first_claim", source=str(tmp_path), destination="claims/first")
     with pytest.raises(SettingsError, match="'first_claim' and 'second_claim' claim the same source"):
-        zone_of("second_claim", source=str(tmp_path / "inside"))
+        zone_of("second_claim", source=str(tmp_path / "inside"), destination="claims/second")
+
+
+def test_two_zones_may_not_land_in_one_destination_and_the_error_names_both(tmp_path: Path) -> None:
+    zone_of("first_lands", source=str(tmp_path / "a"), destination="landing/shared")
+    for inside in ("landing/shared", "landing/shared/deeper", "landing"):
+        with pytest.raises(SettingsError, match="'first_lands' and 'second_lands' land in the same destination"):
+            zone_of("second_lands", source=str(tmp_path / "b"), destination=inside)
+    zone_of("second_lands", source=str(tmp_path / "b"), destination="landing/shared-not")  # a sibling, not inside
+    zone_of("unset_first", source=str(tmp_path / "c"))  # S3_PREFIX, beside the default zone
+    with pytest.raises(SettingsError, match="'unset_first' and 'unset_second' land in the same destination"):
+        zone_of("unset_second", source=str(tmp_path / "d"))
 
 
 def test_a_zone_may_not_move_its_landed_files_into_a_watched_source(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match=r"'loops' moves landed files to .*which zone 'loops' watches"):
-        zone_of("loops", source=str(tmp_path / "in"), after_success=f"move:{tmp_path / 'in' / 'done'}")
-    zone_of("watched", source=str(tmp_path / "other"))
+        zone_of(
+            "loops",
+            source=str(tmp_path / "in"),
+            destination="moves/loops",
+            after_success=f"move:{tmp_path / 'in' / 'done'}",
+        )
+    zone_of("watched", source=str(tmp_path / "other"), destination="moves/watched")
     with pytest.raises(SettingsError, match="which zone 'watched' watches"):
-        zone_of("feeds", source=str(tmp_path / "feeds"), after_success=f"move:{tmp_path / 'other'}")
+        zone_of(
+            "feeds",
+            source=str(tmp_path / "feeds"),
+            destination="moves/feeds",
+            after_success=f"move:{tmp_path / 'other'}",
+        )
     with pytest.raises(SettingsError, match="a directory source moves to a directory"):
-        zone_of("crosses", source=str(tmp_path / "crosses"), after_success="move:s3://bucket/done")
-    zone_of("moves_aside", source=str(tmp_path / "aside"), after_success=f"move:{tmp_path / 'done'}")
+        zone_of(
+            "crosses",
+            source=str(tmp_path / "crosses"),
+            destination="moves/crosses",
+            after_success="move:s3://bucket/done",
+        )
+    zone_of(
+        "moves_aside",
+        source=str(tmp_path / "aside"),
+        destination="moves/aside",
+        after_success=f"move:{tmp_path / 'done'}",
+    )
 
 
 def test_a_zone_inside_watch_path_is_its_own_sensors_alone_even_when_a_file_is_requeued(
@@ -199,7 +230,7 @@ def test_after_success_acts_on_the_original_only_once_committed_and_never_on_a_f
     bad.parent.mkdir(exist_ok=True)
     bad.write_text("not a zip")
     setting = "delete" if action == "delete" else f"move:{done}"
-    zone = zone_of(unique("after"), source=str(drop), destination="after/out", after_success=setting)
+    zone = zone_of(unique("after"), source=str(drop), destination=f"after/{action}", after_success=setting)
     requests = tick(deployment, zone)
     assert len(requests) == 2
     for request in requests:

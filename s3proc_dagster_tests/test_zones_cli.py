@@ -188,7 +188,7 @@ def test_a_default_zone_file_is_shown_as_before_while_zones_are_declared(
     deployment: Deployment, zones_dir: Path, tmp_path: Path
 ) -> None:
     name = unique("cli_beside")
-    declare(zones_dir, name, source=str(tmp_path / "drop"))
+    declare(zones_dir, name, source=str(tmp_path / "drop"), destination=f"{name}/out")
     (tmp_path / "drop").mkdir()
     folder = f"plain-{name}"
     src = write_csv(deployment.watch / folder / "p.csv", promo_rows(4))

@@ -5,8 +5,8 @@ deployment's, which its sensor puts in each run's config (`FilesConfig.zone`). T
 components register themselves here when the definitions load, which every process of a
 deployment does the same way from the same `defs.yaml` files, so this is a view of the
 definitions, not state: the default zone's sensor leaves the zones' directories alone,
-`s3proc process` finds the zone of a path, and two zones claiming one source are refused
-with both names before anything runs.
+`s3proc process` finds the zone of a path, and two zones claiming one source (or landing
+in one destination) are refused with both names before anything runs.
 """
 
 from __future__ import annotations
@@ -44,6 +44,21 @@ class DeclaredZone:
             return f"{self.source.rstrip('/')}/{relative_path}"
         return str(self.directory / relative_path)
 
+    @property
+    def destination(self) -> str:
+        """Its key prefix under the bucket, "" for the deployment's S3_PREFIX."""
+        return self.settings.get("S3_PREFIX", "").strip("/")
+
+    def shares_destination(self, other: DeclaredZone) -> bool:
+        """One destination is the other's or inside it: the same key would hold both zones'
+        datasets (`a/b.csv` of a zone landing in `x` is `b.csv` of one landing in `x/a`).
+        Two zones without one share S3_PREFIX; a zone without one beside one with one cannot
+        be told apart before S3_PREFIX is read, so only the zones' own spellings are compared."""
+        a, b = self.destination, other.destination
+        if not a or not b:
+            return not a and not b
+        return a == b or a.startswith(b + "/") or b.startswith(a + "/")
+
     def claims(self, other: DeclaredZone) -> bool:
         """One source is the other's or inside it: a file would get two zones' runs."""
         a, b = _spelled(self.source), _spelled(other.source)
@@ -69,6 +84,13 @@ def declare(zone: DeclaredZone) -> None:
             raise SettingsError(
                 f"landing zones {other.name!r} and {zone.name!r} claim the same source "
                 f"({other.source} and {zone.source}); give each zone a source of its own"
+            )
+    for other in _DECLARED.values():
+        if other.name != zone.name and zone.shares_destination(other):
+            raise SettingsError(
+                f"landing zones {other.name!r} and {zone.name!r} land in the same destination "
+                f"({other.destination or 'S3_PREFIX'} and {zone.destination or 'S3_PREFIX'}): a file of one would "
+                "replace the other's dataset of the same path; give each zone a destination of its own"
             )
     target = zone.move_target
     if target and zone.source and is_s3_uri(target) != is_s3_uri(zone.source):
