@@ -104,6 +104,22 @@ def test_process_runs_a_zone_file_with_its_zone_settings_and_read_finds_it_by_it
     assert len(read.stdout.splitlines()) == 20
 
 
+def test_process_leaves_a_file_its_zones_globs_leave_out_as_its_sensor_does(
+    deployment: Deployment, zones_dir: Path, tmp_path: Path
+) -> None:
+    name = unique("cli_globs")
+    drop = tmp_path / "drop"
+    declare(zones_dir, name, source=str(drop), destination=f"{name}/out", include=["*.csv"])
+    src = drop / "events.jsonl"
+    src.parent.mkdir(parents=True)
+    src.write_text('{"a": 1}\n')
+    done = s3proc("process", str(src), cwd=tmp_path)
+    assert done.returncode == 1 and done.stdout == "", done.stdout + done.stderr
+    assert f"zone {name!r} leaves events.jsonl out (include ['*.csv']" in done.stderr
+    assert deployment.store().get(make_file_id("events.jsonl", name)) is None
+    assert src.exists() and list_keys(deployment, f"{name}/out/") == []
+
+
 def test_process_runs_an_object_of_an_s3_zone_with_its_zone_settings(
     deployment: Deployment, zones_dir: Path, tmp_path: Path
 ) -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from s3proc_dagster.cli.common import get_instance, request_for
-from s3proc_dagster.cli.zones import load_zones
+from s3proc_dagster.cli.zones import Zones, load_zones
+from s3proc_dagster.files.globs import admitted
 from s3proc_dagster.models import FileStatus, ProcessingStatus
-from s3proc_dagster.names import SOURCE_TAG
+from s3proc_dagster.names import PATH_TAG, SOURCE_TAG
 from s3proc_dagster.stores import open_store
 
 
@@ -25,6 +27,11 @@ def _process(args: argparse.Namespace) -> int:
     try:
         for raw in args.paths:
             request = request_for(raw, zones)
+            left_out = _left_out(zones, raw, request.tags.get(PATH_TAG, ""))
+            if left_out:
+                print(f"s3proc: {raw}: {left_out}; nothing run", file=sys.stderr)
+                failed += 1
+                continue
             outcome = run_now(instance, request)
             status = store.get_by_path(request.tags[SOURCE_TAG])
             failed += not outcome.success
@@ -32,6 +39,19 @@ def _process(args: argparse.Namespace) -> int:
     finally:
         store.close()
     return 1 if failed else 0
+
+
+def _left_out(zones: Zones, raw: str, relative_path: str) -> str | None:
+    """Why a declared zone's sensor would pass this file over (its include and exclude
+    globs), or None: `process` runs a zone's file as its sensor would, so not this one."""
+    zone = zones.of_argument(raw)
+    cfg = zone.cfg.zone
+    if zone.declared is None or not relative_path or admitted(relative_path, cfg.include, cfg.exclude):
+        return None
+    return (
+        f"zone {zone.name!r} leaves {relative_path} out (include {list(cfg.include)}, exclude {list(cfg.exclude)}), "
+        "so its sensor never runs it"
+    )
 
 
 def _outcome(status: FileStatus | None, run_id: str, success: bool) -> str:

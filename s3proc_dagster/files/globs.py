@@ -32,3 +32,9 @@ def _compile(pattern: str) -> re.Pattern[str]:
 
 def path_matches(relative_path: str, pattern: str) -> bool:
     return _compile(pattern).match(relative_path) is not None
+
+
+def admitted(relative_path: str, include: tuple[str, ...], exclude: tuple[str, ...] = ()) -> bool:
+    """A zone takes the files its `include` globs match and its `exclude` globs do not."""
+    included = any(path_matches(relative_path, pattern) for pattern in include)
+    return included and not any(path_matches(relative_path, pattern) for pattern in exclude)

@@ -19,7 +19,7 @@ import dagster as dg
 from s3proc_dagster.defs.files.jobs import PRODUCT_JOBS, process_file_job, process_files_job, reconcile_job
 from s3proc_dagster.defs.images.jobs import image_request_job
 from s3proc_dagster.defs.resources import ProgressStoreResource, S3Storage, Settings
-from s3proc_dagster.files.globs import path_matches
+from s3proc_dagster.files.globs import admitted
 from s3proc_dagster.models import ProcessingStatus
 from s3proc_dagster.names import FILE_ID_TAG, JOB_TAG, PATH_TAG, SOURCE_TAG
 from s3proc_dagster.runs.batching import BatchLimits, source_of, under_backlog
@@ -127,10 +127,7 @@ def _may_wait(context: dg.SensorEvaluationContext) -> bool:
 
 
 def zone_admits(cfg: Configuration, relative_path: str) -> bool:
-    """A declared zone takes the files its `include` globs match and its `exclude` globs do not."""
-    zone = cfg.zone
-    included = any(path_matches(relative_path, pattern) for pattern in zone.include)
-    return included and not any(path_matches(relative_path, pattern) for pattern in zone.exclude)
+    return admitted(relative_path, cfg.zone.include, cfg.zone.exclude)
 
 
 @dg.sensor(
