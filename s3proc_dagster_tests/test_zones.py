@@ -400,6 +400,7 @@ def test_a_zone_is_a_defined_asset_in_the_catalog_with_its_chunks_and_its_failur
     assert instance.get_run_by_id(landed).status is dg.DagsterRunStatus.SUCCESS
     record = store.get(make_file_id("picked.csv", on_demand))
     assert record is not None and record.status is S.COMPLETED and record.run_id == landed
+    assert instance.get_run_by_id(landed).tags["s3proc/zone"] == on_demand  # found by its zone like a sensor's run
     rows = read_dataset(deployment, "on_demand/out/picked.csv", tmp_path)
     assert rows == source_rows(on_demand_drop / "picked.csv", "read_csv")
     materialized = instance.fetch_materializations(

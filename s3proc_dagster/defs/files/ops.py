@@ -20,7 +20,7 @@ from s3proc_dagster.defs.resources import ProgressStoreResource, S3Storage, Sett
 from s3proc_dagster.errors import s3_error_code
 from s3proc_dagster.logs import about, get_logger, progress_logger
 from s3proc_dagster.models import ProcessingStep
-from s3proc_dagster.names import FILE_TYPE_TAG, SHA256_TAG, UPLOAD_POOL
+from s3proc_dagster.names import FILE_TYPE_TAG, SHA256_TAG, UPLOAD_POOL, ZONE_TAG
 from s3proc_dagster.pipeline import ConversionRecipe, StepContext, UploadedObject, after_success
 from s3proc_dagster.pipeline.batch import FileInRun, Outcome
 from s3proc_dagster.pipeline.snapshot import held_version, settled_since
@@ -64,7 +64,8 @@ def _snapshot(context: dg.OpExecutionContext, settings: Settings, ctx: StepConte
         return replace(file, version=version).out(Outcome.SKIPPED)
     if not in_batch(context):  # a run started without the sensor's tags gets them here
         tags = file_run_tags(source.relative_path, source.uri, version.file_id, source.metadata)
-        tag_run(context, {**tags, SHA256_TAG: version.sha256[:12]})
+        zone = {ZONE_TAG: cfg.zone.name} if cfg.zone.name else {}  # a partition materialized from the catalog
+        tag_run(context, {**tags, **zone, SHA256_TAG: version.sha256[:12]})
     return replace(file, version=version)
 
 
