@@ -21,10 +21,12 @@ from datetime import UTC, datetime
 from s3proc_dagster.settings import LoggingConfig
 
 LOGGER = "s3proc"
-# A file's progress through the steps, for the terminal (`s3proc process`, scripts/dev): not
-# a managed logger, so these lines cost no row in a run's event log, where each step's own
-# events already say the same (one row is 10-18 ms on SQLite; see docs/performance.md).
-PROGRESS = "s3proc-progress"
+# A file's progress through the steps, for the terminal (`s3proc process`, scripts/dev) and
+# the run's stderr: named below `s3proc` for log shippers, but it does not propagate, so the
+# handler Dagster adds to the managed `s3proc` logger never sees it and these lines cost no
+# row in a run's event log, where each step's own events already say the same.
+PROGRESS = f"{LOGGER}.progress"
+logging.getLogger(PROGRESS).propagate = False  # from the first import: never a row, configured or not
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}
 PRETTY_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 

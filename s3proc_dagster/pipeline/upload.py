@@ -19,7 +19,7 @@ from functools import partial
 from pathlib import Path
 
 from s3proc_dagster.files.chunks import ChunkFile
-from s3proc_dagster.logs import get_logger
+from s3proc_dagster.logs import about, get_logger
 from s3proc_dagster.models import ChunkStatus, ProcessingStatus, RejectedPart, utcnow
 from s3proc_dagster.pipeline.cache import chunks_on_disk, staged_items
 from s3proc_dagster.pipeline.context import StepContext, worker_name
@@ -160,7 +160,7 @@ def _upload_chunk(
         chunk.chunk_index,
         result.size,
         duration,
-        extra={"fields": {"chunkId": item.chunk_id(chunk), "s3Key": result.key, "sha256": result.sha256}},
+        extra=about(item.item.file_id, chunkId=item.chunk_id(chunk), s3Key=result.key, sha256=result.sha256),
     )
     landing = {"s3_key": result.key, "size_bytes": result.size, "sha256": result.sha256, "duration": duration}
     _record_chunk(ctx, item, chunk, current, chunk_size, started_at=at, landed=landing, rejected=rejected)
