@@ -94,8 +94,17 @@ class S3Config(BaseSettings):
         write: step outputs there could be forged."""
         if not self.step_outputs_prefix:
             self.step_outputs_prefix = "/".join(p for p in (self.prefix, STEP_OUTPUTS_FOLDER) if p)
-        incoming, value = self.incoming_prefix, self.step_outputs_prefix
-        if incoming and (value == incoming or value.startswith(incoming + "/")):
+        incoming = self.incoming_prefix
+        if not incoming or self.incoming_bucket_name != self.bucket:
+            return self
+        if self.prefix == incoming or self.prefix.startswith(incoming + "/"):
+            raise ValueError(
+                f"S3_PREFIX={self.prefix} (a landing zone's destination) is S3_INCOMING_PREFIX={incoming} "
+                "(its source) or inside it, in one bucket: every output would come back in as a new file; "
+                "give it a destination outside its source"
+            )
+        value = self.step_outputs_prefix
+        if value == incoming or value.startswith(incoming + "/"):
             raise ValueError(
                 f"S3_STEP_OUTPUTS_PREFIX={value} must not be below S3_INCOMING_PREFIX={incoming}, where producers write"
             )
@@ -106,12 +115,18 @@ class S3Config(BaseSettings):
         return self.incoming_bucket or self.bucket
 
     def reserved_folders(self) -> tuple[str, ...]:
-        """Top folders below S3_PREFIX that hold the product's own objects, where no source
-        may land: image outputs, and step outputs when S3_STEP_OUTPUTS_PREFIX is inside S3_PREFIX."""
+        """Folders below S3_PREFIX where no source may land: image outputs, step outputs when
+        S3_STEP_OUTPUTS_PREFIX is inside S3_PREFIX, and the incoming prefix when it is (an
+        output landing there would come back in as a new file)."""
         reserved = [IMAGE_OUTPUT_FOLDER]
         inside = self.step_outputs_prefix.removeprefix(self.prefix + "/") if self.prefix else self.step_outputs_prefix
         if inside != self.step_outputs_prefix or not self.prefix:
             reserved.append(inside.split("/", 1)[0])
+        incoming = self.incoming_prefix.strip("/")
+        if incoming and self.incoming_bucket_name == self.bucket:
+            below = incoming.removeprefix(self.prefix + "/") if self.prefix else incoming
+            if below != incoming or not self.prefix:
+                reserved.append(below)
         return tuple(reserved)
 
 

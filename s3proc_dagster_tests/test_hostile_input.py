@@ -216,11 +216,19 @@ def bad_sidecars(root: Path) -> dict[str, str]:
     long_key = root / "longkey.csv"
     write_csv(long_key, promo_rows(3))
     (root / "longkey.csv.meta.json").write_text(json.dumps({"k" * 307: "v"}))
+    nested = root / "nested.csv"  # parses, but 900 lists deep broke the record and the step's output
+    write_csv(nested, promo_rows(3))
+    (root / "nested.csv.meta.json").write_text('{"a": ' + "[" * 900 + "]" * 900 + "}")
+    surrogate = root / "surrogate.csv"  # a lone surrogate: no run tag or record can hold it
+    write_csv(surrogate, promo_rows(3))
+    (root / "surrogate.csv.meta.json").write_text('{"a": "\\ud800"}')
     return {
         str(deep): "nested too deeply",
         str(huge): "over 65,536 bytes",
         str(fifo): "not a regular file",
         str(long_key): "longer than 64 characters",
+        str(nested): "nested more than 8 levels deep",
+        str(surrogate): "not valid UTF-8",
     }
 
 
@@ -233,6 +241,9 @@ def test_bad_sidecars_fail_their_files_while_the_sensor_runs_the_others(
     root = deployment.watch / folder()
     root.mkdir()
     expected = bad_sidecars(root)
+    unnamed = os.fsencode(root) + b"/bad\xff\xfe.csv"  # not UTF-8: no run can carry the name
+    with open(unnamed, "wb") as raw:
+        raw.write(csv_bytes(promo_rows(3)))
     good = write_csv(root / "good.csv", promo_rows(25))
     store = deployment.store()
 
@@ -245,6 +256,7 @@ def test_bad_sidecars_fail_their_files_while_the_sensor_runs_the_others(
     for path, reason in expected.items():
         record = store.get_by_path(path)
         assert record.status is S.FAILED and reason in record.error_details, (path, record.error_details)
+    assert os.path.exists(unnamed)  # left where it is, said in the sensor's log, never a stopped tick
 
 
 # ---- names are canonical, and no file lands inside another's dataset -----------------------------
@@ -273,6 +285,33 @@ def test_a_uri_that_is_not_one_canonical_key_is_refused_with_its_reason(deployme
     assert objects_under(deployment, name) == []
     with pytest.raises(UnsafeSourceError):
         locate(uri, deployment.watch, "incoming")
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("images\\planted.csv", "backslash"),  # SeaweedFS stores it as images/planted.csv
+        ("landed.csv\\v-0000000000000000\\part-00000.parquet", "backslash"),
+        ("nel\x85.csv", "control character"),
+        ("line\u2028sep.csv", "control character"),
+        ("spoof\u202egnp.csv", "control character"),
+    ],
+    ids=["backslash-reserved", "backslash-dataset", "c1-control", "line-separator", "direction-override"],
+)
+def test_a_name_s3_or_a_terminal_would_read_as_another_is_refused(
+    deployment: Deployment, name: str, reason: str
+) -> None:
+    rel = folder()
+    planted = deployment.watch / rel / name
+    planted.parent.mkdir()
+    planted.write_bytes(csv_bytes(promo_rows(3)))
+    code, printed = process(str(planted))
+    assert code == 1, printed
+    record = deployment.store().get_by_path(str(planted))
+    assert record.status is S.FAILED and reason in record.error_details
+    assert objects_under(deployment, rel) == []
+    assert not [k for k in list_keys(deployment, f"{deployment.prefix}/images/") if "planted" in k]
+    assert planted.exists() or (deployment.errors / rel / name).exists()  # the original kept
 
 
 def test_a_file_inside_another_files_dataset_is_refused_and_both_stay_intact(

@@ -129,3 +129,19 @@ def test_a_deployment_is_single_unless_shared_which_needs_a_store_every_node_rea
     monkeypatch.setenv("DEPLOYMENT", "cluster")
     with pytest.raises(SettingsError, match="DEPLOYMENT='cluster': Input should be 'single' or 'shared'"):
         load_configuration(env_file=None)
+
+
+def test_an_incoming_prefix_inside_the_output_prefix_is_reserved_and_a_destination_inside_its_source_refused(
+    valid_env: Path,
+) -> None:
+    def s3(**given: str):
+        return load_configuration(env_file=None, overrides=given).s3
+
+    assert "incoming" in s3(S3_PREFIX="", S3_INCOMING_PREFIX="incoming/").reserved_folders()  # it would come back in
+    assert "in/drop" in s3(S3_PREFIX="out", S3_INCOMING_PREFIX="out/in/drop").reserved_folders()
+    assert "in" not in s3(S3_PREFIX="", S3_INCOMING_PREFIX="in", S3_INCOMING_BUCKET="other").reserved_folders()
+    with pytest.raises(
+        SettingsError, match=r"S3_PREFIX=exports \(a landing zone's destination\) is S3_INCOMING_PREFIX"
+    ):
+        s3(S3_PREFIX="exports", S3_INCOMING_PREFIX="exports")
+    assert s3(S3_PREFIX="exports", S3_INCOMING_PREFIX="exports", S3_INCOMING_BUCKET="drop").prefix == "exports"

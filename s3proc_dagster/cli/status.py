@@ -15,6 +15,7 @@ from s3proc_dagster.cli.common import FILE_ARGUMENT, dagster_home
 from s3proc_dagster.cli.zones import Zone, Zones, load_zones
 from s3proc_dagster.files import parking
 from s3proc_dagster.models import ChunkStatus, FileStatus, ProcessingStatus
+from s3proc_dagster.sources.names import printable
 from s3proc_dagster.stores import open_store
 
 
@@ -170,10 +171,8 @@ def _print_text(args: argparse.Namespace, shown: _Shown) -> None:
         where = (parked or f.file_path) + shown.zone_of[f.file_id].marker
         output = f"  ->  {f.output_key}" if f.status is ProcessingStatus.COMPLETED and f.output_key else ""
         moved = f"  (parked in the error directory; read from {f.file_path})" if parked else ""
-        print(
-            f"{f.status.name:<11} {stats.completed_chunks:>4}/{f.total_chunks:<4} chunks  {where}{output}{moved}"
-            + (f"  error: {f.error_details}" if f.error_details else "")
-        )
+        line = f"{f.status.name:<11} {stats.completed_chunks:>4}/{f.total_chunks:<4} chunks  {where}{output}{moved}"
+        print(printable(line + (f"  error: {f.error_details}" if f.error_details else "")))
         if args.chunks:
             print("\n".join(_chunk_lines(shown.chunks[f.file_id])))
         if args.path:

@@ -20,6 +20,7 @@ from typing import Any
 from s3proc_dagster.errors import UnsupportedFileError
 from s3proc_dagster.names import META_TAG
 from s3proc_dagster.sources.confined import open_regular
+from s3proc_dagster.sources.names import printable
 from s3proc_dagster.sources.watch import SIDECAR_SUFFIX
 
 PRIORITIES = {"high": 10, "normal": 0, "low": -10}
@@ -27,6 +28,7 @@ SIDECAR_MAX_BYTES = 64 * 1024  # a sidecar is a few fields; 64 KiB also bounds J
 MAX_KEYS = 32
 MAX_KEY_CHARS = 64
 MAX_TAG_VALUE_CHARS = 200
+MAX_DEPTH = 8  # an object of lists of objects...: a few levels is all a file's metadata needs
 _TAG_KEY = re.compile(r"[^A-Za-z0-9_.\-]")
 
 
@@ -61,7 +63,10 @@ def read_sidecar(path: Path, roots: tuple[Path, ...] = ()) -> dict[str, Any]:
 
 
 def check_metadata(metadata: dict[str, Any], where: str) -> None:
-    """At most MAX_KEYS keys of at most MAX_KEY_CHARS characters: they become run tags."""
+    """At most MAX_KEYS keys of at most MAX_KEY_CHARS characters (they become run tags),
+    values nested at most MAX_DEPTH deep and SIDECAR_MAX_BYTES in all, all of it UTF-8:
+    it is kept in the file's record and in each step's output, which must be able to
+    store it (a value 900 lists deep, or a lone surrogate, broke those writes)."""
     if len(metadata) > MAX_KEYS:
         raise UnsupportedFileError(f"{where}: metadata has {len(metadata)} keys, at most {MAX_KEYS} are accepted")
     for key in metadata:
@@ -69,6 +74,28 @@ def check_metadata(metadata: dict[str, Any], where: str) -> None:
             raise UnsupportedFileError(
                 f"{where}: metadata key {str(key)[:MAX_KEY_CHARS]!r}... is longer than {MAX_KEY_CHARS} characters"
             )
+    if _depth(metadata) > MAX_DEPTH:
+        raise UnsupportedFileError(f"{where}: metadata is nested more than {MAX_DEPTH} levels deep")
+    try:
+        size = len(json.dumps(metadata, ensure_ascii=False).encode("utf-8"))
+    except UnicodeEncodeError:
+        raise UnsupportedFileError(f"{where}: metadata holds text that is not valid UTF-8 (a lone surrogate)") from None
+    if size > SIDECAR_MAX_BYTES:
+        raise UnsupportedFileError(f"{where}: metadata is over {SIDECAR_MAX_BYTES:,} bytes")
+
+
+def _depth(value: Any) -> int:
+    """How deep lists and objects nest in `value` (1 for an object of plain values)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, level)
+        if level <= MAX_DEPTH:  # no need to walk further than what is refused
+            stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def priority_value(metadata: dict[str, Any]) -> int:
@@ -84,7 +111,7 @@ def priority_value(metadata: dict[str, Any]) -> int:
 def run_tags(metadata: dict[str, Any]) -> dict[str, str]:
     """`s3proc.meta/<key>` per key (values cut to MAX_TAG_VALUE_CHARS), and the bounded priority."""
     tags = {
-        f"{META_TAG}/{_TAG_KEY.sub('_', str(k))[:MAX_KEY_CHARS]}": str(v)[:MAX_TAG_VALUE_CHARS]
+        f"{META_TAG}/{_TAG_KEY.sub('_', str(k))[:MAX_KEY_CHARS]}": printable(str(v))[:MAX_TAG_VALUE_CHARS]
         for k, v in list(metadata.items())[:MAX_KEYS]
     }
     if "priority" in metadata:

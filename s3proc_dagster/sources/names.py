@@ -4,8 +4,9 @@ A file's relative path (below the watched directory or the S3 incoming prefix) b
 its output key, its fileId and its asset key, so it is checked before anything is
 written, and a path that fails is the file's FAILED reason:
 
-- **Canonical**: no control character (a newline in a key would add a line to the
-  symlink manifest, which query engines read as one more data file), no `.` or `..`
+- **Canonical**: valid UTF-8, no control character (a newline in a key would add a line to
+  the symlink manifest, which query engines read as one more data file), no backslash
+  (S3 servers and tools that read it as `/` would put the key elsewhere), no `.` or `..`
   component, no leading `/`, no empty component (`a//b.csv`), so two spellings never
   name one file and a key never climbs out of the prefix.
 - **Not inside another file's dataset**: a tabular file `x.csv` becomes the dataset
@@ -22,7 +23,9 @@ from pathlib import PurePosixPath
 
 from s3proc_dagster.errors import UnsafeSourceError
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# C0 and C1 controls, line and paragraph separators, and the bidirectional overrides that
+# make a name display as another (`x\u202egnp.csv` shows as `xcsv.png`)
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 # The suffixes whose files become folders in S3 (datasets and archives' entries); the
 # same claims as `files.detect`'s, repeated here so checking a name loads no detector.
 FOLDER_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".ndjson", ".xml", ".zip", ".tar", ".tar.gz", ".tgz", ".gz")
@@ -40,7 +43,13 @@ def check_canonical(relative_path: str, what: str = "path") -> str:
     if not relative_path:
         raise UnsafeSourceError(f"{what} is empty")
     if _CONTROL.search(relative_path):
-        raise UnsafeSourceError(f"{what} {shown} contains a control character (newline, tab, NUL...)")
+        raise UnsafeSourceError(
+            f"{what} {shown} contains a control character (newline, tab, NUL, a line separator, a direction override...)"
+        )
+    if "\\" in relative_path:  # several S3 servers and tools take it for '/': it could climb into another key
+        raise UnsafeSourceError(f"{what} {shown} contains a backslash; S3 servers may read it as '/'")
+    if not utf8_name(relative_path):
+        raise UnsafeSourceError(f"{what} {shown} is not valid UTF-8 (rename the file)")
     if relative_path.startswith("/"):
         raise UnsafeSourceError(f"{what} {shown} starts with '/'")
     parts = relative_path.split("/")
@@ -49,6 +58,21 @@ def check_canonical(relative_path: str, what: str = "path") -> str:
     if "." in parts or ".." in parts:
         raise UnsafeSourceError(f"{what} {shown} has a '.' or '..' component")
     return relative_path
+
+
+def printable(text: str) -> str:
+    """`text` for a terminal: a producer's control characters (an escape sequence in a file
+    name) shown escaped, never sent to the terminal as they are."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+def utf8_name(text: str) -> bool:
+    """Whether a name the file system gave back is valid UTF-8 (no lone surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a byte the file system gave back as a lone surrogate
+        return False
+    return True
 
 
 def check_not_nested(relative_path: str, first_folder: int = 0) -> None:
@@ -65,13 +89,13 @@ def check_not_nested(relative_path: str, first_folder: int = 0) -> None:
 
 
 def check_source_path(relative_path: str, reserved: tuple[str, ...] = ()) -> str:
-    """Every rule of this module for a source's relative path; `reserved` are top-level
-    folders of the output prefix that belong to the product."""
+    """Every rule of this module for a source's relative path; `reserved` are folders of the
+    output prefix (`images`, `a/b`) that belong to the product."""
     check_canonical(relative_path)
     check_not_nested(relative_path)
-    top = relative_path.split("/", 1)[0]
-    if top in reserved:
-        raise UnsafeSourceError(
-            f"{relative_path!r}: {top}/ is reserved for the product's own objects; no source may land there"
-        )
+    for folder in reserved:
+        if relative_path == folder or relative_path.startswith(folder + "/"):
+            raise UnsafeSourceError(
+                f"{relative_path!r}: {folder}/ is reserved for the product's own objects; no source may land there"
+            )
     return relative_path

@@ -19,7 +19,7 @@ from typing import Any
 from s3proc_dagster.errors import RecordNotFound
 from s3proc_dagster.models import make_file_id
 from s3proc_dagster.sources.confined import is_regular, lexically_below
-from s3proc_dagster.sources.metadata import read_sidecar
+from s3proc_dagster.sources.metadata import check_metadata, read_sidecar
 from s3proc_dagster.sources.names import check_canonical, check_source_path
 from s3proc_dagster.sources.s3_incoming import metadata_from_object
 from s3proc_dagster.transfer.keys import is_s3_uri, prefix_folder, split_uri
@@ -109,6 +109,7 @@ def resolve_source(
     if source.is_object:
         head = client.head_object(Bucket=source.bucket, Key=source.key) if client is not None else {}
         metadata = metadata_from_object(head.get("Metadata", {}))
+        check_metadata(metadata, f"{source.relative_path}: its object's user metadata")
     else:
         if not os.path.lexists(source.uri):
             raise RecordNotFound(f"{target}: no such file")

@@ -26,6 +26,7 @@ from s3proc_dagster.runs.batching import BatchLimits, source_of, under_backlog
 from s3proc_dagster.runs.liveness import dead_runs, run_is_alive
 from s3proc_dagster.runs.requests import recovery_request, requeued, requeued_objects, run_request_for
 from s3proc_dagster.settings import Configuration, poll_interval_s
+from s3proc_dagster.sources.names import printable, utf8_name
 from s3proc_dagster.sources.s3_incoming import IncomingCursor, list_incoming, metadata_from_object
 from s3proc_dagster.sources.watch import SeenFile, WatchCursor, evaluate, scan, wait_for_ready
 from s3proc_dagster.stores.base import ProgressStore
@@ -74,6 +75,13 @@ def watch_tick(
     def look() -> list[SeenFile]:
         nonlocal cursor
         files = [f for f in scan(root, skip_dirs=skip_dirs) if zone_admits(cfg, f.relative_path)]
+        unnamed = [f for f in files if not utf8_name(f.relative_path)]
+        if unnamed:  # no run can carry such a name (tags, config and records are UTF-8): said, left alone
+            shown = ", ".join(
+                printable(os.fsencode(f.relative_path).decode("utf-8", "backslashreplace")) for f in unnamed
+            )
+            context.log.warning(f"{len(unnamed)} file(s) whose name is not valid UTF-8 are left alone; rename: {shown}")
+            files = [f for f in files if utf8_name(f.relative_path)]
         ready, cursor = evaluate(
             files,
             cursor,
