@@ -268,7 +268,9 @@ class LoggingConfig(BaseSettings):
     @field_validator("level", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
-        return value.lower() if isinstance(value, str) else value
+        """Any case; `warning`, Python's own name for the level, is `warn`."""
+        lowered = value.strip().lower() if isinstance(value, str) else value
+        return "warn" if lowered == "warning" else lowered
 
 
 class ImageConfig(BaseSettings):

@@ -145,3 +145,8 @@ def test_an_incoming_prefix_inside_the_output_prefix_is_reserved_and_a_destinati
     ):
         s3(S3_PREFIX="exports", S3_INCOMING_PREFIX="exports")
     assert s3(S3_PREFIX="exports", S3_INCOMING_PREFIX="exports", S3_INCOMING_BUCKET="drop").prefix == "exports"
+
+
+@pytest.mark.parametrize(("given", "level"), [("warning", "warn"), ("WARN", "warn"), (" Debug ", "debug")])
+def test_log_level_takes_pythons_spelling_and_any_case(valid_env: Path, given: str, level: str) -> None:
+    assert load_configuration(env_file=None, overrides={"LOG_LEVEL": given}).logging.level == level
