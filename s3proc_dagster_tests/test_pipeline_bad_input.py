@@ -98,6 +98,22 @@ def test_bad_file_fails_with_reason_and_original_moved_unchanged(deployment: Dep
     assert not (deployment.root / "evil.csv").exists() and not Path("/tmp/s3proc-abs-evil.csv").exists()
 
 
+def test_an_archive_with_one_bad_entry_fails_every_entry_saying_the_archive_failed(deployment: Deployment) -> None:
+    folder = "bad-entry-archive"
+    path = deployment.watch / folder / "mixed.zip"
+    path.parent.mkdir(parents=True)
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("good.csv", "a,b\n1,2\n")
+        archive.writestr("bad.csv", "a,b\n1,2\n3,4,5,6\n7\n")
+    (request,) = run_requests_under(sensor_tick(deployment), folder)
+    assert not execute(request, deployment).success
+    store = deployment.store()
+    good = store.get_by_path(f"{path}!/good.csv")
+    assert good.status is S.FAILED and good.error_details.startswith("its archive mixed.zip failed: ")
+    assert "bad.csv" in good.error_details  # which entry broke it
+    assert store.get_by_path(str(path)).status is S.FAILED
+
+
 def process_measured(path: Path) -> tuple[int, str, int]:
     """`s3proc process PATH` as a user runs it; its exit status, output, and peak RSS in bytes.
 
