@@ -141,6 +141,21 @@ def test_ragged_csv_fails_naming_the_line_and_duckdbs_reason(tmp_path: Path, lin
         convert_to_parquet_chunks(tmp_path / "r.csv", "csv", tmp_path / "out", 10)
 
 
+@pytest.mark.parametrize(
+    ("name", "kind", "body"),
+    [("bad.jsonl", "jsonl", '{"a": 1}\n{"a": \n{"a": 3}\n'), ("r.csv", "csv", "a,b\n1,2\n3,4,5\n")],
+)
+def test_a_conversion_error_names_the_file_never_the_path_of_its_staged_copy(
+    tmp_path: Path, name: str, kind: str, body: str
+) -> None:
+    staged = tmp_path / "staging" / "0123abcd"
+    staged.mkdir(parents=True)
+    (staged / name).write_text(body)
+    with pytest.raises(ConversionError) as failed:
+        convert_to_parquet_chunks(staged / name, kind, tmp_path / "out", 10)
+    assert str(failed.value).startswith(f"{name}: ") and str(staged) not in str(failed.value)
+
+
 def test_ragged_row_after_the_sniffer_sample_fails_as_a_conversion_error(tmp_path: Path) -> None:
     (tmp_path / "r.csv").write_text("a,b\n" + "".join(f"{i},{i}\n" for i in range(PAST_SAMPLE)) + "1,2,3\n")
     with pytest.raises(ConversionError, match=f"r.csv: .*Line: {PAST_SAMPLE + 2} .*Found: 3"):

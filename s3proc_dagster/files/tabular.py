@@ -214,14 +214,14 @@ def _open_stream(
         columns = [(n, str(t)) for n, t in zip(relation.columns, relation.types, strict=True) if n != "__rules"]
         return relation.to_arrow_reader(BATCH_ROWS), columns, plan
     except duckdb.Error as exc:
-        reason = duckdb_reason(exc)
+        reason = duckdb_reason(exc).replace(str(path), source.name)  # the file, not its staged copy
         if kind in ("csv", "tsv") and "sniffing" in reason:
             detail = _explain_csv_failure(conn, path, kind)
             reason = f"{detail} (DuckDB could not detect the CSV dialect)" if detail else reason
         raise ConversionError(f"{source.name}: {reason}") from None
 
 
-def _batches(reader: pa.RecordBatchReader, source: Path) -> Iterator[pa.RecordBatch]:
+def _batches(reader: pa.RecordBatchReader, source: Path, path: Path) -> Iterator[pa.RecordBatch]:
     """Batches in source order; a read error (it arrives through Arrow) names the file.
 
     DuckDB's errors while streaming surface as a bare OSError from the Arrow reader, not
@@ -234,7 +234,7 @@ def _batches(reader: pa.RecordBatchReader, source: Path) -> Iterator[pa.RecordBa
         except StopIteration:
             return
         except (OSError, pa.ArrowException, duckdb.Error) as exc:
-            message = duckdb_reason(exc)
+            message = duckdb_reason(exc).replace(str(path), source.name)
             if _is_sampled_type_error(message):
                 raise _SampledTypeTooNarrow(message) from None
             raise ConversionError(f"{source.name}: {message}") from None
@@ -255,7 +255,7 @@ def _one_pass(
     try:
         if read.check_columns is not None:  # before a single row is written (or lands)
             read.check_columns(columns)
-        batches, schema = _batches(reader, read.source), reader.schema
+        batches, schema = _batches(reader, read.source, read.path), reader.schema
         if read.lineage is not None:
             batches, schema = read.lineage.apply(batches), read.lineage.schema(schema)
         chunks = write_chunks(batches, schema, out_dir, chunk_size, compression, plan.validates, sink, first)

@@ -59,7 +59,9 @@ def give_up(
         if r.run_id == run_id and (r.file_id == file_id or r.metadata.get("archiveFileId") == file_id)
     ]
     for record in held:  # an entry fails with its archive: said so, whichever entry broke it
-        why = reason if record.file_id == file_id else f"its archive {PurePosixPath(source or '').name} failed: {reason}"
+        why = (
+            reason if record.file_id == file_id else f"its archive {PurePosixPath(source or '').name} failed: {reason}"
+        )
         store.fail(record.file_id, why, run_id=run_id)
         for task in store.list_upload_tasks(record.file_id):
             abort_upload(client, task, store)  # if S3 is down, the sweep tries again later
