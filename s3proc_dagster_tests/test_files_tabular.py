@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -299,3 +300,29 @@ def test_a_numeric_column_made_text_by_na_is_named_with_the_words_and_gone_once_
     typed = convert_to_parquet_chunks(src, "csv", tmp_path / "b", 1000, csv_null_strings=("NA", ""))
     assert typed.numbers_as_text == {}
     assert dict(typed.columns)["dep_delay"] == "BIGINT"
+
+
+@pytest.mark.parametrize(
+    ("header", "rows", "delimiter"),
+    [
+        ("id;name;amount", ["1;a;0,5", "2;b;1,25"], ";"),
+        ("id|name", ["1|x,y", "2|z"], "|"),
+        ("id\tname", ["1\ta"], "\t"),
+        ('"full, name";age', ['"Doe, J";41'], ";"),
+        ("id,name", ["1,a;b"], ","),
+    ],
+    ids=["semicolon-decimal-commas", "pipe", "tab-in-a-csv", "quoted-comma-header", "comma"],
+)
+def test_a_csvs_header_decides_its_delimiter(tmp_path: Path, header: str, rows: list[str], delimiter: str) -> None:
+    src = tmp_path / "d.csv"
+    src.write_text("\n".join([header, *rows]) + "\n")
+    result = convert_to_parquet_chunks(src, "csv", tmp_path / "out", 10)
+    expected = [
+        dict(
+            zip(
+                next(csv.reader([header], delimiter=delimiter)), next(csv.reader([r], delimiter=delimiter)), strict=True
+            )
+        )
+        for r in rows
+    ]
+    assert [{k: str(v) for k, v in row.items()} for row in rows_of(result)] == expected

@@ -52,6 +52,7 @@ BATCH_ROWS = 122_880  # a multiple of DuckDB's 2,048-row vector
 SCRATCH_DIR = ".scratch"  # DuckDB spill files and XML intermediates; removed at the end
 # read_csv's own default, made explicit: only an empty field is NULL, so `NA` stays text.
 DUCKDB_NULL_STRINGS: tuple[str, ...] = ("",)
+CSV_DELIMITERS = (",", ";", "|", "\t")  # what a CSV's header may be split by; `,` first wins ties
 
 
 @dataclass(frozen=True)
@@ -97,10 +98,28 @@ class _SampledTypeTooNarrow(Exception):
     """A value later in the file does not fit the type DuckDB sampled; rerun on the whole file."""
 
 
-def _reader_sql(kind: str, whole_file: bool = False, null_strings: Sequence[str] = DUCKDB_NULL_STRINGS) -> str:
+def csv_delimiter(path: Path, kind: str) -> str:
+    """A TSV's tab; for a CSV the one of `,` `;` `|` and tab that splits its header line into
+    the most fields (`,` when none splits it, or on a tie): Excel and European tools write
+    `;`, with decimal commas in the values, so the header decides, never a value."""
+    if kind == "tsv":
+        return "\t"
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            header = f.readline(64 * 1024)
+    except (OSError, UnicodeDecodeError):
+        return ","
+    fields = {d: len(next(csv.reader([header], delimiter=d), [])) for d in CSV_DELIMITERS}
+    best = max(CSV_DELIMITERS, key=lambda d: fields[d])  # the first of the most: `,` on a tie
+    return best if fields[best] > 1 else ","
+
+
+def _reader_sql(
+    kind: str, whole_file: bool = False, null_strings: Sequence[str] = DUCKDB_NULL_STRINGS, delimiter: str = ","
+) -> str:
     """The DuckDB table function for a kind; the source path is always parameter $1.
 
-    The delimiter comes from the kind, the header is the first line and the quote is
+    The delimiter is the one `csv_delimiter` found, the header is the first line and the quote is
     RFC 4180's: left to itself the sniffer reads a ragged file as one column, skips
     leading lines that do not fit, or decides a file has no quoting when its first
     quoted field comes after the sample, all silently wrong or failing late. The null
@@ -109,7 +128,7 @@ def _reader_sql(kind: str, whole_file: bool = False, null_strings: Sequence[str]
     """
     sample = ", sample_size = -1" if whole_file else ""
     if kind in ("csv", "tsv"):
-        delim = "\t" if kind == "tsv" else ","  # a literal tab inside the SQL string
+        delim = "\t" if kind == "tsv" else delimiter  # a literal tab inside the SQL string
         nulls = "[" + ", ".join(sql_string(s) for s in null_strings) + "]"
         return (
             f"read_csv($1, header = true, delim = '{delim}', quote = '\"', skip = 0, strict_mode = true, "
@@ -157,7 +176,7 @@ def _check_json_array_closed(source: Path) -> None:
         raise ConversionError(f"{source.name}: the JSON array has no closing ']'; the file looks truncated")
 
 
-def _explain_csv_failure(conn: duckdb.DuckDBPyConnection, path: Path, kind: str) -> str | None:
+def _explain_csv_failure(conn: duckdb.DuckDBPyConnection, path: Path, kind: str, delim: str) -> str | None:
     """Name the line that broke the sniffer, which DuckDB's own message does not.
 
     When a ragged row falls inside the sniffer's sample, DuckDB only says it could not
@@ -165,7 +184,6 @@ def _explain_csv_failure(conn: duckdb.DuckDBPyConnection, path: Path, kind: str)
     as text reports "CSV Error on Line: N ... Expected Number of Columns". Runs only
     after a failure.
     """
-    delim = "\t" if kind == "tsv" else ","
     try:
         with path.open(encoding="utf-8-sig", newline="") as f:
             header = next(csv.reader(f, delimiter=delim), [])
@@ -198,13 +216,14 @@ class _Read:
     on_missing_columns: MissingColumnsPolicy
     lineage: Lineage | None = None
     check_columns: Callable[[list[tuple[str, str]]], None] | None = None
+    delimiter: str = ","
 
 
 def _open_stream(
     conn: duckdb.DuckDBPyConnection, read: _Read, whole_file: bool
 ) -> tuple[pa.RecordBatchReader, list[tuple[str, str]], RulePlan]:
     source, path, kind = read.source, read.path, read.kind
-    reader = _reader_sql(kind, whole_file, read.null_strings)
+    reader = _reader_sql(kind, whole_file, read.null_strings, read.delimiter)
     try:
         plan = RulePlan()
         if read.rules or read.required_columns:
@@ -216,7 +235,7 @@ def _open_stream(
     except duckdb.Error as exc:
         reason = duckdb_reason(exc).replace(str(path), source.name)  # the file, not its staged copy
         if kind in ("csv", "tsv") and "sniffing" in reason:
-            detail = _explain_csv_failure(conn, path, kind)
+            detail = _explain_csv_failure(conn, path, kind, "\t" if kind == "tsv" else read.delimiter)
             reason = f"{detail} (DuckDB could not detect the CSV dialect)" if detail else reason
         raise ConversionError(f"{source.name}: {reason}") from None
 
@@ -369,6 +388,7 @@ def convert_to_parquet_chunks(
             on_missing_columns=on_missing_columns,
             lineage=lineage,
             check_columns=check_columns,
+            delimiter=csv_delimiter(path, kind) if kind == "csv" else ",",
         )
         chunks, columns, plan, hints = _passes(conn, read, out_dir, chunk_size, compression, sink)
     finally:
