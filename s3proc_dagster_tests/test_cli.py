@@ -180,6 +180,8 @@ def test_status_of_a_failed_file_names_where_it_is_parked_and_shows_no_output(
     assert docs[broken.file_id]["filePath"] == f"{watch}/bad/broken.csv"  # the stored fields keep their meaning
     assert docs[broken.file_id]["outputKey"] == "p/bad/broken.csv"
     assert docs[kept.file_id]["parkedPath"] is None and docs[ok.file_id]["parkedPath"] is None
+    one = s3proc("status", "bad/broken.csv", env=pipeline_env, cwd=tmp_path).stdout  # and how to find its runs
+    assert f"filter by the tag s3proc/file/bad/broken.csv={broken.file_id}" in one
 
 
 def test_status_of_a_file_without_a_dagster_instance_says_so_in_one_line(

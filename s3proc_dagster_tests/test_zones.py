@@ -319,7 +319,15 @@ def test_a_retyped_column_is_reported_by_the_check_and_blocking_fails_the_file_b
     assert execute(first, deployment).success
     write_text(tmp_path / "block" / "b.csv", "id,amount,extra\n1,x,y\n")
     (second,) = tick(deployment, blocking)
-    assert not execute(second, deployment).success
+    blocked = execute(second, deployment)
+    assert not blocked.success
+    checks = {
+        e.dagster_event.event_specific_data.check_name: e.dagster_event.event_specific_data
+        for e in deployment.instance().all_logs(blocked.run_id)
+        if e.dagster_event and e.dagster_event.event_type_value == "ASSET_CHECK_EVALUATION"
+    }  # a file of its own run, whose step fails: its checks are stored all the same
+    assert not checks["landed"].passed and checks["landed"].partition == "b.csv"
+    assert not checks["schema_drift"].passed and "added extra (VARCHAR)" in checks["schema_drift"].description
     record = deployment.store().get(make_file_id("b.csv", blocking.name))
     assert record.status is S.FAILED and "added extra (VARCHAR)" in record.error_details
     assert "retyped amount: BIGINT -> VARCHAR" in record.error_details

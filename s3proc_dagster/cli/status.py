@@ -103,6 +103,14 @@ def _run_lines(runs: list[dict[str, Any]]) -> list[str]:
     return ["    runs, newest first:", *_table(["run", "job", "status", "started (UTC)"], rows, right=set())]
 
 
+def _ui_filter(f: FileStatus, zone: Zone) -> str:
+    """What to type in the UI's runs filter to find every run of the file: `key=value`."""
+    from s3proc_dagster.runs.tags import recorded_file_tag
+
+    ((key, value),) = recorded_file_tag(f, zone.watch, zone.error_dir, zone.incoming_prefix).items()
+    return f"{key}={value}"
+
+
 def _status(args: argparse.Namespace) -> int:
     """Each record is shown by its own zone's settings: a FAILED zone file waits in
     ERROR_DIRECTORY/<zone>, and its zone is named, so the user knows whose rules ran it."""
@@ -178,6 +186,7 @@ def _print_text(args: argparse.Namespace, shown: _Shown) -> None:
         if args.path:
             runs = shown.runs
             print("\n".join(_run_lines(runs[f.file_id])) if runs is not None else f"    runs: {shown.no_runs}")
+            print(printable(f"    in the UI's Runs page, filter by the tag {_ui_filter(f, shown.zone_of[f.file_id])}"))
 
 
 def register(sub: argparse._SubParsersAction) -> None:

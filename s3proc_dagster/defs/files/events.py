@@ -214,8 +214,21 @@ def drift_check(key: dg.AssetKey, partition: str, item: PreparedItem) -> dg.Asse
         passed=not item.schema_drift,
         partition=partition,
         severity=dg.AssetCheckSeverity.WARN,
-        description=item.schema_drift or "the same columns as the zone's last landing",
+        description=item.schema_drift or "no column added, removed or retyped against the zone's last landing, if any",
         metadata={"difference": item.schema_drift} if item.schema_drift else {},
+    )
+
+
+def drift_blocked(key: dg.AssetKey, partition: str, reason: str) -> dg.AssetCheckEvaluation:
+    """A blocking zone's refusal, on the file's partition: nothing landed, the difference is why."""
+    return dg.AssetCheckEvaluation(
+        asset_key=key,
+        check_name=SCHEMA_CHECK,
+        passed=False,
+        partition=partition,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=reason,
+        metadata={"blocked": True},
     )
 
 

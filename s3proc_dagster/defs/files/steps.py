@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import dagster as dg
+from dagster._core.events import DagsterEvent
 from pydantic import Field
 
 from s3proc_dagster import pipeline
@@ -34,6 +35,7 @@ from s3proc_dagster.pipeline import Claimant, StepContext
 from s3proc_dagster.pipeline.batch import Attempt, FileInRun, Outcome, each_file, leave_run, reason_of
 from s3proc_dagster.runs.batching import run_file, zone_of_run
 from s3proc_dagster.runs.liveness import run_is_alive
+from s3proc_dagster.zones.drift import SchemaDrift
 
 log = get_logger("steps")
 
@@ -189,8 +191,22 @@ def _give_up(
     catalog = events.Catalog.of(cfg)
     if catalog.zone:
         context.instance.add_dynamic_partitions(events.zone_partitions(catalog.zone), [file.name])
-    context.log_event(events.file_failed(catalog, file, reason, gave_up))
+    log_now(context, events.file_failed(catalog, file, reason, gave_up))
+    if isinstance(exc, SchemaDrift) and catalog.zone:  # blocked: its schema_drift check says why too
+        key, partition = catalog.place(file.name)
+        log_now(context, events.drift_blocked(key, partition or file.name, str(exc)))
     return file.out(Outcome.FAILED, reason)
+
+
+def log_now(context: dg.OpExecutionContext, event: dg.AssetObservation | dg.AssetCheckEvaluation) -> None:
+    """An asset event written to the event log at once: what `log_event` holds is written
+    only when the step succeeds, and a step fails right after giving up a file of its own
+    run, which would take the file's failure out of the catalog."""
+    step = context.get_step_execution_context()
+    if isinstance(event, dg.AssetCheckEvaluation):
+        DagsterEvent.asset_check_evaluation(step, event)
+    else:
+        DagsterEvent.asset_observation(step, event)
 
 
 def _leave(
