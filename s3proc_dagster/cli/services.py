@@ -106,7 +106,9 @@ def start_services(
     services.processes["webserver"] = start_in_own_group(
         [*webserver, "--dagster-log-level", log_level, *logs], cwd=root, env=env
     )
-    daemon = [sys.executable, "-m", "dagster._daemon", "run", "-w", str(workspace), "--log-level", log_level]
+    # warnings only below debug, like the code server: at info the daemon says three lines
+    # every 5 s ("Checking for new runs for sensor...") that bury the runs' own lines
+    daemon = [sys.executable, "-m", "dagster._daemon", "run", "-w", str(workspace), "--log-level", level]
     services.processes["daemon"] = start_in_own_group([*daemon, *logs], cwd=root, env=env)
 
 
