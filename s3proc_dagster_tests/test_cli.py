@@ -331,6 +331,11 @@ def test_retry_of_an_archive_entry_or_an_s3_object_gives_one_advice_with_or_with
     store = SQLiteProgressStore(pipeline_env["PROGRESS_DB_PATH"])
     assert {f.status.name for f in store.list_files()} == {"COMPLETED"}  # nothing was reset
     store.close()
+    parked = Path(pipeline_env["ERROR_DIRECTORY"]) / "archives" / "two_csvs.zip"
+    parked.parent.mkdir(parents=True)
+    (watch / "archives" / "two_csvs.zip").rename(parked)  # as a failed archive waits
+    entry = s3proc("retry", "archives/two_csvs.zip!/planes.csv", env=pipeline_env, cwd=tmp_path)
+    assert f"retry the archive, {parked}" in entry.stderr, entry.stderr  # where it is now
 
 
 # ---- backfill -----------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -14,7 +15,19 @@ from s3proc_dagster.sources.paths import ENTRY_SEPARATOR, path_below
 from s3proc_dagster.stores import open_store
 
 
-def _retry_refusal(status: FileStatus, rel: str | None, force: bool) -> str | None:
+def _archive_now(path: str, watch: Path, error_dir: Path) -> str:
+    """Where an entry's archive is now: parked in the error directory once it failed."""
+    archive = Path(path.partition(ENTRY_SEPARATOR)[0])
+    if "://" in str(archive) or archive.exists():
+        return str(archive)
+    with contextlib.suppress(ValueError, OSError):
+        parked, _ = parking.parked_location(archive, watch, error_dir)
+        if parked.exists():
+            return str(parked)
+    return str(archive)
+
+
+def _retry_refusal(status: FileStatus, rel: str | None, force: bool, archive: str = "") -> str | None:
     """Why `retry` will not reset this record, or None. Each refusal is a case where a
     reset would either undo finished work unasked or leave the file PENDING with
     nothing to pick it up (the watch sensor re-runs only files on disk under WATCH_PATH).
@@ -25,7 +38,7 @@ def _retry_refusal(status: FileStatus, rel: str | None, force: bool) -> str | No
     """
     path = status.file_path
     if ENTRY_SEPARATOR in path:
-        return f"is an entry of an archive: retry the archive, {path.partition(ENTRY_SEPARATOR)[0]}"
+        return f"is an entry of an archive: retry the archive, {archive or path.partition(ENTRY_SEPARATOR)[0]}"
     if "://" in path:
         return f"came from S3, which the watch sensor does not re-read: run `s3proc process {path}`"
     if rel is None:
@@ -66,7 +79,10 @@ def _retry(args: argparse.Namespace) -> int:
                 watch, error_dir = zone.watch, zone.error_dir
                 path = Path(status.file_path)
                 rel = path_below(path, watch) if "://" not in status.file_path else None
-                problem = _retry_refusal(status, rel, args.force)
+                archive = (
+                    _archive_now(status.file_path, watch, error_dir) if ENTRY_SEPARATOR in status.file_path else ""
+                )
+                problem = _retry_refusal(status, rel, args.force, archive)
                 parked, _ = parking.parked_location(path, watch, error_dir)
                 if problem is None and not path.exists() and not parked.exists():
                     problem = f"is neither in WATCH_PATH nor in the error directory ({parked}) any more"
