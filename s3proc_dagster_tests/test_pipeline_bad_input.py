@@ -15,6 +15,7 @@ import pytest
 
 from benchmarks.support import Deployment, csv_bytes, list_keys, promo_rows
 from s3proc_dagster.models import ProcessingStatus as S
+from s3proc_dagster.zones.declared import declared
 from s3proc_dagster_tests.pipeline_helpers import (
     ROOT,
     execute,
@@ -200,8 +201,10 @@ def test_nothing_is_written_outside_the_bucket_prefix(deployment: Deployment) ->
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=deployment.s3.bucket)
         for o in page.get("Contents", [])
     ]
-    # the deployment's prefix, a transfer test's own t-<hex> prefix, or sources tests put in "incoming/"
-    outside = [k for k in keys if not k.startswith((f"{deployment.prefix}/", "t-", "incoming/"))]
+    # the deployment's prefix, a transfer test's own t-<hex> prefix, or sources tests put in "incoming/",
+    # or the destination of a landing zone a test in this process declared
+    zones = tuple(f"{z.destination}/" for z in declared() if z.destination)
+    outside = [k for k in keys if not k.startswith((f"{deployment.prefix}/", "t-", "incoming/", *zones))]
     assert outside == []
 
 

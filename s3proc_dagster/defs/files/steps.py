@@ -199,9 +199,13 @@ def _give_up(
 
 
 def log_now(context: dg.OpExecutionContext, event: dg.AssetObservation | dg.AssetCheckEvaluation) -> None:
-    """An asset event written to the event log at once: what `log_event` holds is written
-    only when the step succeeds, and a step fails right after giving up a file of its own
-    run, which would take the file's failure out of the catalog."""
+    """A failed file's asset event, kept whatever the step does next: what `log_event` holds
+    is written only when the step succeeds, and a step fails right after giving up the file
+    of a single-file run, which would take the file's failure out of the catalog. A batch's
+    step goes on with the other files, so there `log_event` serves."""
+    if in_batch(context):
+        context.log_event(event)
+        return
     step = context.get_step_execution_context()
     if isinstance(event, dg.AssetCheckEvaluation):
         DagsterEvent.asset_check_evaluation(step, event)
