@@ -269,10 +269,13 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Queue one process_file_job run per file that matches every filter given, through a "
             "running Dagster webserver (`s3proc dev` or scripts/dev runs one); the instance's run "
             "queue then runs them, at most MAX_CONCURRENCY at once. Without --status the files are "
-            "those under WATCH_PATH and under each declared landing zone's directory; with it, the recorded files of that status wherever they are now: "
-            "under WATCH_PATH, parked in the error directory (FAILED files), or in S3. A FAILED file is "
-            "first retried as `s3proc retry` does: moved back to WATCH_PATH and set PENDING. An archive's "
-            "entries run with their archive. Exit status 1 when no webserver answers."
+            "those under WATCH_PATH and under each declared landing zone's directory (an S3 prefix is "
+            "not listed: its objects are its sensor's, or select them by --status); with it, the "
+            "recorded files of that status wherever they are now: under WATCH_PATH, parked in the "
+            "error directory (FAILED files), or in S3. A FAILED local file is first moved back to "
+            "WATCH_PATH and set PENDING, as `s3proc retry` does; a FAILED object is set PENDING and "
+            "read again from S3. An archive's entries run with their archive. Exit status 1 when no "
+            "webserver answers."
         ),
     )
     parser.add_argument(
