@@ -123,6 +123,7 @@ def test_a_batch_fails_each_file_alone_retries_what_a_retry_cures_and_lets_a_stu
         assert retried.error_summary["processing"] == {"s3UploadFailure": 1}  # its step's retry sent it
         gone = store.get_by_path(str(broken))
         assert gone.status is S.FAILED and "not a zip archive" in gone.error_details
+        assert deployment.instance().get_run_by_id(result.run_id).tags["s3proc/has_failures"] == "true"
         assert (deployment.errors / "batch-alone" / "broken.zip").read_text() == "hello, I am not a zip"
         (seen,) = [e for e in result.all_events if e.event_type_value == "ASSET_OBSERVATION"]
         observation = seen.event_specific_data.asset_observation

@@ -30,7 +30,7 @@ from s3proc_dagster.defs.files import events
 from s3proc_dagster.defs.resources import ProgressStoreResource, S3Storage, Settings
 from s3proc_dagster.logs import about, get_logger
 from s3proc_dagster.models import ProcessingStatus
-from s3proc_dagster.names import PROCESS_FILES_JOB
+from s3proc_dagster.names import HAS_FAILURES_TAG, PROCESS_FILES_JOB
 from s3proc_dagster.pipeline import Claimant, StepContext
 from s3proc_dagster.pipeline.batch import Attempt, FileInRun, Outcome, each_file, leave_run, reason_of
 from s3proc_dagster.runs.batching import run_file, zone_of_run
@@ -192,6 +192,8 @@ def _give_up(
     if catalog.zone:
         context.instance.add_dynamic_partitions(events.zone_partitions(catalog.zone), [file.name])
     log_now(context, events.file_failed(catalog, file, reason, gave_up))
+    if in_batch(context):  # the batch run succeeds for the rest: this tag finds it among the runs
+        tag_run(context, {HAS_FAILURES_TAG: "true"})
     if isinstance(exc, SchemaDrift) and catalog.zone:  # blocked: its schema_drift check says why too
         key, partition = catalog.place(file.name)
         log_now(context, events.drift_blocked(key, partition or file.name, str(exc)))
