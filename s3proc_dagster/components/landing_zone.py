@@ -120,9 +120,14 @@ class LandingZone(dg.Component, dg.Resolvable, dg.Model):
             key=events.zone_asset_key(name),
             group_name=self.group or "landing_zones",
             owners=self.owners or [],
-            description=self.description or f"Files landing from {self.source or 'the deployment source'}.",
+            description=(self.description or f"Files landing from {self.source or 'the deployment source'}.")
+            + ("" if self.enabled else " Disabled (enabled: false): not watched; its history stays."),
             kinds=KINDS,
-            metadata={"source": self.source or "", "destination": self.destination or "S3_PREFIX"},
+            metadata={
+                "source": self.source or "",
+                "destination": self.destination or "S3_PREFIX",
+                "enabled": self.enabled,
+            },
             partitions_def=partitions,
         )
         def zone() -> Any:
