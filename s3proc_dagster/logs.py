@@ -77,6 +77,17 @@ def configure_logging(config: LoggingConfig) -> logging.Logger:
     return logging.getLogger(LOGGER)
 
 
+def json_logger(name: str, level: int) -> logging.Logger:
+    """A logger of its own (not in logging's registry) writing JSON lines to stderr: what
+    Dagster's console lines become under LOG_PRETTY=false (`defs/loggers.py`), so a log
+    shipper reads one format."""
+    logger = logging.Logger(name, level)
+    handler = _StderrHandler()
+    handler.setFormatter(JsonFormatter())
+    logger.addHandler(handler)
+    return logger
+
+
 def get_logger(name: str) -> logging.Logger:
     """A product logger whose lines also reach the run's logs in the UI: outcomes, warnings."""
     return logging.getLogger(f"{LOGGER}.{name}")

@@ -90,6 +90,8 @@ def test_log_level_decides_what_is_written(deployment: Deployment, level: str) -
         assert len(ours) > len(info_lines(info.stderr))
         assert any(line["level"] == "debug" for line in ours)
         assert "STEP_SUCCESS" in other.stderr  # Dagster's own event lines, at debug only
+        dagsters = [line for line in other.stderr.splitlines() if "STEP_SUCCESS" in line]
+        assert [json.loads(line)["logger"] for line in dagsters] == ["dagster"] * len(dagsters)  # JSON like ours
         assert len(run_lines) > len(info_run_lines)
 
 

@@ -5,8 +5,9 @@ run worker's stderr, which is the terminal of `s3proc process` and of `scripts/d
 user would read Dagster's bookkeeping instead of the product's progress. This logger
 replaces it with the same console logger at a level read when the run starts (never at
 import): DEBUG with LOG_LEVEL=debug, else CRITICAL, because the product's own lines
-(`logs.py`) already say what happens, once. The run's event log, what the UI shows, is
-not a logger and is untouched.
+(`logs.py`) already say what happens, once; under LOG_PRETTY=false its lines are JSON,
+like the product's. The run's event log, what the UI shows, is not a logger and is
+untouched.
 
 Dagster instantiates a job's loggers only when the run config names them, and otherwise
 its own console logger at the instance's `python_log_level` (which also gates what the
@@ -21,13 +22,16 @@ import logging
 import dagster as dg
 from dagster._loggers import create_console_logger
 
+from s3proc_dagster.logs import json_logger
 from s3proc_dagster.settings import LoggingConfig
 
 
-@dg.logger(description="Dagster's console logger, quiet unless LOG_LEVEL=debug.")
+@dg.logger(description="Dagster's console logger, quiet unless LOG_LEVEL=debug, JSON under LOG_PRETTY=false.")
 def console(_init_context: dg.InitLoggerContext) -> logging.Logger:
     try:
-        debug = LoggingConfig().level == "debug"
+        config = LoggingConfig()
+        debug, pretty = config.level == "debug", config.pretty
     except ValueError:  # a bad LOG_LEVEL is reported by the settings, with every other bad variable
-        debug = False
-    return create_console_logger("dagster", logging.DEBUG if debug else logging.CRITICAL)
+        debug, pretty = False, True
+    level = logging.DEBUG if debug else logging.CRITICAL
+    return create_console_logger("dagster", level) if pretty else json_logger("dagster", level)
