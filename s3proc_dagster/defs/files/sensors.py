@@ -72,16 +72,13 @@ def watch_tick(
     skip_dirs = (cfg.processing.error_directory, cfg.processing.staging_directory, *skip)
     cursor = WatchCursor.loads(context.cursor)
 
+    unnamed: set[str] = set()  # no run can carry such a name (tags, config, records are UTF-8)
+
     def look() -> list[SeenFile]:
         nonlocal cursor
         files = [f for f in scan(root, skip_dirs=skip_dirs) if zone_admits(cfg, f.relative_path)]
-        unnamed = [f for f in files if not utf8_name(f.relative_path)]
-        if unnamed:  # no run can carry such a name (tags, config and records are UTF-8): said, left alone
-            shown = ", ".join(
-                printable(os.fsencode(f.relative_path).decode("utf-8", "backslashreplace")) for f in unnamed
-            )
-            context.log.warning(f"{len(unnamed)} file(s) whose name is not valid UTF-8 are left alone; rename: {shown}")
-            files = [f for f in files if utf8_name(f.relative_path)]
+        unnamed.update(f.relative_path for f in files if not utf8_name(f.relative_path))
+        files = [f for f in files if utf8_name(f.relative_path)]
         ready, cursor = evaluate(
             files,
             cursor,
@@ -101,6 +98,9 @@ def watch_tick(
             ready = wait_for_ready(look, budget, max(cfg.monitoring.poll_interval_ms, 50) / 1000)
         finally:
             _WAITING.release()
+    if unnamed:  # said once a tick, and left where they are
+        shown = ", ".join(sorted(printable(os.fsencode(n).decode("utf-8", "backslashreplace")) for n in unnamed))
+        context.log.warning(f"{len(unnamed)} file(s) whose name is not valid UTF-8 are left alone; rename: {shown}")
     again = {r.tags[PATH_TAG] for r in requests}
     requests = _not_in_flight(context, requests)
     requests += [
