@@ -96,11 +96,15 @@ def _file_runs(files: list[FileStatus], zones: Zones) -> tuple[dict[str, list[di
     return found, ""
 
 
-def _run_lines(runs: list[dict[str, Any]]) -> list[str]:
+def _run_lines(runs: list[dict[str, Any]] | None, no_runs: str, ui_filter: str) -> list[str]:
+    """The file's runs, and the tag that finds them in the UI's Runs page."""
+    find = f"in the UI's Runs page, filter by the tag {ui_filter}"
+    if runs is None:
+        return [f"    runs: {no_runs}", f"    ({find})"]
     if not runs:
-        return ["    runs: none on the Dagster instance"]
+        return [f"    runs: none on the Dagster instance ({find})"]
     rows = [[r["runId"][:8], r["job"], r["status"], r["startTime"] or "-"] for r in runs]
-    return ["    runs, newest first:", *_table(["run", "job", "status", "started (UTC)"], rows, right=set())]
+    return [f"    runs, newest first ({find}):", *_table(["run", "job", "status", "started (UTC)"], rows, right=set())]
 
 
 def _ui_filter(f: FileStatus, zone: Zone) -> str:
@@ -184,9 +188,9 @@ def _print_text(args: argparse.Namespace, shown: _Shown) -> None:
         if args.chunks:
             print("\n".join(_chunk_lines(shown.chunks[f.file_id])))
         if args.path:
-            runs = shown.runs
-            print("\n".join(_run_lines(runs[f.file_id])) if runs is not None else f"    runs: {shown.no_runs}")
-            print(printable(f"    in the UI's Runs page, filter by the tag {_ui_filter(f, shown.zone_of[f.file_id])}"))
+            runs = None if shown.runs is None else shown.runs[f.file_id]
+            for line in _run_lines(runs, shown.no_runs, _ui_filter(f, shown.zone_of[f.file_id])):
+                print(printable(line))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
