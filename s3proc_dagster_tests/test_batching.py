@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import dagster as dg
@@ -14,7 +15,7 @@ from s3proc_dagster.files.checksum import sha256_file
 from s3proc_dagster.models import ProcessingStatus as S
 from s3proc_dagster.models import make_file_id
 from s3proc_dagster.names import PROCESS_FILES_JOB
-from s3proc_dagster.runs.batching import BatchLimits, batch_request, group, under_backlog
+from s3proc_dagster.runs.batching import BatchLimits, batch_request, group, source_of, under_backlog
 from s3proc_dagster.runs.reconstructable import process_files_job_with_resources
 from s3proc_dagster.runs.requests import run_request_for
 from s3proc_dagster.transfer.manifest import part_key
@@ -73,6 +74,20 @@ def test_under_a_backlog_small_files_share_runs_and_big_or_tagged_files_do_not(t
     assert files == [["f0.bin", "f1.bin"], ["f3.bin", "f4.bin"]]
     assert batches[0].run_key != batches[1].run_key
     assert batches[0].run_key == batch_request(requests[:2]).run_key  # the same files, the same key
+
+
+def test_a_product_csv_among_a_backlog_keeps_its_own_run_and_the_others_are_batched(tmp_path: Path) -> None:
+    requests = requests_for(tmp_path, [10, 10, 10])
+    product = tmp_path / "products.csv"
+    product.write_text('S. No.,Product Name,Input Image Urls\n1,a,"http://127.0.0.1/a.png"\n')
+    images = run_request_for(str(product), "products.csv", "p")
+    assert images.job_name != PROCESS_FILES_JOB and "checksum_calculation" not in images.run_config["ops"]
+    # the sensor's own measure of a request reads the file's path from its config (an image request has none)
+    planned = under_backlog(
+        [images, *requests], lambda r: os.path.getsize(source_of(r)["path"]), slots=1, waiting=5, limits=LIMITS
+    )
+    assert images in planned  # its own run, as before
+    assert [r.job_name for r in planned if r is not images] == [PROCESS_FILES_JOB]
 
 
 def batch_run(deployment: Deployment, request: dg.RunRequest) -> dg.ExecuteJobResult:

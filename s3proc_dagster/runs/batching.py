@@ -128,8 +128,9 @@ def under_backlog(
     queued plus these fit in `slots`); otherwise small files grouped into batch runs."""
     small: list[dg.RunRequest] = []
     own: list[dg.RunRequest] = []
-    for request in requests:
-        (small if batchable(request, size_of(request), limits) else own).append(request)
+    for request in requests:  # only a file's run has a size to ask for (an image request's has none)
+        size = size_of(request) if request.job_name == PROCESS_FILE_JOB else None
+        (small if batchable(request, size, limits) else own).append(request)
     if len(small) < 2 or waiting + len(requests) <= slots:
         return requests
     batches = group([size_of(r) or 0 for r in small], slots, limits)
