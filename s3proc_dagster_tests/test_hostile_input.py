@@ -259,6 +259,24 @@ def test_bad_sidecars_fail_their_files_while_the_sensor_runs_the_others(
     assert os.path.exists(unnamed)  # left where it is, said in the sensor's log, never a stopped tick
 
 
+def test_an_object_the_service_cannot_read_fails_alone_and_the_s3_sensor_goes_on(deployment: Deployment) -> None:
+    name = folder()
+    deployment.s3.client().put_object(  # readable only with a key the service does not have
+        Bucket=deployment.s3.bucket,
+        Key=f"incoming/{name}/sealed.csv",
+        Body=csv_bytes(promo_rows(3)),
+        SSECustomerAlgorithm="AES256",
+        SSECustomerKey=os.urandom(32),
+    )
+    put(deployment, f"incoming/{name}/good.csv", csv_bytes(promo_rows(4)))
+    requests = {r.tags["s3proc/path"]: r for r in under(incoming_tick(deployment, None)[0], name)}
+    assert sorted(requests) == [f"{name}/good.csv", f"{name}/sealed.csv"]  # the tick went on
+    assert execute(requests[f"{name}/good.csv"], deployment).success
+    assert not execute(requests[f"{name}/sealed.csv"], deployment).success
+    record = deployment.store().get_by_path(f"s3://{deployment.s3.bucket}/incoming/{name}/sealed.csv")
+    assert record.status is S.FAILED and record.error_details
+
+
 # ---- names are canonical, and no file lands inside another's dataset -----------------------------
 
 

@@ -19,6 +19,7 @@ import dagster as dg
 from s3proc_dagster.defs.files.jobs import PRODUCT_JOBS, process_file_job, process_files_job, reconcile_job
 from s3proc_dagster.defs.images.jobs import image_request_job
 from s3proc_dagster.defs.resources import ProgressStoreResource, S3Storage, Settings
+from s3proc_dagster.errors import ObjectUnreadable
 from s3proc_dagster.files.globs import admitted
 from s3proc_dagster.models import ProcessingStatus
 from s3proc_dagster.names import FILE_ID_TAG, JOB_TAG, PATH_TAG, SOURCE_TAG
@@ -204,7 +205,11 @@ def incoming_tick(
             continue
         if context.instance.get_run_records(dg.RunsFilter(tags={RUN_KEY_TAG: obj.run_key}), limit=1):
             continue  # listed again at a pass boundary, already run
-        head = verify.head(client, obj.bucket, obj.key)
+        try:
+            head = verify.head(client, obj.bucket, obj.key)
+        except ObjectUnreadable as exc:  # this object alone (SSE-C, a per-object policy): its run says why
+            context.log.warning(f"{exc}; its run records the reason")
+            head = {}
         if head is None:
             continue  # deleted since it was listed
         metadata = metadata_from_object(head.get("Metadata", {}))
