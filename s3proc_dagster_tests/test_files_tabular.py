@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
@@ -11,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from s3proc_dagster.errors import ConversionError
+from s3proc_dagster.files.lineage import Lineage
 from s3proc_dagster.files.tabular import ConversionResult, convert_to_parquet_chunks
 from s3proc_dagster.stores.chunks import plan_offsets
 
@@ -326,3 +328,14 @@ def test_a_csvs_header_decides_its_delimiter(tmp_path: Path, header: str, rows: 
         for r in rows
     ]
     assert [{k: str(v) for k, v in row.items()} for row in rows_of(result)] == expected
+
+
+def test_a_file_with_its_own_lineage_named_columns_is_refused_when_the_zone_adds_them(tmp_path: Path) -> None:
+    src = tmp_path / "forged.csv"
+    src.write_text("_source_file,_Source_Row,amount\nTRUSTED/orders.csv,999,100\n")
+    lineage = Lineage("partner/forged.csv", "ab" * 32, datetime(2026, 1, 1, tzinfo=UTC))
+    with pytest.raises(ConversionError, match=r"forged\.csv: has columns named like the zone's lineage columns"):
+        convert_to_parquet_chunks(src, "csv", tmp_path / "out", 10, lineage=lineage)
+    assert not list((tmp_path / "out").glob("part-*.parquet"))
+    plain = convert_to_parquet_chunks(src, "csv", tmp_path / "plain", 10)  # without lineage it is just data
+    assert plain.record_count == 1

@@ -25,6 +25,12 @@ class Lineage:
     file_sha256: str
     landed_at: datetime  # the first conversion's: a conversion made again writes the same rows
 
+    @staticmethod
+    def clashes(names: list[str]) -> list[str]:
+        """The file's own columns named like a lineage column: kept, they would stand twice
+        in each part and let a producer forge where a row came from."""
+        return [name for name in names if name.lower() in COLUMNS]
+
     def schema(self, schema: pa.Schema) -> pa.Schema:
         for name, kind in zip(
             COLUMNS, (pa.string(), pa.int64(), pa.string(), pa.timestamp("us", tz="UTC")), strict=True

@@ -276,6 +276,11 @@ def _one_pass(
             read.check_columns(columns)
         batches, schema = _batches(reader, read.source, read.path), reader.schema
         if read.lineage is not None:
+            if clashes := read.lineage.clashes(schema.names):
+                raise ConversionError(
+                    f"{read.source.name}: has columns named like the zone's lineage columns ({', '.join(clashes)}), "
+                    "which the zone adds itself (lineage_columns: true); rename them in the file"
+                )
             batches, schema = read.lineage.apply(batches), read.lineage.schema(schema)
         chunks = write_chunks(batches, schema, out_dir, chunk_size, compression, plan.validates, sink, first)
         hints = numbers_as_text(first[0]) if first else {}
