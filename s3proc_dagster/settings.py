@@ -287,6 +287,10 @@ class ImageConfig(BaseSettings):
     # IMAGE_MAX_BYTES (25 MiB) at 3.5 Mbit/s, generous for product images (usually well under
     # 1 MiB), and caps how long a host dripping bytes holds a row. Not retried when it passes.
     fetch_deadline_ms: int = Field(60000, gt=0)
+    # Where an s3:// image URL may point, comma-separated s3://bucket/prefix; empty: S3_PREFIX
+    # of S3_BUCKET and the incoming prefix, never step outputs. The CSV's author is not
+    # trusted, and the service can read more than what images are.
+    s3_sources: Annotated[tuple[str, ...], NoDecode] = ()
     max_bytes: int = Field(25 * 1024 * 1024, gt=0)
     # The product CSV is read whole and each row becomes a step of the run, so both are capped
     # for a file whoever can drop one controls. 10,000 rows is a large catalogue and already
@@ -309,6 +313,16 @@ class ImageConfig(BaseSettings):
     def _http(cls, value: str) -> str:
         if value and not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
+        return value
+
+    @field_validator("s3_sources", mode="before")
+    @classmethod
+    def _s3_prefixes(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = tuple(v.strip() for v in value.split(",") if v.strip())
+        for item in value or ():
+            if not str(item).startswith("s3://") or not str(item)[5:].split("/", 1)[0]:
+                raise ValueError(f"{item!r} is not an s3://bucket[/prefix]")
         return value
 
 

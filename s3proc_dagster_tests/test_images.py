@@ -894,6 +894,29 @@ def test_private_urls_are_refused_with_the_reason_while_the_other_rows_complete(
     assert len(images.seen) == served  # refused before connecting: the server never saw them
 
 
+def test_an_s3_image_outside_the_allowed_prefixes_is_refused_and_never_copied(
+    store: ProgressStore, images: ImageServer, s3: S3Endpoint, s3_prefix: str, tmp_path: Path
+) -> None:
+    png = images.files["/b.png"][1]
+    s3.client().put_object(Bucket=s3.bucket, Key=f"{s3_prefix}/src/ok.png", Body=png)
+    s3.client().put_object(Bucket=s3.bucket, Key=f"{s3_prefix}/_s3proc/plant.png", Body=png)
+    s3.client().put_object(Bucket=s3.bucket, Key=f"secret-{s3_prefix}/hr.png", Body=png)  # another team's
+    data = (
+        "S. No.,Product Name,Input Image Urls\n"
+        f'1,Ok,"s3://{s3.bucket}/{s3_prefix}/src/ok.png"\n'
+        f'2,Elsewhere,"s3://{s3.bucket}/secret-{s3_prefix}/hr.png"\n'
+        f'3,Reserved,"s3://{s3.bucket}/{s3_prefix}/_s3proc/plant.png"\n'
+    ).encode()
+    opts = options(s3, s3_prefix, s3_refused=(f"{s3.bucket}/{s3_prefix}/_s3proc",))
+    done = run_request(store, data, s3, opts, tmp_path)
+    ok, elsewhere, reserved = store.list_request_rows(done.request_id)
+    assert ok.output_image_urls[0] and ok.errors == [None]
+    for row in (elsewhere, reserved):
+        assert row.output_image_urls == [None] and "refused: s3:// images are read only below" in row.errors[0]
+    copies = s3.client().list_objects_v2(Bucket=s3.bucket, Prefix=f"{s3_prefix}/images/{done.request_id}/")
+    assert [o["Key"].split("/")[-2] for o in copies.get("Contents", []) if not o["Key"].endswith(".csv")] == ["1"]
+
+
 def test_private_urls_are_fetched_when_the_setting_allows_them(
     store: ProgressStore, images: ImageServer, s3: S3Endpoint, s3_prefix: str, tmp_path: Path
 ) -> None:

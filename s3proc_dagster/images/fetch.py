@@ -163,6 +163,19 @@ def _transport_error(url: str, exc: Exception, deadline: Deadline) -> FetchError
     return FetchError(f"{url}: {type(exc).__name__}: {exc}", transient=is_transient(exc))
 
 
+def _below(place: str, root: str) -> bool:
+    root = root.strip("/")
+    return place == root or place.startswith(root + "/")
+
+
+def _check_s3_root(url: str, allowed: tuple[str, ...], refused: tuple[str, ...]) -> None:
+    parsed = urlparse(url)
+    place = f"{parsed.netloc}/{parsed.path.lstrip('/')}"
+    if any(_below(place, root) for root in refused) or not any(_below(place, root) for root in allowed):
+        shown = ", ".join(f"s3://{root.strip('/')}/" for root in allowed) or "none"
+        raise FetchError(f"{url}: refused: s3:// images are read only below {shown} (IMAGE_S3_SOURCES)")
+
+
 def _fetch_s3(url: str, client: Any, max_bytes: int) -> FetchedImage:
     parsed = urlparse(url)
     try:
@@ -193,18 +206,22 @@ def fetch_image(
     allow_private: bool = False,
     guard: DestinationGuard = SYSTEM_GUARD,
     deadline_s: float = DEADLINE_S,
+    s3_roots: tuple[tuple[str, ...], tuple[str, ...]] | None = None,
 ) -> FetchedImage:
     """The image at `url`, or FetchError: nothing else escapes, so one bad URL costs its
     image, not the row. An http(s) URL, and every redirect hop, must reach a public address
     unless `allow_private` (IMAGE_ALLOW_PRIVATE_URLS); `guard` is the resolver and connector
     that check it. `timeout` bounds each connect and each read, `deadline_s` the whole fetch
-    (every hop, headers and body). s3:// goes through the configured client and is not
-    checked: its endpoint is the operator's, not the CSV's."""
+    (every hop, headers and body). s3:// goes through the configured client, and only
+    below the allowed `bucket/prefix` roots and none of the refused ones (`s3_roots`): the
+    service may read buckets the CSV's author must not copy out through it."""
     scheme = urlparse(url).scheme
     if scheme in ("http", "https"):
         return _fetch_http(url, max_bytes, timeout, allow_private, guard, deadline_s)
     if scheme == "s3":
         if s3_client is None:
             raise FetchError(f"{url}: no S3 client configured")
+        if s3_roots is not None:
+            _check_s3_root(url, *s3_roots)
         return _fetch_s3(url, s3_client, max_bytes)
     raise FetchError(f"{url}: only http(s) and s3 URLs are supported")

@@ -51,6 +51,10 @@ class ImageOptions:
     retries: int = 2
     retry_delay_s: float = 0.5
     allow_private_urls: bool = False  # IMAGE_ALLOW_PRIVATE_URLS: fetch from loopback/private addresses too
+    # s3:// images are read only below these `bucket/prefix` roots, never below `s3_refused`
+    # (IMAGE_S3_SOURCES; by default S3_PREFIX of the bucket): the CSV is not the operator's
+    s3_sources: tuple[str, ...] | None = None  # None: `bucket/prefix`
+    s3_refused: tuple[str, ...] = ()
     csv_max_bytes: int = MAX_CSV_BYTES
     csv_max_rows: int = MAX_CSV_ROWS
 
@@ -154,6 +158,12 @@ def process_row(
                     (options.fetch_timeout_s, options.fetch_timeout_s),
                     allow_private=options.allow_private_urls,
                     deadline_s=options.fetch_deadline_s,
+                    s3_roots=(
+                        options.s3_sources
+                        if options.s3_sources is not None
+                        else (f"{options.bucket}/{options.prefix}",),
+                        options.s3_refused,
+                    ),
                 ),
                 options,
             )

@@ -11,6 +11,7 @@ from s3proc_dagster.images import processor
 from s3proc_dagster.images.request_csv import InvalidRequestCsv
 from s3proc_dagster.models import Request, RequestData, RequestStatus
 from s3proc_dagster.names import REQUEST_ID_TAG
+from s3proc_dagster.settings import S3Config
 from s3proc_dagster.stores.base import ProgressStore
 
 REQUEST_TAG = REQUEST_ID_TAG
@@ -21,6 +22,14 @@ class ImageRequestConfig(dg.Config):
 
     path: str = ""
     request_id: str = ""
+
+
+def _default_s3_sources(s3: S3Config) -> tuple[str, ...]:
+    """Where producers' images are by default: S3_PREFIX of the bucket, and the incoming prefix."""
+    roots = [f"{s3.bucket}/{s3.prefix}"]
+    if s3.incoming_prefix:
+        roots.append(f"{s3.incoming_bucket_name}/{s3.incoming_prefix}")
+    return tuple(roots)
 
 
 def _options(settings: Settings) -> processor.ImageOptions:
@@ -37,6 +46,8 @@ def _options(settings: Settings) -> processor.ImageOptions:
         retries=cfg.processing.max_retries,
         retry_delay_s=cfg.processing.retry_delay_ms / 1000,
         allow_private_urls=cfg.images.allow_private_urls,
+        s3_sources=tuple(u.removeprefix("s3://") for u in cfg.images.s3_sources) or _default_s3_sources(cfg.s3),
+        s3_refused=(f"{cfg.s3.bucket}/{cfg.s3.step_outputs_prefix}",),
         csv_max_bytes=cfg.images.csv_max_bytes,
         csv_max_rows=cfg.images.csv_max_rows,
     )
