@@ -313,8 +313,18 @@ def test_a_uri_that_is_not_one_canonical_key_is_refused_with_its_reason(deployme
         ("nel\x85.csv", "control character"),
         ("line\u2028sep.csv", "control character"),
         ("spoof\u202egnp.csv", "control character"),
+        ("zero\u200bwidth.csv", "invisible"),
+        ("arabic\u061cmark.csv", "invisible"),
     ],
-    ids=["backslash-reserved", "backslash-dataset", "c1-control", "line-separator", "direction-override"],
+    ids=[
+        "backslash-reserved",
+        "backslash-dataset",
+        "c1-control",
+        "line-separator",
+        "direction-override",
+        "zero-width-space",
+        "arabic-letter-mark",
+    ],
 )
 def test_a_name_s3_or_a_terminal_would_read_as_another_is_refused(
     deployment: Deployment, name: str, reason: str

@@ -18,14 +18,22 @@ written, and a path that fails is the file's FAILED reason:
 
 from __future__ import annotations
 
-import re
+import unicodedata
 from pathlib import PurePosixPath
 
 from s3proc_dagster.errors import UnsafeSourceError
 
-# C0 and C1 controls, line and paragraph separators, and the bidirectional overrides that
-# make a name display as another (`x\u202egnp.csv` shows as `xcsv.png`)
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# Characters a name must not hold: C0 and C1 controls, line and paragraph separators, and
+# the invisible format characters (zero-width spaces, BOMs, tag characters, the direction
+# marks and overrides that make `x\u202egnp.csv` display as `xcsv.png`): each makes a name
+# read as another.
+_REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
+
+
+def _refused_char(char: str) -> bool:
+    return unicodedata.category(char) in _REFUSED_CATEGORIES
+
+
 # The suffixes whose files become folders in S3 (datasets and archives' entries); the
 # same claims as `files.detect`'s, repeated here so checking a name loads no detector.
 FOLDER_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".ndjson", ".xml", ".zip", ".tar", ".tar.gz", ".tgz", ".gz")
@@ -42,9 +50,9 @@ def check_canonical(relative_path: str, what: str = "path") -> str:
     shown = repr(relative_path)
     if not relative_path:
         raise UnsafeSourceError(f"{what} is empty")
-    if _CONTROL.search(relative_path):
+    if any(map(_refused_char, relative_path)):
         raise UnsafeSourceError(
-            f"{what} {shown} contains a control character (newline, tab, NUL, a line separator, a direction override...)"
+            f"{what} {shown} contains a control character or an invisible one (newline, tab, NUL, a zero-width space, a direction override...)"
         )
     if "\\" in relative_path:  # several S3 servers and tools take it for '/': it could climb into another key
         raise UnsafeSourceError(f"{what} {shown} contains a backslash; S3 servers may read it as '/'")
@@ -63,7 +71,7 @@ def check_canonical(relative_path: str, what: str = "path") -> str:
 def printable(text: str) -> str:
     """`text` for a terminal: a producer's control characters (an escape sequence in a file
     name) shown escaped, never sent to the terminal as they are."""
-    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+    return "".join(c.encode("unicode_escape").decode("ascii") if _refused_char(c) else c for c in text)
 
 
 def utf8_name(text: str) -> bool:
