@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from s3proc_dagster.errors import ImageRequestError
+from s3proc_dagster.errors import ImageRequestError, UnsupportedFileError
+from s3proc_dagster.sources.confined import open_regular
 
 EXPECTED = ("s. no.", "product name", "input image urls")
 OUTPUT_COLUMN = "Output Image Urls"
@@ -48,10 +49,10 @@ def _norm(header: str) -> str:
 
 def looks_like_request_csv(path: Path) -> bool:
     """Routing by header, not by name: the first line names the three columns of a product CSV."""
-    try:
-        with path.open("r", encoding="utf-8-sig", errors="strict") as f:
-            first = f.readline(MAX_SNIFF_BYTES)
-    except (OSError, UnicodeDecodeError):
+    try:  # never through a link, never blocking on a FIFO swapped in after the sensor looked
+        with open_regular(path) as f:
+            first = f.readline(MAX_SNIFF_BYTES).decode("utf-8-sig")
+    except (OSError, UnicodeDecodeError, UnsupportedFileError):
         return False
     try:
         header = next(csv.reader([first]))
