@@ -150,3 +150,11 @@ def test_an_incoming_prefix_inside_the_output_prefix_is_reserved_and_a_destinati
 @pytest.mark.parametrize(("given", "level"), [("warning", "warn"), ("WARN", "warn"), (" Debug ", "debug")])
 def test_log_level_takes_pythons_spelling_and_any_case(valid_env: Path, given: str, level: str) -> None:
     assert load_configuration(env_file=None, overrides={"LOG_LEVEL": given}).logging.level == level
+
+
+def test_metadata_keys_that_sanitize_to_one_tag_key_keep_both_values() -> None:
+    from s3proc_dagster.sources.metadata import run_tags
+
+    tags = run_tags({"a b": "one", "a_b": "two", "": "empty", "t": "\x1b]0;title\x07"})
+    assert tags["s3proc.meta/a_b"] == "one" and tags["s3proc.meta/a_b_2"] == "two"
+    assert tags["s3proc.meta/_"] == "empty" and tags["s3proc.meta/t"] == "\\x1b]0;title\\x07"  # escaped

@@ -110,10 +110,14 @@ def priority_value(metadata: dict[str, Any]) -> int:
 
 def run_tags(metadata: dict[str, Any]) -> dict[str, str]:
     """`s3proc.meta/<key>` per key (values cut to MAX_TAG_VALUE_CHARS), and the bounded priority."""
-    tags = {
-        f"{META_TAG}/{_TAG_KEY.sub('_', str(k))[:MAX_KEY_CHARS]}": printable(str(v))[:MAX_TAG_VALUE_CHARS]
-        for k, v in list(metadata.items())[:MAX_KEYS]
-    }
+    tags: dict[str, str] = {}
+    for k, v in list(metadata.items())[:MAX_KEYS]:
+        name = _TAG_KEY.sub("_", str(k))[:MAX_KEY_CHARS] or "_"
+        key, n = f"{META_TAG}/{name}", 1
+        while key in tags:  # `a b` and `a_b` spell one tag key: the second gets a number, not the first's place
+            n += 1
+            key = f"{META_TAG}/{name}_{n}"
+        tags[key] = printable(str(v))[:MAX_TAG_VALUE_CHARS]
     if "priority" in metadata:
         tags["dagster/priority"] = str(priority_value(metadata))
     return tags
