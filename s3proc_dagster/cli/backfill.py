@@ -21,6 +21,7 @@ from s3proc_dagster.errors import SettingsError
 from s3proc_dagster.files import parking
 from s3proc_dagster.models import FileStatus, ProcessingStatus
 from s3proc_dagster.settings import Configuration
+from s3proc_dagster.sources.names import printable
 from s3proc_dagster.sources.paths import ENTRY_SEPARATOR, path_below
 from s3proc_dagster.stores import open_store
 from s3proc_dagster.stores.base import ProgressStore
@@ -225,16 +226,14 @@ def _backfill(args: argparse.Namespace) -> int:
             marker = f.zone.marker if f.zone is not None else ""
             if args.dry_run:
                 back = f"back to {f.path} and " if f.parked else ""
-                print(
-                    f"would queue  {f.now}{marker}"
-                    + (f"  (FAILED: {back}PENDING first, as `s3proc retry`)" if failed else "")
-                )
+                line = f"would queue  {f.now}{marker}"
+                print(printable(line + (f"  (FAILED: {back}PENDING first, as `s3proc retry`)" if failed else "")))
                 continue
             run_id = _queue(client, store, zones, f, url)
             if run_id is None:
                 return 1
             back = f"; back from {f.parked}" if f.parked else ""
-            print(f"queued {run_id[:8]}  {f.path}{marker}" + (f"  (was FAILED{back})" if failed else ""))
+            print(printable(f"queued {run_id[:8]}  {f.path}{marker}" + (f"  (was FAILED{back})" if failed else "")))
     finally:
         store.close()
     print(f"{len(files)} file(s) {'selected' if args.dry_run else 'queued'}")

@@ -11,6 +11,7 @@ from s3proc_dagster.cli.common import FILE_ARGUMENT, back_to_pending
 from s3proc_dagster.cli.zones import load_zones
 from s3proc_dagster.files import parking
 from s3proc_dagster.models import FileStatus, ProcessingStatus
+from s3proc_dagster.sources.names import printable
 from s3proc_dagster.sources.paths import ENTRY_SEPARATOR, path_below
 from s3proc_dagster.stores import open_store
 
@@ -73,7 +74,7 @@ def _retry(args: argparse.Namespace) -> int:
                 refused += 1
             for status in matched:
                 if status.status is ProcessingStatus.PENDING:
-                    print(f"PENDING    {status.file_path}  (already; the watch sensor will run it)")
+                    print(printable(f"PENDING    {status.file_path}  (already; the watch sensor will run it)"))
                     continue
                 zone = zones.of_record(status)  # its own source and error folder, a declared zone's or the default's
                 watch, error_dir = zone.watch, zone.error_dir
@@ -87,12 +88,12 @@ def _retry(args: argparse.Namespace) -> int:
                 if problem is None and not path.exists() and not parked.exists():
                     problem = f"is neither in WATCH_PATH nor in the error directory ({parked}) any more"
                 if problem:
-                    print(f"s3proc: {status.file_path}: {problem}", file=sys.stderr)
+                    print(printable(f"s3proc: {status.file_path}: {problem}"), file=sys.stderr)
                     refused += 1
                     continue
                 was = status.status.name
                 back_to_pending(store, status, watch, error_dir)
-                print(f"PENDING    {path}  (was {was}; the watch sensor will run it again)")
+                print(printable(f"PENDING    {path}  (was {was}; the watch sensor will run it again)"))
     finally:
         store.close()
     return 1 if refused else 0
