@@ -900,11 +900,11 @@ def test_an_s3_image_outside_the_allowed_prefixes_is_refused_and_never_copied(
     png = images.files["/b.png"][1]
     s3.client().put_object(Bucket=s3.bucket, Key=f"{s3_prefix}/src/ok.png", Body=png)
     s3.client().put_object(Bucket=s3.bucket, Key=f"{s3_prefix}/_s3proc/plant.png", Body=png)
-    s3.client().put_object(Bucket=s3.bucket, Key=f"secret-{s3_prefix}/hr.png", Body=png)  # another team's
+    s3.client().put_object(Bucket=s3.bucket, Key=f"t-secret-{s3_prefix}/hr.png", Body=png)  # outside S3_PREFIX
     data = (
         "S. No.,Product Name,Input Image Urls\n"
         f'1,Ok,"s3://{s3.bucket}/{s3_prefix}/src/ok.png"\n'
-        f'2,Elsewhere,"s3://{s3.bucket}/secret-{s3_prefix}/hr.png"\n'
+        f'2,Elsewhere,"s3://{s3.bucket}/t-secret-{s3_prefix}/hr.png"\n'
         f'3,Reserved,"s3://{s3.bucket}/{s3_prefix}/_s3proc/plant.png"\n'
     ).encode()
     opts = options(s3, s3_prefix, s3_refused=(f"{s3.bucket}/{s3_prefix}/_s3proc",))
