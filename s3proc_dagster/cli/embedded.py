@@ -30,6 +30,7 @@ from s3proc_dagster.cli.processes import (
     start_in_own_group,
     stop_process_group,
 )
+from s3proc_dagster.files.private import make_private_dir
 
 
 def _binary(name: str) -> str:
@@ -134,7 +135,7 @@ def start_seaweedfs(
     """`weed mini` (master, volume, filer, S3 in one process) with its data under `data_dir`;
     `check_apart`: its readiness checked from a process of its own (`s3proc dev`); `avoid`:
     ports another server will bind later (the UI's)."""
-    data_dir.mkdir(parents=True, exist_ok=True)
+    make_private_dir(data_dir)  # every dataset lands in its volume files: the service's user's alone
     s3_port, master, volume, filer, admin = _seaweedfs_ports(s3_port, avoid)
     log_path = data_dir / "weed.log"
     cmd = [

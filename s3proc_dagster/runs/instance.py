@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from s3proc_dagster.files.private import make_private_dir
 from s3proc_dagster.names import FILE_ID_TAG
 
 #: The PostgreSQL database of a deployment's Dagster instance (`postgresql://user:password@host:5432/db`).
@@ -131,7 +132,7 @@ def prepare_storage(dagster_home: Path) -> None:
 
 
 def write_instance(dagster_home: Path, max_concurrency: int) -> Path:
-    dagster_home.mkdir(parents=True, exist_ok=True)
+    make_private_dir(dagster_home)  # runs' event logs and tags: a new one is the service's user's alone
     path = dagster_home / "dagster.yaml"
     path.write_text(yaml.safe_dump(instance_config(max_concurrency, dagster_home / "storage"), sort_keys=False))
     return path
