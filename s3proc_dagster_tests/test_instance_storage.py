@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import stat
 import time
 from pathlib import Path
 
@@ -116,3 +117,9 @@ def test_the_kept_engine_event_log_still_wakes_a_watcher_in_another_process_and_
         writer.store_event(_step_start(f"run-{index}"))
     assert len(writer._engines) == KEPT_ENGINES
     assert len(writer.get_logs_for_run("run-3")) == 1  # an evicted engine's database still reads
+
+
+def test_a_dagster_home_the_product_creates_is_its_users_alone(tmp_path: Path) -> None:
+    home = tmp_path / "new" / ".dagster_home"
+    write_instance(home, 4)
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700 and stat.S_IMODE(home.parent.stat().st_mode) == 0o700
