@@ -82,6 +82,21 @@ def test_code_location_loads_with_dagster_definitions_validate(pipeline_env: dic
     assert pipeline_env["S3_SECRET_ACCESS_KEY"] not in result.stdout + result.stderr
 
 
+def test_the_code_server_loads_the_definitions_without_pyarrow_which_the_run_zygote_preloads() -> None:
+    """The code server only evaluates sensors: pyarrow (58 MB) is for runs, which the
+    zygote forks with it already imported (runs/zygote.py PRELOAD)."""
+    probe = (
+        "import sys; import s3proc_dagster.definitions as d; d.defs(); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'pyarrow'))"
+    )
+    result = run([sys.executable, "-c", probe], {"PATH": os.environ["PATH"]}, ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", result.stdout
+    from s3proc_dagster.runs.zygote import PRELOAD
+
+    assert {"pyarrow.parquet", "pyarrow.compute", "s3proc_dagster.pipeline"} <= set(PRELOAD)
+
+
 # ---- naming a file ------------------------------------------------------------------------------
 
 

@@ -4,6 +4,10 @@ Batches arrive in source order and are cut exactly at chunk boundaries, so chunk
 records [i*size, (i+1)*size - 1] whatever the batch size. A rule set's rejected records
 are split from the valid ones per batch with Arrow compute and written beside them under
 `_rejected/`. Whoever produces the batches (`tabular.py`) knows nothing of Parquet.
+
+pyarrow is imported where a chunk is written, not with the module: the code server
+imports ChunkFile for the definitions and never writes a chunk, and pyarrow would cost it
+58 MB (the run zygote imports it once for every run).
 """
 
 from __future__ import annotations
@@ -14,11 +18,10 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 WRITER_LANES = 2
 RULES_COLUMN = "_rules"
@@ -70,6 +73,8 @@ class _ChunkWriter:
     def __init__(
         self, out_dir: Path, index: int, schema: pa.Schema, compression: str, with_rules: bool, dictionary: list[str]
     ) -> None:
+        import pyarrow.parquet as pq
+
         self.index = index
         self.path = out_dir / f"part-{index:05d}.parquet"
         self.rejected_path = out_dir / "_rejected" / f"part-{index:05d}.parquet" if with_rules else None
@@ -84,6 +89,10 @@ class _ChunkWriter:
         self.rule_counts: dict[str, int] = {}
 
     def write(self, piece: pa.RecordBatch) -> None:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
         self.records += piece.num_rows
         if self.rejected_path is None:
             self.writer.write_batch(piece)
@@ -145,6 +154,9 @@ def _dictionary_columns(batch: pa.RecordBatch) -> list[str]:
     wrote 79 MB where this choice writes about 62 MB. One choice for the whole file
     keeps the chunks alike.
     """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     chosen = []
     for name, column in zip(batch.schema.names, batch.columns, strict=True):
         if pa.types.is_nested(column.type) or not batch.num_rows:
@@ -159,6 +171,9 @@ def numbers_as_text(batch: pa.RecordBatch, min_share: float = 0.8, max_words: in
     first batch: DuckDB typed them as text because of a null marker such as `NA`, which
     CSV_NULL_STRINGS would read as NULL. Said where the user sees the result (the file's
     materialization), not deep in the docs."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     found: dict[str, list[str]] = {}
     for name, column in zip(batch.schema.names, batch.columns, strict=True):
         if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):

@@ -6,6 +6,7 @@ rows run from its startOffset to its endOffset), `_file_sha256` and `_landed_at`
 reader joining many files' datasets can still tell rows apart by origin (dlt's
 `file_name`, Airbyte's `_ab_source_file_url`). They are appended to each batch of the
 one pass, after DuckDB typed the source, so they never change how the source is read.
+pyarrow is imported by the methods that build columns, as in `chunks.py`.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING
 
-import pyarrow as pa
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 COLUMNS = ("_source_file", "_source_row", "_file_sha256", "_landed_at")
 
@@ -32,6 +35,8 @@ class Lineage:
         return [name for name in names if name.lower() in COLUMNS]
 
     def schema(self, schema: pa.Schema) -> pa.Schema:
+        import pyarrow as pa
+
         for name, kind in zip(
             COLUMNS, (pa.string(), pa.int64(), pa.string(), pa.timestamp("us", tz="UTC")), strict=True
         ):
@@ -40,6 +45,8 @@ class Lineage:
 
     def apply(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         """Each batch with the four columns; `_source_row` counts records from 0 across batches."""
+        import pyarrow as pa
+
         offset = 0
         for batch in batches:
             n = batch.num_rows

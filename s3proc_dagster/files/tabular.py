@@ -28,9 +28,9 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import duckdb
-import pyarrow as pa
 
 from s3proc_dagster.errors import ConversionError
 from s3proc_dagster.files.chunks import ChunkFile, ChunkSink, clear_chunks, numbers_as_text, write_chunks
@@ -47,6 +47,9 @@ from s3proc_dagster.files.rules import (
 )
 from s3proc_dagster.files.sql import duckdb_reason, sql_string
 from s3proc_dagster.files.xml import xml_as_csv
+
+if TYPE_CHECKING:  # pyarrow is imported where batches are read (see chunks.py)
+    import pyarrow as pa
 
 BATCH_ROWS = 122_880  # a multiple of DuckDB's 2,048-row vector
 SCRATCH_DIR = ".scratch"  # DuckDB spill files and XML intermediates; removed at the end
@@ -247,6 +250,8 @@ def _batches(reader: pa.RecordBatchReader, source: Path, path: Path) -> Iterator
     as duckdb.Error; without this a ragged row past the sample would look like an I/O
     fault and be retried.
     """
+    import pyarrow as pa
+
     while True:
         try:
             batch = reader.read_next_batch()

@@ -23,7 +23,17 @@ import signal
 import sys
 from pathlib import Path
 
-PRELOAD = ("dagster", "s3proc_dagster.definitions", "s3proc_dagster.pipeline", "boto3", "duckdb", "pyarrow.parquet")
+# pyarrow is not imported by the definitions (the code server never needs it), so here by name
+PRELOAD = (
+    "dagster",
+    "s3proc_dagster.definitions",
+    "s3proc_dagster.pipeline",
+    "s3proc_dagster.reports.sources",
+    "boto3",
+    "duckdb",
+    "pyarrow.compute",
+    "pyarrow.parquet",
+)
 
 
 def _preload() -> None:

@@ -13,7 +13,6 @@ import dagster as dg
 from s3proc_dagster.defs.resources import ProgressStoreResource, ReportsDatabase, S3Storage
 from s3proc_dagster.reports.project import ColumnTest, Project, load_project, source_table
 from s3proc_dagster.reports.runner import preview_markdown, run_model, run_test
-from s3proc_dagster.reports.sources import dataset_table, progress_tables
 
 GROUP = "reports"
 SOURCES_KEY = dg.AssetKey(["reports", "progress_sources"])
@@ -28,6 +27,9 @@ def model_key(name: str) -> dg.AssetKey:
 def progress_sources(
     duckdb: ReportsDatabase, progress_store: ProgressStoreResource, s3: S3Storage
 ) -> dg.MaterializeResult:
+    # pyarrow with the tables, in the run: the code server never builds them (58 MB)
+    from s3proc_dagster.reports.sources import dataset_table, progress_tables
+
     tables = progress_tables(progress_store.open())
     tables["datasets"] = dataset_table(s3.get_client(), s3.bucket, s3.prefix)
     with duckdb.get_connection() as conn:
