@@ -71,7 +71,8 @@ def _why_left_out(record: FileStatus, zone: Zone) -> str:
     if ENTRY_SEPARATOR in path:
         return f"an archive entry: it runs with its archive, {path.split(ENTRY_SEPARATOR)[0]}"
     if path_below(path, zone.watch) is None:
-        return f"not under {zone.watch}: `s3proc process {shlex.quote(path)}` runs it"
+        force = " --force" if record.status is ProcessingStatus.COMPLETED else ""  # else it skips the same version
+        return f"not under {zone.watch}: `s3proc process{force} {shlex.quote(path)}` runs it"
     return "gone: neither where it was read nor in the error directory"
 
 
