@@ -28,6 +28,19 @@ class FileType(str, enum.Enum):
     DATABASE = "database"  # .csv, .tsv, .json, .xml, .jsonl
     REGULAR = "regular"  # all other files
 
+    @property
+    def meaning(self) -> str:
+        """What the specification's word means for the file, where a user reads it (the
+        progress line, the asset's metadata): "database" for a CSV puzzled users."""
+        return _FILE_TYPE_MEANINGS[self]
+
+
+_FILE_TYPE_MEANINGS = {
+    FileType.ARCHIVE: "its entries processed as files of their own",
+    FileType.DATABASE: "tabular, converted to Parquet chunks",
+    FileType.REGULAR: "not tabular, copied to S3 as one object",
+}
+
 
 class ProcessingStatus(str, enum.Enum):
     PENDING = "pending"

@@ -342,7 +342,8 @@ def test_retry_of_an_archive_entry_or_an_s3_object_gives_one_advice_with_or_with
         assert "--force" not in entry.stderr and "COMPLETED" not in entry.stderr
         from_s3 = s3proc("retry", *force, "s3://b/in/o.csv", env=pipeline_env, cwd=tmp_path)
         assert from_s3.returncode == 1
-        assert "run `s3proc process s3://b/in/o.csv`" in from_s3.stderr and "--force" not in from_s3.stderr
+        # COMPLETED: `process` alone would skip the same version, so the advice is `process --force`
+        assert "run `s3proc process --force s3://b/in/o.csv`" in from_s3.stderr, from_s3.stderr
     store = SQLiteProgressStore(pipeline_env["PROGRESS_DB_PATH"])
     assert {f.status.name for f in store.list_files()} == {"COMPLETED"}  # nothing was reset
     store.close()
@@ -373,6 +374,10 @@ def test_backfill_status_failed_dry_run_lists_parked_files_and_changes_nothing(
     )
     store.start(obj.file_id)
     store.fail(obj.file_id, "ragged CSV")
+    elsewhere = tmp_path / "my files" / "x.csv"  # `s3proc process` read it outside WATCH_PATH
+    outside = record_file(store, elsewhere.parent, "x.csv", checksum="5")
+    store.start(outside.file_id)
+    store.fail(outside.file_id, "ragged CSV")
     done = record_file(store, watch, "nyc/done.csv", checksum="4")
     (watch / "nyc").mkdir()
     (watch / "nyc" / "done.csv").write_text("a\n1\n")
@@ -389,6 +394,11 @@ def test_backfill_status_failed_dry_run_lists_parked_files_and_changes_nothing(
         f"would queue  {errors}/nyc/bad.csv  (FAILED: back to {watch}/nyc/bad.csv and PENDING first, as `s3proc retry`)",
         "2 file(s) selected",
     ], listed.stdout
+    assert listed.stderr.splitlines() == [  # the FAILED records it cannot queue, each with why, by path
+        f"left out  {watch}/nyc/bundle.zip!/a.csv  (an archive entry: it runs with its archive, {watch}/nyc/bundle.zip)",
+        f"left out  {watch}/nyc/gone.csv  (gone: neither where it was read nor in the error directory)",
+        f"left out  {elsewhere}  (not under {watch}: `s3proc process '{elsewhere}'` runs it)",
+    ], listed.stderr
     only_nyc = s3proc("backfill", "--status", "failed", "--glob", "nyc/**", "--dry-run", env=pipeline_env, cwd=tmp_path)
     assert only_nyc.returncode == 0 and only_nyc.stdout.splitlines()[-1] == "1 file(s) selected", only_nyc.stdout
     completed = s3proc("backfill", "--status", "completed", "--dry-run", env=pipeline_env, cwd=tmp_path)

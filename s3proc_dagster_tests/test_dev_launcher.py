@@ -104,7 +104,7 @@ def as_checkout(directory: Path) -> list[str]:
 
 @contextmanager
 def s3proc_dev(
-    directory: Path, ui_port: int, s3_port: int, command: list[str] = LAUNCHER
+    directory: Path, ui_port: int, s3_port: int, command: list[str] = LAUNCHER, **env: str
 ) -> Iterator[subprocess.Popen]:
     """`command` in `directory` with SIGINT ignored and in a session of its own, as
     `setsid scripts/dev &` starts it; whatever happens in the test, it and everything it
@@ -114,7 +114,7 @@ def s3proc_dev(
         proc = subprocess.Popen(
             command,
             cwd=directory,
-            env=dev_env(ui_port, s3_port),
+            env={**dev_env(ui_port, s3_port), **env},
             stdout=log,
             stderr=subprocess.STDOUT,
             preexec_fn=_ignore_sigint,  # noqa: PLW1509 - reproduces a shell's `&`, before any thread
@@ -187,11 +187,15 @@ def test_signal_stops_dagster_and_seaweedfs_and_frees_both_ports(
 @pytest.mark.servers  # starts SeaweedFS and Dagster's processes (scripts/dev)
 def test_sigint_to_a_backgrounded_scripts_dev_stops_it_and_dagster_cleanly(tmp_path: Path) -> None:
     """`setsid scripts/dev &`, then `kill -INT -PGID`: SIGINT arrives at a process that
-    started with it ignored, and is an explicit request to stop all the same."""
+    started with it ignored, and is an explicit request to stop all the same. Under
+    LOG_PRETTY=false LOG_LEVEL=debug, every line it printed is JSON but the launcher's own
+    (the code server's and its `dagster api grpc` process's were colored text)."""
     ui_port, s3_port = free_port(), free_port(with_grpc=True)
     log = tmp_path / "dev.log"
-    with s3proc_dev(tmp_path, ui_port, s3_port, command=as_checkout(tmp_path)) as launcher:
+    logs = {"LOG_PRETTY": "false", "LOG_LEVEL": "debug"}
+    with s3proc_dev(tmp_path, ui_port, s3_port, command=as_checkout(tmp_path), **logs) as launcher:
         wait_for_ui(launcher, ui_port, log)
+        wait_until(lambda: "Started Dagster code server" in log.read_text(), 10, "no code server line")
         tree = psutil.Process(launcher.pid).children(recursive=True)
         assert "dagster._daemon" in "\n".join(describe(tree)), describe(tree)
         url = f"http://127.0.0.1:{ui_port}"  # where `s3proc backfill` finds it: the .env it wrote, DAGSTER_HOME
@@ -205,6 +209,9 @@ def test_sigint_to_a_backgrounded_scripts_dev_stops_it_and_dagster_cleanly(tmp_p
         assert time.monotonic() - stopped < DAGSTER_STOP_DEADLINE_S, log.read_text()[-3000:]
         assert "SIGINT: stopping Dagster and SeaweedFS" in log.read_text()
         assert "killed with its group" not in log.read_text()
+        launchers = ("SeaweedFS S3 endpoint: ", "Watching ", "UI on http", "SIGINT: stopping")
+        lines = [line for line in log.read_text().splitlines() if line and not line.startswith(launchers)]
+        assert [line for line in lines if not line.startswith("{")] == []
         wait_until(lambda: not alive(tree), 5, "still running:\n" + "\n".join(describe(alive(tree))))
         assert not alive(processes_under(tmp_path)), describe(alive(processes_under(tmp_path)))
         wait_until(lambda: not port_in_use(ui_port) and not port_in_use(s3_port), 10, "a port is still taken")

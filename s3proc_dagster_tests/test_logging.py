@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
 import dagster as dg
 import pytest
+from dagster._core.definitions.instigation_logger import get_instigation_log_records
 
 from benchmarks.support import Deployment, promo_rows, write_csv
+from s3proc_dagster.defs.files.sensors import watch_directory_sensor
+from s3proc_dagster.defs.resources import Settings, resources_for
+from s3proc_dagster.logs import LOGGER, PROGRESS
 from s3proc_dagster.models import ProcessingStatus as S
 from s3proc_dagster.runs.compute_logs import MirroringComputeLogManager
 from s3proc_dagster.runs.instance import write_instance
@@ -93,6 +99,73 @@ def test_log_level_decides_what_is_written(deployment: Deployment, level: str) -
         dagsters = [line for line in other.stderr.splitlines() if "STEP_SUCCESS" in line]
         assert [json.loads(line)["logger"] for line in dagsters] == ["dagster"] * len(dagsters)  # JSON like ours
         assert len(run_lines) > len(info_run_lines)
+
+
+@pytest.fixture
+def product_loggers():
+    """The `s3proc` loggers as they were: a sensor's settings reconfigure them for the process."""
+    saved = {
+        n: (logging.getLogger(n).level, [h.formatter for h in logging.getLogger(n).handlers])
+        for n in (LOGGER, PROGRESS)
+    }
+    yield
+    for name, (level, formatters) in saved.items():
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        for handler, formatter in zip(logger.handlers, formatters, strict=False):
+            handler.setFormatter(formatter)
+
+
+@pytest.mark.parametrize("level", ["error", "info"])
+def test_a_sensor_ticks_lines_follow_log_level_and_log_pretty(
+    deployment: Deployment, tmp_path: Path, capfd: pytest.CaptureFixture[str], product_loggers: None, level: str
+) -> None:
+    """The watch sensor's "still being written", as a tick the daemon asks the code server
+    for: on the terminal (the code server's stderr, scripts/dev's) as the product's JSON line
+    at info and not at all at error; Dagster printed it at INFO, colored, whatever the
+    settings. The tick's own log, which the UI shows, keeps it at info."""
+    root = tmp_path / "watch"
+    (root / "errors").mkdir(parents=True)
+    growing = root / "growing.csv"
+    growing.write_text("a,b\n1,2\n")
+    now = time.time_ns()
+    os.utime(growing, ns=(now, now + 3_600 * 10**9))  # just written, whatever the machine's load
+    settings = Settings(
+        overrides={
+            "WATCH_PATH": str(root),
+            "STAGING_DIRECTORY": str(root / ".staging"),
+            "ERROR_DIRECTORY": str(root / "errors"),
+            "STABILITY_THRESHOLD_MS": "60000",
+            "LOG_LEVEL": level,
+            "LOG_PRETTY": "false",
+        }
+    )
+    instance = deployment.instance()
+    log_key = ["sensors", uuid.uuid4().hex]
+    context = dg.SensorEvaluationContext(  # as a code server builds it for the daemon's tick
+        instance_ref=instance.get_ref(),
+        last_tick_completion_time=None,
+        last_run_key=None,
+        cursor=None,
+        repository_name="__repository__",
+        sensor_name="watch_directory_sensor",
+        log_key=log_key,
+        resources=resources_for(settings),
+    )
+    capfd.readouterr()
+    with context:
+        watch_directory_sensor.evaluate_tick(context)
+    printed = capfd.readouterr()
+    terminal = printed.out + printed.err
+    assert "still being written" not in "".join(line for line in terminal.splitlines() if not line.startswith("{"))
+    ours = [line for line in json_lines(terminal) if "still being written" in line.get("message", "")]
+    kept = [r for r in get_instigation_log_records(instance, log_key) if "still being written" in r.get("msg", "")]
+    if level == "error":
+        assert ours == [] and kept == []
+    else:
+        assert [(line["logger"], line["level"]) for line in ours] == [("s3proc.sensors", "info")]
+        assert ours[0]["message"] == "watch_directory_sensor: 1 file(s) still being written"
+        assert len(kept) == 1
 
 
 def test_a_runs_output_is_kept_for_the_ui_and_mirrored_back_by_a_thread_not_by_processes(tmp_path: Path) -> None:

@@ -366,3 +366,29 @@ def test_status_of_a_file_lists_its_own_run_and_the_batch_run_that_processed_it(
         (batched.run_id, "process_files_job", "SUCCESS")
     ]
     assert doc["runs"][0]["startTime"]
+
+
+def test_process_skips_an_unchanged_file_saying_how_and_force_processes_it_again(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """A file read from outside WATCH_PATH has no sensor and no `retry`: `retry --force`
+    sends the user to `process --force`, which runs it again; `process` alone skips it (the
+    advice was `s3proc process`, which skipped the very version it was asked to redo)."""
+    src = write_csv(tmp_path / "outside" / f"again-{os.getpid()}-{time.time_ns()}.csv", promo_rows(12))
+    first = s3proc("process", str(src), cwd=tmp_path)
+    assert first.returncode == 0 and first.stdout.startswith("COMPLETED -> "), first.stdout + first.stderr
+    store = deployment.store()
+    done = store.get_by_path(str(src))
+
+    again = s3proc("process", str(src), cwd=tmp_path)
+    assert again.returncode == 0
+    assert again.stdout.startswith(f"SKIPPED: unchanged since run {done.run_id[:8]} (COMPLETED); ")
+    assert "`s3proc process --force` processes it again" in again.stdout
+    advice = s3proc("retry", "--force", str(src), cwd=tmp_path)
+    assert advice.returncode == 1 and f"run `s3proc process --force {src}`" in advice.stderr, advice.stderr
+
+    forced = s3proc("process", "--force", str(src), cwd=tmp_path)
+    assert forced.returncode == 0 and forced.stdout.startswith("COMPLETED -> "), forced.stdout + forced.stderr
+    redone = store.get_by_path(str(src))
+    assert redone.status is S.COMPLETED and redone.run_id not in (done.run_id, None)
+    assert redone.run_id[:8] in forced.stdout and redone.completed_at > done.completed_at

@@ -113,3 +113,5 @@ def test_a_column_of_numbers_with_na_says_in_the_files_materialization_how_to_re
     ]
     hint = completed.metadata["text_columns_of_numbers"].value
     assert "dep_delay" in hint and "'NA'" in hint and "CSV_NULL_STRINGS=NA," in hint
+    # and the specification's word for a CSV says what it means where the user reads it
+    assert completed.metadata["file_type"].value == "database (tabular, converted to Parquet chunks)"

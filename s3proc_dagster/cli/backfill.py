@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from dataclasses import dataclass
 from datetime import datetime
@@ -62,6 +63,36 @@ def _recorded_where(record: FileStatus, zone: Zone) -> BackfillFile | None:
         return BackfillFile(path, rel, record, zone=zone)
     parked = parking.parked_path(record, zone.watch, zone.error_dir)
     return BackfillFile(path, rel, record, parked, zone) if parked else None
+
+
+def _why_left_out(record: FileStatus, zone: Zone) -> str:
+    """Why `_recorded_where` found no file a run can read for `record`, and what to do."""
+    path = record.file_path
+    if ENTRY_SEPARATOR in path:
+        return f"an archive entry: it runs with its archive, {path.split(ENTRY_SEPARATOR)[0]}"
+    if path_below(path, zone.watch) is None:
+        force = " --force" if record.status is ProcessingStatus.COMPLETED else ""  # else it skips the same version
+        return f"not under {zone.watch}: `s3proc process{force} {shlex.quote(path)}` runs it"
+    return "gone: neither where it was read nor in the error directory"
+
+
+def left_out_of_backfill(
+    zones: Zones, store: ProgressStore, status: str, selected: list[BackfillFile], zone: str | None = None
+) -> list[tuple[str, str]]:
+    """The records of `status` that `select_backfill` could not select, each with why: a user
+    who counts them in `s3proc status` is told where each went rather than left to wonder
+    (a file `s3proc process` read from elsewhere, one whose parked copy is gone, an entry of
+    an archive the backfill does not run)."""
+    chosen, paths = _chosen_zones(zones, zone), {f.path for f in selected}
+    out = []
+    for record in store.list_files(ProcessingStatus.parse(status)):
+        mine = zones.of_record(record)
+        if mine.name not in chosen or _recorded_where(record, mine) is not None:
+            continue
+        if record.file_path.split(ENTRY_SEPARATOR)[0] in paths:
+            continue  # its archive is queued, and runs it
+        out.append((record.file_path, _why_left_out(record, mine)))
+    return sorted(out)
 
 
 def _modified_ns(file: BackfillFile, cfg: Configuration) -> int | None:
@@ -234,6 +265,9 @@ def _backfill(args: argparse.Namespace) -> int:
                 return 1
             back = f"; back from {f.parked}" if f.parked else ""
             print(printable(f"queued {run_id[:8]}  {f.path}{marker}" + (f"  (was FAILED{back})" if failed else "")))
+        if args.status and not (args.glob or args.since):  # filtered by path or time, the rest is not asked about
+            for path, why in left_out_of_backfill(zones, store, args.status, files, args.zone):
+                print(printable(f"left out  {path}  ({why})"), file=sys.stderr)
     finally:
         store.close()
     print(f"{len(files)} file(s) {'selected' if args.dry_run else 'queued'}")
@@ -273,8 +307,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             "recorded files of that status wherever they are now: under WATCH_PATH, parked in the "
             "error directory (FAILED files), or in S3. A FAILED local file is first moved back to "
             "WATCH_PATH and set PENDING, as `s3proc retry` does; a FAILED object is set PENDING and "
-            "read again from S3. An archive's entries run with their archive. Exit status 1 when no "
-            "webserver answers."
+            "read again from S3. An archive's entries run with their archive. A recorded file of that "
+            "status that no run can read where it is (outside WATCH_PATH, gone) is named on stderr as "
+            "left out, with why. Exit status 1 when no webserver answers."
         ),
     )
     parser.add_argument(

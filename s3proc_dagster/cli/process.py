@@ -17,7 +17,10 @@ def _process(args: argparse.Namespace) -> int:
     """Each file's run, then one outcome line per file on stdout; the product's progress
     lines go to stderr as it works (LOG_LEVEL, LOG_PRETTY), Dagster's own only at debug.
     A declared landing zone's file runs with its zone's settings, as its zone's sensor
-    would run it."""
+    would run it. With --force a COMPLETED file is set back to PENDING first, as `retry
+    --force` does for a file the watch sensor sees: its run would otherwise find the same
+    version COMPLETED and skip it, and a file read from outside WATCH_PATH or from S3 has
+    no other way to be processed again."""
     from s3proc_dagster.runs.launch import run_now
 
     zones = load_zones()
@@ -32,6 +35,9 @@ def _process(args: argparse.Namespace) -> int:
                 print(f"s3proc: {raw}: {left_out}; nothing run", file=sys.stderr)
                 failed += 1
                 continue
+            done = store.get_by_path(request.tags[SOURCE_TAG]) if args.force else None
+            if done is not None and done.status is ProcessingStatus.COMPLETED:
+                store.reset_to_pending(done.file_id)
             outcome = run_now(instance, request)
             status = store.get_by_path(request.tags[SOURCE_TAG])
             failed += not outcome.success
@@ -61,7 +67,8 @@ def _outcome(status: FileStatus | None, run_id: str, success: bool) -> str:
     if status.run_id != run_id and success:  # another run holds it, or it was already done
         if status.status is ProcessingStatus.IN_PROGRESS:
             return f"SKIPPED: held by run {(status.run_id or '')[:8]}"
-        return f"SKIPPED: unchanged since run {(status.run_id or '')[:8]} ({status.status.name})"
+        again = "; `s3proc process --force` processes it again" if status.status is ProcessingStatus.COMPLETED else ""
+        return f"SKIPPED: unchanged since run {(status.run_id or '')[:8]} ({status.status.name}){again}"
     if status.status is ProcessingStatus.COMPLETED:
         return f"COMPLETED -> {status.output_key}"
     if status.status is ProcessingStatus.FAILED:
@@ -76,7 +83,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "Run process_file_job for each file now, in this process, on the Dagster instance at "
             "DAGSTER_HOME (default ./.dagster_home), and wait for it. The runs show in the Dagster UI "
-            "with the same tags as the watch sensor's. Exit status 1 when any run fails."
+            "with the same tags as the watch sensor's. A file already COMPLETED in this version is skipped "
+            "unless --force. Exit status 1 when any run fails."
         ),
     )
     parser.add_argument(
@@ -87,6 +95,14 @@ def register(sub: argparse._SubParsersAction) -> None:
             "an s3:// URI, or a local file: below WATCH_PATH (or a landing zone's source, whose settings "
             "its run then takes) it is opened without following any link; anywhere else it is read as you "
             "name it (known by its name alone), but never through a link as its last component"
+        ),
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help=(
+            "also process a COMPLETED file whose content has not changed: set it back to PENDING first "
+            "(every step runs again; chunks already in S3 and verified are not uploaded again)"
         ),
     )
     parser.set_defaults(func=_process)

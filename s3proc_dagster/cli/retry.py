@@ -40,10 +40,12 @@ def _retry_refusal(status: FileStatus, rel: str | None, force: bool, archive: st
     path = status.file_path
     if ENTRY_SEPARATOR in path:
         return f"is an entry of an archive: retry the archive, {archive or path.partition(ENTRY_SEPARATOR)[0]}"
+    # `process` skips a version already COMPLETED: for one, the advice is `process --force`
+    process = "s3proc process --force" if status.status is ProcessingStatus.COMPLETED else "s3proc process"
     if "://" in path:
-        return f"came from S3, which the watch sensor does not re-read: run `s3proc process {path}`"
+        return f"came from S3, which the watch sensor does not re-read: run `{process} {path}`"
     if rel is None:
-        return f"is not under WATCH_PATH, so the watch sensor would not see it: run `s3proc process {path}`"
+        return f"is not under WATCH_PATH, so the watch sensor would not see it: run `{process} {path}`"
     if status.status is ProcessingStatus.IN_PROGRESS:
         return "is IN_PROGRESS: a run is processing it (if that run died, crash recovery sets it back to PENDING)"
     if status.status is ProcessingStatus.COMPLETED and not force:

@@ -93,15 +93,21 @@ def start_services(
     level = "debug" if log_level == "debug" else "warning"  # as `dagster dev` has its code servers log
     # (a module and a location name are identifiers: no space to split on)
     args = f"-h 127.0.0.1 -p {grpc_port} -m {module} --location-name {name} --log-level {level}".split()
+    # each service's own lines in LOG_PRETTY's format: the code server's too, and those of the
+    # `dagster api grpc` process it starts, which takes no such option from it, only from the
+    # variable Dagster's command line reads for it (auto_envvar_prefix DAGSTER_CLI)
+    logs = ["--log-format", log_format]
+    server_env = {**env, "DAGSTER_CLI_API_GRPC_LOG_FORMAT": log_format}
     code_server = start_in_own_group(
-        [sys.executable, "-m", "dagster", "code-server", "start", *args, "-d", str(root)], cwd=root, env=env
+        [sys.executable, "-m", "dagster", "code-server", "start", *args, *logs, "-d", str(root)],
+        cwd=root,
+        env=server_env,
     )
     services.processes["code server"] = code_server
     _wait_for_port(code_server, grpc_port)
     workspace = dagster_home / WORKSPACE_FILE
     grpc = {"host": "127.0.0.1", "port": grpc_port, "location_name": name}
     workspace.write_text(yaml.safe_dump({"load_from": [{"grpc_server": grpc}]}, sort_keys=False))
-    logs = ["--log-format", log_format]
     webserver = [sys.executable, "-m", "dagster_webserver", "-w", str(workspace), "-h", host, "-p", str(port)]
     services.processes["webserver"] = start_in_own_group(
         [*webserver, "--dagster-log-level", log_level, *logs], cwd=root, env=env

@@ -145,7 +145,7 @@ def file_completed(
         "sha256": version.sha256,
         "success_rate": record.processing_stats.success_rate,
         "compression": item.compression or "",
-        "file_type": item.item.file_type.value,
+        "file_type": f"{item.item.file_type.value} ({item.item.file_type.meaning})",
     }
     if item.is_tabular:
         metadata["chunk_list"] = chunk_table(item)

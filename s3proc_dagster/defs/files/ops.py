@@ -109,9 +109,9 @@ def _still_there(zone: str, relative_path: str, where: str, s3: S3Storage) -> No
 def _detect(ctx: StepContext, file: FileInRun) -> FileInRun:
     assert file.version is not None
     detection = pipeline.detect_type(ctx, file.version)
-    progress.info(
-        "%s: %s (%s)", file.name, detection.file_type.value, detection.kind, extra=about(file.version.file_id)
-    )
+    kind, file_type = detection.kind, detection.file_type
+    shown = file_type.value if kind == file_type.value else f"{kind}, {file_type.value}"
+    progress.info("%s: %s (%s)", file.name, shown, file_type.meaning, extra=about(file.version.file_id))
     return replace(file, detection=detection)
 
 

@@ -18,6 +18,7 @@ import dagster as dg
 
 from s3proc_dagster.defs.files.jobs import PRODUCT_JOBS, process_file_job, process_files_job, reconcile_job
 from s3proc_dagster.defs.images.jobs import image_request_job
+from s3proc_dagster.defs.loggers import tick_log
 from s3proc_dagster.defs.resources import ProgressStoreResource, S3Storage, Settings
 from s3proc_dagster.errors import ObjectUnreadable
 from s3proc_dagster.files.globs import admitted
@@ -101,7 +102,9 @@ def watch_tick(
             _WAITING.release()
     if unnamed:  # said once a tick, and left where they are
         shown = ", ".join(sorted(printable(os.fsencode(n).decode("utf-8", "backslashreplace")) for n in unnamed))
-        context.log.warning(f"{len(unnamed)} file(s) whose name is not valid UTF-8 are left alone; rename: {shown}")
+        tick_log(context, cfg.logging).warning(
+            f"{len(unnamed)} file(s) whose name is not valid UTF-8 are left alone; rename: {shown}"
+        )
     again = {r.tags[PATH_TAG] for r in requests}
     requests = _not_in_flight(context, requests)
     requests += [
@@ -110,7 +113,7 @@ def watch_tick(
         if f.relative_path not in again
     ]
     if cursor.waiting:
-        context.log.info(f"{len(cursor.waiting)} file(s) still being written")
+        tick_log(context, cfg.logging).info(f"{len(cursor.waiting)} file(s) still being written")
     sizes = {str(f.path): f.size for f in ready}
     requests = _batched(context, settings, requests, lambda r: sizes.get(source_of(r)["path"]) or _size(r))
     return requests, cursor.dumps()
@@ -208,7 +211,7 @@ def incoming_tick(
         try:
             head = verify.head(client, obj.bucket, obj.key)
         except ObjectUnreadable as exc:  # this object alone (SSE-C, a per-object policy): its run says why
-            context.log.warning(f"{exc}; its run records the reason")
+            tick_log(context, settings.config.logging).warning(f"{exc}; its run records the reason")
             head = {}
         if head is None:
             continue  # deleted since it was listed
