@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import dagster as dg
@@ -103,6 +106,19 @@ def part_puts(deployment: Deployment, mark: int, dataset: str) -> list[str]:
     return [k for k in deployment.proxy.put_keys[mark:] if f"/{dataset}/" in k and "/part-" in k]
 
 
+def status_runs(deployment: Deployment, path: str) -> list[dict]:
+    """The runs `s3proc status PATH --json` lists for the file, as a user runs it."""
+    shown = subprocess.run(
+        [sys.executable, "-m", "s3proc_dagster.cli", "status", path, "--json"],
+        env={**os.environ, **deployment.env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shown.returncode == 0, shown.stderr
+    return json.loads(shown.stdout)[0]["runs"]
+
+
 def test_a_batch_fails_each_file_alone_retries_what_a_retry_cures_and_lets_a_stuck_file_leave(
     deployment: Deployment, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
@@ -139,6 +155,9 @@ def test_a_batch_fails_each_file_alone_retries_what_a_retry_cures_and_lets_a_stu
         gone = store.get_by_path(str(broken))
         assert gone.status is S.FAILED and "not a zip archive" in gone.error_details
         assert deployment.instance().get_run_by_id(result.run_id).tags["s3proc/has_failures"] == "true"
+        # the batch succeeded for the others; `status FILE` says it gave this one up
+        (batched,) = [r for r in status_runs(deployment, "batch-alone/broken.zip") if r["runId"] == result.run_id]
+        assert batched["status"] == "SUCCESS" and batched["gaveUpThisFile"] is True
         assert (deployment.errors / "batch-alone" / "broken.zip").read_text() == "hello, I am not a zip"
         (seen,) = [e for e in result.all_events if e.event_type_value == "ASSET_OBSERVATION"]
         observation = seen.event_specific_data.asset_observation

@@ -84,6 +84,8 @@ def _file_runs(files: list[FileStatus], zones: Zones) -> tuple[dict[str, list[di
                         "job": r.dagster_run.job_name,
                         "status": r.dagster_run.status.value,
                         "startTime": _started(r.start_time),
+                        # a batch run succeeds for its other files when it gives one up
+                        "gaveUpThisFile": f.status == ProcessingStatus.FAILED and f.run_id == r.dagster_run.run_id,
                     }
                     for r in instance.get_run_records(dg.RunsFilter(tags=tag))
                 ]
@@ -103,7 +105,15 @@ def _run_lines(runs: list[dict[str, Any]] | None, no_runs: str, ui_filter: str) 
         return [f"    runs: {no_runs}", f"    ({find})"]
     if not runs:
         return [f"    runs: none on the Dagster instance ({find})"]
-    rows = [[r["runId"][:8], r["job"], r["status"], r["startTime"] or "-"] for r in runs]
+    rows = [
+        [
+            r["runId"][:8],
+            r["job"],
+            r["status"] + (", gave this file up" if r["gaveUpThisFile"] else ""),
+            r["startTime"] or "-",
+        ]
+        for r in runs
+    ]
     return [f"    runs, newest first ({find}):", *_table(["run", "job", "status", "started (UTC)"], rows, right=set())]
 
 
@@ -215,7 +225,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "s3Bucket/s3Key of a source object in S3, processingStats, errorSummary, errorDetails ...), "
             "plus parkedPath (where a FAILED file waits in the error directory now, else null), zone "
             "(the landing zone of a declared zone's file; absent for the default zone's) and, "
-            'with PATH, "runs" (runId, job, status, startTime of each run that processed it)'
+            'with PATH, "runs" (runId, job, status, startTime, gaveUpThisFile of each run that processed it)'
         ),
     )
     parser.add_argument(
