@@ -199,6 +199,45 @@ def test_a_sidecar_linked_to_a_credentials_file_becomes_no_tag_and_fails_its_fil
     assert not any("c2VjcmV0" in value for value in run.tags.values())
 
 
+def _swap_for_link(folder: Path, to: Path) -> None:
+    """What a producer racing the service does: the folder it saw becomes a link to elsewhere."""
+    folder.rename(folder.with_name(folder.name + ".real"))
+    folder.symlink_to(to, target_is_directory=True)
+
+
+def test_a_product_csv_behind_a_folder_swapped_for_a_link_is_refused_and_never_published(
+    deployment: Deployment,
+) -> None:
+    outside = deployment.root / f"other-team-{uuid.uuid4().hex[:6]}"
+    outside.mkdir()
+    theirs = "S. No.,Product Name,Input Image Urls\n1,Unreleased product,https://example.invalid/a.jpg\n"
+    (outside / "products.csv").write_text(theirs)
+    name = folder()
+    drop = deployment.watch / name / "drop"
+    drop.mkdir(parents=True)
+    (drop / "products.csv").write_text("S. No.,Product Name,Input Image Urls\n1,Decoy,https://example.invalid/b.jpg\n")
+    (request,) = run_requests_under(sensor_tick(deployment), name)
+    assert request.job_name == "image_request_job"  # routed by its header while the folder was real
+    _swap_for_link(drop, outside)  # between the tick and the run
+
+    from s3proc_dagster.runs.reconstructable import image_request_job_with_resources
+
+    result = dg.execute_job(
+        dg.reconstructable(image_request_job_with_resources),
+        instance=deployment.instance(),
+        run_config=request.run_config,
+        tags=request.tags,
+    )
+    assert not result.success
+    request_id = deployment.instance().get_run_by_id(result.run_id).tags["s3proc/request_id"]
+    store = deployment.store()
+    refused = store.require_request(request_id)
+    assert refused.status.value == "failed" and "symbolic link" in refused.errors[0], refused.errors
+    assert store.list_request_rows(request_id) == []  # nothing of the other team's CSV was read
+    assert list_keys(deployment, f"{deployment.prefix}/images/{request_id}/") == []
+    assert (outside / "products.csv").read_text() == theirs
+
+
 # ---- one bad sidecar fails its file alone --------------------------------------------------------
 
 
