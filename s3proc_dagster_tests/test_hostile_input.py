@@ -20,8 +20,11 @@ import pytest
 from benchmarks.support import Deployment, csv_bytes, list_keys, promo_rows, wait_for, write_csv
 from s3proc_dagster.defs.files.events import asset_key_for
 from s3proc_dagster.errors import UnsafeSourceError
+from s3proc_dagster.files import parking
 from s3proc_dagster.models import ProcessingStatus as S
 from s3proc_dagster.models import make_file_id
+from s3proc_dagster.pipeline import after_success
+from s3proc_dagster.pipeline.failure import give_up
 from s3proc_dagster.sources.resolve import locate
 from s3proc_dagster_tests.pipeline_helpers import (
     execute,
@@ -236,6 +239,106 @@ def test_a_product_csv_behind_a_folder_swapped_for_a_link_is_refused_and_never_p
     assert store.list_request_rows(request_id) == []  # nothing of the other team's CSV was read
     assert list_keys(deployment, f"{deployment.prefix}/images/{request_id}/") == []
     assert (outside / "products.csv").read_text() == theirs
+
+
+# ---- moving or deleting a file never follows a folder swapped for a link meanwhile ---------------
+
+
+def _victims(deployment: Deployment, name: str, content: str) -> Path:
+    """A folder outside the watched directory holding a file named as the producer's."""
+    victims = deployment.root / f"victims-{uuid.uuid4().hex[:6]}"
+    victims.mkdir()
+    (victims / name).write_text(content)
+    return victims
+
+
+def test_parking_never_follows_a_folder_swapped_for_a_link_while_the_file_moves(
+    deployment: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    victims = _victims(deployment, "bad.csv", "service: do-not-move\n")
+    name = folder()
+    bad = deployment.watch / name / "d" / "bad.csv"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(BINARY)
+    checked = parking.confined_path
+
+    def check_then_swap(path: Path, root: Path) -> Path | None:
+        found = checked(path, root)
+        if Path(root) == deployment.errors:  # the last check before the move: the producer swaps now
+            _swap_for_link(bad.parent, victims)
+        return found
+
+    monkeypatch.setattr(parking, "confined_path", check_then_swap)
+    store = deployment.store()
+    file_id = make_file_id(f"{name}/d/bad.csv")
+    gave_up = give_up(
+        store,
+        deployment.s3.client(),
+        f"race-{uuid.uuid4().hex}",
+        file_id,
+        str(bad),
+        "binary",
+        deployment.watch,
+        deployment.errors,
+    )
+    assert gave_up.parked is None and "symbolic link" in (gave_up.park_error or "")
+    assert (victims / "bad.csv").read_text() == "service: do-not-move\n"  # not moved through the link
+    assert not (deployment.errors / name / "d" / "bad.csv").exists()
+    assert (deployment.watch / name / "d.real" / "bad.csv").read_bytes() == BINARY
+    record = store.get(file_id)
+    assert record.status is S.FAILED and "symbolic link" in record.error_details
+
+
+def test_a_retry_never_moves_the_parked_file_through_a_folder_swapped_for_a_link(
+    deployment: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    victims = _victims(deployment, "keep.txt", "someone else's\n")
+    name = folder()
+    parked = deployment.errors / name / "d" / "authorized_keys"
+    parked.parent.mkdir(parents=True)
+    parked.write_text("ssh-ed25519 AAAA-the-producers-key\n")
+    home = deployment.watch / name / "d" / "authorized_keys"
+    home.parent.mkdir(parents=True)
+    checked = parking.confined_path
+
+    def check_then_swap(path: Path, root: Path) -> Path | None:
+        found = checked(path, root)
+        if Path(root) == deployment.watch:  # the last check before the move back
+            _swap_for_link(home.parent, victims)
+        return found
+
+    monkeypatch.setattr(parking, "confined_path", check_then_swap)
+    with pytest.raises(UnsafeSourceError, match="symbolic link"):
+        parking.unpark(home, deployment.watch, deployment.errors)
+    assert sorted(p.name for p in victims.iterdir()) == ["keep.txt"]  # nothing landed through the link
+    assert parked.read_text() == "ssh-ed25519 AAAA-the-producers-key\n"  # it stays parked
+
+
+def test_after_success_delete_never_follows_a_folder_swapped_for_a_link(
+    deployment: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = folder()
+    src = write_csv(deployment.watch / name / "d" / "daily.csv", promo_rows(4))
+    code, printed = process(str(src))
+    assert code == 0, printed
+    store = deployment.store()
+    record = store.get_by_path(str(src))
+    victims = _victims(deployment, "daily.csv", "another team's daily.csv\n")
+    store.update_file(record.file_id, after_success="delete (pending)")  # as a zone with after_success: delete
+    still = after_success._still
+
+    def check_then_swap(original: Path, rec, root: Path) -> bool:
+        same = still(original, rec, root)
+        if rec.file_id == record.file_id:  # the version checked: the producer swaps the folder now
+            _swap_for_link(src.parent, victims)
+        return same
+
+    monkeypatch.setattr(after_success, "_still", check_then_swap)
+    after_success.finish_pending(store, deployment.s3.client(), deployment.s3.bucket, (deployment.watch,))
+    assert (victims / "daily.csv").read_text() == "another team's daily.csv\n"  # not deleted through the link
+    assert (deployment.watch / name / "d.real" / "daily.csv").exists()
+    outcome = store.get(record.file_id).after_success
+    assert outcome.startswith("not deleted") and "symbolic link" in outcome, outcome
 
 
 # ---- one bad sidecar fails its file alone --------------------------------------------------------
