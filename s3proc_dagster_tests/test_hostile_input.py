@@ -507,6 +507,15 @@ def test_a_file_inside_another_files_dataset_is_refused_and_both_stay_intact(
     assert list_keys(deployment, f"incoming/{name}/") == [f"incoming/{name}/x.csv", f"incoming/{name}/x.csv/y.csv"]
 
 
+def test_a_name_with_no_room_left_for_a_sidecar_is_processed(deployment: Deployment) -> None:
+    name = folder()
+    src = write_csv(deployment.watch / name / ("n" * 246 + ".csv"), promo_rows(3))  # `.meta.json` would be 260 bytes
+    code, printed = process(str(src))
+    assert code == 0, printed  # its sidecar cannot exist, so it has none; it failed as "cannot be read"
+    record = deployment.store().get_by_path(str(src))
+    assert record.status is S.COMPLETED and record.metadata == {}
+
+
 def test_file_ids_and_asset_keys_keep_every_spelling_apart() -> None:
     assert make_file_id("a//b.csv") != make_file_id("a/b.csv") != make_file_id("a_b.csv")
     assert asset_key_for("deploy", "promo.csv") != asset_key_for("deploy", "promo_csv")

@@ -12,6 +12,7 @@ failure to read it is that file's FAILED reason, never the sensor's.
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 from pathlib import Path
@@ -48,6 +49,8 @@ def read_sidecar(path: Path, roots: tuple[Path, ...] = ()) -> dict[str, Any]:
     except UnsupportedFileError as exc:
         raise UnsupportedFileError(f"metadata sidecar {exc}") from None
     except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:  # a name of 246-255 bytes leaves no room for `.meta.json`:
+            return {}  # no sidecar can exist, and the file itself is fine
         raise UnsupportedFileError(f"{sidecar.name}: metadata sidecar cannot be read ({exc.strerror or exc})") from None
     if len(raw) > SIDECAR_MAX_BYTES:
         raise UnsupportedFileError(f"{sidecar.name}: metadata sidecar is over {SIDECAR_MAX_BYTES:,} bytes")
