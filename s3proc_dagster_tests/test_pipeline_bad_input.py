@@ -52,6 +52,21 @@ def abs_tar(path: Path) -> None:
     tar_with(path, tarfile.TarInfo("/tmp/s3proc-abs-evil.csv"), b"a\n1\n")
 
 
+def files_only_in_name(path: Path) -> None:
+    """A zip of nothing but folders and Finder metadata: no file to upload."""
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("data/", b"")
+        zf.writestr("__MACOSX/._data", b"\x00\x05\x16\x07")
+
+
+def long_entry_name(path: Path) -> None:
+    """A GNU tar entry whose name (300 bytes, one component) no Linux file system can hold."""
+    with tarfile.open(path, "w:gz", format=tarfile.GNU_FORMAT) as tf:
+        info = tarfile.TarInfo("L" * 296 + ".csv")
+        info.size = 4
+        tf.addfile(info, io.BytesIO(b"a\n1\n"))
+
+
 def symlink_tar(path: Path) -> None:
     info = tarfile.TarInfo("link.csv")
     info.type = tarfile.SYMTYPE
@@ -72,6 +87,9 @@ BAD = {
     "paxbomb.tar.gz": (lambda p: write_tar_gz(p, {"a.csv": b"a\n1\n"}, PAX_BOMB), "pax extended header"),
     "xxe.xml": (lambda p: p.write_text(XXE), "entit"),
     "text.zip": (lambda p: p.write_text("hello, I am not a zip"), "not a zip"),
+    "nothing.zip": (lambda p: zipfile.ZipFile(p, "w").close(), "the archive holds no files"),
+    "folders.zip": (files_only_in_name, "the archive holds no files"),
+    "longname.tar.gz": (long_entry_name, "a name in its path is longer than the file system allows"),
     "empty.csv": (lambda p: p.write_bytes(b""), "empty"),
     "binary.csv": (lambda p: p.write_bytes(bytes(range(256)) * 8), "binary"),
     "ragged.csv": (lambda p: p.write_text("a,b\n1,2\n3,4,5,6\n7\n"), "ragged.csv"),
@@ -92,6 +110,7 @@ def test_bad_file_fails_with_reason_and_original_moved_unchanged(deployment: Dep
     record = deployment.store().get_by_path(str(path))
     assert record.status is S.FAILED
     assert reason in record.error_details.lower() or reason in record.error_details
+    assert deployment.env["STAGING_DIRECTORY"] not in record.error_details  # names the user's file, not a copy
     moved = deployment.errors / folder / name
     assert not path.exists() and moved.read_bytes() == original
     error_json = json.loads(moved.with_name(name + ".error.json").read_text())

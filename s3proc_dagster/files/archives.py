@@ -32,6 +32,7 @@ An archive is input from strangers, so extraction is written as a filter, not a 
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import os
 import re
@@ -242,6 +243,11 @@ def _extract_members(members: Iterator[_Member], root: Path, progress: _Progress
                 progress.written.append(("/".join(parts), size))
         except (FileExistsError, NotADirectoryError, IsADirectoryError):
             raise progress.fail(member.name, "clashes with another entry of the same path") from None
+        except OSError as exc:
+            if exc.errno != errno.ENAMETOOLONG:
+                raise
+            # said of the entry, not of its staging path (which names nothing the user knows)
+            raise progress.fail(member.name, "a name in its path is longer than the file system allows") from None
 
 
 def _safe_parts(member: _Member, progress: _Progress) -> tuple[str, ...]:
