@@ -26,6 +26,7 @@ from s3proc_dagster.models import make_file_id
 from s3proc_dagster.pipeline import after_success
 from s3proc_dagster.pipeline.failure import give_up
 from s3proc_dagster.sources.resolve import locate
+from s3proc_dagster.stores.mongo import MongoProgressStore
 from s3proc_dagster_tests.pipeline_helpers import (
     execute,
     read_dataset,
@@ -399,6 +400,36 @@ def test_bad_sidecars_fail_their_files_while_the_sensor_runs_the_others(
         record = store.get_by_path(path)
         assert record.status is S.FAILED and reason in record.error_details, (path, record.error_details)
     assert os.path.exists(unnamed)  # left where it is, said in the sensor's log, never a stopped tick
+
+
+@pytest.mark.parametrize(
+    "sidecar, reason",
+    [
+        ('{"orderId": 123456789012345678901234567890}', "an integer beyond 64 bits"),
+        ('{"a\\u0000b": "x"}', "a key with a NUL character"),
+        ('{"score": NaN}', "NaN or Infinity"),
+    ],
+    ids=["big-int", "nul-key", "nan"],
+)
+def test_metadata_the_progress_store_cannot_keep_fails_its_file_with_the_reason(
+    deployment: Deployment,
+    mongodb_uri: str,
+    mongodb_database: str,
+    monkeypatch: pytest.MonkeyPatch,
+    sidecar: str,
+    reason: str,
+) -> None:
+    monkeypatch.setenv("MONGODB_URI", mongodb_uri)  # read when the run starts: this run's store is MongoDB
+    monkeypatch.setenv("MONGODB_DATABASE", mongodb_database)
+    name = folder()
+    src = write_csv(deployment.watch / name / "data.csv", promo_rows(3))
+    (src.parent / "data.csv.meta.json").write_text(sidecar)
+    code, printed = process(str(src))
+    assert code == 1, printed
+    store = MongoProgressStore(mongodb_uri, mongodb_database)
+    record = store.get_by_path(str(src))
+    assert record.status is S.FAILED and "data.csv.meta.json" in record.error_details
+    assert reason in record.error_details, record.error_details  # was "MongoDB can only handle up to 8-byte ints"
 
 
 def test_an_object_the_service_cannot_read_fails_alone_and_the_s3_sensor_goes_on(deployment: Deployment) -> None:
