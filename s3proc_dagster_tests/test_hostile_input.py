@@ -547,6 +547,17 @@ def test_a_name_with_no_room_left_for_a_sidecar_is_processed(deployment: Deploym
     assert record.status is S.COMPLETED and record.metadata == {}
 
 
+def test_a_path_too_long_for_an_s3_key_is_refused_before_any_upload(deployment: Deployment) -> None:
+    name = folder()
+    deep = deployment.watch / name / "/".join("d" * 200 for _ in range(5)) / "data.csv"  # over 1,000 bytes
+    write_csv(deep, promo_rows(3))
+    code, printed = process(str(deep))
+    assert code == 1, printed
+    record = deployment.store().get_by_path(str(deep))
+    assert record.status is S.FAILED and "too long for an S3 key" in record.error_details, record.error_details
+    assert objects_under(deployment, name) == []  # it failed at once, not at the upload after its retries
+
+
 def test_file_ids_and_asset_keys_keep_every_spelling_apart() -> None:
     assert make_file_id("a//b.csv") != make_file_id("a/b.csv") != make_file_id("a_b.csv")
     assert asset_key_for("deploy", "promo.csv") != asset_key_for("deploy", "promo_csv")
