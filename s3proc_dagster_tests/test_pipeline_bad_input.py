@@ -23,6 +23,7 @@ from s3proc_dagster_tests.pipeline_helpers import (
     run_requests_under,
     sensor_tick,
     write_tar_gz,
+    write_zip,
 )
 
 
@@ -184,6 +185,31 @@ def test_a_pax_header_bomb_fails_untouched_with_nothing_in_s3_and_costs_no_more_
     # bound on honest work. Reading the 64 MiB header took the bomb's run to 429 MB, 151 MB
     # over the plain one's 278; refused before reading, it peaks 58 MB under it.
     assert bomb_peak < plain_peak + 64 * 10**6, (bomb_peak, plain_peak)
+
+
+def test_a_zip_listing_300000_entries_fails_before_its_directory_is_read_and_costs_no_more_memory(
+    deployment: Deployment,
+) -> None:
+    plain = write_zip(deployment.watch / "zip-directory" / "plain.zip", {"promo.csv": csv_bytes(promo_rows(2000))})
+    listed = deployment.watch / "zip-directory" / "listed.zip"
+    with zipfile.ZipFile(listed, "w") as zf:  # 27 MB: its central directory is all of it
+        for i in range(300_000):
+            zf.writestr(f"{i:07d}", b"")
+    original = listed.read_bytes()
+
+    plain_code, plain_out, plain_peak = process_measured(plain)
+    listed_code, listed_out, listed_peak = process_measured(listed)
+
+    store = deployment.store()
+    assert plain_code == 0, plain_out
+    assert listed_code == 1, listed_out
+    record = store.get_by_path(str(listed))
+    assert record.status is S.FAILED and "more than 10000 entries (max_entries)" in record.error_details
+    assert (deployment.errors / "zip-directory" / "listed.zip").read_bytes() == original
+    assert list_keys(deployment, f"{deployment.prefix}/zip-directory/listed.zip") == []
+    # zipfile builds an object per listed entry before the first is counted: these 27 MB
+    # took the run to 435 MB, 120 MB over the plain archive's 315; counted first, under it.
+    assert listed_peak < plain_peak + 64 * 10**6, (listed_peak, plain_peak)
 
 
 def test_header_only_csv_completes_as_an_empty_dataset(deployment: Deployment) -> None:
