@@ -20,9 +20,13 @@ import pytest
 from benchmarks.support import Deployment, csv_bytes, list_keys, promo_rows, wait_for, write_csv
 from s3proc_dagster.defs.files.events import asset_key_for
 from s3proc_dagster.errors import UnsafeSourceError
+from s3proc_dagster.files import parking
 from s3proc_dagster.models import ProcessingStatus as S
 from s3proc_dagster.models import make_file_id
+from s3proc_dagster.pipeline import after_success
+from s3proc_dagster.pipeline.failure import give_up
 from s3proc_dagster.sources.resolve import locate
+from s3proc_dagster.stores.mongo import MongoProgressStore
 from s3proc_dagster_tests.pipeline_helpers import (
     execute,
     read_dataset,
@@ -199,6 +203,145 @@ def test_a_sidecar_linked_to_a_credentials_file_becomes_no_tag_and_fails_its_fil
     assert not any("c2VjcmV0" in value for value in run.tags.values())
 
 
+def _swap_for_link(folder: Path, to: Path) -> None:
+    """What a producer racing the service does: the folder it saw becomes a link to elsewhere."""
+    folder.rename(folder.with_name(folder.name + ".real"))
+    folder.symlink_to(to, target_is_directory=True)
+
+
+def test_a_product_csv_behind_a_folder_swapped_for_a_link_is_refused_and_never_published(
+    deployment: Deployment,
+) -> None:
+    outside = deployment.root / f"other-team-{uuid.uuid4().hex[:6]}"
+    outside.mkdir()
+    theirs = "S. No.,Product Name,Input Image Urls\n1,Unreleased product,https://example.invalid/a.jpg\n"
+    (outside / "products.csv").write_text(theirs)
+    name = folder()
+    drop = deployment.watch / name / "drop"
+    drop.mkdir(parents=True)
+    (drop / "products.csv").write_text("S. No.,Product Name,Input Image Urls\n1,Decoy,https://example.invalid/b.jpg\n")
+    (request,) = run_requests_under(sensor_tick(deployment), name)
+    assert request.job_name == "image_request_job"  # routed by its header while the folder was real
+    _swap_for_link(drop, outside)  # between the tick and the run
+
+    from s3proc_dagster.runs.reconstructable import image_request_job_with_resources
+
+    result = dg.execute_job(
+        dg.reconstructable(image_request_job_with_resources),
+        instance=deployment.instance(),
+        run_config=request.run_config,
+        tags=request.tags,
+    )
+    assert not result.success
+    request_id = deployment.instance().get_run_by_id(result.run_id).tags["s3proc/request_id"]
+    store = deployment.store()
+    refused = store.require_request(request_id)
+    assert refused.status.value == "failed" and "symbolic link" in refused.errors[0], refused.errors
+    assert store.list_request_rows(request_id) == []  # nothing of the other team's CSV was read
+    assert list_keys(deployment, f"{deployment.prefix}/images/{request_id}/") == []
+    assert (outside / "products.csv").read_text() == theirs
+
+
+# ---- moving or deleting a file never follows a folder swapped for a link meanwhile ---------------
+
+
+def _victims(deployment: Deployment, name: str, content: str) -> Path:
+    """A folder outside the watched directory holding a file named as the producer's."""
+    victims = deployment.root / f"victims-{uuid.uuid4().hex[:6]}"
+    victims.mkdir()
+    (victims / name).write_text(content)
+    return victims
+
+
+def test_parking_never_follows_a_folder_swapped_for_a_link_while_the_file_moves(
+    deployment: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    victims = _victims(deployment, "bad.csv", "service: do-not-move\n")
+    name = folder()
+    bad = deployment.watch / name / "d" / "bad.csv"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(BINARY)
+    checked = parking.confined_path
+
+    def check_then_swap(path: Path, root: Path) -> Path | None:
+        found = checked(path, root)
+        if Path(root) == deployment.errors:  # the last check before the move: the producer swaps now
+            _swap_for_link(bad.parent, victims)
+        return found
+
+    monkeypatch.setattr(parking, "confined_path", check_then_swap)
+    store = deployment.store()
+    file_id = make_file_id(f"{name}/d/bad.csv")
+    gave_up = give_up(
+        store,
+        deployment.s3.client(),
+        f"race-{uuid.uuid4().hex}",
+        file_id,
+        str(bad),
+        "binary",
+        deployment.watch,
+        deployment.errors,
+    )
+    assert gave_up.parked is None and "symbolic link" in (gave_up.park_error or "")
+    assert (victims / "bad.csv").read_text() == "service: do-not-move\n"  # not moved through the link
+    assert not (deployment.errors / name / "d" / "bad.csv").exists()
+    assert (deployment.watch / name / "d.real" / "bad.csv").read_bytes() == BINARY
+    record = store.get(file_id)
+    assert record.status is S.FAILED and "symbolic link" in record.error_details
+
+
+def test_a_retry_never_moves_the_parked_file_through_a_folder_swapped_for_a_link(
+    deployment: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    victims = _victims(deployment, "keep.txt", "someone else's\n")
+    name = folder()
+    parked = deployment.errors / name / "d" / "authorized_keys"
+    parked.parent.mkdir(parents=True)
+    parked.write_text("ssh-ed25519 AAAA-the-producers-key\n")
+    home = deployment.watch / name / "d" / "authorized_keys"
+    home.parent.mkdir(parents=True)
+    checked = parking.confined_path
+
+    def check_then_swap(path: Path, root: Path) -> Path | None:
+        found = checked(path, root)
+        if Path(root) == deployment.watch:  # the last check before the move back
+            _swap_for_link(home.parent, victims)
+        return found
+
+    monkeypatch.setattr(parking, "confined_path", check_then_swap)
+    with pytest.raises(UnsafeSourceError, match="symbolic link"):
+        parking.unpark(home, deployment.watch, deployment.errors)
+    assert sorted(p.name for p in victims.iterdir()) == ["keep.txt"]  # nothing landed through the link
+    assert parked.read_text() == "ssh-ed25519 AAAA-the-producers-key\n"  # it stays parked
+
+
+def test_after_success_delete_never_follows_a_folder_swapped_for_a_link(
+    deployment: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = folder()
+    src = write_csv(deployment.watch / name / "d" / "daily.csv", promo_rows(4))
+    code, printed = process(str(src))
+    assert code == 0, printed
+    store = deployment.store()
+    record = store.get_by_path(str(src))
+    victims = _victims(deployment, "daily.csv", "another team's daily.csv\n")
+    store.update_file(record.file_id, after_success="delete (pending)")  # as a zone with after_success: delete
+    still = after_success._still
+
+    def check_then_swap(original: Path, rec, root: Path) -> bool:
+        same = still(original, rec, root)
+        if rec.file_id == record.file_id:  # the version checked: the producer swaps the folder now
+            _swap_for_link(src.parent, victims)
+        return same
+
+    monkeypatch.setattr(after_success, "_still", check_then_swap)
+    after_success.finish_pending(store, deployment.s3.client(), deployment.s3.bucket, (deployment.watch,))
+    assert (victims / "daily.csv").read_text() == "another team's daily.csv\n"  # not deleted through the link
+    assert (deployment.watch / name / "d.real" / "daily.csv").exists()
+    outcome = store.get(record.file_id).after_success
+    assert outcome.startswith("not deleted") and "symbolic link" in outcome, outcome
+
+
 # ---- one bad sidecar fails its file alone --------------------------------------------------------
 
 
@@ -257,6 +400,36 @@ def test_bad_sidecars_fail_their_files_while_the_sensor_runs_the_others(
         record = store.get_by_path(path)
         assert record.status is S.FAILED and reason in record.error_details, (path, record.error_details)
     assert os.path.exists(unnamed)  # left where it is, said in the sensor's log, never a stopped tick
+
+
+@pytest.mark.parametrize(
+    "sidecar, reason",
+    [
+        ('{"orderId": 123456789012345678901234567890}', "an integer beyond 64 bits"),
+        ('{"a\\u0000b": "x"}', "a key with a NUL character"),
+        ('{"score": NaN}', "NaN or Infinity"),
+    ],
+    ids=["big-int", "nul-key", "nan"],
+)
+def test_metadata_the_progress_store_cannot_keep_fails_its_file_with_the_reason(
+    deployment: Deployment,
+    mongodb_uri: str,
+    mongodb_database: str,
+    monkeypatch: pytest.MonkeyPatch,
+    sidecar: str,
+    reason: str,
+) -> None:
+    monkeypatch.setenv("MONGODB_URI", mongodb_uri)  # read when the run starts: this run's store is MongoDB
+    monkeypatch.setenv("MONGODB_DATABASE", mongodb_database)
+    name = folder()
+    src = write_csv(deployment.watch / name / "data.csv", promo_rows(3))
+    (src.parent / "data.csv.meta.json").write_text(sidecar)
+    code, printed = process(str(src))
+    assert code == 1, printed
+    store = MongoProgressStore(mongodb_uri, mongodb_database)
+    record = store.get_by_path(str(src))
+    assert record.status is S.FAILED and "data.csv.meta.json" in record.error_details
+    assert reason in record.error_details, record.error_details  # was "MongoDB can only handle up to 8-byte ints"
 
 
 def test_an_object_the_service_cannot_read_fails_alone_and_the_s3_sensor_goes_on(deployment: Deployment) -> None:
@@ -363,6 +536,26 @@ def test_a_file_inside_another_files_dataset_is_refused_and_both_stay_intact(
     assert not [k for k in objects_under(deployment, name) if "/y.csv" in k]
     # the source objects themselves are the producer's and stay as they were
     assert list_keys(deployment, f"incoming/{name}/") == [f"incoming/{name}/x.csv", f"incoming/{name}/x.csv/y.csv"]
+
+
+def test_a_name_with_no_room_left_for_a_sidecar_is_processed(deployment: Deployment) -> None:
+    name = folder()
+    src = write_csv(deployment.watch / name / ("n" * 246 + ".csv"), promo_rows(3))  # `.meta.json` would be 260 bytes
+    code, printed = process(str(src))
+    assert code == 0, printed  # its sidecar cannot exist, so it has none; it failed as "cannot be read"
+    record = deployment.store().get_by_path(str(src))
+    assert record.status is S.COMPLETED and record.metadata == {}
+
+
+def test_a_path_too_long_for_an_s3_key_is_refused_before_any_upload(deployment: Deployment) -> None:
+    name = folder()
+    deep = deployment.watch / name / "/".join("d" * 200 for _ in range(5)) / "data.csv"  # over 1,000 bytes
+    write_csv(deep, promo_rows(3))
+    code, printed = process(str(deep))
+    assert code == 1, printed
+    record = deployment.store().get_by_path(str(deep))
+    assert record.status is S.FAILED and "too long for an S3 key" in record.error_details, record.error_details
+    assert objects_under(deployment, name) == []  # it failed at once, not at the upload after its retries
 
 
 def test_file_ids_and_asset_keys_keep_every_spelling_apart() -> None:

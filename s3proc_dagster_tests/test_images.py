@@ -317,6 +317,23 @@ def test_header_routing_is_case_and_space_insensitive(tmp_path: Path) -> None:
     assert not looks_like_request_csv(tmp_path / "promo.csv")
 
 
+def test_process_of_a_product_csv_prints_its_requests_outcome(deployment: Deployment) -> None:
+    """`s3proc process` routes a product CSV as the sensor does; it has no file record, so
+    the line printed is its image request's (it stopped on a KeyError once the run had ended)."""
+    from s3proc_dagster_tests.pipeline_helpers import start_process
+
+    path = deployment.watch / "img-process" / "catalogue.csv"
+    path.parent.mkdir()
+    path.write_text("S. No.,Product Name,Input Image Urls\n1,A,ftp://example.invalid/a.jpg\n")
+    proc = start_process(str(path))
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out + err
+    assert "Traceback" not in err, err
+    (line,) = out.splitlines()
+    assert line.startswith("FAILED: image request req-") and "is not an http(s) or s3 URL" in line, line
+    assert str(path) in line
+
+
 def test_image_request_job_runs_from_the_watch_directory(deployment: Deployment, images: ImageServer) -> None:
     from s3proc_dagster_tests.pipeline_helpers import run_requests_under, sensor_tick
 
@@ -571,8 +588,8 @@ def _symlink_to_a_secret(path: Path) -> None:
             ),
             "more than 3 rows (IMAGE_CSV_MAX_ROWS)",
         ),
-        (_symlink_to_a_secret, "file is a symlink; only regular files are read"),
-        (_fifo, "file is not a regular file"),
+        (_symlink_to_a_secret, "products.csv: is (or passes through) a symbolic link; links are never followed"),
+        (_fifo, "products.csv: not a regular file (only regular files are processed)"),
     ],
     ids=["over-bytes", "over-rows", "symlink", "fifo"],
 )
@@ -584,7 +601,7 @@ def test_a_csv_over_a_cap_or_not_a_regular_file_is_refused_with_its_reason(tmp_p
         processor.submit_file(store, path, "req-capped", max_bytes=512, max_rows=3)
     assert reason in str(info.value)
     request = store.require_request("req-capped")
-    assert request.status is RequestStatus.FAILED and request.errors == [reason]
+    assert request.status is RequestStatus.FAILED and len(request.errors) == 1 and reason in request.errors[0]
     assert store.list_request_rows("req-capped") == []
 
 
@@ -906,13 +923,15 @@ def test_an_s3_image_outside_the_allowed_prefixes_is_refused_and_never_copied(
         f'1,Ok,"s3://{s3.bucket}/{s3_prefix}/src/ok.png"\n'
         f'2,Elsewhere,"s3://{s3.bucket}/t-secret-{s3_prefix}/hr.png"\n'
         f'3,Reserved,"s3://{s3.bucket}/{s3_prefix}/_s3proc/plant.png"\n'
+        f'4,Respelled,"s3://{s3.bucket}/{s3_prefix}//_s3proc/plant.png"\n'  # SeaweedFS reads `//` as `/`
     ).encode()
     opts = options(s3, s3_prefix, s3_refused=(f"{s3.bucket}/{s3_prefix}/_s3proc",))
     done = run_request(store, data, s3, opts, tmp_path)
-    ok, elsewhere, reserved = store.list_request_rows(done.request_id)
+    ok, elsewhere, reserved, respelled = store.list_request_rows(done.request_id)
     assert ok.output_image_urls[0] and ok.errors == [None]
     for row in (elsewhere, reserved):
         assert row.output_image_urls == [None] and "refused: s3:// images are read only below" in row.errors[0]
+    assert respelled.output_image_urls == [None] and "refused: not one canonical key" in respelled.errors[0]
     copies = s3.client().list_objects_v2(Bucket=s3.bucket, Prefix=f"{s3_prefix}/images/{done.request_id}/")
     assert [o["Key"].split("/")[-2] for o in copies.get("Contents", []) if not o["Key"].endswith(".csv")] == ["1"]
 

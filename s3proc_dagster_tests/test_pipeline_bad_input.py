@@ -23,6 +23,7 @@ from s3proc_dagster_tests.pipeline_helpers import (
     run_requests_under,
     sensor_tick,
     write_tar_gz,
+    write_zip,
 )
 
 
@@ -52,6 +53,21 @@ def abs_tar(path: Path) -> None:
     tar_with(path, tarfile.TarInfo("/tmp/s3proc-abs-evil.csv"), b"a\n1\n")
 
 
+def files_only_in_name(path: Path) -> None:
+    """A zip of nothing but folders and Finder metadata: no file to upload."""
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("data/", b"")
+        zf.writestr("__MACOSX/._data", b"\x00\x05\x16\x07")
+
+
+def long_entry_name(path: Path) -> None:
+    """A GNU tar entry whose name (300 bytes, one component) no Linux file system can hold."""
+    with tarfile.open(path, "w:gz", format=tarfile.GNU_FORMAT) as tf:
+        info = tarfile.TarInfo("L" * 296 + ".csv")
+        info.size = 4
+        tf.addfile(info, io.BytesIO(b"a\n1\n"))
+
+
 def symlink_tar(path: Path) -> None:
     info = tarfile.TarInfo("link.csv")
     info.type = tarfile.SYMTYPE
@@ -72,6 +88,9 @@ BAD = {
     "paxbomb.tar.gz": (lambda p: write_tar_gz(p, {"a.csv": b"a\n1\n"}, PAX_BOMB), "pax extended header"),
     "xxe.xml": (lambda p: p.write_text(XXE), "entit"),
     "text.zip": (lambda p: p.write_text("hello, I am not a zip"), "not a zip"),
+    "nothing.zip": (lambda p: zipfile.ZipFile(p, "w").close(), "the archive holds no files"),
+    "folders.zip": (files_only_in_name, "the archive holds no files"),
+    "longname.tar.gz": (long_entry_name, "a name in its path is longer than the file system allows"),
     "empty.csv": (lambda p: p.write_bytes(b""), "empty"),
     "binary.csv": (lambda p: p.write_bytes(bytes(range(256)) * 8), "binary"),
     "ragged.csv": (lambda p: p.write_text("a,b\n1,2\n3,4,5,6\n7\n"), "ragged.csv"),
@@ -92,6 +111,7 @@ def test_bad_file_fails_with_reason_and_original_moved_unchanged(deployment: Dep
     record = deployment.store().get_by_path(str(path))
     assert record.status is S.FAILED
     assert reason in record.error_details.lower() or reason in record.error_details
+    assert deployment.env["STAGING_DIRECTORY"] not in record.error_details  # names the user's file, not a copy
     moved = deployment.errors / folder / name
     assert not path.exists() and moved.read_bytes() == original
     error_json = json.loads(moved.with_name(name + ".error.json").read_text())
@@ -165,6 +185,31 @@ def test_a_pax_header_bomb_fails_untouched_with_nothing_in_s3_and_costs_no_more_
     # bound on honest work. Reading the 64 MiB header took the bomb's run to 429 MB, 151 MB
     # over the plain one's 278; refused before reading, it peaks 58 MB under it.
     assert bomb_peak < plain_peak + 64 * 10**6, (bomb_peak, plain_peak)
+
+
+def test_a_zip_listing_300000_entries_fails_before_its_directory_is_read_and_costs_no_more_memory(
+    deployment: Deployment,
+) -> None:
+    plain = write_zip(deployment.watch / "zip-directory" / "plain.zip", {"promo.csv": csv_bytes(promo_rows(2000))})
+    listed = deployment.watch / "zip-directory" / "listed.zip"
+    with zipfile.ZipFile(listed, "w") as zf:  # 27 MB: its central directory is all of it
+        for i in range(300_000):
+            zf.writestr(f"{i:07d}", b"")
+    original = listed.read_bytes()
+
+    plain_code, plain_out, plain_peak = process_measured(plain)
+    listed_code, listed_out, listed_peak = process_measured(listed)
+
+    store = deployment.store()
+    assert plain_code == 0, plain_out
+    assert listed_code == 1, listed_out
+    record = store.get_by_path(str(listed))
+    assert record.status is S.FAILED and "more than 10000 entries (max_entries)" in record.error_details
+    assert (deployment.errors / "zip-directory" / "listed.zip").read_bytes() == original
+    assert list_keys(deployment, f"{deployment.prefix}/zip-directory/listed.zip") == []
+    # zipfile builds an object per listed entry before the first is counted: these 27 MB
+    # took the run to 435 MB, 120 MB over the plain archive's 315; counted first, under it.
+    assert listed_peak < plain_peak + 64 * 10**6, (listed_peak, plain_peak)
 
 
 def test_header_only_csv_completes_as_an_empty_dataset(deployment: Deployment) -> None:

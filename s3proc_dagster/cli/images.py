@@ -18,16 +18,18 @@ from s3proc_dagster.stores import open_store
 
 
 def _submit(args: argparse.Namespace) -> int:
+    from s3proc_dagster.cli.zones import load_zones
     from s3proc_dagster.runs.launch import run_now
     from s3proc_dagster.runs.requests import CONSOLE_LOGGER
 
     cfg = load_configuration()
     store = open_store(cfg.processing)
     path = Path(args.file)
+    watched = tuple(z.watch for z in load_zones(cfg).all() if z.is_directory)  # read below them as the runs do
     try:
         try:
             request = processor.submit_file(
-                store, path, max_bytes=cfg.images.csv_max_bytes, max_rows=cfg.images.csv_max_rows
+                store, path, max_bytes=cfg.images.csv_max_bytes, max_rows=cfg.images.csv_max_rows, roots=watched
             )
         except InvalidRequestCsv as exc:
             print(f"FAILED  {exc}", file=sys.stderr)

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from s3proc_dagster.cli.common import get_instance, request_for
 from s3proc_dagster.cli.zones import Zones, load_zones
 from s3proc_dagster.files.globs import admitted
 from s3proc_dagster.models import FileStatus, ProcessingStatus
-from s3proc_dagster.names import PATH_TAG, SOURCE_TAG
+from s3proc_dagster.names import IMAGE_REQUEST_JOB, PATH_TAG, REQUEST_ID_TAG, SOURCE_TAG
 from s3proc_dagster.stores import open_store
+from s3proc_dagster.stores.base import ProgressStore
+
+if TYPE_CHECKING:
+    from dagster import DagsterRun
 
 
 def _process(args: argparse.Namespace) -> int:
@@ -39,9 +44,12 @@ def _process(args: argparse.Namespace) -> int:
             if done is not None and done.status is ProcessingStatus.COMPLETED:
                 store.reset_to_pending(done.file_id)
             outcome = run_now(instance, request)
-            status = store.get_by_path(request.tags[SOURCE_TAG])
             failed += not outcome.success
-            print(f"{_outcome(status, outcome.run_id, outcome.success)}  {raw}  (run {outcome.run_id[:8]})")
+            if request.job_name == IMAGE_REQUEST_JOB:  # a product CSV: its request's outcome, it has no file record
+                told = _request_outcome(store, instance.get_run_by_id(outcome.run_id), outcome.success)
+            else:
+                told = _outcome(store.get_by_path(request.tags[SOURCE_TAG]), outcome.run_id, outcome.success)
+            print(f"{told}  {raw}  (run {outcome.run_id[:8]})")
     finally:
         store.close()
     return 1 if failed else 0
@@ -74,6 +82,17 @@ def _outcome(status: FileStatus | None, run_id: str, success: bool) -> str:
     if status.status is ProcessingStatus.FAILED:
         return f"FAILED: {status.error_details}"
     return status.status.name
+
+
+def _request_outcome(store: ProgressStore, run: DagsterRun | None, success: bool) -> str:
+    """An image request's status, its output CSV or its first problems (`s3proc images status` has them all)."""
+    request = store.get_request(run.tags.get(REQUEST_ID_TAG, "")) if run is not None else None
+    if request is None:
+        return "FAILED" if not success else "SKIPPED"
+    head = f"{request.status.value.upper()}: image request {request.request_id}"
+    if request.errors:
+        return f"{head}: {'; '.join(request.errors[:3])}"
+    return f"{head} -> {request.output_csv_url or ''}"
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from s3proc_dagster.errors import UnsafeSourceError
 from s3proc_dagster.models import FileStatus, ProcessingStatus
-from s3proc_dagster.sources.confined import confined_path, is_regular
+from s3proc_dagster.sources.confined import confined_path, is_regular, move_below
 from s3proc_dagster.sources.paths import ENTRY_SEPARATOR, path_below, relative_to_watch
 
 NOTE_SUFFIX = ".error.json"
@@ -30,9 +29,10 @@ def park(original: Path, watch: Path, error_dir: Path, note: dict[str, Any]) -> 
 
     Only a regular file below WATCH_PATH through real folders is moved, and only to below
     ERROR_DIRECTORY: a path a link leads out of either is refused (UnsafeSourceError), so
-    no file elsewhere can be moved by naming it. Raises OSError (PermissionError, a full
-    disk...) when the move fails: the original is then untouched, since the note is
-    written only after the move succeeded.
+    no file elsewhere can be moved by naming it, nor by swapping a folder for a link while
+    it is moved (`confined.move_below`). Raises OSError (PermissionError, a full disk...)
+    when the move fails: the original is then untouched, since the note is written only
+    after the move succeeded.
     """
     source = confined_path(original, watch)
     if source is None or not is_regular(source):
@@ -41,8 +41,7 @@ def park(original: Path, watch: Path, error_dir: Path, note: dict[str, Any]) -> 
     target = confined_path(error_dir / rel, error_dir)
     if target is None:
         raise UnsafeSourceError(f"{error_dir / rel}: a link in the error directory; {original} is not moved")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(source, target)  # a rename, or a copy across filesystems: either way of this very file
+    move_below(source, watch, target, error_dir)  # a rename, or a copy across filesystems: of this very file
     body = {**note, "failedAt": datetime.now(UTC).isoformat()}
     target.with_name(target.name + NOTE_SUFFIX).write_text(json.dumps(body, indent=2))
     return target
@@ -81,14 +80,16 @@ def parked_path(record: FileStatus, watch: Path, error_dir: Path) -> str | None:
 def unpark(path: Path, watch: Path, error_dir: Path) -> Path:
     """Bring a parked file back to the watched directory (a no-op if it is not parked).
 
-    Both ends are confined as in `park`: a link planted in the watched directory cannot
-    make the file land outside it."""
+    Both ends are confined as in `park`: a link planted in the watched directory, before
+    or while it is moved, cannot make the file land outside it."""
     parked, home = parked_location(path, watch, error_dir)
     if parked.exists():
         source, target = confined_path(parked, error_dir), confined_path(home, watch)
         if source is None or target is None or not is_regular(source):
             raise UnsafeSourceError(f"{home}: a link on the way in or out; {parked} stays where it is")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(source, target)
+        try:
+            move_below(source, error_dir, target, watch)
+        except UnsafeSourceError as exc:
+            raise UnsafeSourceError(f"{exc}; {parked} stays where it is") from None
         source.with_name(source.name + NOTE_SUFFIX).unlink(missing_ok=True)
     return home

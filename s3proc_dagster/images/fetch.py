@@ -170,6 +170,11 @@ def _below(place: str, root: str) -> bool:
 
 def _check_s3_root(url: str, allowed: tuple[str, ...], refused: tuple[str, ...]) -> None:
     parsed = urlparse(url)
+    parts = parsed.path.removeprefix("/").split("/")
+    if "" in parts or "." in parts or ".." in parts:
+        # SeaweedFS reads `a//b` as `a/b`: `<prefix>//_s3proc/x` would pass for a key outside
+        # the refused step outputs and then be read from inside them
+        raise FetchError(f"{url}: refused: not one canonical key (an empty, '.' or '..' component)")
     place = f"{parsed.netloc}/{parsed.path.lstrip('/')}"
     if any(_below(place, root) for root in refused) or not any(_below(place, root) for root in allowed):
         shown = ", ".join(f"s3://{root.strip('/')}/" for root in allowed) or "none"

@@ -101,12 +101,14 @@ def submit_file(
     request_id: str | None = None,
     max_bytes: int = MAX_CSV_BYTES,
     max_rows: int = MAX_CSV_ROWS,
+    roots: tuple[Path, ...] = (),
 ) -> Request:
-    """`submit` for a CSV on disk; one that cannot be read safely (a symlink, not a regular
-    file, over `max_bytes`) is an invalid request, recorded FAILED like any other."""
+    """`submit` for a CSV on disk; one that cannot be read safely (a link on its way from
+    one of `roots`, the watched directories; not a regular file; over `max_bytes`) is an
+    invalid request, recorded FAILED like any other."""
     request_id = request_id or new_request_id()
     try:
-        data = read_request_csv(path, max_bytes)
+        data = read_request_csv(path, max_bytes, roots)
     except InvalidRequestCsv as exc:
         _record_invalid(store, request_id, path.name, exc)
         raise

@@ -2,24 +2,24 @@
 
 Validation collects every problem, by row, before a single image is fetched: a user fixes
 a 500-row file once, not once per error. Whoever drops the CSV is untrusted, so it is read
-within caps on its size and its rows, and never through a symlink.
+within caps on its size and its rows, and never through a symlink: below the watched
+directory not through a linked folder either (`sources.confined`), or a producer's link
+would have the service read, and publish, another team's product CSV.
 """
 
 from __future__ import annotations
 
 import csv
-import errno
 import io
 import os
 import re
-import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from s3proc_dagster.errors import ImageRequestError, UnsupportedFileError
-from s3proc_dagster.sources.confined import open_regular
+from s3proc_dagster.errors import ImageRequestError, UnsafeSourceError, UnsupportedFileError
+from s3proc_dagster.sources.confined import open_fd, open_regular
 
 EXPECTED = ("s. no.", "product name", "input image urls")
 OUTPUT_COLUMN = "Output Image Urls"
@@ -47,10 +47,10 @@ def _norm(header: str) -> str:
     return _SPACES.sub(" ", header.strip().lower())
 
 
-def looks_like_request_csv(path: Path) -> bool:
+def looks_like_request_csv(path: Path, roots: tuple[Path, ...] = ()) -> bool:
     """Routing by header, not by name: the first line names the three columns of a product CSV."""
     try:  # never through a link, never blocking on a FIFO swapped in after the sensor looked
-        with open_regular(path) as f:
+        with open_regular(path, roots) as f:
             first = f.readline(MAX_SNIFF_BYTES).decode("utf-8-sig")
     except (OSError, UnicodeDecodeError, UnsupportedFileError):
         return False
@@ -61,27 +61,26 @@ def looks_like_request_csv(path: Path) -> bool:
     return tuple(_norm(h) for h in header) == EXPECTED
 
 
-def read_request_csv(path: Path, max_bytes: int = MAX_CSV_BYTES) -> bytes:
+def read_request_csv(path: Path, max_bytes: int = MAX_CSV_BYTES, roots: tuple[Path, ...] = ()) -> bytes:
     """The CSV's bytes, or InvalidRequestCsv saying why it was refused.
 
-    O_NOFOLLOW and fstat on the opened descriptor: the file the sensor saw can be swapped
-    for a symlink to a secret, or for a FIFO or device that never ends, before the run opens
-    it; what is checked is what is read. O_NONBLOCK keeps opening a FIFO from waiting for a
-    writer. Only the last path component is protected: the watch directory is the operator's.
+    Opened as `sources.confined` opens a producer's file: below one of `roots` (the watched
+    directories) by walking from the root without following a link, so a folder swapped for
+    a link between the sensor's look and the run leads nowhere; elsewhere (`s3proc images
+    submit` of the operator's own file) as named, its last component never a link. Either
+    way O_NONBLOCK keeps a FIFO from blocking, and what fstat checked is what is read.
     """
     name = path.name
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = open_fd(path, roots)
+    except UnsafeSourceError as exc:  # a link, a FIFO or device, a second hard link
+        raise InvalidRequestCsv(name, [str(exc)]) from None
     except OSError as exc:
-        if exc.errno == errno.ELOOP:  # what O_NOFOLLOW answers for a symlink
-            raise InvalidRequestCsv(name, ["file is a symlink; only regular files are read"]) from None
-        raise InvalidRequestCsv(name, [f"file cannot be opened: {exc.strerror}"]) from None
+        raise InvalidRequestCsv(name, [f"file cannot be opened: {exc.strerror or exc}"]) from None
     with os.fdopen(fd, "rb") as f:
-        info = os.fstat(f.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise InvalidRequestCsv(name, ["file is not a regular file"])
-        if info.st_size > max_bytes:
-            raise InvalidRequestCsv(name, [_too_big(info.st_size, max_bytes)])
+        size = os.fstat(f.fileno()).st_size
+        if size > max_bytes:
+            raise InvalidRequestCsv(name, [_too_big(size, max_bytes)])
         data = f.read(max_bytes + 1)  # the file may grow after fstat
     if len(data) > max_bytes:
         raise InvalidRequestCsv(name, [_too_big(len(data), max_bytes)])

@@ -15,16 +15,15 @@ file is never touched: it is parked, as always.
 
 from __future__ import annotations
 
-import errno
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
+from s3proc_dagster.errors import UnsafeSourceError
 from s3proc_dagster.files.checksum import sha256_stream
 from s3proc_dagster.logs import about, get_logger
 from s3proc_dagster.models import FileStatus, FileType, ProcessingStatus
-from s3proc_dagster.sources.confined import confined_path, lexically_below, open_regular
+from s3proc_dagster.sources.confined import confined_path, lexically_below, move_below, open_regular, unlink_below
 from s3proc_dagster.stores.base import ProgressStore
 from s3proc_dagster.transfer.keys import is_s3_uri, join_key, split_uri
 from s3proc_dagster.transfer.manifest import is_intact, read_manifest
@@ -67,18 +66,20 @@ def _outcome(client: Any, bucket: str, record: FileStatus, action: str, roots: t
     original = confined_path(record.file_path, root) if root else None
     if original is None or not _still(original, record, root):
         return f"not {action}d: the original is gone, not below its zone's source, or a newer version"
-    if action == "delete":
-        original.unlink()
-        return "deleted"
-    place = Path(action.removeprefix("move:"))
-    target = confined_path(place / original.relative_to(root), place)
-    if target is None:
-        return f"not moved: a link in {place}"
-    if os.path.lexists(target):  # an earlier version moved there: kept, this one beside it
-        target = target.with_name(versioned_name(target.name, record.checksum))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _move_file(original, target)
-    return f"moved to {target}"
+    try:  # through the folders' descriptors: a folder swapped for a link meanwhile leads nowhere
+        if action == "delete":
+            unlink_below(original, root)
+            return "deleted"
+        place = Path(action.removeprefix("move:"))
+        target = confined_path(place / original.relative_to(root), place)
+        if target is None:
+            return f"not moved: a link in {place}"
+        if os.path.lexists(target):  # an earlier version moved there: kept, this one beside it
+            target = target.with_name(versioned_name(target.name, record.checksum))
+        move_below(original, root, target, place)  # a rename, or a copy renamed into place: never half a file
+        return f"moved to {target}"
+    except (UnsafeSourceError, OSError) as exc:
+        return f"not {'deleted' if action == 'delete' else 'moved'}: {getattr(exc, 'strerror', None) or exc}"
 
 
 def versioned_name(name: str, checksum: str | None) -> str:
@@ -87,21 +88,6 @@ def versioned_name(name: str, checksum: str | None) -> str:
     lead = "." if name.startswith(".") else ""
     stem, dot, suffix = name[len(lead) :].partition(".")
     return f"{lead}{stem}.v-{(checksum or '')[:16]}{dot}{suffix}"
-
-
-def _move_file(original: Path, target: Path) -> None:
-    """A rename where it can be; across file systems a copy under a temporary name renamed
-    into place before the original goes, so a crash leaves the original, never half a file."""
-    try:
-        os.rename(original, target)
-        return
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-    partial = target.with_name(f".{target.name}.s3proc-partial")
-    shutil.copy2(original, partial)
-    os.replace(partial, target)
-    original.unlink()
 
 
 def _output_proven(client: Any, bucket: str, record: FileStatus) -> bool:

@@ -50,6 +50,10 @@ def plan_work(ctx: StepContext, version: FileVersion, detection: Detection) -> l
             )
         ]
     entries = extract(snap, detection.kind, private_work_dir(ctx.staging, version.sha256) / "extracted")
+    if not entries:  # as an empty file fails: there is nothing to upload, and the producer should know
+        raise UnsupportedFileError(
+            f"{version.source.name}: the archive holds no files (only folders or macOS metadata, or nothing)"
+        )
     items: list[WorkItem] = []
     for entry in entries:
         rel = join_key(version.source.relative_path, entry.relative_path)

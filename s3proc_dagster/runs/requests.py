@@ -56,7 +56,7 @@ def run_request_for(
     sidecar) is left to the file's own run, which fails with the reason: a request is
     always made, so one bad file never stops a sensor's tick for the others."""
     local = "://" not in path
-    if path.lower().endswith(".csv") and local and is_regular(path) and looks_like_request_csv(Path(path)):
+    if path.lower().endswith(".csv") and local and is_regular(path) and looks_like_request_csv(Path(path), roots):
         return dg.RunRequest(
             run_key=run_key,
             job_name=IMAGE_REQUEST_JOB,

@@ -12,6 +12,13 @@ a second hard link is refused as well: its other name may be anywhere on the fil
 
 A path outside every root was named by the operator on the command line (`s3proc
 process /tmp/x.csv`): it is read as named, but its last component is still never a link.
+
+Moving and deleting a producer's file (parking, `s3proc retry`, `after_success`) go the
+same way (`move_below`, `unlink_below`): through descriptors of the folders that hold the
+file and its target, each reached from its root without following a link. A check of the
+path a moment before (`confined_path`) is not enough: a producer can swap a folder for a
+link between that check and a `rename()` of the path, which follows it, and move or delete
+a file of the same name anywhere the service can write.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import stat
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
@@ -28,6 +36,7 @@ from s3proc_dagster.errors import UnsafeSourceError
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 _DIR_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0)
+_ROOT_FLAGS = _DIR_FLAGS & ~os.O_NOFOLLOW  # a root is the operator's setting, which may be a link
 # A file with this many bytes of holes (never written, nothing on disk) is refused: it
 # would cost its apparent size in staging and upload while its producer paid nothing.
 SPARSE_MIN_HOLE_BYTES = 64 * 1024 * 1024
@@ -50,11 +59,15 @@ def _refused(display: str, exc: OSError) -> OSError | UnsafeSourceError:
     return exc
 
 
-def _open_below(root: Path, rel: str, display: str) -> int:
-    parts = PurePosixPath(rel).parts
-    fd = os.open(root, _DIR_FLAGS)
+def _open_folder(root: Path, folders: tuple[str, ...], display: str, create: bool = False) -> int:
+    """A descriptor on `root/folders...`, each folder opened from the one above it with
+    O_NOFOLLOW, so a link on the way is refused; missing folders are made when `create`."""
+    fd = os.open(root, _ROOT_FLAGS)
     try:
-        for part in parts[:-1]:
+        for part in folders:
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, dir_fd=fd)
             try:
                 child = os.open(part, _DIR_FLAGS, dir_fd=fd)
             except NotADirectoryError as exc:  # what O_DIRECTORY|O_NOFOLLOW answers for a link to a folder
@@ -65,10 +78,19 @@ def _open_below(root: Path, rel: str, display: str) -> int:
                 raise _refused(display, exc) from None
             os.close(fd)
             fd = child
-        try:
-            return os.open(parts[-1], _OPEN_FLAGS, dir_fd=fd)
-        except OSError as exc:
-            raise _refused(display, exc) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_below(root: Path, rel: str, display: str) -> int:
+    parts = PurePosixPath(rel).parts
+    fd = _open_folder(root, parts[:-1], display)
+    try:
+        return os.open(parts[-1], _OPEN_FLAGS, dir_fd=fd)
+    except OSError as exc:
+        raise _refused(display, exc) from None
     finally:
         os.close(fd)
 
@@ -132,6 +154,65 @@ def confined_path(path: Path | str, root: Path | str) -> Path | None:
         if not stat.S_ISDIR(mode):
             break  # a file in the way: whoever creates below it gets the system's own error
     return top / rel
+
+
+@contextlib.contextmanager
+def _folder_of(path: Path | str, root: Path | str, create: bool = False) -> Iterator[tuple[int, str]]:
+    """(a descriptor on the folder holding `path`, reached from `root` as `_open_folder` does;
+    `path`'s last component), the descriptor closed on exit."""
+    rel = lexically_below(path, root)
+    if rel is None:
+        raise UnsafeSourceError(f"{path}: not below {root}")
+    parts = PurePosixPath(rel).parts
+    if create:
+        Path(root).mkdir(parents=True, exist_ok=True)
+    fd = _open_folder(Path(root), parts[:-1], str(path), create)
+    try:
+        yield fd, parts[-1]
+    finally:
+        os.close(fd)
+
+
+def _regular_in(fd: int, name: str, display: str) -> os.stat_result:
+    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+    if not stat.S_ISREG(st.st_mode):
+        raise UnsafeSourceError(f"{display}: not a regular file; it is not moved or deleted")
+    return st
+
+
+def move_below(source: Path | str, source_root: Path | str, target: Path | str, target_root: Path | str) -> None:
+    """Move the regular file `source`, below `source_root`, to `target`, below `target_root`
+    (its missing folders made), never through a link (see the module): UnsafeSourceError
+    when a link is on either way. A rename where it can be; across file systems a copy
+    under a temporary name renamed into place before the source goes, so a crash leaves
+    the source whole, never half a file at the target."""
+    with _folder_of(source, source_root) as (sfd, sname), _folder_of(target, target_root, True) as (tfd, tname):
+        _regular_in(sfd, sname, str(source))
+        try:
+            os.rename(sname, tname, src_dir_fd=sfd, dst_dir_fd=tfd)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+        partial = f".{tname}.s3proc-partial"
+        writing = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+        with (
+            os.fdopen(os.open(sname, _OPEN_FLAGS, dir_fd=sfd), "rb") as readable,
+            os.fdopen(os.open(partial, writing, 0o600, dir_fd=tfd), "wb") as out,
+        ):
+            shutil.copyfileobj(readable, out, 1 << 20)
+            st = os.fstat(readable.fileno())
+            os.fchmod(out.fileno(), stat.S_IMODE(st.st_mode))
+            os.utime(out.fileno(), ns=(st.st_atime_ns, st.st_mtime_ns))
+        os.replace(partial, tname, src_dir_fd=tfd, dst_dir_fd=tfd)
+        os.unlink(sname, dir_fd=sfd)
+
+
+def unlink_below(path: Path | str, root: Path | str) -> None:
+    """Delete the regular file `path`, below `root`, never through a link (see the module)."""
+    with _folder_of(path, root) as (fd, name):
+        _regular_in(fd, name, str(path))
+        os.unlink(name, dir_fd=fd)
 
 
 def is_regular(path: Path | str) -> bool:

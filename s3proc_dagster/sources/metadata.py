@@ -12,6 +12,7 @@ failure to read it is that file's FAILED reason, never the sensor's.
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 from pathlib import Path
@@ -48,6 +49,8 @@ def read_sidecar(path: Path, roots: tuple[Path, ...] = ()) -> dict[str, Any]:
     except UnsupportedFileError as exc:
         raise UnsupportedFileError(f"metadata sidecar {exc}") from None
     except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:  # a name of 246-255 bytes leaves no room for `.meta.json`:
+            return {}  # no sidecar can exist, and the file itself is fine
         raise UnsupportedFileError(f"{sidecar.name}: metadata sidecar cannot be read ({exc.strerror or exc})") from None
     if len(raw) > SIDECAR_MAX_BYTES:
         raise UnsupportedFileError(f"{sidecar.name}: metadata sidecar is over {SIDECAR_MAX_BYTES:,} bytes")
@@ -64,9 +67,11 @@ def read_sidecar(path: Path, roots: tuple[Path, ...] = ()) -> dict[str, Any]:
 
 def check_metadata(metadata: dict[str, Any], where: str) -> None:
     """At most MAX_KEYS keys of at most MAX_KEY_CHARS characters (they become run tags),
-    values nested at most MAX_DEPTH deep and SIDECAR_MAX_BYTES in all, all of it UTF-8:
-    it is kept in the file's record and in each step's output, which must be able to
-    store it (a value 900 lists deep, or a lone surrogate, broke those writes)."""
+    values nested at most MAX_DEPTH deep and SIDECAR_MAX_BYTES in all, all of it UTF-8,
+    standard JSON and storable: it is kept in the file's record and in each step's output,
+    which must be able to store it (a value 900 lists deep, or a lone surrogate, broke those
+    writes; MongoDB refuses an integer beyond 64 bits and a NUL in a key, and SQLite kept
+    NaN as null)."""
     if len(metadata) > MAX_KEYS:
         raise UnsupportedFileError(f"{where}: metadata has {len(metadata)} keys, at most {MAX_KEYS} are accepted")
     for key in metadata:
@@ -76,10 +81,15 @@ def check_metadata(metadata: dict[str, Any], where: str) -> None:
             )
     if _depth(metadata) > MAX_DEPTH:
         raise UnsupportedFileError(f"{where}: metadata is nested more than {MAX_DEPTH} levels deep")
+    unstorable = _unstorable(metadata)
+    if unstorable:
+        raise UnsupportedFileError(f"{where}: metadata holds {unstorable}, which the progress store cannot keep")
     try:
-        size = len(json.dumps(metadata, ensure_ascii=False).encode("utf-8"))
+        size = len(json.dumps(metadata, ensure_ascii=False, allow_nan=False).encode("utf-8"))
     except UnicodeEncodeError:
         raise UnsupportedFileError(f"{where}: metadata holds text that is not valid UTF-8 (a lone surrogate)") from None
+    except ValueError:
+        raise UnsupportedFileError(f"{where}: metadata holds NaN or Infinity, which is not JSON") from None
     if size > SIDECAR_MAX_BYTES:
         raise UnsupportedFileError(f"{where}: metadata is over {SIDECAR_MAX_BYTES:,} bytes")
 
@@ -96,6 +106,22 @@ def _depth(value: Any) -> int:
         if level <= MAX_DEPTH:  # no need to walk further than what is refused
             stack.extend((child, level + 1) for child in children)
     return deepest
+
+
+def _unstorable(value: Any) -> str | None:
+    """What in `value` (already bounded in depth) a store cannot keep as it is, or None."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if any("\x00" in str(key) for key in item):
+                return "a key with a NUL character"
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, int) and not isinstance(item, bool) and not -(2**63) <= item < 2**63:
+            return "an integer beyond 64 bits"
+    return None
 
 
 def priority_value(metadata: dict[str, Any]) -> int:

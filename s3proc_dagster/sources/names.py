@@ -45,11 +45,22 @@ def becomes_folder(name: str) -> bool:
     return any(lowered.endswith(s) and len(lowered) > len(s) for s in FOLDER_SUFFIXES)
 
 
+# An S3 key is at most 1024 bytes; a dataset adds `/v-<16 hex>/_rejected/part-00000.parquet`
+# (48) to its path and S3_PREFIX stands before it. A longer path failed only at the upload,
+# after its retries, as "KeyTooLongError"; refused here, it fails at once and says why.
+MAX_PATH_BYTES = 900
+
+
 def check_canonical(relative_path: str, what: str = "path") -> str:
     """`relative_path` unchanged if it is one canonical spelling; else UnsafeSourceError."""
     shown = repr(relative_path)
     if not relative_path:
         raise UnsafeSourceError(f"{what} is empty")
+    if len(relative_path.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
+        raise UnsafeSourceError(
+            f"{what} {relative_path[:80]!r}... is over {MAX_PATH_BYTES} bytes, too long for an S3 key "
+            "(1024 bytes with S3_PREFIX and the dataset's own folders); shorten its folders or name"
+        )
     if any(map(_refused_char, relative_path)):
         raise UnsafeSourceError(
             f"{what} {shown} contains a control character or an invisible one (newline, tab, NUL, a zero-width space, a direction override...)"

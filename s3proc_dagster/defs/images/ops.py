@@ -13,6 +13,7 @@ from s3proc_dagster.models import Request, RequestData, RequestStatus
 from s3proc_dagster.names import REQUEST_ID_TAG
 from s3proc_dagster.settings import S3Config
 from s3proc_dagster.stores.base import ProgressStore
+from s3proc_dagster.zones.declared import declared_directories
 
 REQUEST_TAG = REQUEST_ID_TAG
 
@@ -79,8 +80,12 @@ def validate_request(
     context.instance.add_run_tags(context.run_id, {REQUEST_TAG: request_id})  # first: the failure hook reads it
     if not store.get_request(request_id):
         options = _options(settings)
+        # below a watched directory, read without following a link on the way (`sources.confined`)
+        roots = (settings.config.monitoring.watch_path, *declared_directories())
         try:
-            processor.submit_file(store, Path(config.path), request_id, options.csv_max_bytes, options.csv_max_rows)
+            processor.submit_file(
+                store, Path(config.path), request_id, options.csv_max_bytes, options.csv_max_rows, roots
+            )
         except InvalidRequestCsv as exc:
             raise dg.Failure(description=str(exc), metadata={"requestId": request_id}, allow_retries=False) from exc
     store.set_request_status(request_id, RequestStatus.PROCESSING)
