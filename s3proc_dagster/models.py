@@ -139,6 +139,11 @@ def empty_error_summary() -> dict[str, dict[str, int]]:
     return {"validation": {}, "processing": {}}
 
 
+# An archive entry's metadata names its archive's fileId under this key: the product's own,
+# so a producer's metadata may not use it (sources/metadata.py refuses it).
+ARCHIVE_FILE_ID = "archiveFileId"
+
+
 class FileStatus(Document):
     """One file version's lifecycle: the data model's ProgressRecord joined with the FileStatus document.
 

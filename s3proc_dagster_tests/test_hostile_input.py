@@ -365,6 +365,9 @@ def bad_sidecars(root: Path) -> dict[str, str]:
     surrogate = root / "surrogate.csv"  # a lone surrogate: no run tag or record can hold it
     write_csv(surrogate, promo_rows(3))
     (root / "surrogate.csv.meta.json").write_text('{"a": "\\ud800"}')
+    claims = root / "claims.csv"  # the key that ties an archive's entries to it: the product's own
+    write_csv(claims, promo_rows(3))
+    (root / "claims.csv.meta.json").write_text(json.dumps({"ArchiveFileId": make_file_id("other.zip")}))
     return {
         str(deep): "nested too deeply",
         str(huge): "over 65,536 bytes",
@@ -372,6 +375,7 @@ def bad_sidecars(root: Path) -> dict[str, str]:
         str(long_key): "longer than 64 characters",
         str(nested): "nested more than 8 levels deep",
         str(surrogate): "not valid UTF-8",
+        str(claims): "is the product's own",
     }
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 
 from s3proc_dagster.errors import is_transient
 from s3proc_dagster.files.detect import Detection
-from s3proc_dagster.models import ProcessingStatus
+from s3proc_dagster.models import ARCHIVE_FILE_ID, ProcessingStatus
 from s3proc_dagster.pipeline.failure import record_if_missing
 from s3proc_dagster.pipeline.records import FileVersion, PreparedItem, UploadedObject, WorkItem
 from s3proc_dagster.stores.base import ProgressStore
@@ -95,5 +95,5 @@ def leave_run(store: ProgressStore, run_id: str, file_id: str, source: str, reas
     goes back to PENDING with the reason, so the sensors give it a run of its own."""
     record_if_missing(store, run_id, file_id, source)
     for record in store.list_files(ProcessingStatus.IN_PROGRESS):
-        if record.run_id == run_id and (record.file_id == file_id or record.metadata.get("archiveFileId") == file_id):
+        if record.run_id == run_id and (record.file_id == file_id or record.metadata.get(ARCHIVE_FILE_ID) == file_id):
             store.reset_to_pending(record.file_id, reason, run_id=run_id)

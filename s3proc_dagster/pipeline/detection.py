@@ -8,7 +8,7 @@ from s3proc_dagster.errors import FileBusy, UnsupportedFileError
 from s3proc_dagster.files.archives import extract
 from s3proc_dagster.files.detect import Detection, detect
 from s3proc_dagster.files.staging import private_work_dir
-from s3proc_dagster.models import FileStatus, FileType, make_file_id
+from s3proc_dagster.models import ARCHIVE_FILE_ID, FileStatus, FileType, make_file_id
 from s3proc_dagster.pipeline.cache import staged_snapshot
 from s3proc_dagster.pipeline.context import StepContext
 from s3proc_dagster.pipeline.records import FileVersion, WorkItem
@@ -89,7 +89,7 @@ def _claim_entry(
             file_size=local.stat().st_size,
             file_type=detection.file_type,
             content_type=detection.content_type,
-            metadata={**version.source.metadata, "archiveFileId": version.file_id},
+            metadata={**version.source.metadata, ARCHIVE_FILE_ID: version.file_id},
         ),
         ctx.claimant.run_id,
         ctx.claimant.is_alive,

@@ -15,7 +15,7 @@ from typing import Any
 from s3proc_dagster.errors import UnsafeSourceError, UnsupportedFileError
 from s3proc_dagster.files import parking
 from s3proc_dagster.files.checksum import sha256_stream
-from s3proc_dagster.models import FileStatus, ProcessingStatus
+from s3proc_dagster.models import ARCHIVE_FILE_ID, FileStatus, ProcessingStatus
 from s3proc_dagster.sources.confined import is_regular, lexically_below, open_regular
 from s3proc_dagster.stores.base import ProgressStore
 from s3proc_dagster.transfer.keys import is_s3_uri
@@ -56,7 +56,7 @@ def give_up(
     held = [
         r
         for r in store.list_files(ProcessingStatus.IN_PROGRESS)
-        if r.run_id == run_id and (r.file_id == file_id or r.metadata.get("archiveFileId") == file_id)
+        if r.run_id == run_id and (r.file_id == file_id or r.metadata.get(ARCHIVE_FILE_ID) == file_id)
     ]
     for record in held:  # an entry fails with its archive: said so, whichever entry broke it
         why = (

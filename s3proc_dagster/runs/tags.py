@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from s3proc_dagster.models import FileStatus, make_file_id
+from s3proc_dagster.models import ARCHIVE_FILE_ID, FileStatus, make_file_id
 from s3proc_dagster.names import EXTENSION_TAG, FILE_ID_TAG, FILE_TAG, PATH_TAG, SOURCE_TAG
 from s3proc_dagster.sources.metadata import run_tags
 from s3proc_dagster.sources.paths import ENTRY_SEPARATOR, path_below
@@ -33,7 +33,7 @@ def recorded_file_tag(record: FileStatus, watch: Path, error_dir: Path, incoming
         rel = relative_key(split_uri(source)[1], incoming_prefix)
     else:
         rel = path_below(source, watch) or path_below(source, error_dir) or PurePosixPath(source).name
-    file_id = (record.metadata.get("archiveFileId") or make_file_id(rel)) if in_archive else record.file_id
+    file_id = (record.metadata.get(ARCHIVE_FILE_ID) or make_file_id(rel)) if in_archive else record.file_id
     return file_tag(rel, file_id)
 
 

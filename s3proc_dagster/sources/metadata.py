@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from s3proc_dagster.errors import UnsupportedFileError
+from s3proc_dagster.models import ARCHIVE_FILE_ID
 from s3proc_dagster.names import META_TAG
 from s3proc_dagster.sources.confined import open_regular
 from s3proc_dagster.sources.names import printable
@@ -75,6 +76,11 @@ def check_metadata(metadata: dict[str, Any], where: str) -> None:
     if len(metadata) > MAX_KEYS:
         raise UnsupportedFileError(f"{where}: metadata has {len(metadata)} keys, at most {MAX_KEYS} are accepted")
     for key in metadata:
+        if str(key).lower() == ARCHIVE_FILE_ID.lower():
+            raise UnsupportedFileError(
+                f"{where}: metadata key {key!r} is the product's own (an archive entry's link to its "
+                "archive) and may not be set by a file's metadata"
+            )
         if len(str(key)) > MAX_KEY_CHARS:
             raise UnsupportedFileError(
                 f"{where}: metadata key {str(key)[:MAX_KEY_CHARS]!r}... is longer than {MAX_KEY_CHARS} characters"
