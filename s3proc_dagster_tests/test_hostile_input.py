@@ -253,6 +253,20 @@ def _victims(deployment: Deployment, name: str, content: str) -> Path:
     return victims
 
 
+def _swap_after_the_last_check(monkeypatch: pytest.MonkeyPatch, root: Path, folder: Path, to: Path) -> None:
+    """Parking's confinement check passes below `root`, and then the producer swaps `folder`
+    for a link to `to`: the race the move must lose safely, at its worst moment."""
+    checked = parking.confined_path
+
+    def check_then_swap(path: Path, where: Path) -> Path | None:
+        found = checked(path, where)
+        if Path(where) == root:
+            _swap_for_link(folder, to)
+        return found
+
+    monkeypatch.setattr(parking, "confined_path", check_then_swap)
+
+
 def test_parking_never_follows_a_folder_swapped_for_a_link_while_the_file_moves(
     deployment: Deployment, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -261,15 +275,7 @@ def test_parking_never_follows_a_folder_swapped_for_a_link_while_the_file_moves(
     bad = deployment.watch / name / "d" / "bad.csv"
     bad.parent.mkdir(parents=True)
     bad.write_bytes(BINARY)
-    checked = parking.confined_path
-
-    def check_then_swap(path: Path, root: Path) -> Path | None:
-        found = checked(path, root)
-        if Path(root) == deployment.errors:  # the last check before the move: the producer swaps now
-            _swap_for_link(bad.parent, victims)
-        return found
-
-    monkeypatch.setattr(parking, "confined_path", check_then_swap)
+    _swap_after_the_last_check(monkeypatch, deployment.errors, bad.parent, victims)  # before the move
     store = deployment.store()
     file_id = make_file_id(f"{name}/d/bad.csv")
     gave_up = give_up(
@@ -300,15 +306,7 @@ def test_a_retry_never_moves_the_parked_file_through_a_folder_swapped_for_a_link
     parked.write_text("ssh-ed25519 AAAA-the-producers-key\n")
     home = deployment.watch / name / "d" / "authorized_keys"
     home.parent.mkdir(parents=True)
-    checked = parking.confined_path
-
-    def check_then_swap(path: Path, root: Path) -> Path | None:
-        found = checked(path, root)
-        if Path(root) == deployment.watch:  # the last check before the move back
-            _swap_for_link(home.parent, victims)
-        return found
-
-    monkeypatch.setattr(parking, "confined_path", check_then_swap)
+    _swap_after_the_last_check(monkeypatch, deployment.watch, home.parent, victims)  # before the move back
     with pytest.raises(UnsafeSourceError, match="symbolic link"):
         parking.unpark(home, deployment.watch, deployment.errors)
     assert sorted(p.name for p in victims.iterdir()) == ["keep.txt"]  # nothing landed through the link
