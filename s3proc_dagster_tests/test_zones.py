@@ -25,7 +25,7 @@ from s3proc_dagster.models import ProcessingStatus as S
 from s3proc_dagster.models import make_file_id
 from s3proc_dagster.runs.reconstructable import definitions
 from s3proc_dagster.transfer.manifest import read_manifest
-from s3proc_dagster.zones.declared import DeclaredZone, declare
+from s3proc_dagster.zones.declared import DeclaredZone, declare, watched_below
 from s3proc_dagster_tests.pipeline_helpers import (
     ROOT,
     execute,
@@ -218,6 +218,26 @@ def test_a_default_zone_file_has_no_lineage_columns(deployment: Deployment, tmp_
     deployment.s3.client().download_file(deployment.s3.bucket, part, str(local))
     columns = [row[0] for row in duckdb.sql(f"DESCRIBE SELECT * FROM read_parquet('{local}')").fetchall()]
     assert not [c for c in columns if c.startswith("_source") or c in ("_file_sha256", "_landed_at")]
+
+
+def test_a_file_whose_output_would_land_in_a_zones_s3_source_is_failed_and_that_zone_never_takes_it(
+    deployment: Deployment,
+) -> None:
+    folder = unique("watched_out")
+    source = f"s3://{deployment.s3.bucket}/{deployment.prefix}/{folder}"
+    zone = zone_of(folder, source=source, destination=f"{folder}/out", after_success="delete")
+    write_text(deployment.watch / folder / "blob.bin", "opaque bytes")  # the default zone's file
+    (request,) = run_requests_under(sensor_tick(deployment), folder)
+    execute(request, deployment)
+    record = deployment.store().get(make_file_id(f"{folder}/blob.bin"))
+    assert record.status is S.FAILED and f"S3 source of landing zone {folder!r}" in record.error_details
+    assert list_keys(deployment, f"{deployment.prefix}/{folder}/") == []  # nothing for the zone to take in
+    assert tick(deployment, zone) == []
+    bucket = deployment.s3.bucket
+    assert watched_below(bucket, deployment.prefix).get(folder) == folder  # the folder the default zone may not use
+    assert watched_below(bucket, f"{deployment.prefix}/{folder}/deeper") == {"": folder}  # all of a destination
+    assert folder not in watched_below(bucket, deployment.prefix, folder).values()  # its own: a reserved folder
+    assert watched_below(bucket, f"{folder}/out") == {} and watched_below("another-bucket", deployment.prefix) == {}
 
 
 @pytest.mark.parametrize("action", ["delete", "move"])

@@ -31,6 +31,7 @@ from s3proc_dagster.sources.resolve import resolve_source
 from s3proc_dagster.stores.base import ClaimOutcome
 from s3proc_dagster.transfer.keys import is_s3_uri, split_uri
 from s3proc_dagster.transfer.verify import head
+from s3proc_dagster.zones.declared import watched_below
 
 log = get_logger("steps")
 progress = progress_logger("steps")
@@ -47,6 +48,7 @@ def _snapshot(context: dg.OpExecutionContext, settings: Settings, ctx: StepConte
         file.relative_path,
         reserved=cfg.s3.reserved_folders(),
         zone=cfg.zone.name,
+        watched=watched_below(cfg.s3.bucket, cfg.s3.prefix, cfg.zone.name),
     )
     try:
         version = held_version(ctx, source) or pipeline.take_snapshot(ctx, source, cfg.processing.max_file_bytes)
