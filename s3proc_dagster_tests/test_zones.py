@@ -16,7 +16,7 @@ import duckdb
 import pytest
 
 from benchmarks.support import Deployment, csv_bytes, list_keys, promo_rows, wait_for, write_csv
-from s3proc_dagster.components.landing_zone import LandingZone
+from s3proc_dagster.components.landing_zone import LandingZone, zones_in
 from s3proc_dagster.defs.files.sensors import zone_sensor
 from s3proc_dagster.defs.resources import Settings, resources_for
 from s3proc_dagster.errors import SettingsError
@@ -131,6 +131,41 @@ def test_two_zones_may_not_land_in_one_destination_and_the_error_names_both(tmp_
     zone_of("unset_first", source=str(tmp_path / "c"))  # S3_PREFIX, beside the default zone
     with pytest.raises(SettingsError, match="'unset_first' and 'unset_second' land in the same destination"):
         zone_of("unset_second", source=str(tmp_path / "d"))
+
+
+@pytest.mark.parametrize(
+    ("attribute", "message"),
+    [
+        ("after_success: remove", "'remove' must be keep, delete or move:"),
+        ('after_success: "move:"', "'move:' must be keep, delete or move:"),
+        ("chunk_size: 0", "greater than 0"),
+        ("priority: 500", "less than or equal to 100"),
+        ('include: ["*.{csv,tsv}"]', "is not glob syntax here"),
+        ('exclude: ["/srv/drop/*.tmp"]', "never an absolute path"),
+        ('include: [""]', "an empty glob matches no file"),
+        ('include: ["../*.csv"]', "has no '..'"),
+        ("chunksize: 10", "chunksize"),
+    ],
+)
+def test_a_zone_with_a_bad_attribute_is_refused_where_it_is_declared_naming_it(
+    tmp_path: Path, attribute: str, message: str
+) -> None:
+    """Refused when the definitions load (`dg check defs`), not at every tick of its sensor."""
+    name = unique("bad")
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "defs.yaml").write_text(
+        f"type: s3proc_dagster.LandingZone\nattributes:\n  source: {tmp_path / 'in'}\n  destination: {name}\n  {attribute}\n"
+    )
+    with pytest.raises(SettingsError, match=rf"landing zone '{name}' \({tmp_path / name / 'defs.yaml'}") as refused:
+        zones_in(tmp_path, ROOT)
+    assert message in str(refused.value)
+
+
+def test_a_zones_folder_with_a_file_of_another_type_is_refused_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "typo").mkdir()
+    (tmp_path / "typo" / "defs.yaml").write_text("type: s3proc_dagster.LandingZon\nattributes:\n  source: /srv/x\n")
+    with pytest.raises(SettingsError, match=r"landing zone 'typo' .*type is 's3proc_dagster.LandingZon'"):
+        zones_in(tmp_path, ROOT)
 
 
 def test_a_zone_may_not_move_its_landed_files_into_a_watched_source(tmp_path: Path) -> None:

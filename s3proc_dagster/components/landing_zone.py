@@ -26,13 +26,15 @@ from typing import Any, Literal
 
 import dagster as dg
 import yaml
-from pydantic import Field
+from pydantic import Field, ValidationError, field_validator
 
 from s3proc_dagster.defs.files import events
 from s3proc_dagster.defs.files.jobs import file_steps
 from s3proc_dagster.defs.files.ops import checksum_calculation
 from s3proc_dagster.defs.resources import ProgressStoreResource
+from s3proc_dagster.errors import SettingsError
 from s3proc_dagster.models import ProcessingStatus, make_file_id
+from s3proc_dagster.settings import after_success_action, zone_glob
 from s3proc_dagster.transfer.keys import is_s3_uri, split_uri
 from s3proc_dagster.zones.declared import DeclaredZone, declare
 from s3proc_dagster.zones.drift import difference
@@ -80,7 +82,7 @@ class LandingZone(dg.Component, dg.Resolvable, dg.Model):
     )
     include: list[str] | None = Field(None, description="path globs below the source a file must match (default: all)")
     exclude: list[str] | None = Field(None, description="path globs below the source that leave a file alone")
-    chunk_size: int | None = Field(None, description="records per Parquet chunk; default: CHUNK_SIZE")
+    chunk_size: int | None = Field(None, gt=0, description="records per Parquet chunk; default: CHUNK_SIZE")
     compression: Literal["ZSTD", "SNAPPY"] | None = Field(
         None, description="Parquet compression; default: PARQUET_COMPRESSION"
     )
@@ -91,7 +93,9 @@ class LandingZone(dg.Component, dg.Resolvable, dg.Model):
         None,
         description="a folder of rule sets (like dbt_like_sql/validations), relative to the project; default: VALIDATION_RULES_DIR",
     )
-    priority: int | None = Field(None, description="its runs' priority in the run queue, -100 to 100 (default 0)")
+    priority: int | None = Field(
+        None, ge=-100, le=100, description="its runs' priority in the run queue, -100 to 100 (default 0)"
+    )
     after_success: str | None = Field(
         None,
         description="keep, delete, or move:<directory or s3://bucket/prefix>, once a version is committed (default keep)",
@@ -106,6 +110,18 @@ class LandingZone(dg.Component, dg.Resolvable, dg.Model):
     owners: list[str] | None = Field(None, description="its asset's owners: emails or team:<name>")
     description: str | None = Field(None, description="what the zone holds, for the catalog")
     enabled: bool = Field(True, description="false: the zone is declared (its asset and history stay) but not watched")
+
+    # checked here, so `dg check defs` names the zone's defs.yaml: its runs load the same
+    # values through `settings.ZoneConfig`, where a bad one failed every tick of its sensor
+    @field_validator("after_success")
+    @classmethod
+    def _after_success(cls, value: str | None) -> str | None:
+        return None if value is None else after_success_action(value)
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _globs(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else [zone_glob(pattern) for pattern in value]
 
     def build_defs(self, context: dg.ComponentLoadContext) -> dg.Definitions:
         return self.definitions(self.name or context.path.name, context.project_root)
@@ -235,9 +251,14 @@ def zones_in(folder: Path, project_root: Path) -> dg.Definitions:
     declares beside the image instead of in it, e.g. from a ConfigMap."""
     found = []
     for path in sorted(folder.glob("*/defs.yaml")):
-        document = yaml.safe_load(path.read_text()) or {}
-        if document.get("type") not in ("s3proc_dagster.LandingZone", "s3proc_dagster.components.LandingZone"):
-            continue
-        zone = LandingZone.model_validate(document.get("attributes") or {})
-        found.append(zone.definitions(zone.name or path.parent.name, project_root))
+        try:  # dg names a defs/ zone's file in its errors; here this does
+            document = yaml.safe_load(path.read_text()) or {}
+            kind = document.get("type") if isinstance(document, dict) else None
+            if kind not in ("s3proc_dagster.LandingZone", "s3proc_dagster.components.LandingZone"):
+                # a typo in `type` left the zone undeclared without a word, its files unwatched
+                raise SettingsError(f"type is {kind!r}: this folder holds type: s3proc_dagster.LandingZone only")
+            zone = LandingZone.model_validate(document.get("attributes") or {})
+            found.append(zone.definitions(zone.name or path.parent.name, project_root))
+        except (yaml.YAMLError, ValidationError, SettingsError) as exc:
+            raise SettingsError(f"landing zone {path.parent.name!r} ({path}, S3PROC_ZONES_DIR): {exc}") from exc
     return dg.Definitions.merge(*found) if found else dg.Definitions()
