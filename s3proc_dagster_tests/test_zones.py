@@ -217,6 +217,32 @@ def test_a_zone_inside_watch_path_is_its_own_sensors_alone_even_when_a_file_is_r
     assert again.tags["s3proc/zone"] == folder and again.run_config["ops"]["checksum_calculation"]["config"]["zone"]
 
 
+def test_a_zone_without_a_source_is_refused_naming_it() -> None:
+    """It watched WATCH_PATH beside the default zone's sensor, so every file landed twice."""
+    with pytest.raises(SettingsError, match="landing zone 'no_source' has no source"):
+        LandingZone.model_validate({"destination": "no/source"}).definitions("no_source", ROOT)
+
+
+@pytest.mark.parametrize("where", ["is", "holds"])
+def test_a_zone_whose_source_is_or_holds_watch_path_takes_its_files_alone_and_leaves_parked_ones(
+    deployment: Deployment, tmp_path: Path, where: str
+) -> None:
+    drop = tmp_path / "drop"
+    watch = drop if where == "is" else drop / "incoming"
+    errors = drop / "errors"  # the deployment's error directory, inside the zone's source
+    zone = zone_of(unique(f"{where}_watch"), source=str(drop), destination=f"{where}-watch/out")
+    write_text(watch / "day1" / "a.csv", "id\n1\n")
+    write_text(errors / "parked.csv", "id\n2\n")  # a default-zone file parked there
+    settings = {"WATCH_PATH": str(watch), "ERROR_DIRECTORY": str(errors)}
+    with dg.build_sensor_context(
+        instance=deployment.instance(), resources=resources_for(Settings(overrides=settings))
+    ) as context:
+        default = definitions().resolve_sensor_def("watch_directory_sensor").evaluate_tick(context)
+    assert [r for r in default.run_requests or [] if "s3proc/path" in r.tags] == []
+    requested = [r.tags["s3proc/path"] for r in tick(deployment, zone, **settings)]
+    assert requested == [("" if where == "is" else "incoming/") + "day1/a.csv"]
+
+
 def test_lineage_columns_give_each_row_its_source_and_index_matching_the_chunks_offsets(
     deployment: Deployment, tmp_path: Path
 ) -> None:

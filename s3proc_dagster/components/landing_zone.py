@@ -2,8 +2,8 @@
 
     dg scaffold defs s3proc_dagster.LandingZone zones/partner_orders
 
-writes `defs/zones/partner_orders/defs.yaml`; every attribute is optional and defaults to
-the deployment's setting of the same meaning (`settings.py`). A zone is its settings over
+writes `defs/zones/partner_orders/defs.yaml`; every attribute but `source` is optional and
+defaults to the deployment's setting of the same meaning (`settings.py`). A zone is its settings over
 the deployment's (its source as WATCH_PATH or S3_INCOMING_PREFIX, its destination as
 S3_PREFIX, its chunking and rules), which its sensor puts in every run's config: the
 zones share the jobs, the run queue, the stores and the S3 resource, and a run processes
@@ -75,7 +75,9 @@ class LandingZone(dg.Component, dg.Resolvable, dg.Model):
 
     name: str | None = Field(None, description="the zone's name in the catalog and in tags; default: its folder's name")
     source: str | None = Field(
-        None, description="the directory watched, or s3://bucket/prefix; default: WATCH_PATH or S3_INCOMING_PREFIX"
+        None,
+        description="the directory watched, or s3://bucket/prefix (required: WATCH_PATH and S3_INCOMING_PREFIX "
+        "are the default zone's; name one here to give it to this zone)",
     )
     destination: str | None = Field(
         None, description="the key prefix under S3_BUCKET its datasets land under; default: S3_PREFIX"
@@ -128,6 +130,13 @@ class LandingZone(dg.Component, dg.Resolvable, dg.Model):
 
     def definitions(self, name: str, project_root: Path | None) -> dg.Definitions:
         """The zone's asset and checks, the zone declared (`zones.declared`)."""
+        if not (self.source or "").strip():
+            # without one, its sensor watched WATCH_PATH beside the default zone's (every file
+            # landed twice), and it claimed the process's working directory as its own
+            raise SettingsError(
+                f"landing zone {name!r} has no source: give it a directory or an s3://bucket/prefix "
+                "(WATCH_PATH or S3_INCOMING_PREFIX itself, to take it over from the default zone)"
+            )
         settings = self.zone_settings(name, project_root)
         declare(DeclaredZone(name, self.source or "", settings, self.enabled))
         partitions = dg.DynamicPartitionsDefinition(name=events.zone_partitions(name))
@@ -136,11 +145,11 @@ class LandingZone(dg.Component, dg.Resolvable, dg.Model):
             key=events.zone_asset_key(name),
             group_name=self.group or "landing_zones",
             owners=self.owners or [],
-            description=(self.description or f"Files landing from {self.source or 'the deployment source'}.")
+            description=(self.description or f"Files landing from {self.source}.")
             + ("" if self.enabled else " Disabled (enabled: false): not watched; its history stays."),
             kinds=KINDS,
             metadata={
-                "source": self.source or "",
+                "source": self.source,
                 "destination": self.destination or "S3_PREFIX",
                 "enabled": self.enabled,
             },

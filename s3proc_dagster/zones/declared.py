@@ -145,6 +145,17 @@ def watched_below(bucket: str, prefix: str, zone: str = "") -> dict[str, str]:
     return found
 
 
+def zone_holding(directory: Path) -> DeclaredZone | None:
+    """The declared zone whose directory is `directory` or holds it: WATCH_PATH given to a
+    zone (its source written as WATCH_PATH itself, or a folder above it) is that zone's
+    alone, or both sensors requested every file and it landed twice."""
+    resolved = Path(directory).expanduser().resolve()
+    for zone in _DECLARED.values():
+        if (mine := zone.directory) is not None and (resolved == mine or mine in resolved.parents):
+            return zone
+    return None
+
+
 def zone_of_path(target: str) -> DeclaredZone | None:
     """The declared zone whose source holds `target` (a path or an s3:// URI), if any."""
     for zone in _DECLARED.values():
