@@ -332,6 +332,26 @@ def test_after_success_acts_on_the_original_only_once_committed_and_never_on_a_f
     assert parked.read_text() == "not a zip"
 
 
+def test_a_zones_failed_file_never_replaces_a_default_zone_file_parked_at_the_same_path(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """ERROR_DIRECTORY/<zone name>/ is also where the default zone parks its folder of that name."""
+    name = unique("parks")
+    zone = zone_of(name, source=str(tmp_path / "drop"), destination=f"{name}/out")
+    write_text(deployment.watch / name / "bad.zip", "the default zone's, not a zip")
+    (request,) = run_requests_under(sensor_tick(deployment), name)
+    execute(request, deployment)
+    parked = Path(deployment.env["ERROR_DIRECTORY"]) / name / "bad.zip"
+    assert parked.read_text() == "the default zone's, not a zip"
+    theirs = write_text(tmp_path / "drop" / "bad.zip", "the zone's, not a zip either")
+    (request,) = tick(deployment, zone)
+    execute(request, deployment)
+    assert parked.read_text() == "the default zone's, not a zip"  # replaced, it was lost
+    record = deployment.store().get(make_file_id("bad.zip", name))
+    assert record.status is S.FAILED and "holds another file's parked original" in record.error_details
+    assert theirs.read_text() == "the zone's, not a zip either"  # left where it was
+
+
 def test_a_move_never_replaces_an_earlier_version_already_at_its_target(deployment: Deployment, tmp_path: Path) -> None:
     drop, done = tmp_path / "daily", tmp_path / "daily-done"
     zone = zone_of(unique("daily"), source=str(drop), destination="daily/out", after_success=f"move:{done}")
