@@ -352,6 +352,29 @@ def test_a_zones_failed_file_never_replaces_a_default_zone_file_parked_at_the_sa
     assert theirs.read_text() == "the zone's, not a zip either"  # left where it was
 
 
+@pytest.mark.parametrize("action", ["delete", "move"])
+def test_the_same_file_dropped_again_is_skipped_and_deleted_or_moved_like_the_first(
+    deployment: Deployment, tmp_path: Path, action: str
+) -> None:
+    drop, done = tmp_path / "again", tmp_path / "again-done"
+    setting = "delete" if action == "delete" else f"move:{done}"
+    zone = zone_of(unique("again"), source=str(drop), destination=f"again/{action}", after_success=setting)
+    content = csv_bytes(promo_rows(6))
+    for _ in range(2):  # a producer sending the same file twice
+        (drop / "day").mkdir(parents=True, exist_ok=True)
+        (drop / "day" / "a.csv").write_bytes(content)
+        (request,) = tick(deployment, zone)
+        assert execute(request, deployment).success
+        assert not (drop / "day" / "a.csv").exists()
+    record = deployment.store().get(make_file_id("day/a.csv", zone.name))
+    assert record.status is S.COMPLETED
+    if action == "move":
+        beside = done / "day" / f"a.v-{record.checksum[:16]}.csv"
+        assert record.after_success == f"moved to {beside}" and beside.read_bytes() == content
+    else:
+        assert record.after_success == "deleted"
+
+
 def test_a_move_never_replaces_an_earlier_version_already_at_its_target(deployment: Deployment, tmp_path: Path) -> None:
     drop, done = tmp_path / "daily", tmp_path / "daily-done"
     zone = zone_of(unique("daily"), source=str(drop), destination="daily/out", after_success=f"move:{done}")

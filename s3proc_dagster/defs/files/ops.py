@@ -63,6 +63,11 @@ def _snapshot(context: dg.OpExecutionContext, settings: Settings, ctx: StepConte
         return file.out(Outcome.SKIPPED)
     if version.outcome is not ClaimOutcome.CLAIMED:
         log.info(events.skipped(version), extra=about(version.file_id))
+        if version.outcome is ClaimOutcome.UNCHANGED and not source.is_object:
+            # the same bytes dropped again: the zone's action applies to this copy too (an
+            # object of the same ETag is never requested again: its run key is the same)
+            roots = (cfg.monitoring.watch_path,)
+            after_success.again(ctx.store, ctx.client, ctx.bucket, version.file_id, cfg.zone.after_success, roots)
         return replace(file, version=version).out(Outcome.SKIPPED)
     if not in_batch(context):  # a run started without the sensor's tags gets them here
         tags = file_run_tags(source.relative_path, source.uri, version.file_id, source.metadata)
