@@ -16,7 +16,8 @@ import duckdb
 import pytest
 
 from benchmarks.support import Deployment, csv_bytes, list_keys, promo_rows, wait_for, write_csv
-from s3proc_dagster.components.landing_zone import LandingZone, zones_in
+from s3proc_dagster.components.landing_zone import LandingZone, _schema_result, zones_in
+from s3proc_dagster.defs.files.events import zone_asset_key
 from s3proc_dagster.defs.files.sensors import zone_sensor
 from s3proc_dagster.defs.resources import Settings, resources_for
 from s3proc_dagster.errors import SettingsError
@@ -456,6 +457,9 @@ def test_a_retyped_column_is_reported_by_the_check_and_blocking_fails_the_file_b
     assert record.status is S.FAILED and "added extra (VARCHAR)" in record.error_details
     assert "retyped amount: BIGINT -> VARCHAR" in record.error_details
     assert list_keys(deployment, "drift/block/b.csv/") == []  # nothing landed
+    # run again from the UI, the check says what its landing run said, not "not landed yet"
+    again = _schema_result(deployment.instance(), zone_asset_key(blocking.name), "b.csv", record)
+    assert not again.passed and "added extra (VARCHAR)" in (again.description or "")
 
 
 GRAPHQL_ASSET = """

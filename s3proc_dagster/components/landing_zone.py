@@ -33,11 +33,11 @@ from s3proc_dagster.defs.files.jobs import file_steps
 from s3proc_dagster.defs.files.ops import checksum_calculation
 from s3proc_dagster.defs.resources import ProgressStoreResource
 from s3proc_dagster.errors import SettingsError
-from s3proc_dagster.models import ProcessingStatus, make_file_id
+from s3proc_dagster.models import FileStatus, ProcessingStatus, make_file_id
 from s3proc_dagster.settings import after_success_action, zone_glob
 from s3proc_dagster.transfer.keys import is_s3_uri, split_uri
 from s3proc_dagster.zones.declared import DeclaredZone, declare
-from s3proc_dagster.zones.drift import difference
+from s3proc_dagster.zones.drift import blocked, difference
 
 KINDS = {"s3", "parquet"}
 
@@ -190,8 +190,20 @@ class LandingZone(dg.Component, dg.Resolvable, dg.Model):
         return out
 
 
-def _schema_result(instance: dg.DagsterInstance, key: dg.AssetKey, path: str) -> dg.AssetCheckResult:
-    """The file's latest landing's columns against the zone's landing just before it."""
+def _schema_result(
+    instance: dg.DagsterInstance, key: dg.AssetKey, path: str, record: FileStatus | None
+) -> dg.AssetCheckResult:
+    """The file's latest landing's columns against the zone's landing just before it; a file
+    a blocking zone refused, by the difference its record keeps (run again from the UI, the
+    check said "not landed yet", passed, over the refusal its landing run had reported)."""
+    if record is not None and record.status is ProcessingStatus.FAILED and blocked(record.error_details):
+        return dg.AssetCheckResult(
+            check_name=events.SCHEMA_CHECK,
+            asset_key=key,
+            passed=False,
+            description=record.error_details,
+            metadata={"blocked": True},
+        )
     mine = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=key, asset_partitions=[path]), limit=1)
     if not mine.records:
         return dg.AssetCheckResult(
@@ -250,7 +262,7 @@ def _checks(name: str, key: dg.AssetKey, partitions: dg.PartitionsDefinition) ->
                 + (f": {record.error_details}" if record and record.error_details else ""),
             )
         if events.SCHEMA_CHECK in selected:
-            yield _schema_result(context.instance, key, path)
+            yield _schema_result(context.instance, key, path, record)
 
     return zone_checks
 

@@ -16,8 +16,16 @@ from s3proc_dagster.errors import UnsupportedFileError
 Columns = Sequence[tuple[str, str]]
 
 
+BLOCKED = "(schema_drift: blocking)"  # ends the reason a blocking zone gives a refused file
+
+
 class SchemaDrift(UnsupportedFileError):
     """A blocking zone refused a file whose columns differ from its last landing."""
+
+
+def blocked(reason: str | None) -> bool:
+    """Whether a FAILED file's recorded reason is a blocking zone's refusal."""
+    return BLOCKED in (reason or "")
 
 
 def difference(before: Columns, now: Columns) -> str:
@@ -39,4 +47,4 @@ def guard(before: Columns | None, blocking: bool, found: dict[str, str], name: s
         return
     found[name] = diff
     if blocking:
-        raise SchemaDrift(f"{name}: its columns differ from the zone's last landing: {diff} (schema_drift: blocking)")
+        raise SchemaDrift(f"{name}: its columns differ from the zone's last landing: {diff} {BLOCKED}")
