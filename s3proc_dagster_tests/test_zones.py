@@ -462,6 +462,27 @@ def test_a_retyped_column_is_reported_by_the_check_and_blocking_fails_the_file_b
     assert not again.passed and "added extra (VARCHAR)" in (again.description or "")
 
 
+def test_drift_compares_with_the_last_landed_table_not_a_plain_object_or_a_header_alone(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    drop = tmp_path / "mixed"
+    zone = zone_of(unique("mixed"), source=str(drop), destination="mixed/out", schema_drift="blocking")
+
+    def land(name: str, text: str) -> dg.ExecuteJobResult:
+        write_text(drop / name, text)
+        (request,) = tick(deployment, zone)
+        return execute(request, deployment)
+
+    assert land("a.csv", "id,amount\n1,10\n").success
+    assert land("photo.bin", "not a table").success  # a landing without columns
+    assert not land("b.csv", "id,amount\n1,ten\n").success  # still compared with a.csv: blocked
+    record = deployment.store().get(make_file_id("b.csv", zone.name))
+    assert record.status is S.FAILED and "retyped amount: BIGINT -> VARCHAR" in record.error_details
+    assert land("empty.csv", "id,amount\n").success  # a header alone: its VARCHARs are no retyping
+    assert land("c.csv", "id,amount\n2,20\n").success  # nor the columns the next file is held to
+    assert not land("d.csv", "id\n3\n").success  # a header alone, or not, still names its columns
+
+
 GRAPHQL_ASSET = """
 query Asset($key: AssetKeyInput!) {
   assetNodeOrError(assetKey: $key) {

@@ -209,14 +209,11 @@ def _schema_result(
         return dg.AssetCheckResult(
             check_name=events.SCHEMA_CHECK, asset_key=key, passed=True, description="not landed yet"
         )
-    before = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=key, before_storage_id=mine.records[0].storage_id), limit=1
-    )
-    diff = (
-        difference(*(events.columns_of(r.asset_materialization) for r in (*before.records[:1], *mine.records)))
-        if before.records
-        else ""
-    )
+    latest = mine.records[0]
+    before = events.landed_columns(instance, key, before_storage_id=latest.storage_id)
+    now = events.columns_of(latest.asset_materialization)
+    typed = events.rows_of(latest.asset_materialization) != 0
+    diff = difference(before, now, typed) if before and now else ""
     return dg.AssetCheckResult(
         check_name=events.SCHEMA_CHECK,
         asset_key=key,

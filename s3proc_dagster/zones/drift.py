@@ -28,21 +28,27 @@ def blocked(reason: str | None) -> bool:
     return BLOCKED in (reason or "")
 
 
-def difference(before: Columns, now: Columns) -> str:
-    """`added a (BIGINT); removed b; retyped c: BIGINT -> VARCHAR`, or "" when they agree."""
+def difference(before: Columns, now: Columns, typed: bool = True) -> str:
+    """`added a (BIGINT); removed b; retyped c: BIGINT -> VARCHAR`, or "" when they agree.
+    `typed=False` for a file without a record (a header alone): its types are guesses
+    (every column VARCHAR), so only its columns' names are compared."""
     old, new = dict(before), dict(now)
     parts = [f"added {name} ({kind})" for name, kind in now if name not in old]
     parts += [f"removed {name}" for name, _ in before if name not in new]
-    parts += [f"retyped {name}: {old[name]} -> {kind}" for name, kind in now if name in old and old[name] != kind]
+    if typed:
+        parts += [f"retyped {name}: {old[name]} -> {kind}" for name, kind in now if name in old and old[name] != kind]
     return "; ".join(parts)
 
 
-def guard(before: Columns | None, blocking: bool, found: dict[str, str], name: str, now: Columns) -> None:
-    """Called with a file's columns before its first row is written: records the difference
-    in `found` (under `name`), and refuses the file when `blocking`."""
+def guard(
+    before: Columns | None, blocking: bool, found: dict[str, str], name: str, now: Columns, records: bool = True
+) -> None:
+    """Called with a file's columns before its first row is written (`records`: whether it
+    has any): records the difference in `found` (under `name`), and refuses the file when
+    `blocking`."""
     if not before:
         return  # the zone's first landing sets its columns
-    diff = difference(before, now)
+    diff = difference(before, now, typed=records)
     if not diff:
         return
     found[name] = diff
