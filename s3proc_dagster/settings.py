@@ -349,16 +349,40 @@ class ZoneConfig(BaseSettings):
     @classmethod
     def _globs(cls, value: object) -> object:
         if isinstance(value, str):
-            return tuple(g.strip() for g in value.split(",") if g.strip())
+            return tuple(zone_glob(g.strip()) for g in value.split(",") if g.strip())
         return value
 
     @field_validator("after_success")
     @classmethod
     def _action(cls, value: str) -> str:
-        action, _, target = value.strip().partition(":")
-        if not ((action in ("keep", "delete") and not target) or (action == "move" and target)):
-            raise ValueError("must be keep, delete or move:<directory or s3://bucket/prefix>")
-        return value.strip()
+        return after_success_action(value)
+
+
+def after_success_action(value: str) -> str:
+    """`keep`, `delete` or `move:<target>`, checked where a zone is declared (`dg check defs`)
+    as well as where its runs load it: a typo otherwise failed every tick of its sensor."""
+    action, _, target = value.strip().partition(":")
+    if not ((action in ("keep", "delete") and not target) or (action == "move" and target.strip())):
+        raise ValueError(f"{value!r} must be keep, delete or move:<directory or s3://bucket/prefix>")
+    return value.strip()
+
+
+def zone_glob(pattern: str) -> str:
+    """A zone's include or exclude glob as `files.globs` matches it, against a path below the
+    source: one that can never match such a path, or would not mean what it says there, is
+    refused rather than leaving the zone silently taking nothing (or everything). A comma
+    would split it in ZONE_INCLUDE; braces and [classes] are literal characters there."""
+    if not pattern.strip():
+        raise ValueError("an empty glob matches no file")
+    if pattern.startswith("/") or pattern.startswith("~"):
+        raise ValueError(f"{pattern!r}: globs match the path below the source, never an absolute path")
+    if ".." in pattern.split("/"):
+        raise ValueError(f"{pattern!r}: a path below the source has no '..'")
+    if bad := sorted(set(pattern) & set(",{}[]")):
+        raise ValueError(
+            f"{pattern!r}: {''.join(bad)!r} is not glob syntax here (only *, ** and ?); give one glob per pattern"
+        )
+    return pattern
 
 
 class Configuration:

@@ -16,7 +16,8 @@ import duckdb
 import pytest
 
 from benchmarks.support import Deployment, csv_bytes, list_keys, promo_rows, wait_for, write_csv
-from s3proc_dagster.components.landing_zone import LandingZone
+from s3proc_dagster.components.landing_zone import LandingZone, _schema_result, zones_in
+from s3proc_dagster.defs.files.events import zone_asset_key
 from s3proc_dagster.defs.files.sensors import zone_sensor
 from s3proc_dagster.defs.resources import Settings, resources_for
 from s3proc_dagster.errors import SettingsError
@@ -25,7 +26,7 @@ from s3proc_dagster.models import ProcessingStatus as S
 from s3proc_dagster.models import make_file_id
 from s3proc_dagster.runs.reconstructable import definitions
 from s3proc_dagster.transfer.manifest import read_manifest
-from s3proc_dagster.zones.declared import DeclaredZone, declare
+from s3proc_dagster.zones.declared import DeclaredZone, declare, watched_below
 from s3proc_dagster_tests.pipeline_helpers import (
     ROOT,
     execute,
@@ -133,6 +134,41 @@ def test_two_zones_may_not_land_in_one_destination_and_the_error_names_both(tmp_
         zone_of("unset_second", source=str(tmp_path / "d"))
 
 
+@pytest.mark.parametrize(
+    ("attribute", "message"),
+    [
+        ("after_success: remove", "'remove' must be keep, delete or move:"),
+        ('after_success: "move:"', "'move:' must be keep, delete or move:"),
+        ("chunk_size: 0", "greater than 0"),
+        ("priority: 500", "less than or equal to 100"),
+        ('include: ["*.{csv,tsv}"]', "is not glob syntax here"),
+        ('exclude: ["/srv/drop/*.tmp"]', "never an absolute path"),
+        ('include: [""]', "an empty glob matches no file"),
+        ('include: ["../*.csv"]', "has no '..'"),
+        ("chunksize: 10", "chunksize"),
+    ],
+)
+def test_a_zone_with_a_bad_attribute_is_refused_where_it_is_declared_naming_it(
+    tmp_path: Path, attribute: str, message: str
+) -> None:
+    """Refused when the definitions load (`dg check defs`), not at every tick of its sensor."""
+    name = unique("bad")
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "defs.yaml").write_text(
+        f"type: s3proc_dagster.LandingZone\nattributes:\n  source: {tmp_path / 'in'}\n  destination: {name}\n  {attribute}\n"
+    )
+    with pytest.raises(SettingsError, match=rf"landing zone '{name}' \({tmp_path / name / 'defs.yaml'}") as refused:
+        zones_in(tmp_path, ROOT)
+    assert message in str(refused.value)
+
+
+def test_a_zones_folder_with_a_file_of_another_type_is_refused_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "typo").mkdir()
+    (tmp_path / "typo" / "defs.yaml").write_text("type: s3proc_dagster.LandingZon\nattributes:\n  source: /srv/x\n")
+    with pytest.raises(SettingsError, match=r"landing zone 'typo' .*type is 's3proc_dagster.LandingZon'"):
+        zones_in(tmp_path, ROOT)
+
+
 def test_a_zone_may_not_move_its_landed_files_into_a_watched_source(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match=r"'loops' moves landed files to .*which zone 'loops' watches"):
         zone_of(
@@ -182,6 +218,32 @@ def test_a_zone_inside_watch_path_is_its_own_sensors_alone_even_when_a_file_is_r
     assert again.tags["s3proc/zone"] == folder and again.run_config["ops"]["checksum_calculation"]["config"]["zone"]
 
 
+def test_a_zone_without_a_source_is_refused_naming_it() -> None:
+    """It watched WATCH_PATH beside the default zone's sensor, so every file landed twice."""
+    with pytest.raises(SettingsError, match="landing zone 'no_source' has no source"):
+        LandingZone.model_validate({"destination": "no/source"}).definitions("no_source", ROOT)
+
+
+@pytest.mark.parametrize("where", ["is", "holds"])
+def test_a_zone_whose_source_is_or_holds_watch_path_takes_its_files_alone_and_leaves_parked_ones(
+    deployment: Deployment, tmp_path: Path, where: str
+) -> None:
+    drop = tmp_path / "drop"
+    watch = drop if where == "is" else drop / "incoming"
+    errors = drop / "errors"  # the deployment's error directory, inside the zone's source
+    zone = zone_of(unique(f"{where}_watch"), source=str(drop), destination=f"{where}-watch/out")
+    write_text(watch / "day1" / "a.csv", "id\n1\n")
+    write_text(errors / "parked.csv", "id\n2\n")  # a default-zone file parked there
+    settings = {"WATCH_PATH": str(watch), "ERROR_DIRECTORY": str(errors)}
+    with dg.build_sensor_context(
+        instance=deployment.instance(), resources=resources_for(Settings(overrides=settings))
+    ) as context:
+        default = definitions().resolve_sensor_def("watch_directory_sensor").evaluate_tick(context)
+    assert [r for r in default.run_requests or [] if "s3proc/path" in r.tags] == []
+    requested = [r.tags["s3proc/path"] for r in tick(deployment, zone, **settings)]
+    assert requested == [("" if where == "is" else "incoming/") + "day1/a.csv"]
+
+
 def test_lineage_columns_give_each_row_its_source_and_index_matching_the_chunks_offsets(
     deployment: Deployment, tmp_path: Path
 ) -> None:
@@ -220,6 +282,26 @@ def test_a_default_zone_file_has_no_lineage_columns(deployment: Deployment, tmp_
     assert not [c for c in columns if c.startswith("_source") or c in ("_file_sha256", "_landed_at")]
 
 
+def test_a_file_whose_output_would_land_in_a_zones_s3_source_is_failed_and_that_zone_never_takes_it(
+    deployment: Deployment,
+) -> None:
+    folder = unique("watched_out")
+    source = f"s3://{deployment.s3.bucket}/{deployment.prefix}/{folder}"
+    zone = zone_of(folder, source=source, destination=f"{folder}/out", after_success="delete")
+    write_text(deployment.watch / folder / "blob.bin", "opaque bytes")  # the default zone's file
+    (request,) = run_requests_under(sensor_tick(deployment), folder)
+    execute(request, deployment)
+    record = deployment.store().get(make_file_id(f"{folder}/blob.bin"))
+    assert record.status is S.FAILED and f"S3 source of landing zone {folder!r}" in record.error_details
+    assert list_keys(deployment, f"{deployment.prefix}/{folder}/") == []  # nothing for the zone to take in
+    assert tick(deployment, zone) == []
+    bucket = deployment.s3.bucket
+    assert watched_below(bucket, deployment.prefix).get(folder) == folder  # the folder the default zone may not use
+    assert watched_below(bucket, f"{deployment.prefix}/{folder}/deeper") == {"": folder}  # all of a destination
+    assert folder not in watched_below(bucket, deployment.prefix, folder).values()  # its own: a reserved folder
+    assert watched_below(bucket, f"{folder}/out") == {} and watched_below("another-bucket", deployment.prefix) == {}
+
+
 @pytest.mark.parametrize("action", ["delete", "move"])
 def test_after_success_acts_on_the_original_only_once_committed_and_never_on_a_failed_file(
     deployment: Deployment, tmp_path: Path, action: str
@@ -249,6 +331,49 @@ def test_after_success_acts_on_the_original_only_once_committed_and_never_on_a_f
     assert not (done / "bad.zip").exists()  # parked in the error directory, as always, not moved
     parked = Path(deployment.env["ERROR_DIRECTORY"]) / zone.name / "bad.zip"
     assert parked.read_text() == "not a zip"
+
+
+def test_a_zones_failed_file_never_replaces_a_default_zone_file_parked_at_the_same_path(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """ERROR_DIRECTORY/<zone name>/ is also where the default zone parks its folder of that name."""
+    name = unique("parks")
+    zone = zone_of(name, source=str(tmp_path / "drop"), destination=f"{name}/out")
+    write_text(deployment.watch / name / "bad.zip", "the default zone's, not a zip")
+    (request,) = run_requests_under(sensor_tick(deployment), name)
+    execute(request, deployment)
+    parked = Path(deployment.env["ERROR_DIRECTORY"]) / name / "bad.zip"
+    assert parked.read_text() == "the default zone's, not a zip"
+    theirs = write_text(tmp_path / "drop" / "bad.zip", "the zone's, not a zip either")
+    (request,) = tick(deployment, zone)
+    execute(request, deployment)
+    assert parked.read_text() == "the default zone's, not a zip"  # replaced, it was lost
+    record = deployment.store().get(make_file_id("bad.zip", name))
+    assert record.status is S.FAILED and "holds another file's parked original" in record.error_details
+    assert theirs.read_text() == "the zone's, not a zip either"  # left where it was
+
+
+@pytest.mark.parametrize("action", ["delete", "move"])
+def test_the_same_file_dropped_again_is_skipped_and_deleted_or_moved_like_the_first(
+    deployment: Deployment, tmp_path: Path, action: str
+) -> None:
+    drop, done = tmp_path / "again", tmp_path / "again-done"
+    setting = "delete" if action == "delete" else f"move:{done}"
+    zone = zone_of(unique("again"), source=str(drop), destination=f"again/{action}", after_success=setting)
+    content = csv_bytes(promo_rows(6))
+    for _ in range(2):  # a producer sending the same file twice
+        (drop / "day").mkdir(parents=True, exist_ok=True)
+        (drop / "day" / "a.csv").write_bytes(content)
+        (request,) = tick(deployment, zone)
+        assert execute(request, deployment).success
+        assert not (drop / "day" / "a.csv").exists()
+    record = deployment.store().get(make_file_id("day/a.csv", zone.name))
+    assert record.status is S.COMPLETED
+    if action == "move":
+        beside = done / "day" / f"a.v-{record.checksum[:16]}.csv"
+        assert record.after_success == f"moved to {beside}" and beside.read_bytes() == content
+    else:
+        assert record.after_success == "deleted"
 
 
 def test_a_move_never_replaces_an_earlier_version_already_at_its_target(deployment: Deployment, tmp_path: Path) -> None:
@@ -332,6 +457,30 @@ def test_a_retyped_column_is_reported_by_the_check_and_blocking_fails_the_file_b
     assert record.status is S.FAILED and "added extra (VARCHAR)" in record.error_details
     assert "retyped amount: BIGINT -> VARCHAR" in record.error_details
     assert list_keys(deployment, "drift/block/b.csv/") == []  # nothing landed
+    # run again from the UI, the check says what its landing run said, not "not landed yet"
+    again = _schema_result(deployment.instance(), zone_asset_key(blocking.name), "b.csv", record)
+    assert not again.passed and "added extra (VARCHAR)" in (again.description or "")
+
+
+def test_drift_compares_with_the_last_landed_table_not_a_plain_object_or_a_header_alone(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    drop = tmp_path / "mixed"
+    zone = zone_of(unique("mixed"), source=str(drop), destination="mixed/out", schema_drift="blocking")
+
+    def land(name: str, text: str) -> dg.ExecuteJobResult:
+        write_text(drop / name, text)
+        (request,) = tick(deployment, zone)
+        return execute(request, deployment)
+
+    assert land("a.csv", "id,amount\n1,10\n").success
+    assert land("photo.bin", "not a table").success  # a landing without columns
+    assert not land("b.csv", "id,amount\n1,ten\n").success  # still compared with a.csv: blocked
+    record = deployment.store().get(make_file_id("b.csv", zone.name))
+    assert record.status is S.FAILED and "retyped amount: BIGINT -> VARCHAR" in record.error_details
+    assert land("empty.csv", "id,amount\n").success  # a header alone: its VARCHARs are no retyping
+    assert land("c.csv", "id,amount\n2,20\n").success  # nor the columns the next file is held to
+    assert not land("d.csv", "id\n3\n").success  # a header alone, or not, still names its columns
 
 
 GRAPHQL_ASSET = """

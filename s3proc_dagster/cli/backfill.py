@@ -26,7 +26,7 @@ from s3proc_dagster.sources.names import printable
 from s3proc_dagster.sources.paths import ENTRY_SEPARATOR, path_below
 from s3proc_dagster.stores import open_store
 from s3proc_dagster.stores.base import ProgressStore
-from s3proc_dagster.zones.declared import declared_directories
+from s3proc_dagster.zones.declared import declared_directories, zone_holding
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,9 @@ def select_backfill(
             if mine.name in chosen and (found := _recorded_where(record, mine)) is not None:
                 files.append(found)
     else:
-        files = [f for z in zones.all() if z.name in chosen and z.is_directory for f in _scanned(z)]
+        files = [
+            f for z in zones.all() if z.name in chosen and z.is_directory for f in _scanned(z, zones.default.error_dir)
+        ]
     if pattern:
         files = [f for f in files if path_matches(f.relative_path, pattern)]
     if since:
@@ -162,18 +164,22 @@ def _chosen_zones(zones: Zones, name: str | None) -> set[str]:
     return {name}
 
 
-def _scanned(zone: Zone) -> list[BackfillFile]:
+def _scanned(zone: Zone, parked: Path) -> list[BackfillFile]:
     """A zone's directory as its sensor scans it: the default zone's without the declared
-    zones' directories (their files are their sensors'), a declared zone's through its globs."""
+    zones' directories (their files are their sensors'), none of it when a zone's source is
+    or holds WATCH_PATH; a declared zone's through its globs, without the deployment's error
+    directory (`parked`, which its source may hold)."""
     from s3proc_dagster.defs.files.sensors import zone_admits
     from s3proc_dagster.sources.watch import scan
 
     processing = zone.cfg.processing
     skip = (processing.error_directory, processing.staging_directory)
-    if zone.declared is None:
+    if zone.declared is None and zone_holding(zone.watch) is not None:
+        seen = []  # WATCH_PATH is a declared zone's source, or inside one: its files are that zone's
+    elif zone.declared is None:
         seen = scan(zone.watch, skip_dirs=(*skip, *declared_directories()))
     else:
-        seen = [f for f in scan(zone.watch, skip_dirs=skip) if zone_admits(zone.cfg, f.relative_path)]
+        seen = [f for f in scan(zone.watch, skip_dirs=(*skip, parked)) if zone_admits(zone.cfg, f.relative_path)]
     return [BackfillFile(str(f.path), f.relative_path, zone=zone) for f in seen]
 
 

@@ -2,8 +2,8 @@
 
     dg scaffold defs s3proc_dagster.LandingZone zones/partner_orders
 
-writes `defs/zones/partner_orders/defs.yaml`; every attribute is optional and defaults to
-the deployment's setting of the same meaning (`settings.py`). A zone is its settings over
+writes `defs/zones/partner_orders/defs.yaml`; every attribute but `source` is optional and
+defaults to the deployment's setting of the same meaning (`settings.py`). A zone is its settings over
 the deployment's (its source as WATCH_PATH or S3_INCOMING_PREFIX, its destination as
 S3_PREFIX, its chunking and rules), which its sensor puts in every run's config: the
 zones share the jobs, the run queue, the stores and the S3 resource, and a run processes
@@ -26,16 +26,18 @@ from typing import Any, Literal
 
 import dagster as dg
 import yaml
-from pydantic import Field
+from pydantic import Field, ValidationError, field_validator
 
 from s3proc_dagster.defs.files import events
 from s3proc_dagster.defs.files.jobs import file_steps
 from s3proc_dagster.defs.files.ops import checksum_calculation
 from s3proc_dagster.defs.resources import ProgressStoreResource
-from s3proc_dagster.models import ProcessingStatus, make_file_id
+from s3proc_dagster.errors import SettingsError
+from s3proc_dagster.models import FileStatus, ProcessingStatus, make_file_id
+from s3proc_dagster.settings import after_success_action, zone_glob
 from s3proc_dagster.transfer.keys import is_s3_uri, split_uri
 from s3proc_dagster.zones.declared import DeclaredZone, declare
-from s3proc_dagster.zones.drift import difference
+from s3proc_dagster.zones.drift import blocked, difference
 
 KINDS = {"s3", "parquet"}
 
@@ -73,14 +75,16 @@ class LandingZone(dg.Component, dg.Resolvable, dg.Model):
 
     name: str | None = Field(None, description="the zone's name in the catalog and in tags; default: its folder's name")
     source: str | None = Field(
-        None, description="the directory watched, or s3://bucket/prefix; default: WATCH_PATH or S3_INCOMING_PREFIX"
+        None,
+        description="the directory watched, or s3://bucket/prefix (required: WATCH_PATH and S3_INCOMING_PREFIX "
+        "are the default zone's; name one here to give it to this zone)",
     )
     destination: str | None = Field(
         None, description="the key prefix under S3_BUCKET its datasets land under; default: S3_PREFIX"
     )
     include: list[str] | None = Field(None, description="path globs below the source a file must match (default: all)")
     exclude: list[str] | None = Field(None, description="path globs below the source that leave a file alone")
-    chunk_size: int | None = Field(None, description="records per Parquet chunk; default: CHUNK_SIZE")
+    chunk_size: int | None = Field(None, gt=0, description="records per Parquet chunk; default: CHUNK_SIZE")
     compression: Literal["ZSTD", "SNAPPY"] | None = Field(
         None, description="Parquet compression; default: PARQUET_COMPRESSION"
     )
@@ -91,7 +95,9 @@ class LandingZone(dg.Component, dg.Resolvable, dg.Model):
         None,
         description="a folder of rule sets (like dbt_like_sql/validations), relative to the project; default: VALIDATION_RULES_DIR",
     )
-    priority: int | None = Field(None, description="its runs' priority in the run queue, -100 to 100 (default 0)")
+    priority: int | None = Field(
+        None, ge=-100, le=100, description="its runs' priority in the run queue, -100 to 100 (default 0)"
+    )
     after_success: str | None = Field(
         None,
         description="keep, delete, or move:<directory or s3://bucket/prefix>, once a version is committed (default keep)",
@@ -107,11 +113,30 @@ class LandingZone(dg.Component, dg.Resolvable, dg.Model):
     description: str | None = Field(None, description="what the zone holds, for the catalog")
     enabled: bool = Field(True, description="false: the zone is declared (its asset and history stay) but not watched")
 
+    # checked here, so `dg check defs` names the zone's defs.yaml: its runs load the same
+    # values through `settings.ZoneConfig`, where a bad one failed every tick of its sensor
+    @field_validator("after_success")
+    @classmethod
+    def _after_success(cls, value: str | None) -> str | None:
+        return None if value is None else after_success_action(value)
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _globs(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else [zone_glob(pattern) for pattern in value]
+
     def build_defs(self, context: dg.ComponentLoadContext) -> dg.Definitions:
         return self.definitions(self.name or context.path.name, context.project_root)
 
     def definitions(self, name: str, project_root: Path | None) -> dg.Definitions:
         """The zone's asset and checks, the zone declared (`zones.declared`)."""
+        if not (self.source or "").strip():
+            # without one, its sensor watched WATCH_PATH beside the default zone's (every file
+            # landed twice), and it claimed the process's working directory as its own
+            raise SettingsError(
+                f"landing zone {name!r} has no source: give it a directory or an s3://bucket/prefix "
+                "(WATCH_PATH or S3_INCOMING_PREFIX itself, to take it over from the default zone)"
+            )
         settings = self.zone_settings(name, project_root)
         declare(DeclaredZone(name, self.source or "", settings, self.enabled))
         partitions = dg.DynamicPartitionsDefinition(name=events.zone_partitions(name))
@@ -120,11 +145,11 @@ class LandingZone(dg.Component, dg.Resolvable, dg.Model):
             key=events.zone_asset_key(name),
             group_name=self.group or "landing_zones",
             owners=self.owners or [],
-            description=(self.description or f"Files landing from {self.source or 'the deployment source'}.")
+            description=(self.description or f"Files landing from {self.source}.")
             + ("" if self.enabled else " Disabled (enabled: false): not watched; its history stays."),
             kinds=KINDS,
             metadata={
-                "source": self.source or "",
+                "source": self.source,
                 "destination": self.destination or "S3_PREFIX",
                 "enabled": self.enabled,
             },
@@ -165,21 +190,30 @@ class LandingZone(dg.Component, dg.Resolvable, dg.Model):
         return out
 
 
-def _schema_result(instance: dg.DagsterInstance, key: dg.AssetKey, path: str) -> dg.AssetCheckResult:
-    """The file's latest landing's columns against the zone's landing just before it."""
+def _schema_result(
+    instance: dg.DagsterInstance, key: dg.AssetKey, path: str, record: FileStatus | None
+) -> dg.AssetCheckResult:
+    """The file's latest landing's columns against the zone's landing just before it; a file
+    a blocking zone refused, by the difference its record keeps (run again from the UI, the
+    check said "not landed yet", passed, over the refusal its landing run had reported)."""
+    if record is not None and record.status is ProcessingStatus.FAILED and blocked(record.error_details):
+        return dg.AssetCheckResult(
+            check_name=events.SCHEMA_CHECK,
+            asset_key=key,
+            passed=False,
+            description=record.error_details,
+            metadata={"blocked": True},
+        )
     mine = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=key, asset_partitions=[path]), limit=1)
     if not mine.records:
         return dg.AssetCheckResult(
             check_name=events.SCHEMA_CHECK, asset_key=key, passed=True, description="not landed yet"
         )
-    before = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=key, before_storage_id=mine.records[0].storage_id), limit=1
-    )
-    diff = (
-        difference(*(events.columns_of(r.asset_materialization) for r in (*before.records[:1], *mine.records)))
-        if before.records
-        else ""
-    )
+    latest = mine.records[0]
+    before = events.landed_columns(instance, key, before_storage_id=latest.storage_id)
+    now = events.columns_of(latest.asset_materialization)
+    typed = events.rows_of(latest.asset_materialization) != 0
+    diff = difference(before, now, typed) if before and now else ""
     return dg.AssetCheckResult(
         check_name=events.SCHEMA_CHECK,
         asset_key=key,
@@ -225,7 +259,7 @@ def _checks(name: str, key: dg.AssetKey, partitions: dg.PartitionsDefinition) ->
                 + (f": {record.error_details}" if record and record.error_details else ""),
             )
         if events.SCHEMA_CHECK in selected:
-            yield _schema_result(context.instance, key, path)
+            yield _schema_result(context.instance, key, path, record)
 
     return zone_checks
 
@@ -235,9 +269,14 @@ def zones_in(folder: Path, project_root: Path) -> dg.Definitions:
     declares beside the image instead of in it, e.g. from a ConfigMap."""
     found = []
     for path in sorted(folder.glob("*/defs.yaml")):
-        document = yaml.safe_load(path.read_text()) or {}
-        if document.get("type") not in ("s3proc_dagster.LandingZone", "s3proc_dagster.components.LandingZone"):
-            continue
-        zone = LandingZone.model_validate(document.get("attributes") or {})
-        found.append(zone.definitions(zone.name or path.parent.name, project_root))
+        try:  # dg names a defs/ zone's file in its errors; here this does
+            document = yaml.safe_load(path.read_text()) or {}
+            kind = document.get("type") if isinstance(document, dict) else None
+            if kind not in ("s3proc_dagster.LandingZone", "s3proc_dagster.components.LandingZone"):
+                # a typo in `type` left the zone undeclared without a word, its files unwatched
+                raise SettingsError(f"type is {kind!r}: this folder holds type: s3proc_dagster.LandingZone only")
+            zone = LandingZone.model_validate(document.get("attributes") or {})
+            found.append(zone.definitions(zone.name or path.parent.name, project_root))
+        except (yaml.YAMLError, ValidationError, SettingsError) as exc:
+            raise SettingsError(f"landing zone {path.parent.name!r} ({path}, S3PROC_ZONES_DIR): {exc}") from exc
     return dg.Definitions.merge(*found) if found else dg.Definitions()

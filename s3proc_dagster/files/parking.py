@@ -41,10 +41,25 @@ def park(original: Path, watch: Path, error_dir: Path, note: dict[str, Any]) -> 
     target = confined_path(error_dir / rel, error_dir)
     if target is None:
         raise UnsafeSourceError(f"{error_dir / rel}: a link in the error directory; {original} is not moved")
+    if os.path.lexists(target) and (owner := _parked_for(target)) != note.get("fileId"):
+        # another file's original (a landing zone parks in ERROR_DIRECTORY/<zone name>/, where
+        # the default zone parks its folder of that name): the move replaced it, and it was lost
+        raise UnsafeSourceError(
+            f"{target} holds another file's parked original ({owner or 'no note says whose'}); "
+            f"{original} is not moved, so neither is lost"
+        )
     move_below(source, watch, target, error_dir)  # a rename, or a copy across filesystems: of this very file
     body = {**note, "failedAt": datetime.now(UTC).isoformat()}
     target.with_name(target.name + NOTE_SUFFIX).write_text(json.dumps(body, indent=2))
     return target
+
+
+def _parked_for(parked: Path) -> str | None:
+    """The fileId the note beside a parked file names, or None (no note, or unreadable)."""
+    try:
+        return json.loads(parked.with_name(parked.name + NOTE_SUFFIX).read_text()).get("fileId")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def parked_location(path: Path, watch: Path, error_dir: Path) -> tuple[Path, Path]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import itertools
 import json
 import os
 import shutil
@@ -218,7 +219,7 @@ class _Read:
     required_columns: tuple[str, ...]
     on_missing_columns: MissingColumnsPolicy
     lineage: Lineage | None = None
-    check_columns: Callable[[list[tuple[str, str]]], None] | None = None
+    check_columns: Callable[[list[tuple[str, str]], bool], None] | None = None
     delimiter: str = ","
 
 
@@ -277,9 +278,11 @@ def _one_pass(
     reader, columns, plan = _open_stream(conn, read, whole_file)
     first: list[pa.RecordBatch] = []
     try:
-        if read.check_columns is not None:  # before a single row is written (or lands)
-            read.check_columns(columns)
         batches, schema = _batches(reader, read.source, read.path), reader.schema
+        if read.check_columns is not None:  # before a single row is written (or lands)
+            peeked = next(batches, None)  # whether it has a record: a header alone has no types
+            read.check_columns(columns, peeked is not None and peeked.num_rows > 0)
+            batches = itertools.chain([peeked] if peeked is not None else [], batches)
         if read.lineage is not None:
             if clashes := read.lineage.clashes(schema.names):
                 raise ConversionError(
@@ -361,7 +364,7 @@ def convert_to_parquet_chunks(
     csv_null_strings: Sequence[str] = DUCKDB_NULL_STRINGS,
     sink: ChunkSink | None = None,
     lineage: Lineage | None = None,
-    check_columns: Callable[[list[tuple[str, str]]], None] | None = None,
+    check_columns: Callable[[list[tuple[str, str]], bool], None] | None = None,
 ) -> ConversionResult:
     """Convert in one pass; chunk i holds source records [i*size, min((i+1)*size, n) - 1].
 

@@ -57,6 +57,21 @@ def apply(store: ProgressStore, client: Any, bucket: str, record: FileStatus, ro
     return outcome
 
 
+def again(
+    store: ProgressStore, client: Any, bucket: str, file_id: str, action: str, roots: tuple[Path, ...]
+) -> str | None:
+    """The same bytes dropped again at a path whose version is COMPLETED (a producer that
+    sends a file twice): they are landed already, so the zone's action applies to this copy
+    as it did to the first, by the same checks; without it a zone that deletes or moves its
+    files kept the copy in its source for good, its record saying it was deleted or moved.
+    Written `(pending)` first like any action, so recovery finishes it after a crash."""
+    pending = planned(action)
+    if pending is None:
+        return None
+    store.update_file(file_id, after_success=pending)
+    return apply(store, client, bucket, store.require(file_id), roots)
+
+
 def _outcome(client: Any, bucket: str, record: FileStatus, action: str, roots: tuple[Path, ...]) -> str:
     if not _output_proven(client, bucket, record):
         return f"not {action}d: S3 does not hold this version's output whole"

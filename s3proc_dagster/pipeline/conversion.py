@@ -92,7 +92,7 @@ def _convert_item(
     key: str,
     recipe: ConversionRecipe,
     landing: Landing | None,
-    check_columns: Callable[[list[tuple[str, str]]], None] | None = None,
+    check_columns: Callable[[list[tuple[str, str]], bool], None] | None = None,
 ) -> PreparedItem:
     done = parquet_dir(version, item) / "_done.json"
     sent_ahead: frozenset[int] = frozenset()
@@ -153,7 +153,7 @@ def convert(
     recipe: ConversionRecipe,
     sink: ChunkLanding | None = None,
     lineage: Lineage | None = None,
-    check_columns: Callable[[list[tuple[str, str]]], None] | None = None,
+    check_columns: Callable[[list[tuple[str, str]], bool], None] | None = None,
 ) -> ConversionResult:
     """One conversion pass into `out_dir`, its result kept beside the parts (`_done.json`);
     with `sink`, each whole chunk lands while the pass goes on."""

@@ -19,6 +19,7 @@ written, and a path that fails is the file's FAILED reason:
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Mapping
 from pathlib import PurePosixPath
 
 from s3proc_dagster.errors import UnsafeSourceError
@@ -107,14 +108,25 @@ def check_not_nested(relative_path: str, first_folder: int = 0) -> None:
             )
 
 
-def check_source_path(relative_path: str, reserved: tuple[str, ...] = ()) -> str:
+def check_source_path(
+    relative_path: str, reserved: tuple[str, ...] = (), watched: Mapping[str, str] | None = None
+) -> str:
     """Every rule of this module for a source's relative path; `reserved` are folders of the
-    output prefix (`images`, `a/b`) that belong to the product."""
+    output prefix (`images`, `a/b`) that belong to the product; `watched` are folders of it
+    that a landing zone takes its files from, by zone name ("" for all of the prefix):
+    landing there, the output would come back in as that zone's file."""
     check_canonical(relative_path)
     check_not_nested(relative_path)
     for folder in reserved:
         if relative_path == folder or relative_path.startswith(folder + "/"):
             raise UnsafeSourceError(
                 f"{relative_path!r}: {folder}/ is reserved for the product's own objects; no source may land there"
+            )
+    for folder, zone in (watched or {}).items():
+        if not folder or relative_path == folder or relative_path.startswith(folder + "/"):
+            raise UnsafeSourceError(
+                f"{relative_path!r} would land in the S3 source of landing zone {zone!r}, which would take "
+                "its output in as a new file (and delete or move it after success); give the zones "
+                "destinations apart from every S3 source"
             )
     return relative_path

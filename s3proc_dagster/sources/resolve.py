@@ -12,6 +12,7 @@ object metadata, a link) can change where a file is or what it is called.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -96,16 +97,18 @@ def resolve_source(
     relative_path: str = "",
     reserved: tuple[str, ...] = (),
     zone: str = "",
+    watched: Mapping[str, str] | None = None,
 ) -> Source:
     """`locate`, and the file's metadata from its sidecar or its object's user metadata.
 
     Raises RecordNotFound when a local file does not exist (a permanent error: it will
     not appear by retrying), UnsupportedFileError for a malformed sidecar, UnsafeSourceError
     for a path that is not canonical, would land inside another file's dataset or in the
-    product's `reserved` folders (`sources.names`).
+    product's `reserved` folders, or in a folder another zone watches (`watched`,
+    `sources.names`).
     """
     source = locate(target, watch_path, incoming_prefix, relative_path, zone)
-    check_source_path(source.relative_path, reserved)
+    check_source_path(source.relative_path, reserved, watched)
     if source.is_object:
         head = client.head_object(Bucket=source.bucket, Key=source.key) if client is not None else {}
         metadata = metadata_from_object(head.get("Metadata", {}))

@@ -121,6 +121,41 @@ def declared_directories() -> tuple[Path, ...]:
     return tuple(d for z in _DECLARED.values() if (d := z.directory) is not None)
 
 
+def watched_below(bucket: str, prefix: str, zone: str = "") -> dict[str, str]:
+    """The folders below `prefix` of `bucket` (where zone `zone`'s datasets land) that
+    another declared zone watches as its S3 source, each with that zone's name; "" when the
+    destination itself is inside one. An output landing there would come back in as that
+    zone's file, and its `after_success: delete` or `move` would take the output away: with
+    an empty S3_PREFIX the default zone lands across the whole bucket, so a zone watching
+    `s3://<bucket>/campaign/` would take in every default-zone file of a folder `campaign`."""
+    base, found = prefix.strip("/"), {}
+    for other in _DECLARED.values():
+        if other.name == zone or not is_s3_uri(other.source):
+            continue  # a zone's own source inside its destination is a reserved folder already
+        other_bucket, watched = split_uri(other.source)
+        watched = watched.strip("/")
+        if other_bucket != bucket:
+            continue
+        if not base:
+            found[watched] = other.name
+        elif not watched or watched == base or base.startswith(watched + "/"):
+            found[""] = other.name
+        elif watched.startswith(base + "/"):
+            found[watched.removeprefix(base + "/")] = other.name
+    return found
+
+
+def zone_holding(directory: Path) -> DeclaredZone | None:
+    """The declared zone whose directory is `directory` or holds it: WATCH_PATH given to a
+    zone (its source written as WATCH_PATH itself, or a folder above it) is that zone's
+    alone, or both sensors requested every file and it landed twice."""
+    resolved = Path(directory).expanduser().resolve()
+    for zone in _DECLARED.values():
+        if (mine := zone.directory) is not None and (resolved == mine or mine in resolved.parents):
+            return zone
+    return None
+
+
 def zone_of_path(target: str) -> DeclaredZone | None:
     """The declared zone whose source holds `target` (a path or an s3:// URI), if any."""
     for zone in _DECLARED.values():

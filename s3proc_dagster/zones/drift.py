@@ -16,27 +16,41 @@ from s3proc_dagster.errors import UnsupportedFileError
 Columns = Sequence[tuple[str, str]]
 
 
+BLOCKED = "(schema_drift: blocking)"  # ends the reason a blocking zone gives a refused file
+
+
 class SchemaDrift(UnsupportedFileError):
     """A blocking zone refused a file whose columns differ from its last landing."""
 
 
-def difference(before: Columns, now: Columns) -> str:
-    """`added a (BIGINT); removed b; retyped c: BIGINT -> VARCHAR`, or "" when they agree."""
+def blocked(reason: str | None) -> bool:
+    """Whether a FAILED file's recorded reason is a blocking zone's refusal."""
+    return BLOCKED in (reason or "")
+
+
+def difference(before: Columns, now: Columns, typed: bool = True) -> str:
+    """`added a (BIGINT); removed b; retyped c: BIGINT -> VARCHAR`, or "" when they agree.
+    `typed=False` for a file without a record (a header alone): its types are guesses
+    (every column VARCHAR), so only its columns' names are compared."""
     old, new = dict(before), dict(now)
     parts = [f"added {name} ({kind})" for name, kind in now if name not in old]
     parts += [f"removed {name}" for name, _ in before if name not in new]
-    parts += [f"retyped {name}: {old[name]} -> {kind}" for name, kind in now if name in old and old[name] != kind]
+    if typed:
+        parts += [f"retyped {name}: {old[name]} -> {kind}" for name, kind in now if name in old and old[name] != kind]
     return "; ".join(parts)
 
 
-def guard(before: Columns | None, blocking: bool, found: dict[str, str], name: str, now: Columns) -> None:
-    """Called with a file's columns before its first row is written: records the difference
-    in `found` (under `name`), and refuses the file when `blocking`."""
+def guard(
+    before: Columns | None, blocking: bool, found: dict[str, str], name: str, now: Columns, records: bool = True
+) -> None:
+    """Called with a file's columns before its first row is written (`records`: whether it
+    has any): records the difference in `found` (under `name`), and refuses the file when
+    `blocking`."""
     if not before:
         return  # the zone's first landing sets its columns
-    diff = difference(before, now)
+    diff = difference(before, now, typed=records)
     if not diff:
         return
     found[name] = diff
     if blocking:
-        raise SchemaDrift(f"{name}: its columns differ from the zone's last landing: {diff} (schema_drift: blocking)")
+        raise SchemaDrift(f"{name}: its columns differ from the zone's last landing: {diff} {BLOCKED}")

@@ -195,9 +195,36 @@ def file_failed(
 
 
 def zone_columns(instance: dg.DagsterInstance, zone: str) -> list[tuple[str, str]] | None:
-    """The columns of the zone's last landing, as its materialization recorded them."""
-    event = instance.get_latest_materialization_event(zone_asset_key(zone))
-    return columns_of(event.asset_materialization if event else None) or None
+    """The columns of the zone's last landing of a table, as its materialization recorded them."""
+    return landed_columns(instance, zone_asset_key(zone))
+
+
+def landed_columns(
+    instance: dg.DagsterInstance, key: dg.AssetKey, before_storage_id: int | None = None
+) -> list[tuple[str, str]] | None:
+    """The columns of the asset's last materialization (before `before_storage_id`) of a
+    table with records. A landing without columns (a plain object, an archive) or without a
+    record (a header alone, every column VARCHAR) says nothing of the zone's columns: taken
+    as the last landing, it let the next file's retyped column land unseen even in a
+    blocking zone, and flagged the next good one."""
+    cursor = None
+    while True:
+        page = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=key, before_storage_id=before_storage_id), limit=100, cursor=cursor
+        )
+        for record in page.records:
+            materialization = record.asset_materialization
+            if (columns := columns_of(materialization)) and rows_of(materialization) != 0:
+                return columns
+        if not page.has_more:
+            return None
+        cursor = page.cursor
+
+
+def rows_of(materialization: dg.AssetMaterialization | None) -> int | None:
+    """The records a landing held (`rows`), or None when it does not say."""
+    rows = materialization.metadata.get("rows") if materialization else None
+    return rows.value if isinstance(rows, dg.IntMetadataValue) else None
 
 
 def columns_of(materialization: dg.AssetMaterialization | None) -> list[tuple[str, str]]:

@@ -31,6 +31,7 @@ from s3proc_dagster.sources.resolve import resolve_source
 from s3proc_dagster.stores.base import ClaimOutcome
 from s3proc_dagster.transfer.keys import is_s3_uri, split_uri
 from s3proc_dagster.transfer.verify import head
+from s3proc_dagster.zones.declared import watched_below
 
 log = get_logger("steps")
 progress = progress_logger("steps")
@@ -47,6 +48,7 @@ def _snapshot(context: dg.OpExecutionContext, settings: Settings, ctx: StepConte
         file.relative_path,
         reserved=cfg.s3.reserved_folders(),
         zone=cfg.zone.name,
+        watched=watched_below(cfg.s3.bucket, cfg.s3.prefix, cfg.zone.name),
     )
     try:
         version = held_version(ctx, source) or pipeline.take_snapshot(ctx, source, cfg.processing.max_file_bytes)
@@ -61,6 +63,11 @@ def _snapshot(context: dg.OpExecutionContext, settings: Settings, ctx: StepConte
         return file.out(Outcome.SKIPPED)
     if version.outcome is not ClaimOutcome.CLAIMED:
         log.info(events.skipped(version), extra=about(version.file_id))
+        if version.outcome is ClaimOutcome.UNCHANGED and not source.is_object:
+            # the same bytes dropped again: the zone's action applies to this copy too (an
+            # object of the same ETag is never requested again: its run key is the same)
+            roots = (cfg.monitoring.watch_path,)
+            after_success.again(ctx.store, ctx.client, ctx.bucket, version.file_id, cfg.zone.after_success, roots)
         return replace(file, version=version).out(Outcome.SKIPPED)
     if not in_batch(context):  # a run started without the sensor's tags gets them here
         tags = file_run_tags(source.relative_path, source.uri, version.file_id, source.metadata)

@@ -34,7 +34,13 @@ from s3proc_dagster.sources.watch import SeenFile, WatchCursor, evaluate, scan, 
 from s3proc_dagster.stores.base import ProgressStore
 from s3proc_dagster.transfer import verify
 from s3proc_dagster.transfer.keys import prefix_folder, split_uri
-from s3proc_dagster.zones.declared import DeclaredZone, declared, declared_directories, zone_of_path
+from s3proc_dagster.zones.declared import (
+    DeclaredZone,
+    declared,
+    declared_directories,
+    zone_holding,
+    zone_of_path,
+)
 
 RUN_KEY_TAG = "dagster/run_key"
 IN_FLIGHT = [
@@ -153,7 +159,10 @@ def watch_directory_sensor(
     context: dg.SensorEvaluationContext, settings: Settings, progress_store: ProgressStoreResource
 ) -> dg.SensorResult:
     store = progress_store.open()
-    requests, cursor = watch_tick(context, settings, store, skip=declared_directories())
+    if zone_holding(settings.config.monitoring.watch_path) is None:
+        requests, cursor = watch_tick(context, settings, store, skip=declared_directories())
+    else:  # a zone's source is WATCH_PATH or holds it: its files are that zone's sensor's
+        requests, cursor = [], context.cursor
     return dg.SensorResult(run_requests=requests + _recovery(context, store), cursor=cursor)
 
 
@@ -265,7 +274,7 @@ def zone_sensor(zone: DeclaredZone) -> dg.SensorDefinition:
         jobs=[process_file_job, process_files_job],
         minimum_interval_seconds=poll_interval_s(),
         default_status=dg.DefaultSensorStatus.RUNNING,
-        description=f"A run per new or changed file of landing zone {zone.name} ({zone.source or 'the deployment source'}).",
+        description=f"A run per new or changed file of landing zone {zone.name} ({zone.source}).",
     )
     def sensor(
         context: dg.SensorEvaluationContext, settings: Settings, progress_store: ProgressStoreResource, s3: S3Storage
@@ -273,8 +282,9 @@ def zone_sensor(zone: DeclaredZone) -> dg.SensorDefinition:
         mine, store = settings.for_zone(settings_of_zone), progress_store.open()
         if zone.directory is None:
             requests, cursor = incoming_tick(context, mine, s3.get_client(), store, settings_of_zone)
-        else:
-            requests, cursor = watch_tick(context, mine, store, settings_of_zone)
+        else:  # the deployment's error directory may be inside its source: parked files stay parked
+            skip = (settings.config.processing.error_directory,)
+            requests, cursor = watch_tick(context, mine, store, settings_of_zone, skip=skip)
         return dg.SensorResult(run_requests=requests, cursor=cursor)
 
     return sensor
