@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -374,6 +375,38 @@ def test_the_same_file_dropped_again_is_skipped_and_deleted_or_moved_like_the_fi
         assert record.after_success == f"moved to {beside}" and beside.read_bytes() == content
     else:
         assert record.after_success == "deleted"
+
+
+def test_the_same_object_uploaded_again_is_skipped_and_deleted_like_the_first(deployment: Deployment) -> None:
+    folder = unique("again_s3")
+    zone = zone_of(
+        folder,
+        source=f"s3://{deployment.s3.bucket}/{deployment.prefix}/{folder}-in",
+        destination=f"{folder}/out",
+        after_success="delete",
+    )
+    client, key, content = (
+        deployment.s3.client(),
+        f"{deployment.prefix}/{folder}-in/day/a.csv",
+        csv_bytes(promo_rows(6)),
+    )
+
+    def upload_and_land(after: float) -> float:
+        """The export uploaded (one ETag every time) in a second later than `after`: S3 tells
+        uploads apart by LastModified, in whole seconds. Its run; its LastModified."""
+        wait_for(lambda: int(time.time()) > int(after), "the next second", timeout=5)
+        client.put_object(Bucket=deployment.s3.bucket, Key=key, Body=content)
+        uploaded = client.head_object(Bucket=deployment.s3.bucket, Key=key)["LastModified"].timestamp()
+        requests: list[dg.RunRequest] = []
+        wait_for(lambda: requests.extend(tick(deployment, zone)) or requests, "the zone's request for the upload")
+        (request,) = requests
+        assert execute(request, deployment).success
+        assert list_keys(deployment, key) == []  # deleted once its output was proven in S3
+        return uploaded
+
+    upload_and_land(upload_and_land(0.0))  # a producer uploading the same export twice
+    record = deployment.store().get(make_file_id("day/a.csv", zone.name))
+    assert record.status is S.COMPLETED and record.after_success == "deleted"
 
 
 def test_a_move_never_replaces_an_earlier_version_already_at_its_target(deployment: Deployment, tmp_path: Path) -> None:

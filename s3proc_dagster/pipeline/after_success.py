@@ -16,6 +16,7 @@ file is never touched: it is parked, as always.
 from __future__ import annotations
 
 import os
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -48,35 +49,53 @@ def finish_pending(store: ProgressStore, client: Any, bucket: str, roots: tuple[
     return done
 
 
-def apply(store: ProgressStore, client: Any, bucket: str, record: FileStatus, roots: tuple[Path, ...]) -> str:
-    """Take the record's pending action on its original; record and return what was done."""
+def apply(
+    store: ProgressStore,
+    client: Any,
+    bucket: str,
+    record: FileStatus,
+    roots: tuple[Path, ...],
+    read_at: datetime | None = None,
+) -> str:
+    """Take the record's pending action on its original; record and return what was done.
+    `read_at`: when a run that found this copy unchanged began reading it (`again`)."""
     action = (record.after_success or "").removesuffix(PENDING)
-    outcome = _outcome(client, bucket, record, action, roots)
+    outcome = _outcome(client, bucket, record, action, roots, read_at)
     store.update_file(record.file_id, after_success=outcome)
     log.info("%s: after success: %s", record.file_path, outcome, extra=about(record.file_id))
     return outcome
 
 
 def again(
-    store: ProgressStore, client: Any, bucket: str, file_id: str, action: str, roots: tuple[Path, ...]
+    store: ProgressStore,
+    client: Any,
+    bucket: str,
+    file_id: str,
+    action: str,
+    roots: tuple[Path, ...],
+    read_at: datetime | None = None,
 ) -> str | None:
     """The same bytes dropped again at a path whose version is COMPLETED (a producer that
     sends a file twice): they are landed already, so the zone's action applies to this copy
     as it did to the first, by the same checks; without it a zone that deletes or moves its
     files kept the copy in its source for good, its record saying it was deleted or moved.
-    Written `(pending)` first like any action, so recovery finishes it after a crash."""
+    Written `(pending)` first like any action, so recovery finishes it after a crash. An
+    object uploaded again is acted on only while it is the upload this run read (written no
+    later than `read_at`, when the run began reading it)."""
     pending = planned(action)
     if pending is None:
         return None
     store.update_file(file_id, after_success=pending)
-    return apply(store, client, bucket, store.require(file_id), roots)
+    return apply(store, client, bucket, store.require(file_id), roots, read_at)
 
 
-def _outcome(client: Any, bucket: str, record: FileStatus, action: str, roots: tuple[Path, ...]) -> str:
+def _outcome(
+    client: Any, bucket: str, record: FileStatus, action: str, roots: tuple[Path, ...], read_at: datetime | None
+) -> str:
     if not _output_proven(client, bucket, record):
         return f"not {action}d: S3 does not hold this version's output whole"
     if is_s3_uri(record.file_path):
-        return _on_object(client, record, action)
+        return _on_object(client, record, action, read_at)
     root = next((r for r in roots if lexically_below(record.file_path, r)), None)
     original = confined_path(record.file_path, root) if root else None
     if original is None or not _still(original, record, root):
@@ -125,12 +144,13 @@ def _still(original: Path, record: FileStatus, root: Path) -> bool:
         return False
 
 
-def _on_object(client: Any, record: FileStatus, action: str) -> str:
+def _on_object(client: Any, record: FileStatus, action: str, read_at: datetime | None) -> str:
     """An incoming object: acted on only while it is the object of that version (its size,
-    and no write to it since the version's run claimed it)."""
+    and no write to it since the version's run claimed it, or since a run that found the
+    same bytes uploaded again began reading them)."""
     bucket, key = split_uri(record.file_path)
     found = head(client, bucket, key)
-    started = record.processing_started_at
+    started = read_at or record.processing_started_at
     if found is None or found["ContentLength"] != record.file_size or (started and found["LastModified"] > started):
         return f"not {action}d: the object is gone or a newer version"
     if action.startswith("move:"):

@@ -3,8 +3,8 @@
 S3 lists keys in order, so the cursor pages through the prefix with `StartAfter`, a few
 pages per tick, and a tick's cost is bounded however many objects there are. A *pass* is
 one walk from the first key to the last; an object is a candidate when it was modified
-at or after the start of the previous pass, so new and overwritten objects (a new ETag)
-are found within one pass, and untouched ones are listed but never requested again.
+at or after the start of the previous pass, so new and overwritten objects (a new
+LastModified) are found within one pass, and untouched ones are listed but never requested again.
 Objects modified near a pass boundary can be listed by two passes; the sensor drops
 those whose run key already has a run (one indexed lookup per candidate, never per
 object in the bucket).
@@ -40,8 +40,11 @@ class IncomingObject:
 
     @property
     def run_key(self) -> str:
-        """One run per object version: key, ETag and size."""
-        return f"s3:{self.key}:{self.etag}:{self.size}"
+        """One run per upload: key, ETag, size and LastModified. The same bytes uploaded again
+        are a new arrival, as a local file written again is: its run skips the version it
+        finds COMPLETED, and a zone that deletes or moves its files does so to this copy too
+        (keyed by ETag alone, the copy got no run and stayed in the zone's source for good)."""
+        return f"s3:{self.key}:{self.etag}:{self.size}:{self.last_modified.timestamp():.6f}"
 
 
 @dataclass

@@ -9,6 +9,7 @@ a failure costs the file), events out.
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from datetime import UTC, datetime
 from functools import partial
 
 import dagster as dg
@@ -50,6 +51,7 @@ def _snapshot(context: dg.OpExecutionContext, settings: Settings, ctx: StepConte
         zone=cfg.zone.name,
         watched=watched_below(cfg.s3.bucket, cfg.s3.prefix, cfg.zone.name),
     )
+    read_at = datetime.now(UTC)  # an object written after this is not the one read here
     try:
         version = held_version(ctx, source) or pipeline.take_snapshot(ctx, source, cfg.processing.max_file_bytes)
     except Exception as exc:
@@ -63,11 +65,11 @@ def _snapshot(context: dg.OpExecutionContext, settings: Settings, ctx: StepConte
         return file.out(Outcome.SKIPPED)
     if version.outcome is not ClaimOutcome.CLAIMED:
         log.info(events.skipped(version), extra=about(version.file_id))
-        if version.outcome is ClaimOutcome.UNCHANGED and not source.is_object:
-            # the same bytes dropped again: the zone's action applies to this copy too (an
-            # object of the same ETag is never requested again: its run key is the same)
-            roots = (cfg.monitoring.watch_path,)
-            after_success.again(ctx.store, ctx.client, ctx.bucket, version.file_id, cfg.zone.after_success, roots)
+        if version.outcome is ClaimOutcome.UNCHANGED:  # the same bytes dropped again: the zone's action
+            roots = (cfg.monitoring.watch_path,)  # applies to this copy too
+            after_success.again(
+                ctx.store, ctx.client, ctx.bucket, version.file_id, cfg.zone.after_success, roots, read_at
+            )
         return replace(file, version=version).out(Outcome.SKIPPED)
     if not in_batch(context):  # a run started without the sensor's tags gets them here
         tags = file_run_tags(source.relative_path, source.uri, version.file_id, source.metadata)
