@@ -526,26 +526,31 @@ query Asset($key: AssetKeyInput!) {
 """
 
 
+def declare_in(folder: Path, attributes: str) -> None:
+    """A zone's defs.yaml in `folder`, its attributes as YAML lines."""
+    folder.mkdir(parents=True)
+    (folder / "defs.yaml").write_text(f"type: s3proc_dagster.LandingZone\nattributes:\n{attributes}")
+
+
 def test_a_zone_is_a_defined_asset_in_the_catalog_with_its_chunks_and_its_failures(
     deployment: Deployment, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
 ) -> None:
-    name = unique("catalog")
-    zones = tmp_path / "zones"
-    (zones / name).mkdir(parents=True)
+    name, zones = unique("catalog"), tmp_path / "zones"
     drop = tmp_path / "catalog-drop"
-    (zones / name / "defs.yaml").write_text(
-        "type: s3proc_dagster.LandingZone\nattributes:\n"
+    declare_in(
+        zones / name,
         f"  source: {drop}\n  destination: catalog/out\n  chunk_size: 30\n  group: partners\n"
-        "  description: Orders from the partner's SFTP drop.\n  owners: [team:data-platform]\n"
+        "  description: Orders from the partner's SFTP drop.\n  owners: [team:data-platform]\n",
     )
     drop.mkdir()
     on_demand, on_demand_drop = f"{name}_od", tmp_path / "on-demand-drop"  # landed from the catalog only
-    (zones / on_demand).mkdir()
-    (zones / on_demand / "defs.yaml").write_text(
-        "type: s3proc_dagster.LandingZone\nattributes:\n"
+    declare_in(
+        zones / on_demand,
         f"  source: {on_demand_drop}\n  destination: on_demand/out\n  chunk_size: 25\n  enabled: false\n"
+        "  exclude: ['**/skip_*']\n",
     )
     write_csv(on_demand_drop / "picked.csv", promo_rows(40, seed=3))
+    write_csv(on_demand_drop / "skip_me.csv", promo_rows(5, seed=4))
     monkeypatch.setenv("S3PROC_ZONES_DIR", str(zones))
     ui = request.getfixturevalue("dagster_dev")
     instance = deployment.instance()
@@ -582,10 +587,11 @@ def test_a_zone_is_a_defined_asset_in_the_catalog_with_its_chunks_and_its_failur
 
     # Materialize of a partition in the catalog, as the UI launches it: that file lands by
     # its zone's rules in a run of Dagster's asset job; a file no longer there fails alone
-    instance.add_dynamic_partitions(f"s3proc_zone_{on_demand}", ["picked.csv", "gone.csv"])
+    instance.add_dynamic_partitions(f"s3proc_zone_{on_demand}", ["picked.csv", "gone.csv", "skip_me.csv"])
     landed = materialize(ui, ["zones", on_demand], "picked.csv")
     gone = materialize(ui, ["zones", on_demand], "gone.csv")
-    for run_id in (landed, gone):
+    left_out = materialize(ui, ["zones", on_demand], "skip_me.csv")  # a path its globs leave out
+    for run_id in (landed, gone, left_out):
         wait_for(lambda run_id=run_id: instance.get_run_by_id(run_id).is_finished, f"run {run_id}", timeout=300)
     assert instance.get_run_by_id(landed).status is dg.DagsterRunStatus.SUCCESS
     record = store.get(make_file_id("picked.csv", on_demand))
@@ -601,12 +607,19 @@ def test_a_zone_is_a_defined_asset_in_the_catalog_with_its_chunks_and_its_failur
         dg.AssetCheckKey(dg.AssetKey(["zones", on_demand]), "landed"), limit=5
     )
     assert [(c.run_id, c.status.value) for c in checks if c.partition == "picked.csv"] == [(landed, "SUCCEEDED")]
-    assert instance.get_run_by_id(gone).status is dg.DagsterRunStatus.FAILURE
-    (failure,) = [
-        e.dagster_event for e in instance.all_logs(gone) if e.dagster_event and e.dagster_event.is_step_failure
-    ]
-    assert "gone.csv is no longer at" in failure.step_failure_data.user_failure_data.description
+    assert "gone.csv is no longer at" in failed_run_reason(instance, gone)
     assert store.get(make_file_id("gone.csv", on_demand)) is None  # nothing recorded, nothing parked
+    assert "skip_me.csv is left out by its include" in failed_run_reason(instance, left_out)
+    assert store.get(make_file_id("skip_me.csv", on_demand)) is None and (on_demand_drop / "skip_me.csv").exists()
+
+
+def failed_run_reason(instance: dg.DagsterInstance, run_id: str) -> str:
+    """The reason of a FAILURE run's one failed step."""
+    assert instance.get_run_by_id(run_id).status is dg.DagsterRunStatus.FAILURE
+    (failure,) = [
+        e.dagster_event for e in instance.all_logs(run_id) if e.dagster_event and e.dagster_event.is_step_failure
+    ]
+    return failure.step_failure_data.user_failure_data.description
 
 
 LAUNCH = """

@@ -19,6 +19,7 @@ from s3proc_dagster.defs.files import events
 from s3proc_dagster.defs.files.steps import FilesConfig, in_batch, run_settings, run_step, tag_run
 from s3proc_dagster.defs.resources import ProgressStoreResource, S3Storage, Settings
 from s3proc_dagster.errors import s3_error_code
+from s3proc_dagster.files.globs import admitted
 from s3proc_dagster.logs import about, get_logger, progress_logger
 from s3proc_dagster.models import ProcessingStep
 from s3proc_dagster.names import FILE_TYPE_TAG, SHA256_TAG, UPLOAD_POOL, ZONE_TAG
@@ -91,11 +92,23 @@ def checksum_calculation(
     materialized = None if config.path or config.files else zone_materialized(context.dagster_run)
     if materialized:  # a zone's partition, from the catalog's Materialize
         zone, source = materialized
+        _admitted(zone.name, source["relative_path"], settings.config)
         _still_there(zone.name, source["relative_path"], source["path"], s3)
     files = [FileInRun(s.path, s.relative_path) for s in config.sources(materialized[1] if materialized else None)]
     done = run_step(context, settings, progress_store, s3, files, partial(_snapshot, context, settings))
     if any(f.in_run for f in done):  # otherwise every later step has nothing to do: they are skipped
         yield dg.Output(done, metadata={"files": len(done), "to process": sum(f.in_run for f in done)})
+
+
+def _admitted(zone: str, relative_path: str, cfg: Configuration) -> None:
+    """A partition added by hand for a path the zone's globs leave out is refused, as its
+    sensor and `s3proc process` leave the file out: the zone's rules are not for it."""
+    if not admitted(relative_path, cfg.zone.include, cfg.zone.exclude):
+        raise dg.Failure(
+            description=f"zone {zone}: {relative_path} is left out by its include {list(cfg.zone.include)} "
+            f"and exclude {list(cfg.zone.exclude)} globs, so it is not landed; nothing was touched",
+            allow_retries=False,
+        )
 
 
 def _still_there(zone: str, relative_path: str, where: str, s3: S3Storage) -> None:
