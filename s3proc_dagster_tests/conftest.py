@@ -40,6 +40,7 @@ from s3proc_dagster.cli.dev import wait_for_ui
 from s3proc_dagster.cli.embedded import PostgresServer, start_nx27017, start_postgres, start_seaweedfs
 from s3proc_dagster.cli.leftovers import SESSION_ENV, describe, find_leftovers, kill
 from s3proc_dagster.cli.processes import ServerStartError, free_port, start_in_own_group, stop_process_group
+from s3proc_dagster_tests.pipeline_helpers import COMMAND_DIR
 
 ACCESS_KEY = "s3proc-test-key"
 SECRET_KEY = "s3proc-test-secret-do-not-log"
@@ -391,7 +392,7 @@ def dagster_dev(deployment: Deployment, tmp_path: Path) -> Iterator[str]:
             "-p",
             str(port),
         ],
-        cwd=ROOT,
+        cwd=COMMAND_DIR,  # no developer's .env: Dagster would load it over this environment
         env={**os.environ, "IGNORE_INITIAL": "true", "S3_INCOMING_PREFIX": ""},
         stdout=log,
         stderr=subprocess.STDOUT,

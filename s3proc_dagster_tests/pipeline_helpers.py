@@ -7,13 +7,16 @@ shared with the soak; the jobs `dg.reconstructable` runs are the product's
 
 from __future__ import annotations
 
+import atexit
 import gzip
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -112,13 +115,18 @@ def read_dataset(deployment: Deployment, dataset_key: str, tmp: Path) -> list[tu
 
 
 ROOT = Path(__file__).resolve().parents[1]
+# Where the tests start Dagster's commands: a folder with no `.env`. Dagster's CLI loads the
+# `.env` of its working directory over the environment, so the one `scripts/dev` writes in
+# the checkout pointed the tests' runs at the developer's SeaweedFS and progress store.
+COMMAND_DIR = Path(tempfile.mkdtemp(prefix="s3proc-tests-cwd-"))
+atexit.register(shutil.rmtree, COMMAND_DIR, True)
 
 
 def start_process(*args: str) -> subprocess.Popen:
     """`s3proc process ARGS` as a user starts it, in its own process (so it can be killed)."""
     return subprocess.Popen(
         [sys.executable, "-m", "s3proc_dagster.cli", "process", *args],
-        cwd=ROOT,
+        cwd=COMMAND_DIR,
         env=os.environ.copy(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -130,7 +138,9 @@ def launch(job: str, run_config: dict, tags: dict[str, str] | None = None, env: 
     """`dagster job launch` as a user types it: the run goes to the instance's queue."""
     command = [sys.executable, "-m", "dagster", "job", "launch", "-w", str(ROOT / "workspace.yaml"), "-j", job]
     command += ["--config-json", json.dumps(run_config)] + (["--tags", json.dumps(tags)] if tags else [])
-    done = subprocess.run(command, cwd=ROOT, env=env or os.environ.copy(), capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        command, cwd=COMMAND_DIR, env=env or os.environ.copy(), capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
 
 

@@ -11,7 +11,7 @@ from s3proc_dagster.files.checksum import sha256_file
 from s3proc_dagster.models import ProcessingStatus as S
 from s3proc_dagster.transfer.manifest import read_manifest
 from s3proc_dagster_tests.pipeline_helpers import (
-    ROOT,
+    COMMAND_DIR,
     chunk_materializations,
     execute,
     read_dataset,
@@ -75,7 +75,7 @@ def test_a_file_that_cannot_be_parked_says_so_in_its_record_and_status(deploymen
     assert bad.read_bytes() == b"this is not a zip archive"  # left where it was, unchanged
     shown = subprocess.run(
         [sys.executable, "-m", "s3proc_dagster.cli", "status", str(bad)],
-        cwd=ROOT,
+        cwd=COMMAND_DIR,
         capture_output=True,
         text=True,
         timeout=120,

@@ -26,6 +26,7 @@ from s3proc_dagster.models import RequestStatus
 from s3proc_dagster.stores.base import ProgressStore
 from s3proc_dagster.stores.mongo import MongoProgressStore
 from s3proc_dagster.stores.sqlite import SQLiteProgressStore
+from s3proc_dagster_tests.pipeline_helpers import COMMAND_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 #: This module's fixtures that listen on loopback (conftest.py marks their tests `servers`).
@@ -358,7 +359,7 @@ def test_image_request_job_runs_from_the_watch_directory(deployment: Deployment,
     assert len(materialized) == 7  # one per image
     status = subprocess.run(
         [sys.executable, "-m", "s3proc_dagster.cli", "images", "status", request_id, "--json"],
-        cwd=ROOT,
+        cwd=COMMAND_DIR,
         env=os.environ.copy(),
         capture_output=True,
         text=True,

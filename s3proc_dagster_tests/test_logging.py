@@ -22,7 +22,7 @@ from s3proc_dagster.logs import LOGGER, PROGRESS
 from s3proc_dagster.models import ProcessingStatus as S
 from s3proc_dagster.runs.compute_logs import MirroringComputeLogManager
 from s3proc_dagster.runs.instance import write_instance
-from s3proc_dagster_tests.pipeline_helpers import ROOT
+from s3proc_dagster_tests.pipeline_helpers import COMMAND_DIR
 
 
 def process(deployment: Deployment, name: str, **env: str) -> tuple[subprocess.CompletedProcess, dg.DagsterRun]:
@@ -30,7 +30,7 @@ def process(deployment: Deployment, name: str, **env: str) -> tuple[subprocess.C
     src = write_csv(deployment.watch / f"logs-{uuid.uuid4().hex[:8]}" / name, promo_rows(20))
     done = subprocess.run(
         [sys.executable, "-m", "s3proc_dagster.cli", "process", str(src)],
-        cwd=ROOT,
+        cwd=COMMAND_DIR,
         env={**os.environ, **env},
         capture_output=True,
         text=True,
@@ -185,7 +185,7 @@ with manager.capture_logs(["run-1", "compute_logs", "abc"]):
     subprocess.run([sys.executable, "-c", "print('from a child process')"], check=True)
 print(f"helpers={{helpers}} complete={{manager.is_capture_complete(['run-1', 'compute_logs', 'abc'])}}")
 """
-    done = subprocess.run([sys.executable, "-c", worker], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    done = subprocess.run([sys.executable, "-c", worker], capture_output=True, text=True, timeout=120, cwd=COMMAND_DIR)
     assert done.returncode == 0, done.stderr
     manager = MirroringComputeLogManager(base_dir=str(tmp_path / "logs"))
     key = ["run-1", "compute_logs", "abc"]

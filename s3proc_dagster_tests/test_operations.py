@@ -27,6 +27,7 @@ from s3proc_dagster.runs.reconstructable import process_files_job_with_resources
 from s3proc_dagster.transfer.manifest import part_key
 from s3proc_dagster_tests.conftest import InstanceStorage
 from s3proc_dagster_tests.pipeline_helpers import (
+    COMMAND_DIR,
     execute,
     launch,
     read_dataset,
@@ -142,7 +143,7 @@ def test_dagster_job_launch_processes_a_named_file(deployment: Deployment, insta
     # from requesting the other tests' files, which the test harness runs itself.
     daemon = start_in_own_group(
         [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", str(ROOT / "workspace.yaml")],
-        cwd=ROOT,
+        cwd=COMMAND_DIR,
         env={**os.environ, "IGNORE_INITIAL": "true", "S3_INCOMING_PREFIX": ""},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -234,7 +235,7 @@ def test_s3proc_backfill_queues_one_run_per_matching_file_and_the_queue_runs_the
     ui = request.getfixturevalue("dagster_dev")  # started after the files: its sensor leaves them to the backfill
     done = subprocess.run(
         [sys.executable, "-m", "s3proc_dagster.cli", "backfill", "--glob", f"{folder}/*.csv", "--url", ui],
-        cwd=ROOT,
+        cwd=COMMAND_DIR,
         env=os.environ.copy(),
         capture_output=True,
         text=True,

@@ -17,7 +17,7 @@ from benchmarks.support import Deployment, csv_bytes, list_keys, promo_rows
 from s3proc_dagster.models import ProcessingStatus as S
 from s3proc_dagster.zones.declared import declared
 from s3proc_dagster_tests.pipeline_helpers import (
-    ROOT,
+    COMMAND_DIR,
     execute,
     read_dataset,
     run_requests_under,
@@ -148,7 +148,7 @@ def process_measured(path: Path) -> tuple[int, str, int]:
     )
     done = subprocess.run(
         [sys.executable, "-c", report, sys.executable, "-m", "s3proc_dagster.cli", "process", str(path)],
-        cwd=ROOT,
+        cwd=COMMAND_DIR,
         env=os.environ.copy(),
         capture_output=True,
         text=True,

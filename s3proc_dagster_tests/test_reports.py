@@ -17,7 +17,7 @@ from s3proc_dagster.defs.resources import Settings, resources_for
 from s3proc_dagster.reports.project import ReportProjectError, load_project
 from s3proc_dagster.reports.runner import ReportModelError, preview_markdown, run_model
 from s3proc_dagster.runs.reconstructable import definitions
-from s3proc_dagster_tests.pipeline_helpers import execute, run_requests_under, sensor_tick
+from s3proc_dagster_tests.pipeline_helpers import COMMAND_DIR, execute, run_requests_under, sensor_tick
 
 PROJECT = Path(__file__).resolve().parents[1] / "dbt_like_sql"
 
@@ -159,7 +159,6 @@ def test_reports_materialize_from_the_command_line(deployment: Deployment) -> No
     import subprocess
     import sys
 
-    root = Path(__file__).resolve().parents[1]
     result = subprocess.run(
         [
             sys.executable,
@@ -172,7 +171,7 @@ def test_reports_materialize_from_the_command_line(deployment: Deployment) -> No
             "--select",
             "group:reports",
         ],
-        cwd=root,
+        cwd=COMMAND_DIR,
         env=os.environ.copy(),
         capture_output=True,
         text=True,

@@ -24,7 +24,7 @@ from s3proc_dagster.runs.reconstructable import definitions
 from s3proc_dagster.sources.s3_incoming import list_incoming
 from s3proc_dagster.transfer.recovery import delete_prefix
 from s3proc_dagster_tests.conftest import InstanceStorage
-from s3proc_dagster_tests.pipeline_helpers import execute, launch, read_dataset, source_rows
+from s3proc_dagster_tests.pipeline_helpers import COMMAND_DIR, execute, launch, read_dataset, source_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -169,7 +169,7 @@ def test_high_priority_run_starts_first_in_the_queue(deployment: Deployment, ins
         order.append(name)
     daemon = start_in_own_group(
         [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", str(ROOT / "workspace.yaml")],
-        cwd=ROOT,
+        cwd=COMMAND_DIR,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
