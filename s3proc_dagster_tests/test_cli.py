@@ -492,7 +492,7 @@ def _tree(root: Path) -> set[str]:
     }
 
 
-@pytest.mark.servers  # a fresh virtualenv and Dagster's CLI (dg) in subprocesses, 10-20 s
+@pytest.mark.servers  # Dagster's CLI (dg) in subprocesses, with no setting in their environment, 10-20 s
 def test_dg_checks_and_lists_the_code_location_in_an_empty_environment(tmp_path: Path) -> None:
     bin_dir = Path(sys.executable).parent
     empty = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path)}  # no setting, no secret
