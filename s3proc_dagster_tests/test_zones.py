@@ -162,6 +162,18 @@ def test_a_zone_with_a_bad_attribute_is_refused_where_it_is_declared_naming_it(
     assert message in str(refused.value)
 
 
+def test_relative_directories_of_a_zone_are_below_the_project_wherever_it_is_loaded(tmp_path: Path) -> None:
+    relative = LandingZone.model_validate(
+        {"source": "data/partner", "rules": "dbt_like_sql/validations", "after_success": "move:data/done"}
+    ).zone_settings("rel", tmp_path)
+    assert relative["WATCH_PATH"] == str(tmp_path / "data" / "partner")
+    assert relative["VALIDATION_RULES_DIR"] == str(tmp_path / "dbt_like_sql" / "validations")
+    assert relative["ZONE_AFTER_SUCCESS"] == f"move:{tmp_path / 'data' / 'done'}"
+    written = LandingZone.model_validate({"source": "/srv/drop", "after_success": "move:s3://b/done"})
+    as_written = written.zone_settings("abs", tmp_path)
+    assert (as_written["WATCH_PATH"], as_written["ZONE_AFTER_SUCCESS"]) == ("/srv/drop", "move:s3://b/done")
+
+
 def test_a_zones_folder_with_a_file_of_another_type_is_refused_naming_it(tmp_path: Path) -> None:
     (tmp_path / "typo").mkdir()
     (tmp_path / "typo" / "defs.yaml").write_text("type: s3proc_dagster.LandingZon\nattributes:\n  source: /srv/x\n")
@@ -607,6 +619,7 @@ def test_a_zone_is_a_defined_asset_in_the_catalog_with_its_chunks_and_its_failur
     )
     assert [(c.run_id, c.status.value) for c in checks if c.partition == "picked.csv"] == [(landed, "SUCCEEDED")]
     assert "gone.csv is no longer at" in failed_run_reason(instance, gone)
+    assert instance.get_run_by_id(gone).tags["s3proc/zone"] == on_demand
     assert store.get(make_file_id("gone.csv", on_demand)) is None  # nothing recorded, nothing parked
     assert "skip_me.csv is left out by its include" in failed_run_reason(instance, left_out)
     assert store.get(make_file_id("skip_me.csv", on_demand)) is None and (on_demand_drop / "skip_me.csv").exists()

@@ -76,8 +76,8 @@ class LandingZone(dg.Component, dg.Resolvable, dg.Model):
     name: str | None = Field(None, description="the zone's name in the catalog and in tags; default: its folder's name")
     source: str | None = Field(
         None,
-        description="the directory watched, or s3://bucket/prefix (required: WATCH_PATH and S3_INCOMING_PREFIX "
-        "are the default zone's; name one here to give it to this zone)",
+        description="the directory watched (a relative one is below the project), or s3://bucket/prefix "
+        "(required: WATCH_PATH and S3_INCOMING_PREFIX are the default zone's; name one here to give it to this zone)",
     )
     destination: str | None = Field(
         None, description="the key prefix under S3_BUCKET its datasets land under; default: S3_PREFIX"
@@ -100,7 +100,8 @@ class LandingZone(dg.Component, dg.Resolvable, dg.Model):
     )
     after_success: str | None = Field(
         None,
-        description="keep, delete, or move:<directory or s3://bucket/prefix>, once a version is committed (default keep)",
+        description="keep, delete, or move:<directory (relative: below the project) or s3://bucket/prefix>, "
+        "once a version is committed (default keep)",
     )
     lineage_columns: bool | None = Field(
         None, description="add _source_file, _source_row, _file_sha256 and _landed_at to every row (default false)"
@@ -138,7 +139,7 @@ class LandingZone(dg.Component, dg.Resolvable, dg.Model):
                 "(WATCH_PATH or S3_INCOMING_PREFIX itself, to take it over from the default zone)"
             )
         settings = self.zone_settings(name, project_root)
-        declare(DeclaredZone(name, self.source or "", settings, self.enabled))
+        declare(DeclaredZone(name, _below(self.source or "", project_root), settings, self.enabled))
         partitions = dg.DynamicPartitionsDefinition(name=events.zone_partitions(name))
 
         @dg.graph_asset(
@@ -170,10 +171,11 @@ class LandingZone(dg.Component, dg.Resolvable, dg.Model):
             bucket, prefix = split_uri(self.source)
             out |= {"S3_INCOMING_BUCKET": bucket, "S3_INCOMING_PREFIX": prefix.strip("/")}
         elif self.source:
-            out["WATCH_PATH"] = self.source
-        rules = Path(self.rules) if self.rules else None
-        if rules is not None and not rules.is_absolute() and project_root is not None:
-            rules = project_root / rules
+            out["WATCH_PATH"] = _below(self.source, project_root)
+        rules = _below(self.rules, project_root) if self.rules else None
+        after_success = self.after_success
+        if after_success and after_success.startswith("move:"):
+            after_success = "move:" + _below(after_success.removeprefix("move:"), project_root)
         given = {
             "S3_PREFIX": self.destination,
             "ZONE_INCLUDE": ",".join(self.include) if self.include is not None else None,
@@ -183,11 +185,21 @@ class LandingZone(dg.Component, dg.Resolvable, dg.Model):
             "CSV_NULL_STRINGS": ",".join(self.csv_null_strings) if self.csv_null_strings is not None else None,
             "VALIDATION_RULES_DIR": rules,
             "ZONE_PRIORITY": self.priority,
-            "ZONE_AFTER_SUCCESS": self.after_success,
+            "ZONE_AFTER_SUCCESS": after_success,
             "ZONE_LINEAGE_COLUMNS": self.lineage_columns,
         }
         out |= {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in given.items() if v is not None}
         return out
+
+
+def _below(path: str, project_root: Path | None) -> str:
+    """A relative directory in `defs.yaml` (its `source`, `rules`, a `move:` target) is below
+    the project, as the scaffold's `data/partner_orders` means, wherever the process that
+    loads the zone runs (the code server, a run, `s3proc` in another folder); an absolute one
+    or an s3:// URI as written."""
+    if is_s3_uri(path) or Path(path).is_absolute() or project_root is None:
+        return path
+    return str(project_root / path)
 
 
 def _schema_result(

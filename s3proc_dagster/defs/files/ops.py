@@ -92,6 +92,7 @@ def checksum_calculation(
     materialized = None if config.path or config.files else zone_materialized(context.dagster_run)
     if materialized:  # a zone's partition, from the catalog's Materialize
         zone, source = materialized
+        tag_run(context, {ZONE_TAG: zone.name})  # found by its zone, whatever becomes of the file
         _admitted(zone.name, source["relative_path"], settings.config)
         _still_there(zone.name, source["relative_path"], source["path"], s3)
     files = [FileInRun(s.path, s.relative_path) for s in config.sources(materialized[1] if materialized else None)]
