@@ -9,6 +9,7 @@ and are printed as `***` everywhere, including in the validation message.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from datetime import date, timedelta
@@ -224,6 +225,15 @@ class ProcessingConfig(BaseSettings):
         uri = info.data.get("mongodb_uri")
         if value == "shared" and not (uri and uri.get_secret_value()):
             raise ValueError("shared needs MONGODB_URI: every node must reach the same progress store")
+        return value
+
+    @field_validator("stale_upload_age", "staging_retention", mode="before")
+    @classmethod
+    def _seconds(cls, value: object) -> object:
+        """`3600` (seconds, as .env.example writes them) or ISO 8601 (`PT1H`): pydantic reads a
+        number given as text, which every environment variable is, as neither."""
+        if isinstance(value, str) and re.fullmatch(r"\s*\d+(\.\d+)?\s*", value):
+            return float(value)
         return value
 
     @field_validator("validation_as_of", mode="before")

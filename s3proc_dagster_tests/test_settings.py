@@ -158,3 +158,21 @@ def test_metadata_keys_that_sanitize_to_one_tag_key_keep_both_values() -> None:
     tags = run_tags({"a b": "one", "a_b": "two", "": "empty", "t": "\x1b]0;title\x07"})
     assert tags["s3proc.meta/a_b"] == "one" and tags["s3proc.meta/a_b_2"] == "two"
     assert tags["s3proc.meta/_"] == "empty" and tags["s3proc.meta/t"] == "\\x1b]0;title\\x07"  # escaped
+
+
+@pytest.mark.parametrize("variable", ["STALE_UPLOAD_AGE", "STAGING_RETENTION"])
+@pytest.mark.parametrize(("value", "seconds"), [("3600", 3600), ("0", 0), (" 90.5 ", 90.5), ("PT1H", 3600)])
+def test_durations_are_seconds_or_iso_8601_as_the_environment_gives_them(
+    valid_env: Path, monkeypatch: pytest.MonkeyPatch, variable: str, value: str, seconds: float
+) -> None:
+    monkeypatch.setenv(variable, value)  # an environment variable is always text: "3600", never 3600
+    processing = load_configuration(env_file=None).processing
+    assert getattr(processing, variable.lower()).total_seconds() == seconds
+
+
+def test_a_duration_that_is_neither_seconds_nor_iso_8601_names_its_variable(
+    valid_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STALE_UPLOAD_AGE", "an hour")
+    with pytest.raises(SettingsError, match="STALE_UPLOAD_AGE='an hour'"):
+        load_configuration(env_file=None)
