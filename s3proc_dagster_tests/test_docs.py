@@ -161,3 +161,89 @@ def test_the_code_map_names_every_module_of_the_package() -> None:
         elif module.name != "__init__.py" and module.name not in folders[folder]:
             unnamed.append(relative.as_posix())
     assert not unnamed, f"README's code map does not name: {sorted(set(unnamed))}"
+
+
+# ---- docs/settings.md and .env.example against the settings schema ----------------------------
+SETTINGS_DOC = ROOT / "docs" / "settings.md"
+ENV_EXAMPLE = ROOT / ".env.example"
+ROW = re.compile(r"^\|\s*((?:`[A-Z][A-Z0-9_]*`(?:,\s*)?)+)\s*\|\s*([^|]*?)\s*\|")
+EXAMPLE_LINE = re.compile(r"^(?:#\s*)?([A-Z][A-Z0-9_]*)=(.*)$")
+
+
+def schema_variables() -> set[str]:
+    """Every variable the settings schema reads; a landing zone's ZONE_* come from its run config."""
+    from s3proc_dagster.settings import _GROUPS
+
+    return {
+        f"{prefix}{field}".upper()
+        for group, (cls, prefix) in _GROUPS.items()
+        if group != "zone"
+        for field in cls.model_fields
+    }
+
+
+def documented_settings() -> dict[str, str]:
+    """docs/settings.md's tables: variable -> its default cell."""
+    rows = {}
+    for _, line in prose_lines(SETTINGS_DOC):
+        if match := ROW.match(line):
+            for name in re.findall(r"`([A-Z][A-Z0-9_]*)`", match.group(1)):
+                rows[name] = match.group(2)
+    return rows
+
+
+def example_values() -> dict[str, str]:
+    """.env.example's lines, commented-out ones included: variable -> value."""
+    return {m.group(1): m.group(2) for line in ENV_EXAMPLE.read_text().splitlines() if (m := EXAMPLE_LINE.match(line))}
+
+
+def test_settings_md_and_env_example_name_every_setting_and_only_real_ones() -> None:
+    schema, documented, example = schema_variables(), documented_settings(), example_values()
+    assert not schema - documented.keys(), f"docs/settings.md does not document {sorted(schema - documented.keys())}"
+    assert not schema - example.keys(), f".env.example does not list {sorted(schema - example.keys())}"
+    assert not set(example) - set(documented), (
+        f".env.example lists what docs/settings.md does not: {sorted(set(example) - set(documented))}"
+    )
+
+
+def test_settings_md_states_the_defaults_env_example_holds() -> None:
+    """A default cell that is one literal (`50000`, `ZSTD`, `68719476736` (64 GiB)) or says
+    `empty` holds what .env.example's line holds; the next test ties that to the code."""
+    example = example_values()
+    wrong = []
+    for name, cell in documented_settings().items():
+        if name not in example:
+            continue
+        literal = re.fullmatch(r"`([^`]*)`(?: \([^)]*\))?", cell)
+        if cell.startswith("empty") and example[name] != "":
+            wrong.append(f"{name}: docs say empty, .env.example {example[name]!r}")
+        elif literal and example[name] and literal.group(1) != example[name]:
+            wrong.append(f"{name}: docs say {literal.group(1)!r}, .env.example {example[name]!r}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_env_example_holds_the_code_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """.env.example copied to .env, with only the two required keys filled in, loads exactly
+    the settings an empty environment loads."""
+    from s3proc_dagster.settings import load_configuration
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "incoming").mkdir(parents=True)
+    example = example_values()
+    for name in example:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("NODE_ENV", raising=False)
+    monkeypatch.setenv("S3_ACCESS_KEY_ID", "key")
+    monkeypatch.setenv("S3_SECRET_ACCESS_KEY", "secret")
+
+    def dump() -> dict[str, object]:
+        cfg = load_configuration(env_file=None)
+        groups = ("s3", "monitoring", "processing", "logging", "images")
+        return {g: getattr(cfg, g).model_dump() for g in groups}
+
+    defaults = dump()
+    uncommented = [line for line in ENV_EXAMPLE.read_text().splitlines() if not line.startswith("#")]
+    for line in uncommented:
+        if (match := EXAMPLE_LINE.match(line)) and match.group(1) not in ("S3_ACCESS_KEY_ID", "S3_SECRET_ACCESS_KEY"):
+            monkeypatch.setenv(match.group(1), match.group(2))
+    assert dump() == defaults
