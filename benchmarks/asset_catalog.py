@@ -22,9 +22,11 @@ from s3proc_dagster.runs.instance import instance_storage
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--files", type=int, default=20000)
-    parser.add_argument("--chunks", type=int, default=3)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--files", type=int, default=20000, help="distinct file asset keys (default 20000)")
+    parser.add_argument(
+        "--chunks", type=int, default=3, help="chunk materializations per file, besides its own (default 3)"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as home:
         os.environ["DAGSTER_HOME"] = home

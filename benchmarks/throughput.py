@@ -1,5 +1,5 @@
 """Benchmark: many small files through the deployment as users run it, against the
-same files through the domain functions (`pipeline.py`) in one process, in one invocation.
+same files through the domain functions (the `pipeline` package) in one process, in one invocation.
 
     .venv/bin/python benchmarks/throughput.py                              # 300 files, warm launcher
     .venv/bin/python benchmarks/throughput.py --files 20 --launcher warm,default
@@ -15,7 +15,7 @@ MAX_CONCURRENCY 4, validation and reports refresh on), SeaweedFS on loopback, an
 counts). N files of a few KB (promo CSV, orders JSONL, random .bin, shuffled) are renamed
 into the watched directory at once; a file's arrival is its rename, its completion the
 store's `completed_at`. The per-run breakdown and the event counts are read from the
-instance (the sensor's ticks, run records, each run's event log). Then, with it stopped, the same files (fresh copies, store and prefix) go through `pipeline.py`'s steps
+instance (the sensor's ticks, run records, each run's event log). Then, with it stopped, the same files (fresh copies, store and prefix) go through the `pipeline` package's steps
 in one child process.
 
 How it counts:
@@ -551,7 +551,7 @@ def in_flight(runs: Sequence[RunTimes]) -> tuple[float, int]:
 
 
 def baseline_worker(spec_path: Path) -> int:
-    """The child of `run_baseline`: every file through `pipeline.py`'s steps in order, as
+    """The child of `run_baseline`: every file through the `pipeline` package's steps in order, as
     the ops call them, with one store, one S3 client and one claimant for all."""
     spec = json.loads(spec_path.read_text())
     os.environ.update(spec["env"])
@@ -593,7 +593,7 @@ def run_baseline(root: Path, s3_url: str, generated: Path, relative: Sequence[st
     spec = {"env": env, "files": [env["WATCH_PATH"] + "/" + rel for rel in relative], "result": str(root / "r.json")}
     (root / "spec.json").write_text(json.dumps(spec))
     load_before = load()
-    say(f"one process: {len(relative)} files through pipeline.py (load {load_before})")
+    say(f"one process: {len(relative)} files through the pipeline package (load {load_before})")
     with (root / "worker.log").open("wb") as log:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--baseline-worker", str(root / "spec.json")]
         proc = start_in_own_group(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT)
