@@ -25,6 +25,7 @@ from s3proc_dagster.models import ProcessingStatus as S
 from s3proc_dagster.models import make_file_id
 from s3proc_dagster.pipeline import after_success
 from s3proc_dagster.pipeline.failure import give_up
+from s3proc_dagster.runs.batching import batch_request
 from s3proc_dagster.sources.resolve import locate
 from s3proc_dagster.stores.mongo import MongoProgressStore
 from s3proc_dagster_tests.pipeline_helpers import (
@@ -35,6 +36,7 @@ from s3proc_dagster_tests.pipeline_helpers import (
     source_rows,
     start_process,
 )
+from s3proc_dagster_tests.test_batching import batch_run
 from s3proc_dagster_tests.test_operations import watch_sensor_cursor
 from s3proc_dagster_tests.test_s3_incoming import incoming_tick, put, under
 
@@ -450,6 +452,23 @@ def test_an_object_the_service_cannot_read_fails_alone_and_the_s3_sensor_goes_on
     assert not execute(requests[f"{name}/sealed.csv"], deployment).success
     record = deployment.store().get_by_path(f"s3://{deployment.s3.bucket}/incoming/{name}/sealed.csv")
     assert record.status is S.FAILED and record.error_details
+
+
+def test_an_object_deleted_before_its_run_fails_with_the_reason_and_the_batch_goes_on(
+    deployment: Deployment,
+) -> None:
+    name = folder()
+    put(deployment, f"incoming/{name}/gone.csv", csv_bytes(promo_rows(3)))
+    put(deployment, f"incoming/{name}/good.csv", csv_bytes(promo_rows(4)))
+    requests = sorted(under(incoming_tick(deployment, None)[0], name), key=lambda r: r.tags["s3proc/path"])
+    deployment.s3.client().delete_object(Bucket=deployment.s3.bucket, Key=f"incoming/{name}/gone.csv")
+    assert batch_run(deployment, batch_request(requests)).success  # the batch goes on for the other
+
+    store = deployment.store()
+    assert store.get_by_path(f"s3://{deployment.s3.bucket}/incoming/{name}/good.csv").status is S.COMPLETED
+    gone = store.get_by_path(f"s3://{deployment.s3.bucket}/incoming/{name}/gone.csv")
+    # at once, not after every retry as "An error occurred (404) when calling the HeadObject operation"
+    assert gone.status is S.FAILED and "no such object: it was deleted or renamed" in gone.error_details
 
 
 # ---- names are canonical, and no file lands inside another's dataset -----------------------------
