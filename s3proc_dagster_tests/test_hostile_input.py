@@ -471,6 +471,27 @@ def test_an_object_deleted_before_its_run_fails_with_the_reason_and_the_batch_go
     assert gone.status is S.FAILED and "no such object: it was deleted or renamed" in gone.error_details
 
 
+def test_an_object_that_keeps_failing_in_a_batch_gets_a_run_of_its_own_and_ends_failed(
+    deployment: Deployment,
+) -> None:
+    name = folder()
+    uri = f"s3://{deployment.s3.bucket}/incoming/{name}/lying.csv"
+    put(deployment, f"incoming/{name}/lying.csv", csv_bytes(promo_rows(3)), {"x-sha256": "0" * 64})
+    put(deployment, f"incoming/{name}/good.csv", csv_bytes(promo_rows(4)))
+    requests, cursor = incoming_tick(deployment, None)
+    assert batch_run(deployment, batch_request(under(requests, name))).success
+    store = deployment.store()
+    left = store.get_by_path(uri)  # failed before it was read: its record has no source object's fields
+    assert left.status is S.PENDING and "left batch run" in left.error_details and left.source_key is None
+
+    # it stayed PENDING for good: the sensor requeued only records with those fields
+    (own,) = under(incoming_tick(deployment, cursor)[0], name)
+    assert own.job_name == "process_file_job" and own.tags["s3proc/path"] == f"{name}/lying.csv"
+    assert not execute(own, deployment).success
+    failed = store.get_by_path(uri)
+    assert failed.status is S.FAILED and "object says " + "0" * 64 in failed.error_details
+
+
 # ---- names are canonical, and no file lands inside another's dataset -----------------------------
 
 
