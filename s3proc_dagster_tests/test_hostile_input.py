@@ -18,6 +18,7 @@ import dagster as dg
 import pytest
 
 from benchmarks.support import Deployment, csv_bytes, list_keys, promo_rows, wait_for, write_csv
+from s3proc_dagster.defs.files import sensors
 from s3proc_dagster.defs.files.events import asset_key_for
 from s3proc_dagster.errors import UnsafeSourceError
 from s3proc_dagster.files import parking
@@ -490,6 +491,33 @@ def test_an_object_that_keeps_failing_in_a_batch_gets_a_run_of_its_own_and_ends_
     assert not execute(own, deployment).success
     failed = store.get_by_path(uri)
     assert failed.status is S.FAILED and "object says " + "0" * 64 in failed.error_details
+
+
+def test_a_flood_of_objects_is_requested_once_each_across_ticks_that_run_out_of_time(
+    deployment: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = folder()
+    keys = [f"incoming/{name}/f{i:02d}.csv" for i in range(12)]
+    for key in keys:
+        put(deployment, key, b"a\n1\n")
+    # every tick out of time after its first object: 5,000 objects took a loaded machine past
+    # Dagster's 60-s call, the tick failed and kept its cursor, and no object had a run for minutes
+    monkeypatch.setattr(sensors, "INCOMING_TICK_S", 0.0)
+    listed = len(list_keys(deployment, "incoming/"))  # other tests' objects too: one a tick
+    seen: list[dg.RunRequest] = []
+    cursor, ticks = None, 0
+    while ticks <= listed and len(seen) < len(keys):
+        requests, cursor = incoming_tick(deployment, cursor)
+        seen += under(requests, name)
+        ticks += 1
+    assert sorted(r.tags["s3proc/path"] for r in seen) == sorted(k.removeprefix("incoming/") for k in keys)
+    monkeypatch.undo()
+
+    # batched, they are not requested again when the next pass lists them again
+    assert batch_run(deployment, batch_request(seen)).success
+    assert under(incoming_tick(deployment, None)[0], name) == []  # a pass from the start: all listed again
+    store = deployment.store()
+    assert {store.get_by_path(f"s3://{deployment.s3.bucket}/{k}").status for k in keys} == {S.COMPLETED}
 
 
 # ---- names are canonical, and no file lands inside another's dataset -----------------------------
