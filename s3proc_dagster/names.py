@@ -34,6 +34,7 @@ SHA256_TAG = f"{TAG}/sha256"
 FILE_TYPE_TAG = f"{TAG}/file_type"
 FILE_TAG = f"{TAG}/file"  # s3proc/file/<relative path> = <fileId>: every run that processed the file
 BATCH_TAG = f"{TAG}/batch"  # how many files a batch run holds
+ARRIVAL_TAG = f"{TAG}/arrival"  # s3proc/arrival/<digest of an object's run key>: a batch run holds one per object
 HAS_FAILURES_TAG = f"{TAG}/has_failures"  # "true" on a batch run that gave up a file: it still succeeds
 JOB_TAG = f"{TAG}/job"  # files | images | recovery: which family a job belongs to
 KIND_TAG = f"{TAG}/kind"  # image_request | recovery; on materializations: file | chunk | object

@@ -18,6 +18,7 @@ import dagster as dg
 import pytest
 
 from benchmarks.support import Deployment, csv_bytes, list_keys, promo_rows, wait_for, write_csv
+from s3proc_dagster.defs.files import sensors
 from s3proc_dagster.defs.files.events import asset_key_for
 from s3proc_dagster.errors import UnsafeSourceError
 from s3proc_dagster.files import parking
@@ -25,6 +26,7 @@ from s3proc_dagster.models import ProcessingStatus as S
 from s3proc_dagster.models import make_file_id
 from s3proc_dagster.pipeline import after_success
 from s3proc_dagster.pipeline.failure import give_up
+from s3proc_dagster.runs.batching import batch_request
 from s3proc_dagster.sources.resolve import locate
 from s3proc_dagster.stores.mongo import MongoProgressStore
 from s3proc_dagster_tests.pipeline_helpers import (
@@ -35,6 +37,7 @@ from s3proc_dagster_tests.pipeline_helpers import (
     source_rows,
     start_process,
 )
+from s3proc_dagster_tests.test_batching import batch_run
 from s3proc_dagster_tests.test_operations import watch_sensor_cursor
 from s3proc_dagster_tests.test_s3_incoming import incoming_tick, put, under
 
@@ -450,6 +453,71 @@ def test_an_object_the_service_cannot_read_fails_alone_and_the_s3_sensor_goes_on
     assert not execute(requests[f"{name}/sealed.csv"], deployment).success
     record = deployment.store().get_by_path(f"s3://{deployment.s3.bucket}/incoming/{name}/sealed.csv")
     assert record.status is S.FAILED and record.error_details
+
+
+def test_an_object_deleted_before_its_run_fails_with_the_reason_and_the_batch_goes_on(
+    deployment: Deployment,
+) -> None:
+    name = folder()
+    put(deployment, f"incoming/{name}/gone.csv", csv_bytes(promo_rows(3)))
+    put(deployment, f"incoming/{name}/good.csv", csv_bytes(promo_rows(4)))
+    requests = sorted(under(incoming_tick(deployment, None)[0], name), key=lambda r: r.tags["s3proc/path"])
+    deployment.s3.client().delete_object(Bucket=deployment.s3.bucket, Key=f"incoming/{name}/gone.csv")
+    assert batch_run(deployment, batch_request(requests)).success  # the batch goes on for the other
+
+    store = deployment.store()
+    assert store.get_by_path(f"s3://{deployment.s3.bucket}/incoming/{name}/good.csv").status is S.COMPLETED
+    gone = store.get_by_path(f"s3://{deployment.s3.bucket}/incoming/{name}/gone.csv")
+    # at once, not after every retry as "An error occurred (404) when calling the HeadObject operation"
+    assert gone.status is S.FAILED and "no such object: it was deleted or renamed" in gone.error_details
+
+
+def test_an_object_that_keeps_failing_in_a_batch_gets_a_run_of_its_own_and_ends_failed(
+    deployment: Deployment,
+) -> None:
+    name = folder()
+    uri = f"s3://{deployment.s3.bucket}/incoming/{name}/lying.csv"
+    put(deployment, f"incoming/{name}/lying.csv", csv_bytes(promo_rows(3)), {"x-sha256": "0" * 64})
+    put(deployment, f"incoming/{name}/good.csv", csv_bytes(promo_rows(4)))
+    requests, cursor = incoming_tick(deployment, None)
+    assert batch_run(deployment, batch_request(under(requests, name))).success
+    store = deployment.store()
+    left = store.get_by_path(uri)  # failed before it was read: its record has no source object's fields
+    assert left.status is S.PENDING and "left batch run" in left.error_details and left.source_key is None
+
+    # it stayed PENDING for good: the sensor requeued only records with those fields
+    (own,) = under(incoming_tick(deployment, cursor)[0], name)
+    assert own.job_name == "process_file_job" and own.tags["s3proc/path"] == f"{name}/lying.csv"
+    assert not execute(own, deployment).success
+    failed = store.get_by_path(uri)
+    assert failed.status is S.FAILED and "object says " + "0" * 64 in failed.error_details
+
+
+def test_a_flood_of_objects_is_requested_once_each_across_ticks_that_run_out_of_time(
+    deployment: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = folder()
+    keys = [f"incoming/{name}/f{i:02d}.csv" for i in range(12)]
+    for key in keys:
+        put(deployment, key, b"a\n1\n")
+    # every tick out of time after its first object: 5,000 objects took a loaded machine past
+    # Dagster's 60-s call, the tick failed and kept its cursor, and no object had a run for minutes
+    monkeypatch.setattr(sensors, "INCOMING_TICK_S", 0.0)
+    listed = len(list_keys(deployment, "incoming/"))  # other tests' objects too: one a tick
+    seen: list[dg.RunRequest] = []
+    cursor, ticks = None, 0
+    while ticks <= listed and len(seen) < len(keys):
+        requests, cursor = incoming_tick(deployment, cursor)
+        seen += under(requests, name)
+        ticks += 1
+    assert sorted(r.tags["s3proc/path"] for r in seen) == sorted(k.removeprefix("incoming/") for k in keys)
+    monkeypatch.undo()
+
+    # batched, they are not requested again when the next pass lists them again
+    assert batch_run(deployment, batch_request(seen)).success
+    assert under(incoming_tick(deployment, None)[0], name) == []  # a pass from the start: all listed again
+    store = deployment.store()
+    assert {store.get_by_path(f"s3://{deployment.s3.bucket}/{k}").status for k in keys} == {S.COMPLETED}
 
 
 # ---- names are canonical, and no file lands inside another's dataset -----------------------------

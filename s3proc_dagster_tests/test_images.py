@@ -925,14 +925,16 @@ def test_an_s3_image_outside_the_allowed_prefixes_is_refused_and_never_copied(
         f'2,Elsewhere,"s3://{s3.bucket}/t-secret-{s3_prefix}/hr.png"\n'
         f'3,Reserved,"s3://{s3.bucket}/{s3_prefix}/_s3proc/plant.png"\n'
         f'4,Respelled,"s3://{s3.bucket}/{s3_prefix}//_s3proc/plant.png"\n'  # SeaweedFS reads `//` as `/`
+        f'5,Backslashed,"s3://{s3.bucket}/{s3_prefix}/\\_s3proc/plant.png"\n'  # and `\` as `/`
     ).encode()
     opts = options(s3, s3_prefix, s3_refused=(f"{s3.bucket}/{s3_prefix}/_s3proc",))
     done = run_request(store, data, s3, opts, tmp_path)
-    ok, elsewhere, reserved, respelled = store.list_request_rows(done.request_id)
+    ok, elsewhere, reserved, respelled, backslashed = store.list_request_rows(done.request_id)
     assert ok.output_image_urls[0] and ok.errors == [None]
     for row in (elsewhere, reserved):
         assert row.output_image_urls == [None] and "refused: s3:// images are read only below" in row.errors[0]
-    assert respelled.output_image_urls == [None] and "refused: not one canonical key" in respelled.errors[0]
+    for row in (respelled, backslashed):  # the backslashed one was read from the refused folder
+        assert row.output_image_urls == [None] and "refused: not one canonical key" in row.errors[0]
     copies = s3.client().list_objects_v2(Bucket=s3.bucket, Prefix=f"{s3_prefix}/images/{done.request_id}/")
     assert [o["Key"].split("/")[-2] for o in copies.get("Contents", []) if not o["Key"].endswith(".csv")] == ["1"]
 

@@ -210,6 +210,20 @@ def test_a_zone_may_not_move_its_landed_files_into_a_watched_source(tmp_path: Pa
         destination="moves/aside",
         after_success=f"move:{tmp_path / 'done'}",
     )
+    # declared first, it moved its files into the source of a zone declared after it: accepted
+    zone_of(
+        "early", source="s3://moves-test/early", destination="moves/early", after_success="move:s3://moves-test/late/x"
+    )
+    with pytest.raises(SettingsError, match="'early' moves landed files to s3://moves-test/late/x, which zone 'late'"):
+        zone_of("late", source="s3://moves-test/late", destination="moves/late")
+    # SeaweedFS reads `\` as `/`: this target is a folder of the zone's own source
+    with pytest.raises(SettingsError, match=r"'slash' moves landed files to .*which zone 'slash' watches"):
+        zone_of(
+            "slash",
+            source="s3://moves-test/slash",
+            destination="moves/slash",
+            after_success="move:s3://moves-test/slash\\done",
+        )
 
 
 def test_a_zone_inside_watch_path_is_its_own_sensors_alone_even_when_a_file_is_requeued(

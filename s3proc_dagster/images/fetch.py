@@ -16,9 +16,10 @@ from urllib.parse import urljoin, urlparse
 import requests
 from requests.utils import requote_uri
 
-from s3proc_dagster.errors import ImageRequestError, is_transient, s3_error_code
+from s3proc_dagster.errors import ImageRequestError, UnsafeSourceError, is_transient, s3_error_code
 from s3proc_dagster.images.deadline import Deadline
 from s3proc_dagster.images.egress import DestinationGuard, DestinationRefused, GuardedAdapter
+from s3proc_dagster.sources.names import check_canonical
 
 MAX_BYTES = 25 * 1024 * 1024
 MAX_REDIRECTS = 3
@@ -175,6 +176,10 @@ def _check_s3_root(url: str, allowed: tuple[str, ...], refused: tuple[str, ...])
         # SeaweedFS reads `a//b` as `a/b`: `<prefix>//_s3proc/x` would pass for a key outside
         # the refused step outputs and then be read from inside them
         raise FetchError(f"{url}: refused: not one canonical key (an empty, '.' or '..' component)")
+    try:  # and `\` as `/`: `<prefix>/\_s3proc/x` was read from inside them too
+        check_canonical(parsed.path.removeprefix("/"), "key")
+    except UnsafeSourceError as exc:
+        raise FetchError(f"{url}: refused: not one canonical key: {exc}") from None
     place = f"{parsed.netloc}/{parsed.path.lstrip('/')}"
     if any(_below(place, root) for root in refused) or not any(_below(place, root) for root in allowed):
         shown = ", ".join(f"s3://{root.strip('/')}/" for root in allowed) or "none"

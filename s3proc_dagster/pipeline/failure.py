@@ -33,9 +33,15 @@ class GaveUp:
 
 def record_if_missing(store: ProgressStore, run_id: str, file_id: str, source: str) -> None:
     """A file that failed before it was recorded (unreadable, a bad sidecar, a refused name)
-    is recorded now, as started by the run, so that what happens to it next is on record."""
-    if store.get(file_id) is None:
+    is recorded now, as started by the run, so that what happens to it next is on record.
+    One PENDING since a run let it go (a batch it left) that fails again before this run
+    could claim it is taken by this run the same way: it stayed PENDING for good, its
+    requeue's run key spent, and no run ever came for it again."""
+    record = store.get(file_id)
+    if record is None:
         store.record_detected(FileStatus(file_id=file_id, file_path=source, file_name=PurePosixPath(source).name))
+        store.start(file_id, run_id)
+    elif record.status is ProcessingStatus.PENDING:
         store.start(file_id, run_id)
 
 

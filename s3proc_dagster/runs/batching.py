@@ -25,6 +25,7 @@ import dagster as dg
 
 from s3proc_dagster.models import make_file_id
 from s3proc_dagster.names import (
+    ARRIVAL_TAG,
     BATCH_TAG,
     CHECKSUM_OP,
     DEFAULT_PRIORITY_TAG,
@@ -102,6 +103,18 @@ def batchable(request: dg.RunRequest, size: int | None, limits: BatchLimits) -> 
     )
 
 
+def is_object_key(run_key: str | None) -> bool:
+    """An incoming object's run key (`sources.s3_incoming.IncomingObject.run_key`)."""
+    return bool(run_key) and str(run_key).startswith("s3:")
+
+
+def arrival_tag(run_key: str) -> str:
+    """The tag by which a batch run is found for one object's arrival (its run key): the
+    batch's own run key is the digest of them all, and an object listed again at the
+    incoming sensor's next pass would otherwise get a second run."""
+    return f"{ARRIVAL_TAG}/{hashlib.sha256(run_key.encode()).hexdigest()[:24]}"
+
+
 def batch_request(requests: Sequence[dg.RunRequest]) -> dg.RunRequest:
     """One process_files_job run for these files' requests (one per file version, as theirs)."""
     keys = "\n".join(str(r.run_key) for r in requests)
@@ -113,6 +126,7 @@ def batch_request(requests: Sequence[dg.RunRequest]) -> dg.RunRequest:
             **{k: v for k, v in requests[0].tags.items() if k in (ZONE_TAG, DEFAULT_PRIORITY_TAG)},
             BATCH_TAG: str(len(requests)),
             **{k: v for r in requests for k, v in r.tags.items() if k.startswith(FILE_TAG + "/")},
+            **{arrival_tag(r.run_key): r.tags[PATH_TAG] for r in requests if is_object_key(r.run_key)},
         },
     )
 

@@ -31,8 +31,9 @@ from s3proc_dagster.names import (
 from s3proc_dagster.runs.tags import file_run_tags
 from s3proc_dagster.sources.confined import is_regular
 from s3proc_dagster.sources.metadata import read_sidecar, run_tags
+from s3proc_dagster.sources.paths import ENTRY_SEPARATOR
 from s3proc_dagster.sources.resolve import relative_key
-from s3proc_dagster.transfer.keys import is_s3_uri, prefix_folder
+from s3proc_dagster.transfer.keys import is_s3_uri, prefix_folder, split_uri
 
 #: In every run config the product makes: the jobs' quiet console logger (`defs/loggers.py`).
 CONSOLE_LOGGER = {"loggers": {"console": {}}}
@@ -121,24 +122,36 @@ def requeued_objects(
     """The same for objects under the S3 incoming prefix: S3 lists an object once per
     version, so a version whose run died would otherwise never be requested again."""
     root = prefix_folder(prefix)
-    return [
-        _again(
-            run_request_for(
-                status.file_path,
-                relative_key(status.source_key, prefix),
-                f"s3:{status.source_key}:{_retry_stamp(status)}",
-                status.file_id,
-                metadata=status.metadata,
-                zone=zone,
-            ),
-            status,
+    out = []
+    for status in store_files:
+        found = _object_of(status)
+        if status.processing_started_at is None or found is None:
+            continue
+        object_bucket, key = found
+        if object_bucket != bucket or not key.startswith(root):
+            continue
+        request = run_request_for(
+            status.file_path,
+            relative_key(key, prefix),
+            f"s3:{key}:{_retry_stamp(status)}",
+            status.file_id,
+            metadata=status.metadata,
+            zone=zone,
         )
-        for status in store_files
-        if status.processing_started_at is not None
-        and status.source_bucket == bucket
-        and status.source_key
-        and status.source_key.startswith(root)
-    ]
+        out.append(_again(request, status))
+    return out
+
+
+def _object_of(status: FileStatus) -> tuple[str, str] | None:
+    """(bucket, key) of a recorded object: its source fields, or its `s3://` path when it
+    failed before it was read (deleted since it was listed, unreadable, an `x-sha256` that
+    is not its bytes'): such a record has no source fields, and a batch run it left set it
+    back to PENDING all the same, where it stayed with no run for good."""
+    if status.source_bucket and status.source_key:
+        return status.source_bucket, status.source_key
+    if is_s3_uri(status.file_path) and ENTRY_SEPARATOR not in status.file_path:
+        return split_uri(status.file_path)
+    return None
 
 
 def recovery_request(dead_claims: list[FileStatus], dead_runs: list[str]) -> dg.RunRequest | None:

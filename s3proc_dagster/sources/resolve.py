@@ -23,6 +23,7 @@ from s3proc_dagster.sources.confined import is_regular, lexically_below
 from s3proc_dagster.sources.metadata import check_metadata, read_sidecar
 from s3proc_dagster.sources.names import check_canonical, check_source_path
 from s3proc_dagster.sources.s3_incoming import metadata_from_object
+from s3proc_dagster.transfer import verify
 from s3proc_dagster.transfer.keys import is_s3_uri, prefix_folder, split_uri
 
 
@@ -101,8 +102,8 @@ def resolve_source(
 ) -> Source:
     """`locate`, and the file's metadata from its sidecar or its object's user metadata.
 
-    Raises RecordNotFound when a local file does not exist (a permanent error: it will
-    not appear by retrying), UnsupportedFileError for a malformed sidecar, UnsafeSourceError
+    Raises RecordNotFound when a local file or an object does not exist (a permanent error:
+    it will not appear by retrying), ObjectUnreadable when S3 cannot be asked about an object, UnsupportedFileError for a malformed sidecar, UnsafeSourceError
     for a path that is not canonical, would land inside another file's dataset or in the
     product's `reserved` folders, or in a folder another zone watches (`watched`,
     `sources.names`).
@@ -110,7 +111,12 @@ def resolve_source(
     source = locate(target, watch_path, incoming_prefix, relative_path, zone)
     check_source_path(source.relative_path, reserved, watched)
     if source.is_object:
-        head = client.head_object(Bucket=source.bucket, Key=source.key) if client is not None else {}
+        head = verify.head(client, source.bucket or "", source.key or "") if client is not None else {}
+        if head is None:  # a permanent answer: retrying a 404 only delayed the same failure
+            raise RecordNotFound(
+                f"{source.uri}: no such object: it was deleted or renamed after the sensor listed it; "
+                "nothing was read (upload it again to have it processed)"
+            )
         metadata = metadata_from_object(head.get("Metadata", {}))
         check_metadata(metadata, f"{source.relative_path}: its object's user metadata")
     else:

@@ -1,7 +1,11 @@
 """Which objects under the S3 incoming prefix are new or changed: listing in passes.
 
 S3 lists keys in order, so the cursor pages through the prefix with `StartAfter`, a few
-pages per tick, and a tick's cost is bounded however many objects there are. A *pass* is
+pages per tick, and a tick's cost is bounded however many objects there are: in pages,
+and in time (the sensor stops after the last object it had time for and the next tick
+resumes after it, `IncomingCursor.resumed_after`), since every new object costs a HEAD
+and a tick that outlives Dagster's 60-s call to the code server fails and keeps its old
+cursor, so a flood of objects was looked at again, and failed again, tick after tick. A *pass* is
 one walk from the first key to the last; an object is a candidate when it was modified
 at or after the start of the previous pass, so new and overwritten objects (a new
 LastModified) are found within one pass, and untouched ones are listed but never requested again.
@@ -15,6 +19,7 @@ no stability wait is needed.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -63,6 +68,18 @@ class IncomingCursor:
         d = json.loads(raw)
         return cls(d.get("after", ""), d.get("since", ""), d.get("start", ""))
 
+    def resumed_after(self, key: str) -> IncomingCursor:
+        """This pass, resumed after `key`: where a tick that ran out of time stops."""
+        return IncomingCursor(after=key, since=self.since, pass_started=self.pass_started)
+
+
+def start_cursor(cursor: IncomingCursor | None, now: datetime, ignore_initial: bool = False) -> IncomingCursor:
+    """`cursor`, or the first pass's: everything there is (or, `ignore_initial`, what arrives from now on)."""
+    if cursor is not None:
+        return cursor
+    since = (now - CLOCK_SKEW).isoformat() if ignore_initial else datetime.min.replace(tzinfo=UTC).isoformat()
+    return IncomingCursor(after="", since=since, pass_started=now.isoformat())
+
 
 def _skip(key: str, prefix: str, exclude_prefixes: tuple[str, ...]) -> bool:
     if any(key.startswith(p) for p in exclude_prefixes if p):
@@ -81,21 +98,22 @@ def list_incoming(
     exclude_prefixes: tuple[str, ...] = (),
     page_size: int = 1000,
     max_pages: int = 5,
+    deadline: float | None = None,
 ) -> tuple[list[IncomingObject], IncomingCursor]:
-    """One tick: up to `max_pages` listing pages; the objects to request and the next cursor.
+    """One tick: up to `max_pages` listing pages (and none begun after `deadline`, a
+    `time.monotonic()`, once one is read); the objects to request and the next cursor.
 
     `exclude_prefixes` holds the product's own output prefix: output written below the
     incoming prefix must never come back in as input.
     """
     prefix = prefix_folder(prefix)
-    if cursor is None:
-        start = now.isoformat()
-        since = (now - CLOCK_SKEW).isoformat() if ignore_initial else datetime.min.replace(tzinfo=UTC).isoformat()
-        cursor = IncomingCursor(after="", since=since, pass_started=start)
+    cursor = start_cursor(cursor, now, ignore_initial)
     since = datetime.fromisoformat(cursor.since)
     found: list[IncomingObject] = []
     after = cursor.after
-    for _ in range(max_pages):
+    for page_number in range(max_pages):
+        if page_number and deadline is not None and time.monotonic() > deadline:
+            break
         kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": page_size}
         if after:
             kwargs["StartAfter"] = after

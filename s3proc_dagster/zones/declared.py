@@ -69,9 +69,10 @@ _DECLARED: dict[str, DeclaredZone] = {}
 
 
 def _spelled(source: str) -> str:
-    if is_s3_uri(source):
+    if is_s3_uri(source):  # as S3 servers read it: SeaweedFS takes `\` for `/` and `a//b` for `a/b`
         bucket, prefix = split_uri(source)
-        return f"s3://{bucket}/{prefix.strip('/')}".rstrip("/")
+        folders = [part for part in prefix.replace("\\", "/").split("/") if part]
+        return f"s3://{bucket}/{'/'.join(folders)}".rstrip("/")
     return str(Path(source).expanduser().resolve())
 
 
@@ -98,13 +99,17 @@ def declare(zone: DeclaredZone) -> None:
             f"landing zone {zone.name!r} moves landed files to {target}: a directory source moves "
             "to a directory, an S3 source to an s3://bucket/prefix"
         )
-    if target:
-        for other in (zone, *(z for z in _DECLARED.values() if z.name != zone.name)):
-            if other.source and DeclaredZone(zone.name, target, {}).claims(other):
-                raise SettingsError(
-                    f"landing zone {zone.name!r} moves landed files to {target}, which zone "
-                    f"{other.name!r} watches ({other.source}): they would land again; move them elsewhere"
-                )
+    others = [z for z in _DECLARED.values() if z.name != zone.name]
+    # both ways: the zones load one by one, and a zone declared after the one that moves its
+    # files into its source was never compared with that move
+    moves = [(zone, other) for other in (zone, *others)] + [(other, zone) for other in others]
+    for mover, watcher in moves:
+        target = mover.move_target
+        if target and watcher.source and DeclaredZone(mover.name, target, {}).claims(watcher):
+            raise SettingsError(
+                f"landing zone {mover.name!r} moves landed files to {target}, which zone "
+                f"{watcher.name!r} watches ({watcher.source}): they would land again; move them elsewhere"
+            )
     _DECLARED[zone.name] = zone
 
 

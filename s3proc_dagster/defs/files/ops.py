@@ -18,7 +18,7 @@ from s3proc_dagster import pipeline
 from s3proc_dagster.defs.files import events
 from s3proc_dagster.defs.files.steps import FilesConfig, in_batch, run_settings, run_step, tag_run
 from s3proc_dagster.defs.resources import ProgressStoreResource, S3Storage, Settings
-from s3proc_dagster.errors import s3_error_code
+from s3proc_dagster.errors import RecordNotFound, s3_error_code
 from s3proc_dagster.files.globs import admitted
 from s3proc_dagster.logs import about, get_logger, progress_logger
 from s3proc_dagster.models import ProcessingStep
@@ -29,7 +29,7 @@ from s3proc_dagster.pipeline.snapshot import held_version, settled_since
 from s3proc_dagster.runs.batching import zone_materialized
 from s3proc_dagster.runs.tags import file_run_tags
 from s3proc_dagster.settings import Configuration
-from s3proc_dagster.sources.resolve import resolve_source
+from s3proc_dagster.sources.resolve import locate, resolve_source
 from s3proc_dagster.stores.base import ClaimOutcome
 from s3proc_dagster.transfer.keys import is_s3_uri, split_uri
 from s3proc_dagster.transfer.verify import head
@@ -42,28 +42,29 @@ Files = list[FileInRun]
 
 def _snapshot(context: dg.OpExecutionContext, settings: Settings, ctx: StepContext, file: FileInRun) -> FileInRun:
     cfg = settings.config
-    source = resolve_source(
-        file.path,
-        cfg.monitoring.watch_path,
-        cfg.s3.incoming_prefix,
-        ctx.client,
-        file.relative_path,
-        reserved=cfg.s3.reserved_folders(),
-        zone=cfg.zone.name,
-        watched=watched_below(cfg.s3.bucket, cfg.s3.prefix, cfg.zone.name),
-    )
+    try:
+        source = resolve_source(
+            file.path,
+            cfg.monitoring.watch_path,
+            cfg.s3.incoming_prefix,
+            ctx.client,
+            file.relative_path,
+            reserved=cfg.s3.reserved_folders(),
+            zone=cfg.zone.name,
+            watched=watched_below(cfg.s3.bucket, cfg.s3.prefix, cfg.zone.name),
+        )
+    except RecordNotFound as exc:  # gone: settled by another run since this one was requested, or FAILED
+        located = locate(
+            file.path, cfg.monitoring.watch_path, cfg.s3.incoming_prefix, file.relative_path, cfg.zone.name
+        )
+        return _settled_elsewhere(context, ctx, file, located.relative_path, located.file_id, exc)
     read_at = datetime.now(UTC)  # an object written after this is not the one read here
     try:
         version = held_version(ctx, source) or pipeline.take_snapshot(ctx, source, cfg.processing.max_file_bytes)
     except Exception as exc:
         if not (isinstance(exc, FileNotFoundError) or s3_error_code(exc) in ("NoSuchKey", "404")):
             raise
-        requested = context.instance.get_run_record_by_id(context.run_id)
-        settled = requested and settled_since(ctx, source.file_id, requested.create_timestamp)
-        if not settled:
-            raise
-        log.info(events.settled_elsewhere(source.relative_path, settled), extra=about(source.file_id))
-        return file.out(Outcome.SKIPPED)
+        return _settled_elsewhere(context, ctx, file, source.relative_path, source.file_id, exc)
     if version.outcome is not ClaimOutcome.CLAIMED:
         log.info(events.skipped(version), extra=about(version.file_id))
         if version.outcome is ClaimOutcome.UNCHANGED:  # the same bytes dropped again: the zone's action
@@ -77,6 +78,25 @@ def _snapshot(context: dg.OpExecutionContext, settings: Settings, ctx: StepConte
         zone = {ZONE_TAG: cfg.zone.name} if cfg.zone.name else {}  # a partition materialized from the catalog
         tag_run(context, {**tags, **zone, SHA256_TAG: version.sha256[:12]})
     return replace(file, version=version)
+
+
+def _settled_elsewhere(
+    context: dg.OpExecutionContext,
+    ctx: StepContext,
+    file: FileInRun,
+    relative_path: str,
+    file_id: str,
+    exc: BaseException,
+) -> FileInRun:
+    """A file gone from its path is SKIPPED when another run settled it after this run was
+    requested (two requests raced for it, and the other landed and deleted or moved it, or
+    parked it); otherwise its absence (`exc`) is this run's error."""
+    requested = context.instance.get_run_record_by_id(context.run_id)
+    settled = requested and settled_since(ctx, file_id, requested.create_timestamp)
+    if not settled:
+        raise exc
+    log.info(events.settled_elsewhere(relative_path, settled), extra=about(file_id))
+    return file.out(Outcome.SKIPPED)
 
 
 @dg.op(name=ProcessingStep.CHECKSUM_CALCULATION.value, out=dg.Out(Files, is_required=False))

@@ -24,12 +24,12 @@ from s3proc_dagster.errors import ObjectUnreadable
 from s3proc_dagster.files.globs import admitted
 from s3proc_dagster.models import ProcessingStatus
 from s3proc_dagster.names import FILE_ID_TAG, JOB_TAG, PATH_TAG, SOURCE_TAG
-from s3proc_dagster.runs.batching import BatchLimits, source_of, under_backlog
+from s3proc_dagster.runs.batching import BatchLimits, arrival_tag, source_of, under_backlog
 from s3proc_dagster.runs.liveness import dead_runs, run_is_alive
 from s3proc_dagster.runs.requests import recovery_request, requeued, requeued_objects, run_request_for
 from s3proc_dagster.settings import Configuration, poll_interval_s
 from s3proc_dagster.sources.names import printable, utf8_name
-from s3proc_dagster.sources.s3_incoming import IncomingCursor, list_incoming, metadata_from_object
+from s3proc_dagster.sources.s3_incoming import IncomingCursor, list_incoming, metadata_from_object, start_cursor
 from s3proc_dagster.sources.watch import SeenFile, WatchCursor, evaluate, scan, wait_for_ready
 from s3proc_dagster.stores.base import ProgressStore
 from s3proc_dagster.transfer import verify
@@ -53,6 +53,10 @@ IN_FLIGHT = [
 # around a tick (its gRPC call, the resources, writing the tick) takes up to a second or so
 # more under load; a tick still running when the loop comes round waits a whole loop more
 TICK_WAIT_S = 3.5
+# how long an incoming tick may spend on objects (listing, run-key lookups, a HEAD for each
+# new one); Dagster gives a tick 60 s before it fails it and keeps the old cursor
+INCOMING_TICK_S = 20.0
+LOOKUP_CHUNK = 500  # run keys looked up in one query
 # ticks waiting at once in one code server: each holds one of its gRPC threads (6 on 2 cores),
 # which the webserver and the daemon's other calls need too; a tick that finds none taken looks once
 _WAITING = threading.BoundedSemaphore(2)
@@ -198,34 +202,51 @@ def incoming_tick(
     zone: Mapping[str, str] | None = None,
 ) -> tuple[list[dg.RunRequest], str]:
     """One tick of an incoming prefix: S3_INCOMING_PREFIX (and bucket) of `settings`; the
-    run requests and the next cursor."""
+    run requests and the next cursor. Within INCOMING_TICK_S: the objects it had no time
+    for are the next tick's, which resumes after the last one it requested."""
+    started = time.monotonic()
     cfg = settings.config.s3
     bucket = cfg.incoming_bucket_name
+    now = datetime.now(UTC)
+    begun = start_cursor(IncomingCursor.loads(context.cursor), now, settings.config.monitoring.ignore_initial)
     found, cursor = list_incoming(
         client,
         bucket,
         cfg.incoming_prefix,
-        IncomingCursor.loads(context.cursor),
-        now=datetime.now(UTC),
-        ignore_initial=settings.config.monitoring.ignore_initial,
+        begun,
+        now=now,
         # the product's own objects never come back in as input
         exclude_prefixes=_not_incoming(settings.config, bucket, zone is None),
+        deadline=started + INCOMING_TICK_S / 2,
     )
-    requests = []
-    for obj in found:
-        if not zone_admits(settings.config, obj.relative_path):
-            continue
-        if context.instance.get_run_records(dg.RunsFilter(tags={RUN_KEY_TAG: obj.run_key}), limit=1):
-            continue  # listed again at a pass boundary, already run
-        try:
-            head = verify.head(client, obj.bucket, obj.key)
-        except ObjectUnreadable as exc:  # this object alone (SSE-C, a per-object policy): its run says why
-            tick_log(context, settings.config.logging).warning(f"{exc}; its run records the reason")
-            head = {}
-        if head is None:
-            continue  # deleted since it was listed
-        metadata = metadata_from_object(head.get("Metadata", {}))
-        requests.append(run_request_for(obj.uri, obj.relative_path, obj.run_key, metadata=metadata, zone=zone))
+    found = [obj for obj in found if zone_admits(settings.config, obj.relative_path)]
+    requests: list[dg.RunRequest] = []
+    stopped = 0  # the first object this tick had no time for, when one was left
+    for start in range(0, len(found), LOOKUP_CHUNK):
+        chunk = found[start : start + LOOKUP_CHUNK]
+        requested = already_requested(context.instance, [obj.run_key for obj in chunk])
+        for index, obj in enumerate(chunk, start=start):
+            if index and time.monotonic() - started > INCOMING_TICK_S:
+                stopped = index
+                break
+            if obj.run_key in requested:
+                continue  # listed again at a pass boundary, already run
+            try:
+                head = verify.head(client, obj.bucket, obj.key)
+            except ObjectUnreadable as exc:  # this object alone (SSE-C, a per-object policy): its run says why
+                tick_log(context, settings.config.logging).warning(f"{exc}; its run records the reason")
+                head = {}
+            if head is None:
+                continue  # deleted since it was listed
+            metadata = metadata_from_object(head.get("Metadata", {}))
+            requests.append(run_request_for(obj.uri, obj.relative_path, obj.run_key, metadata=metadata, zone=zone))
+        if stopped:
+            break
+    if stopped:  # the rest is the next tick's, which resumes after the last one looked at
+        cursor = begun.resumed_after(found[stopped - 1].key)
+        tick_log(context, settings.config.logging).info(
+            f"{len(found) - stopped} object(s) left for the next tick (a tick spends at most {INCOMING_TICK_S:.0f} s)"
+        )
     fresh = {r.tags[SOURCE_TAG] for r in requests}
     pending = store.list_files(ProcessingStatus.PENDING)
     requeue = requeued_objects(pending, bucket, cfg.incoming_prefix, zone)
@@ -234,6 +255,20 @@ def incoming_tick(
     requests += _not_in_flight(context, [r for r in requeue if r.tags[SOURCE_TAG] not in fresh])
     sizes = {obj.uri: obj.size for obj in found}
     return _batched(context, settings, requests, lambda r: sizes.get(source_of(r)["path"])), cursor.dumps()
+
+
+def already_requested(instance: dg.DagsterInstance, run_keys: list[str]) -> set[str]:
+    """Which of these objects' run keys a run already has, in two queries whatever their
+    number: a run of its own carries its key as `dagster/run_key`, a batch one arrival tag
+    per object (`runs.batching.batch_request`). One query per object cost a flood of 5,000
+    objects 40 s a tick on a loaded machine."""
+    if not run_keys:
+        return set()
+    own = instance.get_run_records(dg.RunsFilter(tags={RUN_KEY_TAG: run_keys}))
+    found = {record.dagster_run.tags.get(RUN_KEY_TAG) for record in own}
+    by_tag = {arrival_tag(key): key for key in run_keys}
+    found |= {by_tag[tag] for tag, _ in instance.get_run_tags(tag_keys=list(by_tag)) if tag in by_tag}
+    return found
 
 
 def _not_incoming(cfg: Configuration, bucket: str, default_zone: bool) -> tuple[str, ...]:
