@@ -17,8 +17,11 @@ import dagster as dg
 from benchmarks.support import Deployment, dataset_keys, list_keys, open_uploads, promo_rows, wait_for, write_csv
 from s3proc_dagster.defs.resources import Settings, resources_for
 from s3proc_dagster.files.checksum import sha256_file
+from s3proc_dagster.models import FileStatus
 from s3proc_dagster.models import ProcessingStatus as S
+from s3proc_dagster.recovery import recover
 from s3proc_dagster.runs.reconstructable import definitions
+from s3proc_dagster.stores.sqlite import SQLiteProgressStore
 from s3proc_dagster.transfer.manifest import part_key, read_manifest
 from s3proc_dagster_tests.pipeline_helpers import (
     execute,
@@ -210,3 +213,48 @@ def test_s3_outage_mid_upload_resumes_and_leaves_no_unfinished_upload(deployment
     record = store.get_by_path(str(path))
     assert record.status is S.COMPLETED and store.list_upload_tasks(record.file_id) == []
     assert deployment.s3.client().get_object(Bucket=deployment.s3.bucket, Key=key)["Body"].read() == payload
+
+
+def held(store: SQLiteProgressStore, name: str, run_id: str) -> str:
+    """A file recorded IN_PROGRESS by `run_id`, as its run's first step leaves it; its fileId."""
+    status = FileStatus(file_id=f"race-{name}", file_path=f"/data/race/{name}", file_name=name, checksum="ab" * 32)
+    store.record_detected(status)
+    store.start(status.file_id, run_id)
+    return status.file_id
+
+
+def test_recovery_leaves_alone_what_a_finishing_run_settled_while_it_looked(tmp_path) -> None:
+    """The domain alone, a real SQLite store: recovery lists the IN_PROGRESS files, then asks
+    whether each holder is alive; a run that finishes in between is no longer alive, and has
+    settled its files meanwhile. What it settled stays as it left it (it was set PENDING and
+    processed again, or recovery failed on `COMPLETED to COMPLETED`); a file another run takes
+    over while recovery works on it is left to that run, and the other dead runs' files are
+    still settled."""
+    store = SQLiteProgressStore(tmp_path / "progress.db")
+    try:
+        done, parked, taken, orphan = (held(store, n, f"run-{n}") for n in ("done", "parked", "taken", "orphan"))
+
+        def finishing(run_id: str) -> bool:  # each holder finishes just as recovery asks about it
+            if run_id == "run-done":
+                store.complete(done, "race/done.csv", run_id=run_id)
+            elif run_id == "run-parked":
+                store.fail(parked, "parquet_conversion: ragged", run_id=run_id)
+            return False  # a finished run is not alive, and neither is a killed one
+
+        class TakenOver(SQLiteProgressStore):
+            def recount(self, file_id: str) -> FileStatus:  # a re-execution takes the file over mid-way
+                if file_id == taken:
+                    self.hold(file_id, "run-again", lambda _: False, "ab" * 32)
+                return super().recount(file_id)
+
+        racing = TakenOver(tmp_path / "progress.db")
+        try:
+            settled = recover(racing, None, "bucket", finishing)
+        finally:
+            racing.close()
+        assert [(r.file_id, r.outcome) for r in settled] == [(orphan, S.PENDING)]
+        assert (store.require(done).status, store.require(done).run_id) == (S.COMPLETED, "run-done")
+        assert store.require(parked).status is S.FAILED
+        assert (store.require(taken).status, store.require(taken).run_id) == (S.IN_PROGRESS, "run-again")
+    finally:
+        store.close()
