@@ -9,10 +9,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
+import subprocess
+import sys
+import time
 
 import dagster as dg
+import psutil
 
 from benchmarks.support import Deployment, dataset_keys, list_keys, open_uploads, promo_rows, wait_for, write_csv
 from s3proc_dagster.defs.resources import Settings, resources_for
@@ -20,7 +26,9 @@ from s3proc_dagster.files.checksum import sha256_file
 from s3proc_dagster.models import FileStatus
 from s3proc_dagster.models import ProcessingStatus as S
 from s3proc_dagster.recovery import recover
-from s3proc_dagster.runs.reconstructable import definitions
+from s3proc_dagster.runs.batching import batch_request
+from s3proc_dagster.runs.liveness import Beat
+from s3proc_dagster.runs.reconstructable import definitions, process_files_job_with_resources
 from s3proc_dagster.stores.sqlite import SQLiteProgressStore
 from s3proc_dagster.transfer.manifest import part_key, read_manifest
 from s3proc_dagster_tests.pipeline_helpers import (
@@ -258,3 +266,47 @@ def test_recovery_leaves_alone_what_a_finishing_run_settled_while_it_looked(tmp_
         assert (store.require(taken).status, store.require(taken).run_id) == (S.IN_PROGRESS, "run-again")
     finally:
         store.close()
+
+
+def test_a_killed_reexecution_of_a_finished_batch_sets_none_of_its_completed_files_pending(
+    deployment: Deployment,
+) -> None:
+    """A batch run's files are COMPLETED (by the run itself, or by recovery once it died), then a
+    re-execution of it (a run retry, the UI's button) is killed before it did anything. Recovery
+    sets PENDING the files a dead run never reached unless they changed after that run began;
+    a re-execution's files were claimed and finished by the run it re-executes, before it began,
+    so they were all set PENDING and each processed once more by a run of its own."""
+    files = [write_csv(deployment.watch / "deadretry" / f"r{i}.csv", promo_rows(6, seed=60 + i)) for i in range(2)]
+    requests = run_requests_under(sensor_tick(deployment), "deadretry")  # the sensor has seen them
+    batch = batch_request(requests)
+    instance = deployment.instance()
+    first = dg.execute_job(
+        dg.reconstructable(process_files_job_with_resources),
+        instance=instance,
+        run_config=batch.run_config,
+        tags=batch.tags,
+    )
+    assert first.success
+    store = deployment.store()
+    completed = [store.get_by_path(str(f)) for f in files]
+    assert [r.status for r in completed] == [S.COMPLETED, S.COMPLETED]
+
+    # what a re-execution killed in its start-up leaves: a run in flight whose worker is gone
+    again = instance.create_run_for_job(
+        definitions().resolve_job_def("process_files_job"),
+        run_config=batch.run_config,
+        tags=batch.tags,
+        parent_run_id=first.run_id,
+        root_run_id=first.run_id,
+        status=dg.DagsterRunStatus.STARTED,
+    )
+    worker = subprocess.Popen([sys.executable, "-c", "pass"])
+    started = psutil.Process(worker.pid).create_time()
+    worker.wait(timeout=30)
+    beat = Beat(socket.gethostname(), worker.pid, started, time.time())
+    instance.run_storage.set_cursor_values({f"s3proc/heartbeat/{again.run_id}": json.dumps(beat.__dict__)})
+
+    assert reconcile(deployment).success
+    assert instance.get_run_by_id(again.run_id).status == dg.DagsterRunStatus.FAILURE  # reported dead
+    assert [store.get_by_path(str(f)) for f in files] == completed  # and its files left COMPLETED
+    assert run_requests_under(sensor_tick(deployment), "deadretry") == []  # nothing to run again
