@@ -27,6 +27,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from s3proc_dagster.errors import ConcurrencyConflict, IllegalTransition
 from s3proc_dagster.files import staging as staging_area
 from s3proc_dagster.files.staging import Swept
 from s3proc_dagster.logs import get_logger
@@ -51,11 +52,32 @@ class Recovered:
 
 
 def recover(store: ProgressStore, client: Any, bucket: str, is_alive: Callable[[str], bool]) -> list[Recovered]:
+    """Settle each IN_PROGRESS file whose holder is not alive, as its record stands once
+    that is known.
+
+    A holder that just finished is "not alive" too, and it settled its files (COMPLETED,
+    FAILED, or PENDING for a run of their own) after the listing was read; so each file is
+    read again after the verdict (a dead holder writes no more) and left alone unless that
+    run still holds it. A file another run takes over while it is being settled (a
+    re-execution of the dead run, its own rerun) is that run's: the move fails its
+    compare-and-set and the file is left to it, instead of failing the whole recovery and
+    leaving the other dead runs' files as they were."""
     report: list[Recovered] = []
-    for status in store.list_files(ProcessingStatus.IN_PROGRESS):
-        if status.run_id and is_alive(status.run_id):
+    for listed in store.list_files(ProcessingStatus.IN_PROGRESS):
+        if listed.run_id and is_alive(listed.run_id):
             continue
-        report.append(settle(store, client, bucket, status))
+        status = store.get(listed.file_id)
+        if status is None or status.status is not ProcessingStatus.IN_PROGRESS or status.run_id != listed.run_id:
+            continue
+        try:
+            report.append(settle(store, client, bucket, status))
+        except (ConcurrencyConflict, IllegalTransition) as exc:  # FileBusy included
+            log.info(
+                "%s: not settled, it moved on meanwhile (%s)",
+                status.file_path,
+                exc,
+                extra={"fields": {"fileId": status.file_id}},
+            )
     return report
 
 

@@ -19,6 +19,7 @@ import dagster as dg
 import pytest
 
 from benchmarks.support import Deployment, csv_bytes, dataset_keys, list_keys, promo_rows, write_csv
+from s3proc_dagster.defs.files.events import asset_key_for
 from s3proc_dagster.errors import SourceChanged
 from s3proc_dagster.files.checksum import sha256_file
 from s3proc_dagster.files.parking import unpark
@@ -34,6 +35,7 @@ from s3proc_dagster.transfer.manifest import part_key
 from s3proc_dagster_tests.pipeline_helpers import (
     execute,
     read_dataset,
+    reconcile,
     run_requests_under,
     sensor_tick,
     source_rows,
@@ -337,6 +339,71 @@ def test_a_batch_run_reexecuted_from_failure_runs_no_finished_files_steps(
     store = MongoProgressStore(mongodb_uri, mongodb_database)
     try:
         assert [store.get_by_path(str(f)).status for f in files] == [S.COMPLETED] * len(files)
+    finally:
+        store.close()
+
+
+def test_a_batch_reexecuted_after_recovery_settled_its_files_takes_up_no_completed_file_again(
+    shared_deployment: Deployment, mongodb_uri: str, mongodb_database: str, tmp_path: Path
+) -> None:
+    """A batch run fails after its verification step committed every file's dataset (S3
+    refused the step's output document), and crash recovery settles its files: the two it
+    finds whole COMPLETED, the one whose commit it cannot find (its manifest gone) PENDING.
+    Re-executed from failure (the UI's button, a run retry), the run verifies and completes
+    that one file: the COMPLETED ones were taken up again (COMPLETED -> PENDING ->
+    COMPLETED), committed again and materialized a second time."""
+    deployment = shared_deployment
+    folder = "anynode-settled"
+    files = [write_csv(deployment.watch / folder / f"s{i}.csv", promo_rows(9, seed=40 + i)) for i in range(3)]
+    batch = batch_request([run_request_for(str(f), f"{folder}/{f.name}", f"{folder}/{f.name}:k") for f in files])
+    failed = run_failing_puts(
+        deployment,
+        lambda: dg.execute_job(
+            dg.reconstructable(process_files_job_with_resources),
+            instance=deployment.instance(),
+            run_config=batch.run_config,
+            tags=batch.tags,
+            raise_on_error=False,
+        ),
+        "/integrity_verification/result.json",
+    )
+    datasets = [f"{deployment.prefix}/{folder}/{f.name}" for f in files]
+    client = deployment.s3.client()
+    client.delete_object(Bucket=deployment.s3.bucket, Key=f"{datasets[2]}/_manifest.json")
+    assert reconcile(deployment).success
+    store = MongoProgressStore(mongodb_uri, mongodb_database)
+    try:
+        settled = [store.get_by_path(str(f)) for f in files]
+        assert [r.status for r in settled] == [S.COMPLETED, S.COMPLETED, S.PENDING]
+        manifests = [client.head_object(Bucket=deployment.s3.bucket, Key=f"{d}/_manifest.json") for d in datasets[:2]]
+        mark = len(deployment.proxy.put_keys)
+
+        instance = deployment.instance()
+        again = dg.execute_job(
+            dg.reconstructable(process_files_job_with_resources),
+            instance=instance,
+            reexecution_options=dg.ReexecutionOptions.from_failure(failed.run_id, instance),
+        )
+        assert again.success
+        started = {e.step_key for e in again.all_events if e.event_type is dg.DagsterEventType.STEP_START}
+        assert started == {"integrity_verification", "progress_update"}
+        materialized = [
+            e.event_specific_data.materialization.asset_key
+            for e in again.all_events
+            if e.event_type is dg.DagsterEventType.ASSET_MATERIALIZATION
+        ]
+        assert materialized == [asset_key_for(deployment.prefix, f"{folder}/s2.csv")]
+        assert [store.get_by_path(str(f)) for f in files[:2]] == settled[:2]  # not touched, not even PENDING
+        assert store.get_by_path(str(files[2])).status is S.COMPLETED
+        written = {
+            k.split(f"/{folder}/", 1)[1].split("/", 1)[0] for k in deployment.proxy.put_keys[mark:] if folder in k
+        }
+        assert written == {"s2.csv"}  # only its dataset is committed again
+        for manifest, dataset in zip(manifests, datasets, strict=False):
+            now = client.head_object(Bucket=deployment.s3.bucket, Key=f"{dataset}/_manifest.json")
+            assert (now["ETag"], now["LastModified"]) == (manifest["ETag"], manifest["LastModified"])
+        for src, dataset in zip(files, datasets, strict=True):
+            assert read_dataset(deployment, dataset, tmp_path) == source_rows(src, "read_csv")
     finally:
         store.close()
 

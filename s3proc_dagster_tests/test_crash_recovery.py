@@ -9,16 +9,27 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
+import subprocess
+import sys
+import time
 
 import dagster as dg
+import psutil
 
 from benchmarks.support import Deployment, dataset_keys, list_keys, open_uploads, promo_rows, wait_for, write_csv
 from s3proc_dagster.defs.resources import Settings, resources_for
 from s3proc_dagster.files.checksum import sha256_file
+from s3proc_dagster.models import FileStatus
 from s3proc_dagster.models import ProcessingStatus as S
-from s3proc_dagster.runs.reconstructable import definitions
+from s3proc_dagster.recovery import recover
+from s3proc_dagster.runs.batching import batch_request
+from s3proc_dagster.runs.liveness import Beat
+from s3proc_dagster.runs.reconstructable import definitions, process_files_job_with_resources
+from s3proc_dagster.stores.sqlite import SQLiteProgressStore
 from s3proc_dagster.transfer.manifest import part_key, read_manifest
 from s3proc_dagster_tests.pipeline_helpers import (
     execute,
@@ -210,3 +221,92 @@ def test_s3_outage_mid_upload_resumes_and_leaves_no_unfinished_upload(deployment
     record = store.get_by_path(str(path))
     assert record.status is S.COMPLETED and store.list_upload_tasks(record.file_id) == []
     assert deployment.s3.client().get_object(Bucket=deployment.s3.bucket, Key=key)["Body"].read() == payload
+
+
+def held(store: SQLiteProgressStore, name: str, run_id: str) -> str:
+    """A file recorded IN_PROGRESS by `run_id`, as its run's first step leaves it; its fileId."""
+    status = FileStatus(file_id=f"race-{name}", file_path=f"/data/race/{name}", file_name=name, checksum="ab" * 32)
+    store.record_detected(status)
+    store.start(status.file_id, run_id)
+    return status.file_id
+
+
+def test_recovery_leaves_alone_what_a_finishing_run_settled_while_it_looked(tmp_path) -> None:
+    """The domain alone, a real SQLite store: recovery lists the IN_PROGRESS files, then asks
+    whether each holder is alive; a run that finishes in between is no longer alive, and has
+    settled its files meanwhile. What it settled stays as it left it (it was set PENDING and
+    processed again, or recovery failed on `COMPLETED to COMPLETED`); a file another run takes
+    over while recovery works on it is left to that run, and the other dead runs' files are
+    still settled."""
+    store = SQLiteProgressStore(tmp_path / "progress.db")
+    try:
+        done, parked, taken, orphan = (held(store, n, f"run-{n}") for n in ("done", "parked", "taken", "orphan"))
+
+        def finishing(run_id: str) -> bool:  # each holder finishes just as recovery asks about it
+            if run_id == "run-done":
+                store.complete(done, "race/done.csv", run_id=run_id)
+            elif run_id == "run-parked":
+                store.fail(parked, "parquet_conversion: ragged", run_id=run_id)
+            return False  # a finished run is not alive, and neither is a killed one
+
+        class TakenOver(SQLiteProgressStore):
+            def recount(self, file_id: str) -> FileStatus:  # a re-execution takes the file over mid-way
+                if file_id == taken:
+                    self.hold(file_id, "run-again", lambda _: False, "ab" * 32)
+                return super().recount(file_id)
+
+        racing = TakenOver(tmp_path / "progress.db")
+        try:
+            settled = recover(racing, None, "bucket", finishing)
+        finally:
+            racing.close()
+        assert [(r.file_id, r.outcome) for r in settled] == [(orphan, S.PENDING)]
+        assert (store.require(done).status, store.require(done).run_id) == (S.COMPLETED, "run-done")
+        assert store.require(parked).status is S.FAILED
+        assert (store.require(taken).status, store.require(taken).run_id) == (S.IN_PROGRESS, "run-again")
+    finally:
+        store.close()
+
+
+def test_a_killed_reexecution_of_a_finished_batch_sets_none_of_its_completed_files_pending(
+    deployment: Deployment,
+) -> None:
+    """A batch run's files are COMPLETED (by the run itself, or by recovery once it died), then a
+    re-execution of it (a run retry, the UI's button) is killed before it did anything. Recovery
+    sets PENDING the files a dead run never reached unless they changed after that run began;
+    a re-execution's files were claimed and finished by the run it re-executes, before it began,
+    so they were all set PENDING and each processed once more by a run of its own."""
+    files = [write_csv(deployment.watch / "deadretry" / f"r{i}.csv", promo_rows(6, seed=60 + i)) for i in range(2)]
+    requests = run_requests_under(sensor_tick(deployment), "deadretry")  # the sensor has seen them
+    batch = batch_request(requests)
+    instance = deployment.instance()
+    first = dg.execute_job(
+        dg.reconstructable(process_files_job_with_resources),
+        instance=instance,
+        run_config=batch.run_config,
+        tags=batch.tags,
+    )
+    assert first.success
+    store = deployment.store()
+    completed = [store.get_by_path(str(f)) for f in files]
+    assert [r.status for r in completed] == [S.COMPLETED, S.COMPLETED]
+
+    # what a re-execution killed in its start-up leaves: a run in flight whose worker is gone
+    again = instance.create_run_for_job(
+        definitions().resolve_job_def("process_files_job"),
+        run_config=batch.run_config,
+        tags=batch.tags,
+        parent_run_id=first.run_id,
+        root_run_id=first.run_id,
+        status=dg.DagsterRunStatus.STARTED,
+    )
+    worker = subprocess.Popen([sys.executable, "-c", "pass"])
+    started = psutil.Process(worker.pid).create_time()
+    worker.wait(timeout=30)
+    beat = Beat(socket.gethostname(), worker.pid, started, time.time())
+    instance.run_storage.set_cursor_values({f"s3proc/heartbeat/{again.run_id}": json.dumps(beat.__dict__)})
+
+    assert reconcile(deployment).success
+    assert instance.get_run_by_id(again.run_id).status == dg.DagsterRunStatus.FAILURE  # reported dead
+    assert [store.get_by_path(str(f)) for f in files] == completed  # and its files left COMPLETED
+    assert run_requests_under(sensor_tick(deployment), "deadretry") == []  # nothing to run again

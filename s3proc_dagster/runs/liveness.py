@@ -127,14 +127,24 @@ def run_is_alive(instance: dg.DagsterInstance, exclude_run_id: str | None = None
 
 
 def _dead(instance: dg.DagsterInstance, job_names: list[str], exclude_run_id: str | None) -> list[dg.RunRecord]:
+    """In-flight runs of these jobs whose worker is gone.
+
+    `is_run_alive` says "not alive" of a run that finished since it was listed as much as of
+    one whose worker died; a worker writes its run's end before its process exits, so the
+    status read again after that verdict tells them apart. Without it, a run that succeeded
+    while being looked at was reported failed over its success."""
     records = instance.get_run_records(dg.RunsFilter(statuses=list(IN_FLIGHT)))
-    return [
-        r
-        for r in records
-        if r.dagster_run.job_name in job_names
-        and r.dagster_run.run_id != exclude_run_id
-        and not is_run_alive(instance, r.dagster_run.run_id)
-    ]
+    dead = []
+    for record in records:
+        run_id = record.dagster_run.run_id
+        if record.dagster_run.job_name not in job_names or run_id == exclude_run_id:
+            continue
+        if is_run_alive(instance, run_id):
+            continue
+        now = instance.get_run_by_id(run_id)
+        if now is not None and now.status in IN_FLIGHT:
+            dead.append(record)
+    return dead
 
 
 def dead_runs(instance: dg.DagsterInstance, job_names: list[str]) -> list[str]:

@@ -73,6 +73,22 @@ def process_files_job() -> None:
     file_steps(checksum_calculation())
 
 
+def _lineage_started(instance: dg.DagsterInstance, record: dg.RunRecord) -> float:
+    """When the work of a dead run began: its own start, or for a re-execution the start of
+    the run it re-executes first of all (`root_run_id`).
+
+    Crash recovery sets PENDING again a file its dead run never reached, unless the file
+    changed after that run started (`recovery.requeue_abandoned`). A re-execution works on
+    files its first run claimed: those were COMPLETED by that run, or settled by recovery
+    when it died, before the re-execution began, so measured from the re-execution's own
+    start every such COMPLETED file looked untouched and was set PENDING and processed once
+    more by a run of its own."""
+    run = record.dagster_run
+    first = instance.get_run_record_by_id(run.root_run_id) if run.root_run_id else None
+    origin = first or record
+    return origin.start_time or origin.create_timestamp.timestamp()
+
+
 @dg.op(tags={"step": "crash_recovery"})
 def reconcile(
     context: dg.OpExecutionContext, settings: Settings, progress_store: ProgressStoreResource, s3: S3Storage
@@ -84,7 +100,7 @@ def reconcile(
     for record in reap_dead_runs(context.instance, PRODUCT_JOBS, exclude_run_id=context.run_id):
         run = record.dagster_run
         context.log.info(f"run {run.run_id}: its worker is gone; reported failed")
-        started = record.start_time or record.create_timestamp.timestamp()
+        started = _lineage_started(context.instance, record)
         files = files_of_run(run, cfg.monitoring.watch_path, cfg.s3.incoming_prefix)
         dead += [recovery.DeadRun(run.run_id, started, f.file_id, f.path) for f in files]
     incoming = prefix_folder(cfg.s3.incoming_prefix)

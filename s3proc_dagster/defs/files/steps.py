@@ -7,7 +7,8 @@
 - A transient error retries the step with backoff (MAX_RETRIES, RETRY_DELAY_MS): Dagster's
   RetryRequested, the schedule read from the settings when the step fails. A retried step
   goes over its files again; each step finds what it finished already (records, staged
-  work, objects in S3) and does not do it twice.
+  work, objects in S3) and does not do it twice, and a file already COMPLETED is not taken
+  up again at all, in a retried step or in a re-execution (`_settled_before`).
 - Still failing once the retries are spent: a run of one file gives the file up and fails,
   so "Re-execute from failure" in the UI applies to it; a file of a batch leaves the
   batch: PENDING again, and the sensor gives it a run of its own, where the same applies.
@@ -118,8 +119,8 @@ def run_step(
 ) -> list[FileInRun]:
     """`step` on each file still in the run, and what each failure costs its file (module docstring)."""
     ctx = step_context(context, settings, progress_store, s3)
-    if context.retry_number:  # files an earlier attempt gave up on are not tried again
-        files = [_given_up_before(settings, ctx, f) for f in files]
+    if context.retry_number or context.dagster_run.parent_run_id:  # a retried or re-executed step
+        files = _settled_before(context, settings, ctx, files)
     attempt = each_file(files, lambda file: step(ctx, file))
     done = attempt.files
     for index, exc in attempt.failed:
@@ -228,11 +229,36 @@ def _leave(
     return file.out(Outcome.LEFT, reason)
 
 
-def _given_up_before(settings: Settings, ctx: StepContext, file: FileInRun) -> FileInRun:
-    """A file this very run recorded FAILED in an earlier attempt of the step is out."""
+def _settled_before(
+    context: dg.OpExecutionContext, settings: Settings, ctx: StepContext, files: list[FileInRun]
+) -> list[FileInRun]:
+    """The files a retried or re-executed step must not go over again, out of it: the ones
+    its records say are finished.
+
+    The step's input is what the step before it handed on, so a file finished since then
+    is still in it: COMPLETED by an earlier attempt of this step, by the run this one
+    re-executes (killed in `progress_update` after some files), or by crash recovery once
+    that run died. Taking such a file up again (`ProgressStore.hold` moves a COMPLETED
+    record through PENDING, where the sensor may requeue it) would write its COMPLETED
+    record and its materializations a second time, and commit its dataset again. A file
+    this very run gave up in an earlier attempt stays given up."""
+    done = [_settled(settings, ctx, f) for f in files]
+    skipped = [f.name for f, was in zip(done, files, strict=True) if was.in_run and f.outcome is Outcome.SKIPPED]
+    if skipped:  # one line a step, not one a file
+        shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        log.info(f"{context.op.name}: {len(skipped)} file(s) already COMPLETED, not processed again: {shown}")
+    return done
+
+
+def _settled(settings: Settings, ctx: StepContext, file: FileInRun) -> FileInRun:
     if not file.in_run:
         return file
     record = ctx.store.get(_identity(settings, file)[0])
-    if record is not None and record.status is ProcessingStatus.FAILED and record.run_id == ctx.claimant.run_id:
+    if record is None:
+        return file
+    version = file.version.sha256 if file.version else None  # another version is a new run's
+    if record.status is ProcessingStatus.COMPLETED and version and record.checksum == version:
+        return file.out(Outcome.SKIPPED, f"already COMPLETED by run {record.run_id}")
+    if record.status is ProcessingStatus.FAILED and record.run_id == ctx.claimant.run_id:
         return file.out(Outcome.FAILED, record.error_details or "")
     return file
