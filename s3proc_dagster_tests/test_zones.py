@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 import dagster as dg
@@ -24,6 +25,7 @@ from s3proc_dagster.errors import SettingsError
 from s3proc_dagster.files.checksum import sha256_file
 from s3proc_dagster.models import ProcessingStatus as S
 from s3proc_dagster.models import make_file_id
+from s3proc_dagster.pipeline import after_success
 from s3proc_dagster.runs.reconstructable import definitions
 from s3proc_dagster.transfer.manifest import read_manifest
 from s3proc_dagster.zones.declared import DeclaredZone, declare, watched_below
@@ -432,6 +434,37 @@ def test_the_same_object_uploaded_again_is_skipped_and_deleted_like_the_first(de
     upload_and_land(upload_and_land(0.0))  # a producer uploading the same export twice
     record = deployment.store().get(make_file_id("day/a.csv", zone.name))
     assert record.status is S.COMPLETED and record.after_success == "deleted"
+
+
+@pytest.mark.parametrize("action", ["delete", "move"])
+def test_an_object_overwritten_in_the_second_its_run_began_is_never_deleted_or_moved_for_the_old_version(
+    deployment: Deployment, action: str
+) -> None:
+    folder = unique(f"overwrite_{action}")
+    source, done = f"s3://{deployment.s3.bucket}/{deployment.prefix}/{folder}-in", f"{folder}-done"
+    zone = zone_of(folder, source=source, destination=f"{folder}/out")  # keep: the action comes below
+    client, key = deployment.s3.client(), f"{deployment.prefix}/{folder}-in/a.csv"
+    first = csv_bytes(promo_rows(6, seed=1))
+    client.put_object(Bucket=deployment.s3.bucket, Key=key, Body=first)
+    requests: list[dg.RunRequest] = []
+    wait_for(lambda: requests.extend(tick(deployment, zone)) or requests, "the zone's request for the upload")
+    assert execute(requests[0], deployment).success
+    newer = first.replace(b",", b";", 1)  # other bytes, the same size
+    assert len(newer) == len(first) and newer != first
+    client.put_object(Bucket=deployment.s3.bucket, Key=key, Body=newer)
+    store, file_id = deployment.store(), make_file_id("a.csv", zone.name)
+    # the overwrite landed within the second the version's run began: S3's whole-second
+    # LastModified cannot tell it from the object that run read
+    written = client.head_object(Bucket=deployment.s3.bucket, Key=key)["LastModified"]
+    setting = "delete" if action == "delete" else f"move:s3://{deployment.s3.bucket}/{done}"
+    store.update_file(
+        file_id, processing_started_at=written + timedelta(seconds=1), after_success=f"{setting} (pending)"
+    )
+    after_success.finish_pending(store, client, deployment.s3.bucket, ())
+    outcome = store.get(file_id).after_success
+    assert outcome.startswith(f"not {action}d:") and "another version's bytes" in outcome, outcome
+    assert client.get_object(Bucket=deployment.s3.bucket, Key=key)["Body"].read() == newer  # its own run is next
+    assert list_keys(deployment, f"{done}/") == []
 
 
 def test_a_move_never_replaces_an_earlier_version_already_at_its_target(deployment: Deployment, tmp_path: Path) -> None:

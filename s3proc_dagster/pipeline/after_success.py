@@ -16,11 +16,11 @@ file is never touched: it is parked, as always.
 from __future__ import annotations
 
 import os
-from datetime import datetime
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
-from s3proc_dagster.errors import UnsafeSourceError
+from s3proc_dagster.errors import UnsafeSourceError, s3_error_code
 from s3proc_dagster.files.checksum import sha256_stream
 from s3proc_dagster.logs import about, get_logger
 from s3proc_dagster.models import FileStatus, FileType, ProcessingStatus
@@ -49,57 +49,39 @@ def finish_pending(store: ProgressStore, client: Any, bucket: str, roots: tuple[
     return done
 
 
-def apply(
-    store: ProgressStore,
-    client: Any,
-    bucket: str,
-    record: FileStatus,
-    roots: tuple[Path, ...],
-    read_at: datetime | None = None,
-) -> str:
-    """Take the record's pending action on its original; record and return what was done.
-    `read_at`: when a run that found this copy unchanged began reading it (`again`)."""
+def apply(store: ProgressStore, client: Any, bucket: str, record: FileStatus, roots: tuple[Path, ...]) -> str:
+    """Take the record's pending action on its original; record and return what was done."""
     action = (record.after_success or "").removesuffix(PENDING)
-    outcome = _outcome(client, bucket, record, action, roots, read_at)
+    outcome = _outcome(client, bucket, record, action, roots)
     store.update_file(record.file_id, after_success=outcome)
     log.info("%s: after success: %s", record.file_path, outcome, extra=about(record.file_id))
     return outcome
 
 
 def again(
-    store: ProgressStore,
-    client: Any,
-    bucket: str,
-    file_id: str,
-    action: str,
-    roots: tuple[Path, ...],
-    read_at: datetime | None = None,
+    store: ProgressStore, client: Any, bucket: str, file_id: str, action: str, roots: tuple[Path, ...]
 ) -> str | None:
     """The same bytes dropped again at a path whose version is COMPLETED (a producer that
     sends a file twice): they are landed already, so the zone's action applies to this copy
     as it did to the first, by the same checks; without it a zone that deletes or moves its
     files kept the copy in its source for good, its record saying it was deleted or moved.
-    Written `(pending)` first like any action, so recovery finishes it after a crash. An
-    object uploaded again is acted on only while it is the upload this run read (written no
-    later than `read_at`, when the run began reading it)."""
+    Written `(pending)` first like any action, so recovery finishes it after a crash."""
     pending = planned(action)
     if pending is None:
         return None
     store.update_file(file_id, after_success=pending)
-    return apply(store, client, bucket, store.require(file_id), roots, read_at)
+    return apply(store, client, bucket, store.require(file_id), roots)
 
 
-def _outcome(
-    client: Any, bucket: str, record: FileStatus, action: str, roots: tuple[Path, ...], read_at: datetime | None
-) -> str:
+def _outcome(client: Any, bucket: str, record: FileStatus, action: str, roots: tuple[Path, ...]) -> str:
     if not _output_proven(client, bucket, record):
-        return f"not {action}d: S3 does not hold this version's output whole"
+        return f"not {_done(action)}: S3 does not hold this version's output whole"
     if is_s3_uri(record.file_path):
-        return _on_object(client, record, action, read_at)
+        return _on_object(client, record, action)
     root = next((r for r in roots if lexically_below(record.file_path, r)), None)
     original = confined_path(record.file_path, root) if root else None
     if original is None or not _still(original, record, root):
-        return f"not {action}d: the original is gone, not below its zone's source, or a newer version"
+        return f"not {_done(action)}: the original is gone, not below its zone's source, or a newer version"
     try:  # through the folders' descriptors: a folder swapped for a link meanwhile leads nowhere
         if action == "delete":
             unlink_below(original, root)
@@ -113,7 +95,7 @@ def _outcome(
         move_below(original, root, target, place)  # a rename, or a copy renamed into place: never half a file
         return f"moved to {target}"
     except (UnsafeSourceError, OSError) as exc:
-        return f"not {'deleted' if action == 'delete' else 'moved'}: {getattr(exc, 'strerror', None) or exc}"
+        return f"not {_done(action)}: {getattr(exc, 'strerror', None) or exc}"
 
 
 def versioned_name(name: str, checksum: str | None) -> str:
@@ -144,23 +126,49 @@ def _still(original: Path, record: FileStatus, root: Path) -> bool:
         return False
 
 
-def _on_object(client: Any, record: FileStatus, action: str, read_at: datetime | None) -> str:
-    """An incoming object: acted on only while it is the object of that version (its size,
-    and no write to it since the version's run claimed it, or since a run that found the
-    same bytes uploaded again began reading them)."""
+def _on_object(client: Any, record: FileStatus, action: str) -> str:
+    """An incoming object: acted on only while it holds the bytes of the version that
+    completed, read again and hashed, as a local original is (`_still`). Its upload time
+    cannot tell: S3 keeps it in whole seconds, so an overwrite in the second the version's
+    run began looked unchanged and was deleted unprocessed. A move copies exactly the object
+    hashed (`CopySourceIfMatch` its ETag); S3 has no conditional delete, so what is left is
+    the moment between the last look and the delete."""
     bucket, key = split_uri(record.file_path)
-    found = head(client, bucket, key)
-    started = read_at or record.processing_started_at
-    if found is None or found["ContentLength"] != record.file_size or (started and found["LastModified"] > started):
-        return f"not {action}d: the object is gone or a newer version"
+    etag = _holding(client, bucket, key, record)
+    if etag is None:
+        return f"not {_done(action)}: the object is gone or holds another version's bytes"
+    moved_to = None
     if action.startswith("move:"):
         target_bucket, target_prefix = split_uri(action.removeprefix("move:"))
         target = join_key(target_prefix, record.source_key or key)
         if head(client, target_bucket, target) is not None:  # an earlier version moved there: kept
             folder, _, name = target.rpartition("/")
             target = join_key(folder, versioned_name(name, record.checksum))
-        client.copy_object(Bucket=target_bucket, Key=target, CopySource={"Bucket": bucket, "Key": key})
-        client.delete_object(Bucket=bucket, Key=key)
-        return f"moved to s3://{target_bucket}/{target}"
+        copy = {"Bucket": bucket, "Key": key}
+        client.copy_object(Bucket=target_bucket, Key=target, CopySource=copy, CopySourceIfMatch=etag)
+        moved_to = f"s3://{target_bucket}/{target}"
+    found = head(client, bucket, key)
+    if found is None or found.get("ETag") != etag:
+        kept = f" (this version's copy is at {moved_to})" if moved_to else ""
+        return f"not {_done(action)}: the object was written again meanwhile{kept}"
     client.delete_object(Bucket=bucket, Key=key)
-    return "deleted"
+    return f"moved to {moved_to}" if moved_to else "deleted"
+
+
+def _done(action: str) -> str:
+    return "deleted" if action == "delete" else "moved"
+
+
+def _holding(client: Any, bucket: str, key: str, record: FileStatus) -> str | None:
+    """The object's ETag when its bytes are the record's version (size, then SHA-256), else None."""
+    try:
+        obj = client.get_object(Bucket=bucket, Key=key)
+    except Exception as exc:
+        if s3_error_code(exc) in ("NoSuchKey", "404"):
+            return None
+        raise
+    if obj["ContentLength"] != record.file_size:
+        obj["Body"].close()
+        return None
+    with closing(obj["Body"]) as body:
+        return obj["ETag"] if sha256_stream(body) == record.checksum else None

@@ -9,7 +9,6 @@ a failure costs the file), events out.
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import replace
-from datetime import UTC, datetime
 from functools import partial
 
 import dagster as dg
@@ -58,7 +57,6 @@ def _snapshot(context: dg.OpExecutionContext, settings: Settings, ctx: StepConte
             file.path, cfg.monitoring.watch_path, cfg.s3.incoming_prefix, file.relative_path, cfg.zone.name
         )
         return _settled_elsewhere(context, ctx, file, located.relative_path, located.file_id, exc)
-    read_at = datetime.now(UTC)  # an object written after this is not the one read here
     try:
         version = held_version(ctx, source) or pipeline.take_snapshot(ctx, source, cfg.processing.max_file_bytes)
     except Exception as exc:
@@ -69,9 +67,7 @@ def _snapshot(context: dg.OpExecutionContext, settings: Settings, ctx: StepConte
         log.info(events.skipped(version), extra=about(version.file_id))
         if version.outcome is ClaimOutcome.UNCHANGED:  # the same bytes dropped again: the zone's action
             roots = (cfg.monitoring.watch_path,)  # applies to this copy too
-            after_success.again(
-                ctx.store, ctx.client, ctx.bucket, version.file_id, cfg.zone.after_success, roots, read_at
-            )
+            after_success.again(ctx.store, ctx.client, ctx.bucket, version.file_id, cfg.zone.after_success, roots)
         return replace(file, version=version).out(Outcome.SKIPPED)
     if not in_batch(context):  # a run started without the sensor's tags gets them here
         tags = file_run_tags(source.relative_path, source.uri, version.file_id, source.metadata)
