@@ -115,6 +115,11 @@ class S3Config(BaseSettings):
     def incoming_bucket_name(self) -> str:
         return self.incoming_bucket or self.bucket
 
+    @property
+    def incoming_uri(self) -> str:
+        """The incoming prefix as an s3:// URI, "" when it is off."""
+        return f"s3://{self.incoming_bucket_name}/{self.incoming_prefix}" if self.incoming_prefix else ""
+
     def reserved_folders(self) -> tuple[str, ...]:
         """Folders below S3_PREFIX where no source may land: image outputs, step outputs when
         S3_STEP_OUTPUTS_PREFIX is inside S3_PREFIX, and the incoming prefix when it is (an

@@ -404,13 +404,17 @@ def test_the_same_file_dropped_again_is_skipped_and_deleted_or_moved_like_the_fi
         assert record.after_success == "deleted"
 
 
-def test_the_same_object_uploaded_again_is_skipped_and_deleted_like_the_first(deployment: Deployment) -> None:
-    folder = unique("again_s3")
+@pytest.mark.parametrize("action", ["delete", "move"])
+def test_the_same_object_uploaded_again_is_skipped_and_deleted_or_moved_like_the_first(
+    deployment: Deployment, action: str
+) -> None:
+    folder = unique(f"again_s3_{action}")
+    done = f"{folder}-done"
     zone = zone_of(
         folder,
         source=f"s3://{deployment.s3.bucket}/{deployment.prefix}/{folder}-in",
         destination=f"{folder}/out",
-        after_success="delete",
+        after_success="delete" if action == "delete" else f"move:s3://{deployment.s3.bucket}/{done}",
     )
     client, key, content = (
         deployment.s3.client(),
@@ -428,12 +432,20 @@ def test_the_same_object_uploaded_again_is_skipped_and_deleted_like_the_first(de
         wait_for(lambda: requests.extend(tick(deployment, zone)) or requests, "the zone's request for the upload")
         (request,) = requests
         assert execute(request, deployment).success
-        assert list_keys(deployment, key) == []  # deleted once its output was proven in S3
+        assert list_keys(deployment, key) == []  # gone from the source once its output was proven in S3
         return uploaded
 
     upload_and_land(upload_and_land(0.0))  # a producer uploading the same export twice
     record = deployment.store().get(make_file_id("day/a.csv", zone.name))
-    assert record.status is S.COMPLETED and record.after_success == "deleted"
+    if action == "delete":
+        assert record.status is S.COMPLETED and record.after_success == "deleted"
+        return
+    beside = f"{done}/day/a.v-{record.checksum[:16]}.csv"  # the first copy kept; its path below the source
+    assert record.status is S.COMPLETED and record.after_success == f"moved to s3://{deployment.s3.bucket}/{beside}"
+    moved = list_keys(deployment, f"{done}/")
+    assert moved == sorted([f"{done}/day/a.csv", beside])
+    for moved_key in moved:
+        assert client.get_object(Bucket=deployment.s3.bucket, Key=moved_key)["Body"].read() == content
 
 
 @pytest.mark.parametrize("action", ["delete", "move"])

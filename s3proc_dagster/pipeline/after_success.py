@@ -39,7 +39,7 @@ def planned(action: str) -> str | None:
     return None if action == "keep" else f"{action}{PENDING}"
 
 
-def finish_pending(store: ProgressStore, client: Any, bucket: str, roots: tuple[Path, ...]) -> list[str]:
+def finish_pending(store: ProgressStore, client: Any, bucket: str, roots: tuple[Path | str, ...]) -> list[str]:
     """Every COMPLETED file whose after_success is still pending (a crash came between):
     take the action now, by the same checks. What was done, one line per file."""
     done = []
@@ -49,7 +49,7 @@ def finish_pending(store: ProgressStore, client: Any, bucket: str, roots: tuple[
     return done
 
 
-def apply(store: ProgressStore, client: Any, bucket: str, record: FileStatus, roots: tuple[Path, ...]) -> str:
+def apply(store: ProgressStore, client: Any, bucket: str, record: FileStatus, roots: tuple[Path | str, ...]) -> str:
     """Take the record's pending action on its original; record and return what was done."""
     action = (record.after_success or "").removesuffix(PENDING)
     outcome = _outcome(client, bucket, record, action, roots)
@@ -59,7 +59,7 @@ def apply(store: ProgressStore, client: Any, bucket: str, record: FileStatus, ro
 
 
 def again(
-    store: ProgressStore, client: Any, bucket: str, file_id: str, action: str, roots: tuple[Path, ...]
+    store: ProgressStore, client: Any, bucket: str, file_id: str, action: str, roots: tuple[Path | str, ...]
 ) -> str | None:
     """The same bytes dropped again at a path whose version is COMPLETED (a producer that
     sends a file twice): they are landed already, so the zone's action applies to this copy
@@ -73,12 +73,13 @@ def again(
     return apply(store, client, bucket, store.require(file_id), roots)
 
 
-def _outcome(client: Any, bucket: str, record: FileStatus, action: str, roots: tuple[Path, ...]) -> str:
+def _outcome(client: Any, bucket: str, record: FileStatus, action: str, roots: tuple[Path | str, ...]) -> str:
     if not _output_proven(client, bucket, record):
         return f"not {_done(action)}: S3 does not hold this version's output whole"
     if is_s3_uri(record.file_path):
-        return _on_object(client, record, action)
-    root = next((r for r in roots if lexically_below(record.file_path, r)), None)
+        return _on_object(client, record, action, roots)
+    local = (Path(r) for r in roots if not is_s3_uri(str(r)))  # the directories; S3 sources are the objects'
+    root = next((r for r in local if lexically_below(record.file_path, r)), None)
     original = confined_path(record.file_path, root) if root else None
     if original is None or not _still(original, record, root):
         return f"not {_done(action)}: the original is gone, not below its zone's source, or a newer version"
@@ -126,7 +127,7 @@ def _still(original: Path, record: FileStatus, root: Path) -> bool:
         return False
 
 
-def _on_object(client: Any, record: FileStatus, action: str) -> str:
+def _on_object(client: Any, record: FileStatus, action: str, roots: tuple[Path | str, ...]) -> str:
     """An incoming object: acted on only while it holds the bytes of the version that
     completed, read again and hashed, as a local original is (`_still`). Its upload time
     cannot tell: S3 keeps it in whole seconds, so an overwrite in the second the version's
@@ -140,7 +141,7 @@ def _on_object(client: Any, record: FileStatus, action: str) -> str:
     moved_to = None
     if action.startswith("move:"):
         target_bucket, target_prefix = split_uri(action.removeprefix("move:"))
-        target = join_key(target_prefix, record.source_key or key)
+        target = join_key(target_prefix, _below_source(record.file_path, roots) or key)
         if head(client, target_bucket, target) is not None:  # an earlier version moved there: kept
             folder, _, name = target.rpartition("/")
             target = join_key(folder, versioned_name(name, record.checksum))
@@ -153,6 +154,14 @@ def _on_object(client: Any, record: FileStatus, action: str) -> str:
         return f"not {_done(action)}: the object was written again meanwhile{kept}"
     client.delete_object(Bucket=bucket, Key=key)
     return f"moved to {moved_to}" if moved_to else "deleted"
+
+
+def _below_source(uri: str, roots: tuple[Path | str, ...]) -> str | None:
+    """An object's key below the S3 source it came from (`day1/a.csv` of
+    `s3://drop/partner/day1/a.csv`), as a local move keeps the path below its directory."""
+    prefixes = [str(r).rstrip("/") + "/" for r in roots if is_s3_uri(str(r))]
+    below = [p for p in prefixes if uri.startswith(p)]
+    return uri[len(max(below, key=len)) :] if below else None  # the innermost: a zone's inside the default's
 
 
 def _done(action: str) -> str:

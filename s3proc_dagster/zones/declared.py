@@ -126,6 +126,11 @@ def declared_directories() -> tuple[Path, ...]:
     return tuple(d for z in _DECLARED.values() if (d := z.directory) is not None)
 
 
+def declared_prefixes() -> tuple[str, ...]:
+    """The S3 sources (s3://bucket/prefix) declared zones watch."""
+    return tuple(z.source for z in _DECLARED.values() if z.directory is None)
+
+
 def watched_below(bucket: str, prefix: str, zone: str = "") -> dict[str, str]:
     """The folders below `prefix` of `bucket` (where zone `zone`'s datasets land) that
     another declared zone watches as its S3 source, each with that zone's name; "" when the

@@ -37,7 +37,7 @@ from s3proc_dagster.pipeline import after_success
 from s3proc_dagster.runs.batching import files_of_run
 from s3proc_dagster.runs.liveness import reap_dead_runs, run_is_alive
 from s3proc_dagster.transfer.keys import prefix_folder
-from s3proc_dagster.zones.declared import declared_directories
+from s3proc_dagster.zones.declared import declared_directories, declared_prefixes
 
 # (ASSET_JOB: a zone's file materialized from the catalog, and the reports)
 PRODUCT_JOBS = [PROCESS_FILE_JOB, PROCESS_FILES_JOB, ASSET_JOB, IMAGE_REQUEST_JOB, RECONCILE_JOB, REPORTS_JOB]
@@ -122,7 +122,7 @@ def reconcile(
         context.log.info(
             f"{item.file_path}: {item.outcome.name} (aborted {item.aborted_uploads} uploads, deleted {item.deleted_objects} objects)"
         )
-    roots = (cfg.monitoring.watch_path, *declared_directories())
+    roots = (cfg.monitoring.watch_path, *declared_directories(), *declared_prefixes(), cfg.s3.incoming_uri)
     for line in after_success.finish_pending(progress_store.open(), s3.get_client(), cfg.s3.bucket, roots):
         context.log.info(f"after success, finished by recovery: {line}")
     for key in report.aborted_uploads:

@@ -66,8 +66,9 @@ def _snapshot(context: dg.OpExecutionContext, settings: Settings, ctx: StepConte
     if version.outcome is not ClaimOutcome.CLAIMED:
         log.info(events.skipped(version), extra=about(version.file_id))
         if version.outcome is ClaimOutcome.UNCHANGED:  # the same bytes dropped again: the zone's action
-            roots = (cfg.monitoring.watch_path,)  # applies to this copy too
-            after_success.again(ctx.store, ctx.client, ctx.bucket, version.file_id, cfg.zone.after_success, roots)
+            after_success.again(  # applies to this copy too
+                ctx.store, ctx.client, ctx.bucket, version.file_id, cfg.zone.after_success, _sources(cfg)
+            )
         return replace(file, version=version).out(Outcome.SKIPPED)
     if not in_batch(context):  # a run started without the sensor's tags gets them here
         tags = file_run_tags(source.relative_path, source.uri, version.file_id, source.metadata)
@@ -115,6 +116,11 @@ def checksum_calculation(
     done = run_step(context, settings, progress_store, s3, files, partial(_snapshot, context, settings))
     if any(f.in_run for f in done):  # otherwise every later step has nothing to do: they are skipped
         yield dg.Output(done, metadata={"files": len(done), "to process": sum(f.in_run for f in done)})
+
+
+def _sources(cfg: Configuration) -> tuple:
+    """Where the run's files come from, for what after_success keeps of their paths."""
+    return (cfg.monitoring.watch_path, *([cfg.s3.incoming_uri] if cfg.s3.incoming_uri else []))
 
 
 def _admitted(zone: str, relative_path: str, cfg: Configuration) -> None:
@@ -302,7 +308,7 @@ def _finish(
     status = pipeline.finish(ctx, file.version, list(file.prepared), release, zone.after_success)
     if status.after_success:  # delete or move the original, now that its version is committed
         status = ctx.store.require(status.file_id)
-        after_success.apply(ctx.store, ctx.client, ctx.bucket, status, (cfg.monitoring.watch_path,))
+        after_success.apply(ctx.store, ctx.client, ctx.bucket, status, _sources(cfg))
     for item in file.prepared:
         record = ctx.store.require(item.item.file_id)
         context.log_event(events.file_completed(item, file.version, record, catalog, s3.uri(item.key)))
