@@ -21,6 +21,7 @@ import dagster as dg
 import psutil
 
 from benchmarks.support import Deployment, dataset_keys, list_keys, open_uploads, promo_rows, wait_for, write_csv
+from s3proc_dagster.defs.files.events import asset_key_for
 from s3proc_dagster.defs.resources import Settings, resources_for
 from s3proc_dagster.files.checksum import sha256_file
 from s3proc_dagster.models import FileStatus
@@ -310,3 +311,28 @@ def test_a_killed_reexecution_of_a_finished_batch_sets_none_of_its_completed_fil
     assert instance.get_run_by_id(again.run_id).status == dg.DagsterRunStatus.FAILURE  # reported dead
     assert [store.get_by_path(str(f)) for f in files] == completed  # and its files left COMPLETED
     assert run_requests_under(sensor_tick(deployment), "deadretry") == []  # nothing to run again
+
+
+def test_a_file_recovery_finds_landed_whole_is_materialized_in_the_catalog_by_the_reconcile_run(
+    deployment: Deployment,
+) -> None:
+    """Its run died after the commit, before any step reported the landing: recovery
+    COMPLETES it from the manifest, and the catalog's latest landing says so."""
+    src = write_csv(deployment.watch / "recovered-landing" / "r.csv", promo_rows(12))
+    (request,) = run_requests_under(sensor_tick(deployment), "recovered-landing")
+    landed = execute(request, deployment)
+    assert landed.success
+    store = deployment.store()
+    record = store.get_by_path(str(src))
+    store.reset_to_pending(record.file_id)  # as the dead run left it: IN_PROGRESS, held by it, output committed
+    store.start(record.file_id, landed.run_id)
+    recovered = reconcile(deployment)
+    assert recovered.success and store.require(record.file_id).status is S.COMPLETED
+    key = asset_key_for(deployment.prefix, "recovered-landing/r.csv")
+    (event,) = [
+        e.event_specific_data.materialization
+        for e in recovered.all_events
+        if e.event_type_value == "ASSET_MATERIALIZATION" and e.asset_key == key
+    ]
+    assert event.metadata["completed_by"].value == "crash recovery (reconcile_job)"
+    assert event.metadata["sha256"].value == record.checksum and event.metadata["rows"].value == 12

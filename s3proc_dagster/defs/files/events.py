@@ -194,6 +194,30 @@ def file_failed(
     )
 
 
+def file_recovered(record: FileStatus, catalog: Catalog, relative_path: str, uri: str) -> dg.AssetMaterialization:
+    """A file version crash recovery found landed whole (its run died after the commit): its
+    landing in the catalog, as far as the record tells (no chunk table, no columns), so the
+    catalog's latest landing is never an older version than the store's."""
+    key, partition = catalog.place(relative_path)
+    return dg.AssetMaterialization(
+        asset_key=key,
+        partition=partition,
+        description=f"{relative_path}: landed whole; its run died after the commit, so crash recovery records it",
+        metadata={
+            "s3_uri": dg.MetadataValue.url(uri),
+            "read_with": f"s3proc read {uri}",
+            "fileId": record.file_id,
+            "status": record.status.name,
+            "rows": record.processing_stats.successful_records,
+            "chunks": record.total_chunks,
+            "bytes": record.processed_bytes or 0,
+            "sha256": record.checksum or "",
+            "completed_by": "crash recovery (reconcile_job)",
+        },
+        tags={KIND_TAG: "file"},
+    )
+
+
 def zone_columns(instance: dg.DagsterInstance, zone: str) -> list[tuple[str, str]] | None:
     """The columns of the zone's last landing of a table, as its materialization recorded them."""
     return landed_columns(instance, zone_asset_key(zone))

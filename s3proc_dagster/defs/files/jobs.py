@@ -13,6 +13,7 @@ from typing import Any
 import dagster as dg
 
 from s3proc_dagster import recovery
+from s3proc_dagster.defs.files import events
 from s3proc_dagster.defs.files.ops import (
     archive_extraction,
     checksum_calculation,
@@ -24,6 +25,7 @@ from s3proc_dagster.defs.files.ops import (
 )
 from s3proc_dagster.defs.resources import ProgressStoreResource, S3Storage, Settings
 from s3proc_dagster.files.staging import SWEEP_GRACE_S
+from s3proc_dagster.models import ProcessingStatus
 from s3proc_dagster.names import (
     ASSET_JOB,
     IMAGE_REQUEST_JOB,
@@ -34,8 +36,10 @@ from s3proc_dagster.names import (
     REPORTS_JOB,
 )
 from s3proc_dagster.pipeline import after_success
-from s3proc_dagster.runs.batching import files_of_run
+from s3proc_dagster.runs.batching import files_of_run, zone_of_run
 from s3proc_dagster.runs.liveness import reap_dead_runs, run_is_alive
+from s3proc_dagster.settings import Configuration
+from s3proc_dagster.stores.base import ProgressStore
 from s3proc_dagster.transfer.keys import prefix_folder
 from s3proc_dagster.zones.declared import declared_directories, declared_prefixes
 
@@ -89,6 +93,26 @@ def _lineage_started(instance: dg.DagsterInstance, record: dg.RunRecord) -> floa
     return origin.start_time or origin.create_timestamp.timestamp()
 
 
+def _landing(
+    context: dg.OpExecutionContext, item: recovery.Recovered, store: ProgressStore, s3: S3Storage, cfg: Configuration
+) -> dg.AssetMaterialization | None:
+    """The catalog's record of a file recovery COMPLETED (its run died after the commit, so no
+    step materialized it), placed as its run would have: by the dead run's config (its zone,
+    its path below the source). None for a file that run does not name (an archive's entry)."""
+    run = context.instance.get_run_by_id(item.dead_run) if item.dead_run else None
+    if run is None:
+        return None
+    named = [
+        f for f in files_of_run(run, cfg.monitoring.watch_path, cfg.s3.incoming_prefix) if f.file_id == item.file_id
+    ]
+    record = store.get(item.file_id)
+    if not named or record is None or not record.output_key:
+        return None
+    zone = zone_of_run(run)
+    catalog = events.Catalog(zone.get("S3_PREFIX", cfg.s3.prefix), zone.get("ZONE_NAME", ""))
+    return events.file_recovered(record, catalog, named[0].relative_path, s3.uri(record.output_key))
+
+
 @dg.op(tags={"step": "crash_recovery"})
 def reconcile(
     context: dg.OpExecutionContext, settings: Settings, progress_store: ProgressStoreResource, s3: S3Storage
@@ -103,9 +127,9 @@ def reconcile(
         started = _lineage_started(context.instance, record)
         files = files_of_run(run, cfg.monitoring.watch_path, cfg.s3.incoming_prefix)
         dead += [recovery.DeadRun(run.run_id, started, f.file_id, f.path) for f in files]
-    incoming = prefix_folder(cfg.s3.incoming_prefix)
+    incoming, store = prefix_folder(cfg.s3.incoming_prefix), progress_store.open()
     report = recovery.reconcile(
-        progress_store.open(),
+        store,
         s3.get_client(),
         cfg.s3.bucket,
         cfg.s3.prefix,
@@ -122,8 +146,10 @@ def reconcile(
         context.log.info(
             f"{item.file_path}: {item.outcome.name} (aborted {item.aborted_uploads} uploads, deleted {item.deleted_objects} objects)"
         )
+        if item.outcome is ProcessingStatus.COMPLETED and (landed := _landing(context, item, store, s3, cfg)):
+            context.log_event(landed)
     roots = (cfg.monitoring.watch_path, *declared_directories(), *declared_prefixes(), cfg.s3.incoming_uri)
-    for line in after_success.finish_pending(progress_store.open(), s3.get_client(), cfg.s3.bucket, roots):
+    for line in after_success.finish_pending(store, s3.get_client(), cfg.s3.bucket, roots):
         context.log.info(f"after success, finished by recovery: {line}")
     for key in report.aborted_uploads:
         context.log.info(f"s3://{cfg.s3.bucket}/{key}: abandoned multipart upload aborted")
