@@ -490,7 +490,7 @@ def test_an_object_that_keeps_failing_in_a_batch_gets_a_run_of_its_own_and_ends_
     assert own.job_name == "process_file_job" and own.tags["s3proc/path"] == f"{name}/lying.csv"
     assert not execute(own, deployment).success
     failed = store.get_by_path(uri)
-    assert failed.status is S.FAILED and "object says " + "0" * 64 in failed.error_details
+    assert failed.status is S.FAILED and "its x-amz-meta-x-sha256 says " + "0" * 64 in failed.error_details
 
 
 def test_a_flood_of_objects_is_requested_once_each_across_ticks_that_run_out_of_time(

@@ -60,7 +60,9 @@ def snapshot_object(client: Any, bucket: str, key: str, staging: Path, max_bytes
         raise ChecksumMismatch(f"s3://{bucket}/{key}: read {snap.size} bytes, object has {obj['ContentLength']}")
     expected = obj.get("Metadata", {}).get("x-sha256")
     if expected and expected != snap.sha256:
-        raise ChecksumMismatch(f"s3://{bucket}/{key}: sha256 {snap.sha256}, object says {expected}")
+        raise ChecksumMismatch(
+            f"s3://{bucket}/{key}: its bytes hash to sha256 {snap.sha256}, its x-amz-meta-x-sha256 says {expected}"
+        )
     return snap
 
 
