@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import dagster as dg
@@ -60,12 +60,14 @@ def run_failing_puts(deployment: Deployment, run, containing: str) -> dg.Execute
     return result
 
 
-def reexecute_from_failure(deployment: Deployment, failed: dg.ExecuteJobResult) -> dg.ExecuteJobResult:
-    """As the UI's button does: from the failed step, with the parent run's tags (the file's)."""
+def reexecute_from_failure(
+    deployment: Deployment, failed: dg.ExecuteJobResult, job: Callable = process_file_job_with_resources
+) -> dg.ExecuteJobResult:
+    """As the UI's button does: from the failed step, with the parent run's tags (its files')."""
     instance = deployment.instance()
     parent_tags = instance.get_run_by_id(failed.run_id).tags
     return dg.execute_job(
-        dg.reconstructable(process_file_job_with_resources),
+        dg.reconstructable(job),
         instance=instance,
         reexecution_options=dg.ReexecutionOptions.from_failure(failed.run_id, instance),
         tags={k: v for k, v in parent_tags.items() if k.startswith("s3proc/")},
@@ -302,6 +304,21 @@ def test_a_shared_deployment_keeps_step_outputs_as_json_outside_the_data_prefix_
         store.close()
 
 
+def batch_refused(deployment: Deployment, batch: dg.RunRequest, refused: str) -> dg.ExecuteJobResult:
+    """The batch run, with S3 refusing the step output document whose key ends in `refused`."""
+    return run_failing_puts(
+        deployment,
+        lambda: dg.execute_job(
+            dg.reconstructable(process_files_job_with_resources),
+            instance=deployment.instance(),
+            run_config=batch.run_config,
+            tags=batch.tags,
+            raise_on_error=False,
+        ),
+        refused,
+    )
+
+
 def test_a_batch_run_reexecuted_from_failure_runs_no_finished_files_steps(
     shared_deployment: Deployment, mongodb_uri: str, mongodb_database: str
 ) -> None:
@@ -313,25 +330,10 @@ def test_a_batch_run_reexecuted_from_failure_runs_no_finished_files_steps(
     requests = [run_request_for(str(f), f"anynode-batch/{f.name}", f"anynode-batch/{f.name}:k") for f in files]
     batch = batch_request(requests)
     mark = len(deployment.proxy.put_keys)
-    failed = run_failing_puts(
-        deployment,
-        lambda: dg.execute_job(
-            dg.reconstructable(process_files_job_with_resources),
-            instance=deployment.instance(),
-            run_config=batch.run_config,
-            tags=batch.tags,
-            raise_on_error=False,
-        ),
-        "/streaming/result.json",
-    )
+    failed = batch_refused(deployment, batch, "/streaming/result.json")
     sent = parts_put_since(deployment, mark)
     assert len(set(sent)) == len(files)  # every file's part landed before the step failed
-    instance = deployment.instance()
-    again = dg.execute_job(
-        dg.reconstructable(process_files_job_with_resources),
-        instance=instance,
-        reexecution_options=dg.ReexecutionOptions.from_failure(failed.run_id, instance),
-    )
+    again = reexecute_from_failure(deployment, failed, process_files_job_with_resources)
     assert again.success
     started = {e.step_key for e in again.all_events if e.event_type is dg.DagsterEventType.STEP_START}
     assert started == {"streaming", "integrity_verification", "progress_update"}
@@ -350,23 +352,13 @@ def test_a_batch_reexecuted_after_recovery_settled_its_files_takes_up_no_complet
     refused the step's output document), and crash recovery settles its files: the two it
     finds whole COMPLETED, the one whose commit it cannot find (its manifest gone) PENDING.
     Re-executed from failure (the UI's button, a run retry), the run verifies and completes
-    that one file: the COMPLETED ones were taken up again (COMPLETED -> PENDING ->
-    COMPLETED), committed again and materialized a second time."""
+    that one file and leaves the COMPLETED ones as they are (they were taken up again,
+    COMPLETED -> PENDING -> COMPLETED, committed again and materialized a second time)."""
     deployment = shared_deployment
     folder = "anynode-settled"
     files = [write_csv(deployment.watch / folder / f"s{i}.csv", promo_rows(9, seed=40 + i)) for i in range(3)]
     batch = batch_request([run_request_for(str(f), f"{folder}/{f.name}", f"{folder}/{f.name}:k") for f in files])
-    failed = run_failing_puts(
-        deployment,
-        lambda: dg.execute_job(
-            dg.reconstructable(process_files_job_with_resources),
-            instance=deployment.instance(),
-            run_config=batch.run_config,
-            tags=batch.tags,
-            raise_on_error=False,
-        ),
-        "/integrity_verification/result.json",
-    )
+    failed = batch_refused(deployment, batch, "/integrity_verification/result.json")
     datasets = [f"{deployment.prefix}/{folder}/{f.name}" for f in files]
     client = deployment.s3.client()
     client.delete_object(Bucket=deployment.s3.bucket, Key=f"{datasets[2]}/_manifest.json")
@@ -378,12 +370,7 @@ def test_a_batch_reexecuted_after_recovery_settled_its_files_takes_up_no_complet
         manifests = [client.head_object(Bucket=deployment.s3.bucket, Key=f"{d}/_manifest.json") for d in datasets[:2]]
         mark = len(deployment.proxy.put_keys)
 
-        instance = deployment.instance()
-        again = dg.execute_job(
-            dg.reconstructable(process_files_job_with_resources),
-            instance=instance,
-            reexecution_options=dg.ReexecutionOptions.from_failure(failed.run_id, instance),
-        )
+        again = reexecute_from_failure(deployment, failed, process_files_job_with_resources)
         assert again.success
         started = {e.step_key for e in again.all_events if e.event_type is dg.DagsterEventType.STEP_START}
         assert started == {"integrity_verification", "progress_update"}
