@@ -77,7 +77,10 @@ def generate(path: Path, rows: int | None, target_bytes: int | None) -> int:
 
 
 def measure(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
-    """Wall seconds and peak RSS (MB) of one child process, and its stdout."""
+    """Wall seconds and peak RSS (MB) of one child process, and its stdout. What the
+    previous one left to write back is on disk first: each starts with no writeback of
+    another's files competing for the disk (the CSV just generated, the chunk files)."""
+    os.sync()
     started = time.perf_counter()
     proc = subprocess.Popen(
         cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -254,6 +257,7 @@ def main() -> int:
             "upload_ratio": round((convert + upload - converter_s) / raw_chunks_s, 2),
             "e2e_ratio": round((e2e_run - fixed_run) / (raw_convert + raw_chunks_s), 2),
             "validation": args.validate,
+            "pipeline_steps_s": {step: round(seconds, 2) for step, seconds in stats["steps"].items()},
         }
         if args.json:
             print(json.dumps(result, indent=2))

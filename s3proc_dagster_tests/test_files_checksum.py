@@ -67,6 +67,28 @@ def test_a_local_file_is_copied_by_the_kernel_and_python_copies_where_it_cannot(
     assert snap.sha256 == hashlib.sha256(data).hexdigest() and snap.path.read_bytes() == data
 
 
+def test_a_copy_in_many_kernel_ranges_is_hashed_in_order_as_it_lands(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = os.urandom(5 * checksum.BLOCK_SIZE + 321)  # ranges of 1.5 blocks: pieces and a ragged tail
+    source = tmp_path / "data.bin"
+    source.write_bytes(data)
+    monkeypatch.setattr(checksum, "KERNEL_COPY_BYTES", checksum.BLOCK_SIZE * 3 // 2)
+    ranges: list[int] = []
+    kernel_copy = os.copy_file_range
+
+    def counted(src: int, dst: int, count: int) -> int:
+        copied = kernel_copy(src, dst, count)
+        ranges.append(copied)
+        return copied
+
+    monkeypatch.setattr(checksum.os, "copy_file_range", counted)
+    snap = snapshot(source, tmp_path / "staging")
+    assert len([r for r in ranges if r]) == 4
+    assert snap == Snapshot(snap.path, hashlib.sha256(data).hexdigest(), len(data))
+    assert snap.path.read_bytes() == data
+
+
 def test_a_reader_that_has_buffered_bytes_is_copied_from_where_it_stands(tmp_path: Path) -> None:
     data = os.urandom(100_000)
     source = tmp_path / "data.bin"
