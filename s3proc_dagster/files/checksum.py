@@ -4,8 +4,8 @@ Every later step reads the snapshot, never the source: the original may change, 
 moved to the error directory or vanish from S3 without breaking a retry. A local file is
 copied by the kernel (`copy_file_range`: no trip through Python, a reflink where the
 filesystem has them) while a thread hashes what has landed in the copy, which no
-producer can touch; a stream (an S3 body) is copied and hashed in one pass. Keying the staging folder by the checksum makes
-a re-run of the same version land on the same path.
+producer can touch; a stream (an S3 body) is copied and hashed in one pass. Keying the
+staging folder by the checksum makes a re-run of the same version land on the same path.
 """
 
 from __future__ import annotations
