@@ -10,6 +10,7 @@ staging folder by the checksum makes a re-run of the same version land on the sa
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -107,7 +108,11 @@ def _kernel_copy(
         return None
     digest = hashlib.sha256()
     size = 0
-    with copy.open("rb") as landed, ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot-hash") as hasher:
+    with contextlib.ExitStack() as stack:
+        landed = stack.enter_context(copy.open("rb")).fileno()
+        # a file of one range is hashed after it, here: a thread would cost a small file more than it saves
+        several = os.fstat(source).st_size > KERNEL_COPY_BYTES
+        hasher = stack.enter_context(ThreadPoolExecutor(1, "snapshot-hash")) if several else None
         hashed: list[Future[None]] = []  # one worker: the ranges are hashed in order
         while True:
             try:
@@ -118,7 +123,10 @@ def _kernel_copy(
                 raise
             if copied == 0:
                 break
-            hashed.append(hasher.submit(_hash_range, digest, landed.fileno(), size, copied))
+            if hasher is None:
+                _hash_range(digest, landed, size, copied)
+            else:
+                hashed.append(hasher.submit(_hash_range, digest, landed, size, copied))
             size += copied
             if max_bytes is not None and size > max_bytes:
                 raise UnsafeSourceError(f"{name}: more than MAX_FILE_BYTES ({max_bytes:,}) bytes")
