@@ -217,12 +217,12 @@ def test_a_product_csv_behind_a_folder_swapped_for_a_link_is_refused_and_never_p
 ) -> None:
     outside = deployment.root / f"other-team-{uuid.uuid4().hex[:6]}"
     outside.mkdir()
-    theirs = "S. No.,Product Name,Input Image Urls\n1,Unreleased product,https://example.invalid/a.jpg\n"
+    theirs = "S. No.,Product Name,Input Image Urls\n1,Unreleased product,http://127.0.0.1:9/a.jpg\n"
     (outside / "products.csv").write_text(theirs)
     name = folder()
     drop = deployment.watch / name / "drop"
     drop.mkdir(parents=True)
-    (drop / "products.csv").write_text("S. No.,Product Name,Input Image Urls\n1,Decoy,https://example.invalid/b.jpg\n")
+    (drop / "products.csv").write_text("S. No.,Product Name,Input Image Urls\n1,Decoy,http://127.0.0.1:9/b.jpg\n")
     (request,) = run_requests_under(sensor_tick(deployment), name)
     assert request.job_name == "image_request_job"  # routed by its header while the folder was real
     _swap_for_link(drop, outside)  # between the tick and the run

@@ -325,7 +325,7 @@ def test_process_of_a_product_csv_prints_its_requests_outcome(deployment: Deploy
 
     path = deployment.watch / "img-process" / "catalogue.csv"
     path.parent.mkdir()
-    path.write_text("S. No.,Product Name,Input Image Urls\n1,A,ftp://example.invalid/a.jpg\n")
+    path.write_text("S. No.,Product Name,Input Image Urls\n1,A,ftp://127.0.0.1/a.jpg\n")
     proc = start_process(str(path))
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 1, out + err

@@ -103,8 +103,9 @@ def resolve_source(
     """`locate`, and the file's metadata from its sidecar or its object's user metadata.
 
     Raises RecordNotFound when a local file or an object does not exist (a permanent error:
-    it will not appear by retrying), ObjectUnreadable when S3 cannot be asked about an object, UnsupportedFileError for a malformed sidecar, UnsafeSourceError
-    for a path that is not canonical, would land inside another file's dataset or in the
+    it will not appear by retrying), ObjectUnreadable when S3 cannot be asked about an
+    object, UnsupportedFileError for a malformed sidecar, UnsafeSourceError for a path that
+    is not canonical, would land inside another file's dataset or in the
     product's `reserved` folders, or in a folder another zone watches (`watched`,
     `sources.names`).
     """

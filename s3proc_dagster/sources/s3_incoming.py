@@ -2,16 +2,17 @@
 
 S3 lists keys in order, so the cursor pages through the prefix with `StartAfter`, a few
 pages per tick, and a tick's cost is bounded however many objects there are: in pages,
-and in time (the sensor stops after the last object it had time for and the next tick
-resumes after it, `IncomingCursor.resumed_after`), since every new object costs a HEAD
-and a tick that outlives Dagster's 60-s call to the code server fails and keeps its old
-cursor, so a flood of objects was looked at again, and failed again, tick after tick. A *pass* is
-one walk from the first key to the last; an object is a candidate when it was modified
-at or after the start of the previous pass, so new and overwritten objects (a new
-LastModified) are found within one pass, and untouched ones are listed but never requested again.
-Objects modified near a pass boundary can be listed by two passes; the sensor drops
-those whose run key already has a run (one indexed lookup per candidate, never per
-object in the bucket).
+and in time. Every new object costs a HEAD, and a tick that outlives Dagster's 60-s call
+to the code server fails and keeps its old cursor, so a flood of objects was looked at
+again, and failed again, tick after tick; now the sensor stops after the last object it
+had time for and the next tick resumes after it (`IncomingCursor.resumed_after`).
+
+A *pass* is one walk from the first key to the last; an object is a candidate when it was
+modified at or after the start of the previous pass, so new and overwritten objects (a
+new LastModified) are found within one pass, and untouched ones are listed but never
+requested again. Objects modified near a pass boundary can be listed by two passes; the
+sensor drops those whose run key already has a run (two queries per `LOOKUP_CHUNK`
+candidates in `defs.files.sensors`, never one per object in the bucket).
 Objects still being uploaded (multipart not completed) are not listed by S3 at all, so
 no stability wait is needed.
 """
